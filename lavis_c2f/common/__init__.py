@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic file I/O, errors, distributed/device utilities."""

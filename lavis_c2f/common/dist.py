@@ -1,0 +1,105 @@
+"""Device and distributed helpers that work on CPU (gloo) and GPU (nccl).
+
+LAVIS 1.0.2's ``init_distributed_mode`` hard-codes nccl and ``torch.cuda.set_device``;
+these replacements pick the backend from the device, and every collective here is a
+no-op in a single process.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when a process group exists, else nothing."""
+    if is_dist():
+        dist.barrier()
+
+
+def resolve_device(requested: Optional[str] = None) -> torch.device:
+    """``requested`` ('cuda', 'cuda:1', 'cpu' or None/'auto') -> a usable device.
+
+    'cuda' without a GPU falls back to CPU with a warning, so one YAML serves both.
+    Under ``torch.distributed.run`` on GPUs, each rank gets ``cuda:LOCAL_RANK``.
+    """
+    req = (requested or "auto").lower()
+    if req in ("auto", "cuda") or req.startswith("cuda"):
+        if torch.cuda.is_available():
+            if req in ("auto", "cuda") and "LOCAL_RANK" in os.environ:
+                return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            return torch.device("cuda" if req == "auto" else req)
+        if req != "auto":
+            logger.warning("device '%s' requested but CUDA is not available; using CPU", requested)
+        return torch.device("cpu")
+    return torch.device(req)
+
+
+def init_distributed(device: torch.device, timeout_s: int = 1800) -> bool:
+    """Start the process group when launched by ``torch.distributed.run``.
+
+    Backend: nccl on CUDA devices, gloo on CPU. Returns True when distributed.
+    """
+    if is_dist():
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    if int(os.environ["WORLD_SIZE"]) < 1:
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, init_method="env://",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("distributed: rank %d / %d, backend %s", get_rank(), get_world_size(), backend)
+    return True
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Gather a picklable object from every rank (a one-element list in one process)."""
+    if not is_dist():
+        return [obj]
+    out: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send ``obj`` from rank ``src`` to every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    seed = int(seed) % (2**31)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Annotation readers, feature stores and the embedded demo corpus."""

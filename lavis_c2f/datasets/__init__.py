@@ -1,0 +1,1 @@
+"""Registered components (imported by lavis_c2f/__init__.py)."""

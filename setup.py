@@ -1,0 +1,41 @@
+"""lavis-c2f: coarse-to-fine video corpus moment retrieval as a Salesforce LAVIS plugin."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="lavis-c2f",
+    version="0.1.0",
+    description="Coarse-to-fine video corpus moment retrieval (T-MASS retrieval, "
+    "MESM/QD-DETR grounding, BLIP-2 refinement) as a Salesforce LAVIS plugin",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lavis_c2f", "lavis_c2f.*"]),
+    include_package_data=True,
+    package_data={"lavis_c2f": ["configs/**/*.yaml", "configs/*.yaml"]},
+    install_requires=[
+        "salesforce-lavis==1.0.2",
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "transformers>=4.25,<4.27",
+        "numpy<2",
+        "pandas<2.3",
+        "scipy<1.14",
+        "scikit-image<0.25",
+        "omegaconf",
+        "decord",
+        "webdataset",
+        "h5py",
+        "tqdm",
+        "matplotlib",
+        "faiss-cpu",
+        "av",
+    ],
+    extras_require={
+        "dev": ["pytest"],
+    },
+    entry_points={"console_scripts": ["lavis-c2f=lavis_c2f.cli:main"]},
+)
