@@ -1,0 +1,64 @@
+"""``lavis-c2f`` command line: one dispatcher, sub-commands defined next to their code.
+
+Each module listed in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds
+its sub-command(s) with ``parser.set_defaults(func=callable)``; ``callable(args)`` returns an
+exit code (or None for 0). Heavy imports happen inside those callables.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from lavis_c2f.common.errors import ConfigError, DataFormatError
+
+COMMAND_MODULES = [
+    "lavis_c2f.data.cli",            # make-demo-corpus, convert
+    "lavis_c2f.models.grounder.cli",  # vocab
+    "lavis_c2f.index.cli",           # index
+    "lavis_c2f.pipeline.cli",        # merge-stage1, tune-fusion
+    "lavis_c2f.evaluation.cli",      # eval
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lavis-c2f",
+        description="Coarse-to-fine video corpus moment retrieval (LAVIS plugin).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that part of the package is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except (DataFormatError, ConfigError, FileNotFoundError) as e:
+        print(f"lavis-c2f {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lavis-c2f {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
