@@ -1,0 +1,128 @@
+"""Multi-head attention modules of the grounder (batch-first).
+
+Two flavours, both with parameter names that match the official QD-DETR checkpoints:
+
+* :class:`PackedMultiheadAttention` holds packed input projections (``in_proj_weight``,
+  ``in_proj_bias``) and ``out_proj``, like ``torch.nn.MultiheadAttention``; used by the
+  text-to-video and encoder layers.
+* :class:`ProjectionFreeMultiheadAttention` holds **only** ``out_proj``: the caller
+  projects queries, keys and values itself (DAB/conditional-DETR decoder). Queries and
+  keys may be wider than values (the cross-attention concatenates content and position
+  halves per head, so q·k runs over ``qk_dim`` while values have ``v_dim``).
+
+Masking uses the most negative finite value instead of ``-inf``: partially masked rows are
+bit-for-bit the same after the softmax, and a row whose keys are all masked gives a
+uniform (finite) distribution instead of NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+           key_padding_mask: Optional[torch.Tensor] = None,
+           attn_mask: Optional[torch.Tensor] = None,
+           dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention over already projected inputs.
+
+    Args:
+        q: (B, Lq, Dqk) queries.
+        k: (B, Lk, Dqk) keys.
+        v: (B, Lk, Dv) values.
+        num_heads: H; Dqk and Dv must be divisible by H. Scaling is ``(Dqk / H) ** -0.5``.
+        key_padding_mask: (B, Lk) bool, True = ignore this key.
+        attn_mask: (B, H, Lq, Lk) or (B, 1, Lq, Lk) bool, True = blocked.
+        dropout_p: dropout on the attention weights (only when ``training``).
+    Returns:
+        (B, Lq, Dv).
+    """
+    bsz, len_q, dim_qk = q.shape
+    len_k, dim_v = k.shape[1], v.shape[2]
+    head_qk, head_v = dim_qk // num_heads, dim_v // num_heads
+    qh = q.reshape(bsz, len_q, num_heads, head_qk).transpose(1, 2) * (float(head_qk) ** -0.5)
+    kh = k.reshape(bsz, len_k, num_heads, head_qk).transpose(1, 2)
+    vh = v.reshape(bsz, len_k, num_heads, head_v).transpose(1, 2)
+    scores = torch.matmul(qh, kh.transpose(-2, -1))  # (B, H, Lq, Lk)
+    blocked = None
+    if key_padding_mask is not None:
+        blocked = key_padding_mask.bool()[:, None, None, :]
+    if attn_mask is not None:
+        blocked = attn_mask.bool() if blocked is None else (blocked | attn_mask.bool())
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0 and training:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    out = torch.matmul(weights, vh)  # (B, H, Lq, head_v)
+    return out.transpose(1, 2).reshape(bsz, len_q, dim_v)
+
+
+class PackedMultiheadAttention(nn.Module):
+    """Attention with packed q/k/v input projections (state-dict compatible with
+    ``torch.nn.MultiheadAttention``: ``in_proj_weight`` (3D, D), ``in_proj_bias`` (3D,),
+    ``out_proj.weight`` (D, D), ``out_proj.bias`` (D,)).
+
+    Args:
+        embed_dim: D.
+        num_heads: H (D divisible by H).
+        dropout: dropout on attention weights.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """query (B, Lq, D), key/value (B, Lk, D); masks as in :func:`attend` -> (B, Lq, D)."""
+        d = self.embed_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        q = F.linear(query, w[:d], b[:d])
+        k = F.linear(key, w[d:2 * d], b[d:2 * d])
+        v = F.linear(value, w[2 * d:], b[2 * d:])
+        out = attend(q, k, v, self.num_heads, key_padding_mask, attn_mask,
+                     self.dropout, self.training)
+        return self.out_proj(out)
+
+
+class ProjectionFreeMultiheadAttention(nn.Module):
+    """Attention without input projections; only ``out_proj`` (Linear(v_dim, v_dim)).
+
+    Args:
+        qk_dim: width of queries and keys (e.g. 2·D in the decoder cross-attention).
+        num_heads: H.
+        v_dim: width of values and of the output.
+        dropout: dropout on attention weights.
+    """
+
+    def __init__(self, qk_dim: int, num_heads: int, v_dim: Optional[int] = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        v_dim = qk_dim if v_dim is None else v_dim
+        if qk_dim % num_heads or v_dim % num_heads:
+            raise ValueError(f"qk_dim {qk_dim} and v_dim {v_dim} must be divisible by "
+                             f"num_heads {num_heads}")
+        self.qk_dim, self.v_dim, self.num_heads, self.dropout = qk_dim, v_dim, num_heads, dropout
+        self.out_proj = nn.Linear(v_dim, v_dim)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """query (B, Lq, qk_dim), key (B, Lk, qk_dim), value (B, Lk, v_dim) -> (B, Lq, v_dim)."""
+        out = attend(query, key, value, self.num_heads, key_padding_mask, None,
+                     self.dropout, self.training)
+        return self.out_proj(out)

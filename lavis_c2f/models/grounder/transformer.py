@@ -1,0 +1,381 @@
+"""The QD-DETR transformer: text-to-video (T2V) encoder, [global, video] encoder and a
+DAB-style anchor decoder. Batch-first throughout.
+
+Module and parameter names mirror the official checkpoints
+(``t2v_encoder.layers.N.*``, ``encoder.layers.N.*``, ``decoder.layers.N.*``,
+``decoder.{norm,query_scale,ref_point_head,bbox_embed,ref_anchor_head}.*``).
+
+T2V attention mask modes
+------------------------
+The official T2V layer builds a per-sample mask "query position is padding AND key position
+is padding" of shape (B, Lq, Lk) and tiles it head-wise with ``repeat(nhead, 1, 1)``.
+PyTorch reads a 3-D mask at index ``b * nhead + h``, so (sample b, head h) receives the
+mask of sample ``(b * nhead + h) % B``: one sample's output depends on the other samples
+of the batch. ``t2v_mask_mode="official"`` reproduces that exactly (needed to match
+official checkpoints' outputs on a padded batch); ``"correct"`` applies only the key
+padding mask (what the official mask reduces to with a correct head ordering), which makes
+every sample independent of its batch. At batch size 1 both modes are identical.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from lavis_c2f.models.grounder.attention import (PackedMultiheadAttention,
+                                                 ProjectionFreeMultiheadAttention)
+from lavis_c2f.models.grounder.position_encoding import anchor_sine_embedding
+
+T2V_MASK_MODES = ("official", "correct")
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """log(x / (1 - x)) after clamping x to [0, 1] and both terms to >= eps (official eps 1e-3)."""
+    x = x.clamp(min=0.0, max=1.0)
+    return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (``layers.N`` parameter names).
+
+    Args:
+        input_dim, hidden_dim, output_dim: widths.
+        num_layers: number of Linear layers (>= 1).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., input_dim) -> (..., output_dim)."""
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+
+def cross_padding_mask(query_pad: torch.Tensor, key_pad: torch.Tensor, num_heads: int,
+                       mode: str) -> Optional[torch.Tensor]:
+    """Extra attention mask of the T2V layers.
+
+    Args:
+        query_pad: (B, Lq) bool, True = padding.
+        key_pad: (B, Lk) bool, True = padding.
+        num_heads: H.
+        mode: ``"official"`` (batch-mixing head ordering of the official code) or
+            ``"correct"`` (no extra mask; the key padding mask already covers it).
+    Returns:
+        (B, H, Lq, Lk) bool (True = blocked) or None.
+    """
+    if mode == "correct":
+        return None
+    if mode != "official":
+        raise ValueError(f"unknown t2v_mask_mode '{mode}', expected one of {T2V_MASK_MODES}")
+    bsz = query_pad.shape[0]
+    per_sample = query_pad[:, :, None] & key_pad[:, None, :]  # (B, Lq, Lk)
+    # (sample b, head h) reads the mask of sample (b * H + h) mod B
+    source = (torch.arange(bsz, device=query_pad.device)[:, None] * num_heads
+              + torch.arange(num_heads, device=query_pad.device)[None, :]) % bsz
+    return per_sample[source]  # (B, H, Lq, Lk)
+
+
+class T2VEncoderLayer(nn.Module):
+    """Cross-modal layer: queries (video clips) attend to keys (text tokens), post-norm.
+
+    ``a = q + attn(q + pos_q, k + pos_k, k)``; ``out = norm2(a + FFN(norm1(a)))`` with
+    ``FFN = linear2(dropout(PReLU(linear1(.))))``. Keys pass through unchanged (callers keep them).
+
+    Args:
+        d_model, nhead, dim_feedforward, dropout: sizes and dropout.
+        alt_ffn: also build a second FFN (``linear1_alt``, ``linear2_alt``, ``norm1_alt``,
+            ``norm2_alt``, ``activation_alt``) selectable per call (MESM's unshared-MLP variant).
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                 alt_ffn: bool = False):
+        super().__init__()
+        self.nhead = nhead
+        self.self_attn = PackedMultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = nn.PReLU()
+        self.has_alt_ffn = alt_ffn
+        if alt_ffn:
+            self.linear1_alt = nn.Linear(d_model, dim_feedforward)
+            self.linear2_alt = nn.Linear(dim_feedforward, d_model)
+            self.norm1_alt = nn.LayerNorm(d_model)
+            self.norm2_alt = nn.LayerNorm(d_model)
+            self.activation_alt = nn.PReLU()
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor,
+                query_pos: Optional[torch.Tensor], key_pos: Optional[torch.Tensor],
+                query_pad: torch.Tensor, key_pad: torch.Tensor, mask_mode: str = "correct",
+                use_alt_ffn: bool = False) -> torch.Tensor:
+        """
+        Args:
+            queries: (B, Lq, D); keys: (B, Lk, D) (also the values).
+            query_pos / key_pos: (B, Lq, D) / (B, Lk, D) or None (zeros).
+            query_pad / key_pad: (B, Lq) / (B, Lk) bool, True = padding.
+            mask_mode: see :func:`cross_padding_mask`.
+            use_alt_ffn: use the second FFN (requires ``alt_ffn=True``).
+        Returns:
+            (B, Lq, D) updated queries.
+        """
+        q = queries if query_pos is None else queries + query_pos
+        k = keys if key_pos is None else keys + key_pos
+        extra = cross_padding_mask(query_pad, key_pad, self.nhead, mask_mode)
+        attn = self.self_attn(q, k, keys, key_padding_mask=key_pad, attn_mask=extra)
+        a = queries + self.dropout1(attn)
+        if use_alt_ffn:
+            if not self.has_alt_ffn:
+                raise RuntimeError("this layer was built without the alternative FFN")
+            h = self.linear2_alt(self.dropout(self.activation_alt(self.linear1_alt(self.norm1_alt(a)))))
+            return self.norm2_alt(a + self.dropout2(h))
+        h = self.linear2(self.dropout(self.activation(self.linear1(self.norm1(a)))))
+        return self.norm2(a + self.dropout2(h))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention layer over [global, video] (q = k = x + pos, v = x), PReLU FFN."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.self_attn = PackedMultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = nn.PReLU()
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """x, pos (B, L, D); pad (B, L) bool True = padding -> (B, L, D)."""
+        qk = x + pos
+        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x, key_padding_mask=pad)))
+        h = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.norm2(x + self.dropout2(h))
+
+
+class DecoderLayer(nn.Module):
+    """Conditional/DAB-DETR decoder layer (post-norm).
+
+    Self-attention: q/k = content + position projections of (tgt, query_pos), v = sa_v_proj(tgt).
+    Cross-attention per head: q = [content ‖ ca_qpos_sine_proj(sine)], k = [content ‖
+    ca_kpos_proj(pos)] (2·D wide), values = ca_v_proj(memory). Only the first layer adds
+    ``ca_qpos_proj(query_pos)`` / ``ca_kpos_proj(pos)`` to the content parts (and only it owns
+    ``ca_qpos_proj``).
+
+    Args:
+        d_model, nhead, dim_feedforward, dropout: sizes.
+        is_first: whether this is decoder layer 0.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                 is_first: bool):
+        super().__init__()
+        self.nhead = nhead
+        self.is_first = is_first
+        self.sa_qcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_qpos_proj = nn.Linear(d_model, d_model)
+        self.sa_kcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_kpos_proj = nn.Linear(d_model, d_model)
+        self.sa_v_proj = nn.Linear(d_model, d_model)
+        self.self_attn = ProjectionFreeMultiheadAttention(d_model, nhead, d_model, dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+
+        self.ca_qcontent_proj = nn.Linear(d_model, d_model)
+        if is_first:
+            self.ca_qpos_proj = nn.Linear(d_model, d_model)
+        self.ca_kcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_kpos_proj = nn.Linear(d_model, d_model)
+        self.ca_v_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
+        self.cross_attn = ProjectionFreeMultiheadAttention(2 * d_model, nhead, d_model, dropout)
+
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = nn.PReLU()
+
+    def _per_head_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(B, L, D), (B, L, D) -> (B, L, 2D) with each head's halves side by side."""
+        bsz, length, dim = a.shape
+        h = self.nhead
+        return torch.cat([a.reshape(bsz, length, h, dim // h), b.reshape(bsz, length, h, dim // h)],
+                         dim=-1).reshape(bsz, length, 2 * dim)
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor,
+                pos: torch.Tensor, query_pos: torch.Tensor,
+                query_sine: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            tgt: (B, Q, D) decoder state; memory: (B, Lv, D) video memory.
+            memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D) video positions.
+            query_pos: (B, Q, D) ``ref_point_head`` output; query_sine: (B, Q, D) modulated
+                anchor sine code.
+        Returns:
+            (B, Q, D).
+        """
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        v = self.sa_v_proj(tgt)
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, v)))
+
+        q_content = self.ca_qcontent_proj(tgt)
+        k_content = self.ca_kcontent_proj(memory)
+        v = self.ca_v_proj(memory)
+        k_pos = self.ca_kpos_proj(pos)
+        if self.is_first:
+            q_content = q_content + self.ca_qpos_proj(query_pos)
+            k_content = k_content + k_pos
+        q = self._per_head_concat(q_content, self.ca_qpos_sine_proj(query_sine))
+        k = self._per_head_concat(k_content, k_pos)
+        tgt = self.norm2(tgt + self.dropout2(self.cross_attn(q, k, v, key_padding_mask=memory_pad)))
+        h = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout3(h))
+
+
+class LayerStack(nn.Module):
+    """A named list of layers (``layers.N``), the container used for the encoders."""
+
+    def __init__(self, layer: nn.Module, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+class AnchorDecoder(nn.Module):
+    """DAB-style decoder refining (centre, width) anchors layer by layer.
+
+    Args:
+        d_model, nhead, dim_feedforward, dropout: sizes.
+        num_layers: number of decoder layers.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+                 num_layers: int):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"dec_layers must be >= 1, got {num_layers}")
+        self.d_model = d_model
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model, nhead, dim_feedforward, dropout, is_first=(i == 0))
+            for i in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(d_model, d_model, d_model, 2)
+        self.bbox_embed = MLP(d_model, d_model, 2, 3)
+        self.ref_anchor_head = MLP(d_model, d_model, 1, 2)
+
+    def forward(self, memory: torch.Tensor, memory_pad: torch.Tensor, pos: torch.Tensor,
+                anchors_unsigmoid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            memory: (B, Lv, D); memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D).
+            anchors_unsigmoid: (Q, 2) learned anchors before the sigmoid.
+        Returns:
+            hs: (n_layers, B, Q, D), each layer's output after the shared ``norm``;
+            references: (n_layers, B, Q, 2), the anchor each layer started from (the first
+            is ``sigmoid(anchors)``, later ones carry gradients through ``bbox_embed``).
+        """
+        bsz = memory.shape[0]
+        ref = anchors_unsigmoid.sigmoid()[None].expand(bsz, -1, -1)
+        tgt = memory.new_zeros(bsz, anchors_unsigmoid.shape[0], self.d_model)
+        references: List[torch.Tensor] = [ref]
+        outputs: List[torch.Tensor] = []
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            sine = anchor_sine_embedding(ref, self.d_model)
+            query_pos = self.ref_point_head(sine)
+            if i > 0:
+                sine = sine * self.query_scale(tgt)
+            width_mod = self.ref_anchor_head(tgt).sigmoid()[..., 0] / ref[..., 1]
+            sine = sine * width_mod[..., None]
+            tgt = layer(tgt, memory, memory_pad, pos, query_pos, sine)
+            new_ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid()
+            if i < last:
+                references.append(new_ref)
+            ref = new_ref.detach()
+            outputs.append(self.norm(tgt))
+        return torch.stack(outputs), torch.stack(references)
+
+
+class QDTransformer(nn.Module):
+    """T2V encoder + [global, video] encoder + anchor decoder.
+
+    Args:
+        d_model: D. nhead: H. dim_feedforward, dropout: layer sizes.
+        t2v_layers, enc_layers, dec_layers: layer counts (official: t2v_layers == enc_layers).
+    """
+
+    def __init__(self, d_model: int = 256, nhead: int = 8, dim_feedforward: int = 1024,
+                 dropout: float = 0.1, t2v_layers: int = 2, enc_layers: int = 2,
+                 dec_layers: int = 2):
+        super().__init__()
+        self.d_model, self.nhead = d_model, nhead
+        self.t2v_encoder = LayerStack(
+            T2VEncoderLayer(d_model, nhead, dim_feedforward, dropout), t2v_layers)
+        self.encoder = LayerStack(EncoderLayer(d_model, nhead, dim_feedforward, dropout),
+                                  enc_layers)
+        self.decoder = AnchorDecoder(d_model, nhead, dim_feedforward, dropout, dec_layers)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Xavier-uniform for every matrix (as the official code, after which the last
+        ``bbox_embed`` layer keeps a zero bias)."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.decoder.bbox_embed.layers[-1].bias)
+
+    def text_to_video(self, vid: torch.Tensor, txt: torch.Tensor, pos_vid: torch.Tensor,
+                      pos_txt: Optional[torch.Tensor], vid_pad: torch.Tensor,
+                      txt_pad: torch.Tensor, mask_mode: str) -> torch.Tensor:
+        """Run the T2V layers: vid (B, Lv, D) attends to txt (B, Lt, D) -> (B, Lv, D)."""
+        for layer in self.t2v_encoder.layers:
+            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
+        return vid
+
+    def encode_decode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
+                      global_token: torch.Tensor, global_pos: torch.Tensor,
+                      anchors_unsigmoid: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder over [global, video] then the decoder.
+
+        Args:
+            vid: (B, Lv, D) T2V output; pos_vid: (B, Lv, D); vid_pad: (B, Lv) bool.
+            global_token, global_pos: (D,) learned global token and its position.
+            anchors_unsigmoid: (Q, 2).
+        Returns:
+            hs (n_dec, B, Q, D), references (n_dec, B, Q, 2), video memory (B, Lv, D),
+            global memory (B, D).
+        """
+        bsz = vid.shape[0]
+        x = torch.cat([global_token.expand(bsz, 1, -1), vid], dim=1)
+        pos = torch.cat([global_pos.expand(bsz, 1, -1), pos_vid], dim=1)
+        pad = torch.cat([vid_pad.new_zeros(bsz, 1), vid_pad], dim=1)
+        for layer in self.encoder.layers:
+            x = layer(x, pos, pad)
+        global_mem, vid_mem = x[:, 0], x[:, 1:]
+        hs, refs = self.decoder(vid_mem, vid_pad, pos_vid, anchors_unsigmoid)
+        return hs, refs, vid_mem, global_mem
