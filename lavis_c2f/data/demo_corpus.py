@@ -526,9 +526,11 @@ def make_demo_corpus(out_dir: Union[str, os.PathLike, None] = None,
             if meta is not None:
                 diff = sorted(k for k in set(meta.get("params", {})) | set(p.to_dict())
                               if meta.get("params", {}).get(k) != p.to_dict().get(k))
+                what = f"parameters {diff}" if diff else ""
+                if meta.get("version") != CORPUS_VERSION:
+                    what += (" and " if what else "") + f"version {meta.get('version')} (now {CORPUS_VERSION})"
                 raise DemoCorpusExistsError(
-                    f"{out} holds a demo corpus made with other parameters (differ: {diff}, version "
-                    f"{meta.get('version')} vs {CORPUS_VERSION}); use force=True / --force to replace it")
+                    f"{out} holds a demo corpus with other {what}; use force=True / --force to replace it")
             if not out.is_dir() or any(out.iterdir()):
                 raise DemoCorpusExistsError(f"{out} exists and is not a demo corpus; use force=True / "
                                             "--force to replace it")

@@ -1,0 +1,265 @@
+"""Stage-2 dataset: (query, its video) -> features + QD-DETR/Moment-DETR training labels.
+
+Labels follow QD-DETR's ``StartEndDataset`` with three documented differences:
+
+* **Deterministic sampling.** The random choices (easy saliency positives/negatives, the
+  subset of windows kept when there are more than ``max_windows``) use
+  ``numpy.random.default_rng([seed, epoch, index])``; call :meth:`set_epoch` each epoch to
+  vary them (LAVIS wraps the train split in a ``ConcatDataset``: reach it through
+  ``.datasets``). The hard positive/negative use a *stable* sort of the summed annotator
+  scores (QD-DETR's default quicksort breaks ties arbitrarily).
+* **Normalisation** of windows is by ``duration = min(annotated duration, Lv * clip_length)``
+  (docs/ARCHITECTURE.md); windows are clamped into ``[0, duration]`` first and windows left
+  empty are dropped. QD-DETR divides by ``Lv * clip_length``; the two agree whenever the
+  features cover the annotated video (QVHighlights: 75 clips x 2 s = 150 s).
+* **Saliency without annotator scores** (Charades-STA, TACoS): clips
+  ``int(st / clip_length) .. min(int(ed / clip_length), Lv) - 1`` of every window are
+  relevant with score 1; two positives are drawn from them and two negatives from the other
+  clips (falling back to the positives when there are none), as lighthouse's
+  ``get_saliency_labels_sub_as_query`` does for these datasets. Relevant clip ids at or
+  beyond ``Lv`` are clamped to ``Lv - 1`` for the hard labels (as QD-DETR) and ignored in
+  ``saliency_all_labels`` (QD-DETR grows that array past ``Lv``, which no mask matches).
+
+Samples without ground truth (test splits) get ``has_labels = False``, an empty
+``span_labels`` (0, 2), zero saliency indices and an all-zero ``saliency_all_labels``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lavis_c2f.data.features import FeatureStore
+from lavis_c2f.data.records import MomentRecord
+from lavis_c2f.datasets.collate import pad_sequences, stack_lists
+from lavis_c2f.ops.spans import seconds_to_normalized_cxw
+from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- label functions
+
+
+def saliency_labels_from_scores(rel_clip_ids: Sequence[int], scores: Sequence[Sequence[float]],
+                                ctx_l: int, rng: np.random.Generator, max_n: int = 1,
+                                add_easy_negative: bool = True
+                                ) -> Tuple[List[int], List[int], np.ndarray]:
+    """QD-DETR ``get_saliency_labels_all`` with a given RNG.
+
+    Args:
+        rel_clip_ids: relevant clip indices; scores: per-clip annotator scores.
+        ctx_l: number of clips Lv.
+    Returns:
+        ``(pos, neg, all)``: ``2 * max_n`` positive and negative clip indices (hard then easy;
+        ``max_n`` each without easy ones) and the (Lv,) summed scores.
+    """
+    if len(rel_clip_ids) == 0:
+        raise ValueError("saliency_labels_from_scores needs at least one relevant clip")
+    agg = np.asarray(scores, dtype=np.float64).sum(axis=1)
+    order = np.argsort(agg, kind="stable")  # increasing
+    all_scores = np.zeros(ctx_l, dtype=np.float32)
+    for cid, s in zip(rel_clip_ids, agg):
+        if 0 <= cid < ctx_l:
+            all_scores[cid] = s
+    last = ctx_l - 1
+    hard_pos = [min(int(rel_clip_ids[i]), last) for i in order[-max_n:]]
+    hard_neg = [min(int(rel_clip_ids[i]), last) for i in order[:max_n]]
+    easy_pos: List[int] = []
+    easy_neg: List[int] = []
+    if add_easy_negative:
+        rel_set = set(int(c) for c in rel_clip_ids)
+        pool = [c for c in range(ctx_l) if c not in rel_set]
+        if len(pool) >= max_n and len(rel_clip_ids) >= max_n:
+            easy_pos = [min(int(c), last) for c in rng.choice(np.asarray(rel_clip_ids), size=max_n,
+                                                               replace=False)]
+            easy_neg = [int(c) for c in rng.choice(np.asarray(pool), size=max_n, replace=False)]
+        else:  # copy the hard ones
+            easy_pos, easy_neg = list(hard_pos), list(hard_neg)
+    return hard_pos + easy_pos, hard_neg + easy_neg, all_scores
+
+
+def saliency_labels_from_windows(windows: Sequence[Tuple[float, float]], ctx_l: int,
+                                 clip_length: float, rng: np.random.Generator, max_n: int = 2
+                                 ) -> Tuple[List[int], List[int], np.ndarray]:
+    """Saliency labels for datasets without annotator scores (module docstring).
+
+    Returns ``(pos, neg, all)`` with ``max_n`` indices each and an (Lv,) 0/1 array.
+    """
+    rel = np.zeros(ctx_l, dtype=bool)
+    for st, ed in windows:
+        a = int(st / clip_length)
+        b = max(0, min(int(ed / clip_length), ctx_l) - 1)
+        a = min(a, b)
+        rel[a: b + 1] = True
+    pos_pool = np.flatnonzero(rel)
+    neg_pool = np.flatnonzero(~rel)
+    if len(pos_pool) >= max_n:
+        pos = [int(c) for c in rng.choice(pos_pool, size=max_n, replace=False)]
+    else:
+        pos = [int(pos_pool[0])] * max_n
+    if len(neg_pool) >= max_n:
+        neg = [int(c) for c in rng.choice(neg_pool, size=max_n, replace=False)]
+    else:
+        neg = list(pos)
+    return pos, neg, rel.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class MomentRetrievalDataset(Dataset):
+    """One sample per query (stage 2).
+
+    Args:
+        records: annotations (seconds).
+        video_stores: one feature store per video stream (concatenated in order).
+        text_store: text feature store.
+        vis_processor: ``c2f_video_features`` processor (normalise, max_v_l, TEF).
+        text_processor: ``c2f_text_features`` processor (normalise, max_q_l).
+        clip_length: seconds per clip.
+        text_field: field of the text store with token features.
+        qid_format: text store key of a qid.
+        max_windows: at most this many GT windows become ``span_labels``.
+        seed: base of the per-(epoch, index) label sampling.
+        saliency_max_n: ``max_n`` of the score-based saliency labels (QD-DETR: 1).
+        name: for messages.
+
+    ``dataset[i]`` is a dict: ``qid, query, vid, duration, clip_length, relevant_windows,
+    has_labels``, ``video_feat`` (Lv, Dv) float, ``query_feat`` (Lt, Dt) float,
+    ``span_labels`` (N, 2) normalised (cx, w), ``saliency_pos_labels`` /
+    ``saliency_neg_labels`` (2 * saliency_max_n or 2,) long, ``saliency_all_labels`` (Lv,).
+    :meth:`collater` turns a list of them into the moment-retrieval batch.
+    """
+
+    def __init__(self, records: Sequence[MomentRecord], video_stores: Sequence[FeatureStore],
+                 text_store: FeatureStore, *, vis_processor: Optional[VideoFeatureProcessor] = None,
+                 text_processor: Optional[TextFeatureProcessor] = None, clip_length: float,
+                 text_field: str = "last_hidden_state", qid_format: str = "qid{qid}",
+                 max_windows: int = 5, seed: int = 0, saliency_max_n: int = 1,
+                 name: str = "moment_retrieval"):
+        if clip_length <= 0:
+            raise ValueError(f"clip_length must be > 0, got {clip_length}")
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        if len(video_stores) == 0:
+            raise ValueError("need at least one video feature store")
+        self.records = list(records)
+        self.video_stores = list(video_stores)
+        self.text_store = text_store
+        self.vis_processor = vis_processor or VideoFeatureProcessor()
+        self.text_processor = text_processor or TextFeatureProcessor()
+        self.clip_length = float(clip_length)
+        self.text_field = text_field
+        self.qid_format = qid_format
+        self.max_windows = int(max_windows)
+        self.seed = int(seed)
+        self.saliency_max_n = int(saliency_max_n)
+        self.name = name
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary the sampled labels per epoch (deterministically)."""
+        self.epoch = int(epoch)
+
+    def rng_for(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    # -- feature access
+    def video_features(self, vid: str) -> torch.Tensor:
+        return self.vis_processor([s.get(vid) for s in self.video_stores])
+
+    def text_features(self, qid: Any) -> torch.Tensor:
+        return self.text_processor(self.text_store.get(self.qid_format.format(qid=qid), self.text_field))
+
+    # -- labels
+    def labels(self, rec: MomentRecord, ctx_l: int, rng: np.random.Generator) -> Dict[str, Any]:
+        """span/saliency labels of ``rec`` for a video of ``ctx_l`` clips."""
+        duration = min(float(rec.duration), ctx_l * self.clip_length)
+        windows = []
+        for st, ed in rec.relevant_windows:
+            st, ed = max(0.0, float(st)), min(float(ed), duration)
+            if ed > st:
+                windows.append((st, ed))
+        if len(rec.relevant_windows) and not windows:
+            logger.debug("%s: qid %s has no window inside the first %.1f s of features", self.name,
+                         rec.qid, duration)
+        n_sal = 2 * self.saliency_max_n
+        if not windows:
+            return {"duration": duration, "has_labels": False,
+                    "span_labels": torch.zeros((0, 2), dtype=torch.float32),
+                    "saliency_pos_labels": [0] * n_sal, "saliency_neg_labels": [0] * n_sal,
+                    "saliency_all_labels": torch.zeros(ctx_l, dtype=torch.float32)}
+        kept = windows
+        if len(windows) > self.max_windows:
+            kept = [windows[i] for i in rng.permutation(len(windows))[: self.max_windows]]
+        spans = seconds_to_normalized_cxw(torch.tensor(kept, dtype=torch.float32), duration)
+        if rec.has_saliency:
+            pos, neg, all_s = saliency_labels_from_scores(rec.relevant_clip_ids, rec.saliency_scores,
+                                                          ctx_l, rng, max_n=self.saliency_max_n)
+        else:
+            pos, neg, all_s = saliency_labels_from_windows(windows, ctx_l, self.clip_length, rng,
+                                                           max_n=n_sal)
+        return {"duration": duration, "has_labels": True, "span_labels": spans,
+                "saliency_pos_labels": pos, "saliency_neg_labels": neg,
+                "saliency_all_labels": torch.from_numpy(all_s)}
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        rec = self.records[index]
+        video = self.video_features(rec.vid)
+        query = self.text_features(rec.qid)
+        sample = {"qid": rec.qid, "query": rec.query, "vid": rec.vid, "clip_length": self.clip_length,
+                  "relevant_windows": [[float(s), float(e)] for s, e in rec.relevant_windows],
+                  "video_feat": video, "query_feat": query}
+        sample.update(self.labels(rec, int(video.shape[0]), self.rng_for(index)))
+        return sample
+
+    # -- batching
+    def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return collate_moment_retrieval(samples)
+
+
+def collate_moment_retrieval(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Samples of :class:`MomentRetrievalDataset` -> the moment-retrieval batch.
+
+    Keys (docs/ARCHITECTURE.md): ``src_vid`` (B, Lv, Dv), ``src_vid_mask`` (B, Lv),
+    ``src_txt`` (B, Lt, Dt), ``src_txt_mask`` (B, Lt), ``qid``/``query``/``vid`` lists,
+    ``duration`` (B,), ``clip_length`` (B,), ``span_labels`` list of (N_i, 2),
+    ``saliency_pos_labels``/``saliency_neg_labels`` (B, 2k) long, ``saliency_all_labels``
+    (B, Lv), ``relevant_windows`` list, ``has_labels`` (B,) bool. Sequences are zero-padded at
+    the end to the longest in the batch; masks are float, 1 = valid.
+    """
+    if len(samples) == 0:
+        raise ValueError("cannot collate an empty list of samples")
+    src_vid, vid_mask = pad_sequences([s["video_feat"] for s in samples])
+    src_txt, txt_mask = pad_sequences([s["query_feat"] for s in samples])
+    lv = src_vid.shape[1]
+    sal_all = torch.zeros((len(samples), lv), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        a = s["saliency_all_labels"]
+        sal_all[i, : a.shape[0]] = a
+    width = max(len(s["saliency_pos_labels"]) for s in samples)
+    pad = lambda row: list(row) + [0] * (width - len(row))  # noqa: E731 (no-label rows)
+    return {
+        "src_vid": src_vid,
+        "src_vid_mask": vid_mask,
+        "src_txt": src_txt,
+        "src_txt_mask": txt_mask,
+        "qid": [s["qid"] for s in samples],
+        "query": [s["query"] for s in samples],
+        "vid": [s["vid"] for s in samples],
+        "duration": torch.tensor([s["duration"] for s in samples], dtype=torch.float32),
+        "clip_length": torch.tensor([s["clip_length"] for s in samples], dtype=torch.float32),
+        "span_labels": [s["span_labels"] for s in samples],
+        "saliency_pos_labels": stack_lists([pad(s["saliency_pos_labels"]) for s in samples], width),
+        "saliency_neg_labels": stack_lists([pad(s["saliency_neg_labels"]) for s in samples], width),
+        "saliency_all_labels": sal_all,
+        "relevant_windows": [s["relevant_windows"] for s in samples],
+        "has_labels": torch.tensor([bool(s["has_labels"]) for s in samples], dtype=torch.bool),
+    }
