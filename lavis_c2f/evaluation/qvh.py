@@ -66,7 +66,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.evaluation._rows import (JsonlRows, QidMismatchError, RowChecker, _has_bool, iou_cross,
                                         iou_max_over_gt, iou_paired, load_rows, match_qids,
                                         pct, row_origin, thr_key)
@@ -525,17 +525,20 @@ def eval_r1_miou(submission: Sequence[dict], ground_truth: Sequence[dict],
 
 
 def evaluate_files(submission_path: str, gt_path: str, protocol: str = "qvh",
-                   match_number: bool = True, extras: bool = True) -> "OrderedDict[str, Any]":
+                   match_number: bool = True, extras: bool = True,
+                   iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7),
+                   topk: Sequence[int] = (1, 5)) -> "OrderedDict[str, Any]":
     """Read both JSON-lines files (errors name file and line) and evaluate.
 
-    ``protocol``: ``qvh`` (:func:`eval_submission`) or ``r1miou`` (:func:`eval_r1_miou`).
+    ``protocol``: ``qvh`` (:func:`eval_submission`; ``extras`` applies) or ``r1miou``
+    (:func:`eval_r1_miou`; ``iou_thresholds`` and ``topk`` apply).
     """
+    if protocol not in ("qvh", "r1miou"):
+        raise ValueError(f"unknown protocol {protocol!r} (qvh, r1miou)")
     submission, ground_truth = load_rows(submission_path), load_rows(gt_path)
     if protocol == "qvh":
         return eval_submission(submission, ground_truth, match_number=match_number, extras=extras)
-    if protocol == "r1miou":
-        return eval_r1_miou(submission, ground_truth, match_number=match_number)
-    raise ValueError(f"unknown protocol {protocol!r} (qvh, r1miou)")
+    return eval_r1_miou(submission, ground_truth, iou_thresholds, topk, match_number=match_number)
 
 
 def format_brief_table(brief: Dict[str, Any]) -> str:
@@ -560,6 +563,11 @@ def add_arguments(parser: argparse.ArgumentParser, protocols: Sequence[str] = ("
                              "and mIoU" + ("; vcmr: corpus moment retrieval" if "vcmr" in protocols else ""))
     parser.add_argument("--no-match-number", dest="match_number", action="store_false",
                         help="evaluate the qids common to both files instead of requiring equal sets")
+    parser.add_argument("--iou-thresholds", type=float, nargs="+", default=None, metavar="T",
+                        help="IoU thresholds (r1miou: 0.3 0.5 0.7; vcmr: 0.5 0.7); the qvh "
+                             "protocol has fixed official thresholds")
+    parser.add_argument("--topk", type=int, nargs="+", default=None, metavar="K",
+                        help="cut-offs K (r1miou: 1 5; vcmr: 1 5 10 100)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -567,12 +575,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     from lavis_c2f.common.io import write_json
 
     start = time.perf_counter()
+    options = {}
+    if getattr(args, "iou_thresholds", None):
+        options["iou_thresholds"] = tuple(args.iou_thresholds)
+    if getattr(args, "topk", None):
+        if min(args.topk) < 1:
+            raise ConfigError(f"--topk values must be positive, got {args.topk}")
+        options["topk"] = tuple(args.topk)
     if args.protocol == "vcmr":
         from lavis_c2f.evaluation.vcmr import evaluate_files as vcmr_files
-        result = vcmr_files(args.submission, args.gt, match_number=args.match_number)
+        if "topk" in options:
+            options["ks"] = options.pop("topk")
+        result = vcmr_files(args.submission, args.gt, match_number=args.match_number, **options)
     else:
+        if args.protocol == "qvh" and options:
+            raise ConfigError("--iou-thresholds/--topk do not apply to the official qvh protocol")
         result = evaluate_files(args.submission, args.gt, protocol=args.protocol,
-                                match_number=args.match_number)
+                                match_number=args.match_number, **options)
     elapsed = time.perf_counter() - start
     if args.out:
         write_json(result, args.out, indent=4)
@@ -589,8 +608,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
-    except (DataFormatError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataFormatError, ConfigError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
 
 
