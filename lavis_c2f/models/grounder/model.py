@@ -161,6 +161,7 @@ class QDDETR(nn.Module):
         self.span_loss_type, self.max_v_l, self.max_q_l = span_loss_type, max_v_l, max_q_l
         self.use_txt_pos, self.aux_loss = use_txt_pos, aux_loss
         self.n_input_proj = n_input_proj
+        self.dim_feedforward, self.dropout_p, self.input_dropout_p = dim_feedforward, dropout, input_dropout
         self.t2v_mask_mode, self.neg_sampling = t2v_mask_mode, neg_sampling
         self.contrastive_align_loss = contrastive_align_loss
 
@@ -170,6 +171,10 @@ class QDDETR(nn.Module):
             enc_layers=enc_layers, dec_layers=dec_layers)
         self.position_embed = MaskedSinePositionEmbedding(hidden_dim)
         self.txt_position_embed = LearnedTextPositionEmbedding(max_q_l, hidden_dim, input_dropout)
+        if not use_txt_pos:
+            # unused but kept so official checkpoints load strictly; frozen so that DDP does
+            # not wait for their gradients
+            self.txt_position_embed.requires_grad_(False)
         self.span_embed = MLP(hidden_dim, hidden_dim, 2, 3)
         self.class_embed = nn.Linear(hidden_dim, 2)
         self.query_embed = nn.Embedding(num_queries, 2)

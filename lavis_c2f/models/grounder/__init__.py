@@ -1,0 +1,27 @@
+"""Stage-2 grounder: QD-DETR (official checkpoints load strictly) and MESM on top of it.
+
+Importing this package registers the LAVIS models ``c2f_qd_detr`` and ``c2f_mesm_qd_detr``.
+
+Public API:
+    QDDETR, MESMQDDETR                        the networks (typed keyword arguments)
+    HungarianMatcher, SetCriterion, MESMCriterion
+    PostProcessConfig, postprocess_batch      official inference post-processing
+    load_qd_detr_checkpoint(path)             official QD-DETR checkpoint -> QDDETR (eval)
+    C2FQDDETR, C2FMESMQDDETR                  the registered LAVIS models
+    GrounderPredictor                         windows of one query in one or many videos
+"""
+from lavis_c2f.models.grounder.checkpoint import (CheckpointMismatchError,
+                                                  load_qd_detr_checkpoint)
+from lavis_c2f.models.grounder.criterion import SetCriterion
+from lavis_c2f.models.grounder.lavis_models import C2FMESMQDDETR, C2FQDDETR
+from lavis_c2f.models.grounder.matcher import HungarianMatcher
+from lavis_c2f.models.grounder.mesm import MESMCriterion, MESMQDDETR
+from lavis_c2f.models.grounder.model import QDDETR
+from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess_batch
+from lavis_c2f.models.grounder.predictor import GrounderPredictor
+
+__all__ = [
+    "QDDETR", "MESMQDDETR", "HungarianMatcher", "SetCriterion", "MESMCriterion",
+    "PostProcessConfig", "postprocess_batch", "load_qd_detr_checkpoint",
+    "CheckpointMismatchError", "C2FQDDETR", "C2FMESMQDDETR", "GrounderPredictor",
+]
