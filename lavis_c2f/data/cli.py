@@ -84,7 +84,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif "type" not in dst:
         p = str(dst["path"]).lower()
         dst["type"] = "hdf5" if p.endswith((".h5", ".hdf5", ".hdf")) else "npz"
-    store = convert_store(src, dst, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        store = convert_store(src, dst, overwrite=args.overwrite, progress=not args.no_progress)
+    except FileExistsError as e:
+        print(f"lavis-c2f convert: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {len(store)} keys to {store.type_name} store {store.path}")
     store.close()
     return 0

@@ -138,7 +138,8 @@ class _Collector:
 
 def _clean_windows(windows: Sequence[Tuple[float, float]], duration: float, *, path: str,
                    line: Optional[int], fld: str, tolerance: float, clamp: bool,
-                   swap_reversed: bool, report: ReadReport) -> List[Tuple[float, float]]:
+                   swap_reversed: bool, report: ReadReport,
+                   indexed: bool = True) -> List[Tuple[float, float]]:
     """Validate/clamp windows (seconds); raises DataFormatError naming ``fld``.
 
     Clamp/swap counts are added to ``report``: callers pass a scratch report and merge it
@@ -146,7 +147,7 @@ def _clean_windows(windows: Sequence[Tuple[float, float]], duration: float, *, p
     out: List[Tuple[float, float]] = []
     n_clamped = n_swapped = 0
     for i, (st, ed) in enumerate(windows):
-        where = f"{fld}[{i}]"
+        where = f"{fld}[{i}]" if indexed else fld
         st, ed = float(st), float(ed)
         if st > ed:
             if not swap_reversed:
@@ -501,7 +502,8 @@ def read_tacos(path: PathLike, *, qid_offset: int = 0, strip_video_ext: bool = F
                 scratch = ReadReport(path=path)
                 windows = _clean_windows([(t[0] / fps, t[1] / fps)], duration, path=path, line=None,
                                          fld=f"{video}.timestamps[{i}]", tolerance=tolerance,
-                                         clamp=clamp, swap_reversed=swap_reversed, report=scratch)
+                                         clamp=clamp, swap_reversed=swap_reversed, report=scratch,
+                                         indexed=False)
             except DataFormatError as e:
                 col.problem(e)
                 continue
