@@ -1,0 +1,214 @@
+"""FAISS pre-filter of the corpus index (inner product on L2-normalised vectors).
+
+The kind is chosen from the corpus size unless forced (:class:`AnnConfig`):
+
+* ``flat`` -- exact ``IndexFlatIP`` inside an ``IndexIDMap2`` for ``N <= flat_max``
+  (default 20 000: a single-query flat scan reads N x D x 4 bytes, about 40 MB at 20 000 x 512,
+  a few ms here; at 1e5 it is already ~25 ms);
+* ``ivf`` -- ``IndexIVFFlat`` (or ``IndexIVFScalarQuantizer`` 8-bit with ``ivf_codec: sq8``,
+  4x less memory) beyond that. ``nlist`` defaults to the power of two nearest
+  ``4 * sqrt(N)`` (clamped to [64, 65536]); the coarse quantizer is trained on
+  ``min(N, ivf_train_per_list * nlist)`` vectors sampled with ``seed``; ``nprobe`` defaults
+  to ``max(16, nlist // 32)``;
+* ``hnsw`` -- ``IndexHNSWFlat`` (``hnsw_m``, ``efConstruction``, ``efSearch``), only when
+  asked for (building it for 1e6 x 512 takes long on two cores). HNSW cannot delete: removed
+  ids stay in the graph as tombstones, filtered at search time and dropped at the next
+  rebuild.
+
+Ids are the corpus index's int64 row numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from lavis_c2f.common.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("auto", "flat", "ivf", "hnsw")
+
+
+@dataclass
+class AnnConfig:
+    """Pre-filter settings (all overridable; see the module docstring for the defaults)."""
+
+    kind: str = "auto"
+    flat_max: int = 20000
+    ivf_nlist: Optional[int] = None
+    ivf_nprobe: Optional[int] = None
+    ivf_codec: str = "flat"
+    ivf_train_per_list: int = 64
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"ann.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.ivf_codec not in ("flat", "sq8"):
+            raise ConfigError(f"ann.ivf_codec must be 'flat' or 'sq8', got {self.ivf_codec!r}")
+        for name in ("flat_max", "ivf_train_per_list", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("ivf_nlist", "ivf_nprobe"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"ann.{name} must be >= 1, got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "AnnConfig":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"ann: unknown key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def choose_kind(self, n: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "flat" if n <= self.flat_max else "ivf"
+
+    def nlist_for(self, n: int) -> int:
+        if self.ivf_nlist is not None:
+            return int(self.ivf_nlist)
+        target = 4.0 * math.sqrt(max(n, 1))
+        return int(min(65536, max(64, 2 ** round(math.log2(target)))))
+
+    def nprobe_for(self, nlist: int) -> int:
+        if self.ivf_nprobe is not None:
+            return min(int(self.ivf_nprobe), nlist)
+        return min(nlist, max(16, nlist // 32))
+
+
+def _faiss():
+    import faiss  # imported lazily: the package works without it until an index is used
+
+    return faiss
+
+
+class AnnIndex:
+    """A FAISS inner-product index over int64 ids (see the module docstring)."""
+
+    def __init__(self, index, kind: str, dim: int, params: Dict[str, Any]):
+        self.index, self.kind, self.dim, self.params = index, kind, int(dim), dict(params)
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, config: AnnConfig) -> "AnnIndex":
+        """Index ``vectors`` (N, D) float32 (L2-normalised) under ``ids`` (N,) int64."""
+        faiss = _faiss()
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        n, d = vectors.shape if vectors.ndim == 2 else (0, 0)
+        if vectors.ndim != 2 or ids.shape != (n,):
+            raise ValueError(f"AnnIndex.build: vectors (N, D) and ids (N,) expected, got {vectors.shape}, {ids.shape}")
+        kind = config.choose_kind(n)
+        if kind == "ivf" and n < 2:
+            kind = "flat"
+        params: Dict[str, Any] = {}
+        if kind == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        elif kind == "hnsw":
+            base = faiss.IndexHNSWFlat(d, int(config.hnsw_m), faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efConstruction = int(config.hnsw_ef_construction)
+            base.hnsw.efSearch = int(config.hnsw_ef_search)
+            index = faiss.IndexIDMap2(base)
+            params = {"m": int(config.hnsw_m), "ef_construction": int(config.hnsw_ef_construction),
+                      "ef_search": int(config.hnsw_ef_search)}
+        else:
+            nlist = max(1, min(config.nlist_for(n), n))
+            quantizer = faiss.IndexFlatIP(d)
+            if config.ivf_codec == "sq8":
+                index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                      faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.own_fields = True
+            quantizer.this.disown()
+            n_train = min(n, int(config.ivf_train_per_list) * nlist)
+            rng = np.random.default_rng(config.seed)
+            sample = vectors if n_train >= n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
+            cp = index.cp if hasattr(index, "cp") else None
+            if cp is not None:
+                cp.seed = int(config.seed)
+            index.train(sample)
+            index.nprobe = config.nprobe_for(nlist)
+            params = {"nlist": nlist, "nprobe": int(index.nprobe), "codec": config.ivf_codec, "trained_on": n_train}
+        out = cls(index, kind, d, params)
+        if n:
+            out.add(vectors, ids)
+        return out
+
+    # -------------------------------------------------------------- updates
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def supports_remove(self) -> bool:
+        return self.kind != "hnsw"
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"AnnIndex.add: expected (N, {self.dim}) vectors, got {vectors.shape}")
+        if len(ids):
+            self.index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids``; returns how many were removed (0 for HNSW: tombstones)."""
+        if not self.supports_remove or len(ids) == 0:
+            return 0
+        faiss = _faiss()
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+        return int(self.index.remove_ids(sel))
+
+    def set_search_params(self, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> None:
+        """Override ``nprobe`` (IVF) / ``efSearch`` (HNSW) for later searches."""
+        faiss = _faiss()
+        if nprobe is not None and self.kind == "ivf":
+            self.index.nprobe = int(nprobe)
+            self.params["nprobe"] = int(nprobe)
+        if ef_search is not None and self.kind == "hnsw":
+            faiss.downcast_index(self.index.index).hnsw.efSearch = int(ef_search)
+            self.params["ef_search"] = int(ef_search)
+
+    # -------------------------------------------------------------- search
+    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """queries (Q, D) float32 -> (scores (Q, k), ids (Q, k)); missing slots have id -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        q = queries.shape[0]
+        k = int(min(k, max(self.ntotal, 0)))
+        if k <= 0 or q == 0:
+            return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+        scores, ids = self.index.search(queries, k)
+        return scores, ids
+
+    # -------------------------------------------------------------- persistence
+    def write(self, path: str) -> None:
+        _faiss().write_index(self.index, path)
+
+    @classmethod
+    def read(cls, path: str, kind: str, dim: int, params: Mapping[str, Any]) -> "AnnIndex":
+        faiss = _faiss()
+        index = faiss.read_index(path)
+        if int(index.d) != int(dim):
+            raise ValueError(f"FAISS index has dimension {index.d}, expected {dim}")
+        out = cls(index, kind, dim, dict(params))
+        if kind == "ivf" and "nprobe" in params:
+            index.nprobe = int(params["nprobe"])
+        if kind == "hnsw" and "ef_search" in params:
+            faiss.downcast_index(index.index).hnsw.efSearch = int(params["ef_search"])
+        return out

@@ -1,0 +1,966 @@
+"""Scalable stage-1 corpus index: FAISS pre-filter + exact T-MASS re-ranking.
+
+T-MASS pools frames conditioned on the query, so exact scoring of Q queries against V
+videos costs Q x V cross-attentions. :class:`CorpusIndex` keeps, per video, the encoded
+frames (by reference: memory-mapped float16/float32 segment files with row offsets) and a
+query-independent pooled vector in a FAISS index (:mod:`lavis_c2f.index.ann`). A search
+takes the top ``m`` videos of the pre-filter and re-scores them exactly with the model
+(:meth:`C2FTMassRetriever.score`), returning the top ``k``.
+
+On-disk layout (``FORMAT_VERSION`` 1), everything listed with its sha256 and size in
+``manifest.json``::
+
+    DIR/manifest.json          format, version, model fingerprint, dims, ANN kind/params,
+                               segments, optional Sinkhorn bias settings, files + checksums
+    DIR/vids.json              video id of every row (row number = FAISS id)
+    DIR/rows.npz               per row: segment, frame offset, frame count, duration
+                               (NaN = unknown), alive (False = removed)
+    DIR/seg-00000.frames       (n_frames, D) raw little-endian float16/float32, valid frames of
+                               each video back to back (append-only, never rewritten)
+    DIR/seg-00000.prefilter    (n_rows, D) float32 pooled vectors of that segment's rows
+    DIR/ann.faiss              the FAISS index
+    DIR/bias.f32               optional (rows, L) per-level Sinkhorn video biases
+
+Writes are atomic: :meth:`CorpusIndex.save` writes a temporary folder beside ``DIR`` (unchanged
+segment files are hard-linked, not copied) and renames it into place. Loading checks the
+format/version, every file's size, and (unless ``verify=False``) its sha256; any problem
+raises :class:`IndexFormatError` naming the file. Attaching a model whose fingerprint
+(config hash, weights hash) or width differs raises :class:`IndexMismatchError`.
+
+Updates. :meth:`add` appends rows to a new segment (spilled to disk as it grows, so a build
+never holds the frames in memory). :meth:`remove` marks rows dead (tombstones) and deletes
+them from flat/IVF FAISS indexes; HNSW keeps them until the automatic rebuild when more than
+``rebuild_fraction`` of its entries are dead. :meth:`compact` rewrites the segments without
+dead rows. When the ``auto`` ANN policy would now pick another kind (e.g. the corpus grew past
+``flat_max``) the FAISS index is rebuilt (IVF retrained on a sample) on the next add.
+
+Sharding. A corpus too big for one machine is split by a stable hash of the video id
+(``lavis-c2f index build --shard I/N``); each shard is an ordinary index on its own machine
+or disk. :func:`search_shards` searches every shard with the same query and merges the
+per-shard top-k lists: the scores are exact T-MASS scores (comparable across shards), so
+the merged top-k equals what one index over the union would return from the same
+candidates (with ``m`` >= each shard's size it equals exhaustive search). Per-video Sinkhorn
+biases must then be computed over the whole corpus and passed to each shard
+(:meth:`set_video_bias`), since Sinkhorn normalises over all videos.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.index.ann import AnnConfig, AnnIndex
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "lavis_c2f.corpus_index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+_HASH_CHUNK = 8 << 20
+
+
+class IndexFormatError(DataFormatError):
+    """A corrupt, truncated, unknown-version or inconsistent index file (names the file)."""
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with another model (fingerprint) or other dimensions."""
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(_HASH_CHUNK)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@dataclass
+class _Segment:
+    """One append-only frames file and its prefilter rows."""
+
+    name: str                                  # "seg-00000"
+    n_rows: int
+    n_frames: int
+    frames: Optional[np.ndarray] = None        # (n_frames, D) memmap / array
+    prefilter: Optional[np.ndarray] = None     # (n_rows, D) float32
+    path_dir: Optional[str] = None             # folder holding the files (saved segments)
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # file -> {sha256, bytes}
+
+
+class _PendingSegment:
+    """A segment being written: frames appended to a spill file, prefilter kept in memory."""
+
+    def __init__(self, dim: int, dtype: np.dtype, work_dir: Optional[str]):
+        self.dim, self.dtype = dim, np.dtype(dtype)
+        self.tmpdir = tempfile.mkdtemp(prefix=".c2f-index-spill-", dir=work_dir)
+        self.path = os.path.join(self.tmpdir, "frames.bin")
+        self._fh = open(self.path, "wb")
+        self._sha = hashlib.sha256()
+        self.n_frames = 0
+        self.prefilter: List[np.ndarray] = []
+        self.n_rows = 0
+        self._map: Optional[np.ndarray] = None
+        self._map_frames = -1
+
+    def append(self, frames: np.ndarray, prefilter: np.ndarray) -> int:
+        """Append (n, D) frames; returns their start offset."""
+        if self._fh.closed:  # finished by a save that failed later: keep appending
+            self._fh = open(self.path, "ab")
+        start = self.n_frames
+        b = np.ascontiguousarray(frames, dtype=self.dtype).tobytes()
+        self._fh.write(b)
+        self._sha.update(b)
+        self.n_frames += int(frames.shape[0])
+        self.prefilter.append(np.ascontiguousarray(prefilter, dtype=np.float32))
+        self.n_rows += int(prefilter.shape[0])
+        return start
+
+    def frames_view(self) -> np.ndarray:
+        if self._map_frames != self.n_frames:
+            if not self._fh.closed:
+                self._fh.flush()
+            self._map = (np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_frames, self.dim))
+                         if self.n_frames else np.zeros((0, self.dim), self.dtype))
+            self._map_frames = self.n_frames
+        return self._map
+
+    def prefilter_array(self) -> np.ndarray:
+        if len(self.prefilter) > 1:
+            self.prefilter = [np.concatenate(self.prefilter)]
+        return self.prefilter[0] if self.prefilter else np.zeros((0, self.dim), np.float32)
+
+    def finish(self) -> Tuple[str, str]:
+        """Close the spill file; returns (path, sha256)."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+        return self.path, self._sha.hexdigest()
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._fh.close()
+        self._map = None
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+class CorpusIndex:
+    """Video corpus index for stage-1 search (see the module docstring).
+
+    Args:
+        dim: embedding width D (the model's ``embed_dim``).
+        max_frames: frames per video (the model's ``num_frames``).
+        model_info: the model's :meth:`fingerprint` plus ``config`` (stored in the manifest).
+        frame_dtype: ``float16`` (default, half the disk/page-cache) or ``float32``.
+        ann: :class:`AnnConfig` or a dict of its fields.
+        model: the retriever used to encode queries, compute pre-filter vectors and re-rank
+            (may be attached later with :meth:`attach`).
+        work_dir: folder for spill files of not-yet-saved rows (default: the system temp
+            dir; put it on the same filesystem as the output to make saving a rename).
+        rebuild_fraction: rebuild an HNSW index once this fraction of its entries are dead.
+    """
+
+    def __init__(self, dim: int, max_frames: int, model_info: Mapping[str, Any], frame_dtype: str = "float16",
+                 ann: Optional[Any] = None, model=None, work_dir: Optional[str] = None,
+                 rebuild_fraction: float = 0.3):
+        if frame_dtype not in _DTYPES:
+            raise ValueError(f"frame_dtype must be one of {sorted(_DTYPES)}, got {frame_dtype!r}")
+        self.dim, self.max_frames = int(dim), int(max_frames)
+        self.frame_dtype = frame_dtype
+        self.model_info = dict(model_info)
+        self.ann_config = ann if isinstance(ann, AnnConfig) else AnnConfig.from_dict(ann)
+        self.work_dir = work_dir
+        self.rebuild_fraction = float(rebuild_fraction)
+        self.model = None
+        # rows
+        self._vids: List[str] = []
+        self._row_of: Dict[str, int] = {}
+        self._seg = np.zeros(0, np.int32)
+        self._off = np.zeros(0, np.int64)
+        self._len = np.zeros(0, np.int32)
+        self._dur = np.zeros(0, np.float64)
+        self._alive = np.zeros(0, bool)
+        self._n = 0
+        self._segments: List[_Segment] = []
+        self._pending: Optional[_PendingSegment] = None
+        self._ann: Optional[AnnIndex] = None
+        self._ann_dead = 0
+        self._bias: Optional[np.ndarray] = None
+        self._bias_info: Optional[Dict[str, Any]] = None
+        self.path: Optional[str] = None
+        if model is not None:
+            self.attach(model)
+
+    # ================================================================== construction
+    @classmethod
+    def for_model(cls, model, **kwargs: Any) -> "CorpusIndex":
+        """An empty index matching ``model`` (a :class:`C2FTMassRetriever`)."""
+        info = dict(model.fingerprint())
+        info["config"] = dict(model.hparams)
+        return cls(int(model.embed_dim), int(model.num_frames), info, model=model, **kwargs)
+
+    @classmethod
+    def build(cls, model, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
+              durations: Optional[Mapping[str, float]] = None, batch_size: int = 64, progress: bool = True,
+              **kwargs: Any) -> "CorpusIndex":
+        """Encode every video with ``model`` and index it.
+
+        Args:
+            vids: video ids, in index order.
+            load_features: ``vid -> (L, Dv)`` float features (per-clip, no TEF).
+            durations: optional ``vid -> seconds``.
+            batch_size: videos encoded per model call.
+            kwargs: :class:`CorpusIndex` constructor arguments (``ann``, ``frame_dtype``...).
+        """
+        index = cls.for_model(model, **kwargs)
+        index.add_features(vids, load_features, durations, batch_size=batch_size, progress=progress)
+        return index
+
+    def attach(self, model) -> "CorpusIndex":
+        """Use ``model`` for queries and re-ranking; its fingerprint and width must match."""
+        fp = model.fingerprint()
+        where = f"{os.path.join(self.path, MANIFEST) if self.path else 'index'}"
+        for key in ("config_hash", "weights_hash"):
+            if fp.get(key) != self.model_info.get(key):
+                raise IndexMismatchError(
+                    f"{where}: model.{key} is {self.model_info.get(key)!r} but the given model has {fp.get(key)!r}: "
+                    "the index was built with another model configuration or checkpoint; rebuild it")
+        if int(model.embed_dim) != self.dim or int(model.num_frames) != self.max_frames:
+            raise IndexMismatchError(f"{where}: index dims (D={self.dim}, frames={self.max_frames}) differ from the "
+                                     f"model's (D={model.embed_dim}, frames={model.num_frames})")
+        self.model = model
+        return self
+
+    def _require_model(self):
+        if self.model is None:
+            raise RuntimeError("no model attached to the index: pass model= to load() or call attach(model)")
+        return self.model
+
+    # ================================================================== properties
+    def __len__(self) -> int:
+        return int(self._alive[: self._n].sum())
+
+    @property
+    def num_rows(self) -> int:
+        return self._n
+
+    @property
+    def vids(self) -> List[str]:
+        """Alive video ids in row order."""
+        return [self._vids[i] for i in np.flatnonzero(self._alive[: self._n])]
+
+    def __contains__(self, vid: object) -> bool:
+        return vid in self._row_of
+
+    def duration(self, vid: str) -> Optional[float]:
+        d = float(self._dur[self._row_of[vid]])
+        return None if math.isnan(d) else d
+
+    @property
+    def ann_kind(self) -> Optional[str]:
+        return None if self._ann is None else self._ann.kind
+
+    # ================================================================== adding
+    def _grow(self, n_new: int) -> None:
+        need = self._n + n_new
+        if need <= len(self._seg):
+            return
+        cap = max(need, int(len(self._seg) * 1.5) + 1024)
+
+        def grow(a, fill):
+            out = np.full(cap, fill, dtype=a.dtype)
+            out[: self._n] = a[: self._n]
+            return out
+
+        self._seg, self._off, self._len = grow(self._seg, -1), grow(self._off, 0), grow(self._len, 0)
+        self._dur, self._alive = grow(self._dur, np.nan), grow(self._alive, False)
+
+    def add(self, vids: Sequence[str], video_emb, durations: Optional[Sequence[Optional[float]]] = None,
+            prefilter: Optional[np.ndarray] = None, replace: bool = False, update_ann: bool = True) -> None:
+        """Append encoded videos.
+
+        Args:
+            vids: (V,) ids; an id already in the index raises unless ``replace`` (then the old
+                row is removed first).
+            video_emb: :class:`VideoEmbedding` (V, F, D) from the attached model.
+            durations: optional (V,) seconds (None = unknown).
+            prefilter: (V, D) pre-filter vectors (default: ``model.prefilter_vectors``).
+            update_ann: add to the FAISS index now (``False`` during a bulk build, which
+                builds it once at the end).
+        """
+        vids = [str(v) for v in vids]
+        n = len(vids)
+        if len(video_emb) != n:
+            raise ValueError(f"{n} vids but {len(video_emb)} embedded videos")
+        if video_emb.dim != self.dim:
+            raise IndexMismatchError(f"embeddings are {video_emb.dim}-d but the index is {self.dim}-d")
+        if video_emb.frames.shape[1] > self.max_frames:
+            raise IndexMismatchError(f"embeddings have {video_emb.frames.shape[1]} frames, index max {self.max_frames}")
+        seen = set()
+        for v in vids:
+            if v in seen:
+                raise ValueError(f"video id {v!r} appears twice in one add()")
+            seen.add(v)
+        dup = [v for v in vids if v in self._row_of]
+        if dup:
+            if not replace:
+                raise ValueError(f"{len(dup)} video id(s) already indexed (e.g. {dup[0]!r}); remove them or pass "
+                                 "replace=True")
+            self.remove(dup)
+        if durations is not None and len(durations) != n:
+            raise ValueError(f"{n} vids but {len(durations)} durations")
+        if n == 0:
+            return
+        if prefilter is None:
+            prefilter = self._require_model().prefilter_vectors(video_emb)
+        pre = prefilter.detach().cpu().float().numpy() if torch.is_tensor(prefilter) else np.asarray(prefilter, np.float32)
+        if pre.shape != (n, self.dim):
+            raise ValueError(f"prefilter must be ({n}, {self.dim}), got {pre.shape}")
+        lengths = video_emb.lengths.cpu().numpy().astype(np.int32)
+        mask = video_emb.mask.detach().cpu() > 0
+        frames = video_emb.frames.detach().cpu().float()[mask].numpy()   # valid frames, row-major = per video
+        if self._pending is None:
+            self._pending = _PendingSegment(self.dim, _DTYPES[self.frame_dtype], self.work_dir)
+        start = self._pending.append(frames, pre)
+        offs = start + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self._grow(n)
+        rows = np.arange(self._n, self._n + n, dtype=np.int64)
+        self._seg[rows] = len(self._segments)            # the pending segment's future number
+        self._off[rows], self._len[rows] = offs, lengths
+        self._dur[rows] = [np.nan if d is None else float(d) for d in (durations or [None] * n)]
+        self._alive[rows] = True
+        for r, v in zip(rows.tolist(), vids):
+            self._vids.append(v)
+            self._row_of[v] = r
+        self._n += n
+        if self._bias is not None:
+            self._bias = np.concatenate([self._bias, np.zeros((n, self._bias.shape[1]), np.float32)])
+            logger.warning("added videos get zero Sinkhorn bias; recompute it with compute_video_bias()")
+        if update_ann:
+            self._update_ann_after_add(pre, rows)
+
+    def _update_ann_after_add(self, pre: np.ndarray, rows: np.ndarray) -> None:
+        alive = len(self)
+        want = self.ann_config.choose_kind(alive)
+        if self._ann is None or (self.ann_config.kind == "auto" and want != self._ann.kind):
+            self.rebuild_ann()
+        else:
+            self._ann.add(pre, rows)
+
+    def add_features(self, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
+                     durations: Optional[Mapping[str, float]] = None, batch_size: int = 64,
+                     progress: bool = True) -> None:
+        """Encode and add videos given a feature loader (``vid -> (L, Dv)``); the FAISS index is
+        (re)built or extended once at the end."""
+        model = self._require_model()
+        vids = [str(v) for v in vids]
+        first_new = self._n
+        it: Iterable = range(0, len(vids), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=(len(vids) + batch_size - 1) // batch_size, desc="index: encode videos",
+                      unit="batch")
+        was_training = model.training
+        model.eval()
+        try:
+            for s in it:
+                chunk = vids[s:s + batch_size]
+                feats = [np.asarray(load_features(v), dtype=np.float32) for v in chunk]
+                for v, f in zip(chunk, feats):
+                    if f.ndim != 2:
+                        raise DataFormatError(f"features must be (clips, dim), got shape {f.shape}", field=v)
+                lmax = max(1, max(f.shape[0] for f in feats))
+                x = np.zeros((len(chunk), lmax, feats[0].shape[1]), np.float32)
+                m = np.zeros((len(chunk), lmax), np.float32)
+                for i, f in enumerate(feats):
+                    x[i, : f.shape[0]] = f
+                    m[i, : f.shape[0]] = 1.0
+                with torch.no_grad():
+                    emb = model.encode_video(torch.from_numpy(x), torch.from_numpy(m))
+                durs = None if durations is None else [durations.get(v) for v in chunk]
+                self.add(chunk, emb, durs, update_ann=False)
+        finally:
+            model.train(was_training)
+        if self._n > first_new:
+            if self._ann is None or (self.ann_config.kind == "auto"
+                                     and self.ann_config.choose_kind(len(self)) != self._ann.kind):
+                self.rebuild_ann()
+            else:
+                rows = np.arange(first_new, self._n, dtype=np.int64)
+                self._ann.add(self._prefilter_rows(rows), rows)
+
+    # ================================================================== removal / maintenance
+    def remove(self, vids: Sequence[str], missing_ok: bool = False) -> int:
+        """Mark videos removed; returns how many were removed."""
+        rows = []
+        for v in vids:
+            r = self._row_of.get(str(v))
+            if r is None:
+                if not missing_ok:
+                    raise KeyError(f"video id {v!r} is not in the index")
+                continue
+            rows.append(r)
+        if not rows:
+            return 0
+        rows_a = np.asarray(sorted(set(rows)), np.int64)
+        self._alive[rows_a] = False
+        for r in rows_a.tolist():
+            del self._row_of[self._vids[r]]
+        if self._ann is not None:
+            removed = self._ann.remove(rows_a)
+            self._ann_dead += len(rows_a) - removed
+            if self._ann.ntotal and self._ann_dead / self._ann.ntotal > self.rebuild_fraction:
+                logger.info("index: %d of %d FAISS entries are tombstones; rebuilding", self._ann_dead,
+                            self._ann.ntotal)
+                self.rebuild_ann()
+        return len(rows_a)
+
+    def rebuild_ann(self, config: Optional[AnnConfig] = None) -> None:
+        """(Re)build the FAISS index from the alive rows (kind re-chosen by the size policy)."""
+        if config is not None:
+            self.ann_config = config
+        rows = np.flatnonzero(self._alive[: self._n]).astype(np.int64)
+        self._ann = AnnIndex.build(self._prefilter_rows(rows), rows, self.ann_config)
+        self._ann_dead = 0
+        logger.info("index: built a %s pre-filter over %d videos %s", self._ann.kind, len(rows), self._ann.params)
+
+    def compact(self, work_dir: Optional[str] = None) -> None:
+        """Rewrite all frames of alive rows into one new segment (drops removed rows' bytes and
+        renumbers rows); the FAISS index is rebuilt. Save afterwards to persist."""
+        alive = np.flatnonzero(self._alive[: self._n])
+        new = _PendingSegment(self.dim, _DTYPES[self.frame_dtype], work_dir or self.work_dir)
+        offs = np.zeros(len(alive), np.int64)
+        step = 4096
+        for s in range(0, len(alive), step):
+            rows = alive[s:s + step]
+            blocks = [self._frames_of(int(r)) for r in rows]
+            start = new.append(np.concatenate(blocks) if blocks else np.zeros((0, self.dim)),
+                               self._prefilter_rows(rows))
+            lens = self._len[rows].astype(np.int64)
+            offs[s:s + len(rows)] = start + np.concatenate([[0], np.cumsum(lens)[:-1]])
+        vids = [self._vids[r] for r in alive]
+        lens, durs = self._len[alive].copy(), self._dur[alive].copy()
+        bias = None if self._bias is None else self._bias[alive].copy()
+        if self._pending is not None:
+            self._pending.discard()
+        self._segments, self._pending = [], new
+        n = len(alive)
+        self._vids, self._row_of = vids, {v: i for i, v in enumerate(vids)}
+        self._seg, self._off, self._len = np.zeros(n, np.int32), offs, lens
+        self._dur, self._alive, self._n, self._bias = durs, np.ones(n, bool), n, bias
+        self.rebuild_ann()
+
+    # ================================================================== storage access
+    def _segment_arrays(self, s: int) -> Tuple[np.ndarray, np.ndarray]:
+        if s < len(self._segments):
+            seg = self._segments[s]
+            return seg.frames, seg.prefilter
+        if s == len(self._segments) and self._pending is not None:
+            return self._pending.frames_view(), self._pending.prefilter_array()
+        raise IndexError(f"segment {s} does not exist")
+
+    def _seg_row_base(self, s: int) -> int:
+        return sum(seg.n_rows for seg in self._segments[:s])
+
+    def _prefilter_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.zeros((len(rows), self.dim), np.float32)
+        if not len(rows):
+            return out
+        segs = self._seg[rows]
+        for s in np.unique(segs):
+            sel = np.flatnonzero(segs == s)
+            _, pre = self._segment_arrays(int(s))
+            out[sel] = pre[rows[sel] - self._seg_row_base(int(s))]
+        return out
+
+    def _frames_of(self, row: int) -> np.ndarray:
+        frames, _ = self._segment_arrays(int(self._seg[row]))
+        o, n = int(self._off[row]), int(self._len[row])
+        return np.asarray(frames[o:o + n], dtype=np.float32)
+
+    def gather(self, rows: Sequence[int]):
+        """:class:`VideoEmbedding` of the given rows (in that order), read from the segments."""
+        from lavis_c2f.models.retriever.embeddings import VideoEmbedding
+
+        rows = np.asarray(rows, np.int64)
+        m = len(rows)
+        lens = self._len[rows].astype(np.int64)
+        f = int(max(1, lens.max())) if m else 1
+        out = np.zeros((m, f, self.dim), np.float32)
+        mask = np.zeros((m, f), np.float32)
+        if m:
+            mask[np.arange(f)[None, :] < lens[:, None]] = 1.0
+            segs = self._seg[rows]
+            for s in np.unique(segs):
+                sel = np.flatnonzero(segs == s)
+                frames, _ = self._segment_arrays(int(s))
+                starts, ls = self._off[rows[sel]], lens[sel]
+                total = int(ls.sum())
+                if total == 0:
+                    continue
+                flat = np.repeat(starts - np.concatenate([[0], np.cumsum(ls)[:-1]]), ls) + np.arange(total)
+                order = np.argsort(flat, kind="stable")         # read the file sequentially
+                vals = np.empty((total, self.dim), np.float32)
+                vals[order] = frames[flat[order]]
+                out_sel = out[sel]
+                out_sel[mask[sel] > 0] = vals
+                out[sel] = out_sel
+        pooled = self._prefilter_rows(rows)
+        return VideoEmbedding(torch.from_numpy(out), torch.from_numpy(mask), torch.from_numpy(pooled))
+
+    def embeddings(self, vids: Sequence[str]):
+        """:class:`VideoEmbedding` of the given video ids."""
+        rows = [self._row_of[str(v)] for v in vids]
+        return self.gather(rows)
+
+    # ================================================================== Sinkhorn biases
+    def set_video_bias(self, bias: np.ndarray, settings: Mapping[str, Any], vids: Optional[Sequence[str]] = None
+                       ) -> None:
+        """Store per-video, per-level Sinkhorn log scalings ((V, L), rows in ``vids`` order,
+        default: :attr:`vids`) together with the model's :meth:`inference_settings` they were
+        computed with. Rows not listed get 0."""
+        model = self._require_model()
+        vids = self.vids if vids is None else [str(v) for v in vids]
+        bias = np.asarray(bias, np.float32)
+        nl = len(model.levels)
+        if bias.shape != (len(vids), nl):
+            raise ValueError(f"bias must be ({len(vids)}, {nl}), got {bias.shape}")
+        full = np.zeros((self._n, nl), np.float32)
+        full[[self._row_of[v] for v in vids]] = bias
+        self._bias = full
+        self._bias_info = {"levels": list(model.levels), "settings": dict(settings)}
+
+    def compute_video_bias(self, bank_text_emb, block_videos: int = 8192, progress: bool = False) -> np.ndarray:
+        """UCoFiA's inference bias: Sinkhorn over a query bank (e.g. training queries) x every
+        alive video, per level; stored in the index and returned ((alive V, L), row order).
+        Memory: bank size x V x 4 bytes per level."""
+        from lavis_c2f.models.retriever.modules import sinkhorn_video_bias
+
+        model = self._require_model()
+        rows = np.flatnonzero(self._alive[: self._n])
+        raw = {lv: [] for lv in model.levels}
+        it: Iterable = range(0, len(rows), block_videos)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="index: bank scores", unit="block")
+        for s in it:
+            emb = self.gather(rows[s:s + block_videos])
+            _, lv = model.score(bank_text_emb, emb, return_levels=True)
+            for k in raw:
+                raw[k].append(lv[k].cpu())
+        cols = [sinkhorn_video_bias(torch.cat(raw[k], 1), model.sinkhorn_temperature, model.sinkhorn_iters)
+                for k in model.levels]
+        bias = torch.stack(cols, 1).numpy().astype(np.float32)
+        self.set_video_bias(bias, model.inference_settings(), [self._vids[r] for r in rows])
+        return bias
+
+    def _bias_for(self, rows: np.ndarray) -> Optional[torch.Tensor]:
+        """Per-level Sinkhorn biases of ``rows`` for the model's score, or None when Sinkhorn is
+        off. Without stored biases the index uses zeros: a per-query candidate subset cannot be
+        Sinkhorn-normalised (see C2FTMassRetriever), and every search path must score alike."""
+        model = self.model
+        if not model.sinkhorn:
+            return None
+        if self._bias is None:
+            return torch.zeros(len(rows), len(model.levels))
+        info = self._bias_info or {}
+        cur = model.inference_settings()
+        keys = ("sinkhorn_temperature", "sinkhorn_iters", "inference_mode", "num_trials", "trial_include_mean",
+                "eval_seed")
+        diff = [k for k in keys if info.get("settings", {}).get(k) != cur.get(k)]
+        if diff or info.get("levels") != list(model.levels):
+            raise IndexMismatchError(f"the stored Sinkhorn video biases were computed with other settings "
+                                     f"({', '.join(diff) or 'levels'}); recompute them with compute_video_bias()")
+        return torch.from_numpy(self._bias[rows])
+
+    # ================================================================== search
+    def _query_embedding(self, text_emb):
+        return text_emb
+
+    def search(self, text_emb, k: int = 10, m: Optional[int] = None, nprobe: Optional[int] = None
+               ) -> List[List[Tuple[str, float]]]:
+        """Top-k videos per query: FAISS pre-filter of ``m`` candidates (default
+        ``max(256, 4 k)``), exact re-scoring with the model, best first.
+
+        Args:
+            text_emb: :class:`TextEmbedding` (Q queries) from the attached model.
+            k: results per query.
+            m: candidates re-ranked per query (``m >= len(index)`` re-ranks everything).
+            nprobe: override the IVF ``nprobe`` for this call.
+        Returns:
+            Q lists of ``(vid, score)``.
+        """
+        model = self._require_model()
+        if self._ann is None and self._n:
+            self.rebuild_ann()
+        nq = len(text_emb)
+        if nq == 0 or len(self) == 0:
+            return [[] for _ in range(nq)]
+        m = max(int(k), int(m if m is not None else max(256, 4 * k)))
+        qv = model.prefilter_query(text_emb).cpu().numpy()
+        if nprobe is not None:
+            old = self._ann.params.get("nprobe")
+            self._ann.set_search_params(nprobe=nprobe)
+        try:
+            fetch = min(self._ann.ntotal, m + self._ann_dead)
+            _, ids = self._ann.search(qv, fetch)
+        finally:
+            if nprobe is not None and old is not None:
+                self._ann.set_search_params(nprobe=old)
+        results = []
+        for q in range(nq):
+            cand = ids[q]
+            cand = cand[cand >= 0]
+            cand = cand[self._alive[cand]][:m]
+            results.append(self._rerank(text_emb[q], cand, k))
+        return results
+
+    def _rerank(self, text_one, rows: np.ndarray, k: int) -> List[Tuple[str, float]]:
+        if len(rows) == 0:
+            return []
+        emb = self.gather(rows)
+        scores = self.model.score(text_one, emb, video_bias=self._bias_for(rows))[0].cpu()
+        return self._topk(rows, scores, k)
+
+    def _topk(self, rows: np.ndarray, scores: torch.Tensor, k: int) -> List[Tuple[str, float]]:
+        kk = min(k, len(rows))
+        order = np.lexsort((rows, -scores.double().numpy()))[:kk]   # score desc, then row asc
+        return [(self._vids[int(rows[i])], float(scores[i])) for i in order]
+
+    def search_exhaustive(self, text_emb, k: int = 10, block_videos: int = 4096) -> List[List[Tuple[str, float]]]:
+        """Exact top-k of every query against every alive video (the re-ranking baseline)."""
+        model = self._require_model()
+        nq = len(text_emb)
+        rows_all = np.flatnonzero(self._alive[: self._n]).astype(np.int64)
+        best_s = [np.zeros(0) for _ in range(nq)]
+        best_r = [np.zeros(0, np.int64) for _ in range(nq)]
+        for s in range(0, len(rows_all), block_videos):
+            rows = rows_all[s:s + block_videos]
+            emb = self.gather(rows)
+            sc = model.score(text_emb, emb, video_bias=self._bias_for(rows)).cpu().double().numpy()
+            for q in range(nq):
+                cs = np.concatenate([best_s[q], sc[q]])
+                cr = np.concatenate([best_r[q], rows])
+                keep = np.lexsort((cr, -cs))[:k]
+                best_s[q], best_r[q] = cs[keep], cr[keep]
+        return [[(self._vids[int(r)], float(s)) for r, s in zip(best_r[q], best_s[q])] for q in range(nq)]
+
+    # ================================================================== persistence
+    def _manifest(self, files: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+        import lavis_c2f
+
+        return {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION,
+            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "lavis_c2f_version": getattr(lavis_c2f, "__version__", "unknown"),
+            "model": self.model_info, "dim": self.dim, "max_frames": self.max_frames,
+            "frame_dtype": self.frame_dtype,
+            "counts": {"rows": self._n, "alive": len(self)},
+            "ann": {"kind": self._ann.kind if self._ann else None, "params": self._ann.params if self._ann else {},
+                    "config": self.ann_config.to_dict(), "dead_entries": self._ann_dead},
+            "segments": [{"name": s.name, "rows": s.n_rows, "frames": s.n_frames} for s in self._segments],
+            "video_bias": self._bias_info,
+            "files": files,
+        }
+
+    def save(self, path: str) -> str:
+        """Write the index to folder ``path`` atomically (temp folder + rename); returns it.
+        Saving onto the folder it was loaded from is supported."""
+        if self._ann is None and self._n:
+            self.rebuild_ann()
+        path = os.path.abspath(path)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+        try:
+            files: Dict[str, Dict[str, Any]] = {}
+            # existing segments: hard-link (immutable files), checksums from their manifest
+            for seg in self._segments:
+                for fname, meta in seg.files.items():
+                    _link_or_copy(os.path.join(seg.path_dir, fname), os.path.join(tmp, fname))
+                    files[fname] = dict(meta)
+            new_seg = None
+            if self._pending is not None and self._pending.n_rows:
+                name = f"seg-{len(self._segments):05d}"
+                fr_path, fr_sha = self._pending.finish()
+                fr_name, pf_name = f"{name}.frames", f"{name}.prefilter"
+                _link_or_copy(fr_path, os.path.join(tmp, fr_name))
+                files[fr_name] = {"sha256": fr_sha, "bytes": os.path.getsize(fr_path)}
+                pre = self._pending.prefilter_array()
+                with open(os.path.join(tmp, pf_name), "wb") as fh:
+                    fh.write(np.ascontiguousarray(pre, np.float32).tobytes())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                files[pf_name] = {"sha256": _sha256_file(os.path.join(tmp, pf_name)),
+                                  "bytes": os.path.getsize(os.path.join(tmp, pf_name))}
+                new_seg = _Segment(name, self._pending.n_rows, self._pending.n_frames,
+                                   files={fr_name: files[fr_name], pf_name: files[pf_name]})
+            # row table, ids, ANN, bias
+            with open(os.path.join(tmp, "vids.json"), "w", encoding="utf-8") as fh:
+                json.dump(self._vids, fh)
+            n = self._n
+            with open(os.path.join(tmp, "rows.npz"), "wb") as fh:
+                np.savez(fh, seg=self._seg[:n], off=self._off[:n], length=self._len[:n], duration=self._dur[:n],
+                         alive=self._alive[:n])
+            if self._ann is not None:
+                self._ann.write(os.path.join(tmp, "ann.faiss"))
+            if self._bias is not None:
+                with open(os.path.join(tmp, "bias.f32"), "wb") as fh:
+                    fh.write(np.ascontiguousarray(self._bias, np.float32).tobytes())
+            for fname in ("vids.json", "rows.npz", "ann.faiss", "bias.f32"):
+                p = os.path.join(tmp, fname)
+                if os.path.exists(p):
+                    _fsync_file(p)
+                    files[fname] = {"sha256": _sha256_file(p), "bytes": os.path.getsize(p)}
+            segs_after = list(self._segments) + ([new_seg] if new_seg is not None else [])
+            segs_before = self._segments
+            self._segments = segs_after
+            try:
+                manifest = self._manifest(files)
+            finally:
+                self._segments = segs_before
+            with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+                json.dump(manifest, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            # swap into place
+            if os.path.exists(path):
+                old = tmp + ".old"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # the index now lives in ``path``: reopen segments from there
+        if self._pending is not None:
+            self._pending.discard()
+            self._pending = None
+        self._segments = segs_after
+        for seg in self._segments:
+            seg.path_dir = path
+        self._open_segments(path)
+        self.path = path
+        return path
+
+    def _open_segments(self, path: str) -> None:
+        dt = _DTYPES[self.frame_dtype]
+        for seg in self._segments:
+            fr = os.path.join(path, f"{seg.name}.frames")
+            pf = os.path.join(path, f"{seg.name}.prefilter")
+            seg.frames = (np.memmap(fr, dtype=dt, mode="r", shape=(seg.n_frames, self.dim))
+                          if seg.n_frames else np.zeros((0, self.dim), dt))
+            seg.prefilter = (np.memmap(pf, dtype=np.float32, mode="r", shape=(seg.n_rows, self.dim))
+                             if seg.n_rows else np.zeros((0, self.dim), np.float32))
+            seg.path_dir = path
+
+    @classmethod
+    def load(cls, path: str, model=None, verify: bool = True, work_dir: Optional[str] = None) -> "CorpusIndex":
+        """Open a saved index (memory-maps the frames; reads the FAISS index into memory).
+
+        Args:
+            model: retriever to attach (fingerprint checked); None for inspection only.
+            verify: check every file's sha256 (sizes are always checked).
+        Raises:
+            IndexFormatError naming the file for missing, truncated, corrupt or
+            unknown-version files; IndexMismatchError for another model.
+        """
+        path = os.path.abspath(path)
+        man_path = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            raise IndexFormatError("index folder not found", path=path)
+        if not os.path.isfile(man_path):
+            raise IndexFormatError("manifest missing: not a lavis-c2f corpus index", path=man_path)
+        try:
+            with open(man_path, "r", encoding="utf-8") as fh:
+                man = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IndexFormatError(f"corrupt manifest: {e}", path=man_path) from None
+        if not isinstance(man, dict) or man.get("format") != FORMAT_NAME:
+            raise IndexFormatError(f"not a lavis-c2f corpus index (format {man.get('format') if isinstance(man, dict) else None!r})",
+                                   path=man_path, field="format")
+        ver = man.get("version")
+        if ver != FORMAT_VERSION:
+            raise IndexFormatError(f"index format version {ver!r} is not supported (this code reads version "
+                                   f"{FORMAT_VERSION})", path=man_path, field="version")
+        try:
+            files = dict(man["files"])
+            dim, max_frames, dtype = int(man["dim"]), int(man["max_frames"]), str(man["frame_dtype"])
+            seg_meta = list(man["segments"])
+            n_rows = int(man["counts"]["rows"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IndexFormatError(f"manifest lacks or mistypes a field: {e}", path=man_path) from None
+        if dtype not in _DTYPES:
+            raise IndexFormatError(f"unknown frame dtype {dtype!r}", path=man_path, field="frame_dtype")
+        for fname, meta in files.items():
+            p = os.path.join(path, fname)
+            if not os.path.isfile(p):
+                raise IndexFormatError("file listed in the manifest is missing", path=p)
+            size = os.path.getsize(p)
+            if size != int(meta["bytes"]):
+                raise IndexFormatError(f"size {size} bytes, manifest says {meta['bytes']} (truncated or "
+                                       "modified)", path=p)
+            if verify and _sha256_file(p) != meta["sha256"]:
+                raise IndexFormatError("sha256 checksum mismatch (corrupt or modified file)", path=p)
+        ann_cfg = man.get("ann", {})
+        index = cls(dim, max_frames, man.get("model", {}), frame_dtype=dtype, ann=ann_cfg.get("config"),
+                    work_dir=work_dir)
+        index.path = path
+        itemsize = np.dtype(_DTYPES[dtype]).itemsize
+        for s in seg_meta:
+            name = s.get("name")
+            seg = _Segment(name, int(s["rows"]), int(s["frames"]), path_dir=path)
+            for fname, want in ((f"{name}.frames", seg.n_frames * dim * itemsize), (f"{name}.prefilter",
+                                                                                  seg.n_rows * dim * 4)):
+                if fname not in files:
+                    raise IndexFormatError("segment file not listed in the manifest", path=os.path.join(path, fname))
+                if int(files[fname]["bytes"]) != want:
+                    raise IndexFormatError(f"holds {files[fname]['bytes']} bytes but the manifest's dims "
+                                           f"(D={dim}, {dtype}) need {want}", path=os.path.join(path, fname))
+                seg.files[fname] = files[fname]
+            index._segments.append(seg)
+        index._open_segments(path)
+        rows_p = os.path.join(path, "rows.npz")
+        vids_p = os.path.join(path, "vids.json")
+        for p in (rows_p, vids_p):
+            if os.path.basename(p) not in files:
+                raise IndexFormatError("file not listed in the manifest", path=p)
+        try:
+            with np.load(rows_p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("seg", "off", "length", "duration", "alive")}
+        except Exception as e:  # noqa: BLE001 - any numpy/zip error means a corrupt file
+            raise IndexFormatError(f"cannot read the row table: {type(e).__name__}: {e}", path=rows_p) from None
+        try:
+            with open(vids_p, "r", encoding="utf-8") as fh:
+                vids = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IndexFormatError(f"corrupt id list: {e}", path=vids_p) from None
+        if not isinstance(vids, list) or len(vids) != n_rows or any(len(a) != n_rows for a in arrays.values()):
+            raise IndexFormatError(f"row table / id list do not have the manifest's {n_rows} rows", path=rows_p)
+        seg_rows = [s.n_rows for s in index._segments]
+        if sum(seg_rows) != n_rows:
+            raise IndexFormatError(f"segments hold {sum(seg_rows)} rows, manifest counts {n_rows}", path=man_path,
+                                   field="segments")
+        if n_rows and (arrays["seg"].min() < 0 or arrays["seg"].max() >= len(index._segments)):
+            raise IndexFormatError("row table points at a missing segment", path=rows_p, field="seg")
+        ends = arrays["off"] + arrays["length"]
+        seg_frames = np.asarray([s.n_frames for s in index._segments] or [0])
+        if n_rows and (arrays["off"].min() < 0 or (ends > seg_frames[arrays["seg"]]).any()
+                       or (arrays["length"] > max_frames).any()):
+            raise IndexFormatError("row offsets/lengths exceed their segment's frames", path=rows_p, field="off")
+        index._vids = [str(v) for v in vids]
+        index._seg, index._off = arrays["seg"].astype(np.int32), arrays["off"].astype(np.int64)
+        index._len, index._dur = arrays["length"].astype(np.int32), arrays["duration"].astype(np.float64)
+        index._alive, index._n = arrays["alive"].astype(bool), n_rows
+        index._row_of = {index._vids[r]: r for r in np.flatnonzero(index._alive).tolist()}
+        if len(index._row_of) != int(index._alive.sum()):
+            raise IndexFormatError("duplicate video ids among alive rows", path=vids_p)
+        ann_p = os.path.join(path, "ann.faiss")
+        if "ann.faiss" in files:
+            try:
+                index._ann = AnnIndex.read(ann_p, ann_cfg.get("kind"), dim, ann_cfg.get("params", {}))
+            except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError with C++ text
+                raise IndexFormatError(f"cannot read the FAISS index: {e}", path=ann_p) from None
+            index._ann_dead = int(ann_cfg.get("dead_entries", 0))
+            if index._ann.ntotal != len(index) + index._ann_dead:
+                raise IndexFormatError(f"FAISS index holds {index._ann.ntotal} entries, expected "
+                                       f"{len(index) + index._ann_dead}", path=ann_p)
+        if man.get("video_bias"):
+            bias_p = os.path.join(path, "bias.f32")
+            nl = len(man["video_bias"].get("levels", []))
+            if "bias.f32" not in files or int(files["bias.f32"]["bytes"]) != n_rows * nl * 4:
+                raise IndexFormatError(f"Sinkhorn bias file missing or not ({n_rows}, {nl}) float32", path=bias_p)
+            index._bias = np.fromfile(bias_p, dtype=np.float32).reshape(n_rows, nl)
+            index._bias_info = dict(man["video_bias"])
+        if model is not None:
+            index.attach(model)
+        return index
+
+    # ================================================================== info
+    def info(self) -> Dict[str, Any]:
+        """Counts, dims, FAISS kind/params, format version, size on disk (when saved)."""
+        size = None
+        if self.path and os.path.isdir(self.path):
+            size = sum(os.path.getsize(os.path.join(self.path, f)) for f in os.listdir(self.path)
+                       if os.path.isfile(os.path.join(self.path, f)))
+        return {
+            "path": self.path, "format": FORMAT_NAME, "version": FORMAT_VERSION,
+            "videos": len(self), "rows": self._n, "removed_rows": self._n - len(self),
+            "dim": self.dim, "max_frames": self.max_frames, "frame_dtype": self.frame_dtype,
+            "frames_stored": int(self._len[: self._n].sum()),
+            "ann": None if self._ann is None else {"kind": self._ann.kind, **self._ann.params,
+                                                   "entries": self._ann.ntotal, "tombstones": self._ann_dead},
+            "segments": len(self._segments) + (1 if self._pending is not None and self._pending.n_rows else 0),
+            "model": {k: self.model_info.get(k) for k in ("arch", "config_hash", "weights_hash")},
+            "video_bias": None if self._bias_info is None else self._bias_info.get("levels"),
+            "size_bytes": size,
+        }
+
+    def close(self) -> None:
+        """Drop memory maps and spill files (unsaved rows are lost)."""
+        if self._pending is not None:
+            self._pending.discard()
+            self._pending = None
+        for seg in self._segments:
+            seg.frames = seg.prefilter = None
+
+    def __del__(self):  # spill files of an unsaved index are temporary
+        with contextlib.suppress(Exception):
+            if self._pending is not None:
+                self._pending.discard()
+
+
+def search_shards(indexes: Sequence[CorpusIndex], text_emb, k: int = 10, m: Optional[int] = None
+                  ) -> List[List[Tuple[str, float]]]:
+    """Search several shard indexes with the same queries and merge their top-k exactly
+    (scores are exact model scores; a vid present in several shards keeps its best score).
+    Ties break by shard order, then by the shard's own order."""
+    per = [idx.search(text_emb, k=k, m=m) for idx in indexes]
+    out = []
+    for q in range(len(text_emb)):
+        best: Dict[str, Tuple[float, int, int]] = {}
+        for si, res in enumerate(per):
+            for rank, (vid, s) in enumerate(res[q]):
+                key = (s, -si, -rank)
+                if vid not in best or key > best[vid]:
+                    best[vid] = key
+        merged = sorted(best.items(), key=lambda kv: (-kv[1][0], -kv[1][1], -kv[1][2]))[:k]
+        out.append([(vid, key[0]) for vid, key in merged])
+    return out

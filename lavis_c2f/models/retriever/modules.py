@@ -1,0 +1,362 @@
+"""Building blocks of the stage-1 retriever (pure torch, no LAVIS import).
+
+* :class:`TextConditionedPooling` -- the X-Pool style cross-attention of T-MASS
+  (Wang et al., CVPR 2024): the sentence is the query, frames are keys/values.
+* :class:`StochasticText` -- T-MASS's radius ``R = exp(W s + b)`` from the text-frame
+  cosine vector ``s`` and the samples ``t + eps * R``.
+* :class:`InteractiveSimilarityAggregation` -- UCoFiA's ISA (Wang et al., ICCV 2023).
+* :func:`sinkhorn_log_scaling`, :func:`sinkhorn_normalize`, :func:`sinkhorn_video_bias` --
+  Sinkhorn-Knopp normalisation of a (Q, V) similarity matrix.
+* :func:`symmetric_infonce` -- CLIP's symmetric cross-entropy with duplicate masking.
+
+Pairs. Scoring always works on a list of P (query, video) pairs. ``grid`` mode is the
+Cartesian product of Q queries and V videos (pair ``p = q * V + v``), computed with
+``einsum`` over shared tensors; ``pairs`` mode takes explicit, aligned per-pair tensors
+(used when each query has its own candidate videos).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG_FILL = -1e9  # masked logits (finite, so an all-masked row never yields NaN)
+
+
+def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
+    """T-MASS initialisation of every ``linear``/``proj`` layer: weight = identity
+    (``nn.init.eye_``: ones on the main diagonal of a possibly non-square matrix), bias = ``bias``."""
+    with torch.no_grad():
+        nn.init.eye_(linear.weight)
+        if linear.bias is not None:
+            linear.bias.fill_(bias)
+    return linear
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """``x / max(||x||, eps)`` (zero vectors stay zero)."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` restricted to ``mask`` (1 = valid); masked entries get 0 and a
+    fully masked slice gives all zeros (not NaN). ``mask`` broadcasts against ``logits``."""
+    valid = mask > 0
+    p = torch.softmax(logits.masked_fill(~valid, NEG_FILL), dim=dim)
+    return p * valid.to(p.dtype)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` where ``mask`` (shape of ``x`` without the last dim) is 1;
+    0 where nothing is valid. x: (..., N, D), mask: (..., N) with ``dim`` the N axis."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# pair helpers
+
+def frame_dots(x: torch.Tensor, frames: torch.Tensor, qi: Optional[torch.Tensor],
+               vi: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dot products of query-side vectors with every frame of the paired video.
+
+    grid (``qi is None``): x (Q, A, D), frames (V, F, D) -> (Q*V, A, F).
+    pairs: x (Q, A, D), frames (V, F, D), qi/vi (P,) -> (P, A, F).
+    """
+    if qi is None:
+        q, a, _ = x.shape
+        v, f, _ = frames.shape
+        return torch.einsum("qad,vfd->qvaf", x, frames).reshape(q * v, a, f)
+    return torch.bmm(x[qi], frames[vi].transpose(1, 2))
+
+
+def frame_mix(weights: torch.Tensor, frames: torch.Tensor, num_queries: int,
+              vi: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weighted sums of frames: weights (P, A, F) over the paired video's frames -> (P, A, D).
+
+    grid (``vi is None``): P = Q*V with ``num_queries`` = Q and frames (V, F, D).
+    """
+    if vi is None:
+        v, f, d = frames.shape
+        a = weights.shape[1]
+        w = weights.reshape(num_queries, v, a, f)
+        return torch.einsum("qvaf,vfd->qvad", w, frames).reshape(num_queries * v, a, d)
+    return torch.bmm(weights, frames[vi])
+
+
+# ----------------------------------------------------------------------------------------
+# T-MASS
+
+class TextConditionedPooling(nn.Module):
+    """Text-conditioned frame pooling of T-MASS / X-Pool (one cross-attention block).
+
+    For a sentence ``t`` (D,) and frames ``f`` (F, D)::
+
+        t1, f1 = LN1(t), LN1(f)                       # one shared LayerNorm
+        a_h    = softmax_F( (Wq_h t1 + bq_h) . (Wk_h f1 + bk_h) / sqrt(D/H) )   per head h
+        o      = Wo concat_h( sum_F a_h (Wv_h f1 + bv_h) ) + bo
+        o      = LN2(o)
+        out    = LN3( o + dropout(Wp o + bp) )        # (D,)
+
+    All linear layers start at the identity with zero bias (the reference's init); dropout
+    is the reference's ``transformer_dropout`` (0.3). Padding frames get zero attention; a
+    video without valid frames pools to ``LN3(LN2(bo) + ...)`` (finite).
+
+    Efficiency (exactly the same function): the key projection is folded into the query,
+    ``q_h . (Wk_h f1 + bk_h) = (Wk_h^T q_h) . f1 + const``, and the constant drops out of the
+    softmax; the value projection is applied after pooling,
+    ``sum_F a (Wv f1 + bv) = Wv (sum_F a f1) + bv sum_F a``; LN1 of the frames is folded in
+    too (see :meth:`pool`). Per pair this costs ``O(H F D + 3 D^2)`` instead of
+    ``O(F D^2)``, and the only per-video work is two scalars per frame.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int = 1, dropout: float = 0.3):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
+        self.head_dim = self.embed_dim // self.num_heads
+        d = self.embed_dim
+        self.q_proj, self.k_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.linear_proj = nn.Linear(d, d)
+        self.layer_norm1, self.layer_norm2, self.layer_norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.linear_proj):
+            identity_init_(lin)
+
+    def prepare_text(self, text: torch.Tensor) -> torch.Tensor:
+        """text (Q, D) -> folded queries ``g`` (Q, H, D):
+        ``gamma1 * Wk_h^T (Wq_h LN1(t) + bq_h) / sqrt(D/H)`` (``gamma1`` = LN1's weight)."""
+        q = self.q_proj(self.layer_norm1(text))                      # (Q, D)
+        h, dh, d = self.num_heads, self.head_dim, self.embed_dim
+        qh = q.view(-1, h, dh)                                        # (Q, H, dh)
+        wk = self.k_proj.weight.view(h, dh, d)                        # (H, dh, D)
+        return torch.einsum("qhe,hed->qhd", qh, wk) * (self.layer_norm1.weight / math.sqrt(dh))
+
+    def frame_stats(self, frames: torch.Tensor, norms: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """frames (V, F, D) -> LN1 statistics ``(mu, inv_sigma)``, each (V, F), with
+        ``LN1(f) = gamma1 * (f - mu) * inv_sigma + beta1`` (biased variance + LayerNorm's eps).
+        ``norms`` (V, F) = ``||f||`` when already known (saves a pass)."""
+        d = frames.shape[-1]
+        mu = frames.mean(-1)
+        if norms is None:
+            norms = frames.norm(dim=-1)
+        var = (norms * norms / d - mu * mu).clamp_min(0.0)
+        return mu, torch.rsqrt(var + self.layer_norm1.eps)
+
+    def pool(self, g: torch.Tensor, frames: torch.Tensor, mu: torch.Tensor, inv_sigma: torch.Tensor,
+             mask: torch.Tensor, qi: Optional[torch.Tensor] = None, vi: Optional[torch.Tensor] = None,
+             dropout: Optional[bool] = None, dots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pooled video per pair.
+
+        The frames' LayerNorm is never materialised: with ``g`` from :meth:`prepare_text`,
+        ``qk . LN1(f) = (g . f - mu * sum(g)) * inv_sigma + const`` (the constant is the same
+        for every frame and drops out of the softmax) and
+        ``sum_F a LN1(f) = gamma1 * (sum_F (a * inv_sigma) f - sum_F a * inv_sigma * mu) + beta1 * sum_F a``,
+        so only the raw frames are read, whatever their storage.
+
+        Args:
+            g: (Q, H, D) from :meth:`prepare_text`.
+            frames: (V, F, D) raw frame embeddings; mu, inv_sigma: (V, F) from :meth:`frame_stats`.
+            mask: (V, F) 1 = valid frame.
+            qi, vi: (P,) pair indices, or None for the Q x V grid (P = Q*V, p = q*V + v).
+            dropout: apply dropout (default: ``self.training``).
+            dots: (P, H, F) ``g . f`` when the caller computed them already.
+        Returns:
+            (P, D) pooled video embedding for each pair.
+        """
+        h, dh, d = self.num_heads, self.head_dim, self.embed_dim
+        nv = frames.shape[0]
+        gamma, beta = self.layer_norm1.weight, self.layer_norm1.bias
+        nq = g.shape[0]
+        gsum = g.sum(-1)                                              # (Q, H)
+        if dots is None:
+            dots = frame_dots(g, frames, qi, vi)                      # (P, H, F)
+        if qi is None:
+            gsum_p = gsum.repeat_interleave(nv, dim=0)
+            mu_p, isg_p, m_p = mu.repeat(nq, 1), inv_sigma.repeat(nq, 1), mask.repeat(nq, 1)
+        else:
+            gsum_p, mu_p, isg_p, m_p = gsum[qi], mu[vi], inv_sigma[vi], mask[vi]
+        logits = (dots - mu_p.unsqueeze(1) * gsum_p.unsqueeze(-1)) * isg_p.unsqueeze(1)
+        attn = masked_softmax(logits, m_p.unsqueeze(1), dim=-1)       # (P, H, F)
+        w = attn * isg_p.unsqueeze(1)
+        mixed = frame_mix(w, frames, nq, vi)                          # (P, H, D)
+        shift = (w * mu_p.unsqueeze(1)).sum(-1, keepdim=True)         # (P, H, 1)
+        mass = attn.sum(-1, keepdim=True)                             # (P, H, 1): 1, or 0 if empty
+        ybar = gamma * (mixed - shift) + beta * mass                  # (P, H, D) = sum_F a LN1(f)
+        wv = self.v_proj.weight.view(h, dh, d)
+        o = torch.einsum("phd,hed->phe", ybar, wv) + self.v_proj.bias.view(h, dh) * mass
+        o = self.layer_norm2(self.out_proj(o.reshape(-1, d)))
+        use_dropout = self.training if dropout is None else dropout
+        lin = F.dropout(self.linear_proj(o), p=self.dropout.p, training=use_dropout)
+        return self.layer_norm3(o + lin)
+
+
+def radius_bin_index(lengths: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """(V,) valid-frame counts -> (V, num_bins) long frame index of each radius bin.
+
+    T-MASS's radius layer maps a fixed ``num_frames`` similarity vector; a video with ``n``
+    valid frames is resampled to ``num_bins`` entries by nearest index,
+    ``idx_j = floor((j + 0.5) * n / num_bins)`` (the identity when ``n == num_bins``).
+    Empty videos get index 0 (their similarities are zeroed by the caller).
+    """
+    j = torch.arange(num_bins, device=lengths.device, dtype=torch.float64)
+    n = lengths.to(torch.float64).clamp_min(1).unsqueeze(1)
+    idx = torch.floor((j + 0.5) * n / num_bins).long()
+    return torch.minimum(idx, (n.long() - 1).clamp_min(0))
+
+
+class StochasticText(nn.Module):
+    """T-MASS stochastic text embedding.
+
+    ``s`` is the (num_frames,) vector of cosine similarities between the sentence and each
+    frame (both L2-normalised; frames resampled by :func:`radius_bin_index`).
+    ``log R = W s + b`` with ``W`` (D, num_frames) identity-initialised (reference:
+    ``nn.Linear(num_frames, embed_dim)`` with ``eye_`` and zero bias; ``b`` starts at
+    ``radius_bias_init``) and ``R = exp(log R)`` (D,). Samples are ``t + eps * R`` with
+    ``eps ~ U[0, 1)^D`` (``prior="uniform"``, the reference's ``uniform01``) or
+    ``N(0, prior_std^2)^D`` (``prior="normal"``).
+    """
+
+    PRIORS = ("uniform", "normal")
+
+    def __init__(self, num_frames: int, embed_dim: int, prior: str = "uniform", prior_std: float = 1.0,
+                 radius_bias_init: float = 0.0):
+        super().__init__()
+        if prior not in self.PRIORS:
+            raise ValueError(f"stochastic prior must be one of {self.PRIORS}, got {prior!r}")
+        self.num_frames, self.embed_dim = int(num_frames), int(embed_dim)
+        self.prior, self.prior_std = prior, float(prior_std)
+        self.linear_proj = identity_init_(nn.Linear(self.num_frames, self.embed_dim), bias=radius_bias_init)
+
+    def log_radius(self, sims: torch.Tensor) -> torch.Tensor:
+        """sims (..., num_frames) -> log R (..., D)."""
+        return self.linear_proj(sims)
+
+    def sample_eps(self, shape: Tuple[int, ...], device=None, dtype=torch.float32,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Noise of ``shape`` from the prior (``generator`` for reproducible draws; it must
+        live on the same device)."""
+        if self.prior == "uniform":
+            return torch.rand(shape, device=device, dtype=dtype, generator=generator)
+        return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.prior_std
+
+
+# ----------------------------------------------------------------------------------------
+# UCoFiA
+
+class InteractiveSimilarityAggregation(nn.Module):
+    """UCoFiA's Interactive Similarity Aggregation (ISA) of a similarity vector.
+
+    For similarities ``s`` (N,) with validity mask ``m``::
+
+        p   = softmax_m(s / tau)                 # relevance of each item
+        w   = softmax_m((p @ W) / tau)           # interaction: W (N, N) mixes relevances
+        ISA(s) = sum_i w_i s_i
+
+    ``W`` is learnable and starts at the identity (then ``w`` is a sharpened ``p``);
+    ``tau`` is the temperature (UCoFiA uses 0.01). ``softmax_m`` ignores masked items;
+    an all-masked vector aggregates to 0. Vectors shorter than ``size`` use ``W[:N, :N]``.
+    """
+
+    def __init__(self, size: int, temperature: float = 0.01):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"ISA temperature must be > 0, got {temperature}")
+        self.size, self.temperature = int(size), float(temperature)
+        self.weight = nn.Parameter(torch.eye(self.size))
+
+    def forward(self, sims: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """sims (..., N), mask (..., N) -> (...)."""
+        n = sims.shape[-1]
+        if n > self.size:
+            raise ValueError(f"ISA built for at most {self.size} items, got {n}")
+        p = masked_softmax(sims / self.temperature, mask)
+        g = p @ self.weight[:n, :n]
+        w = masked_softmax(g / self.temperature, mask)
+        return (w * sims * (mask > 0).to(sims.dtype)).sum(-1)
+
+
+def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sinkhorn-Knopp scaling of ``K = exp(sims / temperature)`` in the log domain.
+
+    Finds ``log_r`` (Q,) and ``log_c`` (V,) such that ``P = diag(r) K diag(c)`` has rows
+    summing to 1 and columns summing to Q / V (doubly stochastic when Q == V). The
+    iteration alternates row then column normalisation ``iters`` times, so columns are
+    exact and rows converge (UCoFiA uses 4 iterations).
+
+    Args:
+        sims: (Q, V) similarities.
+    Returns:
+        ``(log_r (Q,), log_c (V,))``.
+    """
+    if sims.ndim != 2:
+        raise ValueError(f"sinkhorn expects a (Q, V) matrix, got {tuple(sims.shape)}")
+    q, v = sims.shape
+    k = sims.double() / float(temperature)
+    log_c = torch.zeros(v, dtype=k.dtype, device=k.device)
+    log_col_mass = math.log(q / v)
+    log_r = torch.zeros(q, dtype=k.dtype, device=k.device)
+    for _ in range(max(1, int(iters))):
+        log_r = -torch.logsumexp(k + log_c.unsqueeze(0), dim=1)
+        log_c = log_col_mass - torch.logsumexp(k + log_r.unsqueeze(1), dim=0)
+    return log_r.to(sims.dtype), log_c.to(sims.dtype)
+
+
+def sinkhorn_normalize(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4) -> torch.Tensor:
+    """(Q, V) similarities -> (Q, V) Sinkhorn-normalised probabilities
+    ``exp(sims / T + log_r[:, None] + log_c[None, :])`` (see :func:`sinkhorn_log_scaling`)."""
+    log_r, log_c = sinkhorn_log_scaling(sims, temperature, iters)
+    return torch.exp(sims.double() / temperature + log_r.double().unsqueeze(1)
+                     + log_c.double().unsqueeze(0)).to(sims.dtype)
+
+
+def sinkhorn_video_bias(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4) -> torch.Tensor:
+    """(Q, V) similarities of a query bank against videos -> (V,) log column scalings,
+    shifted by a log-softmax so they sum (in probability) to one.
+
+    Within one query's ranking the row scaling is a constant, so ranking by
+    ``sims / T + bias`` equals ranking by the Sinkhorn-normalised probability. UCoFiA
+    computes this bias from training queries against the test videos and adds it to the
+    test logits of every level before summing.
+    """
+    _, log_c = sinkhorn_log_scaling(sims, temperature, iters)
+    return torch.log_softmax(log_c, dim=0)
+
+
+# ----------------------------------------------------------------------------------------
+# loss
+
+def duplicate_mask(vids) -> Optional[torch.Tensor]:
+    """(B, B) bool, True where i != j and ``vids[i] == vids[j]`` (None if no duplicates)."""
+    if vids is None:
+        return None
+    vids = list(vids)
+    b = len(vids)
+    ids = {}
+    codes = torch.tensor([ids.setdefault(v, len(ids)) for v in vids])
+    if len(ids) == b:
+        return None
+    same = codes.unsqueeze(0) == codes.unsqueeze(1)
+    return same & ~torch.eye(b, dtype=torch.bool)
+
+
+def symmetric_infonce(logits: torch.Tensor, dup_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on a (B, B) logit matrix (text = rows, positives on the diagonal).
+
+    ``dup_mask`` (B, B) True marks off-diagonal pairs that are also positives (the same
+    video twice in a batch); they are removed from both softmax denominators instead of
+    being pushed apart as negatives.
+    """
+    if dup_mask is not None:
+        logits = logits.masked_fill(dup_mask.to(logits.device), NEG_FILL)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    t2v = F.cross_entropy(logits, target)
+    v2t = F.cross_entropy(logits.t(), target)
+    return (t2v + v2t) / 2.0

@@ -1,0 +1,821 @@
+"""Stage-1 retriever ``c2f_tmass_retriever``: T-MASS with optional UCoFiA-style scoring.
+
+T-MASS (Wang et al., "Text Is MASS: Modeling as Stochastic Embedding for Text-Video
+Retrieval", CVPR 2024) over precomputed per-clip features (the "Retrieval batch" of
+docs/ARCHITECTURE.md) or, when ``clip_path`` names a local ``CLIPModel`` folder, over CLIP
+towers run end to end.
+
+Pipeline for a query ``t`` and a video with frames ``f_1..f_F``:
+
+1. **Encoders.** ``t = text_proj(txt_pooled)``, tokens ``w_j = text_proj(src_txt_j)``;
+   clips are reduced to at most ``num_frames`` frames (``frame_sampling: uniform`` picks
+   the clip at the centre of F equal segments, ``segment_mean`` averages each segment;
+   shorter videos keep all clips) and projected, ``f_i = video_proj(clip_i)``. The
+   projections are identity-initialised linear maps (``none`` skips them).
+2. **Text-conditioned pooling** ``v(t) = Pool(t, f)``
+   (:class:`~lavis_c2f.models.retriever.modules.TextConditionedPooling`).
+3. **Stochastic text.** ``s_i = cos(t, f_i)``; ``R = exp(W s + b)``; ``t_s = t + eps * R``,
+   ``eps`` from ``stochastic_prior``.
+4. **Video-sentence score** ``cos(t_s, v(t))``. Training draws one ``eps`` per text, using
+   the radius of its paired video (as the reference trainer). Inference (``inference_mode:
+   trials``) draws ``num_trials`` noise vectors and keeps, per (query, video) pair, the best
+   score (the reference keeps the trial most similar to the pooled video);
+   ``deterministic`` uses ``eps = 0``. Trial noise comes from a generator seeded with
+   ``eval_seed`` and is shared by all pairs, so a pair's score does not depend on the
+   batch, block or candidate set it is scored in (reproducible and block-invariant).
+5. **UCoFiA levels** (switches ``use_*``): frame-sentence = ISA over ``cos(t, f_i)``;
+   frame-word = the two-way ISA of UCoFiA over the word-frame cosine matrix
+   (per frame over words then over frames, and per word over frames then over words,
+   averaged). ISA is :class:`~lavis_c2f.models.retriever.modules.InteractiveSimilarityAggregation`.
+6. **Combination.** ``S = sum_l w_l S_l`` with ``w`` the ``weight_*`` of the enabled
+   levels normalised to sum to 1. With ``sinkhorn: true`` each level is first
+   normalised Sinkhorn-Knopp style: ``S = sum_l w_l (S_l / T + b_l(video))`` where
+   ``b_l`` are per-video log column scalings (see "Sinkhorn at inference" below).
+
+Training loss: symmetric InfoNCE on ``exp(logit_scale) * S`` (in-batch negatives;
+``logit_scale`` learnable, clamped at ``logit_scale_max`` = log 100 as CLIP/the reference),
+plus ``support_loss_weight`` x the same loss with the support text
+``t_sup = t + R * (vbar - t) / |vbar - t|`` in place of ``t_s`` (``vbar`` = the pooled video
+averaged over the batch's texts, exactly as the reference trainer). Duplicate videos in a
+batch (same ``vid`` for two queries) are masked out of both softmax denominators instead
+of being treated as negatives.
+
+Sinkhorn at inference. Sinkhorn-Knopp is a corpus-level normalisation. :meth:`score`
+assembles every level's full (Q, V) matrix from its blocks first and only then
+normalises, so block size never changes the result. It uses, in this order:
+``video_bias`` passed in (per-video, per-level log scalings computed once with
+:meth:`compute_video_bias` from a query bank against the whole corpus, as UCoFiA does with
+training queries), else the scored matrix itself (all Q queries against all V videos).
+:meth:`score_pairs` (the index's re-ranking of per-query candidate subsets) cannot
+normalise a subset meaningfully: it uses the stored bank biases when given and otherwise
+zero biases (i.e. ``sum_l w_l S_l / T``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from lavis.common.registry import registry
+from lavis.models.base_model import BaseModel
+from torch import nn
+
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.models.retriever.embeddings import TextEmbedding, VideoEmbedding
+from lavis_c2f.models.retriever.modules import (
+    InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, duplicate_mask, frame_dots,
+    identity_init_, l2norm, masked_mean, radius_bin_index, sinkhorn_video_bias, symmetric_infonce)
+from lavis_c2f.paths import config_path
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("video_sentence", "frame_sentence", "frame_word")
+LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
+# inference-only knobs: changing them needs no re-encoding (see ``configure_inference``)
+INFERENCE_KEYS = ("inference_mode", "num_trials", "trial_include_mean", "eval_seed", "sinkhorn",
+                  "sinkhorn_iters", "sinkhorn_temperature", "score_block_size")
+_HASH_EXCLUDED = frozenset(INFERENCE_KEYS) | {"clip_path", "freeze_clip"}
+
+
+@dataclass
+class _PreparedText:
+    t: torch.Tensor                      # (Q, D) sentence
+    t_hat: torch.Tensor                  # (Q, D) normalised sentence
+    g: Optional[torch.Tensor]            # (Q, H, D) folded pooling queries
+    words_hat: Optional[torch.Tensor]    # (Q, Lw, D)
+    word_mask: Optional[torch.Tensor]    # (Q, Lw)
+
+    def __getitem__(self, s: slice) -> "_PreparedText":
+        return _PreparedText(self.t[s], self.t_hat[s], None if self.g is None else self.g[s],
+                             None if self.words_hat is None else self.words_hat[s],
+                             None if self.word_mask is None else self.word_mask[s])
+
+
+@dataclass
+class _PreparedVideo:
+    frames: torch.Tensor                 # (V, F, D) float32 raw frames
+    mu: Optional[torch.Tensor]           # (V, F) LN1 mean (pooling)
+    inv_sigma: Optional[torch.Tensor]    # (V, F) LN1 1/std (pooling)
+    inv_norm: torch.Tensor               # (V, F) 1/||f|| (cosines)
+    mask: torch.Tensor                   # (V, F)
+    bins: torch.Tensor                   # (V, num_frames) radius bin -> frame index
+    has_frames: torch.Tensor             # (V,) float 1 if any valid frame
+
+
+def _compact(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Move valid rows first (stable) and keep at most ``max_len``.
+    x (B, L, D), mask (B, L) -> (B, L', D), (B, L') with L' = min(max_len, max valid count, >= 1)."""
+    valid = mask > 0
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    n = int(valid.sum(1).max().item()) if valid.numel() else 0
+    keep = max(1, min(max_len, n))
+    order = order[:, :keep]
+    xs = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    ms = torch.gather(valid, 1, order).to(x.dtype)
+    return xs * ms.unsqueeze(-1), ms
+
+
+def frame_selection_weights(mask: torch.Tensor, num_frames: int, mode: str = "uniform"
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights that turn L clips into at most ``num_frames`` frames.
+
+    A video with ``n`` valid clips (in the order of their positions) keeps them all when
+    ``n <= num_frames``; otherwise frame j covers the clips ``[floor(j n / F), floor((j+1) n / F))``
+    and takes their centre clip ``floor((j + 0.5) n / F)`` (``uniform``) or their mean
+    (``segment_mean``).
+
+    Args:
+        mask: (B, L) 1 = valid clip.
+    Returns:
+        ``A`` (B, F', L) with ``frames = A @ clips`` and the frame mask (B, F') (valid first),
+        ``F' = min(num_frames, max n)`` (at least 1).
+    """
+    valid = mask > 0
+    b, l = valid.shape
+    n = valid.sum(1)                                                       # (B,)
+    rank = torch.cumsum(valid.long(), 1) - 1                               # compacted index of each clip
+    f_out = max(1, min(num_frames, int(n.max().item()) if b else 1))
+    j = torch.arange(f_out, device=mask.device).view(1, f_out, 1)          # (1, F', 1)
+    nn_ = n.view(b, 1, 1)
+    r = rank.view(b, 1, l)
+    big = nn_ > num_frames
+    if mode == "uniform":
+        centre = torch.div((2 * j + 1) * nn_, 2 * num_frames, rounding_mode="floor")
+        target = torch.where(big, centre, j)
+        sel = (r == target)
+    elif mode == "segment_mean":
+        start = torch.div(j * nn_, num_frames, rounding_mode="floor")
+        end = torch.div((j + 1) * nn_, num_frames, rounding_mode="floor")
+        seg = (r >= start) & (r < end)
+        sel = torch.where(big, seg, r == j)
+    else:
+        raise ValueError(f"frame_sampling must be 'uniform' or 'segment_mean', got {mode!r}")
+    sel = sel & valid.view(b, 1, l)
+    weights = sel.to(torch.float32)
+    count = weights.sum(-1, keepdim=True)
+    weights = weights / count.clamp_min(1.0)
+    return weights, (count.squeeze(-1) > 0).to(torch.float32)
+
+
+@registry.register_model("c2f_tmass_retriever")
+class C2FTMassRetriever(BaseModel):
+    """T-MASS text-video retriever with UCoFiA-style multi-level scoring (see module doc).
+
+    Args (all from the model YAML, see ``lavis_c2f/configs/models/c2f_tmass_default.yaml``):
+        text_input_dim, video_input_dim: widths of ``txt_pooled``/``src_txt`` and ``src_vid``.
+        embed_dim: joint width D.
+        text_proj, video_proj: ``linear`` (identity-initialised, learnable) or ``none``
+            (requires input dim == embed_dim).
+        num_frames: frames per video after selection (and the radius layer's input width).
+        frame_sampling: ``uniform`` | ``segment_mean``.
+        num_heads, pool_dropout: cross-attention heads and dropout of the pooling block.
+        stochastic_prior: ``uniform`` (U[0,1), the reference default) | ``normal``.
+        prior_std: std of the normal prior.
+        radius_bias_init: initial bias of the log-radius layer (reference: 0).
+        support_loss_weight: weight of the support-text loss (reference MSR-VTT: 0.8).
+        logit_scale_init, logit_scale_max: log of the softmax scale and its clamp.
+        inference_mode: ``trials`` | ``deterministic``.
+        num_trials: stochastic samples per pair at inference (reference: 20).
+        trial_include_mean: add ``eps = 0`` as an extra trial (then trials >= deterministic).
+        eval_seed: seed of the inference noise.
+        use_video_sentence, use_frame_sentence, use_frame_word: score levels.
+        weight_video_sentence, weight_frame_sentence, weight_frame_word: level weights.
+        isa_temperature: ISA softmax temperature (UCoFiA: 0.01).
+        max_words: token slots of the word-level ISA (longer queries keep their first tokens).
+        sinkhorn, sinkhorn_iters, sinkhorn_temperature: per-level Sinkhorn-Knopp normalisation.
+        score_block_size: (query, video) pairs scored at once by :meth:`score`.
+        clip_path: local CLIPModel folder for end-to-end towers (None: features only).
+        freeze_clip: keep the CLIP towers frozen.
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "default": config_path("models/c2f_tmass_default.yaml"),
+        "ucofia": config_path("models/c2f_tmass_ucofia.yaml"),
+        "demo": config_path("models/c2f_tmass_demo.yaml"),
+    }
+
+    DEFAULTS: Dict[str, Any] = dict(
+        text_input_dim=512, video_input_dim=512, embed_dim=512, text_proj="linear", video_proj="linear",
+        num_frames=12, frame_sampling="uniform", num_heads=1, pool_dropout=0.3,
+        stochastic_prior="uniform", prior_std=1.0, radius_bias_init=0.0, support_loss_weight=0.8,
+        logit_scale_init=math.log(100.0), logit_scale_max=math.log(100.0),
+        inference_mode="trials", num_trials=20, trial_include_mean=False, eval_seed=0,
+        use_video_sentence=True, use_frame_sentence=False, use_frame_word=False,
+        weight_video_sentence=1.0, weight_frame_sentence=1.0, weight_frame_word=1.0,
+        isa_temperature=0.01, max_words=32, sinkhorn=False, sinkhorn_iters=4, sinkhorn_temperature=0.01,
+        score_block_size=4096, clip_path=None, freeze_clip=True,
+    )
+
+    def __init__(self, *, text_input_dim: int = 512, video_input_dim: int = 512, embed_dim: int = 512,
+                 text_proj: str = "linear", video_proj: str = "linear", num_frames: int = 12,
+                 frame_sampling: str = "uniform", num_heads: int = 1, pool_dropout: float = 0.3,
+                 stochastic_prior: str = "uniform", prior_std: float = 1.0, radius_bias_init: float = 0.0,
+                 support_loss_weight: float = 0.8, logit_scale_init: float = math.log(100.0),
+                 logit_scale_max: float = math.log(100.0), inference_mode: str = "trials",
+                 num_trials: int = 20, trial_include_mean: bool = False, eval_seed: int = 0,
+                 use_video_sentence: bool = True, use_frame_sentence: bool = False,
+                 use_frame_word: bool = False, weight_video_sentence: float = 1.0,
+                 weight_frame_sentence: float = 1.0, weight_frame_word: float = 1.0,
+                 isa_temperature: float = 0.01, max_words: int = 32, sinkhorn: bool = False,
+                 sinkhorn_iters: int = 4, sinkhorn_temperature: float = 0.01, score_block_size: int = 4096,
+                 clip_path: Optional[str] = None, freeze_clip: bool = True):
+        super().__init__()
+        self.hparams: Dict[str, Any] = dict(
+            text_input_dim=int(text_input_dim), video_input_dim=int(video_input_dim), embed_dim=int(embed_dim),
+            text_proj=str(text_proj), video_proj=str(video_proj), num_frames=int(num_frames),
+            frame_sampling=str(frame_sampling), num_heads=int(num_heads), pool_dropout=float(pool_dropout),
+            stochastic_prior=str(stochastic_prior), prior_std=float(prior_std),
+            radius_bias_init=float(radius_bias_init), support_loss_weight=float(support_loss_weight),
+            logit_scale_init=float(logit_scale_init), logit_scale_max=float(logit_scale_max),
+            inference_mode=str(inference_mode), num_trials=int(num_trials),
+            trial_include_mean=bool(trial_include_mean), eval_seed=int(eval_seed),
+            use_video_sentence=bool(use_video_sentence), use_frame_sentence=bool(use_frame_sentence),
+            use_frame_word=bool(use_frame_word), weight_video_sentence=float(weight_video_sentence),
+            weight_frame_sentence=float(weight_frame_sentence), weight_frame_word=float(weight_frame_word),
+            isa_temperature=float(isa_temperature), max_words=int(max_words), sinkhorn=bool(sinkhorn),
+            sinkhorn_iters=int(sinkhorn_iters), sinkhorn_temperature=float(sinkhorn_temperature),
+            score_block_size=int(score_block_size), clip_path=None if clip_path in (None, "") else str(clip_path),
+            freeze_clip=bool(freeze_clip))
+        h = self.hparams
+        self._validate(h)
+        for k, v in h.items():
+            setattr(self, k, v)
+
+        self.clip = None
+        if self.clip_path is not None:
+            from lavis_c2f.models.retriever.clip_towers import ClipTowers
+            from lavis_c2f.paths import resolve_path
+
+            self.clip = ClipTowers(resolve_path(self.clip_path), freeze=self.freeze_clip)
+            p = self.clip.projection_dim
+            for key in ("text_input_dim", "video_input_dim"):
+                if h[key] != p:
+                    raise ConfigError(f"{key}={h[key]} but the CLIP towers at clip_path output {p}-d features")
+
+        d = self.embed_dim
+        self.text_projection = self._make_proj("text_proj", self.text_input_dim, d)
+        self.video_projection = self._make_proj("video_proj", self.video_input_dim, d)
+        self.pool = TextConditionedPooling(d, self.num_heads, self.pool_dropout)
+        self.stochastic = StochasticText(self.num_frames, d, self.stochastic_prior, self.prior_std,
+                                         self.radius_bias_init)
+        self.logit_scale = nn.Parameter(torch.tensor(float(self.logit_scale_init)))
+        if self.use_frame_sentence:
+            self.isa_frame_sentence = InteractiveSimilarityAggregation(self.num_frames, self.isa_temperature)
+        if self.use_frame_word:
+            self.isa_fw_words_per_frame = InteractiveSimilarityAggregation(self.max_words, self.isa_temperature)
+            self.isa_fw_frames_after_words = InteractiveSimilarityAggregation(self.num_frames, self.isa_temperature)
+            self.isa_fw_frames_per_word = InteractiveSimilarityAggregation(self.num_frames, self.isa_temperature)
+            self.isa_fw_words_after_frames = InteractiveSimilarityAggregation(self.max_words, self.isa_temperature)
+        self._eps_cache: Dict[Tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def _validate(h: Mapping[str, Any]) -> None:
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model.{key}: {msg} (got {h[key]!r})")
+
+        for key in ("text_input_dim", "video_input_dim", "embed_dim", "num_frames", "num_heads", "max_words",
+                    "score_block_size", "sinkhorn_iters"):
+            need(h[key] >= 1, key, "must be >= 1")
+        need(h["embed_dim"] % h["num_heads"] == 0, "num_heads", f"must divide embed_dim={h['embed_dim']}")
+        for key in ("text_proj", "video_proj"):
+            need(h[key] in ("linear", "none"), key, "must be 'linear' or 'none'")
+        need(h["text_proj"] == "linear" or h["text_input_dim"] == h["embed_dim"], "text_proj",
+             "'none' needs text_input_dim == embed_dim")
+        need(h["video_proj"] == "linear" or h["video_input_dim"] == h["embed_dim"], "video_proj",
+             "'none' needs video_input_dim == embed_dim")
+        need(h["frame_sampling"] in ("uniform", "segment_mean"), "frame_sampling",
+             "must be 'uniform' or 'segment_mean'")
+        need(h["stochastic_prior"] in StochasticText.PRIORS, "stochastic_prior", "must be 'uniform' or 'normal'")
+        need(h["prior_std"] > 0, "prior_std", "must be > 0")
+        need(0.0 <= h["pool_dropout"] < 1.0, "pool_dropout", "must be in [0, 1)")
+        need(h["support_loss_weight"] >= 0, "support_loss_weight", "must be >= 0")
+        need(h["inference_mode"] in ("trials", "deterministic"), "inference_mode",
+             "must be 'trials' or 'deterministic'")
+        need(h["num_trials"] >= 1, "num_trials", "must be >= 1")
+        need(h["isa_temperature"] > 0, "isa_temperature", "must be > 0")
+        need(h["sinkhorn_temperature"] > 0, "sinkhorn_temperature", "must be > 0")
+        need(h["logit_scale_init"] <= h["logit_scale_max"], "logit_scale_init", "must be <= logit_scale_max")
+        levels = [lv for lv in LEVELS if h[f"use_{lv}"]]
+        need(bool(levels), "use_video_sentence", "at least one use_* level must be true")
+        for lv in levels:
+            need(h[f"weight_{lv}"] > 0, f"weight_{lv}", "must be > 0 for an enabled level")
+
+    @classmethod
+    def from_config(cls, cfg) -> "C2FTMassRetriever":
+        """Build from the ``model:`` section (a mapping / OmegaConf node). Unknown keys raise
+        :class:`ConfigError` naming them; LAVIS's own bookkeeping keys are ignored."""
+        keys = list(cfg.keys())
+        unknown = sorted(set(keys) - set(cls.DEFAULTS) - LAVIS_KEYS)
+        if unknown:
+            raise ConfigError(f"model ({cfg.get('arch', 'c2f_tmass_retriever')}): unknown key(s) {unknown}; "
+                              f"known: {sorted(cls.DEFAULTS)}")
+        kwargs = {}
+        for k, default in cls.DEFAULTS.items():
+            if k not in cfg:
+                continue
+            v = cfg[k]
+            try:
+                if v is None:
+                    if k != "clip_path":
+                        raise ValueError("null is not allowed")
+                elif isinstance(default, bool):
+                    if not isinstance(v, bool):
+                        raise ValueError("expected true or false")
+                elif isinstance(default, int) and not isinstance(default, bool):
+                    if isinstance(v, bool) or float(v) != int(float(v)):
+                        raise ValueError("expected an integer")
+                    v = int(v)
+                elif isinstance(default, float):
+                    v = float(v)
+                else:
+                    v = str(v)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"model.{k}: invalid value {v!r}: {e}") from None
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def _make_proj(self, key: str, din: int, dout: int) -> Optional[nn.Linear]:
+        if self.hparams[key] == "none":
+            return None
+        return identity_init_(nn.Linear(din, dout))
+
+    @property
+    def levels(self) -> List[str]:
+        """Enabled score levels, in :data:`LEVELS` order."""
+        return [lv for lv in LEVELS if self.hparams[f"use_{lv}"]]
+
+    def level_weights(self) -> Dict[str, float]:
+        """Weights of the enabled levels, normalised to sum to 1."""
+        w = {lv: self.hparams[f"weight_{lv}"] for lv in self.levels}
+        tot = sum(w.values())
+        return {k: v / tot for k, v in w.items()}
+
+    def configure_inference(self, **kwargs: Any) -> "C2FTMassRetriever":
+        """Change inference-only settings (:data:`INFERENCE_KEYS`) in place; other keys raise
+        :class:`ConfigError`. Returns ``self``."""
+        bad = sorted(set(kwargs) - set(INFERENCE_KEYS))
+        if bad:
+            raise ConfigError(f"configure_inference: not an inference setting: {bad}; allowed: {list(INFERENCE_KEYS)}")
+        h = dict(self.hparams)
+        for k, v in kwargs.items():
+            h[k] = type(self.DEFAULTS[k])(v)
+        self._validate(h)
+        self.hparams = h
+        for k in kwargs:
+            setattr(self, k, h[k])
+        self._eps_cache.clear()
+        return self
+
+    def inference_settings(self) -> Dict[str, Any]:
+        """The current values of :data:`INFERENCE_KEYS`."""
+        return {k: self.hparams[k] for k in INFERENCE_KEYS}
+
+    def fingerprint(self) -> Dict[str, str]:
+        """``{"arch", "config_hash", "weights_hash"}`` identifying what stored video embeddings
+        depend on: every config key except :data:`INFERENCE_KEYS` / paths, and all weights (the
+        corpus index refuses a model whose fingerprint differs)."""
+        cfg = {k: v for k, v in sorted(self.hparams.items()) if k not in _HASH_EXCLUDED}
+        ch = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+        wh = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            wh.update(name.encode())
+            wh.update(str(t.dtype).encode())
+            wh.update(str(tuple(t.shape)).encode())
+            wh.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return {"arch": "c2f_tmass_retriever", "config_hash": ch, "weights_hash": wh.hexdigest()}
+
+    # ------------------------------------------------------------------ encoders
+    def _project(self, proj: Optional[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+        return x if proj is None else proj(x)
+
+    def encode_text(self, src_txt: Optional[torch.Tensor] = None, src_txt_mask: Optional[torch.Tensor] = None,
+                    txt_pooled: Optional[torch.Tensor] = None, *, input_ids: Optional[torch.Tensor] = None,
+                    attention_mask: Optional[torch.Tensor] = None) -> TextEmbedding:
+        """Encode queries.
+
+        Args:
+            src_txt: (B, Lt, Dt) token features (needed by the frame-word level).
+            src_txt_mask: (B, Lt) 1 = valid token (default: all valid).
+            txt_pooled: (B, Dt) sentence features; if None, the masked mean of ``src_txt``.
+            input_ids, attention_mask: (B, Lt) CLIP token ids (only with ``clip_path``);
+                replace the three feature arguments.
+        Returns:
+            :class:`TextEmbedding` with sentence (B, D) and, when tokens were given, the
+            first ``max_words`` valid tokens (B, Lw, D).
+        """
+        if input_ids is not None:
+            if self.clip is None:
+                raise ValueError("input_ids given but the model has no CLIP towers (clip_path is not set)")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            src_txt, src_txt_mask, txt_pooled = self.clip.encode_text(input_ids, attention_mask)
+        if src_txt is None and txt_pooled is None:
+            raise ValueError("encode_text needs txt_pooled and/or src_txt")
+        dev = self.logit_scale.device
+        tokens = tmask = None
+        if src_txt is not None:
+            if src_txt.ndim != 3 or src_txt.shape[-1] != self.text_input_dim:
+                raise ValueError(f"src_txt must be (B, Lt, {self.text_input_dim}), got {tuple(src_txt.shape)}")
+            src_txt = src_txt.to(dev, torch.float32)
+            if src_txt_mask is None:
+                src_txt_mask = torch.ones(src_txt.shape[:2], device=dev)
+            src_txt_mask = src_txt_mask.to(dev, torch.float32)
+            if tuple(src_txt_mask.shape) != tuple(src_txt.shape[:2]):
+                raise ValueError(f"src_txt_mask must be {tuple(src_txt.shape[:2])}, got {tuple(src_txt_mask.shape)}")
+            tok, tmask = _compact(src_txt, src_txt_mask, self.max_words)
+            tokens = self._project(self.text_projection, tok) * tmask.unsqueeze(-1)
+            if txt_pooled is None:
+                txt_pooled = masked_mean(src_txt, src_txt_mask, dim=1)
+        if txt_pooled.ndim != 2 or txt_pooled.shape[-1] != self.text_input_dim:
+            raise ValueError(f"txt_pooled must be (B, {self.text_input_dim}), got {tuple(txt_pooled.shape)}")
+        if tokens is not None and tokens.shape[0] != txt_pooled.shape[0]:
+            raise ValueError(f"src_txt has {tokens.shape[0]} rows but txt_pooled {txt_pooled.shape[0]}")
+        sentence = self._project(self.text_projection, txt_pooled.to(dev, torch.float32))
+        return TextEmbedding(sentence, tokens, tmask)
+
+    def encode_video(self, src_vid: Optional[torch.Tensor] = None, src_vid_mask: Optional[torch.Tensor] = None,
+                     *, pixel_values: Optional[torch.Tensor] = None,
+                     pixel_mask: Optional[torch.Tensor] = None) -> VideoEmbedding:
+        """Encode videos.
+
+        Args:
+            src_vid: (B, Lv, Dv) per-clip features (no TEF columns).
+            src_vid_mask: (B, Lv) 1 = valid clip (default: all valid). All-padding rows are
+                allowed (empty videos).
+            pixel_values, pixel_mask: (B, Lf, 3, H, W) frames and (B, Lf) mask for the CLIP
+                towers (only with ``clip_path``); replace ``src_vid``/``src_vid_mask``.
+        Returns:
+            :class:`VideoEmbedding` (frames (B, F, D) with F <= ``num_frames``, mask, pooled).
+        """
+        dev = self.logit_scale.device
+        if pixel_values is not None:
+            if self.clip is None:
+                raise ValueError("pixel_values given but the model has no CLIP towers (clip_path is not set)")
+            if pixel_values.ndim != 5:
+                raise ValueError(f"pixel_values must be (B, Lf, 3, H, W), got {tuple(pixel_values.shape)}")
+            b, lf = pixel_values.shape[:2]
+            mask = (torch.ones(b, lf, device=dev) if pixel_mask is None else pixel_mask.to(dev, torch.float32))
+            weights, fmask = frame_selection_weights(mask, self.num_frames, self.frame_sampling)
+            used = weights.sum(1) > 0                                          # (B, Lf) clips any frame uses
+            feats = torch.zeros(b, lf, self.video_input_dim, device=dev)
+            if bool(used.any()):
+                px = pixel_values.to(dev)[used]
+                feats[used] = self.clip.encode_frames(px).to(torch.float32)
+            clips = torch.bmm(weights, feats)
+        else:
+            if src_vid is None:
+                raise ValueError("encode_video needs src_vid (or pixel_values with CLIP towers)")
+            if src_vid.ndim != 3 or src_vid.shape[-1] != self.video_input_dim:
+                raise ValueError(f"src_vid must be (B, Lv, {self.video_input_dim}), got {tuple(src_vid.shape)}")
+            src_vid = src_vid.to(dev, torch.float32)
+            mask = (torch.ones(src_vid.shape[:2], device=dev) if src_vid_mask is None
+                    else src_vid_mask.to(dev, torch.float32))
+            if tuple(mask.shape) != tuple(src_vid.shape[:2]):
+                raise ValueError(f"src_vid_mask must be {tuple(src_vid.shape[:2])}, got {tuple(mask.shape)}")
+            weights, fmask = frame_selection_weights(mask, self.num_frames, self.frame_sampling)
+            clips = torch.bmm(weights.to(dev), src_vid)
+        fmask = fmask.to(dev)
+        frames = self._project(self.video_projection, clips) * fmask.unsqueeze(-1)
+        pooled = l2norm(masked_mean(l2norm(frames.detach().float()), fmask, dim=1))
+        return VideoEmbedding(frames, fmask, pooled)
+
+    def prefilter_vectors(self, video_emb: VideoEmbedding) -> torch.Tensor:
+        """(V, D) float32 L2-normalised query-independent video vectors for the ANN pre-filter
+        (mean of the normalised frames)."""
+        return l2norm(video_emb.pooled.detach().float())
+
+    def prefilter_query(self, text_emb: TextEmbedding) -> torch.Tensor:
+        """(Q, D) float32 L2-normalised query vectors for the ANN pre-filter (the sentence)."""
+        return l2norm(text_emb.sentence.detach().float())
+
+    # ------------------------------------------------------------------ shared scoring parts
+    def _prepare_text(self, text: TextEmbedding) -> _PreparedText:
+        t = text.sentence
+        g = self.pool.prepare_text(t) if self.use_video_sentence else None
+        words_hat = wmask = None
+        if self.use_frame_word:
+            if text.tokens is None:
+                raise ValueError("the frame_word level needs token features (src_txt) in the text embedding")
+            words_hat, wmask = l2norm(text.tokens), text.token_mask
+        return _PreparedText(t, l2norm(t), g, words_hat, wmask)
+
+    def _prepare_video(self, video: VideoEmbedding) -> _PreparedVideo:
+        frames = video.frames.to(self.logit_scale.device, torch.float32)
+        mask = video.mask.to(frames.device, torch.float32)
+        lengths = mask.sum(-1).round().long()
+        norms = frames.norm(dim=-1)
+        mu = inv_sigma = None
+        if self.use_video_sentence:
+            mu, inv_sigma = self.pool.frame_stats(frames, norms)
+        return _PreparedVideo(
+            frames=frames, mu=mu, inv_sigma=inv_sigma, inv_norm=1.0 / norms.clamp_min(1e-8),
+            mask=mask, bins=radius_bin_index(lengths, self.num_frames), has_frames=(lengths > 0).to(frames.dtype))
+
+    def _cosines(self, x: torch.Tensor, pv: _PreparedVideo, qi: Optional[torch.Tensor],
+                 vi: Optional[torch.Tensor]) -> torch.Tensor:
+        """Cosines of L2-normalised query-side vectors x (Q, A, D) with every frame of the
+        paired video -> (P, A, F)."""
+        nq = x.shape[0]
+        inv = pv.inv_norm.repeat(nq, 1) if vi is None else pv.inv_norm[vi]
+        return frame_dots(x, pv.frames, qi, vi) * inv.unsqueeze(1)
+
+    @staticmethod
+    def _query_rows(x: torch.Tensor, qi: Optional[torch.Tensor], nv: int) -> torch.Tensor:
+        """Per-pair rows of a per-query tensor (grid: pair p = q * nv + v)."""
+        return x[qi] if qi is not None else x.repeat_interleave(nv, dim=0)
+
+    def _radius(self, sims_tf: torch.Tensor, pv: _PreparedVideo, vrows: Optional[torch.Tensor],
+                nq: int) -> torch.Tensor:
+        """Text-frame cosines (P, F) -> radius R (P, D) (bins resampled per video)."""
+        if vrows is None:  # grid: video index of pair p is p % V
+            vrows = torch.arange(pv.mask.shape[0], device=sims_tf.device).repeat(nq)
+        bins, has = pv.bins[vrows], pv.has_frames[vrows]
+        s = torch.gather(sims_tf, 1, bins.clamp_max(sims_tf.shape[1] - 1)) * has.unsqueeze(-1)
+        return torch.exp(self.stochastic.log_radius(s))
+
+    def _frame_mask_rows(self, pv: _PreparedVideo, vi: Optional[torch.Tensor], nq: int) -> torch.Tensor:
+        return pv.mask[vi] if vi is not None else pv.mask.repeat(nq, 1)
+
+    def _frame_word_level(self, pt: _PreparedText, pv: _PreparedVideo, qi, vi) -> torch.Tensor:
+        nq, nv = pt.t.shape[0], pv.mask.shape[0]
+        sims = self._cosines(pt.words_hat, pv, qi, vi)                               # (P, Lw, F)
+        wmask = self._query_rows(pt.word_mask, qi, nv)
+        fmask = self._frame_mask_rows(pv, vi, nq)
+        per_frame = self.isa_fw_words_per_frame(sims.transpose(1, 2), wmask.unsqueeze(1))   # (P, F)
+        s2f = self.isa_fw_frames_after_words(per_frame, fmask)
+        per_word = self.isa_fw_frames_per_word(sims, fmask.unsqueeze(1))                  # (P, Lw)
+        v2w = self.isa_fw_words_after_frames(per_word, wmask)
+        return (s2f + v2w) / 2.0
+
+    # ------------------------------------------------------------------ training
+    def forward(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+        """Training step on a Retrieval batch (in-batch negatives).
+
+        Keys: ``src_txt``/``src_txt_mask``/``txt_pooled`` (or ``txt_input_ids``/
+        ``txt_attention_mask`` with CLIP towers), ``src_vid``/``src_vid_mask`` (or
+        ``vid_pixels``/``vid_pixels_mask``), optional ``vid`` (list, duplicates masked).
+        Returns ``{"loss", "loss_nce", "loss_support", "logit_scale"}``.
+        """
+        text = self._text_from_samples(samples)
+        video = self._video_from_samples(samples)
+        return self.contrastive_losses(text, video, samples.get("vid"))
+
+    def _text_from_samples(self, samples: Mapping[str, Any]) -> TextEmbedding:
+        if self.clip is not None and samples.get("txt_input_ids") is not None:
+            return self.encode_text(input_ids=samples["txt_input_ids"],
+                                    attention_mask=samples.get("txt_attention_mask"))
+        return self.encode_text(samples.get("src_txt"), samples.get("src_txt_mask"), samples.get("txt_pooled"))
+
+    def _video_from_samples(self, samples: Mapping[str, Any]) -> VideoEmbedding:
+        if self.clip is not None and samples.get("vid_pixels") is not None:
+            return self.encode_video(pixel_values=samples["vid_pixels"], pixel_mask=samples.get("vid_pixels_mask"))
+        if samples.get("src_vid") is None:
+            raise KeyError("the retrieval batch has no 'src_vid'")
+        return self.encode_video(samples["src_vid"], samples.get("src_vid_mask"))
+
+    def contrastive_losses(self, text: TextEmbedding, video: VideoEmbedding, vids=None) -> Dict[str, torch.Tensor]:
+        """Losses for B aligned (text, video) pairs; see the module docstring."""
+        b = len(text)
+        if len(video) != b:
+            raise ValueError(f"{b} texts but {len(video)} videos in the batch")
+        pt, pv = self._prepare_text(text), self._prepare_video(video)
+        w = self.level_weights()
+        sims_tf = self._cosines(pt.t_hat.unsqueeze(1), pv, None, None)[:, 0]          # (B*B, F) grid
+        fmask = self._frame_mask_rows(pv, None, b)
+        levels: Dict[str, torch.Tensor] = {}
+        s_support = None
+        if self.use_video_sentence:
+            pooled = self.pool.pool(pt.g, pv.frames, pv.mu, pv.inv_sigma, pv.mask).view(b, b, -1)  # [text i, video j]
+            diag = torch.arange(b, device=pooled.device)
+            sims_diag = sims_tf.view(b, b, -1)[diag, diag]                           # (B, F) paired video
+            radius = self._radius(sims_diag, pv, diag, b)                            # (B, D)
+            eps = self.stochastic.sample_eps(tuple(pt.t.shape), device=pt.t.device)
+            t_s = pt.t + eps * radius
+            levels["video_sentence"] = torch.cosine_similarity(t_s.unsqueeze(1), pooled, dim=-1, eps=1e-8)
+            if self.support_loss_weight > 0:
+                vbar = pooled.mean(0)                                                 # (B_v, D) over texts
+                t_sup = pt.t + l2norm(vbar - pt.t) * radius
+                s_support = torch.cosine_similarity(t_sup.unsqueeze(1), pooled, dim=-1, eps=1e-8)
+        if self.use_frame_sentence:
+            levels["frame_sentence"] = self.isa_frame_sentence(sims_tf, fmask).view(b, b)
+        if self.use_frame_word:
+            levels["frame_word"] = self._frame_word_level(pt, pv, None, None).view(b, b)
+        sims = sum(w[k] * levels[k] for k in levels)
+        scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()
+        dup = duplicate_mask(vids)
+        loss_nce = symmetric_infonce(scale * sims, dup)
+        if s_support is not None:
+            sims_sup = sims - w["video_sentence"] * levels["video_sentence"] + w["video_sentence"] * s_support
+            loss_support = symmetric_infonce(scale * sims_sup, dup)
+        else:
+            loss_support = torch.zeros((), device=loss_nce.device)
+        loss = loss_nce + self.support_loss_weight * loss_support
+        return {"loss": loss, "loss_nce": loss_nce.detach(), "loss_support": loss_support.detach(),
+                "logit_scale": scale.detach()}
+
+    # ------------------------------------------------------------------ inference
+    def trial_noise(self, device=None) -> torch.Tensor:
+        """(K, D) inference noise: ``num_trials`` draws from the prior with a generator seeded
+        by ``eval_seed`` (plus a leading zero row with ``trial_include_mean``). The first k rows
+        for ``num_trials = n`` equal those for any larger ``num_trials``."""
+        device = torch.device(device) if device is not None else self.logit_scale.device
+        key = (self.num_trials, self.embed_dim, self.eval_seed, self.stochastic_prior, self.prior_std,
+               self.trial_include_mean, str(device))
+        eps = self._eps_cache.get(key)
+        if eps is None:
+            g = torch.Generator(device="cpu").manual_seed(self.eval_seed)
+            rows = [self.stochastic.sample_eps((1, self.embed_dim), generator=g) for _ in range(self.num_trials)]
+            eps = torch.cat(rows)
+            if self.trial_include_mean:
+                eps = torch.cat([torch.zeros(1, self.embed_dim), eps])
+            eps = eps.to(device)
+            self._eps_cache[key] = eps
+        return eps
+
+    def _video_sentence_scores(self, pt: _PreparedText, pv: _PreparedVideo, qi, vi, sims_tf,
+                               dots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        nq, nv = pt.t.shape[0], pv.mask.shape[0]
+        pooled = self.pool.pool(pt.g, pv.frames, pv.mu, pv.inv_sigma, pv.mask, qi, vi, dropout=False,
+                                dots=dots)                                                # (P, D)
+        tq = self._query_rows(pt.t, qi, nv)
+        if self.inference_mode == "deterministic":
+            return torch.cosine_similarity(tq, pooled, dim=-1, eps=1e-8)
+        radius = self._radius(sims_tf, pv, vi, nq)                                        # (P, D)
+        eps = self.trial_noise(pooled.device)                                             # (K, D)
+        et = eps.t()
+        rp, rt = radius * pooled, radius * tq
+        num = (tq * pooled).sum(-1, keepdim=True) + rp @ et                               # (P, K)
+        ts_sq = (tq * tq).sum(-1, keepdim=True) + 2.0 * (rt @ et) + (radius * radius) @ (et * et)
+        denom = ts_sq.clamp_min(0).sqrt().clamp_min(1e-8) * pooled.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return (num / denom).max(dim=1).values
+
+    def _pair_levels(self, pt: _PreparedText, pv: _PreparedVideo, qi: Optional[torch.Tensor],
+                     vi: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Raw per-level scores (P,) for grid (qi = vi = None) or explicit pairs."""
+        nq = pt.t.shape[0]
+        out: Dict[str, torch.Tensor] = {}
+        sims_tf = dots = None
+        need_cos = self.use_frame_sentence or (self.use_video_sentence and self.inference_mode == "trials")
+        if self.use_video_sentence:
+            h = pt.g.shape[1]
+            x = torch.cat([pt.g, pt.t_hat.unsqueeze(1)], dim=1) if need_cos else pt.g
+            raw = frame_dots(x, pv.frames, qi, vi)                                            # (P, H[+1], F)
+            dots = raw[:, :h]
+            if need_cos:
+                inv = pv.inv_norm.repeat(nq, 1) if vi is None else pv.inv_norm[vi]
+                sims_tf = raw[:, h] * inv
+        elif need_cos:
+            sims_tf = self._cosines(pt.t_hat.unsqueeze(1), pv, qi, vi)[:, 0]                   # (P, F)
+        if self.use_video_sentence:
+            out["video_sentence"] = self._video_sentence_scores(pt, pv, qi, vi, sims_tf, dots)
+        if self.use_frame_sentence:
+            out["frame_sentence"] = self.isa_frame_sentence(sims_tf, self._frame_mask_rows(pv, vi, nq))
+        if self.use_frame_word:
+            out["frame_word"] = self._frame_word_level(pt, pv, qi, vi)
+        return out
+
+    def _combine(self, levels: Mapping[str, torch.Tensor], bias: Optional[torch.Tensor],
+                 self_normalise: bool) -> torch.Tensor:
+        """Weighted sum of level scores; with ``sinkhorn`` each level becomes ``S / T + b``.
+
+        levels: name -> (Q, V) (grid) or (P,) (pairs). bias: (V, L) / (P, L) per-level log
+        column scalings in :attr:`levels` order, or None.
+        """
+        w = self.level_weights()
+        if not self.sinkhorn:
+            return sum(w[k] * levels[k] for k in self.levels)
+        total = None
+        for li, k in enumerate(self.levels):
+            s = levels[k] / self.sinkhorn_temperature
+            if bias is not None:
+                b = bias[..., li]
+                s = s + (b.unsqueeze(0) if s.ndim == 2 else b)
+            elif self_normalise and s.ndim == 2 and s.shape[0] > 0 and s.shape[1] > 0:
+                s = s + sinkhorn_video_bias(levels[k], self.sinkhorn_temperature, self.sinkhorn_iters).unsqueeze(0)
+            total = w[k] * s if total is None else total + w[k] * s
+        return total
+
+    def _check_bias(self, bias: Optional[torch.Tensor], n: int, what: str) -> Optional[torch.Tensor]:
+        if bias is None:
+            return None
+        bias = torch.as_tensor(bias, dtype=torch.float32, device=self.logit_scale.device)
+        if tuple(bias.shape) != (n, len(self.levels)):
+            raise ValueError(f"video_bias must be ({n}, {len(self.levels)}) for {what}, got {tuple(bias.shape)}")
+        return bias
+
+    @torch.no_grad()
+    def score(self, text_emb: TextEmbedding, video_emb: VideoEmbedding, block_size: Optional[int] = None,
+              video_bias: Optional[torch.Tensor] = None, return_levels: bool = False):
+        """Exact scores of every query against every video, computed in blocks.
+
+        Args:
+            text_emb: Q queries. video_emb: V videos.
+            block_size: (query, video) pairs per block (default ``score_block_size``); memory
+                stays O(block_size * (F + K) * D) besides the (Q, V) outputs.
+            video_bias: optional (V, L) per-level Sinkhorn log scalings from
+                :meth:`compute_video_bias` (used when ``sinkhorn`` is on).
+            return_levels: also return the raw per-level (Q, V) matrices.
+        Returns:
+            (Q, V) float32 scores (higher = better) on the model's device, and with
+            ``return_levels`` a dict level -> (Q, V).
+        """
+        dev = self.logit_scale.device
+        text_emb, video_emb = text_emb.to(dev), video_emb.to(dev)
+        nq, nv = len(text_emb), len(video_emb)
+        block = int(block_size or self.score_block_size)
+        if block < 1:
+            raise ValueError(f"block_size must be >= 1, got {block}")
+        raw = {k: torch.empty(nq, nv, device=dev) for k in self.levels}
+        if nq and nv:
+            vb = min(nv, block)
+            qb = max(1, block // vb)
+            pt_all = self._prepare_text(text_emb)
+            for v0 in range(0, nv, vb):
+                v1 = min(nv, v0 + vb)
+                pv = self._prepare_video(video_emb[v0:v1])
+                for q0 in range(0, nq, qb):
+                    q1 = min(nq, q0 + qb)
+                    lv = self._pair_levels(pt_all[q0:q1], pv, None, None)
+                    for k, s in lv.items():
+                        raw[k][q0:q1, v0:v1] = s.view(q1 - q0, v1 - v0)
+        bias = self._check_bias(video_bias, nv, f"{nv} videos")
+        out = self._combine(raw, bias, self_normalise=True).float()
+        return (out, raw) if return_levels else out
+
+    @torch.no_grad()
+    def score_pairs(self, text_emb: TextEmbedding, video_emb: VideoEmbedding, q_index: torch.Tensor,
+                    v_index: torch.Tensor, video_bias: Optional[torch.Tensor] = None,
+                    block_size: Optional[int] = None) -> torch.Tensor:
+        """Scores of explicit pairs ``(text_emb[q_index[p]], video_emb[v_index[p]])`` -> (P,).
+
+        Equal to the matching entries of :meth:`score` except for Sinkhorn self-normalisation,
+        which needs a whole (Q, V) matrix: here only ``video_bias`` ((V, L), rows of
+        ``video_emb``) is used, zero biases otherwise (see the module docstring).
+        """
+        dev = self.logit_scale.device
+        text_emb, video_emb = text_emb.to(dev), video_emb.to(dev)
+        qi = torch.as_tensor(q_index, dtype=torch.long, device=dev).reshape(-1)
+        vi = torch.as_tensor(v_index, dtype=torch.long, device=dev).reshape(-1)
+        if qi.shape != vi.shape:
+            raise ValueError(f"q_index and v_index differ in length ({qi.numel()} vs {vi.numel()})")
+        bias = self._check_bias(video_bias, len(video_emb), f"{len(video_emb)} videos")
+        n = qi.numel()
+        out = torch.empty(n, device=dev)
+        if n == 0:
+            return out
+        block = int(block_size or self.score_block_size)
+        pt, pv = self._prepare_text(text_emb), self._prepare_video(video_emb)
+        for p0 in range(0, n, block):
+            p1 = min(n, p0 + block)
+            lv = self._pair_levels(pt, pv, qi[p0:p1], vi[p0:p1])
+            out[p0:p1] = self._combine(lv, None if bias is None else bias[vi[p0:p1]], self_normalise=False)
+        return out.float()
+
+    @torch.no_grad()
+    def compute_video_bias(self, bank_text_emb: TextEmbedding, video_emb: VideoEmbedding,
+                           block_size: Optional[int] = None) -> torch.Tensor:
+        """(V, L) per-level Sinkhorn log column scalings of a query bank (e.g. training
+        queries) against ``video_emb`` (the whole corpus): UCoFiA's inference-time bias."""
+        _, raw = self.score(bank_text_emb, video_emb, block_size=block_size, return_levels=True)
+        cols = [sinkhorn_video_bias(raw[k], self.sinkhorn_temperature, self.sinkhorn_iters) for k in self.levels]
+        return torch.stack(cols, dim=1).float()
+
+
+class MeanPoolingBaseline:
+    """Training-free baseline: cosine between the sentence and the mean of the L2-normalised
+    frames (CLIP4Clip's "meanP" without fine-tuning). Works on raw features (text and video
+    widths must match) or on any :class:`TextEmbedding`/:class:`VideoEmbedding`."""
+
+    def encode_text(self, src_txt: Optional[torch.Tensor] = None, src_txt_mask: Optional[torch.Tensor] = None,
+                    txt_pooled: Optional[torch.Tensor] = None) -> TextEmbedding:
+        """txt_pooled (B, D) or the masked token mean of src_txt (B, Lt, D) -> TextEmbedding."""
+        if txt_pooled is None:
+            if src_txt is None:
+                raise ValueError("MeanPoolingBaseline.encode_text needs txt_pooled or src_txt")
+            m = torch.ones(src_txt.shape[:2]) if src_txt_mask is None else src_txt_mask
+            txt_pooled = masked_mean(src_txt.float(), m.float(), dim=1)
+        return TextEmbedding(txt_pooled.float())
+
+    def encode_video(self, src_vid: torch.Tensor, src_vid_mask: Optional[torch.Tensor] = None) -> VideoEmbedding:
+        """src_vid (B, Lv, D) -> VideoEmbedding with every clip as a frame."""
+        m = torch.ones(src_vid.shape[:2]) if src_vid_mask is None else src_vid_mask.float()
+        frames = src_vid.float() * m.unsqueeze(-1)
+        pooled = l2norm(masked_mean(l2norm(frames), m, dim=1))
+        return VideoEmbedding(frames, m, pooled)
+
+    def score(self, text_emb: TextEmbedding, video_emb: VideoEmbedding, block_size: int = 65536) -> torch.Tensor:
+        """(Q, V) cosine of the normalised sentence with the pooled video."""
+        if text_emb.dim != video_emb.dim:
+            raise ValueError(f"text width {text_emb.dim} != video width {video_emb.dim}")
+        q = l2norm(text_emb.sentence.float())
+        v = l2norm(video_emb.pooled.float())
+        if len(v) == 0:
+            return torch.empty(len(q), 0)
+        return torch.cat([q @ v[i:i + block_size].t() for i in range(0, len(v), block_size)], dim=1)
