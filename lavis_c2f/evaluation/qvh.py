@@ -67,7 +67,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.evaluation._rows import (JsonlRows, QidMismatchError, RowChecker, _has_bool, iou_cross,
+from lavis_c2f.evaluation._rows import (QidMismatchError, RowChecker, _has_bool, iou_cross,
                                         iou_max_over_gt, iou_paired, load_rows, match_qids,
                                         pct, row_origin, thr_key)
 
