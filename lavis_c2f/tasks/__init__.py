@@ -1,1 +1,2 @@
-"""Registered components (imported by lavis_c2f/__init__.py)."""
+"""c2f tasks (registered on import)."""
+from lavis_c2f.tasks.base import C2FTask  # noqa: F401

@@ -1,0 +1,58 @@
+"""Learning-rate schedules registered with LAVIS (stateless: ``step(cur_epoch, cur_step)``).
+
+Stateless schedules make resuming exact: the lr of any (epoch, step) is a pure function.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from lavis.common.registry import registry
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def _warmup(step: int, warmup_steps: int, start: float, target: float) -> float:
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return target
+    return start + (target - start) * step / warmup_steps
+
+
+@registry.register_lr_scheduler("c2f_step_lr")
+class StepLRScheduler:
+    """QD-DETR's schedule: ``init_lr`` multiplied by ``gamma`` at each epoch in ``milestones``
+    (or every ``lr_drop`` epochs), with an optional linear warm-up over the first steps of epoch 0."""
+
+    def __init__(self, optimizer, max_epoch: int, init_lr: float, min_lr: float = 0.0,
+                 lr_drop: Optional[int] = None, milestones: Optional[Sequence[int]] = None,
+                 gamma: float = 0.1, warmup_steps: int = 0, warmup_start_lr: float = -1, **kwargs):
+        self.optimizer = optimizer
+        self.init_lr, self.min_lr, self.gamma = float(init_lr), float(min_lr), float(gamma)
+        self.lr_drop = int(lr_drop) if lr_drop else None
+        self.milestones = sorted(int(m) for m in (milestones or []))
+        self.warmup_steps = int(warmup_steps or 0)
+        self.warmup_start_lr = float(warmup_start_lr) if warmup_start_lr is not None and warmup_start_lr >= 0 else self.init_lr
+
+    def lr_at(self, cur_epoch: int, cur_step: int) -> float:
+        n_drops = sum(1 for m in self.milestones if cur_epoch >= m)
+        if self.lr_drop:
+            n_drops += cur_epoch // self.lr_drop
+        lr = max(self.min_lr, self.init_lr * (self.gamma ** n_drops))
+        if cur_epoch == 0:
+            lr = _warmup(cur_step, self.warmup_steps, self.warmup_start_lr, lr)
+        return lr
+
+    def step(self, cur_epoch: int, cur_step: int) -> None:
+        _set_lr(self.optimizer, self.lr_at(cur_epoch, cur_step))
+
+
+@registry.register_lr_scheduler("c2f_constant_lr")
+class ConstantLRScheduler(StepLRScheduler):
+    """Constant ``init_lr`` after an optional warm-up."""
+
+    def __init__(self, optimizer, max_epoch: int, init_lr: float, **kwargs):
+        kwargs.pop("lr_drop", None)
+        kwargs.pop("milestones", None)
+        super().__init__(optimizer, max_epoch=max_epoch, init_lr=init_lr, lr_drop=None, milestones=None, **kwargs)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment (.venv) — idempotent and fast when
+# nothing changed: a stamp of the pinned requirements and setup.py is compared first.
+#
+#   bash run_scripts/setup.sh            # .venv in the repo root
+#   C2F_VENV=/path/venv bash run_scripts/setup.sh
+#
+# Installs the exact versions of requirements-lock.txt (salesforce-lavis 1.0.2 with
+# torch 2.14.1 / torchvision 0.29.1 and the older numpy/pandas/scipy/scikit-image it needs on
+# Python 3.11) and this package in editable mode, plus the system tools the tests use
+# (ffmpeg) when they can be installed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${C2F_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: no python3 found" >&2; exit 1; }
+ver="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ "$ver" != "3.11" ]; then
+  echo "setup: warning: tested with Python 3.11, found $ver ($PY); set PYTHON=python3.11 if available" >&2
+fi
+
+stamp_src="$(cat "$ROOT/requirements-lock.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+stamp_file="$VENV/.c2f-setup-stamp"
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_src" ]; then
+  echo "setup: environment up to date ($VENV)"
+else
+  echo "setup: installing into $VENV (first time: several minutes; torch is a large wheel)"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements-lock.txt" 2>&1 \
+    | grep -v -E "^WARNING: Location .* is ignored" || true
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 \
+    | grep -v -E "^WARNING: Location .* is ignored|^ *$|!!|wheel_obj|\*\*\*\*|setuptools|SetuptoolsDeprecationWarning|Please|See https|deprecated|By 20" || true
+  "$VENV/bin/python" -c "import lavis_c2f" || { echo "setup: 'import lavis_c2f' failed" >&2; exit 1; }
+  echo "$stamp_src" > "$stamp_file"
+  echo "setup: done"
+fi
+
+# System tools used by the video tests. Best effort: skipped without root/apt.
+if ! command -v ffmpeg >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ffmpeg (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
+      || echo "setup: warning: could not install ffmpeg; video tests that need it will be skipped" >&2
+  else
+    echo "setup: note: ffmpeg not found and cannot be installed here; video tests that need it will be skipped" >&2
+  fi
+fi
