@@ -239,11 +239,9 @@ def collate_moment_retrieval(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         raise ValueError("cannot collate an empty list of samples")
     src_vid, vid_mask = pad_sequences([s["video_feat"] for s in samples])
     src_txt, txt_mask = pad_sequences([s["query_feat"] for s in samples])
-    lv = src_vid.shape[1]
-    sal_all = torch.zeros((len(samples), lv), dtype=torch.float32)
-    for i, s in enumerate(samples):
-        a = s["saliency_all_labels"]
-        sal_all[i, : a.shape[0]] = a
+    sal_all, _ = pad_sequences([s["saliency_all_labels"] for s in samples])
+    if sal_all.shape[1] < src_vid.shape[1]:  # labels shorter than the clips (never by construction)
+        sal_all = torch.nn.functional.pad(sal_all, (0, src_vid.shape[1] - sal_all.shape[1]))
     width = max(len(s["saliency_pos_labels"]) for s in samples)
     pad = lambda row: list(row) + [0] * (width - len(row))  # noqa: E731 (no-label rows)
     return {
