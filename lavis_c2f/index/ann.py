@@ -92,7 +92,10 @@ class AnnConfig:
 
 
 def _faiss():
-    import faiss  # imported lazily: the package works without it until an index is used
+    # imported lazily: the package works without it until an index is used; its loader logs
+    # every CPU-specific build it tries at INFO, which is noise for users
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
 
     return faiss
 

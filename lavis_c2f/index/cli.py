@@ -1,0 +1,498 @@
+"""``lavis-c2f index build|add|remove|info|search`` (registered by lavis_c2f/cli.py).
+
+Features are read like the stage-1 datasets read them: every video stream of ``--features``
+is L2-normalised per clip and the streams are concatenated (no TEF columns); query token and
+pooled features are L2-normalised (``--no-normalize`` turns both off).
+
+Extending. Other parts of the package add sub-commands under ``lavis-c2f index`` with
+:func:`add_index_subcommand`, e.g. the video tools' ``lavis-c2f index videos VIDEO_DIR
+--out INDEX``::
+
+    from lavis_c2f.index.cli import add_index_subcommand
+
+    def _configure(p):                    # p: the new argparse sub-parser
+        p.add_argument("video_dir")
+        p.add_argument("--out", required=True)
+        p.set_defaults(func=my_command)   # my_command(args) -> exit code
+
+    add_index_subcommand("videos", _configure, help="index raw videos")
+
+The call works before or after ``register`` ran (queued until the ``index`` parser exists);
+it must happen while ``lavis_c2f.cli.build_parser`` runs, i.e. from a ``register(subparsers)``
+of a module listed in ``lavis_c2f.cli.COMMAND_MODULES`` (or from an import those trigger).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+_Configure = Callable[[argparse.ArgumentParser], None]
+_EXTRA: List[Tuple[str, _Configure, Dict[str, Any]]] = []
+_STATE: Dict[str, Any] = {"subparsers": None, "added": set()}
+
+
+def add_index_subcommand(name: str, configure: _Configure, **parser_kwargs: Any) -> None:
+    """Add ``lavis-c2f index NAME``: ``configure(parser)`` adds its arguments and must call
+    ``parser.set_defaults(func=callable)`` (``callable(args)`` returns an exit code).
+    ``parser_kwargs`` go to ``add_parser`` (``help=``, ``description=``). Re-adding a name
+    already present raises ``ValueError``."""
+    if any(n == name for n, _, _ in _EXTRA) or name in _BUILTIN:
+        raise ValueError(f"'lavis-c2f index {name}' already exists")
+    _EXTRA.append((name, configure, dict(parser_kwargs)))
+    if _STATE["subparsers"] is not None:
+        _add_extra(name, configure, parser_kwargs)
+
+
+def _add_extra(name: str, configure: _Configure, parser_kwargs: Dict[str, Any]) -> None:
+    sub = _STATE["subparsers"]
+    p = sub.add_parser(name, **parser_kwargs)
+    configure(p)
+    _STATE["added"].add(name)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def load_retriever(model_cfg: str, checkpoint: Optional[str] = None):
+    """Build the model of a YAML (``model:`` section or a bare mapping) and load a checkpoint."""
+    from omegaconf import OmegaConf
+
+    import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.models.checkpoint_utils import load_model_weights
+    from lavis_c2f.paths import resolve_path
+    from lavis_c2f.registry_utils import get
+
+    path = resolve_path(model_cfg)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model-cfg: no such file: {path}")
+    cfg = OmegaConf.load(path)
+    node = cfg.model if "model" in cfg else cfg
+    arch = node.get("arch", "c2f_tmass_retriever")
+    cls = get("model", arch)
+    if not hasattr(cls, "fingerprint"):
+        raise ConfigError(f"{path}: model.arch '{arch}' is not a stage-1 retriever usable by the index")
+    model = cls.from_config(node)
+    if checkpoint:
+        load_model_weights(model, resolve_path(checkpoint), strict=True)
+    return model.eval()
+
+
+def _store_spec(text: str, field: Optional[str]) -> Any:
+    from lavis_c2f.common.errors import ConfigError
+
+    text = text.strip()
+    try:
+        spec: Dict[str, Any] = json.loads(text) if text.startswith("{") else {"path": text}
+    except ValueError as e:
+        raise ConfigError(f"store spec {text!r} is not valid JSON: {e}") from None
+    if field and "field" not in spec:
+        spec["field"] = field
+    return spec
+
+
+def _open_video_loader(specs: Sequence[str], field: Optional[str], normalize: bool):
+    from lavis_c2f.data.features import VideoFeatureLoader, open_store
+
+    stores = [open_store(_store_spec(s, field)) for s in specs]
+    return stores, VideoFeatureLoader(stores, normalize=normalize, max_len=None, use_tef=False)
+
+
+def _shard_of(vid: str, n: int) -> int:
+    return int.from_bytes(hashlib.sha1(vid.encode("utf-8")).digest()[:8], "big") % n
+
+
+def _parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    from lavis_c2f.common.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard expects I/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _durations(args, stores) -> Tuple[Dict[str, Optional[float]], Optional[List[str]]]:
+    """(vid -> seconds, vids of the annotation file or None)."""
+    durations: Dict[str, Optional[float]] = {}
+    ann_vids = None
+    if args.ann:
+        from lavis_c2f.data.readers import detect_format, read_annotations
+
+        fmt = detect_format(args.ann)
+        kw: Dict[str, Any] = {}
+        if fmt == "charades_sta":
+            if args.clip_length is None:
+                from lavis_c2f.common.errors import ConfigError
+
+                raise ConfigError("--ann with a Charades-STA file needs --clip-length (durations come from the "
+                                  "number of feature rows)")
+            kw = {"durations": stores[0], "clip_length": args.clip_length}
+        records = read_annotations(args.ann, fmt, **kw)
+        ann_vids = []
+        for r in records:
+            if r.vid not in durations:
+                ann_vids.append(r.vid)
+            durations[r.vid] = float(r.duration) if r.duration is not None else None
+    return durations, ann_vids
+
+
+def _select_vids(args, stores, ann_vids: Optional[List[str]]) -> List[str]:
+    keys = list(stores[0].keys())
+    have = set(keys)
+    for s in stores[1:]:
+        have &= set(s.keys())
+    if args.only_ann_vids:
+        if ann_vids is None:
+            from lavis_c2f.common.errors import ConfigError
+
+            raise ConfigError("--only-ann-vids needs --ann")
+        missing = [v for v in ann_vids if v not in have]
+        if missing:
+            logger.warning("%d annotated videos have no features (e.g. %s); skipped", len(missing), missing[0])
+        vids = [v for v in ann_vids if v in have]
+    else:
+        vids = [k for k in keys if k in have]
+    shard = _parse_shard(getattr(args, "shard", None))
+    if shard is not None:
+        vids = [v for v in vids if _shard_of(v, shard[1]) == shard[0]]
+    if args.limit is not None:
+        vids = vids[: args.limit]
+    return vids
+
+
+def _ann_config(args, base: Optional[Dict[str, Any]] = None):
+    from lavis_c2f.index.ann import AnnConfig
+
+    d = dict(base or {})
+    for opt, key in (("ann_type", "kind"), ("flat_max", "flat_max"), ("nlist", "ivf_nlist"),
+                     ("nprobe", "ivf_nprobe"), ("ivf_codec", "ivf_codec"), ("hnsw_m", "hnsw_m")):
+        v = getattr(args, opt, None)
+        if v is not None:
+            d[key] = v
+    return AnnConfig.from_dict(d)
+
+
+def _durations_for(vids, durations, stores, clip_length):
+    out = {}
+    for v in vids:
+        d = durations.get(v)
+        if d is None and clip_length is not None:
+            d = stores[0].num_rows(v) * float(clip_length)
+        out[v] = d
+    return out
+
+
+def _sinkhorn_bank(args, model):
+    """TextEmbedding of the bank queries (``--sinkhorn-bank`` store, ``--sinkhorn-bank-ann`` qids)."""
+    if not args.sinkhorn_bank:
+        return None
+    from lavis_c2f.common.errors import ConfigError
+
+    if not model.sinkhorn:
+        raise ConfigError("--sinkhorn-bank given but the model config has sinkhorn: false")
+    from lavis_c2f.data.features import open_store
+
+    store = open_store(_store_spec(args.sinkhorn_bank, None))
+    if args.sinkhorn_bank_ann:
+        from lavis_c2f.data.readers import read_annotations
+
+        keys = [f"qid{r.qid}" for r in read_annotations(args.sinkhorn_bank_ann)]
+    else:
+        keys = list(store.keys())
+    keys = [k for k in keys if k in store][: args.sinkhorn_bank_size]
+    if not keys:
+        raise ConfigError("--sinkhorn-bank: no query features found")
+    emb = _encode_queries(model, [store.get_all(k) for k in keys], [k for k in keys], not args.no_normalize)
+    store.close()
+    return emb
+
+
+def _query_arrays(fields: Dict[str, Any], where: str):
+    import numpy as np
+
+    from lavis_c2f.common.errors import DataFormatError
+
+    tok = None
+    for k in ("src_txt", "last_hidden_state", "tokens"):
+        if k in fields:
+            tok = np.asarray(fields[k], np.float32)
+            break
+    pooled = None
+    for k in ("txt_pooled", "pooler_output", "pooled"):
+        if k in fields:
+            pooled = np.asarray(fields[k], np.float32).reshape(-1)
+            break
+    if tok is None and pooled is None:
+        raise DataFormatError("no query features: expected 'last_hidden_state'/'src_txt' and/or "
+                              "'pooler_output'/'txt_pooled'", path=where)
+    if tok is not None and tok.ndim != 2:
+        raise DataFormatError(f"token features must be (tokens, dim), got {tok.shape}", path=where)
+    return tok, pooled
+
+
+def _encode_queries(model, field_dicts: Sequence[Dict[str, Any]], names: Sequence[str], normalize: bool):
+    import numpy as np
+    import torch
+
+    from lavis_c2f.data.features import l2_normalize
+    from lavis_c2f.models.retriever.embeddings import TextEmbedding
+
+    embs = []
+    for fields, name in zip(field_dicts, names):
+        tok, pooled = _query_arrays(fields, name)
+        if normalize:
+            tok = None if tok is None else l2_normalize(tok)
+            pooled = None if pooled is None else l2_normalize(pooled)
+        with torch.no_grad():
+            embs.append(model.encode_text(
+                None if tok is None else torch.from_numpy(tok)[None],
+                None if tok is None else torch.ones(1, tok.shape[0]),
+                None if pooled is None else torch.from_numpy(np.asarray(pooled))[None]))
+    return TextEmbedding.cat(embs)
+
+
+# ------------------------------------------------------------------------------ commands
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.index.corpus_index import CorpusIndex
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        raise ConfigError(f"--out {out} exists; pass --overwrite to replace it (or use 'index add')")
+    model = load_retriever(args.model_cfg, args.checkpoint)
+    stores, loader = _open_video_loader(args.features, args.field, not args.no_normalize)
+    try:
+        durations, ann_vids = _durations(args, stores)
+        vids = _select_vids(args, stores, ann_vids)
+        if not vids:
+            raise ConfigError("no videos to index (check --features / --ann / --shard / --limit)")
+        durs = _durations_for(vids, durations, stores, args.clip_length)
+        index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
+                                      work_dir=os.path.dirname(out))
+        index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
+        bank = _sinkhorn_bank(args, model)
+        if bank is not None:
+            index.compute_video_bias(bank, progress=not args.no_progress)
+        index.save(out)
+    finally:
+        loader.close()
+    info = index.info()
+    print(f"indexed {info['videos']} videos into {out} ({info['ann']['kind']} pre-filter, "
+          f"{info['size_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from lavis_c2f.index.corpus_index import CorpusIndex
+
+    model = load_retriever(args.model_cfg, args.checkpoint)
+    index = CorpusIndex.load(args.index, model=model, verify=not args.no_verify,
+                             work_dir=os.path.dirname(os.path.abspath(args.index)))
+    stores, loader = _open_video_loader(args.features, args.field, not args.no_normalize)
+    try:
+        durations, ann_vids = _durations(args, stores)
+        vids = _select_vids(args, stores, ann_vids)
+        if args.replace:
+            present = [v for v in vids if v in index]
+            index.remove(present)
+        else:
+            skipped = sum(1 for v in vids if v in index)
+            if skipped:
+                logger.info("%d videos are already indexed; skipped (use --replace to re-encode)", skipped)
+            vids = [v for v in vids if v not in index]
+        if vids:
+            index.add_features(vids, loader.load, _durations_for(vids, durations, stores, args.clip_length),
+                               batch_size=args.batch_size, progress=not args.no_progress)
+            index.save(index.path)
+    finally:
+        loader.close()
+    print(f"added {len(vids)} videos; {len(index)} videos in {index.path}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from lavis_c2f.index.corpus_index import CorpusIndex
+
+    index = CorpusIndex.load(args.index, verify=not args.no_verify)  # no model needed: stored vectors
+    n = index.remove(args.vids, missing_ok=args.missing_ok)
+    if args.compact:
+        index.compact(work_dir=os.path.dirname(index.path))
+    index.save(index.path)
+    print(f"removed {n} videos; {len(index)} videos left in {index.path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from lavis_c2f.index.corpus_index import CorpusIndex
+
+    info = CorpusIndex.load(args.index, verify=not args.no_verify).info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    ann = info["ann"] or {}
+    params = ", ".join(f"{k}={v}" for k, v in ann.items() if k != "kind")
+    print(f"index      {info['path']}")
+    print(f"format     {info['format']} v{info['version']}")
+    print(f"videos     {info['videos']} ({info['removed_rows']} removed rows, {info['frames_stored']} frames)")
+    print(f"dims       D={info['dim']}, frames<={info['max_frames']}, {info['frame_dtype']}")
+    print(f"pre-filter {ann.get('kind')} ({params})")
+    print(f"model      {info['model']['arch']} config {str(info['model']['config_hash'])[:12]} "
+          f"weights {str(info['model']['weights_hash'])[:12]}")
+    print(f"sinkhorn   {'levels ' + ', '.join(info['video_bias']) if info['video_bias'] else 'no stored biases'}")
+    print(f"size       {info['size_bytes'] / 1e6:.1f} MB on disk")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lavis_c2f.common.io import write_jsonl
+    from lavis_c2f.index.corpus_index import CorpusIndex, search_shards
+
+    model = load_retriever(args.model_cfg, args.checkpoint)
+    indexes = [CorpusIndex.load(p, model=model, verify=not args.no_verify) for p in args.index]
+    if args.nprobe is not None:
+        for ix in indexes:
+            if ix._ann is not None:
+                ix._ann.set_search_params(nprobe=args.nprobe)
+    fields, names = [], []
+    from lavis_c2f.common.errors import DataFormatError
+
+    for p in args.query_features:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"--query-features: no such file: {p}")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                fields.append({k: z[k] for k in z.files})
+        except ValueError as e:
+            raise DataFormatError(f"cannot read query features: {e}", path=p) from None
+        names.append(p)
+    text = _encode_queries(model, fields, names, not args.no_normalize)
+    results = search_shards(indexes, text, k=args.k, m=args.m)
+    rows = []
+    for p, res in zip(names, results):
+        stem = os.path.splitext(os.path.basename(p))[0]
+        qid = stem[3:] if stem.startswith("qid") else stem
+        rows.append({"qid": qid, "query": "", "ranked_vids": [[v, s] for v, s in res]})
+    if args.out:
+        write_jsonl(rows, args.out)
+        print(f"wrote {len(rows)} rankings to {args.out}")
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+def _common_features(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", nargs="+", required=True, metavar="STORE_SPEC",
+                   help="video feature store(s), one per stream (path or JSON spec); streams are "
+                        "L2-normalised per clip and concatenated")
+    p.add_argument("--field", default=None, help="default field of the stores (e.g. 'features')")
+    p.add_argument("--ann", default=None, metavar="SPLIT",
+                   help="annotation file (QVH .jsonl, Charades-STA .txt, TACoS .json) for durations")
+    p.add_argument("--only-ann-vids", action="store_true", help="index only the videos of --ann")
+    p.add_argument("--clip-length", type=float, default=None,
+                   help="seconds per feature row (durations = rows x this when the annotation has none)")
+    p.add_argument("--limit", type=int, default=None, help="index at most this many videos")
+    p.add_argument("--batch-size", type=int, default=64, help="videos per encoder call")
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise input features")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-cfg", required=True, help="retriever model YAML")
+    p.add_argument("--checkpoint", default=None, help="trained retriever checkpoint (.pth)")
+
+
+_BUILTIN = ("build", "add", "remove", "info", "search")
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    index = subparsers.add_parser(
+        "index", help="build, update, inspect and search stage-1 corpus indexes",
+        description="Stage-1 corpus index: FAISS pre-filter over pooled video vectors + exact T-MASS re-ranking.")
+    sub = index.add_subparsers(dest="index_command", metavar="INDEX_COMMAND")
+    index.set_defaults(func=lambda a: (index.print_help(), 2)[1])
+
+    b = sub.add_parser("build", help="encode a feature store and write a new index",
+                       description="Encode every video of the feature store(s) with the retriever and write an "
+                                   "index folder atomically.")
+    _common_features(b)
+    _model_args(b)
+    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    b.add_argument("--shard", default=None, metavar="I/N",
+                   help="index only the videos with sha1(vid) %% N == I (one shard of a big corpus)")
+    b.add_argument("--ann-type", choices=["auto", "flat", "ivf", "hnsw"], default=None,
+                   help="pre-filter kind (default auto: flat up to --flat-max videos, else IVF)")
+    b.add_argument("--flat-max", type=int, default=None, help="largest corpus given a flat pre-filter (20000)")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N), power of two)")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/32, >= 16)")
+    b.add_argument("--ivf-codec", choices=["flat", "sq8"], default=None, help="IVF vector codec")
+    b.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree")
+    b.add_argument("--frame-dtype", choices=["float16", "float32"], default="float16",
+                   help="storage type of the frame embeddings")
+    b.add_argument("--sinkhorn-bank", default=None, metavar="TEXT_STORE",
+                   help="query features (e.g. training queries) for per-video Sinkhorn biases (sinkhorn: true)")
+    b.add_argument("--sinkhorn-bank-ann", default=None, metavar="SPLIT",
+                   help="take the bank's qids from this annotation file (keys qid{qid})")
+    b.add_argument("--sinkhorn-bank-size", type=int, default=2000, help="at most this many bank queries")
+    b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("add", help="encode more videos into an existing index",
+                       description="Add the videos of the feature store(s) that are not indexed yet (or all with "
+                                   "--replace); the index is rewritten atomically.")
+    a.add_argument("index", metavar="DIR")
+    _common_features(a)
+    _model_args(a)
+    a.add_argument("--replace", action="store_true", help="re-encode videos that are already indexed")
+    a.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
+    a.set_defaults(func=cmd_add, shard=None)
+
+    r = sub.add_parser("remove", help="remove videos from an index")
+    r.add_argument("index", metavar="DIR")
+    r.add_argument("vids", nargs="+", metavar="VID")
+    r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
+    r.add_argument("--compact", action="store_true", help="rewrite the frame files without removed videos")
+    r.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
+    r.set_defaults(func=cmd_remove)
+
+    i = sub.add_parser("info", help="counts, dims, pre-filter type, format version, size on disk")
+    i.add_argument("index", metavar="DIR")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("search", help="search one index (or shards) with precomputed query features",
+                       description="Rank the indexed videos for queries given as feature files (Moment-DETR "
+                                   "qid*.npz with 'last_hidden_state' and 'pooler_output', or 'src_txt' / "
+                                   "'txt_pooled'). Several DIRs are shards; their top-k lists are merged.")
+    s.add_argument("index", nargs="+", metavar="DIR")
+    s.add_argument("--query-features", nargs="+", required=True, metavar="NPZ")
+    _model_args(s)
+    s.add_argument("-k", type=int, default=10, help="results per query")
+    s.add_argument("-m", type=int, default=None, help="pre-filter candidates re-ranked per query (default 256)")
+    s.add_argument("--nprobe", type=int, default=None, help="override the IVF nprobe")
+    s.add_argument("--out", default=None, help="write stage-1 ranking rows (jsonl) here instead of stdout")
+    s.add_argument("--no-normalize", action="store_true", help="do not L2-normalise query features")
+    s.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
+    s.set_defaults(func=cmd_search)
+
+    _STATE["subparsers"] = sub
+    _STATE["added"] = set()
+    for name, configure, kw in _EXTRA:
+        _add_extra(name, configure, kw)
