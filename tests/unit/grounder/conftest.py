@@ -41,3 +41,13 @@ def tiny_clip_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_clip")
     CLIPTextModel(cfg).save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture()
+def single_thread():
+    """Run tiny-model loops on one thread (much faster than 2 threads for tiny ops on a busy
+    CPU); the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
