@@ -264,6 +264,23 @@ def _encode_queries(model, field_dicts: Sequence[Dict[str, Any]], names: Sequenc
 
 # ------------------------------------------------------------------------------ commands
 
+def _friendly(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report a model/index mismatch or an unknown video id as a one-line error (exit 1);
+    format/config errors are reported by lavis_c2f.cli.main."""
+    def run(args: argparse.Namespace) -> int:
+        from lavis_c2f.index.corpus_index import IndexMismatchError
+
+        try:
+            return fn(args)
+        except (IndexMismatchError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"lavis-c2f index {getattr(args, 'index_command', '')}: error: {msg}", file=sys.stderr)
+            return 1
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from lavis_c2f.common.errors import ConfigError
     from lavis_c2f.index.corpus_index import CorpusIndex
@@ -451,7 +468,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     b.add_argument("--sinkhorn-bank-ann", default=None, metavar="SPLIT",
                    help="take the bank's qids from this annotation file (keys qid{qid})")
     b.add_argument("--sinkhorn-bank-size", type=int, default=2000, help="at most this many bank queries")
-    b.set_defaults(func=cmd_build)
+    b.set_defaults(func=_friendly(cmd_build))
 
     a = sub.add_parser("add", help="encode more videos into an existing index",
                        description="Add the videos of the feature store(s) that are not indexed yet (or all with "
@@ -461,7 +478,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _model_args(a)
     a.add_argument("--replace", action="store_true", help="re-encode videos that are already indexed")
     a.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
-    a.set_defaults(func=cmd_add, shard=None)
+    a.set_defaults(func=_friendly(cmd_add), shard=None)
 
     r = sub.add_parser("remove", help="remove videos from an index")
     r.add_argument("index", metavar="DIR")
@@ -469,13 +486,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
     r.add_argument("--compact", action="store_true", help="rewrite the frame files without removed videos")
     r.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
-    r.set_defaults(func=cmd_remove)
+    r.set_defaults(func=_friendly(cmd_remove))
 
     i = sub.add_parser("info", help="counts, dims, pre-filter type, format version, size on disk")
     i.add_argument("index", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
-    i.set_defaults(func=cmd_info)
+    i.set_defaults(func=_friendly(cmd_info))
 
     s = sub.add_parser("search", help="search one index (or shards) with precomputed query features",
                        description="Rank the indexed videos for queries given as feature files (Moment-DETR "
@@ -490,7 +507,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     s.add_argument("--out", default=None, help="write stage-1 ranking rows (jsonl) here instead of stdout")
     s.add_argument("--no-normalize", action="store_true", help="do not L2-normalise query features")
     s.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
-    s.set_defaults(func=cmd_search)
+    s.set_defaults(func=_friendly(cmd_search))
 
     _STATE["subparsers"] = sub
     _STATE["added"] = set()

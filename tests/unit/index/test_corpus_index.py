@@ -1,0 +1,301 @@
+"""CorpusIndex: search vs exhaustive, persistence, updates, corruption errors, shards, biases."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lavis_c2f.index import AnnConfig, CorpusIndex, IndexFormatError, IndexMismatchError, search_shards
+from lavis_c2f.models.retriever import C2FTMassRetriever, TextEmbedding
+
+D_IN = 12
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = C2FTMassRetriever(text_input_dim=D_IN, video_input_dim=D_IN, embed_dim=8, num_frames=4, num_heads=2,
+                          pool_dropout=0.0, num_trials=3, max_words=5, **kw)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 7)
+        for p in m.parameters():
+            if p.ndim >= 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def _features(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"vid{i:03d}": rng.standard_normal((int(rng.integers(0, 9)), D_IN)).astype(np.float32) for i in range(n)}
+
+
+def _queries(model, q=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return model.encode_text(torch.randn(q, 5, D_IN, generator=g), torch.ones(q, 5),
+                                 torch.randn(q, D_IN, generator=g))
+
+
+def _build(model, feats, ann=None, **kw):
+    durs = {v: float(len(f)) * 2.0 for v, f in feats.items()}
+    return CorpusIndex.build(model, list(feats), feats.__getitem__, durs, batch_size=16, progress=False,
+                             ann=ann, **kw)
+
+
+def _same(a, b, tol=1e-5):
+    assert [v for v, _ in a] == [v for v, _ in b]
+    assert np.allclose([s for _, s in a], [s for _, s in b], atol=tol)
+
+
+@pytest.mark.parametrize("ann", [None, {"kind": "ivf", "ivf_nlist": 4}, {"kind": "hnsw", "hnsw_m": 8},
+                                 {"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "sq8"}])
+def test_rerank_equals_exhaustive_when_m_covers_corpus(ann):
+    m = _model()
+    feats = _features()
+    ix = _build(m, feats, ann=ann)
+    assert ix.ann_kind == (ann or {}).get("kind", "flat")
+    q = _queries(m)
+    full = ix.search(q, k=7, m=len(feats))
+    exh = ix.search_exhaustive(q, k=7, block_videos=13)
+    for a, b in zip(full, exh):
+        _same(a, b)
+    # the exhaustive ranking is the model's own score over all videos
+    emb = ix.embeddings(list(feats))
+    scores = m.score(q, emb)
+    top = torch.topk(scores[0], 7).indices.tolist()
+    assert [v for v, _ in exh[0]] == [list(feats)[i] for i in top]
+    # a narrow pre-filter still returns k results, all from the corpus, with exact scores
+    narrow = ix.search(q, k=3, m=5)
+    assert all(len(r) == 3 for r in narrow)
+    vid_pos = {v: i for i, v in enumerate(feats)}
+    for qi, r in enumerate(narrow):
+        for v, s in r:
+            assert s == pytest.approx(float(scores[qi, vid_pos[v]]), abs=1e-5)
+
+
+def test_gather_round_trips_embeddings_and_durations():
+    m = _model()
+    feats = _features(20)
+    ix = _build(m, feats, frame_dtype="float32")
+    vids = list(feats)[3:9]
+    x = np.zeros((len(vids), 9, D_IN), np.float32)
+    mask = np.zeros((len(vids), 9), np.float32)
+    for i, v in enumerate(vids):
+        x[i, : len(feats[v])] = feats[v]
+        mask[i, : len(feats[v])] = 1
+    want = m.encode_video(torch.from_numpy(x), torch.from_numpy(mask))
+    got = ix.embeddings(vids)
+    f = got.frames.shape[1]
+    assert torch.allclose(got.frames, want.frames[:, :f], atol=1e-6)
+    assert torch.equal(got.mask, want.mask[:, :f])
+    assert ix.duration(vids[0]) == 2.0 * len(feats[vids[0]])
+
+
+def test_save_load_round_trip_and_info(tmp_path):
+    m = _model()
+    feats = _features()
+    ix = _build(m, feats)
+    q = _queries(m)
+    before = ix.search(q, k=5, m=20)
+    out = ix.save(str(tmp_path / "ix"))
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert man["version"] == 1 and set(man["files"]) >= {"vids.json", "rows.npz", "ann.faiss", "seg-00000.frames"}
+    ix2 = CorpusIndex.load(out, model=m)
+    for a, b in zip(before, ix2.search(q, k=5, m=20)):
+        _same(a, b)
+    info = ix2.info()
+    assert info["videos"] == 60 and info["dim"] == 8 and info["ann"]["kind"] == "flat" and info["size_bytes"] > 0
+    assert info["version"] == 1 and info["frame_dtype"] == "float16"
+    # saving again onto itself keeps it loadable; no temp folders are left behind
+    ix2.save(out)
+    assert sorted(p for p in os.listdir(tmp_path)) == ["ix"]
+    assert len(CorpusIndex.load(out, model=m)) == 60
+
+
+def test_add_remove_replace_compact(tmp_path):
+    m = _model()
+    feats = _features(40)
+    ix = _build(m, feats)
+    q = _queries(m)
+    top = ix.search(q, k=3, m=40)[0]
+    gone = [top[0][0], top[1][0]]
+    assert ix.remove(gone) == 2 and len(ix) == 38 and gone[0] not in ix
+    after = ix.search(q, k=5, m=40)[0]
+    assert not {v for v, _ in after} & set(gone)
+    with pytest.raises(KeyError):
+        ix.remove(["nope"])
+    assert ix.remove(["nope"], missing_ok=True) == 0
+    # re-add one of them under a new id with the same features: it comes back with the same score
+    x = torch.from_numpy(feats[gone[0]])[None]
+    ix.add(["again"], m.encode_video(x, torch.ones(1, x.shape[1])))
+    res = dict(ix.search(q, k=3, m=40)[0])
+    assert res["again"] == pytest.approx(top[0][1], abs=1e-5)
+    with pytest.raises(ValueError, match="already indexed"):
+        ix.add(["again"], m.encode_video(x, torch.ones(1, x.shape[1])))
+    ix.add(["again"], m.encode_video(torch.randn(1, 3, D_IN), torch.ones(1, 3)), replace=True)
+    assert len(ix) == 39
+    path = ix.save(str(tmp_path / "ix"))
+    ix2 = CorpusIndex.load(path, model=m)
+    ref = ix2.search_exhaustive(q, k=6)
+    assert ix2.info()["removed_rows"] == 3
+    ix2.compact()
+    assert ix2.num_rows == 39
+    for a, b in zip(ref, ix2.search_exhaustive(q, k=6)):
+        _same(a, b)
+    ix2.save(path)
+    ix3 = CorpusIndex.load(path, model=m)
+    assert ix3.info()["removed_rows"] == 0
+    for a, b in zip(ref, ix3.search(q, k=6, m=100)):
+        _same(a, b)
+
+
+def test_auto_policy_switches_to_ivf_when_the_corpus_grows():
+    m = _model()
+    feats = _features(30)
+    ix = _build(m, feats, ann={"flat_max": 40, "ivf_nlist": 4})
+    assert ix.ann_kind == "flat"
+    more = _features(20, seed=5)
+    more = {f"more{i}": f for i, f in enumerate(more.values())}
+    ix.add_features(list(more), more.__getitem__, progress=False)
+    assert ix.ann_kind == "ivf" and len(ix) == 50
+    q = _queries(m)
+    for a, b in zip(ix.search(q, k=4, m=50), ix.search_exhaustive(q, k=4)):
+        _same(a, b)
+
+
+def test_hnsw_tombstones_are_filtered_and_trigger_rebuild():
+    m = _model()
+    feats = _features(30)
+    ix = CorpusIndex.build(m, list(feats), feats.__getitem__, batch_size=8, progress=False,
+                           ann={"kind": "hnsw", "hnsw_m": 8}, rebuild_fraction=0.2)
+    vids = list(feats)
+    ix.remove(vids[:3])
+    assert ix.info()["ann"]["tombstones"] == 3
+    q = _queries(m)
+    res = ix.search(q, k=27, m=30)
+    assert all(len(r) == 27 and not {v for v, _ in r} & set(vids[:3]) for r in res)
+    ix.remove(vids[3:10])  # 10 / 30 dead > 0.2: rebuilt without them
+    assert ix.info()["ann"]["tombstones"] == 0 and ix.info()["ann"]["entries"] == 20
+
+
+def _saved(tmp_path, m):
+    ix = _build(m, _features(25))
+    return ix.save(str(tmp_path / "ix"))
+
+
+def test_corrupt_truncated_and_mismatched_indexes_name_the_file(tmp_path):
+    m = _model()
+    path = _saved(tmp_path, m)
+    frames = os.path.join(path, "seg-00000.frames")
+    # flipped byte: checksum error naming the file (skipped with verify=False)
+    data = bytearray(open(frames, "rb").read())
+    data[5] ^= 0xFF
+    open(frames, "wb").write(bytes(data))
+    with pytest.raises(IndexFormatError, match="seg-00000.frames.*sha256"):
+        CorpusIndex.load(path, model=m)
+    CorpusIndex.load(path, model=m, verify=False)
+    # truncation
+    open(frames, "wb").write(bytes(data[:-10]))
+    with pytest.raises(IndexFormatError, match="seg-00000.frames.*truncated"):
+        CorpusIndex.load(path, verify=False)
+    # missing file
+    os.remove(frames)
+    with pytest.raises(IndexFormatError, match="seg-00000.frames.*missing"):
+        CorpusIndex.load(path, verify=False)
+
+
+def test_version_manifest_and_model_mismatch_errors(tmp_path):
+    m = _model()
+    path = _saved(tmp_path, m)
+    man_p = os.path.join(path, "manifest.json")
+    man = json.load(open(man_p))
+    # another model (different weights) or another config
+    with pytest.raises(IndexMismatchError, match="weights_hash"):
+        CorpusIndex.load(path, model=_model(seed=3))
+    with pytest.raises(IndexMismatchError, match="config_hash"):
+        CorpusIndex.load(path, model=_model(frame_sampling="segment_mean"))
+    # the same model with other inference settings is fine
+    CorpusIndex.load(path, model=_model().configure_inference(inference_mode="deterministic"))
+    # unknown future version
+    json.dump({**man, "version": 99}, open(man_p, "w"))
+    with pytest.raises(IndexFormatError, match="manifest.json.*version"):
+        CorpusIndex.load(path)
+    # dims that do not match the stored bytes
+    json.dump({**man, "dim": 16}, open(man_p, "w"))
+    with pytest.raises(IndexFormatError, match="seg-00000"):
+        CorpusIndex.load(path, verify=False)
+    open(man_p, "w").write("{not json")
+    with pytest.raises(IndexFormatError, match="manifest.json"):
+        CorpusIndex.load(path)
+    os.remove(man_p)
+    with pytest.raises(IndexFormatError, match="manifest"):
+        CorpusIndex.load(path)
+    with pytest.raises(IndexFormatError, match="not found"):
+        CorpusIndex.load(str(tmp_path / "nothing"))
+
+
+def test_failed_save_leaves_previous_index_intact(tmp_path, monkeypatch):
+    m = _model()
+    path = _saved(tmp_path, m)
+    ix = CorpusIndex.load(path, model=m)
+    ix.remove([ix.vids[0]])
+    from lavis_c2f.index import ann as ann_mod
+
+    def boom(self, p):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ann_mod.AnnIndex, "write", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ix.save(path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ix"]
+    assert len(CorpusIndex.load(path, model=m)) == 25
+
+
+def test_shard_merge_equals_single_index():
+    m = _model()
+    feats = _features(50)
+    vids = list(feats)
+    single = _build(m, feats)
+    shards = [_build(m, {v: feats[v] for v in vids[i::3]}) for i in range(3)]
+    q = _queries(m, q=5)
+    for a, b in zip(search_shards(shards, q, k=8, m=50), single.search(q, k=8, m=50)):
+        _same(a, b)
+
+
+def test_sinkhorn_biases_are_stored_and_checked(tmp_path):
+    m = _model(sinkhorn=True, use_frame_sentence=True, sinkhorn_temperature=0.05)
+    feats = _features(30)
+    ix = _build(m, feats)
+    g = torch.Generator().manual_seed(9)
+    bank = TextEmbedding(torch.randn(11, 8, generator=g))
+    bias = ix.compute_video_bias(bank, block_videos=7)
+    assert bias.shape == (30, 2)
+    emb = ix.embeddings(ix.vids)
+    want = m.compute_video_bias(bank, emb)
+    assert np.allclose(bias, want.numpy(), atol=1e-4)
+    q = _queries(m)
+    direct = m.score(q, emb, video_bias=want)
+    res = ix.search(q, k=4, m=30)
+    order = torch.topk(direct[0], 4).indices.tolist()
+    assert [v for v, _ in res[0]] == [ix.vids[i] for i in order]
+    path = ix.save(str(tmp_path / "ix"))
+    ix2 = CorpusIndex.load(path, model=m)
+    for a, b in zip(res, ix2.search(q, k=4, m=30)):
+        _same(a, b, tol=1e-3)
+    m.configure_inference(sinkhorn_temperature=0.1)
+    with pytest.raises(IndexMismatchError, match="sinkhorn_temperature"):
+        ix2.search(q, k=4)
+
+
+def test_ann_config_validation_and_defaults():
+    cfg = AnnConfig()
+    assert cfg.choose_kind(100) == "flat" and cfg.choose_kind(10 ** 6) == "ivf"
+    assert cfg.nlist_for(10 ** 5) == 1024 and cfg.nlist_for(10 ** 6) == 4096
+    assert cfg.nprobe_for(4096) == 128 and cfg.nprobe_for(64) == 16
+    from lavis_c2f.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="kind"):
+        AnnConfig(kind="lsh")
+    with pytest.raises(ConfigError, match="bogus"):
+        AnnConfig.from_dict({"bogus": 1})
