@@ -42,6 +42,8 @@ QD_DETR_FIELDS: Dict[str, Field] = {
     "contrastive_align_loss": Field("bool", False), "contrastive_hdim": Field("int", 64),
     "t2v_mask_mode": Field("str", "correct", choices=("official", "correct")),
     "neg_sampling": Field("str", "roll", choices=("roll", "other_video")),
+    "train_neg_pass": Field("bool", True, doc="run the negative-pair pass in training (false: "
+                                              "ablation without the negative-pair saliency terms)"),
     # matcher
     "set_cost_class": Field("float", 4.0), "set_cost_span": Field("float", 10.0),
     "set_cost_giou": Field("float", 1.0),

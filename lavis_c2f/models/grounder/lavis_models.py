@@ -244,7 +244,8 @@ class C2FQDDETR(BaseModel):
         x = self._inputs(samples)
         bsz = x["src_vid"].shape[0]
         neg_index, neg_valid = self._neg_index(samples, bsz)
-        out = self.detr(**x, compute_neg=self.training, neg_index=neg_index)
+        out = self.detr(**x, compute_neg=self.training and self.config["train_neg_pass"],
+                        neg_index=neg_index)
         out["saliency_neg_valid"] = neg_valid.to(self.device)
         losses = self.criterion(out, self._targets(samples))
         return self._loss_dict(losses)
@@ -438,7 +439,8 @@ class C2FMESMQDDETR(C2FQDDETR):
             targets["ss_moments"], _ = merged_moments([s.cpu() for s in targets["span_labels"]])
             targets["vids"] = kw["vids"]
         out = self.detr(**kw, gt_clip_mask=gcm.to(self.device), fw_weights=fw_weights,
-                        fw_unknown=fw_unknown, compute_neg=self.training,
+                        fw_unknown=fw_unknown,
+                        compute_neg=self.training and self.config["train_neg_pass"],
                         compute_rec=self.training)
         if "fw_valid" in out and aligned is not None:
             out["fw_valid"] = out["fw_valid"] & aligned.to(self.device)

@@ -73,7 +73,7 @@ def negative_text_index(batch_size: int, mode: str = "roll", vids: Optional[List
         batch_size: B.
         mode: ``"roll"`` (official QD-DETR: sample i gets text (i + 1) mod B) or
             ``"other_video"`` (MESM: a random text whose ``vid`` differs).
-        vids: (B,) video ids, needed for ``"other_video"`` (and to flag invalid roll pairs).
+        vids: (B,) video ids for ``"other_video"`` (None: all samples from different videos).
     Returns:
         (index LongTensor (B,), valid BoolTensor (B,)); ``valid[i]`` is False when no proper
         negative exists for sample i (B = 1, or all samples share one video for
@@ -86,8 +86,8 @@ def negative_text_index(batch_size: int, mode: str = "roll", vids: Optional[List
         return roll, roll != torch.arange(batch_size)
     if mode != "other_video":
         raise ValueError(f"unknown neg_sampling '{mode}', expected one of {NEG_SAMPLING_MODES}")
-    if vids is None:
-        raise ValueError("neg_sampling='other_video' needs the samples' video ids")
+    if vids is None:  # no ids: every sample is taken to come from its own video
+        vids = list(range(batch_size))
     index = roll.clone()
     valid = torch.zeros(batch_size, dtype=torch.bool)
     for i in range(batch_size):

@@ -82,6 +82,17 @@ def test_forward_returns_losses_and_backpropagates(batch):
     assert model.detr.saliency_proj1.weight.grad is not None
 
 
+def test_training_without_negative_pass(batch):
+    torch.manual_seed(0)
+    model = C2FQDDETR.from_config(tiny_qd_config(train_neg_pass=False))
+    model.train()
+    out = model(batch)
+    assert "loss_saliency_neg_pair" not in out and "loss_saliency_rank" in out
+    with_neg = C2FQDDETR.from_config(tiny_qd_config())
+    with_neg.train()
+    assert "loss_saliency_neg_pair" in with_neg(batch)
+
+
 def test_predict_batch_rows_and_mode_check(batch):
     model = C2FQDDETR.from_config(tiny_qd_config())
     model.train()
