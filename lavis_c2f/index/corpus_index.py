@@ -54,6 +54,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -520,27 +521,25 @@ class CorpusIndex:
         m = len(rows)
         lens = self._len[rows].astype(np.int64)
         f = int(max(1, lens.max())) if m else 1
-        out = np.zeros((m, f, self.dim), np.float32)
-        mask = np.zeros((m, f), np.float32)
-        if m:
-            mask[np.arange(f)[None, :] < lens[:, None]] = 1.0
+        valid = np.arange(f)[None, :] < lens[:, None]                          # (m, f)
+        mask = valid.astype(np.float32)
+        out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+        if m and lens.sum():
+            # one row index per output slot (padding reads the video's first row and is zeroed),
+            # one take per segment in file order, then a single conversion to float32
+            src = self._off[rows][:, None] + np.minimum(np.arange(f)[None, :], np.maximum(lens - 1, 0)[:, None])
             segs = self._seg[rows]
             for s in np.unique(segs):
                 sel = np.flatnonzero(segs == s)
                 frames, _ = self._segment_arrays(int(s))
-                starts, ls = self._off[rows[sel]], lens[sel]
-                total = int(ls.sum())
-                if total == 0:
-                    continue
-                flat = np.repeat(starts - np.concatenate([[0], np.cumsum(ls)[:-1]]), ls) + np.arange(total)
-                order = np.argsort(flat, kind="stable")         # read the file sequentially
-                vals = np.empty((total, self.dim), np.float32)
-                vals[order] = frames[flat[order]]
-                out_sel = out[sel]
-                out_sel[mask[sel] > 0] = vals
-                out[sel] = out_sel
+                idx = src[sel].reshape(-1)
+                order = np.argsort(idx, kind="stable")
+                vals = np.empty((len(idx), self.dim), dtype=frames.dtype)
+                vals[order] = np.take(frames, idx[order], axis=0)
+                out[torch.from_numpy(sel)] = torch.from_numpy(vals).view(len(sel), f, self.dim).to(torch.float32)
+            out.mul_(torch.from_numpy(mask).unsqueeze(-1))
         pooled = self._prefilter_rows(rows)
-        return VideoEmbedding(torch.from_numpy(out), torch.from_numpy(mask), torch.from_numpy(pooled))
+        return VideoEmbedding(out, torch.from_numpy(mask), torch.from_numpy(pooled))
 
     def embeddings(self, vids: Sequence[str]):
         """:class:`VideoEmbedding` of the given video ids."""
@@ -612,8 +611,8 @@ class CorpusIndex:
     def _query_embedding(self, text_emb):
         return text_emb
 
-    def search(self, text_emb, k: int = 10, m: Optional[int] = None, nprobe: Optional[int] = None
-               ) -> List[List[Tuple[str, float]]]:
+    def search(self, text_emb, k: int = 10, m: Optional[int] = None, nprobe: Optional[int] = None,
+               timings: Optional[Dict[str, float]] = None) -> List[List[Tuple[str, float]]]:
         """Top-k videos per query: FAISS pre-filter of ``m`` candidates (default
         ``max(256, 4 k)``), exact re-scoring with the model, best first.
 
@@ -622,9 +621,11 @@ class CorpusIndex:
             k: results per query.
             m: candidates re-ranked per query (``m >= len(index)`` re-ranks everything).
             nprobe: override the IVF ``nprobe`` for this call.
+            timings: if given, ``prefilter_s`` and ``rerank_s`` (seconds) are added to it.
         Returns:
             Q lists of ``(vid, score)``.
         """
+        t0 = time.perf_counter()
         model = self._require_model()
         if self._ann is None and self._n:
             self.rebuild_ann()
@@ -642,12 +643,16 @@ class CorpusIndex:
         finally:
             if nprobe is not None and old is not None:
                 self._ann.set_search_params(nprobe=old)
+        t1 = time.perf_counter()
         results = []
         for q in range(nq):
             cand = ids[q]
             cand = cand[cand >= 0]
             cand = cand[self._alive[cand]][:m]
             results.append(self._rerank(text_emb[q], cand, k))
+        if timings is not None:
+            timings["prefilter_s"] = timings.get("prefilter_s", 0.0) + (t1 - t0)
+            timings["rerank_s"] = timings.get("rerank_s", 0.0) + (time.perf_counter() - t1)
         return results
 
     def _rerank(self, text_one, rows: np.ndarray, k: int) -> List[Tuple[str, float]]:

@@ -65,11 +65,13 @@ def frame_dots(x: torch.Tensor, frames: torch.Tensor, qi: Optional[torch.Tensor]
 
     grid (``qi is None``): x (Q, A, D), frames (V, F, D) -> (Q*V, A, F).
     pairs: x (Q, A, D), frames (V, F, D), qi/vi (P,) -> (P, A, F).
+    The grid case is one GEMM over the frames as stored (no copy of the frames).
     """
     if qi is None:
-        q, a, _ = x.shape
+        q, a, d = x.shape
         v, f, _ = frames.shape
-        return torch.einsum("qad,vfd->qvaf", x, frames).reshape(q * v, a, f)
+        out = frames.reshape(v * f, d) @ x.reshape(q * a, d).t()               # (V*F, Q*A)
+        return out.view(v, f, q, a).permute(2, 0, 3, 1).reshape(q * v, a, f)
     return torch.bmm(x[qi], frames[vi].transpose(1, 2))
 
 
@@ -82,9 +84,18 @@ def frame_mix(weights: torch.Tensor, frames: torch.Tensor, num_queries: int,
     if vi is None:
         v, f, d = frames.shape
         a = weights.shape[1]
-        w = weights.reshape(num_queries, v, a, f)
-        return torch.einsum("qvaf,vfd->qvad", w, frames).reshape(num_queries * v, a, d)
+        q = num_queries
+        w = weights.reshape(q, v, a, f).permute(1, 0, 2, 3).reshape(v, q * a, f)
+        out = torch.bmm(w, frames)                                                  # (V, Q*A, D)
+        return out.view(v, q, a, d).permute(1, 0, 2, 3).reshape(q * v, a, d)
     return torch.bmm(weights, frames[vi])
+
+
+def per_head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (P, H, D) and weight (H, E, D) -> (P, H, E): ``x[:, h] @ weight[h].T`` per head."""
+    if x.shape[1] == 1:
+        return (x[:, 0] @ weight[0].t()).unsqueeze(1)
+    return torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,6 +138,20 @@ class TextConditionedPooling(nn.Module):
         self.dropout = nn.Dropout(dropout)
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj, self.linear_proj):
             identity_init_(lin)
+
+    def _fused_value_out(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(Wo Wv, Wo bv)`` for one head, cached until either layer's parameters change
+        (tracked through their in-place version counters, so optimiser steps and
+        ``load_state_dict`` invalidate it)."""
+        params = (self.out_proj.weight, self.v_proj.weight, self.v_proj.bias)
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        cache = getattr(self, "_fused_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                wo, wv, bv = params
+                cache = (key, wo @ wv, wo @ bv)
+            self._fused_cache = cache
+        return cache[1], cache[2]
 
     def prepare_text(self, text: torch.Tensor) -> torch.Tensor:
         """text (Q, D) -> folded queries ``g`` (Q, H, D):
@@ -189,9 +214,14 @@ class TextConditionedPooling(nn.Module):
         shift = (w * mu_p.unsqueeze(1)).sum(-1, keepdim=True)         # (P, H, 1)
         mass = attn.sum(-1, keepdim=True)                             # (P, H, 1): 1, or 0 if empty
         ybar = gamma * (mixed - shift) + beta * mass                  # (P, H, D) = sum_F a LN1(f)
-        wv = self.v_proj.weight.view(h, dh, d)
-        o = torch.einsum("phd,hed->phe", ybar, wv) + self.v_proj.bias.view(h, dh) * mass
-        o = self.layer_norm2(self.out_proj(o.reshape(-1, d)))
+        if h == 1 and not torch.is_grad_enabled():
+            w_ov, b_v_o = self._fused_value_out()                    # one D x D product instead of two
+            o = ybar[:, 0] @ w_ov.t() + mass[:, 0] * b_v_o + self.out_proj.bias
+        else:
+            wv = self.v_proj.weight.view(h, dh, d)
+            o = per_head_linear(ybar, wv) + self.v_proj.bias.view(h, dh) * mass
+            o = self.out_proj(o.reshape(-1, d))
+        o = self.layer_norm2(o)
         use_dropout = self.training if dropout is None else dropout
         lin = F.dropout(self.linear_proj(o), p=self.dropout.p, training=use_dropout)
         return self.layer_norm3(o + lin)

@@ -1,0 +1,326 @@
+"""Stage-1 corpus search benchmark: FAISS pre-filter + exact T-MASS re-ranking vs exhaustive.
+
+For each corpus size N a synthetic corpus is generated deterministically, encoded with a
+T-MASS retriever (CLIP ViT-B/32 widths: 512-d features, 12 frames per video), written as a
+:class:`lavis_c2f.index.CorpusIndex` into a temporary folder (removed afterwards unless
+``--keep``), reloaded from disk (frames memory-mapped) and searched. Printed per N:
+
+* build time (encode + write + FAISS build, data generation excluded) and the pre-filter kind;
+* ms per query of pre-filter + re-rank (``m`` candidates), split into the two parts;
+* ms per query of exhaustive exact scoring (every video), measured in the same run, and
+  the speed-up ratio; at sizes above ``--exhaustive-batch-from`` the exhaustive pass scores
+  all sample queries in one sweep over the corpus and reports the amortised time per query;
+* recall@10 of pre-filter + re-rank against the exhaustive top 10 on the sample queries;
+* RSS after searching (before the exhaustive sweep touches every frame) and the peak RSS,
+  and the index size on disk.
+
+Synthetic data (not rigged for the pre-filter). ``T = N / 20`` topics with Zipf-like
+popularity (popular topics are shared by thousands of videos). A video has 8-20 clips and
+1-3 events; each event is a contiguous run of clips showing ``0.6 topic + 0.5 detail``
+(``detail`` unique to that event) plus a per-video style and per-clip noise. A query
+describes one event of one video (``0.6 topic + 0.5 detail`` + noise) plus a constant
+"modality gap" direction, as CLIP text features have. Query-conditioned pooling finds the
+matching event; the pre-filter's mean pooling dilutes it among the other events, so the
+two rankings are correlated but not identical.
+
+Model: the default T-MASS configuration (20 trials, uniform prior) with its identity
+initialisation perturbed by small seeded noise, and ``radius_bias_init = -4`` so that the
+stochastic radius is moderate for unit-norm inputs (an untrained radius of ~1 would swamp
+unit-norm features; training shrinks it the same way).
+
+    python bench/stage1_search.py --n-videos 1000 10000 100000 1000000 [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+D = 512
+FRAMES = 12
+
+
+# ----------------------------------------------------------------------------- data
+
+class SyntheticCorpus:
+    """Deterministic corpus of ``n`` videos generated in batches (see module docstring)."""
+
+    def __init__(self, n: int, seed: int = 0, n_queries: int = 50, dim: int = D):
+        self.n, self.seed, self.dim = n, seed, dim
+        rng = np.random.default_rng([seed, 0])
+        self.n_topics = max(16, n // 20)
+        self.topics = self._unit(rng.standard_normal((self.n_topics, dim)).astype(np.float32))
+        ranks = np.arange(1, self.n_topics + 1, dtype=np.float64)
+        p = 1.0 / (ranks + 5.0) ** 0.9
+        self.topic_p = p / p.sum()
+        self.gap = self._unit(rng.standard_normal((1, dim)).astype(np.float32))[0]
+        self.targets = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
+        self._target_set = set(self.targets.tolist())
+        self.query_parts: Dict[int, Tuple[int, np.ndarray]] = {}
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def vid(self, i: int) -> str:
+        return f"syn{i:07d}"
+
+    def batches(self, batch: int):
+        """Yield (vids, clips (B, Lmax, D) float32, mask (B, Lmax), durations)."""
+        for b0 in range(0, self.n, batch):
+            b1 = min(self.n, b0 + batch)
+            rng = np.random.default_rng([self.seed, 1, b0])
+            nb = b1 - b0
+            lens = rng.integers(8, 21, size=nb)
+            lmax = int(lens.max())
+            n_ev = rng.choice([1, 2, 3], size=nb, p=[0.4, 0.4, 0.2])
+            style = self._unit(rng.standard_normal((nb, self.dim)).astype(np.float32))
+            noise = self._unit(rng.standard_normal((nb, lmax, self.dim)).astype(np.float32))
+            clips = 0.25 * style[:, None, :] + 0.45 * noise
+            mask = (np.arange(lmax)[None, :] < lens[:, None]).astype(np.float32)
+            total_ev = int(n_ev.sum())
+            ev_topic = rng.choice(self.n_topics, size=total_ev, p=self.topic_p)
+            ev_detail = self._unit(rng.standard_normal((total_ev, self.dim)).astype(np.float32))
+            ev_vec = 0.6 * self.topics[ev_topic] + 0.5 * ev_detail
+            e = 0
+            for i in range(nb):
+                cuts = np.sort(rng.choice(np.arange(1, lens[i]), size=n_ev[i] - 1, replace=False)) \
+                    if n_ev[i] > 1 else np.zeros(0, int)
+                bounds = np.concatenate([[0], cuts, [lens[i]]])
+                for j in range(n_ev[i]):
+                    clips[i, bounds[j]:bounds[j + 1]] += ev_vec[e + j]
+                gi = b0 + i
+                if gi in self._target_set:
+                    j = int(rng.integers(n_ev[i]))
+                    self.query_parts[gi] = (int(ev_topic[e + j]), ev_detail[e + j].copy())
+                e += n_ev[i]
+            clips = self._unit(clips) * mask[..., None]
+            yield [self.vid(i) for i in range(b0, b1)], clips.astype(np.float32), mask, (lens * 2.0).tolist()
+
+    def queries(self) -> np.ndarray:
+        """(Q, D) sentence features of the target events (call after iterating the batches)."""
+        rng = np.random.default_rng([self.seed, 2])
+        out = []
+        for gi in self.targets.tolist():
+            topic, detail = self.query_parts[gi]
+            q = 0.6 * self.topics[topic] + 0.5 * detail + 0.35 * self._unit(rng.standard_normal(self.dim))
+            q = self._unit(q.astype(np.float32)) + 0.3 * self.gap
+            out.append(self._unit(q))
+        return np.stack(out).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- model
+
+def make_model(seed: int = 0):
+    from lavis_c2f.models.retriever import C2FTMassRetriever
+
+    torch.manual_seed(seed)
+    m = C2FTMassRetriever(text_input_dim=D, video_input_dim=D, embed_dim=D, num_frames=FRAMES,
+                          radius_bias_init=-4.0, eval_seed=24)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 2 and p.shape[0] == p.shape[1]:       # square projections: I + small noise
+                p.add_(torch.randn(p.shape, generator=g) * (0.02 / math.sqrt(p.shape[0])))
+    return m.eval()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def rss_gib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2 ** 30
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
+    from lavis_c2f.index import AnnConfig, CorpusIndex
+
+    corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
+    ann = AnnConfig(ivf_train_per_list=args.ivf_train_per_list, ivf_nprobe=args.nprobe, ivf_codec=args.ivf_codec)
+    tmp = tempfile.mkdtemp(prefix=f"stage1_bench_{n}_", dir=workdir)
+    try:
+        index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp)
+        build_s = gen_s = 0.0
+        t_all = time.perf_counter()
+        for vids, clips, mask, durs in corpus.batches(args.encode_batch):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                emb = model.encode_video(torch.from_numpy(clips), torch.from_numpy(mask))
+            index.add(vids, emb, durs, update_ann=False)
+            build_s += time.perf_counter() - t0
+            if args.progress:
+                print(f"\r  N={n}: encoded {vids[-1]}", end="", file=sys.stderr, flush=True)
+        gen_s = time.perf_counter() - t_all - build_s
+        if args.progress:
+            print("", file=sys.stderr)
+        t0 = time.perf_counter()
+        index.rebuild_ann()
+        path = index.save(os.path.join(tmp, "index"))
+        build_s += time.perf_counter() - t0
+        kind = index.ann_kind
+        params = dict(index.info()["ann"])
+        del index
+        gc.collect()
+
+        index = CorpusIndex.load(path, model=model, verify=False)
+        size_b = dir_size(path)
+        with torch.no_grad():
+            text = model.encode_text(None, None, torch.from_numpy(corpus.queries()))
+        nq = len(text)
+        m = min(args.m, n)
+        # pre-filter + re-rank, one query at a time
+        for i in range(min(2, nq)):
+            index.search(text[i], k=10, m=m)
+        lat, pre, rer = [], [], []
+        ranked = []
+        for i in range(nq):
+            tm: Dict[str, float] = {}
+            t0 = time.perf_counter()
+            res = index.search(text[i], k=10, m=m, timings=tm)[0]
+            lat.append(time.perf_counter() - t0)
+            pre.append(tm["prefilter_s"])
+            rer.append(tm["rerank_s"])
+            ranked.append(res)
+        rss_search = rss_gib()
+        # exhaustive baseline
+        n_exh = min(nq, args.exhaustive_queries if n < args.exhaustive_batch_from else args.exhaustive_queries_big)
+        exh_ms = None
+        recall = None
+        exh_mode = "skipped"
+        if n_exh > 0 and n <= args.exhaustive_max:
+            sample = list(range(n_exh))
+            if n < args.exhaustive_batch_from:
+                exh_mode = "per query"
+                times, exact = [], []
+                for i in sample:
+                    t0 = time.perf_counter()
+                    exact.append(index.search_exhaustive(text[i], k=10, block_videos=args.exhaustive_block)[0])
+                    times.append(time.perf_counter() - t0)
+                exh_ms = 1000 * statistics.median(times)
+            else:
+                exh_mode = f"one sweep of {n_exh} queries, amortised"
+                t0 = time.perf_counter()
+                exact = index.search_exhaustive(text[sample], k=10, block_videos=args.exhaustive_block)
+                exh_ms = 1000 * (time.perf_counter() - t0) / n_exh
+            hits = [len({v for v, _ in ranked[i]} & {v for v, _ in exact[j]}) / 10.0 for j, i in enumerate(sample)]
+            recall = float(np.mean(hits))
+        index.close()
+        row = {
+            "n_videos": n, "ann": kind, "ann_params": {k: v for k, v in params.items() if k not in ("kind",)},
+            "m": m, "build_s": build_s, "data_gen_s": gen_s,
+            "ms_per_query": 1000 * statistics.median(lat), "ms_per_query_mean": 1000 * statistics.mean(lat),
+            "prefilter_ms": 1000 * statistics.median(pre), "rerank_ms": 1000 * statistics.median(rer),
+            "exhaustive_ms_per_query": exh_ms, "exhaustive_mode": exh_mode, "exhaustive_queries": n_exh,
+            "speedup_vs_exhaustive": (exh_ms / (1000 * statistics.median(lat))) if exh_ms else None,
+            "recall_at_10": recall, "queries": nq,
+            "rss_gib_after_search": rss_search, "peak_rss_gib": peak_rss_gib(), "index_gib": size_b / 2 ** 30,
+        }
+        return row
+    finally:
+        if args.keep:
+            print(f"  kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: List[Dict[str, Any]]) -> None:
+    head = ("N", "build s", "pre-filter", "m", "ms/query", "(pre + rerank)", "exhaustive ms/q", "speed-up",
+            "recall@10", "RSS GiB", "peak GiB", "index GiB")
+    lines = [head]
+    for r in rows:
+        ap = r["ann_params"]
+        desc = r["ann"] + (f" nlist={ap.get('nlist')} nprobe={ap.get('nprobe')}" if r["ann"] == "ivf" else "")
+        lines.append((f"{r['n_videos']:,}", f"{r['build_s']:.1f}", desc, str(r["m"]), f"{r['ms_per_query']:.1f}",
+                      f"{r['prefilter_ms']:.1f} + {r['rerank_ms']:.1f}", fmt(r["exhaustive_ms_per_query"], ".1f"),
+                      fmt(r["speedup_vs_exhaustive"], ".0f") + ("x" if r["speedup_vs_exhaustive"] else ""),
+                      fmt(r["recall_at_10"], ".3f"), f"{r['rss_gib_after_search']:.2f}", f"{r['peak_rss_gib']:.2f}",
+                      f"{r['index_gib']:.3f}"))
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+    for j, l in enumerate(lines):
+        print("  ".join(str(c).rjust(w) for c, w in zip(l, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(f"N={r['n_videos']:,}: exhaustive {r['exhaustive_mode']} ({r['exhaustive_queries']} queries); "
+              f"recall over them; latency median of {r['queries']} single-query searches "
+              f"(mean {r['ms_per_query_mean']:.1f} ms)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-videos", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--json", default=None, help="write one row per N here")
+    p.add_argument("--queries", type=int, default=30, help="queries timed per N")
+    p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
+    p.add_argument("--ivf-codec", choices=["flat", "sq8"], default="flat")
+    p.add_argument("--ivf-train-per-list", type=int, default=32, help="IVF training vectors per list")
+    p.add_argument("--exhaustive-queries", type=int, default=20, help="queries with exhaustive scoring (N small)")
+    p.add_argument("--exhaustive-queries-big", type=int, default=5,
+                   help="queries scored exhaustively in one sweep for N >= --exhaustive-batch-from")
+    p.add_argument("--exhaustive-batch-from", type=int, default=500000)
+    p.add_argument("--exhaustive-max", type=int, default=10 ** 7, help="skip exhaustive scoring above this N")
+    p.add_argument("--exhaustive-block", type=int, default=4096)
+    p.add_argument("--encode-batch", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="folder for the temporary indexes (default: system temp)")
+    p.add_argument("--keep", action="store_true", help="keep the indexes")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import lavis_c2f.models.retriever  # noqa: F401
+    from lavis_c2f.index.ann import _faiss
+
+    _faiss().omp_set_num_threads(args.threads)
+    model = make_model(args.seed)
+    rows = []
+    for n in args.n_videos:
+        t0 = time.perf_counter()
+        row = run_one(n, model, args, args.workdir or tempfile.gettempdir())
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"N={n:,} done in {row['wall_s']:.0f} s: {row['ms_per_query']:.1f} ms/query, recall@10 "
+              f"{fmt(row['recall_at_10'], '.3f')}", file=sys.stderr)
+        gc.collect()
+    print(f"\nstage-1 search, D={D}, {FRAMES} frames/video, {args.threads} threads, k=10, "
+          f"T-MASS {model.num_trials} trials")
+    print_table(rows)
+    if args.json:
+        from lavis_c2f.common.io import write_json
+
+        write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
