@@ -17,7 +17,6 @@ about 1-2 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

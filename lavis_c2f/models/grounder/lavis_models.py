@@ -17,7 +17,7 @@ rebuilds the model from a checkpoint alone.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from lavis.common.registry import registry
@@ -452,10 +452,16 @@ class C2FMESMQDDETR(C2FQDDETR):
 
     @torch.no_grad()
     def predict_batch(self, samples: Mapping[str, Any]) -> List[Dict[str, Any]]:
-        """Official prediction rows (no negative pass, no reconstruction). Eval mode only."""
+        """Official prediction rows (no negative pass, no reconstruction; SS groups of one).
+        Eval mode only."""
         if self.training:
             raise RuntimeError(f"{type(self).__name__}.predict_batch needs eval mode: call "
                                "model.eval() first (dropout would randomise predictions)")
         text = self._text(samples)
-        out = self.detr(**self._detr_kwargs(samples, text), compute_neg=False, compute_rec=False)
+        kwargs = self._detr_kwargs(samples, text)
+        # each query's sentence token is rebuilt from its own video only (the corpus setting:
+        # other queries of the same video are unknown at inference), so predictions do not
+        # depend on the batch composition
+        kwargs["vids"] = None
+        out = self.detr(**kwargs, compute_neg=False, compute_rec=False)
         return self._rows(out, samples)

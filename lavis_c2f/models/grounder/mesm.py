@@ -26,7 +26,10 @@ Two parts, each switchable:
 Groups are formed from the batch's ``vid`` values. MESM's data loader gathers all queries
 of a video into one batch item, which makes groups larger than one; with ordinary shuffled
 batches most groups hold a single query (the SS token is then rebuilt from the video alone
-and the contrastive positives are the diagonal), which is still well defined.
+and the contrastive positives are the diagonal), which is still well defined. At inference
+the registered model and the predictor make every query its own group (in the corpus
+setting the other queries of a video are unknown), so predictions do not depend on the
+batch.
 
 MESM's dead code is left out: ``output_sent_proj`` (computed but unused by its loss) and the
 GloVe text encoder.

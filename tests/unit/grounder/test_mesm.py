@@ -60,6 +60,23 @@ def test_inference_needs_no_vocabulary_but_training_does():
         model(_mesm_batch())
 
 
+def test_predictions_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    model = C2FMESMQDDETR.from_config(tiny_mesm_config())
+    model.eval()
+    b = _mesm_batch()
+    together = model.predict_batch(b)
+    for i in range(4):
+        n_v, n_t = int(b["src_vid_mask"][i].sum()), int(b["src_txt_mask"][i].sum())
+        one = {k: (v[i:i + 1] if torch.is_tensor(v) else v[i:i + 1]) for k, v in b.items()}
+        one.update(src_vid=b["src_vid"][i:i + 1, :n_v], src_vid_mask=b["src_vid_mask"][i:i + 1, :n_v],
+                   src_txt=b["src_txt"][i:i + 1, :n_t], src_txt_mask=b["src_txt_mask"][i:i + 1, :n_t])
+        alone = model.predict_batch(one)[0]["pred_relevant_windows"]
+        assert [w[:2] for w in alone] == [w[:2] for w in together[i]["pred_relevant_windows"]]
+        for a, c in zip(alone, together[i]["pred_relevant_windows"]):
+            assert abs(a[2] - c[2]) <= 2e-4
+
+
 def test_prediction_has_no_negative_or_reconstruction_pass(counts_file):
     model = C2FMESMQDDETR.from_config(tiny_mesm_config(vocab_counts=counts_file,
                                                        fw_tokenizer="whitespace"))
