@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         code = args.func(args)
-    except (DataFormatError, ConfigError, FileNotFoundError) as e:
+    except (DataFormatError, ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"lavis-c2f {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

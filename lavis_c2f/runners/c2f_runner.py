@@ -221,6 +221,9 @@ class C2FRunner:
 
     def train_loader(self, epoch: int) -> DataLoader:
         ds = self.datasets[self._splits("train_splits")[0]]
+        for part in getattr(ds, "datasets", [ds]):  # per-epoch label sampling of c2f datasets
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
         sampler = DistributedSampler(ds, num_replicas=c2f_dist.get_world_size(), rank=c2f_dist.get_rank(),
                                      shuffle=True, seed=self.seed, drop_last=False)
         sampler.set_epoch(epoch)

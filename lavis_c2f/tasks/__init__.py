@@ -1,2 +1,3 @@
 """c2f tasks (registered on import)."""
 from lavis_c2f.tasks.base import C2FTask  # noqa: F401
+from lavis_c2f.tasks import moment_retrieval  # noqa: F401,E402
