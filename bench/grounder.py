@@ -8,11 +8,12 @@ Measures, for QD-DETR and MESM (official sizes, QVHighlights CLIP widths, 75 cli
   videos of one query), model forward + official post-processing, with and without the
   negative-pair pass (the official code runs it at inference too; ours does not).
 
-Timings are the best of N runs after a warm-up. Every number is reported with its ratio to the baseline measured in the same run
+Configurations are timed round-robin and each reports its best of N runs after a warm-up
+round (robust to load from other processes on a shared machine). Every number is reported with its ratio to the baseline measured in the same run
 (QD-DETR without the negative pass). Synthetic random features; the default settings take
 about 1-2 minutes on 2 CPU cores.
 
-    python bench/grounder.py [--train-batch 8] [--train-steps 2] [--repeats 5] [--json OUT]
+    python bench/grounder.py [--train-batch 8] [--train-steps 2] [--repeats 20] [--json OUT]
 """
 from __future__ import annotations
 
@@ -62,22 +63,33 @@ def synthetic_batch(bsz: int, n_clips: int, n_tokens: int, txt_dim: int, vid_dim
             "has_labels": torch.ones(bsz, dtype=torch.bool)}
 
 
-def _time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Best (minimum) seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs; the
-    minimum is the least disturbed by other processes on a shared machine."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
-def build(arch: str, neg: bool, counts_path: str, device: torch.device):
+def interleaved_best(jobs: Dict[Any, Callable[[], Any]], rounds: int, warmup: int = 1
+                     ) -> Dict[Any, float]:
+    """Best (minimum) seconds of each job over ``rounds`` rounds after ``warmup`` rounds.
+
+    Jobs run round-robin (one call of each per round), so a burst of load from other
+    processes on a shared machine hits every configuration alike, and the minimum is the
+    measurement least disturbed by it.
+    """
+    best = {key: float("inf") for key in jobs}
+    for r in range(warmup + rounds):
+        for key, fn in jobs.items():
+            elapsed = _timed(fn)
+            if r >= warmup:
+                best[key] = min(best[key], elapsed)
+    return best
+
+
+def build(arch: str, counts_path: str, device: torch.device):
+    """The registered model of ``arch`` from its shipped QVHighlights CLIP YAML."""
     from lavis_c2f.models.grounder import C2FMESMQDDETR, C2FQDDETR
 
     if arch == "qd_detr":
@@ -89,41 +101,44 @@ def build(arch: str, neg: bool, counts_path: str, device: torch.device):
         node.vocab_counts = counts_path
         node.fw_tokenizer = "whitespace"
         model = C2FMESMQDDETR.from_config(node)
-    model.config["train_neg_pass"] = neg
     return model.to(device)
 
 
-def bench_train(model, batch: Dict[str, Any], steps: int) -> float:
-    """Training samples per second."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
+def train_job(model, batch: Dict[str, Any], neg: bool) -> Callable[[], None]:
+    """One training step (forward + losses + backward + AdamW) with/without the negative pass."""
+    if not hasattr(model, "_bench_opt"):
+        model._bench_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                             lr=1e-4)
+    opt = model._bench_opt
 
     def step():
+        model.train()
+        model.config["train_neg_pass"] = neg
         out = model(batch)
         opt.zero_grad()
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
 
-    return batch["src_vid"].shape[0] / _time(step, steps)
+    return step
 
 
-def bench_infer(model, batch: Dict[str, Any], neg: bool, repeats: int) -> float:
-    """Milliseconds per (query, video) pair: forward (no grad) + official post-processing."""
+def infer_job(model, batch: Dict[str, Any], neg: bool) -> Callable[[], None]:
+    """Forward (no grad, eval) + official post-processing of a batch."""
     from lavis_c2f.models.grounder import postprocess_batch
 
-    model.eval()
     dev = model.device
     inputs = {k: batch[k].to(dev) for k in ("src_txt", "src_txt_mask", "src_vid", "src_vid_mask")}
 
     def run():
+        model.eval()
         with torch.no_grad():
             out = model.detr(**inputs, compute_neg=neg)
             postprocess_batch(out, qids=batch["qid"], queries=batch["query"], vids=batch["vid"],
                               durations=batch["duration"].tolist(),
                               clip_lengths=batch["clip_length"].tolist(), config=model.postprocess)
 
-    return 1000.0 * _time(run, repeats) / batch["src_vid"].shape[0]
+    return run
 
 
 def main(argv: List[str] = None) -> int:
@@ -133,7 +148,7 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--train-batch", type=int, default=8, help="training batch size (8)")
     ap.add_argument("--train-steps", type=int, default=2, help="timed training steps (2, after 1 warm-up)")
     ap.add_argument("--topk", type=int, default=100, help="videos per query in the batched case")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats at batch 1 (5)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed repeats at batch 1 (20)")
     ap.add_argument("--repeats-topk", type=int, default=2,
                     help="timed repeats of the top-K batch (2, after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -155,20 +170,26 @@ def main(argv: List[str] = None) -> int:
     train_batch = synthetic_batch(args.train_batch, args.clips, args.tokens, 512, 514, seed=1)
     b1 = synthetic_batch(1, args.clips, args.tokens, 512, 514, seed=2)
     bk = synthetic_batch(args.topk, args.clips, args.tokens, 512, 514, seed=3, same_query=True)
-    rows: List[Dict[str, Any]] = []
-    t_start = time.perf_counter()
-    for arch in [m.strip() for m in args.models.split(",") if m.strip()]:
+    archs = [m.strip() for m in args.models.split(",") if m.strip()]
+    for arch in archs:
         if arch not in ("qd_detr", "mesm"):
             raise SystemExit(f"unknown model '{arch}' (qd_detr, mesm)")
-        for neg in (False, True):
-            model = build(arch, neg, counts_path, device)
-            row = {"model": arch, "neg_pass": neg,
-                   "train_samples_per_s": bench_train(model, train_batch, args.train_steps),
-                   "infer_ms_per_pair_b1": bench_infer(model, b1, neg, args.repeats),
-                   f"infer_ms_per_pair_b{args.topk}": bench_infer(model, bk, neg, args.repeats_topk)}
-            rows.append(row)
-            print(f"  measured {arch:8s} neg={'yes' if neg else 'no ':3s} "
-                  f"({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    t_start = time.perf_counter()
+    models = {arch: build(arch, counts_path, device) for arch in archs}
+    configs = [(arch, neg) for arch in archs for neg in (False, True)]
+    train_s = interleaved_best({c: train_job(models[c[0]], train_batch, c[1]) for c in configs},
+                               args.train_steps)
+    print(f"  training timed ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    b1_s = interleaved_best({c: infer_job(models[c[0]], b1, c[1]) for c in configs}, args.repeats)
+    bk_s = interleaved_best({c: infer_job(models[c[0]], bk, c[1]) for c in configs},
+                            args.repeats_topk)
+    print(f"  inference timed ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    rows: List[Dict[str, Any]] = []
+    for c in configs:
+        rows.append({"model": c[0], "neg_pass": c[1],
+                     "train_samples_per_s": args.train_batch / train_s[c],
+                     "infer_ms_per_pair_b1": 1000.0 * b1_s[c],
+                     f"infer_ms_per_pair_b{args.topk}": 1000.0 * bk_s[c] / args.topk})
     base = rows[0]
     metrics = [k for k in base if k not in ("model", "neg_pass")]
     for row in rows:
