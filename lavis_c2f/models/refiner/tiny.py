@@ -1,0 +1,147 @@
+"""A tiny, randomly initialised refiner for CPU tests, demos and pipeline plumbing.
+
+:func:`make_tiny_assets` writes, offline and deterministically, the same local layout the real
+model reads (so tests exercise the real loading code)::
+
+    ROOT/bert/config.json, vocab.txt          tiny BERT config + WordPiece vocab (Q-Former)
+    ROOT/t5/config.json, pytorch_model.bin    tiny random T5 (d_model 32, 2+2 layers)
+    ROOT/t5/spiece.model, tokenizer.json, ... sentencepiece unigram model trained here on a
+                                              small corpus covering the prompt alphabet
+
+:func:`tiny_refiner_config` returns the ``model:`` mapping for
+:meth:`C2FCaptionRefiner.from_config` (tiny EVA ViT: 32 px images, 16 px patches, width 24),
+and :func:`build_tiny_refiner` builds the model. A ROOT that is complete is reused as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import string
+import tempfile
+from typing import Any, Dict, Optional
+
+TINY_IMAGE_SIZE = 32
+_MARKER = "tiny_refiner_assets.json"
+_VERSION = 1
+
+
+def _corpus() -> str:
+    lines = [
+        "Query: a man talks to the camera about cooking dinner in the kitchen",
+        "Coarse windows: [[10, 24]] Search region: [[4, 30]] duration=150s t=12s t=12.5s",
+        'speech: "so we start here and then we go there"',
+        "Given the video frames with their timestamps and speech, find the windows relevant to the query.",
+        "Relevant windows: [[12, 30], [40, 52]] []",
+    ]
+    lines += [" ".join(f"[[{i}, {i + 2}]]" for i in range(j, j + 20)) for j in range(0, 300, 20)]
+    lines += [" ".join(f"{i}.{k}" for k in range(10)) for i in range(0, 40)]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    lines += [" ".join(chars)] * 3
+    return "\n".join(lines * 2) + "\n"
+
+
+def _write_bert(root: str) -> str:
+    from transformers import BertConfig
+
+    d = os.path.join(root, "bert")
+    os.makedirs(d, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = ["the", "a", "man", "woman", "talks", "camera", "video", "query", "window"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = specials + words + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    with open(os.path.join(d, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    cfg = BertConfig(vocab_size=len(vocab) + 1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    cfg.to_json_file(os.path.join(d, "config.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"do_lower_case": True}, f)
+    return d
+
+
+def _write_t5(root: str, seed: int) -> str:
+    import sentencepiece as spm
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, Regex
+    from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
+
+    d = os.path.join(root, "t5")
+    os.makedirs(d, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.write(_corpus())
+        spm.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(tmp, "spiece"), vocab_size=200, model_type="unigram",
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+            num_threads=1, seed_sentencepiece_size=5000, minloglevel=2)
+        slow = T5Tokenizer(os.path.join(tmp, "spiece.model"), extra_ids=10)
+        slow.save_pretrained(d)
+    # tokenizer.json (what real FlanT5 folders ship), built from the sentencepiece pieces
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(d, "spiece.model"))
+    vocab = [(sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size())]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in range(9, -1, -1)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", add_prefix_space=True)
+    tk.decoder = decoders.Metaspace(replacement="\u2581", add_prefix_space=True)
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                      special_tokens=[("</s>", 1)])
+    tk.add_special_tokens(["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(10)])
+    tk.save(os.path.join(d, "tokenizer.json"))
+    cfg = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                   dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(cfg).save_pretrained(d)
+    return d
+
+
+def make_tiny_assets(root: Optional[str] = None, seed: int = 0) -> Dict[str, str]:
+    """Write the tiny BERT and T5 folders under ``root`` (default: a new temporary folder).
+    Returns ``{"root", "bert_dir", "t5_dir"}``. Reuses a complete ``root``."""
+    root = root or tempfile.mkdtemp(prefix="c2f_tiny_refiner_")
+    os.makedirs(root, exist_ok=True)
+    marker = os.path.join(root, _MARKER)
+    out = {"root": root, "bert_dir": os.path.join(root, "bert"), "t5_dir": os.path.join(root, "t5")}
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("version") == _VERSION and meta.get("seed") == seed:
+            return out
+    _write_bert(root)
+    _write_t5(root, seed)
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({"version": _VERSION, "seed": seed}, f)
+    return out
+
+
+def tiny_refiner_config(root: Optional[str] = None, seed: int = 0, **overrides: Any) -> Dict[str, Any]:
+    """The ``model:`` mapping of a tiny refiner whose assets are under ``root`` (made if needed)."""
+    assets = make_tiny_assets(root, seed)
+    cfg: Dict[str, Any] = {
+        "arch": "c2f_caption_refiner", "model_type": "tiny",
+        "vit_model": "tiny", "image_size": TINY_IMAGE_SIZE, "vit_precision": "fp32",
+        "vit_tiny": {"patch_size": 16, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0},
+        "bert_dir": assets["bert_dir"], "num_query_token": 4, "cross_attention_freq": 2,
+        "t5_dir": assets["t5_dir"], "t5_precision": "fp32", "finetune": "lora",
+        "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
+        "generation": {"num_beams": 2, "max_new_tokens": 12, "min_length": 1},
+        "max_piece_tokens": 64, "max_target_tokens": 32,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def build_tiny_refiner(root: Optional[str] = None, seed: int = 0, **overrides: Any):
+    """A tiny :class:`~lavis_c2f.models.refiner.model.C2FCaptionRefiner` (random weights,
+    seeded)."""
+    import torch
+
+    from lavis_c2f.models.refiner.model import C2FCaptionRefiner
+
+    cfg = tiny_refiner_config(root, seed, **overrides)
+    torch.manual_seed(seed)
+    return C2FCaptionRefiner.from_config(cfg)
