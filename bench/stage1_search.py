@@ -157,10 +157,10 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
     from lavis_c2f.index import AnnConfig, CorpusIndex
 
     corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
-    ann = AnnConfig(ivf_train_per_list=args.ivf_train_per_list, ivf_nprobe=args.nprobe, ivf_codec=args.ivf_codec)
+    ann = AnnConfig(ivf_nprobe=args.nprobe, ivf_codec=args.ivf_codec)
     tmp = tempfile.mkdtemp(prefix=f"stage1_bench_{n}_", dir=workdir)
     try:
-        index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp)
+        index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=args.segments)
         build_s = gen_s = 0.0
         t_all = time.perf_counter()
         for vids, clips, mask, durs in corpus.batches(args.encode_batch):
@@ -254,7 +254,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     lines = [head]
     for r in rows:
         ap = r["ann_params"]
-        desc = r["ann"] + (f" nlist={ap.get('nlist')} nprobe={ap.get('nprobe')}" if r["ann"] == "ivf" else "")
+        desc = r["ann"] + (f" {ap.get('codec')} nlist={ap.get('nlist')} nprobe={ap.get('nprobe')}"
+                           if r["ann"] == "ivf" else "")
         lines.append((f"{r['n_videos']:,}", f"{r['build_s']:.1f}", desc, str(r["m"]), f"{r['ms_per_query']:.1f}",
                       f"{r['prefilter_ms']:.1f} + {r['rerank_ms']:.1f}", fmt(r["exhaustive_ms_per_query"], ".1f"),
                       fmt(r["speedup_vs_exhaustive"], ".0f") + ("x" if r["speedup_vs_exhaustive"] else ""),
@@ -279,8 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--queries", type=int, default=30, help="queries timed per N")
     p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
-    p.add_argument("--ivf-codec", choices=["flat", "sq8"], default="flat")
-    p.add_argument("--ivf-train-per-list", type=int, default=32, help="IVF training vectors per list")
+    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default="auto")
+    p.add_argument("--segments", type=int, default=3, help="pre-filter vectors per video")
     p.add_argument("--exhaustive-queries", type=int, default=20, help="queries with exhaustive scoring (N small)")
     p.add_argument("--exhaustive-queries-big", type=int, default=5,
                    help="queries scored exhaustively in one sweep for N >= --exhaustive-batch-from")

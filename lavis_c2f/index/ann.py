@@ -2,14 +2,17 @@
 
 The kind is chosen from the corpus size unless forced (:class:`AnnConfig`):
 
+N counts indexed *vectors* (the corpus index stores ``prefilter_segments`` vectors per video).
+
 * ``flat`` -- exact ``IndexFlatIP`` inside an ``IndexIDMap2`` for ``N <= flat_max``
-  (default 20 000: a single-query flat scan reads N x D x 4 bytes, about 40 MB at 20 000 x 512,
-  a few ms here; at 1e5 it is already ~25 ms);
-* ``ivf`` -- ``IndexIVFFlat`` (or ``IndexIVFScalarQuantizer`` 8-bit with ``ivf_codec: sq8``,
-  4x less memory) beyond that. ``nlist`` defaults to the power of two nearest
-  ``4 * sqrt(N)`` (clamped to [64, 65536]); the coarse quantizer is trained on
-  ``min(N, ivf_train_per_list * nlist)`` vectors sampled with ``seed``; ``nprobe`` defaults
-  to ``max(16, nlist // 32)``;
+  (default 60 000: a single-query flat scan reads N x D x 4 bytes, about 120 MB at
+  60 000 x 512, ~15 ms on two cores here; at 3e5 vectors it would be ~75 ms);
+* ``ivf`` -- ``IndexIVFFlat`` beyond that, or ``IndexIVFScalarQuantizer`` 8-bit
+  (4x less memory, near-identical inner products on unit vectors) above ``ivf_sq8_from``
+  vectors (1e6) or with ``ivf_codec: sq8``. ``nlist`` defaults to the power of two nearest
+  ``2 * sqrt(N)`` (clamped to [64, 65536]); the coarse quantizer is trained on
+  ``min(N, ivf_train_per_list * nlist)`` vectors (40 per list, FAISS's minimum) sampled with
+  ``seed``; ``nprobe`` defaults to ``max(16, nlist // 32)``;
 * ``hnsw`` -- ``IndexHNSWFlat`` (``hnsw_m``, ``efConstruction``, ``efSearch``), only when
   asked for (building it for 1e6 x 512 takes long on two cores). HNSW cannot delete: removed
   ids stay in the graph as tombstones, filtered at search time and dropped at the next
@@ -39,11 +42,12 @@ class AnnConfig:
     """Pre-filter settings (all overridable; see the module docstring for the defaults)."""
 
     kind: str = "auto"
-    flat_max: int = 20000
+    flat_max: int = 60000
     ivf_nlist: Optional[int] = None
     ivf_nprobe: Optional[int] = None
-    ivf_codec: str = "flat"
-    ivf_train_per_list: int = 64
+    ivf_codec: str = "auto"
+    ivf_sq8_from: int = 1000000
+    ivf_train_per_list: int = 40
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
@@ -52,9 +56,10 @@ class AnnConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"ann.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.ivf_codec not in ("flat", "sq8"):
-            raise ConfigError(f"ann.ivf_codec must be 'flat' or 'sq8', got {self.ivf_codec!r}")
-        for name in ("flat_max", "ivf_train_per_list", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
+        if self.ivf_codec not in ("auto", "flat", "sq8"):
+            raise ConfigError(f"ann.ivf_codec must be 'auto', 'flat' or 'sq8', got {self.ivf_codec!r}")
+        for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "hnsw_m", "hnsw_ef_construction",
+                     "hnsw_ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("ivf_nlist", "ivf_nprobe"):
@@ -82,8 +87,13 @@ class AnnConfig:
     def nlist_for(self, n: int) -> int:
         if self.ivf_nlist is not None:
             return int(self.ivf_nlist)
-        target = 4.0 * math.sqrt(max(n, 1))
+        target = 2.0 * math.sqrt(max(n, 1))
         return int(min(65536, max(64, 2 ** round(math.log2(target)))))
+
+    def codec_for(self, n: int) -> str:
+        if self.ivf_codec != "auto":
+            return self.ivf_codec
+        return "sq8" if n > self.ivf_sq8_from else "flat"
 
     def nprobe_for(self, nlist: int) -> int:
         if self.ivf_nprobe is not None:
@@ -108,16 +118,13 @@ class AnnIndex:
 
     # -------------------------------------------------------------- construction
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: np.ndarray, config: AnnConfig) -> "AnnIndex":
-        """Index ``vectors`` (N, D) float32 (L2-normalised) under ``ids`` (N,) int64."""
+    def create(cls, config: AnnConfig, n: int, dim: int, train: Optional[np.ndarray] = None) -> "AnnIndex":
+        """An empty index for ``n`` vectors of width ``dim`` (kind from ``config.choose_kind(n)``);
+        IVF quantizers are trained on ``train`` (a sample of the vectors, float32)."""
         faiss = _faiss()
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        n, d = vectors.shape if vectors.ndim == 2 else (0, 0)
-        if vectors.ndim != 2 or ids.shape != (n,):
-            raise ValueError(f"AnnIndex.build: vectors (N, D) and ids (N,) expected, got {vectors.shape}, {ids.shape}")
+        d = int(dim)
         kind = config.choose_kind(n)
-        if kind == "ivf" and n < 2:
+        if kind == "ivf" and (train is None or len(train) < 2):
             kind = "flat"
         params: Dict[str, Any] = {}
         if kind == "flat":
@@ -130,25 +137,38 @@ class AnnIndex:
             params = {"m": int(config.hnsw_m), "ef_construction": int(config.hnsw_ef_construction),
                       "ef_search": int(config.hnsw_ef_search)}
         else:
-            nlist = max(1, min(config.nlist_for(n), n))
+            train = np.ascontiguousarray(train, dtype=np.float32)
+            nlist = max(1, min(config.nlist_for(n), len(train)))
+            codec = config.codec_for(n)
             quantizer = faiss.IndexFlatIP(d)
-            if config.ivf_codec == "sq8":
+            if codec == "sq8":
                 index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                       faiss.METRIC_INNER_PRODUCT)
             else:
                 index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.own_fields = True
             quantizer.this.disown()
-            n_train = min(n, int(config.ivf_train_per_list) * nlist)
-            rng = np.random.default_rng(config.seed)
-            sample = vectors if n_train >= n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
-            cp = index.cp if hasattr(index, "cp") else None
-            if cp is not None:
-                cp.seed = int(config.seed)
-            index.train(sample)
+            if hasattr(index, "cp"):
+                index.cp.seed = int(config.seed)
+            index.train(train)
             index.nprobe = config.nprobe_for(nlist)
-            params = {"nlist": nlist, "nprobe": int(index.nprobe), "codec": config.ivf_codec, "trained_on": n_train}
-        out = cls(index, kind, d, params)
+            params = {"nlist": nlist, "nprobe": int(index.nprobe), "codec": codec, "trained_on": int(len(train))}
+        return cls(index, kind, d, params)
+
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, config: AnnConfig) -> "AnnIndex":
+        """Index ``vectors`` (N, D) float32 (L2-normalised) under ``ids`` (N,) int64."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if vectors.ndim != 2 or ids.shape != (vectors.shape[0],):
+            raise ValueError(f"AnnIndex.build: vectors (N, D) and ids (N,) expected, got {vectors.shape}, {ids.shape}")
+        n = vectors.shape[0]
+        train = None
+        if config.choose_kind(n) == "ivf":
+            n_train = min(n, int(config.ivf_train_per_list) * config.nlist_for(n))
+            rng = np.random.default_rng(config.seed)
+            train = vectors if n_train >= n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
+        out = cls.create(config, n, vectors.shape[1], train)
         if n:
             out.add(vectors, ids)
         return out

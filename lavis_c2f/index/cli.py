@@ -297,7 +297,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ConfigError("no videos to index (check --features / --ann / --shard / --limit)")
         durs = _durations_for(vids, durations, stores, args.clip_length)
         index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
-                                      work_dir=os.path.dirname(out))
+                                      work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
         index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
         bank = _sinkhorn_bank(args, model)
         if bank is not None:
@@ -363,7 +363,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"index      {info['path']}")
     print(f"format     {info['format']} v{info['version']}")
     print(f"videos     {info['videos']} ({info['removed_rows']} removed rows, {info['frames_stored']} frames)")
-    print(f"dims       D={info['dim']}, frames<={info['max_frames']}, {info['frame_dtype']}")
+    print(f"dims       D={info['dim']}, frames<={info['max_frames']}, {info['frame_dtype']}, "
+          f"{info['prefilter_segments']} pre-filter vectors/video")
     print(f"pre-filter {ann.get('kind')} ({params})")
     print(f"model      {info['model']['arch']} config {str(info['model']['config_hash'])[:12]} "
           f"weights {str(info['model']['weights_hash'])[:12]}")
@@ -456,11 +457,15 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="index only the videos with sha1(vid) %% N == I (one shard of a big corpus)")
     b.add_argument("--ann-type", choices=["auto", "flat", "ivf", "hnsw"], default=None,
                    help="pre-filter kind (default auto: flat up to --flat-max videos, else IVF)")
-    b.add_argument("--flat-max", type=int, default=None, help="largest corpus given a flat pre-filter (20000)")
+    b.add_argument("--flat-max", type=int, default=None,
+                   help="most pre-filter vectors (videos x segments) given a flat index (60000)")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N), power of two)")
     b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/32, >= 16)")
-    b.add_argument("--ivf-codec", choices=["flat", "sq8"], default=None, help="IVF vector codec")
+    b.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
+                   help="IVF vector codec (auto: sq8 above 1e6 vectors)")
     b.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree")
+    b.add_argument("--prefilter-segments", type=int, default=3,
+                   help="pre-filter vectors per video (segment means; a video scores by its best segment)")
     b.add_argument("--frame-dtype", choices=["float16", "float32"], default="float16",
                    help="storage type of the frame embeddings")
     b.add_argument("--sinkhorn-bank", default=None, metavar="TEXT_STORE",

@@ -491,6 +491,35 @@ class C2FTMassRetriever(BaseModel):
         (mean of the normalised frames)."""
         return l2norm(video_emb.pooled.detach().float())
 
+    def prefilter_segment_vectors(self, video_emb: VideoEmbedding, num_segments: int
+                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Multi-vector pre-filter: each video's valid frames split into ``num_segments``
+        contiguous segments (``[floor(s n / S), floor((s+1) n / S))`` of its n frames), each
+        represented by the normalised mean of its L2-normalised frames.
+
+        T-MASS pools frames with query-dependent attention, so a query matching one event of
+        a long video scores high even though the event is diluted in the whole-video mean;
+        scoring a video by its best segment (max inner product) tracks that far better.
+        ``num_segments = 1`` equals :meth:`prefilter_vectors`.
+
+        Returns:
+            vectors (V, S, D) float32 (zero rows for empty segments) and valid (V, S) bool.
+        """
+        s_n = int(num_segments)
+        if s_n < 1:
+            raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+        frames = l2norm(video_emb.frames.detach().float())
+        mask = video_emb.mask.detach().float()
+        n = mask.sum(-1).round().long()                                            # (V,)
+        j = torch.arange(frames.shape[1], device=frames.device).view(1, 1, -1)     # (1, 1, F)
+        seg = torch.arange(s_n, device=frames.device).view(1, -1, 1)              # (1, S, 1)
+        start = torch.div(seg * n.view(-1, 1, 1), s_n, rounding_mode="floor")
+        end = torch.div((seg + 1) * n.view(-1, 1, 1), s_n, rounding_mode="floor")
+        w = ((j >= start) & (j < end)).float() * mask.unsqueeze(1)                  # (V, S, F)
+        count = w.sum(-1)
+        vec = l2norm(torch.bmm(w, frames) / count.clamp_min(1.0).unsqueeze(-1))
+        return vec, count > 0
+
     def prefilter_query(self, text_emb: TextEmbedding) -> torch.Tensor:
         """(Q, D) float32 L2-normalised query vectors for the ANN pre-filter (the sentence)."""
         return l2norm(text_emb.sentence.detach().float())

@@ -80,6 +80,22 @@ def test_encoders_shapes_masks_and_prefilter():
         m.encode_text(None, None, torch.randn(2, 5))
 
 
+def test_prefilter_segment_vectors():
+    m = tiny_model()
+    frames = torch.randn(3, 5, 16)
+    mask = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    v = VideoEmbedding(frames * mask.unsqueeze(-1), mask, torch.zeros(3, 16))
+    one, valid1 = m.prefilter_segment_vectors(v, 1)
+    pooled = l2norm((l2norm(frames) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1))
+    assert torch.allclose(one[:, 0], pooled, atol=1e-6) and valid1.tolist() == [[True], [True], [False]]
+    seg, valid = m.prefilter_segment_vectors(v, 3)
+    assert seg.shape == (3, 3, 16)
+    # 5 frames -> segments [0,1) [1,3) [3,5); 2 frames -> [0,0) [0,1) [1,2): the first is empty
+    assert valid.tolist() == [[True, True, True], [False, True, True], [False, False, False]]
+    assert torch.allclose(seg[0, 1], l2norm(l2norm(frames[0, 1:3]).mean(0)), atol=1e-6)
+    assert seg[1, 0].abs().sum() == 0 and seg[2].abs().sum() == 0
+
+
 def test_text_without_pooled_uses_token_mean():
     m = tiny_model()
     b = random_batch()
