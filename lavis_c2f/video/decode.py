@@ -1,0 +1,828 @@
+"""Video probing and clip-frame decoding (decord first, PyAV fallback, ffmpeg CLI last resort).
+
+Sampling rule
+-------------
+A video of duration ``D`` seconds is cut into ``N = max(1, floor(D / L + 0.5))`` clips of
+``L = clip_length`` seconds (a trailing partial clip is kept when it is at least half a clip,
+as ffmpeg's ``fps`` filter does; a 30.7 s video gives 15 clips of 2 s). Clip ``k`` is
+represented by ``F = frames_per_clip`` sample times ``t_kj = (k + (j + 0.5) / F) * L``
+(``F = 1``: the clip centre), measured from the first frame's timestamp. Each sample takes
+**the last frame whose timestamp is strictly before** ``t_kj`` (the first frame if none is;
+the last frame past the end). This is exactly the frame ffmpeg's ``-vf fps=F/L`` filter
+emits for that slot, i.e. what Moment-DETR's ``run_on_video`` (ffmpeg ``fps=1/2``) and the
+QVHighlights / UniVTG feature extractors feed to CLIP, so features of the official
+checkpoints can be reproduced. Frames are always chosen from their **timestamps** (never
+``index / fps``), so variable-frame-rate streams sample the right moments.
+
+Orientation and size
+--------------------
+Frames are returned in display orientation: the display-matrix rotation (phone videos) is
+applied after decoding (:attr:`VideoInfo.rotation`, counter-clockwise degrees). ``size``
+resizes on decode (in the decoder's scaler, before the RGB conversion): an ``int`` is the
+shorter display side (the other side ``int(long * size / short)``, as Moment-DETR's loader),
+a ``(H, W)`` pair is an exact size, ``None`` keeps the native size.
+
+Backends and decoding order
+---------------------------
+``backend="auto"`` tries decord (``get_batch`` on the sorted unique frame indices; decord
+seeks only when the next frame lies beyond the current group of pictures), falls back to
+PyAV on any decord failure (and always uses PyAV for rotated streams: decord 0.6 returns
+4-channel garbage for them), and uses the ``ffmpeg`` command line as the last resort when it
+is installed. A backend failing part-way is resumed by the next one from the first missing
+sample.
+
+PyAV decodes in presentation order, packet by packet (a corrupt packet is skipped and
+counted), and chooses per gap between consecutive samples whether to keep decoding or to
+seek: it seeks when the next sample is more than ``seek_factor`` keyframe intervals ahead
+(``mode="auto"``; ``"sequential"`` never seeks, ``"seek"`` seeks before every sample whose
+frame is not the next one). Seeking only pays off when whole groups of pictures can be
+skipped; ``bench/extract.py`` measures the crossover (``DEFAULT_SEEK_FACTOR``).
+
+Errors
+------
+Every per-file problem raises :class:`VideoDecodeError` ``(path, reason)``: missing or empty
+file, not a media container, mp4 without its index (truncated download), no video stream
+(audio-only), a stream without frames, undecodable codec data, a file whose packets stop
+well before its declared duration (truncated). :func:`decode_many` goes on with the other
+files and returns a :class:`DecodeSummary`.
+
+This module needs numpy and PyAV (decord optional); it does not import LAVIS or torch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import subprocess
+from fractions import Fraction
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SizeSpec = Union[None, int, Tuple[int, int], Sequence[int]]
+
+#: seek when the next sample is more than this many keyframe intervals ahead (PyAV, auto mode)
+DEFAULT_SEEK_FACTOR = 1.0
+#: tie tolerance of the "strictly before" rule (seconds)
+TIE_EPS = 1e-6
+#: a stream whose readable packets end before this fraction of the declared duration is truncated
+TRUNCATED_FRACTION = 0.95
+BACKENDS = ("auto", "decord", "pyav", "ffmpeg")
+MODES = ("auto", "sequential", "seek")
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file cannot be probed or decoded; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = str(reason)
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe` learns about a file.
+
+    Attributes:
+        duration: seconds of the video stream (first frame to the end of the last frame);
+            for audio-only files the container / audio duration.
+        fps: average frame rate (frames / second) measured from the timestamps.
+        n_frames: number of readable video frames (packets).
+        width, height: display size (after rotation).
+        rotation: counter-clockwise degrees to turn decoded frames to display orientation
+            (0, 90, 180 or 270).
+        has_video, has_audio: stream presence (cover-art pictures do not count as video).
+        vfr: the frame intervals vary (variable frame rate).
+        start_time: timestamp of the first frame (seconds); sample times are relative to it.
+        keyframe_interval: mean seconds between keyframes (``inf`` with a single keyframe).
+        codec: video codec name.
+        frame_times: (n_frames,) sorted absolute frame timestamps in seconds (not in repr).
+    """
+
+    path: str
+    duration: float
+    fps: float
+    n_frames: int
+    width: int
+    height: int
+    rotation: int = 0
+    has_video: bool = True
+    has_audio: bool = False
+    vfr: bool = False
+    start_time: float = 0.0
+    keyframe_interval: float = math.inf
+    codec: str = ""
+    frame_times: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+
+    def n_clips(self, clip_length: float) -> int:
+        """Number of ``clip_length``-second clips (see the module docstring)."""
+        return num_clips(self.duration, clip_length)
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"path": self.path, "duration": self.duration, "fps": self.fps, "n_frames": self.n_frames,
+                "width": self.width, "height": self.height, "rotation": self.rotation,
+                "has_video": self.has_video, "has_audio": self.has_audio, "vfr": self.vfr,
+                "start_time": self.start_time, "keyframe_interval": self.keyframe_interval,
+                "codec": self.codec}
+
+
+@dataclass
+class ClipBatch:
+    """Frames of consecutive clips.
+
+    Attributes:
+        start: index of the first clip of the batch.
+        frames: (B, F, H, W, 3) uint8 RGB, display orientation.
+        times: (B, F) float64 timestamps (seconds from the first frame) of the chosen frames.
+    """
+
+    start: int
+    frames: np.ndarray
+    times: np.ndarray
+
+
+@dataclass
+class ClipFrames:
+    """All clips of a video: ``frames`` (N, F, H, W, 3) uint8, ``times`` (N, F) seconds,
+    ``targets`` (N, F) sample times, ``info`` and the backends that produced them."""
+
+    frames: np.ndarray
+    times: np.ndarray
+    targets: np.ndarray
+    info: VideoInfo
+    backends: List[str]
+
+
+# =========================================================================== sampling
+
+
+def num_clips(duration: float, clip_length: float) -> int:
+    """``max(1, floor(duration / clip_length + 0.5))`` for a positive duration, else 0."""
+    if clip_length <= 0:
+        raise ValueError(f"clip_length must be > 0, got {clip_length}")
+    if not (duration > 0) or not math.isfinite(duration):
+        return 0
+    return max(1, int(math.floor(duration / clip_length + 0.5 + 1e-9)))
+
+
+def sample_times(n_clips: int, clip_length: float, frames_per_clip: int = 1) -> np.ndarray:
+    """(N, F) sample times in seconds: ``(k + (j + 0.5) / F) * clip_length``."""
+    if frames_per_clip < 1:
+        raise ValueError(f"frames_per_clip must be >= 1, got {frames_per_clip}")
+    k = np.arange(n_clips, dtype=np.float64)[:, None]
+    j = (np.arange(frames_per_clip, dtype=np.float64)[None, :] + 0.5) / frames_per_clip
+    return (k + j) * float(clip_length)
+
+
+def select_frames(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Index of the last frame strictly before each target time (clamped to the first frame).
+
+    Args:
+        frame_times: (T,) sorted frame timestamps.
+        targets: any shape of times on the same clock.
+    Returns: int64 indices, shape of ``targets``.
+    """
+    ft = np.asarray(frame_times, dtype=np.float64)
+    if ft.size == 0:
+        raise ValueError("no frames to select from")
+    idx = np.searchsorted(ft, np.asarray(targets, dtype=np.float64) - TIE_EPS, side="left") - 1
+    return np.clip(idx, 0, ft.size - 1).astype(np.int64)
+
+
+def output_size(height: int, width: int, size: SizeSpec) -> Tuple[int, int]:
+    """(H, W) of decoded frames for a display size and a ``size`` spec (module docstring)."""
+    if size is None:
+        return int(height), int(width)
+    if isinstance(size, (int, np.integer)):
+        s = int(size)
+        if s < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if height <= width:
+            return s, max(1, int(width * s / height))
+        return max(1, int(height * s / width)), s
+    hw = tuple(int(x) for x in size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"size must be an int (shorter side) or (H, W), got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def _rot_k(rotation: int) -> int:
+    return (int(round(rotation / 90.0)) % 4)
+
+
+def _to_display(frame: np.ndarray, rotation: int) -> np.ndarray:
+    k = _rot_k(rotation)
+    return np.ascontiguousarray(np.rot90(frame, k)) if k else frame
+
+
+# =========================================================================== probing
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "file not found")
+    if os.path.isdir(path):
+        raise VideoDecodeError(path, "is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file (0 bytes)")
+
+
+def _open_av(path: str):
+    import av
+
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except av.FFmpegError as e:
+        detail = getattr(e, "strerror", None) or str(e)
+        raise VideoDecodeError(path, f"not a readable media file ({detail}); it may be truncated (an mp4 "
+                                     "whose index is missing) or not a video at all") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise VideoDecodeError(path, f"cannot open: {e}") from None
+
+
+def _is_cover_art(stream) -> bool:
+    try:
+        import av
+
+        return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    except Exception:  # older PyAV: no disposition flags
+        return False
+
+
+def probe(path: Union[str, "os.PathLike[str]"]) -> VideoInfo:
+    """Read a file's streams and timestamps (demuxing every video packet, no full decode)
+    and decode its first frame (rotation, decodability).
+
+    Returns a :class:`VideoInfo`; an audio-only file gives ``has_video=False`` (decoding it
+    raises). Raises :class:`VideoDecodeError` for a missing, empty, unreadable, frameless,
+    undecodable or truncated file.
+    """
+    import av
+
+    path = os.fspath(path)
+    _check_file(path)
+    container = _open_av(path)
+    try:
+        videos = [s for s in container.streams.video if not _is_cover_art(s)]
+        audios = list(container.streams.audio)
+        cont_dur = float(container.duration) / 1e6 if container.duration and container.duration > 0 else None
+        if not videos:
+            dur = cont_dur
+            if dur is None and audios and audios[0].duration and audios[0].time_base:
+                dur = float(audios[0].duration * audios[0].time_base)
+            return VideoInfo(path=path, duration=float(dur or 0.0), fps=0.0, n_frames=0, width=0, height=0,
+                             has_video=False, has_audio=bool(audios), codec="")
+        s = videos[0]
+        tb = float(s.time_base) if s.time_base else None
+        if tb is None or tb <= 0:
+            raise VideoDecodeError(path, "video stream has no time base")
+        pts: List[int] = []
+        keys: List[bool] = []
+        durs: List[int] = []
+        demux_error = None
+        try:
+            for pk in container.demux(s):
+                t = pk.pts if pk.pts is not None else pk.dts
+                if t is None or pk.size == 0:
+                    continue
+                pts.append(int(t))
+                keys.append(bool(pk.is_keyframe))
+                durs.append(int(pk.duration or 0))
+        except av.FFmpegError as e:
+            demux_error = getattr(e, "strerror", None) or str(e)
+        indexed = int(s.frames or 0)
+        if not pts:
+            reason = "video stream has no frames (zero-length video)"
+            if demux_error:
+                reason = f"no readable video packets ({demux_error}); the file is corrupt or truncated"
+            raise VideoDecodeError(path, reason)
+        order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+        pts_arr = np.asarray(pts, dtype=np.int64)[order]
+        key_arr = np.asarray(keys, dtype=bool)[order]
+        times = pts_arr.astype(np.float64) * tb
+        n = int(times.size)
+        diffs = np.diff(times)
+        med = float(np.median(diffs)) if n > 1 else 0.0
+        last_dur = float(durs[int(order[-1])]) * tb if durs[int(order[-1])] > 0 else med
+        if not (last_dur > 0):
+            rate = float(s.average_rate or s.guessed_rate or 0) or 25.0
+            last_dur = 1.0 / rate
+        start = float(times[0])
+        duration = float(times[-1] - start + last_dur)
+        fps = (n - 1) / float(times[-1] - start) if n > 1 and times[-1] > start else \
+            float(s.average_rate or s.guessed_rate or 0.0)
+        vfr = bool(n > 2 and med > 0 and np.any(np.abs(diffs - med) > max(0.1 * med, 2.0 * tb)))
+        kt = times[key_arr]
+        key_interval = float(np.mean(np.diff(kt))) if kt.size > 1 else math.inf
+        # truncation: fewer packets than the index announces / packets stop early
+        declared = None
+        if s.duration and s.duration > 0:
+            declared = float(s.duration * s.time_base)
+        elif cont_dur is not None:
+            declared = cont_dur
+        truncated = None
+        if indexed > 0 and n < TRUNCATED_FRACTION * indexed:
+            truncated = f"only {n} of {indexed} indexed video frames are readable"
+        elif declared is not None and declared > 1.0 and duration < TRUNCATED_FRACTION * declared - 0.5:
+            truncated = f"video packets stop at {duration:.2f} s of a declared {declared:.2f} s"
+        if truncated is None and demux_error and declared is not None and duration < declared - 1.0:
+            truncated = f"reading stopped at {duration:.2f} s ({demux_error})"
+        if truncated is not None:
+            raise VideoDecodeError(path, f"truncated or corrupt file: {truncated}")
+        # decode the first frame(s): rotation + decodability
+        codec_name = str(s.codec_context.name or "")
+        container.close()
+        container = _open_av(path)
+        s = [v for v in container.streams.video if not _is_cover_art(v)][0]
+        first = None
+        errors = 0
+        try:
+            for pk in container.demux(s):
+                try:
+                    frames = pk.decode()
+                except av.FFmpegError:
+                    errors += 1
+                    if errors > 8:
+                        break
+                    continue
+                if frames:
+                    first = frames[0]
+                    break
+        except av.FFmpegError:
+            first = None
+        if first is None:
+            raise VideoDecodeError(path, f"no decodable video frame (codec {codec_name!r})")
+        rotation = int(round(float(getattr(first, "rotation", 0) or 0))) % 360
+        if rotation % 90:
+            logger.warning("%s: rotation %d is not a multiple of 90 degrees; ignored", path, rotation)
+            rotation = 0
+        width, height = int(first.width), int(first.height)
+        if rotation in (90, 270):
+            width, height = height, width
+        meta_rate = float(s.average_rate) if s.average_rate else 0.0
+        if meta_rate > 0 and fps > 0 and abs(meta_rate - fps) / fps > 0.05 and not vfr:
+            logger.debug("%s: container frame rate %.3f differs from the timestamps' %.3f", path, meta_rate, fps)
+        if not (0 < fps < 1000):
+            fps = meta_rate if 0 < meta_rate < 1000 else float(n) / max(duration, 1e-9)
+        return VideoInfo(path=path, duration=duration, fps=float(fps), n_frames=n, width=width, height=height,
+                         rotation=rotation, has_video=True, has_audio=bool(audios), vfr=vfr, start_time=start,
+                         keyframe_interval=key_interval, codec=codec_name, frame_times=times)
+    finally:
+        container.close()
+
+
+def _require_video(info: VideoInfo) -> None:
+    if not info.has_video:
+        what = "audio-only file" if info.has_audio else "no audio or video streams"
+        raise VideoDecodeError(info.path, f"no video stream ({what}, {info.duration:.2f} s)")
+    if info.n_frames == 0 or not (info.duration > 0):
+        raise VideoDecodeError(info.path, "video stream has no frames (zero-length video)")
+
+
+# =========================================================================== backends
+# Each backend yields one (frame HxWx3 uint8 in stored orientation, absolute time) per
+# target time, in order. ``out_hw`` is the stored-orientation output size.
+
+
+def decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def ffmpeg_available() -> bool:
+    return shutil.which("ffmpeg") is not None
+
+
+def _decord_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw: Tuple[int, int],
+                   chunk: int = 64) -> Iterator[Tuple[np.ndarray, float]]:
+    import decord
+
+    h, w = out_hw
+    kw = {}
+    if (h, w) != _stored_hw(info):
+        kw = {"width": int(w), "height": int(h)}
+    vr = decord.VideoReader(info.path, ctx=decord.cpu(0), num_threads=0, **kw)
+    n = len(vr)
+    if n == 0:
+        raise RuntimeError("decord reports 0 frames")
+    ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
+    if np.any(np.diff(ts) < 0):
+        raise RuntimeError("decord frame timestamps are not sorted")
+    # decord's clock starts at 0 for the first frame; targets are absolute (stream clock)
+    idx = select_frames(ts, targets_abs - info.start_time + ts[0])
+    i = 0
+    while i < idx.size:
+        j = min(idx.size, i + chunk)
+        uniq, inv = np.unique(idx[i:j], return_inverse=True)
+        batch = vr.get_batch(uniq.tolist())
+        # LAVIS switches decord's global bridge to torch: accept both array types
+        batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch.numpy())
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise RuntimeError(f"decord returned frames of shape {batch.shape}")
+        for k in range(j - i):
+            u = int(inv[k])
+            yield batch[u], float(ts[uniq[u]] - ts[0] + info.start_time)
+        i = j
+
+
+def _stored_hw(info: VideoInfo) -> Tuple[int, int]:
+    if info.rotation in (90, 270):
+        return info.width, info.height
+    return info.height, info.width
+
+
+def _pyav_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw: Tuple[int, int], mode: str = "auto",
+                 seek_factor: float = DEFAULT_SEEK_FACTOR, stats: Optional[Dict[str, int]] = None
+                 ) -> Iterator[Tuple[np.ndarray, float]]:
+    import av
+
+    h, w = out_hw
+    stats = stats if stats is not None else {}
+    stats.setdefault("seeks", 0)
+    stats.setdefault("decoded", 0)
+    stats.setdefault("bad_packets", 0)
+    native = (h, w) == _stored_hw(info)
+
+    def convert(fr) -> np.ndarray:
+        if native:
+            return fr.to_ndarray(format="rgb24")
+        return fr.reformat(width=int(w), height=int(h), format="rgb24").to_ndarray()
+
+    gap_seek = seek_factor * info.keyframe_interval if math.isfinite(info.keyframe_interval) else math.inf
+    container = _open_av(info.path)
+    try:
+        s = container.streams.video[[i for i, v in enumerate(container.streams.video)
+                                     if not _is_cover_art(v)][0]]
+        s.thread_type = "AUTO"
+        tb = float(s.time_base)
+        n_t = int(targets_abs.size)
+        k = 0            # next target to answer
+        prev = None      # (frame, time) of the last decoded frame strictly before targets[k]
+        cur_time = -math.inf
+        seeked_for = -1  # the target a seek was made for (no second seek for the same target)
+
+        def want_seek(t_next: float) -> bool:
+            if mode == "sequential" or seeked_for == k:
+                return False
+            if mode == "seek":
+                return t_next - cur_time > 1.5 / max(info.fps, 1e-3)
+            return t_next - cur_time > gap_seek
+
+        def packets(seek_to: Optional[float]):
+            if seek_to is not None:
+                container.seek(max(0, int(math.floor((seek_to - TIE_EPS) / tb)) - 1), stream=s,
+                               backward=True, any_frame=False)
+                stats["seeks"] += 1
+            for pk in container.demux(s):
+                if pk.size == 0 and pk.pts is None:  # flush packet
+                    try:
+                        yield from pk.decode()
+                    except av.FFmpegError:
+                        pass
+                    continue
+                try:
+                    yield from pk.decode()
+                except av.FFmpegError:
+                    stats["bad_packets"] += 1
+                    if stats["bad_packets"] > max(8, info.n_frames // 20):
+                        raise VideoDecodeError(info.path, f"too many undecodable packets "
+                                                          f"({stats['bad_packets']}); the file is corrupt")
+
+        seek_to = None
+        if mode != "sequential" and targets_abs[0] - info.start_time > gap_seek:
+            seek_to, seeked_for = float(targets_abs[0]), 0
+        while k < n_t:
+            restart = False
+            for fr in packets(seek_to):
+                if fr.pts is None and fr.time is None:
+                    continue
+                t = float(fr.time) if fr.time is not None else float(fr.pts) * tb
+                stats["decoded"] += 1
+                if seek_to is not None and prev is None and t > targets_abs[k] - TIE_EPS:
+                    # landed past the target after a seek: this is the nearest frame we can get
+                    prev = (fr, t)
+                # answer every target this frame is not strictly before
+                while k < n_t and t >= targets_abs[k] - TIE_EPS:
+                    src = prev if prev is not None else (fr, t)
+                    yield convert(src[0]), src[1]
+                    k += 1
+                if k >= n_t:
+                    break
+                prev = (fr, t)
+                cur_time = t
+                if want_seek(targets_abs[k]):
+                    seek_to, seeked_for = float(targets_abs[k]), k
+                    prev = None
+                    restart = True
+                    break
+            if k >= n_t:
+                break
+            if restart:
+                continue
+            # end of stream: remaining targets take the last frame
+            if prev is None:
+                raise VideoDecodeError(info.path, "decoding produced no frame")
+            last_t = prev[1]
+            if targets_abs[k] - last_t > max(2.0, 0.1 * info.duration) and \
+                    last_t - info.start_time < TRUNCATED_FRACTION * info.duration - 0.5:
+                raise VideoDecodeError(info.path, f"truncated or corrupt file: frames stop at "
+                                                  f"{last_t - info.start_time:.2f} s of {info.duration:.2f} s")
+            arr = convert(prev[0])
+            while k < n_t:
+                yield arr, last_t
+                k += 1
+    finally:
+        container.close()
+
+
+def _ffmpeg_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw_display: Tuple[int, int],
+                   clip_length: float, frames_per_clip: int) -> Iterator[Tuple[np.ndarray, float]]:
+    """ffmpeg's fps filter picks the same frames (last strictly before each sample time);
+    output is already in display orientation (ffmpeg autorotates)."""
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise RuntimeError("ffmpeg is not installed")
+    h, w = out_hw_display
+    rate = Fraction(int(frames_per_clip)) / Fraction(str(float(clip_length)))
+    cmd = [exe, "-nostdin", "-v", "error", "-i", info.path, "-an", "-sn",
+           "-vf", f"fps=fps={rate}:round=near,scale={w}:{h}", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+    frame_bytes = h * w * 3
+    n_t = int(targets_abs.size)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    got = 0
+    last = None
+    try:
+        assert proc.stdout is not None
+        while got < n_t:
+            buf = proc.stdout.read(frame_bytes)
+            if not buf or len(buf) < frame_bytes:
+                break
+            last = np.frombuffer(buf, np.uint8).reshape(h, w, 3).copy()
+            yield last, float(targets_abs[got])
+            got += 1
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+        err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr is not None else ""
+        proc.wait()
+    if got < n_t:
+        if last is None:
+            raise RuntimeError(f"ffmpeg produced no frames: {err.strip()[:300]}")
+        while got < n_t:
+            yield last, float(targets_abs[got])
+            got += 1
+
+
+# =========================================================================== clip decoding
+
+
+def _plan(info: VideoInfo, clip_length: float, frames_per_clip: int) -> Tuple[int, np.ndarray]:
+    _require_video(info)
+    n = info.n_clips(clip_length)
+    targets = sample_times(n, clip_length, frames_per_clip)
+    return n, targets
+
+
+def _backend_chain(backend: str, info: VideoInfo) -> List[str]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return [backend]
+    chain = []
+    if decord_available() and info.rotation == 0:
+        chain.append("decord")
+    chain.append("pyav")
+    if ffmpeg_available():
+        chain.append("ffmpeg")
+    return chain
+
+
+def iter_clip_batches(path: Union[str, "os.PathLike[str]", VideoInfo], clip_length: float = 2.0,
+                      frames_per_clip: int = 1, size: SizeSpec = None, batch_clips: int = 32,
+                      backend: str = "auto", mode: str = "auto", seek_factor: float = DEFAULT_SEEK_FACTOR,
+                      used_backends: Optional[List[str]] = None, stats: Optional[Dict[str, int]] = None
+                      ) -> Iterator[ClipBatch]:
+    """Yield :class:`ClipBatch` es of at most ``batch_clips`` clips (memory stays bounded).
+
+    Args:
+        path: video file (or its :class:`VideoInfo` from :func:`probe`).
+        clip_length: seconds per clip.
+        frames_per_clip: samples per clip (1 = centre frame).
+        size: resize on decode (int shorter side, (H, W), or None).
+        backend: ``auto`` | ``decord`` | ``pyav`` | ``ffmpeg``.
+        mode: PyAV seek policy ``auto`` | ``sequential`` | ``seek``.
+        used_backends: if given, the names of the backends that produced frames are appended.
+        stats: if given, PyAV counters (``seeks``, ``decoded``, ``bad_packets``) are added.
+    Raises :class:`VideoDecodeError` (possibly after some batches were yielded).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if batch_clips < 1:
+        raise ValueError("batch_clips must be >= 1")
+    info = path if isinstance(path, VideoInfo) else probe(path)
+    n, targets = _plan(info, clip_length, frames_per_clip)
+    F = int(frames_per_clip)
+    disp_hw = output_size(info.height, info.width, size)
+    stored_hw = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
+    flat = targets.reshape(-1)
+    abs_t = flat + info.start_time
+    chain = _backend_chain(backend, info)
+    used = used_backends if used_backends is not None else []
+    errors: List[str] = []
+
+    def frame_stream() -> Iterator[Tuple[np.ndarray, float]]:
+        done = 0
+        for b in chain:
+            if done >= flat.size:
+                return
+            try:
+                if b == "decord":
+                    it = _decord_frames(info, abs_t[done:], stored_hw)
+                elif b == "pyav":
+                    it = _pyav_frames(info, abs_t[done:], stored_hw, mode=mode, seek_factor=seek_factor,
+                                      stats=stats)
+                else:
+                    it = _ffmpeg_frames(info, abs_t, disp_hw, clip_length, F)
+                    it = _skip(it, done)
+                first = True
+                for fr, t in it:
+                    if first:
+                        used.append(b)
+                        first = False
+                    if b != "ffmpeg":
+                        fr = _to_display(fr, info.rotation)
+                    if fr.shape[:2] != tuple(disp_hw):
+                        raise RuntimeError(f"{b} returned {fr.shape[:2]} frames, expected {tuple(disp_hw)}")
+                    yield fr, t - info.start_time
+                    done += 1
+                return
+            except VideoDecodeError:
+                raise  # a verdict about the file (truncated, corrupt), not about the backend
+            except Exception as e:  # backend-specific failure: try the next one
+                errors.append(f"{b}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                logger.debug("%s: backend %s failed after %d frames: %s", info.path, b, done, e)
+        if done < flat.size:
+            raise VideoDecodeError(info.path, "all decoders failed: " + "; ".join(errors))
+
+    H, W = disp_hw
+    buf = np.empty((min(batch_clips, n), F, H, W, 3), np.uint8)
+    tbuf = np.empty((min(batch_clips, n), F), np.float64)
+    pos = 0
+    start = 0
+    for fr, t in frame_stream():
+        c, j = divmod(pos - start * F, F)
+        buf[c, j] = fr
+        tbuf[c, j] = t
+        pos += 1
+        if pos == (start + buf.shape[0]) * F or pos == n * F:
+            b = (pos // F) - start
+            yield ClipBatch(start=start, frames=buf[:b].copy(), times=tbuf[:b].copy())
+            start += b
+    if start < n:
+        raise VideoDecodeError(info.path, f"decoders produced {start} of {n} clips")
+
+
+def _skip(it: Iterator, n: int) -> Iterator:
+    for i, x in enumerate(it):
+        if i >= n:
+            yield x
+
+
+def decode_clips(path: Union[str, "os.PathLike[str]", VideoInfo], clip_length: float = 2.0,
+                 frames_per_clip: int = 1, size: SizeSpec = None, backend: str = "auto", mode: str = "auto",
+                 seek_factor: float = DEFAULT_SEEK_FACTOR) -> ClipFrames:
+    """Decode every clip of a video at once: frames (N, F, H, W, 3) uint8 (see
+    :func:`iter_clip_batches` for the arguments; use that for long videos)."""
+    info = path if isinstance(path, VideoInfo) else probe(path)
+    n, targets = _plan(info, clip_length, frames_per_clip)
+    used: List[str] = []
+    batches = list(iter_clip_batches(info, clip_length, frames_per_clip, size, batch_clips=max(1, n),
+                                     backend=backend, mode=mode, seek_factor=seek_factor, used_backends=used))
+    frames = np.concatenate([b.frames for b in batches], axis=0)
+    times = np.concatenate([b.times for b in batches], axis=0)
+    return ClipFrames(frames=frames, times=times, targets=targets, info=info, backends=used)
+
+
+def decode_all_frames(path: Union[str, "os.PathLike[str]"], size: SizeSpec = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Every frame of a video, decoded and converted with PyAV (the naive baseline of
+    ``bench/extract.py``): ((T, H, W, 3) uint8 display orientation, (T,) seconds from the
+    first frame, presentation order)."""
+    info = probe(path)
+    _require_video(info)
+    disp_hw = output_size(info.height, info.width, size)
+    h, w = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
+    container = _open_av(info.path)
+    frames, times = [], []
+    try:
+        s = [v for v in container.streams.video if not _is_cover_art(v)][0]
+        s.thread_type = "AUTO"
+        for fr in container.decode(s):
+            frames.append(_to_display(fr.reformat(width=w, height=h, format="rgb24").to_ndarray(), info.rotation))
+            times.append(float(fr.time) - info.start_time)
+    finally:
+        container.close()
+    return np.stack(frames), np.asarray(times)
+
+
+# =========================================================================== many files
+
+
+@dataclass
+class DecodeSummary:
+    """Outcome of a batch over many files: ``ok`` paths, ``failed`` path -> reason, ``skipped``."""
+
+    ok: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)
+
+    def add_error(self, path: str, err: BaseException) -> None:
+        self.failed[str(path)] = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
+
+    @property
+    def total(self) -> int:
+        return len(self.ok) + len(self.failed) + len(self.skipped)
+
+    def format(self, max_failures: int = 50) -> str:
+        lines = [f"{len(self.ok)} ok, {len(self.failed)} failed, {len(self.skipped)} skipped "
+                 f"(of {self.total})"]
+        for i, (p, r) in enumerate(sorted(self.failed.items())):
+            if i >= max_failures:
+                lines.append(f"  ... and {len(self.failed) - max_failures} more failures")
+                break
+            lines.append(f"  FAILED {p}: {r}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"ok": list(self.ok), "failed": dict(self.failed), "skipped": list(self.skipped)}
+
+
+def decode_many(paths: Iterable[Union[str, "os.PathLike[str]"]], fn: Callable[[str, ClipFrames], None],
+                clip_length: float = 2.0, frames_per_clip: int = 1, size: SizeSpec = None,
+                backend: str = "auto", mode: str = "auto", print_summary: bool = True) -> DecodeSummary:
+    """Decode each file and call ``fn(path, clip_frames)``; a file that fails (decoding or in
+    ``fn``) is recorded with its reason and the batch goes on. The summary is printed (and
+    logged) at the end when ``print_summary``."""
+    summary = DecodeSummary()
+    for p in paths:
+        p = os.fspath(p)
+        try:
+            fn(p, decode_clips(p, clip_length, frames_per_clip, size, backend=backend, mode=mode))
+        except (VideoDecodeError, OSError, ValueError, RuntimeError) as e:
+            summary.add_error(p, e)
+            logger.warning("%s", e if isinstance(e, VideoDecodeError) else f"{p}: {e}")
+            continue
+        summary.ok.append(p)
+    if print_summary:
+        print(summary.format())
+    return summary
+
+
+def probe_many(paths: Iterable[Union[str, "os.PathLike[str]"]]) -> Tuple[Dict[str, VideoInfo], DecodeSummary]:
+    """Probe each file; returns ({path: info} of the readable videos, summary). Audio-only
+    files count as failures (no video stream)."""
+    infos: Dict[str, VideoInfo] = {}
+    summary = DecodeSummary()
+    for p in paths:
+        p = os.fspath(p)
+        try:
+            info = probe(p)
+            _require_video(info)
+        except VideoDecodeError as e:
+            summary.add_error(p, e)
+            continue
+        infos[p] = info
+        summary.ok.append(p)
+    return infos, summary
+
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp",
+                    ".ts", ".mts", ".ogv")
+
+
+def list_videos(video_dir: Union[str, "os.PathLike[str]"], extensions: Sequence[str] = VIDEO_EXTENSIONS,
+                recursive: bool = True) -> List[str]:
+    """Sorted video files under a folder (by extension, case-insensitive; hidden files skipped)."""
+    root = os.fspath(video_dir)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"video folder not found: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if not f.startswith(".") and f.lower().endswith(exts):
+                out.append(os.path.join(dirpath, f))
+        if not recursive:
+            break
+    return sorted(out)
