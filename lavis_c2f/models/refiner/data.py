@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from torch.utils.data import Dataset
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
@@ -451,7 +452,7 @@ BUILDER_KEYS = {"type", "data_root", "annotations", "reader", "frames", "caption
 
 
 @registry.register_builder("c2f_refiner")
-class RefinerDatasetBuilder:
+class RefinerDatasetBuilder(BaseDatasetBuilder):
     """``c2f_refiner`` datasets (``{split: RefinerDataset}``) from a ``datasets.c2f_refiner`` node::
 
         data_root: DIR                 # base of relative paths (demo_corpus: the demo root)
@@ -482,7 +483,8 @@ class RefinerDatasetBuilder:
                               f"{sorted(cls.DATASET_CONFIG_DICT)}")
         return config_path(cls.DATASET_CONFIG_DICT[type])
 
-    def __init__(self, cfg: Any = None):
+    def __init__(self, cfg: Any = None):  # noqa: D401 - LAVIS signature
+        # BaseDatasetBuilder.__init__ expects LAVIS's build_info: not called on purpose.
         if cfg is None:
             raise ConfigError("datasets.c2f_refiner: a config node is required (no default data)")
         self.config = cfg

@@ -79,7 +79,7 @@ DEFAULTS: Dict[str, Any] = {
     "tiny_assets": None, "bert_dir": None, "qformer_init_from_bert": False, "num_query_token": 32,
     "cross_attention_freq": 2, "t5_dir": None, "t5_precision": "bf16",
     "finetune": "lora", "lora": None, "prompt": None, "output": None, "generation": None,
-    "max_piece_tokens": 256, "max_target_tokens": 64, "score_mode": "stage2",
+    "max_piece_tokens": 512, "max_target_tokens": 64, "score_mode": "stage2",
     "keep_stage2_tail": True, "tail_iou_threshold": 0.7, "max_pred_windows": 10,
 }
 LORA_DEFAULTS = {"r": 8, "alpha": 8.0, "dropout": 0.05,
@@ -344,7 +344,12 @@ class C2FCaptionRefiner(Blip2T5):
         if c["tiny_assets"]:  # a tiny random model: write its BERT/T5 folders (offline) if needed
             from lavis_c2f.models.refiner.tiny import make_tiny_assets
 
-            assets = make_tiny_assets(resolve_path(c["tiny_assets"]))
+            root = c["tiny_assets"]
+            if root == "auto":
+                from lavis_c2f.paths import cache_root
+
+                root = os.path.join(cache_root(), "tiny_refiner")
+            assets = make_tiny_assets(resolve_path(root))
             c["bert_dir"] = c["bert_dir"] or assets["bert_dir"]
             c["t5_dir"] = c["t5_dir"] or assets["t5_dir"]
         kwargs = {k: v for k, v in c.items() if k != "tiny_assets"}

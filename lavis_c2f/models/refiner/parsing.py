@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
 
-_NUM = r"[-+]?\d+(?:\.\d+)?"
+_NUM = r"[-+]?[0-9]+(?:\.[0-9]+)?"  # ASCII digits only (\d also matches other scripts)
 _PAIR = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
 _EMPTY = re.compile(r"^\s*\[?\s*\]?\s*$")
 

@@ -55,6 +55,7 @@ class PromptConfig:
         include_region: write the search region ("Search region: ...").
         max_captions: captions kept per sample (0 = no speech in the prompt).
         max_caption_words: words kept per caption.
+        max_query_words: words kept of the query (the instruction after it is never cut).
         task_prompt: the instruction closing the prompt.
     """
 
@@ -66,6 +67,7 @@ class PromptConfig:
     include_region: bool = True
     max_captions: int = 8
     max_caption_words: int = 24
+    max_query_words: int = 48
     task_prompt: str = ("Given the video frames with their timestamps and speech, find the windows "
                         "relevant to the query.\nRelevant windows:")
 
@@ -261,7 +263,7 @@ def build_prompt(query: str, frame_times: Sequence[float], duration: float,
                 segments.append(cfg.caption_template.format(text=text))
     if cfg.duration_template:
         segments.append(cfg.duration_template.format(d=format_time(duration, d)))
-    lines = [f"Query: {' '.join(query.split())}"]
+    lines = [f"Query: {' '.join(query.split()[:max(1, cfg.max_query_words)])}"]
     if cfg.include_reference:
         ref = [(w[0], w[1]) for w in _valid_windows(reference_windows)]
         lines.append(f"Coarse windows: {format_windows(ref, d)}")

@@ -129,7 +129,7 @@ def tiny_refiner_config(root: Optional[str] = None, seed: int = 0, **overrides: 
         "t5_dir": assets["t5_dir"], "t5_precision": "fp32", "finetune": "lora",
         "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
         "generation": {"num_beams": 2, "max_new_tokens": 12, "min_length": 1},
-        "max_piece_tokens": 64, "max_target_tokens": 32,
+        "max_piece_tokens": 256, "max_target_tokens": 32,
     }
     cfg.update(overrides)
     return cfg
