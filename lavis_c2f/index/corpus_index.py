@@ -133,60 +133,89 @@ class _Segment:
     files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # file -> {sha256, bytes}
 
 
-class _PendingSegment:
-    """A segment being written: frames appended to a spill file, prefilter kept in memory."""
+class _SpillFile:
+    """An append-only raw array file in a spill folder, hashed as it is written and
+    memory-mapped for reading (re-mapped after appends)."""
 
-    def __init__(self, dim: int, dtype: np.dtype, work_dir: Optional[str], segments: int):
-        self.dim, self.dtype, self.segments = dim, np.dtype(dtype), int(segments)
-        self.tmpdir = tempfile.mkdtemp(prefix=".c2f-index-spill-", dir=work_dir)
-        self.path = os.path.join(self.tmpdir, "frames.bin")
-        self._fh = open(self.path, "wb")
+    def __init__(self, path: str, dtype: np.dtype, row_shape: Tuple[int, ...]):
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
+        self._fh = open(path, "wb")
         self._sha = hashlib.sha256()
-        self.n_frames = 0
-        self.prefilter: List[np.ndarray] = []
-        self.n_rows = 0
+        self.n = 0
         self._map: Optional[np.ndarray] = None
-        self._map_frames = -1
+        self._map_n = -1
 
-    def append(self, frames: np.ndarray, prefilter: np.ndarray) -> int:
-        """Append (n, D) frames; returns their start offset."""
+    def append(self, rows: np.ndarray) -> int:
         if self._fh.closed:  # finished by a save that failed later: keep appending
             self._fh = open(self.path, "ab")
-        start = self.n_frames
-        b = np.ascontiguousarray(frames, dtype=self.dtype).tobytes()
+        start = self.n
+        b = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
         self._fh.write(b)
         self._sha.update(b)
-        self.n_frames += int(frames.shape[0])
-        self.prefilter.append(np.ascontiguousarray(prefilter, dtype=np.float16))
-        self.n_rows += int(prefilter.shape[0])
+        self.n += int(rows.shape[0])
         return start
 
-    def frames_view(self) -> np.ndarray:
-        if self._map_frames != self.n_frames:
+    def view(self) -> np.ndarray:
+        if self._map_n != self.n:
             if not self._fh.closed:
                 self._fh.flush()
-            self._map = (np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_frames, self.dim))
-                         if self.n_frames else np.zeros((0, self.dim), self.dtype))
-            self._map_frames = self.n_frames
+            self._map = (np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n, *self.row_shape))
+                         if self.n else np.zeros((0, *self.row_shape), self.dtype))
+            self._map_n = self.n
         return self._map
 
-    def prefilter_array(self) -> np.ndarray:
-        if len(self.prefilter) > 1:
-            self.prefilter = [np.concatenate(self.prefilter)]
-        return self.prefilter[0] if self.prefilter else np.zeros((0, self.segments, self.dim), np.float16)
-
-    def finish(self) -> Tuple[str, str]:
-        """Close the spill file; returns (path, sha256)."""
+    def finish(self) -> str:
+        """Flush, fsync and close; returns the sha256 of the content."""
         if not self._fh.closed:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-        return self.path, self._sha.hexdigest()
+        return self._sha.hexdigest()
 
-    def discard(self) -> None:
+    def close(self) -> None:
         with contextlib.suppress(Exception):
             self._fh.close()
         self._map = None
+
+
+class _PendingSegment:
+    """A segment being written: frames and pre-filter vectors appended to spill files (so a
+    build never holds them in memory)."""
+
+    def __init__(self, dim: int, dtype: np.dtype, work_dir: Optional[str], segments: int):
+        self.dim, self.dtype, self.segments = dim, np.dtype(dtype), int(segments)
+        self.tmpdir = tempfile.mkdtemp(prefix=".c2f-index-spill-", dir=work_dir)
+        self.frames = _SpillFile(os.path.join(self.tmpdir, "frames.bin"), self.dtype, (dim,))
+        self.prefilter = _SpillFile(os.path.join(self.tmpdir, "prefilter.bin"), np.float16, (self.segments, dim))
+
+    @property
+    def n_frames(self) -> int:
+        return self.frames.n
+
+    @property
+    def n_rows(self) -> int:
+        return self.prefilter.n
+
+    def append(self, frames: np.ndarray, prefilter: np.ndarray) -> int:
+        """Append (n, D) frames and (rows, S, D) pre-filter vectors; returns the frames' offset."""
+        start = self.frames.append(frames)
+        self.prefilter.append(prefilter)
+        return start
+
+    def frames_view(self) -> np.ndarray:
+        return self.frames.view()
+
+    def prefilter_array(self) -> np.ndarray:
+        return self.prefilter.view()
+
+    def finish(self) -> Dict[str, Tuple[str, str]]:
+        """Close the spill files; returns {"frames"|"prefilter": (path, sha256)}."""
+        return {"frames": (self.frames.path, self.frames.finish()),
+                "prefilter": (self.prefilter.path, self.prefilter.finish())}
+
+    def discard(self) -> None:
+        self.frames.close()
+        self.prefilter.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
@@ -783,17 +812,12 @@ class CorpusIndex:
             new_seg = None
             if self._pending is not None and self._pending.n_rows:
                 name = f"seg-{len(self._segments):05d}"
-                fr_path, fr_sha = self._pending.finish()
+                done = self._pending.finish()
                 fr_name, pf_name = f"{name}.frames", f"{name}.prefilter"
-                _link_or_copy(fr_path, os.path.join(tmp, fr_name))
-                files[fr_name] = {"sha256": fr_sha, "bytes": os.path.getsize(fr_path)}
-                pre = self._pending.prefilter_array()
-                with open(os.path.join(tmp, pf_name), "wb") as fh:
-                    fh.write(np.ascontiguousarray(pre, np.float16).tobytes())
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                files[pf_name] = {"sha256": _sha256_file(os.path.join(tmp, pf_name)),
-                                  "bytes": os.path.getsize(os.path.join(tmp, pf_name))}
+                for key, fname in (("frames", fr_name), ("prefilter", pf_name)):
+                    src, sha = done[key]
+                    _link_or_copy(src, os.path.join(tmp, fname))
+                    files[fname] = {"sha256": sha, "bytes": os.path.getsize(src)}
                 new_seg = _Segment(name, self._pending.n_rows, self._pending.n_frames,
                                    files={fr_name: files[fr_name], pf_name: files[pf_name]})
             # row table, ids, ANN, bias
