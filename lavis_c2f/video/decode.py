@@ -579,6 +579,13 @@ def _ffmpeg_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw_display: Tup
     if got < n_t:
         if last is None:
             raise RuntimeError(f"ffmpeg produced no frames: {err.strip()[:300]}")
+        # samples past the fps filter's last slot take the video's last frame
+        tail = subprocess.run([exe, "-nostdin", "-v", "error", "-sseof", "-3", "-i", info.path, "-an", "-sn",
+                               "-vf", f"scale={w}:{h}", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"],
+                              capture_output=True).stdout
+        if len(tail) >= frame_bytes:
+            k = len(tail) // frame_bytes
+            last = np.frombuffer(tail[(k - 1) * frame_bytes: k * frame_bytes], np.uint8).reshape(h, w, 3).copy()
         while got < n_t:
             yield last, float(targets_abs[got])
             got += 1
