@@ -308,12 +308,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.perf_counter()
         row = run_one(n, model, args, args.workdir or tempfile.gettempdir())
         row["wall_s"] = time.perf_counter() - t0
+        row["loadavg_1min_at_end"] = os.getloadavg()[0]
         rows.append(row)
         print(f"N={n:,} done in {row['wall_s']:.0f} s: {row['ms_per_query']:.1f} ms/query, recall@10 "
               f"{fmt(row['recall_at_10'], '.3f')}", file=sys.stderr)
         gc.collect()
+    loads = ", ".join(f"{r['loadavg_1min_at_end']:.1f}" for r in rows)
     print(f"\nstage-1 search, D={D}, {FRAMES} frames/video, {args.threads} threads, k=10, "
-          f"T-MASS {model.num_trials} trials")
+          f"T-MASS {model.num_trials} trials, {args.segments} pre-filter vectors/video; host load average "
+          f"(1 min) at the end of each N: {loads} on {os.cpu_count()} cores (other jobs share the host)")
     print_table(rows)
     if args.json:
         from lavis_c2f.common.io import write_json

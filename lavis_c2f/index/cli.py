@@ -193,6 +193,15 @@ def _durations_for(vids, durations, stores, clip_length):
     return out
 
 
+def _check_width(loader, vid: str, model) -> None:
+    from lavis_c2f.common.errors import ConfigError
+
+    width = loader.load(vid).shape[-1]
+    if width != model.video_input_dim:
+        raise ConfigError(f"--features give {width}-d clip features (all streams concatenated) but the model's "
+                          f"video_input_dim is {model.video_input_dim}")
+
+
 def _sinkhorn_bank(args, model):
     """TextEmbedding of the bank queries (``--sinkhorn-bank`` store, ``--sinkhorn-bank-ann`` qids)."""
     if not args.sinkhorn_bank:
@@ -245,12 +254,17 @@ def _encode_queries(model, field_dicts: Sequence[Dict[str, Any]], names: Sequenc
     import numpy as np
     import torch
 
+    from lavis_c2f.common.errors import DataFormatError
     from lavis_c2f.data.features import l2_normalize
     from lavis_c2f.models.retriever.embeddings import TextEmbedding
 
     embs = []
     for fields, name in zip(field_dicts, names):
         tok, pooled = _query_arrays(fields, name)
+        for arr in (tok, pooled):
+            if arr is not None and arr.shape[-1] != model.text_input_dim:
+                raise DataFormatError(f"query features are {arr.shape[-1]}-d but the model's text_input_dim is "
+                                      f"{model.text_input_dim}", path=name)
         if normalize:
             tok = None if tok is None else l2_normalize(tok)
             pooled = None if pooled is None else l2_normalize(pooled)
@@ -296,6 +310,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not vids:
             raise ConfigError("no videos to index (check --features / --ann / --shard / --limit)")
         durs = _durations_for(vids, durations, stores, args.clip_length)
+        _check_width(loader, vids[0], model)
         index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
                                       work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
         index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
@@ -330,6 +345,7 @@ def cmd_add(args: argparse.Namespace) -> int:
                 logger.info("%d videos are already indexed; skipped (use --replace to re-encode)", skipped)
             vids = [v for v in vids if v not in index]
         if vids:
+            _check_width(loader, vids[0], model)
             index.add_features(vids, loader.load, _durations_for(vids, durations, stores, args.clip_length),
                                batch_size=args.batch_size, progress=not args.no_progress)
             index.save(index.path)

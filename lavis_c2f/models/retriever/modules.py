@@ -171,7 +171,11 @@ class TextConditionedPooling(nn.Module):
         mu = frames.mean(-1)
         if norms is None:
             norms = frames.norm(dim=-1)
-        var = (norms * norms / d - mu * mu).clamp_min(0.0)
+        mean_sq = norms * norms / d
+        var = (mean_sq - mu * mu).clamp_min(0.0)        # one pass; exact enough unless |mu| >> std
+        risky = var < 1e-3 * mean_sq
+        if bool(risky.any()):                            # cancellation: recompute those frames exactly
+            var = torch.where(risky, (frames - mu.unsqueeze(-1)).square().mean(-1), var)
         return mu, torch.rsqrt(var + self.layer_norm1.eps)
 
     def pool(self, g: torch.Tensor, frames: torch.Tensor, mu: torch.Tensor, inv_sigma: torch.Tensor,

@@ -140,3 +140,20 @@ def test_extension_hook_adds_index_subcommands(monkeypatch):
     assert parser.parse_args(["index", "late"]).func(None) == 7
     with pytest.raises(ValueError, match="already exists"):
         index_cli.add_index_subcommand("build", late)
+
+
+def test_width_mismatches_are_clear_errors(corpus, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load(open(corpus["cfg"]))
+    cfg["model"]["video_input_dim"] = 16
+    bad.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["index", "build", "--features", corpus["feats"], "--model-cfg", str(bad),
+                     "--out", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert "video_input_dim is 16" in capsys.readouterr().err
+    out = str(tmp_path / "ix")
+    assert cli.main(["index", "build", "--features", corpus["feats"], "--model-cfg", corpus["cfg"],
+                     "--out", out, "--no-progress", "--limit", "5"]) == 0
+    q = tmp_path / "qid9.npz"
+    np.savez(q, pooler_output=np.ones(7, np.float32))
+    assert cli.main(["index", "search", out, "--query-features", str(q), "--model-cfg", corpus["cfg"]]) == 1
+    assert "qid9.npz" in capsys.readouterr().err

@@ -176,3 +176,14 @@ def test_infonce_duplicate_masking():
     t = torch.arange(3)
     want = (torch.nn.functional.cross_entropy(manual, t) + torch.nn.functional.cross_entropy(manual.t(), t)) / 2
     assert torch.allclose(masked, want)
+
+
+def test_folded_layernorm_is_accurate_for_offset_features():
+    pool = _perturbed_pool()
+    f = torch.randn(2, 5, 32) * 0.01 + 3.0          # |mean| >> std: the one-pass variance would cancel
+    mu, isg = pool.frame_stats(f)
+    ref = torch.nn.functional.layer_norm(f, (32,), eps=pool.layer_norm1.eps)
+    assert torch.allclose((f - mu.unsqueeze(-1)) * isg.unsqueeze(-1), ref, atol=2e-3)
+    t = torch.randn(3, 32)
+    got = pool.pool(pool.prepare_text(t), f, mu, isg, torch.ones(2, 5))
+    assert torch.allclose(got, _naive_pool(pool, t, f, torch.ones(2, 5)), atol=2e-3)
