@@ -17,7 +17,8 @@ from lavis_c2f.common.errors import ConfigError, DataFormatError
 COMMAND_MODULES = [
     "lavis_c2f.data.cli",            # make-demo-corpus, convert
     "lavis_c2f.models.grounder.cli",  # vocab
-    "lavis_c2f.index.cli",           # index
+    "lavis_c2f.index.cli",           # index (build|add|info|search|videos)
+    "lavis_c2f.video.cli",           # extract
     "lavis_c2f.pipeline.cli",        # merge-stage1, tune-fusion
     "lavis_c2f.evaluation.cli",      # eval
 ]
