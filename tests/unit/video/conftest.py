@@ -74,6 +74,8 @@ def media(tmp_path_factory) -> dict:
     _ffmpeg(["-f", "lavfi", "-i", "sine=frequency=440:duration=2", "-c:a", "aac", "-f", "mp4",
              str(d / "audio_only.mp4")])
     (d / "empty.mp4").write_bytes(b"")
+    _ffmpeg(["-f", "lavfi", "-i", f"testsrc=size={ID_W}x{ID_H}:rate=10", "-frames:v", "0", "-c:v", "libx264",
+             str(d / "zero_frames.mp4")])
     (d / "notvideo.mp4").write_text("this is not a video\n" * 50)
     # a longer clip with audio for truncation tests (faststart: the index is at the start)
     _ffmpeg(["-f", "lavfi", "-i", "testsrc=size=96x64:rate=25", "-f", "lavfi", "-i", "sine=duration=8",

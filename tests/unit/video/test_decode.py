@@ -164,6 +164,7 @@ def test_resize_on_decode_keeps_aspect(media):
 @pytest.mark.parametrize("name,needle", [
     ("audio_only", "audio-only"),
     ("empty", "empty file"),
+    ("zero_frames", "zero-length"),
     ("notvideo", "not a readable media file"),
     ("trunc_fs", "truncated"),
     ("trunc_moov", "not a readable media file"),
