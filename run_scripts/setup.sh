@@ -24,7 +24,7 @@ if [ "$ver" != "3.11" ]; then
   echo "setup: warning: tested with Python 3.11, found $ver ($PY); set PYTHON=python3.11 if available" >&2
 fi
 
-stamp_src="$(cat "$ROOT/requirements-lock.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+stamp_src="$(cat "$ROOT/requirements-lock.txt" "$ROOT/requirements-nodeps.txt" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 stamp_file="$VENV/.c2f-setup-stamp"
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_src" ]; then
   echo "setup: environment up to date ($VENV)"
@@ -33,6 +33,8 @@ else
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$ROOT/requirements-lock.txt" 2>&1 \
     | grep -v -E "^WARNING: Location .* is ignored" || true
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r "$ROOT/requirements-nodeps.txt" 2>&1 \
+    | grep -v -E "^WARNING: Location .* is ignored" || true
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 \
     | grep -v -E "^WARNING: Location .* is ignored|^ *$|!!|wheel_obj|\*\*\*\*|setuptools|SetuptoolsDeprecationWarning|Please|See https|deprecated|By 20" || true
   "$VENV/bin/python" -c "import lavis_c2f" || { echo "setup: 'import lavis_c2f' failed" >&2; exit 1; }
@@ -40,13 +42,19 @@ else
   echo "setup: done"
 fi
 
-# System tools used by the video tests. Best effort: skipped without root/apt.
-if ! command -v ffmpeg >/dev/null 2>&1; then
+# System tools: ffmpeg (video decoding fallback, test clips). With --test-tools also the
+# tools only the tests use (espeak-ng for the speech test). Best effort: without root/apt the
+# tests that need them are skipped with a reason.
+want=(ffmpeg)
+if [ "${1:-}" = "--test-tools" ]; then want+=(espeak-ng); fi
+missing=()
+for tool in "${want[@]}"; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing ffmpeg (apt)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null) \
-      || echo "setup: warning: could not install ffmpeg; video tests that need it will be skipped" >&2
+    echo "setup: installing ${missing[*]} (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "setup: warning: could not install ${missing[*]}; tests that need them will be skipped" >&2
   else
-    echo "setup: note: ffmpeg not found and cannot be installed here; video tests that need it will be skipped" >&2
+    echo "setup: note: ${missing[*]} not found and cannot be installed here; tests that need them will be skipped" >&2
   fi
 fi

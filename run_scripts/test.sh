@@ -4,7 +4,7 @@
 #   bash run_scripts/test.sh -m "not slow" # the quick subset
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/run_scripts/setup.sh"
+bash "$ROOT/run_scripts/setup.sh" --test-tools
 VENV="${C2F_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning,ignore::DeprecationWarning}"
