@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
