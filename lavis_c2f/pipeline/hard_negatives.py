@@ -1,0 +1,124 @@
+"""Stage-2 training on retrieved videos: hard-negative samples from stage-1 results.
+
+:class:`HardNegativeMomentDataset` wraps a :class:`~lavis_c2f.datasets.MomentRetrievalDataset`
+(its samples come first, unchanged) and appends ``round(ratio * N)`` extra samples, N being
+the number of queries that have at least one retrieved non-GT video. An extra sample pairs a
+query with one of its top-``top_k`` retrieved videos that is **not** its ground-truth video,
+with no windows: ``has_labels = False``, empty ``span_labels``, zero saliency labels, the
+duration of that video. The grounder learns to give such pairs low foreground scores (every
+DETR query is matched to "no object"), which is what makes stage-2 scores comparable across
+the candidate videos of a query in the coarse-to-fine ranking. The saliency margin term skips
+these samples (the criterion masks ``has_labels = False``), and the negative-pair term keeps
+using the batch's other texts, as for ordinary samples.
+
+Sampling is deterministic per epoch: :meth:`set_epoch` draws which queries get an extra sample
+this epoch (a permutation seeded by ``[seed, epoch]``) and each extra sample draws its video
+with ``numpy.random.default_rng([seed, epoch, j])``. Stage-1 lists come from the records'
+``extra["stage1_result"]`` (``lavis-c2f merge-stage1``) or from a stage-1 ranks file.
+
+The wrapper lives here (not in :mod:`lavis_c2f.datasets`) and is applied by the
+``c2f_corpus_moment_retrieval`` task to its training split (``run.hard_negative_ratio``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.records import MomentRecord
+
+
+class HardNegativeMomentDataset(Dataset):
+    """A moment-retrieval dataset plus hard-negative (query, retrieved non-GT video) samples.
+
+    Args:
+        base: the stage-2 dataset (``records``, ``video_features``, ``text_features``,
+            ``labels``, ``collater``, ``set_epoch``).
+        stage1: per record of ``base`` its ranked ``[[vid, score], ...]`` (None: read
+            ``record.extra["stage1_result"]``).
+        ratio: extra samples per eligible query and epoch (> 0; 1.0 = one each).
+        top_k: negatives are drawn among the first ``top_k`` retrieved videos.
+        seed: sampling seed.
+    """
+
+    def __init__(self, base, stage1: Optional[Sequence[Sequence[Sequence[Any]]]] = None, *, ratio: float = 0.5,
+                 top_k: int = 5, seed: int = 0):
+        if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0 and math.isfinite(ratio)):
+            raise ConfigError(f"run.hard_negative_ratio: expected a number > 0, got {ratio!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"run.hard_negative_top_k: expected a positive integer, got {top_k!r}")
+        self.base = base
+        self.ratio = float(ratio)
+        self.top_k = int(top_k)
+        self.seed = int(seed)
+        if stage1 is None:
+            from lavis_c2f.pipeline.merge import stage1_lists
+
+            stage1 = stage1_lists(base.records, None, top_k=top_k, where="run.stage1_ranks")
+        if len(stage1) != len(base.records):
+            raise ValueError(f"{len(stage1)} stage-1 lists for {len(base.records)} records")
+        self.negatives: List[List[str]] = []
+        for rec, ranked in zip(base.records, stage1):
+            self.negatives.append([str(v) for v, _ in list(ranked)[: self.top_k] if str(v) != rec.vid])
+        self.eligible = [i for i, n in enumerate(self.negatives) if n]
+        self.num_extra = int(round(self.ratio * len(self.eligible)))
+        self.durations: Dict[str, float] = {}
+        for rec in base.records:
+            self.durations.setdefault(rec.vid, float(rec.duration))
+        self.epoch = 0
+        self._order = self._draw_order(0)
+
+    # -- LAVIS / runner plumbing
+    def __len__(self) -> int:
+        return len(self.base) + self.num_extra
+
+    def __getattr__(self, name: str) -> Any:  # records, clip_length, name, ... of the base dataset
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return self.base.collater(samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+        self._order = self._draw_order(self.epoch)
+
+    def _draw_order(self, epoch: int) -> np.ndarray:
+        if not self.eligible:
+            return np.zeros(0, dtype=np.int64)
+        reps = -(-self.num_extra // len(self.eligible))   # ceil: ratio > 1 repeats queries
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        perm = np.concatenate([rng.permutation(len(self.eligible)) for _ in range(max(reps, 1))])
+        return np.asarray(self.eligible, dtype=np.int64)[perm[: self.num_extra]]
+
+    # -- samples
+    def negative_pair(self, j: int) -> tuple:
+        """``(record index, negative vid)`` of extra sample ``j`` in the current epoch."""
+        qi = int(self._order[j])
+        rng = np.random.default_rng([self.seed, self.epoch, int(j), 2])
+        negs = self.negatives[qi]
+        return qi, negs[int(rng.integers(len(negs)))]
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        n = len(self.base)
+        if index < n:
+            return self.base[index]
+        j = index - n
+        if not 0 <= j < self.num_extra:
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        qi, vid = self.negative_pair(j)
+        rec = self.base.records[qi]
+        video = self.base.video_features(vid)
+        query = self.base.text_features(rec.qid)
+        neg = MomentRecord(qid=rec.qid, query=rec.query, vid=vid,
+                           duration=self.durations.get(vid, math.inf), relevant_windows=[])
+        sample = {"qid": rec.qid, "query": rec.query, "vid": vid, "clip_length": self.base.clip_length,
+                  "relevant_windows": [], "video_feat": video, "query_feat": query}
+        sample.update(self.base.labels(neg, int(video.shape[0]), np.random.default_rng([self.seed, self.epoch, j, 3])))
+        return sample

@@ -1,0 +1,278 @@
+"""``c2f_corpus_moment_retrieval``: coarse-to-fine video corpus moment retrieval.
+
+One model per YAML, as in LAVIS: ``model:`` is the stage-2 grounder (``c2f_qd_detr`` /
+``c2f_mesm_qd_detr``); stage 1 enters as its *results*, the ranked videos of each query:
+
+* the annotation files of the YAML are stage-2 files made by ``lavis-c2f merge-stage1``
+  (every row carries ``stage1_result: [[vid, score], ...]``), or
+* ``run.stage1_ranks`` names stage-1 ranks files (``<split>_<epoch>_ranks.jsonl`` of the
+  ``c2f_video_retrieval`` task): a path template with ``{split}``, a mapping
+  ``split -> path``, or one path for every split. It wins over ``stage1_result``.
+
+So the retriever checkpoint is used once, by ``evaluate.py`` on the stage-1 YAML, and the
+grounder checkpoint by this task (``run.checkpoint`` with ``evaluate.py``, or training).
+
+Evaluation (the runner's loader is not used): queries are sharded contiguously across ranks;
+each query is grounded in its first ``stage1_top_k`` retrieved videos and, when it has
+ground truth, in its GT video too (single-video metrics and the perfect-stage-1 bound), by
+the grounder's ``predict_batch`` on batches of ``pair_batch_size`` (query, video) pairs. The
+grounders predict each pair independently of the batch (batch-independent T2V mask, MESM
+groups of one), so the rows gathered in rank order equal a single-process run. Fusion and
+metrics are :mod:`lavis_c2f.pipeline.fusion` (documented there): VCMR R@{1,5,10,100} at IoU
+{0.5, 0.7}, stage-1 video recall, single-video moment retrieval in the GT video (official
+``eval_submission`` for ``eval_protocol: qvh``, R1/R5@IoU + mIoU for ``r1miou``), and the
+VCMR upper bound with a perfect stage 1 (``oracle-VCMR-...``).
+
+Outputs (atomic, result folder, ``<tag> = <split>_<epoch>``):
+``<tag>_vcmr.jsonl`` (``qid, query, pred_moments [[vid, st, ed, score], ...]``),
+``<tag>_candidates.jsonl`` (per query: stage-1 list, grounded candidates with windows, GT-video
+windows; the input of ``lavis-c2f tune-fusion``), ``<tag>_gt_preds.jsonl`` (official rows of
+the grounder in the GT video) and ``<tag>_metrics.json``.
+
+Training: the base loop on the grounder. With ``hard_negative_ratio > 0`` the training split
+is wrapped in :class:`~lavis_c2f.pipeline.hard_negatives.HardNegativeMomentDataset` (its
+stage-1 lists from ``stage1_ranks`` or ``stage1_result``).
+
+``run:`` options (:attr:`CorpusMomentRetrievalTask.TASK_OPTIONS`):
+
+* ``stage1_ranks`` (null), ``stage1_top_k`` (10): see above.
+* ``fusion`` ({form: product, weight: 1.0, s1_norm: zscore, max_moments: 100}) or
+  ``fusion_file`` (the JSON of ``lavis-c2f tune-fusion``; wins over ``fusion``).
+* ``pair_batch_size`` (64): (query, video) pairs per forward pass.
+* ``eval_protocol`` (``qvh`` | ``r1miou``), ``max_pred_windows`` (10): single-video metrics.
+* ``agg_metric`` (``VCMR-R@1-IoU@0.5``): selects the best epoch.
+* ``ground_truth_video`` (true): also ground each labelled query in its GT video.
+* ``hard_negative_ratio`` (0 = off), ``hard_negative_top_k`` (5), ``hard_negative_seed`` (0).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from lavis.common.registry import registry
+from tqdm.auto import tqdm
+
+from lavis_c2f.common import dist as c2f_dist
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.io import write_json, write_jsonl
+from lavis_c2f.data.records import MomentRecord
+from lavis_c2f.data.cfg import to_plain
+from lavis_c2f.paths import resolve_path
+from lavis_c2f.tasks.base import C2FTask, move_to_device, unwrap_model
+from lavis_c2f.tasks.base import result_dir as default_result_dir
+from lavis_c2f.tasks.video_retrieval import shard_range
+
+logger = logging.getLogger(__name__)
+
+
+@registry.register_task("c2f_corpus_moment_retrieval")
+class CorpusMomentRetrievalTask(C2FTask):
+    """Coarse-to-fine task (see the module docstring)."""
+
+    TASK_OPTIONS = {
+        "stage1_ranks": None,
+        "stage1_top_k": 10,
+        "fusion": None,
+        "fusion_file": None,
+        "pair_batch_size": 64,
+        "eval_protocol": "qvh",
+        "agg_metric": "VCMR-R@1-IoU@0.5",
+        "max_pred_windows": 10,
+        "ground_truth_video": True,
+        "hard_negative_ratio": 0.0,
+        "hard_negative_top_k": 5,
+        "hard_negative_seed": 0,
+    }
+
+    def __init__(self, **options: Any):
+        from lavis_c2f.pipeline.fusion import FusionConfig, load_fusion_choice
+
+        super().__init__(**options)
+        o = self.options
+        for key in ("stage1_top_k", "pair_batch_size", "max_pred_windows", "hard_negative_top_k"):
+            v = o[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"run.{key}: expected a positive integer, got {v!r}")
+        if o["eval_protocol"] not in ("qvh", "r1miou"):
+            raise ConfigError(f"run.eval_protocol: expected 'qvh' or 'r1miou', got {o['eval_protocol']!r}")
+        r = o["hard_negative_ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r < 0 or not math.isfinite(r):
+            raise ConfigError(f"run.hard_negative_ratio: expected a number >= 0, got {r!r}")
+        if not isinstance(o["ground_truth_video"], bool):
+            raise ConfigError(f"run.ground_truth_video: expected true/false, got {o['ground_truth_video']!r}")
+        if o["fusion_file"]:
+            self.fusion = load_fusion_choice(resolve_path(o["fusion_file"]))
+        else:
+            self.fusion = FusionConfig.from_mapping(to_plain(o["fusion"]), where="run.fusion")
+        ranks = to_plain(o["stage1_ranks"])
+        if ranks is not None and not isinstance(ranks, (str, dict)):
+            raise ConfigError(f"run.stage1_ranks: expected a path (template with {{split}}) or a mapping "
+                              f"split -> path, got {ranks!r}")
+        self.stage1_ranks = ranks
+        self.agg_metric = str(o["agg_metric"])
+        self.datasets: Dict[str, Dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ build
+    def stage1_source(self, split: Optional[str]) -> Optional[str]:
+        """The stage-1 ranks file of ``split`` (None: use the annotations' ``stage1_result``)."""
+        r = self.stage1_ranks
+        if r is None or r == "":
+            return None
+        if isinstance(r, dict):
+            p = r.get(split)
+            return resolve_path(p) if p else None
+        return resolve_path(r.replace("{split}", split or ""))
+
+    def build_datasets(self, cfg) -> Dict[str, Dict[str, Any]]:
+        """As the base; checks the stage-2 dataset type, keeps the datasets and wraps the
+        training split with hard negatives when ``hard_negative_ratio > 0``."""
+        from lavis_c2f.pipeline.hard_negatives import HardNegativeMomentDataset
+        from lavis_c2f.pipeline.merge import stage1_lists
+
+        datasets = super().build_datasets(cfg)
+        train_splits = list(cfg.run_cfg.get("train_splits", []) or [])
+        ratio = float(self.options["hard_negative_ratio"])
+        for name, splits in datasets.items():
+            for split, ds in list(splits.items()):
+                if not hasattr(ds, "labels") or not hasattr(ds, "records"):
+                    raise ConfigError(f"datasets.{name}: {split} is a {type(ds).__name__}; the corpus task needs "
+                                      "dataset_type: moment_retrieval")
+                if ratio > 0 and split in train_splits:
+                    k = int(self.options["hard_negative_top_k"])
+                    lists = stage1_lists(ds.records, self.stage1_source(split), top_k=k,
+                                         where=f"run.stage1_ranks ({split})")
+                    splits[split] = HardNegativeMomentDataset(ds, lists, ratio=ratio, top_k=k,
+                                                              seed=int(self.options["hard_negative_seed"]))
+                    logger.info("%s/%s: %d hard-negative samples per epoch added to %d", name, split,
+                                splits[split].num_extra, len(ds))
+        self.datasets = datasets
+        return datasets
+
+    def _split_of(self, dataset) -> Optional[str]:
+        for splits in self.datasets.values():
+            for split, ds in splits.items():
+                if ds is dataset or getattr(ds, "base", None) is dataset:
+                    return split
+        name = str(getattr(dataset, "name", ""))
+        return name.rsplit("/", 1)[-1] if "/" in name else None
+
+    # ------------------------------------------------------------------ evaluation
+    @staticmethod
+    def pair_sample(dataset, rec: MomentRecord, vid: str, duration: float, query_feat: torch.Tensor
+                    ) -> Dict[str, Any]:
+        """A moment-retrieval sample pairing ``rec``'s query with video ``vid`` (no labels)."""
+        video = dataset.video_features(vid)
+        probe = MomentRecord(qid=rec.qid, query=rec.query, vid=vid, duration=duration, relevant_windows=[])
+        sample = {"qid": rec.qid, "query": rec.query, "vid": vid, "clip_length": dataset.clip_length,
+                  "relevant_windows": [], "video_feat": video, "query_feat": query_feat}
+        sample.update(dataset.labels(probe, int(video.shape[0]), None))
+        return sample
+
+    @torch.no_grad()
+    def evaluation(self, model, data_loader, device: Optional[torch.device] = None, dataset=None,
+                   desc: str = "evaluate", **_: Any) -> Dict[str, Any]:
+        """Ground every query of this rank's shard in its candidates; returns, on every rank,
+        ``{"rows": candidate rows of all ranks in dataset order, "split"}``."""
+        from lavis_c2f.pipeline.merge import stage1_lists
+
+        device = device or torch.device("cpu")
+        dataset = dataset if dataset is not None else getattr(data_loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "records") or not hasattr(dataset, "labels"):
+            raise ConfigError(f"{type(self).__name__} evaluates a MomentRetrievalDataset, got "
+                              f"{type(dataset).__name__}")
+        split = self._split_of(dataset)
+        records = dataset.records
+        stage1 = stage1_lists(records, self.stage1_source(split), where=f"run.stage1_ranks ({split})")
+        model = unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        try:
+            rows = self._ground(model, dataset, records, stage1, device, desc)
+        finally:
+            model.train(was_training)
+        gathered = c2f_dist.all_gather_objects(rows)
+        return {"rows": [r for part in gathered for r in part], "split": split}
+
+    def _ground(self, model, dataset, records: Sequence[MomentRecord], stage1: List[List[List[Any]]],
+                device: torch.device, desc: str) -> List[Dict[str, Any]]:
+        k = int(self.options["stage1_top_k"])
+        durations: Dict[str, float] = {}
+        for rec in records:
+            durations.setdefault(rec.vid, float(rec.duration))
+        start, end = shard_range(len(records), c2f_dist.get_rank(), c2f_dist.get_world_size())
+        # (query index, vid) pairs of this shard, in order; per query: its pairs' vids
+        pairs: List[Tuple[int, str]] = []
+        for qi in range(start, end):
+            rec = records[qi]
+            vids = [str(v) for v, _ in stage1[qi][:k]]
+            if self.options["ground_truth_video"] and rec.relevant_windows and rec.vid not in vids:
+                vids.append(rec.vid)
+            pairs.extend((qi, v) for v in vids)
+        results: Dict[Tuple[int, str], Dict[str, Any]] = {}
+        bs = int(self.options["pair_batch_size"])
+        qcache: Dict[int, torch.Tensor] = {}
+        show = self.show_progress and c2f_dist.is_main_process()
+        for b0 in tqdm(range(0, len(pairs), bs), desc=desc, leave=False, dynamic_ncols=True, disable=not show,
+                       unit="batch"):
+            chunk = pairs[b0:b0 + bs]
+            samples = []
+            for qi, vid in chunk:
+                if qi not in qcache:
+                    qcache.clear()
+                    qcache[qi] = dataset.text_features(records[qi].qid)
+                dur = float(records[qi].duration) if vid == records[qi].vid else durations.get(vid, math.inf)
+                samples.append(self.pair_sample(dataset, records[qi], vid, dur, qcache[qi]))
+            batch = move_to_device(dataset.collater(samples), device)
+            for (qi, vid), pred in zip(chunk, model.predict_batch(batch)):
+                results[(qi, vid)] = pred
+        rows = []
+        for qi in range(start, end):
+            rec = records[qi]
+            cands = []
+            for vid, s1 in stage1[qi][:k]:
+                pred = results[(qi, str(vid))]
+                cands.append([str(vid), float(s1), pred["pred_relevant_windows"]])
+            gt = results.get((qi, rec.vid)) if rec.relevant_windows else None
+            rows.append({
+                "qid": rec.qid, "query": rec.query, "gt_vid": rec.vid, "duration": rec.duration,
+                "relevant_windows": [[float(s), float(e)] for s, e in rec.relevant_windows],
+                "relevant_clip_ids": rec.relevant_clip_ids, "saliency_scores": rec.saliency_scores,
+                "stage1": [[str(v), float(s)] for v, s in stage1[qi]],
+                "candidates": cands,
+                "gt_windows": None if gt is None else gt["pred_relevant_windows"],
+                "gt_saliency": None if gt is None else gt.get("pred_saliency_scores")})
+        return rows
+
+    def after_evaluation(self, val_result, split_name: str, epoch, dataset=None,
+                         result_dir: Optional[str] = None, **kwargs) -> Dict[str, Any]:
+        from lavis_c2f.pipeline.fusion import evaluate_candidates
+
+        out_dir = result_dir or default_result_dir()
+        tag = f"{split_name}_{epoch}"
+        rows = val_result["rows"]
+        clip_length = float(getattr(dataset, "clip_length", 2.0))
+        flat, report, vcmr_rows = evaluate_candidates(
+            rows, self.fusion, protocol=self.options["eval_protocol"], clip_length=clip_length,
+            max_pred_windows=int(self.options["max_pred_windows"]))
+        cand_path = write_jsonl(rows, f"{out_dir}/{tag}_candidates.jsonl")
+        vcmr_path = write_jsonl(vcmr_rows, f"{out_dir}/{tag}_vcmr.jsonl")
+        gt_preds = [{"qid": r["qid"], "query": r["query"], "vid": r["gt_vid"],
+                     "pred_relevant_windows": r["gt_windows"], "pred_saliency_scores": r["gt_saliency"] or []}
+                    for r in rows if r.get("gt_windows") is not None]
+        files = {"vcmr": vcmr_path, "candidates": cand_path}
+        if gt_preds:
+            files["gt_preds"] = write_jsonl(gt_preds, f"{out_dir}/{tag}_gt_preds.jsonl")
+        report.update({"split": split_name, "epoch": epoch, "stage1_top_k": int(self.options["stage1_top_k"]),
+                       "eval_protocol": self.options["eval_protocol"], "metrics": flat, "files": files})
+        if not flat:
+            write_json(report, f"{out_dir}/{tag}_metrics.json")
+            logger.info("%s: %d queries grounded; no ground truth to evaluate (%s)", split_name, len(rows),
+                        vcmr_path)
+            return {"agg_metrics": -math.inf, "num_queries": len(rows)}
+        if self.agg_metric not in flat:
+            raise ConfigError(f"run.agg_metric '{self.agg_metric}' is not among the metrics: {sorted(flat)}")
+        report["agg_metric"], report["agg_metrics"] = self.agg_metric, float(flat[self.agg_metric])
+        write_json(report, f"{out_dir}/{tag}_metrics.json")
+        return {**flat, "agg_metrics": float(flat[self.agg_metric]), "num_queries": len(rows)}
