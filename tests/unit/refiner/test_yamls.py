@@ -1,0 +1,45 @@
+"""The refiner's project YAMLs parse through LAVIS's Config and our strict builders."""
+import argparse
+from pathlib import Path
+
+import pytest
+
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.models.refiner import ensure_registered
+from lavis_c2f.models.refiner.data import RefinerDatasetBuilder
+from lavis_c2f.models.refiner.model import C2FCaptionRefiner
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def load(name):
+    from lavis.common.config import Config
+
+    ensure_registered()
+    return Config(argparse.Namespace(cfg_path=str(REPO / "projects" / "c2f" / name), options=None))
+
+
+@pytest.mark.parametrize("name,n_frames", [("qvh_stage3_refine_coarse.yaml", 24), ("qvh_stage3_refine.yaml", 12)])
+def test_qvh_yamls_need_local_weights(name, n_frames, tmp_path, monkeypatch):
+    monkeypatch.setenv("C2F_BLIP2_ROOT", str(tmp_path / "blip2"))
+    cfg = load(name)
+    b = RefinerDatasetBuilder(cfg.datasets_cfg.c2f_refiner)
+    assert b.sampler.n_frames == n_frames and b.splits == ["train", "val"]
+    assert cfg.model_cfg.finetune == "lora" and cfg.run_cfg.task == "c2f_moment_retrieval"
+    with pytest.raises(ConfigError, match=r"model\.bert_dir: directory not found: .*blip2/bert-base-uncased"):
+        C2FCaptionRefiner.from_config(cfg.model_cfg)
+    for d in ("bert-base-uncased", "flan-t5-xl"):
+        (tmp_path / "blip2" / d).mkdir(parents=True)
+    (tmp_path / "blip2" / "bert-base-uncased" / "config.json").write_text("{}")
+    (tmp_path / "blip2" / "bert-base-uncased" / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(ConfigError, match=r"model\.t5_dir: .*flan-t5-xl has none of \['config.json'\]"):
+        C2FCaptionRefiner.from_config(cfg.model_cfg)
+
+
+def test_demo_yaml_builds_the_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("C2F_CACHE", str(tmp_path))
+    cfg = load("demo_stage3_refine.yaml")
+    b = RefinerDatasetBuilder(cfg.datasets_cfg.c2f_refiner)
+    assert b.demo and b.stage2_paths == {} and b.image_size == 32
+    model = C2FCaptionRefiner.from_config(cfg.model_cfg)
+    assert model.visual_encoder.image_size == 32 and (tmp_path / "tiny_refiner" / "t5" / "tokenizer.json").is_file()
