@@ -1,0 +1,75 @@
+"""Every stage-1 / stage-2 / c2f project YAML loads through LAVIS's Config and uses only known keys."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+PROJECTS = sorted(p for p in (REPO / "projects" / "c2f").glob("*.yaml") if "stage3" not in p.name)
+EXPECTED = {f"{ds}_{kind}.yaml" for ds in ("qvh", "charades_sta", "tacos")
+            for kind in ("stage1", "stage2", "stage2_mesm", "c2f")} | {"demo_stage1.yaml", "demo_stage2.yaml",
+                                                                        "demo_c2f.yaml"}
+
+
+def _runner_keys():
+    from lavis_c2f.runners import c2f_runner
+
+    doc = c2f_runner.__doc__
+    start = doc.index("keys read here")
+    block = doc[doc.index("):", start) + 2:]                 # after "(all optional except ...):"
+    block = block[block.index("``") + 2:]
+    keys = {k.strip() for k in block[:block.index("``")].split(",")}
+    assert {"device", "max_epoch", "resume_ckpt_path"} <= keys   # the docstring format did not change
+    return keys | {"task", "runner", "find_unused_parameters", "lr_decay_rate"}
+
+
+def test_all_projects_exist():
+    assert EXPECTED <= {p.name for p in PROJECTS}
+
+
+@pytest.mark.parametrize("path", PROJECTS, ids=lambda p: p.name)
+def test_project_yaml_is_valid(path, monkeypatch, tmp_path):
+    import lavis_c2f  # noqa: F401
+    from lavis.common.config import Config
+    from lavis.common.registry import registry
+
+    from lavis_c2f.datasets.builders import parse_dataset_config
+    from lavis_c2f.models.grounder.config_schema import resolve_config, to_plain
+
+    monkeypatch.setenv("C2F_OUTPUT", str(tmp_path))
+    cfg = Config(argparse.Namespace(cfg_path=str(path), options=None))
+    run = cfg.run_cfg
+    task_cls = registry.get_task_class(run.task)
+    unknown = set(run.keys()) - _runner_keys() - set(task_cls.TASK_OPTIONS)
+    assert not unknown, f"{path.name}: unknown run keys {sorted(unknown)}"
+    task = task_cls.setup_task(cfg=cfg)                       # validates the task options
+    assert run.runner == "c2f_runner"
+    for split_key in ("train_splits", "valid_splits", "test_splits"):
+        assert all(isinstance(s, str) for s in run.get(split_key, []))
+    # datasets: every key known (files are not opened)
+    for name in cfg.datasets_cfg:
+        builder = registry.get_builder_class(name)
+        spec = parse_dataset_config(cfg.datasets_cfg[name], name, builder.EXTRA_KEYS, None)
+        expected = {"c2f_video_retrieval": "video_retrieval"}.get(run.task, "moment_retrieval")
+        assert spec.dataset_type == expected, path.name
+        for s in set(run.get("train_splits", [])) | set(run.get("valid_splits", [])) | set(run.get("test_splits", [])):
+            assert s in spec.annotations, f"{path.name}: split {s} has no annotations"
+    # model: every key known; small models are built
+    model_cfg = cfg.model_cfg
+    cls = registry.get_model_class(model_cfg.arch)
+    if hasattr(cls, "FIELDS"):
+        resolve_config(to_plain(model_cfg), cls.FIELDS)
+        if "demo" in path.name:
+            cls.from_config(model_cfg)
+    else:
+        model = cls.from_config(model_cfg)
+        if run.task == "c2f_video_retrieval":
+            assert model.text_input_dim == 512 and model.video_input_dim == 512
+    if run.task == "c2f_corpus_moment_retrieval":
+        src = task.stage1_source("val")
+        assert src is None or src.endswith("val_best_ranks.jsonl")
+    out = str(run.output_dir)
+    assert out.startswith(str(tmp_path)) and re.search(path.stem.replace("_stage2_mesm", "_stage2_mesm"), out)
