@@ -10,9 +10,10 @@ N counts indexed *vectors* (the corpus index stores ``prefilter_segments`` vecto
 * ``ivf`` -- ``IndexIVFFlat`` beyond that, or ``IndexIVFScalarQuantizer`` 8-bit
   (4x less memory, near-identical inner products on unit vectors) above ``ivf_sq8_from``
   vectors (1e6) or with ``ivf_codec: sq8``. ``nlist`` defaults to the power of two nearest
-  ``2 * sqrt(N)`` (clamped to [64, 65536]); the coarse quantizer is trained on
+  ``4 * sqrt(N)``, clamped to [64, ``ivf_nlist_max`` = 4096] (k-means cost grows with nlist^2);
+  the coarse quantizer is trained (``ivf_kmeans_iters`` = 10 iterations) on
   ``min(N, ivf_train_per_list * nlist)`` vectors (40 per list, FAISS's minimum) sampled with
-  ``seed``; ``nprobe`` defaults to ``max(16, nlist // 32)``;
+  ``seed``; ``nprobe`` defaults to ``max(16, nlist // 16)`` (about 6% of the lists);
 * ``hnsw`` -- ``IndexHNSWFlat`` (``hnsw_m``, ``efConstruction``, ``efSearch``), only when
   asked for (building it for 1e6 x 512 takes long on two cores). HNSW cannot delete: removed
   ids stay in the graph as tombstones, filtered at search time and dropped at the next
@@ -48,6 +49,8 @@ class AnnConfig:
     ivf_codec: str = "auto"
     ivf_sq8_from: int = 1000000
     ivf_train_per_list: int = 40
+    ivf_nlist_max: int = 4096
+    ivf_kmeans_iters: int = 10
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
@@ -58,8 +61,8 @@ class AnnConfig:
             raise ConfigError(f"ann.kind must be one of {KINDS}, got {self.kind!r}")
         if self.ivf_codec not in ("auto", "flat", "sq8"):
             raise ConfigError(f"ann.ivf_codec must be 'auto', 'flat' or 'sq8', got {self.ivf_codec!r}")
-        for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "hnsw_m", "hnsw_ef_construction",
-                     "hnsw_ef_search"):
+        for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "ivf_nlist_max", "ivf_kmeans_iters",
+                     "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("ivf_nlist", "ivf_nprobe"):
@@ -87,8 +90,8 @@ class AnnConfig:
     def nlist_for(self, n: int) -> int:
         if self.ivf_nlist is not None:
             return int(self.ivf_nlist)
-        target = 2.0 * math.sqrt(max(n, 1))
-        return int(min(65536, max(64, 2 ** round(math.log2(target)))))
+        target = 4.0 * math.sqrt(max(n, 1))
+        return int(min(self.ivf_nlist_max, max(64, 2 ** round(math.log2(target)))))
 
     def codec_for(self, n: int) -> str:
         if self.ivf_codec != "auto":
@@ -98,7 +101,7 @@ class AnnConfig:
     def nprobe_for(self, nlist: int) -> int:
         if self.ivf_nprobe is not None:
             return min(int(self.ivf_nprobe), nlist)
-        return min(nlist, max(16, nlist // 32))
+        return min(nlist, max(16, nlist // 16))
 
 
 def _faiss():
@@ -150,6 +153,7 @@ class AnnIndex:
             quantizer.this.disown()
             if hasattr(index, "cp"):
                 index.cp.seed = int(config.seed)
+                index.cp.niter = int(config.ivf_kmeans_iters)
             index.train(train)
             index.nprobe = config.nprobe_for(nlist)
             params = {"nlist": nlist, "nprobe": int(index.nprobe), "codec": codec, "trained_on": int(len(train))}

@@ -296,8 +296,8 @@ def test_sinkhorn_biases_are_stored_and_checked(tmp_path):
 def test_ann_config_validation_and_defaults():
     cfg = AnnConfig()
     assert cfg.choose_kind(100) == "flat" and cfg.choose_kind(10 ** 6) == "ivf"
-    assert cfg.nlist_for(3 * 10 ** 5) == 1024 and cfg.nlist_for(3 * 10 ** 6) == 4096
-    assert cfg.nprobe_for(4096) == 128 and cfg.nprobe_for(64) == 16
+    assert cfg.nlist_for(3 * 10 ** 5) == 2048 and cfg.nlist_for(3 * 10 ** 6) == 4096
+    assert cfg.nprobe_for(4096) == 256 and cfg.nprobe_for(64) == 16
     assert cfg.codec_for(3 * 10 ** 5) == "flat" and cfg.codec_for(3 * 10 ** 6) == "sq8"
     from lavis_c2f.common.errors import ConfigError
 
