@@ -404,6 +404,8 @@ class CorpusIndex:
         segmask = ((np.abs(pre).sum(-1) > 0) * (1 << np.arange(sv))).sum(-1).astype(np.uint8)
         lengths = video_emb.lengths.cpu().numpy().astype(np.int32)
         mask = video_emb.mask.detach().cpu() > 0
+        if not torch.equal(mask, torch.arange(mask.shape[1])[None, :] < torch.from_numpy(lengths)[:, None].long()):
+            raise ValueError("video_emb.mask must mark a prefix of valid frames per video (as the encoders do)")
         frames = video_emb.frames.detach().cpu().float()[mask].numpy()   # valid frames, row-major = per video
         if self._pending is None:
             self._pending = _PendingSegment(self.dim, _DTYPES[self.frame_dtype], self.work_dir, sv)
@@ -413,7 +415,8 @@ class CorpusIndex:
         rows = np.arange(self._n, self._n + n, dtype=np.int64)
         self._seg[rows] = len(self._segments)            # the pending segment's future number
         self._off[rows], self._len[rows] = offs, lengths
-        self._dur[rows] = [np.nan if d is None else float(d) for d in (durations or [None] * n)]
+        self._dur[rows] = [np.nan if d is None else float(d) for d in (durations if durations is not None
+                                                                        else [None] * n)]
         self._alive[rows] = True
         self._segmask[rows] = segmask
         for r, v in zip(rows.tolist(), vids):
@@ -613,8 +616,8 @@ class CorpusIndex:
             # one take per segment in file order, then a single conversion to float32
             src = self._off[rows][:, None] + np.minimum(np.arange(f)[None, :], np.maximum(lens - 1, 0)[:, None])
             segs = self._seg[rows]
-            for s in np.unique(segs):
-                sel = np.flatnonzero(segs == s)
+            for s in np.unique(segs[lens > 0]):
+                sel = np.flatnonzero((segs == s) & (lens > 0))                  # empty videos read nothing
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
                 order = np.argsort(idx, kind="stable")

@@ -305,3 +305,19 @@ def test_ann_config_validation_and_defaults():
         AnnConfig(kind="lsh")
     with pytest.raises(ConfigError, match="bogus"):
         AnnConfig.from_dict({"bogus": 1})
+
+
+def test_empty_videos_anywhere_in_a_segment():
+    m = _model()
+    feats = {"a": np.ones((3, D_IN), np.float32), "empty_mid": np.zeros((0, D_IN), np.float32),
+             "b": np.full((2, D_IN), 0.5, np.float32), "empty_last": np.zeros((0, D_IN), np.float32)}
+    ix = _build(m, feats)
+    emb = ix.embeddings(["empty_last", "a", "empty_mid"])
+    assert emb.mask.sum(1).tolist() == [0, 3, 0] and emb.frames[0].abs().sum() == 0
+    res = ix.search_exhaustive(_queries(m, q=1), k=4)[0]
+    assert len(res) == 4 and all(np.isfinite(s) for _, s in res)
+    assert {v for v, _ in ix.search(_queries(m, q=1), k=4)[0]} == {"a", "b"}   # no vector, no candidate
+    with pytest.raises(ValueError, match="prefix"):
+        from lavis_c2f.models.retriever import VideoEmbedding
+
+        ix.add(["holey"], VideoEmbedding(torch.ones(1, 3, 8), torch.tensor([[1.0, 0, 1]]), torch.zeros(1, 8)))
