@@ -4,16 +4,25 @@ LAVIS's ``registry.get_*_class`` return ``None`` for unknown names, which later 
 an ``AttributeError: 'NoneType' ...`` far from the cause.  :func:`install_lookup_errors`
 wraps those lookups so that an unknown name starting with ``c2f_`` raises a ``KeyError``
 listing the known ``c2f_`` names of that kind.  Names of LAVIS's own components behave
-exactly as before.
+exactly as before. Optional components in :data:`LAZY_COMPONENTS` (the stage-3 refiner) are
+imported the first time their name is looked up, so ``import lavis_c2f`` stays free of them.
 """
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Dict, List
 
 from lavis.common.registry import registry
 
 PREFIX = "c2f_"
+
+# Optional components registered only when first looked up (their imports are heavy or
+# optional): name -> module whose import registers it.
+LAZY_COMPONENTS: Dict[str, str] = {
+    "c2f_caption_refiner": "lavis_c2f.models.refiner",  # stage-3 model
+    "c2f_refiner": "lavis_c2f.models.refiner",  # stage-3 dataset builder
+}
 
 # kind -> (registry mapping key, getter name)
 _KINDS: Dict[str, tuple] = {
@@ -37,7 +46,12 @@ def known_names(kind: str, prefix: str = PREFIX) -> List[str]:
     if kind not in _KINDS:
         raise ValueError(f"unknown registry kind '{kind}', expected one of {sorted(_KINDS)}")
     mapping = registry.mapping[_KINDS[kind][0]]
-    return sorted(n for n in mapping if n.startswith(prefix))
+    return sorted(set(n for n in mapping if n.startswith(prefix))
+                  | {n for n in LAZY_COMPONENTS if n.startswith(prefix) and _lazy_kind(n) == kind})
+
+
+def _lazy_kind(name: str) -> str:
+    return "builder" if name == "c2f_refiner" else "model"
 
 
 def _error(kind: str, name: str) -> UnknownComponentError:
@@ -54,6 +68,9 @@ def get(kind: str, name: str):
     if kind not in _KINDS:
         raise ValueError(f"unknown registry kind '{kind}', expected one of {sorted(_KINDS)}")
     cls = registry.mapping[_KINDS[kind][0]].get(name)
+    if cls is None and name in LAZY_COMPONENTS:
+        importlib.import_module(LAZY_COMPONENTS[name])
+        cls = registry.mapping[_KINDS[kind][0]].get(name)
     if cls is None:
         raise _error(kind, name)
     return cls
@@ -69,6 +86,9 @@ def install_lookup_errors() -> None:
         def make(orig, kind=kind):
             def lookup(name):
                 cls = orig(name)
+                if cls is None and isinstance(name, str) and name in LAZY_COMPONENTS:
+                    importlib.import_module(LAZY_COMPONENTS[name])
+                    cls = orig(name)
                 if cls is None and isinstance(name, str) and name.startswith(PREFIX):
                     raise _error(kind, name)
                 return cls

@@ -10,7 +10,7 @@ Only tensors and plain containers go in, so it loads with ``weights_only=True``.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -65,12 +65,30 @@ def extract_state_dict(ckpt: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
+def frozen_keys(model: torch.nn.Module) -> set:
+    """State-dict keys that are not trainable parameters (frozen parameters and buffers)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k for k in model.state_dict() if k not in trainable}
+
+
+def model_state_for_checkpoint(model: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], str]:
+    """``(state_dict, kind)`` to save: the model's ``trainable_state_dict()`` when it defines one
+    (large frozen backbones such as BLIP-2's stay out of checkpoints; kind ``"trainable"``),
+    else the full ``state_dict()`` (kind ``"full"``)."""
+    if hasattr(model, "trainable_state_dict"):
+        return model.trainable_state_dict(), "trainable"
+    return model.state_dict(), "full"
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                           source: str = "<state_dict>", strict: bool = True):
+                           source: str = "<state_dict>", strict: bool = True,
+                           allow_missing: Iterable[str] = ()):
     """Load weights; with ``strict`` raise :class:`CheckpointMismatchError` listing missing,
-    unexpected and wrongly shaped keys. Returns ``(missing, unexpected)``."""
+    unexpected and wrongly shaped keys. Keys in ``allow_missing`` (e.g. the frozen weights of a
+    ``"trainable"`` checkpoint) may be absent. Returns ``(missing, unexpected)``."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    allowed = set(allow_missing)
+    missing = [k for k in own if k not in state_dict and k not in allowed]
     unexpected = [k for k in state_dict if k not in own]
     shape_mismatch = [(k, tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items()
                       if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
@@ -84,7 +102,11 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
 
 def load_model_weights(model: torch.nn.Module, path: "str | os.PathLike", strict: bool = True,
                        map_location: "str | torch.device" = "cpu") -> Optional[Dict[str, Any]]:
-    """Load a checkpoint file's weights into ``model`` (strict by default); returns the checkpoint dict."""
+    """Load a checkpoint file's weights into ``model`` (strict by default); returns the checkpoint dict.
+
+    A checkpoint saved with ``state_dict_kind: "trainable"`` may lack the model's frozen weights.
+    """
     ckpt = load_checkpoint_file(path, map_location=map_location)
-    load_state_dict_strict(model, extract_state_dict(ckpt), source=str(path), strict=strict)
+    allow = frozen_keys(model) if ckpt.get("state_dict_kind") == "trainable" else ()
+    load_state_dict_strict(model, extract_state_dict(ckpt), source=str(path), strict=strict, allow_missing=allow)
     return ckpt

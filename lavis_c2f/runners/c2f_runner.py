@@ -45,9 +45,9 @@ from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json
 from lavis_c2f.models.checkpoint_utils import (
-    extract_state_dict,
     load_checkpoint_file,
-    load_state_dict_strict,
+    load_model_weights,
+    model_state_for_checkpoint,
     save_checkpoint,
 )
 from lavis_c2f.paths import resolve_path
@@ -313,8 +313,7 @@ class C2FRunner:
         if not skip_reload and cur_epoch == "best":
             best = self.output_dir / "checkpoint_best.pth"
             if best.exists():
-                ckpt = load_checkpoint_file(best, map_location=self.device)
-                load_state_dict_strict(model, extract_state_dict(ckpt), source=str(best))
+                load_model_weights(model, best, map_location=self.device)
         model.eval()
         dataset = self.datasets[split_name]
         self.task.before_evaluation(model=model, dataset=dataset)
@@ -330,8 +329,10 @@ class C2FRunner:
     def _save_checkpoint(self, epoch: int, tag: str) -> None:
         if not c2f_dist.is_main_process():
             return
+        state, kind = model_state_for_checkpoint(self._model)
         obj = {
-            "model": self._model.state_dict(),
+            "model": state,
+            "state_dict_kind": kind,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": epoch,
@@ -348,8 +349,7 @@ class C2FRunner:
 
     def _load_checkpoint(self, path: str) -> None:
         path = resolve_path(path)
-        ckpt = load_checkpoint_file(path, map_location=self.device)
-        load_state_dict_strict(self._model, extract_state_dict(ckpt), source=path)
+        ckpt = load_model_weights(self._model, path, map_location=self.device)
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -366,9 +366,7 @@ class C2FRunner:
 
     def load_weights(self, path: str) -> None:
         """Strictly load model weights (for evaluation), reporting missing/unexpected keys."""
-        path = resolve_path(path)
-        ckpt = load_checkpoint_file(path, map_location=self.device)
-        load_state_dict_strict(self._model, extract_state_dict(ckpt), source=path)
+        load_model_weights(self._model, resolve_path(path), map_location=self.device)
 
     # ------------------------------------------------------------------ logs
     def log_stats(self, stats: Optional[Dict[str, Any]], split_name: str, epoch) -> None:

@@ -143,3 +143,42 @@ def test_config_error_for_bad_split(project, subprocess_env):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, timeout=300)
     assert proc.returncode == 2
     assert "run.valid_splits" in proc.stderr and "nope" in proc.stderr
+
+
+def test_trainable_only_checkpoints_load_without_frozen_weights(tmp_path):
+    import lavis_c2f.testing.toy as toy
+    from lavis_c2f.models.checkpoint_utils import (CheckpointMismatchError, load_model_weights,
+                                                   model_state_for_checkpoint, save_checkpoint)
+
+    class Partial(toy.ToyRegressor):
+        def trainable_state_dict(self):
+            names = {n for n, p in self.named_parameters() if p.requires_grad}
+            return {k: v for k, v in self.state_dict().items() if k in names}
+
+    model = Partial()
+    model.net[0].weight.requires_grad_(False)  # a frozen "backbone"
+    state, kind = model_state_for_checkpoint(model)
+    assert kind == "trainable" and "net.0.weight" not in state and "net.3.weight" in state
+    path = tmp_path / "partial.pth"
+    save_checkpoint({"model": state, "state_dict_kind": kind}, path)
+    fresh = Partial()
+    fresh.net[0].weight.requires_grad_(False)
+    load_model_weights(fresh, path)  # frozen weights may be absent
+    assert torch.equal(fresh.net[3].weight, model.net[3].weight)
+    del state["net.3.weight"]  # a trainable weight may not
+    save_checkpoint({"model": state, "state_dict_kind": kind}, path)
+    with pytest.raises(CheckpointMismatchError, match="net.3.weight"):
+        load_model_weights(fresh, path)
+
+
+def test_optional_components_register_lazily(subprocess_env):
+    code = ("import sys, lavis_c2f\n"
+            "assert 'lavis_c2f.models.refiner' not in sys.modules\n"
+            "from lavis.common.registry import registry\n"
+            "assert registry.get_model_class('c2f_caption_refiner') is not None\n"
+            "assert registry.get_builder_class('c2f_refiner') is not None\n"
+            "from lavis_c2f.registry_utils import known_names\n"
+            "assert 'c2f_caption_refiner' in known_names('model')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
