@@ -14,7 +14,8 @@ using the batch's other texts, as for ordinary samples.
 Sampling is deterministic per epoch: :meth:`set_epoch` draws which queries get an extra sample
 this epoch (a permutation seeded by ``[seed, epoch]``) and each extra sample draws its video
 with ``numpy.random.default_rng([seed, epoch, j])``. Stage-1 lists come from the records'
-``extra["stage1_result"]`` (``lavis-c2f merge-stage1``) or from a stage-1 ranks file.
+``extra["stage1_result"]`` (``lavis-c2f merge-stage1``) or from a stage-1 ranks file; they are
+read on first use, so building the split without training on it (``evaluate.py``) needs none.
 
 The wrapper lives here (not in :mod:`lavis_c2f.datasets`) and is applied by the
 ``c2f_corpus_moment_retrieval`` task to its training split (``run.hard_negative_ratio``).
@@ -22,13 +23,17 @@ The wrapper lives here (not in :mod:`lavis_c2f.datasets`) and is applied by the
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Union
+
+import logging
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.records import MomentRecord
+
+logger = logging.getLogger(__name__)
 
 
 class HardNegativeMomentDataset(Dataset):
@@ -44,8 +49,9 @@ class HardNegativeMomentDataset(Dataset):
         seed: sampling seed.
     """
 
-    def __init__(self, base, stage1: Optional[Sequence[Sequence[Sequence[Any]]]] = None, *, ratio: float = 0.5,
-                 top_k: int = 5, seed: int = 0):
+    def __init__(self, base, stage1: Union[None, Sequence[Sequence[Sequence[Any]]],
+                                           Callable[[], Sequence[Sequence[Sequence[Any]]]]] = None, *,
+                 ratio: float = 0.5, top_k: int = 5, seed: int = 0):
         if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0 and math.isfinite(ratio)):
             raise ConfigError(f"run.hard_negative_ratio: expected a number > 0, got {ratio!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -54,29 +60,66 @@ class HardNegativeMomentDataset(Dataset):
         self.ratio = float(ratio)
         self.top_k = int(top_k)
         self.seed = int(seed)
+        self._stage1 = stage1
+        self._ready = False
+        self.epoch = 0
+
+    def _prepare(self) -> None:
+        """Read the stage-1 lists (on first use: a split that is only built, e.g. by
+        ``evaluate.py``, never needs them)."""
+        if self._ready:
+            return
+        stage1 = self._stage1() if callable(self._stage1) else self._stage1
         if stage1 is None:
             from lavis_c2f.pipeline.merge import stage1_lists
 
-            stage1 = stage1_lists(base.records, None, top_k=top_k, where="run.stage1_ranks")
-        if len(stage1) != len(base.records):
-            raise ValueError(f"{len(stage1)} stage-1 lists for {len(base.records)} records")
-        self.negatives: List[List[str]] = []
-        for rec, ranked in zip(base.records, stage1):
-            self.negatives.append([str(v) for v, _ in list(ranked)[: self.top_k] if str(v) != rec.vid])
-        self.eligible = [i for i, n in enumerate(self.negatives) if n]
-        self.num_extra = int(round(self.ratio * len(self.eligible)))
-        self.durations: Dict[str, float] = {}
-        for rec in base.records:
-            self.durations.setdefault(rec.vid, float(rec.duration))
-        self.epoch = 0
-        self._order = self._draw_order(0)
+            stage1 = stage1_lists(self.base.records, None, top_k=self.top_k, where="run.stage1_ranks")
+        if len(stage1) != len(self.base.records):
+            raise ValueError(f"{len(stage1)} stage-1 lists for {len(self.base.records)} records")
+        negatives: List[List[str]] = []
+        for rec, ranked in zip(self.base.records, stage1):
+            negatives.append([str(v) for v, _ in list(ranked)[: self.top_k] if str(v) != rec.vid])
+        self._negatives = negatives
+        self._eligible = [i for i, n in enumerate(negatives) if n]
+        self._num_extra = int(round(self.ratio * len(self._eligible)))
+        durations: Dict[str, float] = {}
+        for rec in self.base.records:
+            durations.setdefault(rec.vid, float(rec.duration))
+        self._durations = durations
+        self._ready = True
+        self._order = self._draw_order(self.epoch)
+        logger.info("%s: %d hard-negative samples per epoch added to %d", getattr(self.base, "name", "train"),
+                    self._num_extra, len(self.base))
+
+    @property
+    def negatives(self) -> List[List[str]]:
+        """Per record, its retrieved non-GT videos among the first ``top_k``."""
+        self._prepare()
+        return self._negatives
+
+    @property
+    def eligible(self) -> List[int]:
+        """Records with at least one retrieved non-GT video."""
+        self._prepare()
+        return self._eligible
+
+    @property
+    def num_extra(self) -> int:
+        """Hard-negative samples per epoch."""
+        self._prepare()
+        return self._num_extra
+
+    @property
+    def durations(self) -> Dict[str, float]:
+        self._prepare()
+        return self._durations
 
     # -- LAVIS / runner plumbing
     def __len__(self) -> int:
         return len(self.base) + self.num_extra
 
     def __getattr__(self, name: str) -> Any:  # records, clip_length, name, ... of the base dataset
-        if name == "base":
+        if name == "base" or name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
@@ -87,19 +130,21 @@ class HardNegativeMomentDataset(Dataset):
         self.epoch = int(epoch)
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
+        self._prepare()
         self._order = self._draw_order(self.epoch)
 
     def _draw_order(self, epoch: int) -> np.ndarray:
-        if not self.eligible:
+        if not self._eligible:
             return np.zeros(0, dtype=np.int64)
-        reps = -(-self.num_extra // len(self.eligible))   # ceil: ratio > 1 repeats queries
+        reps = -(-self._num_extra // len(self._eligible))   # ceil: ratio > 1 repeats queries
         rng = np.random.default_rng([self.seed, epoch, 1])
-        perm = np.concatenate([rng.permutation(len(self.eligible)) for _ in range(max(reps, 1))])
-        return np.asarray(self.eligible, dtype=np.int64)[perm[: self.num_extra]]
+        perm = np.concatenate([rng.permutation(len(self._eligible)) for _ in range(max(reps, 1))])
+        return np.asarray(self._eligible, dtype=np.int64)[perm[: self._num_extra]]
 
     # -- samples
     def negative_pair(self, j: int) -> tuple:
         """``(record index, negative vid)`` of extra sample ``j`` in the current epoch."""
+        self._prepare()
         qi = int(self._order[j])
         rng = np.random.default_rng([self.seed, self.epoch, int(j), 2])
         negs = self.negatives[qi]

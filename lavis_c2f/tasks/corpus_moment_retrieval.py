@@ -141,12 +141,13 @@ class CorpusMomentRetrievalTask(C2FTask):
                                       "dataset_type: moment_retrieval")
                 if ratio > 0 and split in train_splits:
                     k = int(self.options["hard_negative_top_k"])
-                    lists = stage1_lists(ds.records, self.stage1_source(split), top_k=k,
-                                         where=f"run.stage1_ranks ({split})")
+                    source = self.stage1_source(split)
+
+                    def lists(ds=ds, source=source, k=k, split=split):   # read when training starts
+                        return stage1_lists(ds.records, source, top_k=k, where=f"run.stage1_ranks ({split})")
+
                     splits[split] = HardNegativeMomentDataset(ds, lists, ratio=ratio, top_k=k,
                                                               seed=int(self.options["hard_negative_seed"]))
-                    logger.info("%s/%s: %d hard-negative samples per epoch added to %d", name, split,
-                                splits[split].num_extra, len(ds))
         self.datasets = datasets
         return datasets
 

@@ -230,3 +230,22 @@ def test_killed_evaluation_leaves_no_result_files(work, merged, stage2):
     result = out / "result"
     assert result.is_dir()
     assert sorted(p.name for p in result.iterdir()) == []   # nothing written, not even temporary files
+
+
+def test_quickstart_command_small(tmp_path):
+    """`lavis-c2f quickstart` end to end on a small corpus with one epoch per stage."""
+    out = tmp_path / "qs"
+    proc = _run([sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", out, "--n-videos", "40",
+                 "--stage1-epochs", "1", "--stage2-epochs", "1", "--threads", "1"])
+    assert f"all outputs in {out}" in proc.stdout
+    text = (out / "table.txt").read_text()
+    for label in ("chance (random)", "untrained models", "trained (this run)"):
+        assert label in text and label in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for row in ("chance", "untrained", "trained"):
+        assert "VCMR-R@1-IoU@0.5" in summary[row] and "stage1-R@1" in summary[row]
+    assert summary["trained"]["oracle-VCMR-R@1-IoU@0.5"] >= summary["trained"]["VCMR-R@1-IoU@0.5"]
+    for rel in ("corpus/corpus.json", "fusion.json", "quickstart.log", "merged/train.jsonl",
+                "runs/stage1/checkpoint_best.pth", "runs/stage2/checkpoint_best.pth",
+                "runs/c2f_test/result/test_best_vcmr.jsonl", "runs/stage1_infer/result/val_best_ranks.jsonl"):
+        assert (out / rel).is_file(), rel

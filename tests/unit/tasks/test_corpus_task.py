@@ -155,3 +155,21 @@ def test_hard_negative_dataset(corpus):
     assert torch.isfinite(out["loss"])
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_hard_negatives_are_read_lazily(corpus, tmp_path):
+    """Building the training split for evaluation only needs no stage-1 lists of it."""
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.pipeline.hard_negatives import HardNegativeMomentDataset
+
+    _, splits, _ = corpus
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise ConfigError("run.stage1_ranks (train) is not set")
+
+    ds = HardNegativeMomentDataset(splits["train"], missing, ratio=1.0)
+    assert ds.records is splits["train"].records and calls == []      # built, nothing read
+    with pytest.raises(ConfigError, match="stage1_ranks"):
+        len(ds)                                                         # the first use reads them
