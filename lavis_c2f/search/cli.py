@@ -1,0 +1,282 @@
+"""``lavis-c2f search`` and ``lavis-c2f annotate`` (registered by :mod:`lavis_c2f.cli`).
+
+Search an index built from videos::
+
+    lavis-c2f index videos VIDEO_DIR --out INDEX            # once (zero-shot without --checkpoint)
+    lavis-c2f search INDEX "a man opens the fridge" [--top-k 10] [--json] [--plot top.png]
+    lavis-c2f search INDEX "..." --grounder-ckpt qd_detr.pth [--retriever-ckpt tmass.pth]
+
+Search the embedded demo corpus with the checkpoints of ``lavis-c2f quickstart --out RUN``::
+
+    lavis-c2f search --run-dir RUN "a tired chef washes the bucket in the garage" --plot q.png
+    lavis-c2f search --demo-corpus DIR "..." --retriever-ckpt s1.pth --grounder-ckpt s2.pth
+
+Annotate videos from video-level captions (:mod:`lavis_c2f.search.annotate`)::
+
+    lavis-c2f annotate VIDEO_DIR --captions captions.jsonl --out ann.jsonl [--min-score 0.4]
+
+Exit codes: 0 success, 1 error (message on stderr), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Dict, Optional
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("offline", "clip_hf", "clip_lavis", "random")
+
+
+def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Report user errors (bad files, mismatched checkpoints, undecodable videos) as one line."""
+    def run(args: argparse.Namespace) -> int:
+        from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
+        from lavis_c2f.models.grounder.checkpoint import CheckpointMismatchError as GrounderMismatch
+        from lavis_c2f.video.decode import VideoDecodeError
+
+        try:
+            return fn(args)
+        except (ValueError, FileNotFoundError, FileExistsError, KeyError, VideoDecodeError, CheckpointMismatchError,
+                GrounderMismatch) as e:
+            logger.debug("%s failed", command, exc_info=True)
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"lavis-c2f {command}: error: {msg}", file=sys.stderr)
+            return 1
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
+def _backbone_config(args: argparse.Namespace, backbone: str) -> Dict[str, Any]:
+    from lavis_c2f.common.errors import ConfigError
+
+    cfg: Dict[str, Any] = {}
+    if args.clip_path:
+        if backbone == "clip_hf":
+            cfg["clip_path"] = args.clip_path
+        elif backbone == "clip_lavis":
+            cfg["checkpoint"] = args.clip_path
+        else:
+            raise ConfigError(f"--clip-path is for --backbone clip_hf or clip_lavis, not {backbone}")
+    elif backbone in ("clip_hf", "clip_lavis"):
+        raise ConfigError(f"--backbone {backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
+    if args.clip_model_type and backbone == "clip_lavis":
+        cfg["model_type"] = args.clip_model_type
+    return cfg
+
+
+def _index_backbone(index: str) -> Optional[str]:
+    """Short name of the backbone an index was built with (from ``INDEX.c2f-video.json``)."""
+    from lavis_c2f.video.backbones import SHORT_NAMES
+
+    side = os.path.abspath(index).rstrip(os.sep) + ".c2f-video.json"
+    try:
+        with open(side, "r", encoding="utf-8") as f:
+            name = json.load(f)["backbone"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {v: k for k, v in SHORT_NAMES.items()}.get(name)
+
+
+def _fusion(path: Optional[str]):
+    if not path:
+        return None
+    from lavis_c2f.pipeline.fusion import load_fusion_choice
+
+    return load_fusion_choice(path)
+
+
+def _quiet_predictor_log(args: argparse.Namespace) -> None:
+    """The commands print the predictor's mode themselves; its INFO log line only with -v."""
+    if not getattr(args, "verbose", False):
+        logging.getLogger("lavis_c2f.predictor").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------ search
+
+def build_search_predictor(args: argparse.Namespace):
+    """The :class:`~lavis_c2f.predictor.C2FPredictor` of the ``search`` arguments."""
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.predictor import C2FPredictor, is_demo_corpus
+
+    demo = args.demo_corpus or args.run_dir or (args.index and is_demo_corpus(args.index))
+    if demo:
+        if args.index and args.demo_corpus and os.path.abspath(args.index) != os.path.abspath(args.demo_corpus):
+            raise ConfigError("give the demo corpus once (INDEX or --demo-corpus)")
+        corpus = args.demo_corpus or (args.index if args.index and is_demo_corpus(args.index) else None)
+        if args.index and not is_demo_corpus(args.index):
+            raise ConfigError(f"{args.index} is not a demo corpus; with --run-dir the corpus is RUN/corpus "
+                              "(or --demo-corpus DIR)")
+        for opt in ("backbone", "clip_path", "ann", "zero_shot_score"):
+            if getattr(args, opt, None):
+                raise ConfigError(f"--{opt.replace('_', '-')} is not used with the demo corpus (its text encoder "
+                                  "comes from the corpus)")
+        return C2FPredictor.for_demo_corpus(args.run_dir, corpus, retriever_ckpt=args.retriever_ckpt,
+                                            grounder_ckpt=args.grounder_ckpt, retriever_cfg=args.retriever_cfg,
+                                            grounder_cfg=args.grounder_cfg, fusion=_fusion(args.fusion),
+                                            splits=args.splits, stage1_top_k=args.stage1_top_k,
+                                            refiner=args.refiner_cfg, device=args.device or "auto",
+                                            trusted=args.trusted)
+    if not args.index:
+        raise ConfigError("search needs INDEX (built with 'lavis-c2f index videos VIDEO_DIR --out INDEX') or "
+                          "--demo-corpus DIR / --run-dir RUN")
+    if args.splits:
+        raise ConfigError("--splits is only used with the demo corpus")
+    backbone = args.backbone or _index_backbone(args.index) or "offline"
+    zero = {"video_score": args.zero_shot_score} if args.zero_shot_score else None
+    return C2FPredictor.from_checkpoints(args.retriever_ckpt, args.grounder_ckpt, backbone,
+                                         _backbone_config(args, backbone), args.index, args.refiner_cfg,
+                                         args.device or "auto", retriever_cfg=args.retriever_cfg,
+                                         grounder_cfg=args.grounder_cfg, fusion=_fusion(args.fusion),
+                                         zero_shot=zero, stage1_top_k=args.stage1_top_k, ann=args.ann,
+                                         verify_index=not args.no_verify, trusted=args.trusted)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.search.format import moments_table
+
+    if args.top_k < 1 or args.stage1_top_k < 1:
+        raise ConfigError("--top-k and --stage1-top-k must be >= 1")
+    if args.refine and not args.refiner_cfg:
+        raise ConfigError("--refine needs --refiner-cfg YAML (the stage-3 refiner: model, checkpoint, sampler...)")
+    _quiet_predictor_log(args)
+    predictor = build_search_predictor(args)
+    res = predictor.search(args.query, top_k=args.top_k, refine=bool(args.refine))
+    plot_path = _plot(args, predictor, res) if args.plot else None
+    if args.json:
+        out = res.to_dict()
+        out["mode_description"] = predictor.describe_mode()
+        out["plot"] = plot_path
+        print(json.dumps(out, indent=1))
+        return 0
+    n = len(predictor.corpus.vids)
+    print(f"mode: {predictor.describe_mode()}")
+    print(f'query: "{res.query}"  ({n} videos searched, {len(res.stage1)} grounded, '
+          f'{res.timings["total_s"]:.2f} s)')
+    if not res:
+        print("no moment found")
+    else:
+        print(moments_table([m.to_dict() for m in res]))
+    if plot_path:
+        print(f"saliency plot of {res[0].vid} written to {plot_path}")
+    return 0
+
+
+def _plot(args: argparse.Namespace, predictor, res) -> Optional[str]:
+    from lavis_c2f.search.plot import plot_saliency
+
+    if not res:
+        logger.warning("no moment found: no plot written")
+        return None
+    top = res[0].vid
+    det = res.details[top]
+    gt = predictor.ground_truth(res.query)
+    gt_here = [w for vid, ws in gt if vid == top for w in ws]
+    elsewhere = sorted({vid for vid, _ in gt if vid != top})
+    title = f'"{res.query}" in {top} (rank 1, stage 2 {det.mode})'
+    if elsewhere and not gt_here:
+        title += f"; ground truth in {', '.join(elsewhere[:3])}"
+    ylabel = "grounder saliency" if det.mode == "trained" else "text-clip cosine (smoothed)"
+    return plot_saliency(args.plot, det.saliency, det.clip_length, det.duration, det.windows, gt_windows=gt_here or None,
+                         title=title, ylabel=ylabel)
+
+
+# ------------------------------------------------------------------------------ annotate
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from lavis_c2f.common.io import write_json
+    from lavis_c2f.predictor import C2FPredictor
+    from lavis_c2f.search.annotate import annotate
+
+    _quiet_predictor_log(args)
+    predictor = C2FPredictor.from_checkpoints(None, args.grounder_ckpt, args.backbone,
+                                              _backbone_config(args, args.backbone), None, None,
+                                              args.device or "auto", grounder_cfg=args.grounder_cfg,
+                                              clip_length=args.clip_length, frames_per_clip=args.frames_per_clip,
+                                              trusted=args.trusted, decode_backend=args.decoder)
+    print(f"mode: {predictor.describe_mode()}")
+    summary = annotate(predictor, args.video_dir, args.captions, args.out, min_score=args.min_score,
+                       max_windows=args.max_windows, qid_start=args.qid_start, skip_missing=args.skip_missing)
+    print(summary.format())
+    if args.summary_json:
+        write_json(summary.to_dict(), args.summary_json)
+    return 0 if summary.kept else 1
+
+
+# ------------------------------------------------------------------------------ parser
+
+def _backbone_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
+    p.add_argument("--backbone", choices=BACKBONES, default=default,
+                   help="frame/text encoder" + (" (default: the index's)" if default is None else
+                                                f" (default {default})"))
+    p.add_argument("--clip-path", default=None, help="clip_hf: local CLIPModel folder; clip_lavis: checkpoint file")
+    p.add_argument("--clip-model-type", default=None, help="clip_lavis: 'openai' (default) or an open_clip name")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.add_argument("--trusted", action="store_true", help="allow full unpickling of checkpoints you trust")
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    s = subparsers.add_parser(
+        "search", help="search moments in an index of videos (or the demo corpus) with a typed query",
+        description="Stage 1 (retrieval of the best videos), stage 2 (moments in each), optional stage 3 "
+                    "(refinement), fused into one ranked list. Trained checkpoints are used when given (or recorded "
+                    "in the index); otherwise a clearly-labelled ZERO-SHOT mode scores text-clip cosines of the "
+                    "backbone.",
+        epilog="examples:\n  lavis-c2f search INDEX \"a man opens the fridge\" --plot top.png\n"
+               "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("index", nargs="?", metavar="INDEX",
+                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
+    s.add_argument("query", metavar="QUERY", help="the query text (quote it)")
+    s.add_argument("--top-k", type=int, default=10, help="moments listed (default 10)")
+    s.add_argument("--stage1-top-k", type=int, default=10, help="videos grounded by stage 2 (default 10)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="write the saliency curve of the top video with its windows (and ground truth if known)")
+    s.add_argument("--retriever-ckpt", default=None, help="trained T-MASS checkpoint (default: the index's, if any)")
+    s.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint (ours or official QD-DETR)")
+    s.add_argument("--retriever-cfg", default=None, help="retriever model YAML (when the checkpoint stores none)")
+    s.add_argument("--grounder-cfg", default=None, help="grounder model YAML (when the checkpoint stores none)")
+    s.add_argument("--fusion", default=None, metavar="JSON", help="fusion choice of 'lavis-c2f tune-fusion'")
+    s.add_argument("--refine", action="store_true", help="run stage 3 (needs --refiner-cfg)")
+    s.add_argument("--refiner-cfg", default=None, metavar="YAML",
+                   help="stage-3 refiner config (keys of CaptionRefiner.from_config, optionally under 'refiner:')")
+    s.add_argument("--ann", default=None, help="annotation file of the indexed videos (ground truth in --plot)")
+    s.add_argument("--zero-shot-score", choices=["max", "topk_mean"], default=None,
+                   help="zero-shot video score over clips (default topk_mean, k = 3)")
+    s.add_argument("--demo-corpus", default=None, metavar="DIR", help="search the embedded demo corpus in DIR")
+    s.add_argument("--run-dir", default=None, metavar="RUN",
+                   help="a 'lavis-c2f quickstart' run directory: its checkpoints, fusion and corpus")
+    s.add_argument("--splits", nargs="+", default=None, help="demo corpus: search only these splits")
+    s.add_argument("--no-verify", action="store_true", help="skip the index's sha256 verification")
+    _backbone_args(s, None)
+    s.set_defaults(func=_friendly("search", cmd_search))
+
+    a = subparsers.add_parser(
+        "annotate", help="propose fine-grained moment annotations from video-level captions",
+        description="Split each caption into sentences, ground each sentence in its video, keep confident windows "
+                    "and write QVHighlights annotations (qid, query, vid, duration, relevant_windows, "
+                    "relevant_clip_ids, saliency_scores of 3 pseudo-annotators, confidence).",
+        epilog="captions file: one JSON object per line, {\"vid\": ID or \"video\": FILE, \"caption\": TEXT}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("video_dir", metavar="VIDEO_DIR", help="folder of the videos")
+    a.add_argument("--captions", required=True, help="captions jsonl")
+    a.add_argument("--out", required=True, help="annotations jsonl to write (QVHighlights format)")
+    a.add_argument("--min-score", type=float, default=0.4,
+                   help="keep windows scoring at least this (grounder probability, or zero-shot contrast; 0.4)")
+    a.add_argument("--max-windows", type=int, default=2, help="windows kept per sentence (default 2)")
+    a.add_argument("--qid-start", type=int, default=0, help="first qid (default 0)")
+    a.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint (default: zero-shot)")
+    a.add_argument("--grounder-cfg", default=None, help="grounder model YAML (when the checkpoint stores none)")
+    a.add_argument("--clip-length", type=float, default=2.0, help="seconds per clip (default 2)")
+    a.add_argument("--frames-per-clip", type=int, default=1, help="frames averaged per clip (default 1)")
+    a.add_argument("--decoder", choices=["auto", "decord", "pyav", "ffmpeg"], default="auto", help="decoding backend")
+    a.add_argument("--skip-missing", action="store_true", help="skip captions of videos not in VIDEO_DIR")
+    a.add_argument("--summary-json", default=None, help="also write the summary counts here")
+    _backbone_args(a, "offline")
+    a.set_defaults(func=_friendly("annotate", cmd_annotate))
