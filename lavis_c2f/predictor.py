@@ -31,7 +31,8 @@ Stages
    smoothed similarity curve is the saliency and windows are its thresholded runs (scores are
    in-video contrasts; see :mod:`lavis_c2f.search.zero_shot`). Videos longer than the
    grounder's ``max_v_l`` clips are covered by overlapping chunks of ``max_v_l`` clips (stride
-   half of it; windows merged by NMS, saliency averaged where chunks overlap).
+   half of it; windows merged by NMS, saliency averaged where chunks overlap). Empty windows
+   (start = end after snapping to clips) and repeated spans are left out.
 3. **Refinement** (optional) of the best videos' windows by the caption-assisted refiner
    (:class:`~lavis_c2f.models.refiner.hook.CaptionRefiner`, imported only when enabled; it
    needs the video files).
@@ -980,8 +981,8 @@ class C2FPredictor:
                 sal = np.asarray(p["saliency"], np.float64)
                 sal_sum[s:s + len(sal)] += sal
                 sal_cnt[s:s + len(sal)] += 1
-            rows = [r for r in rows if r[1] > r[0]]
             rows.sort(key=lambda r: -r[2])
+            rows = _distinct_windows(rows)
             if len(parts) > 1:
                 rows = zs.nms_rows(rows, float(nms), max_keep=max(10, len(rows)))
             sal = np.where(sal_cnt > 0, sal_sum / np.maximum(sal_cnt, 1), 0.0).astype(np.float32)
@@ -1142,6 +1143,18 @@ class C2FPredictor:
     def ground_truth(self, query: str) -> List[Tuple[str, List[List[float]]]]:
         """Annotated ``[(vid, windows), ...]`` of a query of the corpus (exact text match), if any."""
         return [] if self.corpus is None else self.corpus.ground_truth(query)
+
+
+def _distinct_windows(rows: List[List[float]]) -> List[List[float]]:
+    """Rows (best first) without empty windows (``end <= start``, which clip snapping can
+    produce) and without repeats of a span already listed."""
+    seen, out = set(), []
+    for r in rows:
+        key = (round(r[0], 6), round(r[1], 6))
+        if r[1] > r[0] and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 def _is_refiner(obj: Any) -> bool:
