@@ -51,11 +51,10 @@ The predictor holds no per-query state: ``search`` and ``predict`` may be called
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -728,9 +727,11 @@ class C2FPredictor:
             clip_length, frames_per_clip = corpus.clip_length, corpus.frames_per_clip
             if retriever_ckpt is None and corpus.retriever_checkpoint:
                 retriever_ckpt = corpus.retriever_checkpoint
-                if retriever_cfg is None and corpus.model_cfg:
-                    retriever_cfg = corpus.model_cfg
                 logger.info("using the retriever the index was built with: %s", retriever_ckpt)
+            if (retriever_cfg is None and corpus.model_cfg and corpus.retriever_checkpoint and retriever_ckpt
+                    and os.path.exists(os.fspath(retriever_ckpt))
+                    and os.path.samefile(os.fspath(retriever_ckpt), corpus.retriever_checkpoint)):
+                retriever_cfg = corpus.model_cfg  # the model YAML the index was built with
         retriever = load_retriever(retriever_ckpt, retriever_cfg, dev) if retriever_ckpt else None
         grounder, post = load_grounder(grounder_ckpt, grounder_cfg, dev, trusted) if grounder_ckpt else (None, None)
         return cls(text_encoder=bb, backbone=bb, corpus=corpus, retriever=retriever, grounder=grounder,
@@ -944,7 +945,9 @@ class C2FPredictor:
         detr = getattr(self.grounder, "detr", self.grounder)
         if getattr(detr, "text_encoder", None) is not None:
             return q.text
-        return q.tokens[: int(getattr(detr, "max_q_l", q.tokens.shape[0]) or q.tokens.shape[0])]
+        # the datasets cut queries to max_q_l tokens; SS-MESM appends one reconstruction token
+        limit = int(getattr(detr, "max_q_l", 0) or q.tokens.shape[0]) - (1 if getattr(detr, "rec_ss", False) else 0)
+        return q.tokens[: max(1, limit)]
 
     def _ground_trained(self, q: _Query, videos: Sequence[Tuple[np.ndarray, float]], clip_length: float
                         ) -> List[Dict[str, Any]]:

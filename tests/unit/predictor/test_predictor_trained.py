@@ -174,6 +174,27 @@ def test_stage3_refiner_runs_on_the_best_videos(trained_index, ckpts, tmp_path_f
     assert not p.predict("a red screen", v, refine=False).refined
 
 
+def test_mesm_grounder_checkpoint(tmp_path, videos):
+    from lavis_c2f.models.grounder.lavis_models import C2FMESMQDDETR
+
+    cfg = dict(GROUNDER_CFG, arch="c2f_mesm_qd_detr", num_recfw_layers=1, num_recss_layers=1, vocab_size=8,
+               max_q_l=6, use_txt_pos=True)
+    torch.manual_seed(0)
+    path = C2FMESMQDDETR.from_config(cfg).save_checkpoint(str(tmp_path / "mesm.pth"))
+    p = C2FPredictor.from_checkpoints(grounder_ckpt=path, backbone="random", device="cpu")
+    assert "trained c2f_mesm_qd_detr" in p.describe_mode()
+    q = "one two three four five six seven eight"  # 8 tokens: cut to max_q_l - 1 (SS token) = 5
+    assert p._grounder_query(p.encode_query(q)).shape == (5, 16)
+    m = p.predict(q, p.encode_video(videos["pattern"]), top_k=3)
+    assert 1 <= len(m.windows) <= 3 and len(m.saliency) == 6
+
+
+def test_the_index_retriever_passed_explicitly_uses_the_index_model_yaml(trained_index, ckpts):
+    p = C2FPredictor.from_checkpoints(retriever_ckpt=ckpts["retriever"], backbone="random", index=trained_index,
+                                      device="cpu")
+    assert p.mode["stage1"] == "trained" and len(p.stage1("red", k=2)) == 2
+
+
 def test_refine_without_refiner_is_an_error(predictor, videos):
     v = predictor.encode_video(videos["gray"])
     with pytest.raises(ConfigError, match="stage 3 is not configured"):
