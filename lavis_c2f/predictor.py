@@ -872,8 +872,8 @@ class C2FPredictor:
                 "stage2": "trained" if self.grounder is not None else "zero-shot",
                 "stage3": "on" if (self._refiner is not None or self._refiner_cfg is not None) else "off"}
 
-    def describe_mode(self) -> str:
-        """One line saying what each stage runs."""
+    def describe_mode(self, stages: Sequence[str] = ("stage1", "stage2", "stage3")) -> str:
+        """One line saying what each stage runs (``stages``: which of stage1, stage2, stage3)."""
         name = getattr(self.text_encoder, "name", "encoder")
         if self.retriever is not None:
             s1 = f"trained T-MASS retriever ({self.sources.get('retriever') or 'given model'})"
@@ -886,7 +886,8 @@ class C2FPredictor:
         else:
             s2 = "ZERO-SHOT (smoothed similarity curve, thresholded into windows)"
         s3 = "caption refiner" if self.mode["stage3"] == "on" else "off"
-        return f"stage 1: {s1} | stage 2: {s2} | stage 3: {s3}"
+        parts = {"stage1": f"stage 1: {s1}", "stage2": f"stage 2: {s2}", "stage3": f"stage 3: {s3}"}
+        return " | ".join(parts[k] for k in stages)
 
     # ------------------------------------------------------------------ encoders
     def encode_query(self, query: str) -> _Query:

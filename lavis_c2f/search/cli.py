@@ -93,7 +93,8 @@ def _fusion(path: Optional[str]):
 def _quiet_predictor_log(args: argparse.Namespace) -> None:
     """The commands print the predictor's mode themselves; its INFO log line only with -v."""
     if not getattr(args, "verbose", False):
-        logging.getLogger("lavis_c2f.predictor").setLevel(logging.WARNING)
+        for name in ("lavis_c2f.predictor", "lavis_c2f.index.corpus_index"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------------------ search
@@ -199,7 +200,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                                               args.device or "auto", grounder_cfg=args.grounder_cfg,
                                               clip_length=args.clip_length, frames_per_clip=args.frames_per_clip,
                                               trusted=args.trusted, decode_backend=args.decoder)
-    print(f"mode: {predictor.describe_mode()}")
+    print(f"mode: {predictor.describe_mode(['stage2'])}")
     summary = annotate(predictor, args.video_dir, args.captions, args.out, min_score=args.min_score,
                        max_windows=args.max_windows, qid_start=args.qid_start, skip_missing=args.skip_missing)
     print(summary.format())

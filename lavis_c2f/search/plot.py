@@ -38,7 +38,7 @@ def plot_saliency(path: "str | os.PathLike", saliency: Sequence[float], clip_len
     if not (clip_length > 0 and duration > 0):
         raise ValueError(f"clip_length and duration must be positive, got {clip_length}, {duration}")
     x = (np.arange(sal.size) + 0.5) * clip_length
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    fig, ax = plt.subplots(figsize=(10, 3.2))
     try:
         ax.plot(x, sal, color="#1f4e79", lw=1.6, marker="o", ms=2.5, label=ylabel)
         lo, hi = float(sal.min()), float(sal.max())
@@ -62,7 +62,7 @@ def plot_saliency(path: "str | os.PathLike", saliency: Sequence[float], clip_len
         ax.set_ylabel(ylabel)
         if title:
             ax.set_title(title, fontsize=9)
-        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, framealpha=0.8, borderaxespad=0.0)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi)

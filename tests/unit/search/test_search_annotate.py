@@ -103,7 +103,7 @@ def test_annotate_end_to_end_zero_shot(cli, video_dir, tmp_path):
     rows = _check_qvh(out, list(range(1000, 1000 + s["kept"])))
     assert all(r["mode"] == "zero-shot" for r in rows) and all(r["confidence"] >= 0.2 for r in rows)
     assert {r["caption_line"] for r in rows} <= {1, 2, 3}
-    assert "mode: stage 1: ZERO-SHOT" in stdout and f"kept {s['kept']}" in stdout and f"wrote {s['kept']}" in stdout
+    assert "mode: stage 2: ZERO-SHOT" in stdout and f"kept {s['kept']}" in stdout and f"wrote {s['kept']}" in stdout
     # the threshold filters: with 1.0 only perfect-contrast windows could stay; no annotation -> exit code 1
     code, stdout, _ = cli("annotate", video_dir, "--captions", caps, "--out", out, "--backbone", "random",
                           "--min-score", "1.0", "--summary-json", summary)
