@@ -120,7 +120,8 @@ def build_search_predictor(args: argparse.Namespace):
                                             grounder_ckpt=args.grounder_ckpt, retriever_cfg=args.retriever_cfg,
                                             grounder_cfg=args.grounder_cfg, fusion=_fusion(args.fusion),
                                             splits=args.splits, stage1_top_k=args.stage1_top_k,
-                                            refiner=args.refiner_cfg, device=args.device or "auto",
+                                            refiner=args.refiner_cfg if args.refine else None,
+                                            device=args.device or "auto",
                                             trusted=args.trusted)
     if not args.index:
         raise ConfigError("search needs INDEX (built with 'lavis-c2f index videos VIDEO_DIR --out INDEX') or "
@@ -130,7 +131,8 @@ def build_search_predictor(args: argparse.Namespace):
     backbone = args.backbone or _index_backbone(args.index) or "offline"
     zero = {"video_score": args.zero_shot_score} if args.zero_shot_score else None
     return C2FPredictor.from_checkpoints(args.retriever_ckpt, args.grounder_ckpt, backbone,
-                                         _backbone_config(args, backbone), args.index, args.refiner_cfg,
+                                         _backbone_config(args, backbone), args.index,
+                                         args.refiner_cfg if args.refine else None,
                                          args.device or "auto", retriever_cfg=args.retriever_cfg,
                                          grounder_cfg=args.grounder_cfg, fusion=_fusion(args.fusion),
                                          zero_shot=zero, stage1_top_k=args.stage1_top_k, ann=args.ann,

@@ -148,3 +148,31 @@ def test_same_numbers_as_the_api(cli, zs_index):
     d = json.loads(out)
     res = C2FPredictor.from_checkpoints(index=zs_index, backbone="random", device="cpu").search("gray")
     np.testing.assert_allclose([m["score"] for m in d["moments"]], [m.score for m in res])
+
+
+def test_refine_with_a_refiner_yaml(cli, zs_index, tmp_path):
+    """Stage 3 from the command line: the refiner config is a YAML (a 'refiner:' node), imported lazily."""
+    import yaml
+
+    from lavis_c2f.models.refiner.tiny import make_tiny_assets
+
+    root = tmp_path / "tiny"
+    make_tiny_assets(str(root))
+    cfg = {"refiner": {"model": {"arch": "c2f_caption_refiner", "model_type": "tiny", "tiny_assets": str(root),
+                                 "vit_model": "tiny", "vit_tiny": {"patch_size": 16, "embed_dim": 24, "depth": 1,
+                                                                   "num_heads": 2, "mlp_ratio": 2.0},
+                                 "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
+                                 "num_query_token": 4, "generation": {"num_beams": 1, "max_new_tokens": 8}},
+                       "sampler": {"n_candidates": 8, "n_frames": 2}, "video_fps": 1.0}}
+    (tmp_path / "refiner.yaml").write_text(yaml.safe_dump(cfg))
+    code, out, err = cli("search", zs_index, "a red screen", "--refine", "--refiner-cfg", tmp_path / "refiner.yaml",
+                         "--json", "--stage1-top-k", "2")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["mode"]["stage3"] == "on" and "stage3_s" in d["timings"]
+    assert len(d["stage1"]) == 2 and d["moments"]
+    assert all(m["refined"] for m in d["moments"])  # refine_videos = 3 >= 2 grounded: every video is refined
+    assert all(0 <= m["start"] < m["end"] <= m["duration"] + 1e-6 for m in d["moments"])
+    # without --refine the refiner is not even built
+    code, out, err = cli("search", zs_index, "a red screen", "--refiner-cfg", tmp_path / "refiner.yaml", "--json")
+    assert code == 0 and json.loads(out)["mode"]["stage3"] == "off"
