@@ -61,7 +61,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     "Everything goes under one run directory, named at the end.")
     q.add_argument("--out", default=None, help="run directory (default: ./c2f_quickstart/<timestamp>)")
     q.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    q.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo models are small, and one thread avoids OpenMP "
+                        "contention on a busy machine and keeps the numbers reproducible; 0 = torch's default)")
     q.add_argument("--stage1-epochs", type=int, default=None, help="override the stage-1 epochs of the demo YAML")
     q.add_argument("--stage2-epochs", type=int, default=None, help="override the stage-2 epochs of the demo YAML")
     q.add_argument("--n-videos", type=int, default=None, help="demo corpus size (default: the corpus default)")

@@ -14,7 +14,7 @@ split can add hard negatives from them (:mod:`lavis_c2f.pipeline.hard_negatives`
 
 Validation (errors name file, line and field): every annotation qid needs a stage-1 row
 (unless ``allow_missing``), every stage-1 qid must be in the annotations, qids are unique,
-each kept ``[vid, score]`` is a string id with a finite score, and each kept video must be
+each kept ``[vid, score]`` is a string id with a finite score, listed once, and each kept video must be
 known: a video of the annotation file or of the ``videos`` list (the corpus). The output is
 written atomically.
 """
@@ -54,12 +54,17 @@ def _check_ranked(value: Any, path: str, line: Optional[int], limit: Optional[in
         raise DataFormatError(f"expected a list of [vid, score], got {type(value).__name__}", path=path,
                               line=line, field=field)
     out = []
+    seen: Dict[str, int] = {}
     for i, item in enumerate(value if limit is None else value[:limit]):
         if (not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str) or not item[0]
                 or isinstance(item[1], bool) or not isinstance(item[1], (int, float))
                 or not math.isfinite(float(item[1]))):
             raise DataFormatError(f"expected [vid (non-empty string), finite score], got {item!r}", path=path,
                                   line=line, field=f"{field}[{i}]")
+        if item[0] in seen:
+            raise DataFormatError(f"video {item[0]!r} is listed twice (first at {field}[{seen[item[0]]}])",
+                                  path=path, line=line, field=f"{field}[{i}]")
+        seen[item[0]] = i
         out.append([item[0], float(item[1])])
     return out
 

@@ -189,10 +189,12 @@ def format_table(rows: Sequence[tuple]) -> str:
     return "\n".join(out)
 
 
-def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None,
+def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Optional[int] = 1,
                    stage1_epochs: Optional[int] = None, stage2_epochs: Optional[int] = None,
                    n_videos: Optional[int] = None, include_untrained: bool = True) -> Dict[str, Any]:
-    """Run the quickstart (module docstring); returns the summary written to ``summary.json``."""
+    """Run the quickstart (module docstring); returns the summary written to ``summary.json``.
+
+    ``threads``: torch CPU threads (None or 0: torch's default)."""
     import torch
 
     from lavis_c2f.common.io import read_json, write_json
@@ -209,6 +211,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     run_dir = Path(resolve_path(out or os.path.join("c2f_quickstart", stamp)))
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "quickstart.log"
+    _file_logging(log_file)
     runs = run_dir / "runs"
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     steps = _Steps(9 if include_untrained else 8)

@@ -95,6 +95,7 @@ def test_missing_video_and_corpus_list(files):
     ({"qid": 1, "ranked_vids": [[3, 0.5]]}, "ranked_vids[0]"),
     ({"qid": 1, "ranked_vids": [["v1", float("nan")]]}, "ranked_vids[0]"),
     ({"qid": 1, "ranked_vids": {"v1": 0.5}}, "ranked_vids"),
+    ({"qid": 1, "ranked_vids": [["v1", 0.5], ["v2", 0.4], ["v1", 0.3]]}, "ranked_vids[2]"),
     ({"qid": 1}, "ranked_vids"),
     ({"ranked_vids": []}, "qid"),
     ({"qid": [1], "ranked_vids": []}, "qid"),
