@@ -1,7 +1,7 @@
 """lavis-c2f: coarse-to-fine video corpus moment retrieval as a Salesforce LAVIS plugin."""
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -13,9 +13,10 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lavis_c2f", "lavis_c2f.*"]),
+    # namespace discovery so the YAML-only folders under lavis_c2f/configs are packages too
+    packages=find_namespace_packages(include=["lavis_c2f", "lavis_c2f.*"]),
     include_package_data=True,
-    package_data={"lavis_c2f": ["configs/**/*.yaml", "configs/*.yaml"]},
+    package_data={"lavis_c2f.configs": ["**/*.yaml", "*.yaml"]},
     install_requires=[
         "salesforce-lavis==1.0.2",
         "torch==2.14.1",

@@ -20,7 +20,7 @@ COMMAND_MODULES = [
     "lavis_c2f.index.cli",           # index (build|add|info|search|videos)
     "lavis_c2f.video.cli",           # extract
     "lavis_c2f.search.cli",          # search, annotate
-    "lavis_c2f.pipeline.cli",        # merge-stage1, tune-fusion
+    "lavis_c2f.pipeline.cli",        # merge-stage1, tune-fusion, quickstart
     "lavis_c2f.evaluation.cli",      # eval
 ]
 

@@ -6,6 +6,8 @@
 # <split>_best_ranks.jsonl), or merged annotations. Writes <run.output_dir>/$JOB_ID (default "eval")/result/
 # <split>_best_{vcmr.jsonl,candidates.jsonl,gt_preds.jsonl,metrics.json}. Tune the fusion on the
 # validation candidates with: lavis-c2f tune-fusion --candidates .../val_best_candidates.jsonl --out fusion.json
+# Runs under bash; `sh script.sh` re-executes it with bash.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 CFG="${1:?usage: eval_c2f.sh PROJECT_YAML GROUNDER_CHECKPOINT [KEY=VALUE ...]}"
 CKPT="${2:?usage: eval_c2f.sh PROJECT_YAML GROUNDER_CHECKPOINT [KEY=VALUE ...]}"; shift 2

@@ -5,6 +5,8 @@
 # Writes <run.output_dir>/$JOB_ID (default "infer")/result/<split>_best_ranks.jsonl (qid, query,
 # ranked_vids: the run.stage1_top_k best [vid, score]) and <split>_best_metrics.json; the c2f
 # YAMLs read the ranks from there by default.
+# Runs under bash; `sh script.sh` re-executes it with bash.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 CFG="${1:?usage: infer_stage1.sh PROJECT_YAML CHECKPOINT [KEY=VALUE ...]}"
 CKPT="${2:?usage: infer_stage1.sh PROJECT_YAML CHECKPOINT [KEY=VALUE ...]}"; shift 2

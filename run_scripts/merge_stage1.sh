@@ -6,6 +6,8 @@
 # A file operation (no model, one process): it runs `lavis-c2f merge-stage1`, which validates both
 # inputs (errors name file, line and field) and writes OUT atomically. Options: --videos FILE
 # (corpus video ids), --format, --durations (Charades-STA), --allow-missing.
+# Runs under bash; `sh script.sh` re-executes it with bash.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 USAGE="usage: merge_stage1.sh RANKS.jsonl ANNOTATIONS OUT.jsonl [TOP_K] [options]"
 RANKS="${1:?$USAGE}"; ANN="${2:?$USAGE}"; OUT="${3:?$USAGE}"; shift 3

@@ -4,6 +4,8 @@
 #   bash run_scripts/quickstart.sh [--out DIR] [--threads N] [--device cpu|cuda]
 # It prints one table (chance, untrained and trained models) and the absolute run directory
 # holding every output (corpus, checkpoints, ranks, merged annotations, predictions, metrics).
+# Runs under bash; `sh script.sh` re-executes it with bash.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/run_scripts/setup.sh"

@@ -9,6 +9,8 @@
 # torch 2.14.1 / torchvision 0.29.1 and the older numpy/pandas/scipy/scikit-image it needs on
 # Python 3.11) and this package in editable mode, plus the system tools the tests use
 # (ffmpeg) when they can be installed.
+# Runs under bash; `sh script.sh` re-executes it with bash.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${C2F_VENV:-$ROOT/.venv}"

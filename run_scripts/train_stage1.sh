@@ -5,6 +5,8 @@
 # Outputs in <run.output_dir>/$JOB_ID (default "train"): checkpoint_{best,latest}.pth,
 # result/<split>_<epoch>_ranks.jsonl and _metrics.json, log.txt, summary.json.
 # Resume: ... run.resume_ckpt_path=<output_dir>/train/checkpoint_latest.pth
+# Runs under bash; `sh script.sh` re-executes it with bash.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 CFG="${1:?usage: train_stage1.sh PROJECT_YAML [KEY=VALUE ...]}"; shift
 c2f_launch train.py "$CFG" "run.job_id=${JOB_ID:-train}" "$@"
