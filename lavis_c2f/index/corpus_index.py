@@ -130,6 +130,7 @@ class _Segment:
     frames: Optional[np.ndarray] = None        # (n_frames, D) memmap / array
     prefilter: Optional[np.ndarray] = None     # (n_rows, S, D) float16
     path_dir: Optional[str] = None             # folder holding the files (saved segments)
+    fd: Optional[int] = None                   # read-only descriptor of the frames file (pread)
     files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # file -> {sha256, bytes}
 
 
@@ -234,16 +235,21 @@ class CorpusIndex:
             dir; put it on the same filesystem as the output to make saving a rename).
         rebuild_fraction: rebuild an HNSW index once this fraction of its entries are dead.
         prefilter_segments: pre-filter vectors per video (see the module docstring).
+        io_threads: threads reading candidate frames from saved segments (``pread``, one
+            contiguous read per video, so a re-rank over a corpus larger than the page cache
+            waits for ``m / io_threads`` disk reads instead of ``m``); 0 reads in the caller.
     """
 
     def __init__(self, dim: int, max_frames: int, model_info: Mapping[str, Any], frame_dtype: str = "float16",
                  ann: Optional[Any] = None, model=None, work_dir: Optional[str] = None,
-                 rebuild_fraction: float = 0.3, prefilter_segments: int = 3):
+                 rebuild_fraction: float = 0.3, prefilter_segments: int = 3, io_threads: int = 8):
         if frame_dtype not in _DTYPES:
             raise ValueError(f"frame_dtype must be one of {sorted(_DTYPES)}, got {frame_dtype!r}")
         if not 1 <= int(prefilter_segments) <= 8:
             raise ValueError(f"prefilter_segments must be in 1..8, got {prefilter_segments}")
         self.segments_per_video = int(prefilter_segments)
+        self.io_threads = max(0, int(io_threads))
+        self._pool = None
         self.dim, self.max_frames = int(dim), int(max_frames)
         self.frame_dtype = frame_dtype
         self.model_info = dict(model_info)
@@ -563,6 +569,7 @@ class CorpusIndex:
         bias = None if self._bias is None else self._bias[alive].copy()
         if self._pending is not None:
             self._pending.discard()
+        self._close_fds()
         self._segments, self._pending = [], new
         n = len(alive)
         self._vids, self._row_of = vids, {v: i for i, v in enumerate(vids)}
@@ -618,6 +625,10 @@ class CorpusIndex:
             segs = self._seg[rows]
             for s in np.unique(segs[lens > 0]):
                 sel = np.flatnonzero((segs == s) & (lens > 0))                  # empty videos read nothing
+                if s < len(self._segments) and self._segments[int(s)].fd is not None:
+                    buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f)
+                    out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
+                    continue
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
                 order = np.argsort(idx, kind="stable")
@@ -630,6 +641,37 @@ class CorpusIndex:
 
         pooled = l2norm(masked_mean(l2norm(out), mask_t, dim=1))
         return VideoEmbedding(out, mask_t, pooled)
+
+    def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int) -> np.ndarray:
+        """(n, f, D) stored-dtype frames of n videos (``lengths`` valid rows from frame
+        ``offsets``), one ``pread`` per video straight into a padded buffer, spread over
+        ``io_threads`` threads (the GIL is released during the reads)."""
+        dt = np.dtype(_DTYPES[self.frame_dtype])
+        row_bytes = self.dim * dt.itemsize
+        n = len(offsets)
+        buf = np.zeros((n, f, self.dim), dt)
+        flat = memoryview(buf.reshape(-1).view(np.uint8))
+        order = np.argsort(offsets, kind="stable")          # ascending file offsets per worker
+
+        def read(idx: np.ndarray) -> None:
+            for i in idx.tolist():
+                nbytes = int(lengths[i]) * row_bytes
+                start = i * f * row_bytes
+                got = os.preadv(fd, [flat[start:start + nbytes]], int(offsets[i]) * row_bytes)
+                if got != nbytes:
+                    raise IndexFormatError(f"short read ({got} of {nbytes} bytes) at frame {int(offsets[i])}",
+                                           path=self.path)
+
+        workers = min(self.io_threads, max(1, n // 16))
+        if workers <= 1:
+            read(order)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=self.io_threads, thread_name_prefix="c2f-index-io")
+            list(self._pool.map(read, np.array_split(order, workers)))
+        return buf
 
     def embeddings(self, vids: Sequence[str]):
         """:class:`VideoEmbedding` of the given video ids."""
@@ -875,11 +917,13 @@ class CorpusIndex:
 
     def _open_segments(self, path: str) -> None:
         dt = _DTYPES[self.frame_dtype]
+        self._close_fds()
         for seg in self._segments:
             fr = os.path.join(path, f"{seg.name}.frames")
             pf = os.path.join(path, f"{seg.name}.prefilter")
             seg.frames = (np.memmap(fr, dtype=dt, mode="r", shape=(seg.n_frames, self.dim))
                           if seg.n_frames else np.zeros((0, self.dim), dt))
+            seg.fd = os.open(fr, os.O_RDONLY) if seg.n_frames else None
             sv = self.segments_per_video
             seg.prefilter = (np.memmap(pf, dtype=np.float16, mode="r", shape=(seg.n_rows, sv, self.dim))
                              if seg.n_rows else np.zeros((0, sv, self.dim), np.float16))
@@ -1033,18 +1077,33 @@ class CorpusIndex:
             "size_bytes": size,
         }
 
+    def _close_fds(self) -> None:
+        for seg in self._segments:
+            if seg.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(seg.fd)
+                seg.fd = None
+
     def close(self) -> None:
-        """Drop memory maps and spill files (unsaved rows are lost)."""
+        """Drop memory maps, file descriptors, reader threads and spill files (unsaved rows
+        are lost)."""
         if self._pending is not None:
             self._pending.discard()
             self._pending = None
+        self._close_fds()
         for seg in self._segments:
             seg.frames = seg.prefilter = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def __del__(self):  # spill files of an unsaved index are temporary
         with contextlib.suppress(Exception):
             if self._pending is not None:
                 self._pending.discard()
+            self._close_fds()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
 
 
 def search_shards(indexes: Sequence[CorpusIndex], text_emb, k: int = 10, m: Optional[int] = None

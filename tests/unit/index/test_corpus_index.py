@@ -321,3 +321,19 @@ def test_empty_videos_anywhere_in_a_segment():
         from lavis_c2f.models.retriever import VideoEmbedding
 
         ix.add(["holey"], VideoEmbedding(torch.ones(1, 3, 8), torch.tensor([[1.0, 0, 1]]), torch.zeros(1, 8)))
+
+
+@pytest.mark.parametrize("io_threads", [0, 4])
+def test_parallel_pread_gather_matches_memory_map(tmp_path, io_threads):
+    m = _model()
+    feats = _features(80)
+    ix = _build(m, feats)
+    path = ix.save(str(tmp_path / "ix"))
+    loaded = CorpusIndex.load(path, model=m)
+    loaded.io_threads = io_threads
+    rows = np.random.default_rng(0).permutation(80)[:70]
+    got = loaded.gather(rows)
+    loaded._close_fds()               # the memory-map path gives the reference
+    want = loaded.gather(rows)
+    assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
+    loaded.close()
