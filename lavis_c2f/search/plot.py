@@ -43,14 +43,16 @@ def plot_saliency(path: "str | os.PathLike", saliency: Sequence[float], clip_len
         ax.plot(x, sal, color="#1f4e79", lw=1.6, marker="o", ms=2.5, label=ylabel)
         lo, hi = float(sal.min()), float(sal.max())
         pad = 0.1 * (hi - lo if hi > lo else 1.0)
-        ax.set_ylim(lo - pad * (3 if gt_windows else 1), hi + 2 * pad)
+        ax.set_ylim(lo - pad * (3 if gt_windows else 1), hi + 3.2 * pad)
         shown = list(windows)[: int(max_windows)]
         for i, w in enumerate(shown):
             st, ed = float(w[0]), float(w[1])
             alpha = 0.35 * (1.0 - i / max(1, len(shown))) + 0.08
             ax.axvspan(st, ed, color="#f28e2b", alpha=alpha, lw=0, label="predicted" if i == 0 else None)
             score = f" {float(w[2]):.2f}" if len(w) > 2 else ""
-            ax.text((st + ed) / 2, hi + 1.2 * pad, f"#{i + 1}{score}", ha="center", va="bottom", fontsize=7)
+            # labels on three staggered rows so that overlapping windows stay readable
+            ax.text((st + ed) / 2, hi + (0.4 + 0.9 * (i % 3)) * pad, f"#{i + 1}{score}", ha="center", va="bottom",
+                    fontsize=7)
         for j, g in enumerate(gt_windows or []):
             ax.hlines(lo - 2 * pad, float(g[0]), float(g[1]), color="#2ca02c", lw=5,
                       label="ground truth" if j == 0 else None)
