@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -43,9 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_shorthands(argv: List[str]) -> List[str]:
+    """``lavis-c2f index VIDEO_DIR ...`` is short for ``lavis-c2f index videos VIDEO_DIR ...``:
+    when the word after ``index`` is an existing directory and not an index sub-command."""
+    i = next((k for k, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is None or argv[i] != "index" or i + 1 >= len(argv):
+        return argv
+    nxt = argv[i + 1]
+    try:
+        from lavis_c2f.index import cli as index_cli
+    except ModuleNotFoundError:
+        return argv
+    known = set(index_cli._BUILTIN) | {name for name, _, _ in index_cli._EXTRA}
+    if not nxt.startswith("-") and nxt not in known and os.path.isdir(nxt):
+        return argv[: i + 1] + ["videos"] + argv[i + 1:]
+    return argv
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(expand_shorthands(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
