@@ -259,12 +259,25 @@ def _bump(length: int) -> np.ndarray:
     return 0.5 + 0.5 * np.sin(np.pi * pos)
 
 
-def generate_demo_corpus(params: Optional[DemoCorpusParams] = None) -> DemoCorpusData:
-    """Generate the corpus in memory (deterministic in ``params``); see the module docstring."""
-    p = params or DemoCorpusParams()
-    rng = np.random.default_rng(p.seed)
-    k, dt, dv = p.latent_dim, p.text_dim, p.video_dim
+@dataclass
+class DemoLatents:
+    """The first draws of the generator: per-word latents, the two modality maps and offsets."""
+    z: Dict[str, np.ndarray]
+    A: np.ndarray
+    B: np.ndarray
+    offset_t: np.ndarray
+    offset_v: np.ndarray
 
+
+def demo_latents(p: DemoCorpusParams, rng: Optional[np.random.Generator] = None) -> DemoLatents:
+    """Word latents ``z`` (vocabulary order), text map ``A`` (Dt x k), video map ``B`` (Dv x k)
+    and the modality offsets, drawn first from ``rng`` (default: a fresh ``default_rng(p.seed)``).
+
+    :func:`generate_demo_corpus` continues drawing from the same ``rng`` afterwards; the demo
+    text encoder (:mod:`lavis_c2f.data.demo_text`) calls this to rebuild the text side.
+    """
+    rng = np.random.default_rng(p.seed) if rng is None else rng
+    k, dt, dv = p.latent_dim, p.text_dim, p.video_dim
     vocab = SUBJECTS + ADJECTIVES + VERBS + OBJECTS + PLACES + FUNCTION_WORDS
     z = {w: rng.standard_normal(k) / np.sqrt(k) for w in vocab}
     # entries of A z have variance ||z||^2 / dt, so ||A z|| ~ ||z|| (same for B)
@@ -272,6 +285,16 @@ def generate_demo_corpus(params: Optional[DemoCorpusParams] = None) -> DemoCorpu
     B = rng.standard_normal((dv, k)) / np.sqrt(dv)
     offset_t = rng.standard_normal(dt) / np.sqrt(dt) * p.modality_offset
     offset_v = rng.standard_normal(dv) / np.sqrt(dv) * p.modality_offset
+    return DemoLatents(z=z, A=A, B=B, offset_t=offset_t, offset_v=offset_v)
+
+
+def generate_demo_corpus(params: Optional[DemoCorpusParams] = None) -> DemoCorpusData:
+    """Generate the corpus in memory (deterministic in ``params``); see the module docstring."""
+    p = params or DemoCorpusParams()
+    rng = np.random.default_rng(p.seed)
+    lat = demo_latents(p, rng)
+    z, A, B, offset_t, offset_v = lat.z, lat.A, lat.B, lat.offset_t, lat.offset_v
+    k, dt, dv = p.latent_dim, p.text_dim, p.video_dim
 
     def meaning(concepts: Dict[str, Optional[str]]) -> np.ndarray:
         m = sum(z[c] for c in concepts.values() if c is not None)

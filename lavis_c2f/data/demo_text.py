@@ -11,9 +11,8 @@ where ``z_w`` are per-word latents, ``A`` the (Dt x k) text map, ``offset_t`` th
 ``pooler_output`` is the mean of the content-word tokens (plus noise).
 
 :class:`DemoTextEncoder` rebuilds ``z``, ``A`` and ``offset_t`` from the parameters recorded in
-``corpus.json`` with the generator's own seed and draw order (they are the first draws of
-:func:`~lavis_c2f.data.demo_corpus.generate_demo_corpus`: the latents of the vocabulary in
-vocabulary order, then ``A``, ``B``, ``offset_t``) and the generator's vocabulary lists, and
+``corpus.json`` with :func:`~lavis_c2f.data.demo_corpus.demo_latents` (the generator's own first
+draws) and the generator's vocabulary lists, and
 encodes any query made of vocabulary words **without the noise terms** (the expectation of the
 generator's features). Re-encoding a corpus query therefore gives its stored features up to the
 generator's noise (``text_noise``; cosine about 0.98 per token with the default parameters).
@@ -87,14 +86,11 @@ class DemoTextEncoder:
     def __init__(self, params: "dc.DemoCorpusParams", corpus_id: str = ""):
         self.params = params
         p = params
-        rng = np.random.default_rng(p.seed)
-        k, dt, dv = p.latent_dim, p.text_dim, p.video_dim
-        # the generator's first draws, in its order (see the module docstring)
-        vocab = dc.SUBJECTS + dc.ADJECTIVES + dc.VERBS + dc.OBJECTS + dc.PLACES + dc.FUNCTION_WORDS
-        self.z: Dict[str, np.ndarray] = {w: rng.standard_normal(k) / np.sqrt(k) for w in vocab}
-        self.A = rng.standard_normal((dt, k)) / np.sqrt(dt)
-        rng.standard_normal((dv, k))  # B (video map): drawn to keep the generator's order
-        self.offset_t = rng.standard_normal(dt) / np.sqrt(dt) * p.modality_offset
+        dt = p.text_dim
+        lat = dc.demo_latents(p)  # the generator's own first draws
+        self.z: Dict[str, np.ndarray] = lat.z
+        self.A = lat.A
+        self.offset_t = lat.offset_t
         self.content_words = frozenset(dc.SUBJECTS + dc.ADJECTIVES + dc.VERBS + dc.OBJECTS + dc.PLACES)
         self.vocabulary = frozenset(self.z)
         self.dim = self.text_dim = int(dt)
