@@ -338,6 +338,7 @@ class VideoIndexCorpus(_Corpus):
         except (KeyError, TypeError, ValueError) as e:
             raise DataFormatError(f"missing or invalid field: {e}", path=sidecar) from None
         self.model_cfg = self.sidecar.get("model_cfg")
+        self.backbone_config = dict(self.sidecar.get("backbone_config") or {})
         self.retriever_checkpoint = self._resolve_ckpt(self.sidecar.get("retriever_checkpoint"), sidecar)
         rows = read_videos_jsonl(self.features_dir)
         self._rows = {r["vid"]: r for r in rows if r.get("status") == "ok" and r.get("weights_id") == self.weights_id}
@@ -713,6 +714,9 @@ class C2FPredictor:
                 raise ConfigError("backbone_cfg is only used when the backbone is given by name")
             bb = backbone
         else:
+            if backbone_cfg is None and corpus is not None and corpus.backbone_name in (
+                    str(backbone), f"c2f_feature_{backbone}"):
+                backbone_cfg = corpus.backbone_config  # the index's own encoder settings (clip_path, ...)
             bb = build_backbone(str(backbone), config={**dict(backbone_cfg or {}), "device": dev})
         if corpus is not None:
             if bb.weights_id != corpus.weights_id:

@@ -531,7 +531,9 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = "offl
     info = index.info()
     write_json({"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
                 "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
-                "retriever_checkpoint": retriever_checkpoint, "videos": len(vids)},
+                "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
+                "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
+                "videos": len(vids)},
                out_index + ".c2f-video.json")
     loader.close()
     return res, info
