@@ -43,6 +43,38 @@ stage-1 lists from ``stage1_ranks`` or ``stage1_result``).
 * ``agg_metric`` (``VCMR-R@1-IoU@0.5``): selects the best epoch.
 * ``ground_truth_video`` (true): also ground each labelled query in its GT video.
 * ``hard_negative_ratio`` (0 = off), ``hard_negative_top_k`` (5), ``hard_negative_seed`` (0).
+* ``refine`` (off): stage 3, the caption refiner, in evaluation. A mapping (every key optional;
+  unknown keys raise ``ConfigError``; :mod:`lavis_c2f.pipeline.refine` has the details)::
+
+      enabled: false       # the switch. Off: lavis_c2f.models.refiner is never imported
+      config: null         # refiner: mapping of CaptionRefiner.from_config keys (model, checkpoint,
+                           # sampler, video_fps, video_ext, captions_dir, device, cache_videos) or
+                           # a YAML file with them (optionally under 'refiner:'); required when on
+      top_videos: 3        # per query, the windows of this many best videos of the fused list
+                           # are refined
+      gt_video: true       # also refine the GT video of labelled queries (single-video and
+                           # oracle metrics then measure stage 2 + 3)
+      splits: null         # only these splits (null: every evaluated split)
+      frame_source: video  # video (files) | folder (pre-extracted frames) | feature_image
+                           # (feature rows drawn as images: the demo corpus, which has no videos)
+      video_root: null     # video: <video_root>/<vid><video_ext>, decoded at the config's video_fps
+      video_ext: .mp4
+      frames_root: null    # folder: <frames_root>/<vid>/*.jpg|png, written at frames_fps
+      frames_fps: 1.0
+      features: null       # feature_image: npz folder or store mapping (null: the dataset's
+                           # first video-feature stream, at its clip_length)
+      captions_dir: null   # <vid>.srt speech captions (null: the refiner config's)
+
+  When on, after stage-2 grounding of a query the windows of its ``top_videos`` best fused
+  videos go through ``CaptionRefiner.refine`` and replace the stage-2 ones before the final
+  fusion. A generation that does not parse or frames that cannot be read fall back to the
+  stage-2 windows (counted by reason, never raised). Candidate rows get a ``refine`` entry
+  (refined videos, their stage-2 windows, counters); the metrics get ``refine_n_refined``,
+  ``refine_n_fallback``, ``refine_n_pairs``, ``refine_n_dropped_windows`` and
+  ``refine_fallback_<reason>``, the report a ``refine`` block, and one summary line is logged.
+  Refinement applies to every corpus evaluation of the selected splits, validation during
+  training included; with the BLIP-2 refiner, switch it on for ``evaluate.py`` only
+  (``run_scripts/eval_c2f.sh`` with ``REFINE=...``).
 """
 from __future__ import annotations
 
@@ -60,6 +92,7 @@ from lavis_c2f.common.io import write_json, write_jsonl
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.data.cfg import to_plain
 from lavis_c2f.paths import resolve_path
+from lavis_c2f.pipeline.refine import RefineOptions
 from lavis_c2f.tasks.base import C2FTask, move_to_device, unwrap_model
 from lavis_c2f.tasks.base import result_dir as default_result_dir
 from lavis_c2f.tasks.video_retrieval import shard_range
@@ -84,6 +117,7 @@ class CorpusMomentRetrievalTask(C2FTask):
         "hard_negative_ratio": 0.0,
         "hard_negative_top_k": 5,
         "hard_negative_seed": 0,
+        "refine": None,
     }
 
     def __init__(self, **options: Any):
@@ -113,6 +147,13 @@ class CorpusMomentRetrievalTask(C2FTask):
         self.stage1_ranks = ranks
         self.agg_metric = str(o["agg_metric"])
         self.datasets: Dict[str, Dict[str, Any]] = {}
+        # stage 3: validated here (pure); the refiner is imported and built on first use only
+        self.refine = RefineOptions.from_mapping(to_plain(o["refine"]), where="run.refine")
+        if self.refine.enabled:
+            from lavis_c2f.pipeline.refine import check_refiner_config
+
+            check_refiner_config(self.refine.config)
+        self._refiner = None
 
     # ------------------------------------------------------------------ build
     def stage1_source(self, split: Optional[str]) -> Optional[str]:
@@ -190,14 +231,28 @@ class CorpusMomentRetrievalTask(C2FTask):
         was_training = model.training
         model.eval()
         try:
-            rows = self._ground(model, dataset, records, stage1, device, desc)
+            rows = self._ground(model, dataset, records, stage1, device, desc, split=split)
         finally:
             model.train(was_training)
         gathered = c2f_dist.all_gather_objects(rows)
         return {"rows": [r for part in gathered for r in part], "split": split}
 
+    def corpus_refiner(self, dataset, device: Optional[torch.device] = None):
+        """The stage-3 :class:`~lavis_c2f.pipeline.refine.CorpusRefiner` (built once, on first
+        use; None when ``run.refine`` is off)."""
+        if not self.refine.enabled:
+            return None
+        if self._refiner is None:
+            from lavis_c2f.pipeline.refine import CorpusRefiner
+
+            self._refiner = CorpusRefiner.build(self.refine, dataset, device)
+            logger.info("stage 3 on: caption refiner on the %d best videos per query%s, frames: %s",
+                        self.refine.top_videos, " (+ the GT video)" if self.refine.gt_video else "",
+                        self.refine.frame_source)
+        return self._refiner
+
     def _ground(self, model, dataset, records: Sequence[MomentRecord], stage1: List[List[List[Any]]],
-                device: torch.device, desc: str) -> List[Dict[str, Any]]:
+                device: torch.device, desc: str, split: Optional[str] = None) -> List[Dict[str, Any]]:
         k = int(self.options["stage1_top_k"])
         durations: Dict[str, float] = {}
         for rec in records:
@@ -212,6 +267,7 @@ class CorpusMomentRetrievalTask(C2FTask):
                 vids.append(rec.vid)
             pairs.extend((qi, v) for v in vids)
         results: Dict[Tuple[int, str], Dict[str, Any]] = {}
+        pair_durations: Dict[int, Dict[str, float]] = {}   # query index -> vid -> seconds used
         bs = int(self.options["pair_batch_size"])
         qcache: Dict[int, torch.Tensor] = {}
         show = self.show_progress and c2f_dist.is_main_process()
@@ -226,24 +282,36 @@ class CorpusMomentRetrievalTask(C2FTask):
                 dur = float(records[qi].duration) if vid == records[qi].vid else durations.get(vid, math.inf)
                 samples.append(self.pair_sample(dataset, records[qi], vid, dur, qcache[qi]))
             batch = move_to_device(dataset.collater(samples), device)
-            for (qi, vid), pred in zip(chunk, model.predict_batch(batch)):
+            for (qi, vid), sample, pred in zip(chunk, samples, model.predict_batch(batch)):
                 results[(qi, vid)] = pred
+                pair_durations.setdefault(qi, {})[vid] = float(sample["duration"])
+        refiner = self.corpus_refiner(dataset, device) if self.refine.applies_to(split) else None
         rows = []
-        for qi in range(start, end):
+        for qi in tqdm(range(start, end), desc=f"{desc} (stage 3)", leave=False, dynamic_ncols=True,
+                       disable=not (show and refiner is not None), unit="query"):
             rec = records[qi]
             cands = []
             for vid, s1 in stage1[qi][:k]:
                 pred = results[(qi, str(vid))]
                 cands.append([str(vid), float(s1), pred["pred_relevant_windows"]])
             gt = results.get((qi, rec.vid)) if rec.relevant_windows else None
-            rows.append({
+            gt_windows = None if gt is None else gt["pred_relevant_windows"]
+            info = None
+            if refiner is not None:
+                cands, gt_windows, info = refiner.refine_query(
+                    rec.query, cands, pair_durations.get(qi, {}), self.fusion, gt_vid=rec.vid if gt is not None else None,
+                    gt_windows=gt_windows)
+            row = {
                 "qid": rec.qid, "query": rec.query, "gt_vid": rec.vid, "duration": rec.duration,
                 "relevant_windows": [[float(s), float(e)] for s, e in rec.relevant_windows],
                 "relevant_clip_ids": rec.relevant_clip_ids, "saliency_scores": rec.saliency_scores,
                 "stage1": [[str(v), float(s)] for v, s in stage1[qi]],
                 "candidates": cands,
-                "gt_windows": None if gt is None else gt["pred_relevant_windows"],
-                "gt_saliency": None if gt is None else gt.get("pred_saliency_scores")})
+                "gt_windows": gt_windows,
+                "gt_saliency": None if gt is None else gt.get("pred_saliency_scores")}
+            if info is not None:
+                row["refine"] = info
+            rows.append(row)
         return rows
 
     def after_evaluation(self, val_result, split_name: str, epoch, dataset=None,
@@ -267,11 +335,21 @@ class CorpusMomentRetrievalTask(C2FTask):
             files["gt_preds"] = write_jsonl(gt_preds, f"{out_dir}/{tag}_gt_preds.jsonl")
         report.update({"split": split_name, "epoch": epoch, "stage1_top_k": int(self.options["stage1_top_k"]),
                        "eval_protocol": self.options["eval_protocol"], "metrics": flat, "files": files})
+        refine_flat: Dict[str, Any] = {}
+        if any(r.get("refine") is not None for r in rows):
+            from lavis_c2f.pipeline.refine import flat_refine_metrics, refine_counts, summary_line
+
+            counts = refine_counts(rows)
+            refine_flat = flat_refine_metrics(counts)
+            report["refine"] = {**self.refine.describe(), **counts}
+            logger.info("%s", summary_line(counts, split_name))
         if not flat:
+            report["metrics"] = dict(refine_flat)
             write_json(report, f"{out_dir}/{tag}_metrics.json")
             logger.info("%s: %d queries grounded; no ground truth to evaluate (%s)", split_name, len(rows),
                         vcmr_path)
-            return {"agg_metrics": -math.inf, "num_queries": len(rows)}
+            return {**refine_flat, "agg_metrics": -math.inf, "num_queries": len(rows)}
+        flat.update(refine_flat)
         if self.agg_metric not in flat:
             raise ConfigError(f"run.agg_metric '{self.agg_metric}' is not among the metrics: {sorted(flat)}")
         report["agg_metric"], report["agg_metrics"] = self.agg_metric, float(flat[self.agg_metric])
