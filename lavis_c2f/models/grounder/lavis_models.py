@@ -386,6 +386,11 @@ class C2FMESMQDDETR(C2FQDDETR):
         n_valid = text["src_txt_mask"].sum(1).long().tolist()
         tok = get_tokenizer(vocab.tokenizer)
         start, end = getattr(tok, "start_token", None), getattr(tok, "end_token", None)
+        # features with start/end rows but a tokenizer without special tokens (whitespace):
+        # wrap the words with sentinels so row j of the features is token j
+        wrap = start is None and bool(self.config["fw_text_special_tokens"])
+        if wrap:
+            start, end = "<start>", "<end>"
         queries = list(samples.get("query", [])) if text["tokens"] is None else None
         for i in range(bsz):
             if text["tokens"] is not None:
@@ -396,6 +401,8 @@ class C2FMESMQDDETR(C2FQDDETR):
                 tokens = tok.tokenize(queries[i])
                 if vocab.tokenizer == "clip" and not self.config["fw_text_special_tokens"]:
                     tokens = tokens[1:-1]
+                elif wrap:
+                    tokens = [start] + list(tokens) + [end]
             if len(tokens) < n_valid[i]:
                 continue
             tokens = tokens[:n_valid[i]]

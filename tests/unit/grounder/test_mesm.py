@@ -87,14 +87,24 @@ def test_prediction_has_no_negative_or_reconstruction_pass(counts_file):
 
 
 def test_feature_alignment_and_counts_checks(counts_file, tmp_path):
-    model = C2FMESMQDDETR.from_config(tiny_mesm_config(vocab_counts=counts_file,
-                                                       fw_tokenizer="whitespace"))
+    model = C2FMESMQDDETR.from_config(tiny_mesm_config(vocab_counts=counts_file, fw_tokenizer="whitespace",
+                                                       fw_text_special_tokens=False))
     model.train()
     b = _mesm_batch()
     b["query"] = ["a door", "a person opens the door", "the door opens now please", "x y z"]
     out = model(b)
     # feature rows: 5, 4, 7, 3; words: 2, 5, 5, 3 -> samples 0 and 2 have too few tokens
     assert out["fw_aligned_frac"] == pytest.approx(0.5)
+    # features with start/end rows (the demo corpus): whitespace words are wrapped with sentinels,
+    # tokens 4, 7, 7, 5 -> only sample 0 is too short
+    wrapped = C2FMESMQDDETR.from_config(tiny_mesm_config(vocab_counts=counts_file, fw_tokenizer="whitespace",
+                                                         fw_text_special_tokens=True))
+    wrapped.train()
+    out = wrapped(b)
+    assert out["fw_aligned_frac"] == pytest.approx(0.75)
+    labels, weights, _, aligned = wrapped._fw_targets(b, wrapped._text(b), b["src_txt_mask"].shape[1])
+    vocab = wrapped.vocab
+    assert labels[1, 0] == vocab.start_label and weights[1, 0] == 0  # row 0 = start token, never masked
     with pytest.raises(DataFormatError, match="tokenizer"):
         C2FMESMQDDETR.from_config(tiny_mesm_config(vocab_counts=counts_file, fw_tokenizer="clip"))
     bad = tmp_path / "bad.json"

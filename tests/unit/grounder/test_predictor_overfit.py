@@ -123,7 +123,8 @@ def test_tiny_overfit_reduces_the_loss(arch, counts_file, single_thread):
         model = C2FQDDETR.from_config(tiny_qd_config(dropout=0.0, input_dropout=0.0))
     else:
         model = C2FMESMQDDETR.from_config(tiny_mesm_config(
-            dropout=0.0, input_dropout=0.0, vocab_counts=counts_file, fw_tokenizer="whitespace"))
+            dropout=0.0, input_dropout=0.0, vocab_counts=counts_file, fw_tokenizer="whitespace",
+            fw_text_special_tokens=False))  # make_batch's text rows are words only
     batch = make_batch([10, 12], [4, 5], [[[4.0, 10.0]], [[12.0, 20.0]]], seed=5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     model.train()
