@@ -4,6 +4,8 @@
 * :mod:`.hard_negatives`: stage-2 training samples pairing a query with a retrieved non-GT video.
 * :mod:`.fusion`: stage-1 x stage-2 score fusion, VCMR / oracle / single-video metrics, and the
   weight search of ``lavis-c2f tune-fusion``.
+* :mod:`.refine`: the ``run.refine`` switch of the corpus task (stage 3 on the best fused videos;
+  imports the refiner only when on).
 * :mod:`.quickstart`: the whole chain on the embedded demo corpus (``lavis-c2f quickstart``).
 * :mod:`.cli`: the sub-commands.
 
