@@ -550,7 +550,9 @@ def load_retriever(checkpoint: PathLike, model_cfg: Any = None, device: str = "c
     path = os.fspath(checkpoint)
     ck = load_checkpoint_file(path)
     if model_cfg is not None:
-        node = _model_node(model_cfg, "retriever_cfg")
+        from lavis_c2f.registry_utils import with_model_defaults
+
+        node = with_model_defaults(_model_node(model_cfg, "retriever_cfg"), "c2f_tmass_retriever")
     else:
         stored = ck.get("config")
         if not isinstance(stored, Mapping):

@@ -98,3 +98,28 @@ def install_lookup_errors() -> None:
             return lookup
 
         setattr(registry, getter, make(original))
+
+
+def with_model_defaults(node, default_arch: str):
+    """A ``model:`` mapping merged over its ``model_type`` defaults, as LAVIS's ``Config`` does
+    when it builds a model (``arch`` picks the class, ``model_type`` its default YAML; keys of
+    ``node`` win). Without ``model_type`` the mapping is returned unchanged (as a plain dict)."""
+    from omegaconf import OmegaConf
+
+    node = dict(node)
+    model_type = node.get("model_type")
+    if not model_type:
+        return node
+    cls = get("model", node.get("arch") or default_arch)
+    if not hasattr(cls, "default_config_path"):
+        return node
+    known = getattr(cls, "PRETRAINED_MODEL_CONFIG_DICT", None)
+    if known is not None and model_type not in known:
+        from lavis_c2f.common.errors import ConfigError
+
+        raise ConfigError(f"model.model_type: '{model_type}' is not a type of {node.get('arch') or default_arch}; "
+                          f"known: {sorted(known)}")
+    defaults = OmegaConf.load(cls.default_config_path(model_type))
+    defaults = defaults.model if "model" in defaults else defaults
+    merged = OmegaConf.merge(defaults, OmegaConf.create(node))
+    return OmegaConf.to_container(merged, resolve=True)

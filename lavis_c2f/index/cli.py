@@ -67,13 +67,14 @@ def load_retriever(model_cfg: str, checkpoint: Optional[str] = None):
     from lavis_c2f.common.errors import ConfigError
     from lavis_c2f.models.checkpoint_utils import load_model_weights
     from lavis_c2f.paths import resolve_path
-    from lavis_c2f.registry_utils import get
+    from lavis_c2f.registry_utils import get, with_model_defaults
 
     path = resolve_path(model_cfg)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--model-cfg: no such file: {path}")
     cfg = OmegaConf.load(path)
-    node = cfg.model if "model" in cfg else cfg
+    node = with_model_defaults(OmegaConf.to_container(cfg.model if "model" in cfg else cfg, resolve=True),
+                               "c2f_tmass_retriever")
     arch = node.get("arch", "c2f_tmass_retriever")
     cls = get("model", arch)
     if not hasattr(cls, "fingerprint"):

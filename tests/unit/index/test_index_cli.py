@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from lavis_c2f import cli
+from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.index import CorpusIndex
 from lavis_c2f.index import cli as index_cli
 
@@ -157,3 +158,18 @@ def test_width_mismatches_are_clear_errors(corpus, capsys, tmp_path):
     np.savez(q, pooler_output=np.ones(7, np.float32))
     assert cli.main(["index", "search", out, "--query-features", str(q), "--model-cfg", corpus["cfg"]]) == 1
     assert "qid9.npz" in capsys.readouterr().err
+
+
+def test_load_retriever_merges_model_type_defaults(tmp_path):
+    """A YAML naming only ``arch`` + ``model_type`` gets that type's defaults; its own keys win."""
+    from lavis_c2f.index.cli import load_retriever
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model:\n  arch: c2f_tmass_retriever\n  model_type: demo\n  num_trials: 3\n")
+    model = load_retriever(str(cfg))
+    assert model.embed_dim == 256          # from c2f_tmass_demo.yaml (the class default is 512)
+    assert model.num_trials == 3           # the user's key wins
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arch: c2f_tmass_retriever\n  model_type: nope\n")
+    with pytest.raises(ConfigError, match="model_type.*nope.*known"):
+        load_retriever(str(bad))
