@@ -36,7 +36,10 @@ setup(
         "av",
     ],
     extras_require={
-        "dev": ["pytest"],
+        # `lavis-c2f demo` (the web app) and its browser tests (Playwright drives the system
+        # Chromium; requirements-lock.txt pins both)
+        "demo": ["streamlit>=1.40"],
+        "dev": ["pytest", "playwright"],
     },
     entry_points={"console_scripts": ["lavis-c2f=lavis_c2f.cli:main"]},
 )

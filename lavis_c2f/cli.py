@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "lavis_c2f.search.cli",          # search, annotate
     "lavis_c2f.pipeline.cli",        # merge-stage1, tune-fusion, quickstart
     "lavis_c2f.evaluation.cli",      # eval
+    "lavis_c2f.demo.cli",            # demo (web app)
 ]
 
 

@@ -8,7 +8,7 @@
 # Installs the exact versions of requirements-lock.txt (salesforce-lavis 1.0.2 with
 # torch 2.14.1 / torchvision 0.29.1 and the older numpy/pandas/scipy/scikit-image it needs on
 # Python 3.11) and this package in editable mode, plus the system tools the tests use
-# (ffmpeg) when they can be installed.
+# (ffmpeg; with --test-tools espeak-ng and chromium) when they can be installed.
 # Runs under bash; `sh script.sh` re-executes it with bash.
 [ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"
 set -euo pipefail
@@ -45,10 +45,11 @@ else
 fi
 
 # System tools: ffmpeg (video decoding fallback, test clips). With --test-tools also the
-# tools only the tests use (espeak-ng for the speech test). Best effort: without root/apt the
-# tests that need them are skipped with a reason.
+# tools only the tests use (espeak-ng for the speech test, Debian's chromium for the browser
+# tests of the web demo; Playwright drives that one, `playwright install` is never run). Best
+# effort: without root/apt the tests that need them are skipped with a reason.
 want=(ffmpeg)
-if [ "${1:-}" = "--test-tools" ]; then want+=(espeak-ng); fi
+if [ "${1:-}" = "--test-tools" ]; then want+=(espeak-ng chromium); fi
 missing=()
 for tool in "${want[@]}"; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -10,7 +10,7 @@ def test_every_area_registers_its_commands():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     for name in ("make-demo-corpus", "convert", "vocab", "index", "extract", "search", "annotate",
-                 "merge-stage1", "tune-fusion", "quickstart", "eval"):
+                 "merge-stage1", "tune-fusion", "quickstart", "eval", "demo"):
         assert name in sub.choices, name
 
 

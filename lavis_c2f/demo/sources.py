@@ -1,0 +1,387 @@
+"""What the demo searches, and the work behind its buttons (no Streamlit here).
+
+Sources
+-------
+* a **quickstart run** (``lavis-c2f quickstart``): the embedded demo corpus with the run's trained
+  checkpoints (``summary.json`` names them, ``fusion.json`` is the tuned fusion, ``corpus/`` the
+  corpus). Without ``--run-dir`` the most recent finished run under ``./c2f_quickstart`` (the
+  quickstart's default output location) is used; :func:`find_quickstart_run`.
+* an **index of videos** (``lavis-c2f index videos VIDEO_DIR --out INDEX``, or built in the app
+  from uploaded files with :func:`index_video_files`): searched with the index's backbone,
+  zero-shot unless checkpoints are given or recorded in the index.
+* **single videos** (uploaded, or a video of the index / demo corpus): grounded with the index's
+  predictor, or, for uploads next to the demo corpus (whose text encoder has no video side),
+  with a predictor of the ``--backbone`` (default ``offline``), zero-shot unless
+  ``--grounder-ckpt`` is given.
+
+Long work reports progress through a callback ``progress(fraction in [0, 1], text)``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+BACKBONES = ("offline", "clip_hf", "clip_lavis", "random")
+QUICKSTART_DIR = "c2f_quickstart"
+_STEP_RE = re.compile(r"^\[(\d+)/(\d+)\]\s+(.*?)\s*(?:\.\.\.)?\s*$")
+
+
+# =========================================================================== settings
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's command-line settings (see :func:`app_arg_parser`). Frozen: used as a cache key.
+
+    Attributes:
+        index: index folder of ``lavis-c2f index videos``.
+        run_dir: a quickstart run directory.
+        backbone: video/text encoder for uploads (and the index; default: the index's, else offline).
+        clip_path: local CLIP weights of ``clip_hf`` / ``clip_lavis``.
+        retriever_ckpt, grounder_ckpt: trained checkpoints for the index / uploaded videos.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        workdir: where uploads, indexes built in the app and plots go.
+        quickstart_root: where quickstart runs are looked for and written.
+    """
+
+    index: Optional[str] = None
+    run_dir: Optional[str] = None
+    backbone: Optional[str] = None
+    clip_path: Optional[str] = None
+    retriever_ckpt: Optional[str] = None
+    grounder_ckpt: Optional[str] = None
+    device: str = "auto"
+    workdir: str = ""
+    quickstart_root: str = ""
+
+    def backbone_config(self, backbone: str) -> Dict[str, Any]:
+        """The ``backbone_cfg`` of :meth:`C2FPredictor.from_checkpoints` for ``backbone``."""
+        from lavis_c2f.common.errors import ConfigError
+
+        if backbone in ("clip_hf", "clip_lavis"):
+            if not self.clip_path:
+                raise ConfigError(f"the {backbone} backbone needs --clip-path (local CLIP weights; nothing is "
+                                  "downloaded)")
+            return {"clip_path" if backbone == "clip_hf" else "checkpoint": self.clip_path}
+        if self.clip_path:
+            raise ConfigError(f"--clip-path is for the clip_hf or clip_lavis backbone, not {backbone}")
+        return {}
+
+
+def default_workdir() -> str:
+    from lavis_c2f.paths import cache_root
+
+    return os.path.join(cache_root(), "demo")
+
+
+def app_arg_parser() -> argparse.ArgumentParser:
+    """Arguments of the app script (after ``--`` of ``streamlit run``); ``lavis-c2f demo`` passes them."""
+    p = argparse.ArgumentParser(prog="lavis-c2f demo (app)", add_help=True)
+    p.add_argument("--index", default=None)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--backbone", choices=BACKBONES, default=None)
+    p.add_argument("--clip-path", default=None)
+    p.add_argument("--retriever-ckpt", default=None)
+    p.add_argument("--grounder-ckpt", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--quickstart-root", default=None)
+    return p
+
+
+def settings_from_argv(argv: Sequence[str]) -> DemoSettings:
+    """:class:`DemoSettings` from app arguments; paths are made absolute."""
+    from lavis_c2f.paths import resolve_path
+
+    a = app_arg_parser().parse_args(list(argv))
+
+    def absolute(p: Optional[str]) -> Optional[str]:
+        return resolve_path(p) if p else None
+
+    return DemoSettings(index=absolute(a.index), run_dir=absolute(a.run_dir), backbone=a.backbone,
+                        clip_path=absolute(a.clip_path), retriever_ckpt=absolute(a.retriever_ckpt),
+                        grounder_ckpt=absolute(a.grounder_ckpt), device=a.device or "auto",
+                        workdir=absolute(a.workdir) or default_workdir(),
+                        quickstart_root=absolute(a.quickstart_root) or resolve_path(QUICKSTART_DIR))
+
+
+# =========================================================================== quickstart runs
+
+
+def quickstart_checkpoints(run_dir: str) -> Optional[Dict[str, str]]:
+    """``{"stage1", "stage2"}`` checkpoint paths of a finished quickstart run (its
+    ``summary.json``), or None when the run is unfinished or its checkpoints are gone."""
+    summary = os.path.join(run_dir, "summary.json")
+    try:
+        with open(summary, "r", encoding="utf-8") as f:
+            ck = json.load(f).get("checkpoints") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    out = {k: ck.get(k) for k in ("stage1", "stage2")}
+    if not all(isinstance(p, str) and os.path.isfile(p) for p in out.values()):
+        return None
+    if not os.path.isfile(os.path.join(run_dir, "corpus", "corpus.json")):
+        return None
+    return out  # type: ignore[return-value]
+
+
+def find_quickstart_run(root: str) -> Optional[str]:
+    """The most recent finished run directly under ``root`` (by the time its ``summary.json``
+    was written), or None."""
+    if not os.path.isdir(root):
+        return None
+    best: Tuple[float, str] = (-1.0, "")
+    for name in os.listdir(root):
+        run = os.path.join(root, name)
+        if os.path.isdir(run) and quickstart_checkpoints(run) is not None:
+            t = os.path.getmtime(os.path.join(run, "summary.json"))
+            if (t, run) > best:
+                best = (t, run)
+    return best[1] or None
+
+
+def parse_quickstart_step(line: str) -> Optional[Tuple[int, int, str]]:
+    """``(i, n, name)`` of a quickstart step banner ``"[i/n] name ..."``, else None."""
+    m = _STEP_RE.match(line.strip())
+    if not m:
+        return None
+    i, n = int(m.group(1)), int(m.group(2))
+    return (i, n, m.group(3)) if 0 < i <= n else None
+
+
+def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = (),
+                   log_path: Optional[str] = None) -> str:
+    """Run ``lavis-c2f quickstart --out ROOT/<timestamp>`` in a child process, reporting its
+    steps; returns the run directory. The child is stopped if this call is interrupted (the
+    page was closed or re-run). Raises ``RuntimeError`` with the log's tail when it fails."""
+    out = os.path.join(root, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(root, exist_ok=True)
+    log_path = log_path or out + ".log"
+    cmd = [sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", out, *extra_args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    progress(0.0, "starting the quickstart (importing LAVIS) ...")
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        tail: List[str] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                tail = (tail + [line.rstrip()])[-20:]
+                step = parse_quickstart_step(line)
+                if step:
+                    i, n, name = step
+                    progress((i - 1) / n, f"step {i} of {n}: {name}")
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if code != 0 or quickstart_checkpoints(out) is None:
+        raise RuntimeError(f"the quickstart failed (exit code {code}); log: {log_path}\n" + "\n".join(tail[-5:]))
+    progress(1.0, "quickstart finished")
+    return out
+
+
+# =========================================================================== predictors
+
+
+def index_backbone(index: str) -> Optional[str]:
+    """Short backbone name an index was built with (``INDEX.c2f-video.json``), or None."""
+    from lavis_c2f.video.backbones import SHORT_NAMES
+
+    side = os.path.abspath(index).rstrip(os.sep) + ".c2f-video.json"
+    try:
+        with open(side, "r", encoding="utf-8") as f:
+            name = json.load(f)["backbone"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {v: k for k, v in SHORT_NAMES.items()}.get(name)
+
+
+def demo_predictor(settings: DemoSettings, run_dir: str):
+    """The demo-corpus predictor of a quickstart run."""
+    from lavis_c2f.predictor import C2FPredictor
+
+    return C2FPredictor.for_demo_corpus(run_dir, device=settings.device)
+
+
+def index_predictor(settings: DemoSettings, index: str):
+    """The predictor of an index of videos (the index's backbone unless ``--backbone``)."""
+    from lavis_c2f.predictor import C2FPredictor
+
+    backbone = settings.backbone or index_backbone(index) or "offline"
+    return C2FPredictor.from_checkpoints(settings.retriever_ckpt, settings.grounder_ckpt, backbone,
+                                         settings.backbone_config(backbone), index, None, settings.device)
+
+
+def video_predictor(settings: DemoSettings):
+    """A predictor for uploaded videos without an index (``--backbone``, default offline)."""
+    from lavis_c2f.predictor import C2FPredictor
+
+    backbone = settings.backbone or "offline"
+    return C2FPredictor.from_checkpoints(None, settings.grounder_ckpt, backbone, settings.backbone_config(backbone),
+                                         None, None, settings.device)
+
+
+def mode_lines(predictor, stages: Sequence[str] = ("stage1", "stage2")) -> List[Tuple[str, bool]]:
+    """``[(text, trained), ...]``: one line per stage of :meth:`C2FPredictor.describe_mode`."""
+    return [(predictor.describe_mode([s]), predictor.mode[s] == "trained") for s in stages]
+
+
+# =========================================================================== uploads and indexing
+
+
+def save_upload(data: bytes, name: str, folder: str) -> str:
+    """Write uploaded bytes to ``folder/<sha256[:16]>/<safe name>`` once; returns the path."""
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(str(name))).strip("._") or "video"
+    path = os.path.join(folder, digest, safe)
+    if not os.path.isfile(path):
+        from lavis_c2f.common.io import atomic_path
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+    return path
+
+
+@dataclass
+class IndexReport:
+    """What :func:`index_video_files` did: the index folder, videos indexed, failures (name -> reason)."""
+
+    index: str
+    videos: int
+    failed: Dict[str, str] = field(default_factory=dict)
+
+
+def index_video_files(video_dir: str, out_index: str, settings: DemoSettings, progress: ProgressFn) -> IndexReport:
+    """Extract features of every video under ``video_dir`` (one by one, reporting progress)
+    and build a stage-1 index at ``out_index`` (:func:`lavis_c2f.video.extract.index_videos`,
+    which then finds every video extracted and only builds the index)."""
+    from lavis_c2f.video.backbones import build_backbone
+    from lavis_c2f.video.decode import list_videos
+    from lavis_c2f.video.extract import extract_corpus, index_videos
+
+    paths = list_videos(video_dir)
+    if not paths:
+        from lavis_c2f.demo.messages import UserError
+
+        raise UserError(f"no video files in {video_dir}")
+    backbone = settings.backbone or "offline"
+    progress(0.0, f"loading the {backbone} backbone ...")
+    bb = build_backbone(backbone, config={**settings.backbone_config(backbone), "device": _device(settings)})
+    features = out_index + ".features"
+    failed: Dict[str, str] = {}
+    for i, p in enumerate(paths):
+        progress(0.05 + 0.85 * i / len(paths), f"decoding and encoding {os.path.basename(p)} ({i + 1} of "
+                                                 f"{len(paths)})")
+        res = extract_corpus(video_dir, features, bb, videos=[p], workers=0, progress=False, print_summary=False)
+        failed.update({os.path.basename(k): v for k, v in res.summary.failed.items()})
+    if len(failed) == len(paths):
+        from lavis_c2f.demo.messages import UserError
+
+        raise UserError("no video could be read: " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
+    progress(0.92, "building the index ...")
+    ok = [p for p in paths if os.path.basename(p) not in failed]
+    index_videos(video_dir, out_index, bb, retriever_checkpoint=settings.retriever_ckpt, features_dir=features,
+                 workers=0, progress=False)
+    progress(1.0, f"indexed {len(ok)} videos")
+    return IndexReport(index=out_index, videos=len(ok), failed=failed)
+
+
+def _device(settings: DemoSettings) -> str:
+    from lavis_c2f.predictor import resolve_device
+
+    return resolve_device(settings.device)
+
+
+def new_index_dir(workdir: str) -> Tuple[str, str]:
+    """(videos folder, index path) of a new index built in the app."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    root = os.path.join(workdir, "indexes", stamp)
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    return os.path.join(root, "videos"), os.path.join(root, "index")
+
+
+def link_or_copy(src: str, dst_dir: str) -> str:
+    """Put ``src`` in ``dst_dir`` (hard link when possible, else a copy); returns the new path."""
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = os.path.join(dst_dir, os.path.basename(src))
+    if not os.path.exists(dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return dst
+
+
+# =========================================================================== presentation helpers
+
+
+def example_queries(predictor, n: int = 4) -> List[str]:
+    """A few annotated queries of the demo corpus's test split (empty for other corpora)."""
+    corpus = getattr(predictor, "corpus", None)
+    if corpus is None or not hasattr(corpus, "queries"):
+        return []
+    try:
+        rows = corpus.queries("test") if "test" in getattr(corpus, "splits", []) else corpus.queries()
+    except (OSError, ValueError):
+        return []
+    seen: List[str] = []
+    for r in rows:
+        q = str(r.get("query", "")).strip()
+        if q and q not in seen:
+            seen.append(q)
+        if len(seen) >= n:
+            break
+    return seen
+
+
+def matches_ground_truth(predictor, query: str, vid: str, start: float, end: float, iou: float = 0.5) -> bool:
+    """Whether ``[start, end]`` of ``vid`` overlaps an annotated window of ``query`` with IoU >= ``iou``."""
+    gt = [w for v, ws in predictor.ground_truth(query) if v == vid for w in ws]
+    if not gt:
+        return False
+    import torch
+
+    from lavis_c2f.ops.spans import temporal_iou
+
+    ious, _ = temporal_iou(torch.tensor([[float(start), float(end)]]), torch.tensor(gt, dtype=torch.float32))
+    return bool((ious >= iou).any())
+
+
+def iter_moment_lines(results) -> Iterator[Dict[str, Any]]:
+    """Display fields of each moment of :class:`~lavis_c2f.predictor.SearchResults`:
+    ``rank, vid, start, end, start_hms, end_hms, length_s, score, stage1, stage2, path``."""
+    from lavis_c2f.search.format import format_time
+
+    for m in results:
+        yield {"rank": m.rank, "vid": m.vid, "start": float(m.start), "end": float(m.end),
+               "start_hms": format_time(m.start), "end_hms": format_time(m.end),
+               "length_s": round(float(m.end) - float(m.start), 1), "score": float(m.score),
+               "stage1": m.stage1_score, "stage2": m.stage2_score, "path": m.path}
+
+
+__all__ = ["DemoSettings", "IndexReport", "app_arg_parser", "demo_predictor", "example_queries",
+           "find_quickstart_run", "index_backbone", "index_predictor", "index_video_files", "iter_moment_lines",
+           "link_or_copy", "matches_ground_truth", "mode_lines", "new_index_dir", "parse_quickstart_step",
+           "quickstart_checkpoints", "run_quickstart", "save_upload", "settings_from_argv", "video_predictor"]

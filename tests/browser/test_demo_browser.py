@@ -1,0 +1,152 @@
+"""``lavis-c2f demo`` in a real browser (headless Chromium + Playwright), end to end.
+
+The server finds a reduced quickstart run by itself (demo corpus, trained checkpoints) and uses the
+``c2f_feature_random`` backbone for uploaded videos. Each test opens a new page (a new session),
+acts as a user would and saves screenshots (folder printed at the end of the run).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+MMSS = re.compile(r"\b(\d\d):(\d\d) – (\d\d):(\d\d)\b")
+CHARADES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "media" / "charades_sample.mp4"
+
+
+def _seconds(m: "re.Match", group: int) -> int:
+    return 60 * int(m.group(group)) + int(m.group(group + 1))
+
+
+def _no_traceback(page) -> None:
+    body = page.locator("section.main, [data-testid='stMain']").first.inner_text()
+    assert "Traceback" not in body, body[:2000]
+
+
+def _idle(page, timeout: float = 120_000) -> None:
+    """Wait until the script run ends: no "running" status widget, no placeholder skeletons."""
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                           " && !document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=timeout)
+
+
+def _first_test_query(run: str) -> str:
+    with open(Path(run) / "corpus" / "annotations" / "test.jsonl", encoding="utf-8") as f:
+        return json.loads(f.readline())["query"]
+
+
+def _video_near(page, lo: float, hi: float) -> dict:
+    """Wait until the page's video has a frame and its currentTime is in [lo, hi]; its state."""
+    page.wait_for_function(
+        "([lo, hi]) => { const v = document.querySelector('video');"
+        " return v && v.readyState >= 2 && v.currentTime >= lo && v.currentTime <= hi }", arg=[lo, hi],
+        timeout=60_000)
+    return page.evaluate("() => { const v = document.querySelector('video');"
+                         " return {t: v.currentTime, src: v.currentSrc, error: v.error && v.error.code} }")
+
+
+def test_corpus_search_lists_ranked_moments(page, demo_server, artifacts):
+    query = _first_test_query(demo_server["run"])
+    assert demo_server["run"] in page.locator("[data-testid='stSidebar']").inner_text()  # found by itself
+    assert "trained T-MASS retriever" in page.get_by_text("stage 1:").first.inner_text()
+    page.get_by_label("Query").fill(query)
+    page.get_by_role("button", name="Search").click()
+    page.locator(".st-key-moment_1 img").wait_for()
+    _idle(page)
+    rows = page.locator("[class*='st-key-moment_']")
+    assert rows.count() == 10
+    for i in range(rows.count()):
+        text = rows.nth(i).inner_text()
+        m = MMSS.search(text)
+        assert m, text
+        assert _seconds(m, 1) <= _seconds(m, 3), text
+        assert rows.nth(i).locator("img").count() == 1      # the saliency thumbnail
+    assert page.get_by_text("has no video files").is_visible()   # what the thumbnails are
+    assert f"moments for “{query}”" in page.locator("[data-testid='stMain']").inner_text()
+    _no_traceback(page)
+    page.screenshot(path=str(artifacts / "01_corpus_results.png"))
+
+
+def test_example_query_button_runs_a_search(page, artifacts):
+    page.locator(".st-key-example_0 button").click()
+    page.locator(".st-key-moment_1").wait_for()
+    _idle(page)
+    assert page.get_by_label("Query").input_value().strip()
+    assert MMSS.search(page.locator(".st-key-moment_1").inner_text())
+
+
+def test_empty_query_shows_a_message_not_a_traceback(page, artifacts):
+    page.get_by_label("Query").fill("   ")
+    page.get_by_role("button", name="Search").click()
+    page.get_by_text("Type a query first").wait_for()
+    _idle(page)
+    assert page.locator("[class*='st-key-moment_']").count() == 0
+    _no_traceback(page)
+    page.screenshot(path=str(artifacts / "02_empty_query.png"))
+
+
+def test_single_video_upload_draws_the_curve_and_plays_a_window(page, artifacts, clips):
+    if not CHARADES.is_file():
+        pytest.skip(f"../shared not found: {CHARADES}")
+    page.get_by_text("One video", exact=True).click()
+    page.locator(".st-key-single_file input[type=file]").set_input_files(str(CHARADES))
+    page.get_by_text("charades_sample.mp4 encoded").wait_for(timeout=120_000)
+    assert "ZERO-SHOT" in page.locator("[data-testid='stMain']").inner_text()   # clearly labelled
+    page.get_by_label("Query").fill("a person opens a door")
+    page.get_by_role("button", name="Find moments").click()
+    page.locator(".st-key-window_1").wait_for()
+    _idle(page)
+    assert page.locator("[data-testid='stMain'] [data-testid='stImage'] img").count() == 1   # the saliency plot
+    windows = page.locator("[class*='st-key-window_']")
+    assert windows.count() >= 1
+    first = MMSS.search(windows.first.inner_text())
+    assert first, windows.first.inner_text()
+    v = _video_near(page, _seconds(first, 1) - 0.5, _seconds(first, 1) + 1)   # the player waits at window 1
+    assert v["error"] is None and "/media/" in v["src"], v
+    page.screenshot(path=str(artifacts / "03_single_video.png"))
+    last = windows.nth(windows.count() - 1)
+    m = MMSS.search(last.inner_text())
+    last.get_by_role("button", name=re.compile("Play from")).click()
+    page.get_by_text(f"Playing charades_sample.mp4 from {m.group(1)}:{m.group(2)}").wait_for()
+    v = _video_near(page, _seconds(m, 1) - 0.5, _seconds(m, 1) + 4)
+    assert v["error"] is None, v
+    page.screenshot(path=str(artifacts / "04_single_video_playing.png"))
+
+    page.locator(".st-key-single_file input[type=file]").set_input_files(str(clips["broken"]))
+    page.get_by_text("Cannot read the video broken.mp4").wait_for()
+    _idle(page)
+    assert page.locator("[class*='st-key-window_']").count() == 0
+    page.screenshot(path=str(artifacts / "05_single_video_bad_file.png"))
+
+
+def test_index_uploaded_videos_then_search_and_play(page, artifacts, clips):
+    page.get_by_text("Index your own videos").click()
+    page.locator(".st-key-index_files input[type=file]").set_input_files([str(clips["red"]), str(clips["blue"])])
+    for name in ("red.mp4", "blue.mp4"):   # uploaded before the click
+        page.locator(".st-key-index_files").get_by_text(name).wait_for()
+    _idle(page)
+    page.locator(".st-key-build_index button").click()
+    page.get_by_text("Indexed 2 videos").wait_for(timeout=240_000)
+    page.get_by_text("Index of videos").wait_for()
+    page.get_by_text("stage 1: ZERO-SHOT").wait_for()   # no retriever checkpoint: labelled zero-shot
+    _idle(page)
+    main = page.locator("[data-testid='stMain']")
+    page.get_by_label("Query").fill("a blue screen")
+    page.get_by_role("button", name="Search").click()
+    page.locator(".st-key-moment_1 img").wait_for()
+    _idle(page)
+    rows = page.locator("[class*='st-key-moment_']")
+    assert rows.count() >= 2
+    assert rows.first.locator("img").count() == 1      # a decoded frame at the window start
+    assert "has no video files" not in main.inner_text()
+    m = MMSS.search(rows.first.inner_text())
+    assert m
+    page.screenshot(path=str(artifacts / "06_index_results.png"))
+    rows.first.get_by_role("button", name=re.compile("Play from")).click()
+    v = _video_near(page, _seconds(m, 1) - 0.5, _seconds(m, 1) + 4)
+    assert v["error"] is None and "/media/" in v["src"], v
+    _no_traceback(page)
+    page.screenshot(path=str(artifacts / "07_index_playing.png"))
