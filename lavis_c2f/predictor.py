@@ -55,7 +55,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -910,10 +910,12 @@ class C2FPredictor:
             self._text_cache[q] = _Query(q, np.asarray(tf.tokens, np.float32), np.asarray(tf.pooled, np.float32))
         return self._text_cache[q]
 
-    def encode_video(self, path: PathLike, vid: Optional[str] = None, captions: bool = True) -> EncodedVideo:
+    def encode_video(self, path: PathLike, vid: Optional[str] = None, captions: bool = True,
+                     progress: Optional[Callable[[int, int], None]] = None) -> EncodedVideo:
         """Decode ``path`` into clips of :attr:`clip_length` seconds (``frames_per_clip`` frames
         each) and encode them with the backbone. ``captions``: read ``<video>.srt`` beside it.
-        Raises :class:`~lavis_c2f.video.decode.VideoDecodeError` for unreadable files."""
+        ``progress(clips_done, clips_total)`` is called after each batch of clips (the web demo's
+        progress bar). Raises :class:`~lavis_c2f.video.decode.VideoDecodeError` for unreadable files."""
         from lavis_c2f.video.decode import _require_video, iter_clip_batches, probe
 
         if self.backbone is None:
@@ -922,9 +924,13 @@ class C2FPredictor:
         p = os.path.abspath(os.fspath(path))
         info = probe(p)
         _require_video(info)
-        feats = [self.backbone.encode_clips(b.frames)
-                 for b in iter_clip_batches(info, self.clip_length, self.frames_per_clip, self.backbone.decode_size,
-                                            batch_clips=64, backend=self.decode_backend)]
+        total = info.n_clips(self.clip_length)
+        feats = []
+        for b in iter_clip_batches(info, self.clip_length, self.frames_per_clip, self.backbone.decode_size,
+                                   batch_clips=64 if progress is None else 16, backend=self.decode_backend):
+            feats.append(self.backbone.encode_clips(b.frames))
+            if progress is not None:
+                progress(min(int(b.start) + int(b.frames.shape[0]), total), total)
         f = np.concatenate(feats, 0).astype(np.float32) if feats else np.zeros((0, self.backbone.dim), np.float32)
         return EncodedVideo(vid=vid or os.path.splitext(os.path.basename(p))[0], features=f,
                             duration=float(info.duration), clip_length=self.clip_length,

@@ -182,8 +182,8 @@ def build_index(files, folder: str) -> None:
 
 def quickstart_panel(key: str) -> None:
     st.write("The demo corpus (synthetic features, no video files) needs the checkpoints of a quickstart run. "
-             f"None was found under `{SETTINGS.quickstart_root}`. The quickstart trains both stages on CPU "
-             "(about 5 minutes on 2 cores).")
+             f"None was found under `{SETTINGS.quickstart_root}`. The quickstart builds the corpus and trains "
+             "both stages (a few minutes on CPU); its steps are shown as it runs.")
     if st.button("Run the quickstart", key=key):
         bar = st.progress(0.0, text="starting ...")
         run = guarded(lambda: src.run_quickstart(SETTINGS.quickstart_root,
@@ -373,8 +373,10 @@ def encode_upload(p, up):
 
             info = probe(path)
             st.write(f"{info.duration:.1f} s, {info.width}x{info.height}: {info.n_clips(p.clip_length)} clips of "
-                     f"{p.clip_length:g} s to decode and encode with the {p.backbone.name} backbone ...")
-            video = p.encode_video(path)
+                     f"{p.clip_length:g} s to decode and encode with the {p.backbone.name} backbone")
+            bar = st.progress(0.0, text="decoding and encoding clips ...")
+            video = p.encode_video(path, progress=lambda done, total: bar.progress(
+                min(1.0, done / max(1, total)), text=f"{done} of {total} clips encoded"))
         except Exception as e:  # noqa: BLE001 - shown below, outside the collapsed status box
             err = e
             status.update(label=f"Could not read {up.name}", state="error", expanded=False)

@@ -8,6 +8,7 @@ skip, saying which is missing, only when one of them is absent.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,7 +83,8 @@ def clips(tmp_path_factory) -> Dict[str, Path]:
     d = tmp_path_factory.mktemp("clips")
     for colour in ("red", "blue"):
         subprocess.run(["ffmpeg", "-y", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                        "testsrc=size=160x120:rate=10", "-f", "lavfi", "-i", f"color=c={colour}:size=160x120:rate=10:d=6",
+                        "testsrc=size=160x120:rate=10", "-f", "lavfi", "-i",
+                        f"color=c={colour}:size=160x120:rate=10:d=6",
                         "-filter_complex", "[0]trim=duration=6[a];[a][1]concat=n=2:v=1", "-c:v", "libx264",
                         "-pix_fmt", "yuv420p", str(d / f"{colour}.mp4")], check=True, capture_output=True)
     (d / "broken.mp4").write_text("this is not a video\n", encoding="utf-8")
@@ -95,11 +97,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def demo_server(quickstart_root, tmp_path_factory) -> Iterator[Dict[str, str]]:
-    """``lavis-c2f demo`` (``python -m lavis_c2f.demo``) on a free localhost port, finding the quickstart
-    run by itself, with the random backbone for uploaded videos. Yields ``{"url", "log", "run"}``."""
-    work = tmp_path_factory.mktemp("demo_work")
+@contextlib.contextmanager
+def _serve(quickstart_root: Path, work: Path) -> Iterator[Dict[str, str]]:
+    """``lavis-c2f demo`` (``python -m lavis_c2f.demo``) on a free localhost port, looking for
+    quickstart runs under ``quickstart_root``, with the random backbone for uploaded videos.
+    Yields ``{"url", "log"}``; the server is stopped on exit."""
     port = _free_port()
     log = work / "server.log"
     cmd = [sys.executable, "-m", "lavis_c2f.demo", "--quickstart-root", str(quickstart_root), "--backbone", "random",
@@ -123,7 +125,7 @@ def demo_server(quickstart_root, tmp_path_factory) -> Iterator[Dict[str, str]]:
             if time.monotonic() > deadline:
                 pytest.fail(f"the demo server did not answer within 180 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "log": str(log), "run": str(quickstart_root / "run1")}
+        yield {"url": url, "log": str(log)}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -132,6 +134,21 @@ def demo_server(quickstart_root, tmp_path_factory) -> Iterator[Dict[str, str]]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_server(quickstart_root, tmp_path_factory) -> Iterator[Dict[str, str]]:
+    """The demo finding the reduced quickstart run by itself. Yields ``{"url", "log", "run"}``."""
+    with _serve(quickstart_root, tmp_path_factory.mktemp("demo_work")) as server:
+        yield dict(server, run=str(quickstart_root / "run1"))
+
+
+@pytest.fixture()
+def empty_demo_server(tmp_path) -> Iterator[Dict[str, str]]:
+    """The demo with nothing to search: no quickstart run, no --index. Yields ``{"url", "log"}``."""
+    (tmp_path / "no_runs").mkdir()
+    with _serve(tmp_path / "no_runs", tmp_path) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -145,10 +162,13 @@ def browser_context(tmp_path_factory):
         ctx = pw.chromium.launch_persistent_context(str(profile), executable_path=exe, headless=True,
                                                     args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1800})
         ctx.external_requests = []  # type: ignore[attr-defined]
+        ctx.local_requests = []  # type: ignore[attr-defined]
 
         def record(request) -> None:
             u = request.url
-            if not u.startswith(("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:", "about:")):
+            if u.startswith(("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:", "about:")):
+                ctx.local_requests.append(u)  # type: ignore[attr-defined]
+            else:
                 ctx.external_requests.append(u)  # type: ignore[attr-defined]
 
         ctx.on("request", record)
@@ -158,20 +178,30 @@ def browser_context(tmp_path_factory):
             ctx.close()
 
 
-@pytest.fixture()
-def page(request, browser_context, demo_server, artifacts):
-    """A new page (a new Streamlit session) on the demo; fails the test if anything left localhost.
-    A failing test leaves ``FAILED_<test>.png`` and the server log's path in the report."""
+def _open(request, browser_context, server: Dict[str, str], artifacts: Path):
+    """A new page (a new Streamlit session) on ``server``; fails the test if anything left
+    localhost. A failing test leaves ``FAILED_<test>.png`` and the server log's path in the report."""
     p = browser_context.new_page()
     p.set_default_timeout(60_000)
-    p.goto(demo_server["url"])
+    p.goto(server["url"])
     p.get_by_text("Find moments in videos").wait_for(timeout=120_000)
     yield p
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         p.screenshot(path=str(artifacts / f"FAILED_{request.node.name}.png"))
-        print(f"server log: {demo_server['log']}")
+        print(f"server log: {server['log']}")
     external = list(browser_context.external_requests)
     p.close()
     assert not external, f"the page requested non-local resources: {external[:5]}"
 
+
+@pytest.fixture()
+def page(request, browser_context, demo_server, artifacts):
+    """A new page on the demo with the quickstart run (see :func:`_open`)."""
+    yield from _open(request, browser_context, demo_server, artifacts)
+
+
+@pytest.fixture()
+def empty_page(request, browser_context, empty_demo_server, artifacts):
+    """A new page on the demo with nothing to search (see :func:`_open`)."""
+    yield from _open(request, browser_context, empty_demo_server, artifacts)

@@ -39,7 +39,8 @@ def _first_test_query(run: str) -> str:
 
 
 def _video_near(page, lo: float, hi: float) -> dict:
-    """Wait until the page's video has a frame and its currentTime is in [lo, hi]; its state."""
+    """Wait until the page's video has a frame and its currentTime is in [lo, hi]; its state.
+    (The list shows times rounded to the second, the player starts at the whole second below.)"""
     page.wait_for_function(
         "([lo, hi]) => { const v = document.querySelector('video');"
         " return v && v.readyState >= 2 && v.currentTime >= lo && v.currentTime <= hi }", arg=[lo, hi],
@@ -104,14 +105,14 @@ def test_single_video_upload_draws_the_curve_and_plays_a_window(page, artifacts,
     assert windows.count() >= 1
     first = MMSS.search(windows.first.inner_text())
     assert first, windows.first.inner_text()
-    v = _video_near(page, _seconds(first, 1) - 0.5, _seconds(first, 1) + 1)   # the player waits at window 1
+    v = _video_near(page, _seconds(first, 1) - 1, _seconds(first, 1) + 1)   # the player waits at window 1
     assert v["error"] is None and "/media/" in v["src"], v
     page.screenshot(path=str(artifacts / "03_single_video.png"))
     last = windows.nth(windows.count() - 1)
     m = MMSS.search(last.inner_text())
     last.get_by_role("button", name=re.compile("Play from")).click()
     page.get_by_text(f"Playing charades_sample.mp4 from {m.group(1)}:{m.group(2)}").wait_for()
-    v = _video_near(page, _seconds(m, 1) - 0.5, _seconds(m, 1) + 4)
+    v = _video_near(page, _seconds(m, 1) - 1, _seconds(m, 1) + 4)
     assert v["error"] is None, v
     page.screenshot(path=str(artifacts / "04_single_video_playing.png"))
 
@@ -146,7 +147,37 @@ def test_index_uploaded_videos_then_search_and_play(page, artifacts, clips):
     assert m
     page.screenshot(path=str(artifacts / "06_index_results.png"))
     rows.first.get_by_role("button", name=re.compile("Play from")).click()
-    v = _video_near(page, _seconds(m, 1) - 0.5, _seconds(m, 1) + 4)
+    v = _video_near(page, _seconds(m, 1) - 1, _seconds(m, 1) + 4)
     assert v["error"] is None and "/media/" in v["src"], v
     _no_traceback(page)
     page.screenshot(path=str(artifacts / "07_index_playing.png"))
+
+
+def test_the_page_loads_nothing_from_outside_localhost(page, demo_server, browser_context, artifacts):
+    page.locator(".st-key-example_0 button").click()
+    page.locator(".st-key-moment_1 img").wait_for()
+    _idle(page)
+    local = list(browser_context.local_requests)
+    assert any("/static/" in u for u in local), local[:10]           # scripts, styles and fonts ...
+    assert any(u.startswith(demo_server["url"] + "/_stcore/stream") or "/_stcore/" in u for u in local)
+    assert any(u.endswith((".woff2", ".woff", ".ttf")) for u in local), [u for u in local if "font" in u][:5]
+    refs = page.evaluate("() => [...document.querySelectorAll('script[src], link[href], img[src], video[src], "
+                         "iframe[src]')].map(e => e.src || e.href)")
+    outside = [u for u in refs if not u.startswith((demo_server["url"], "data:", "blob:"))]
+    assert refs and not outside, outside
+    assert not browser_context.external_requests   # the page fixture checks this again after the test
+
+
+def test_without_an_index_the_page_says_what_to_do(empty_page, artifacts):
+    main = empty_page.locator("[data-testid='stMain']")
+    empty_page.get_by_text("Nothing to search yet").wait_for()
+    _idle(empty_page)
+    assert empty_page.locator(".st-key-qs_main button").is_visible()   # "Run the quickstart"
+    assert "Nothing yet" in empty_page.locator("[data-testid='stSidebar']").inner_text()
+    _no_traceback(empty_page)
+    empty_page.screenshot(path=str(artifacts / "08_no_index.png"))
+    empty_page.get_by_test_id("stRadioGroup").get_by_text("One video", exact=True).click()   # works without an index
+    empty_page.locator(".st-key-single_file input[type=file]").wait_for(state="attached")
+    _idle(empty_page)
+    assert "A video of the" not in main.inner_text()
+    _no_traceback(empty_page)

@@ -330,3 +330,15 @@ def test_frame_at_decodes_the_frame_at_a_time(shared_dir, tmp_path):
     broken.write_text("not a video", encoding="utf-8")
     with pytest.raises(VideoDecodeError):
         frame_at(broken, 1.0)
+
+
+def test_upload_encoding_reports_progress_in_clips(shared_dir):
+    video = shared_dir / "data" / "media" / "charades_sample.mp4"
+    if not video.is_file():
+        pytest.skip(f"not found: {video}")
+    p = src.video_predictor(src.DemoSettings(backbone="random", device="cpu"))
+    calls = []
+    encoded = p.encode_video(video, progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1] == (encoded.n_clips, encoded.n_clips)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert np.array_equal(encoded.features, p.encode_video(video).features)   # same features with or without
