@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -109,10 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("lavis-c2f demo: error: the demo needs Streamlit (pip install streamlit)", file=sys.stderr)
         return 1
     cmd = streamlit_command(args)
-    print(f"lavis-c2f demo: starting on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     if args.print_command:
-        print(" ".join(cmd))
+        print(" ".join(shlex.quote(c) for c in cmd))
         return 0
+    print(f"lavis-c2f demo: starting on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     if os.name == "posix":
         sys.stdout.flush()
         sys.stderr.flush()

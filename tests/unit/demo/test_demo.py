@@ -278,8 +278,9 @@ def test_print_command_prints_and_exits(capsys):
 
     port = _free_port()
     assert cli.main(["demo", "--port", str(port), "--print-command"]) == 0
-    out = capsys.readouterr().out
-    assert f"http://127.0.0.1:{port}" in out and "--browser.gatherUsageStats=false" in out
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and "starting" not in out    # only the command, ready to paste
+    assert f"--server.port={port}" in out and "--browser.gatherUsageStats=false" in out
 
 
 def test_bad_demo_arguments_are_one_line_errors(tmp_path, capsys):
