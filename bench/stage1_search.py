@@ -170,6 +170,7 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
 
     corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
     ann = AnnConfig(ivf_nprobe=args.nprobe, ivf_codec=args.ivf_codec)
+    os.makedirs(workdir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"stage1_bench_{n}_", dir=workdir)
     try:
         index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=args.segments)
