@@ -106,7 +106,12 @@ class C2FRunner:
         self.start_epoch = 0
         self.best_agg_metric = -math.inf
         self.best_epoch = -1
-        job_id = self.run_cfg.get("job_id") or job_id or _make_job_id()
+        cfg_job_id = self.run_cfg.get("job_id")
+        if isinstance(cfg_job_id, bool):
+            # OmegaConf reads run.job_id=off / no / yes / true from the command line as a boolean
+            raise ConfigError(f"run.job_id: got the boolean {cfg_job_id} (words such as off, no, yes, true are read as "
+                              "booleans); quote it, e.g. --options 'run.job_id=\"off\"', or choose another name")
+        job_id = cfg_job_id or job_id or _make_job_id()
         self.job_id = str(c2f_dist.broadcast_object(job_id))
         self.setup_output_dir()
 

@@ -145,6 +145,16 @@ def test_config_error_for_bad_split(project, subprocess_env):
     assert "run.valid_splits" in proc.stderr and "nope" in proc.stderr
 
 
+def test_boolean_job_id_is_a_config_error(project, subprocess_env):
+    """``run.job_id=off`` is read as False by OmegaConf: an error with the quoting hint, not a random id."""
+    cmd = [sys.executable, str(project / "train_main.py"), "--cfg-path", str(project / "toy.yaml"),
+           "--options", "run.job_id=off"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "run.job_id" in proc.stderr and "quote" in proc.stderr
+    assert not (project / "runs").exists() or not any((project / "runs").iterdir())
+
+
 def test_trainable_only_checkpoints_load_without_frozen_weights(tmp_path):
     import lavis_c2f.testing.toy as toy
     from lavis_c2f.models.checkpoint_utils import (CheckpointMismatchError, load_model_weights,
