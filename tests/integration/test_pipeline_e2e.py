@@ -52,6 +52,40 @@ def _run(cmd, env=None, timeout=900, ok=True):
     return proc
 
 
+def _descendants(pid: int):
+    """Process ids below ``pid`` (Linux /proc): torch.distributed.run starts each worker in a
+    session of its own, so killing the launcher's process group does not reach the workers."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", encoding="utf-8") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_hard(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher, its workers and everything below them (a crash, not a shutdown)."""
+    for pid in _descendants(proc.pid)[::-1]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def _jsonl(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -186,12 +220,15 @@ def test_killed_training_resumes_to_the_same_result(work, merged, stage2):
         assert latest.exists(), "no checkpoint_latest.pth before the deadline"
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)          # the launcher and its worker (own session)
+            _kill_hard(proc)
         proc.wait()
     import torch
 
     epoch = torch.load(latest, map_location="cpu", weights_only=False)["epoch"]
     assert epoch < 2, "training finished before it could be interrupted"
+    time.sleep(1.0)
+    assert not (out / "summary.json").exists(), "the killed training went on (a worker survived the kill)"
+    assert torch.load(latest, map_location="cpu", weights_only=False)["epoch"] == epoch
     _run(["bash", SCRIPTS / "train_stage2.sh", PROJECTS / "demo_c2f.yaml", *opts, f"run.resume_ckpt_path={latest}"],
          env=_env(JOB_ID="c2f_resumed"))
     full = json.loads((stage2 / "summary.json").read_text())
@@ -225,7 +262,7 @@ def test_killed_evaluation_leaves_no_result_files(work, merged, stage2):
         assert proc.poll() is None, "the evaluation ended before it could be interrupted"
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_hard(proc)
         proc.wait()
     result = out / "result"
     assert result.is_dir()
