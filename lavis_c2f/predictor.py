@@ -71,6 +71,22 @@ SIDECAR_SUFFIX = ".c2f-video.json"
 ZERO_SHOT_BANK_BYTES = 1 << 30  # keep normalised clip features in memory up to this size
 
 
+def index_backbone_name(index: PathLike) -> Optional[str]:
+    """Short name (``offline``, ``clip_hf``, ...) of the backbone an index of videos was built
+    with, read from its ``INDEX.c2f-video.json``; None when there is no readable sidecar."""
+    import json
+
+    from lavis_c2f.video.backbones import SHORT_NAMES
+
+    side = os.path.abspath(os.fspath(index)).rstrip(os.sep) + SIDECAR_SUFFIX
+    try:
+        with open(side, "r", encoding="utf-8") as f:
+            name = json.load(f)["backbone"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {v: k for k, v in SHORT_NAMES.items()}.get(name)
+
+
 def resolve_device(device: Optional[str] = "auto") -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; other values are returned as given."""
     if device in (None, "", "auto"):

@@ -205,15 +205,9 @@ def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = 
 
 def index_backbone(index: str) -> Optional[str]:
     """Short backbone name an index was built with (``INDEX.c2f-video.json``), or None."""
-    from lavis_c2f.video.backbones import SHORT_NAMES
+    from lavis_c2f.predictor import index_backbone_name
 
-    side = os.path.abspath(index).rstrip(os.sep) + ".c2f-video.json"
-    try:
-        with open(side, "r", encoding="utf-8") as f:
-            name = json.load(f)["backbone"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return {v: k for k, v in SHORT_NAMES.items()}.get(name)
+    return index_backbone_name(index)
 
 
 def demo_predictor(settings: DemoSettings, run_dir: str):

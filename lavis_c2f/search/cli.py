@@ -69,19 +69,6 @@ def _backbone_config(args: argparse.Namespace, backbone: str) -> Dict[str, Any]:
     return cfg
 
 
-def _index_backbone(index: str) -> Optional[str]:
-    """Short name of the backbone an index was built with (from ``INDEX.c2f-video.json``)."""
-    from lavis_c2f.video.backbones import SHORT_NAMES
-
-    side = os.path.abspath(index).rstrip(os.sep) + ".c2f-video.json"
-    try:
-        with open(side, "r", encoding="utf-8") as f:
-            name = json.load(f)["backbone"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return {v: k for k, v in SHORT_NAMES.items()}.get(name)
-
-
 def _fusion(path: Optional[str]):
     if not path:
         return None
@@ -102,7 +89,7 @@ def _quiet_predictor_log(args: argparse.Namespace) -> None:
 def build_search_predictor(args: argparse.Namespace):
     """The :class:`~lavis_c2f.predictor.C2FPredictor` of the ``search`` arguments."""
     from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.predictor import C2FPredictor, is_demo_corpus
+    from lavis_c2f.predictor import C2FPredictor, index_backbone_name, is_demo_corpus
 
     demo = args.demo_corpus or args.run_dir or (args.index and is_demo_corpus(args.index))
     if demo:
@@ -128,7 +115,7 @@ def build_search_predictor(args: argparse.Namespace):
                           "--demo-corpus DIR / --run-dir RUN")
     if args.splits:
         raise ConfigError("--splits is only used with the demo corpus")
-    backbone = args.backbone or _index_backbone(args.index) or "offline"
+    backbone = args.backbone or index_backbone_name(args.index) or "offline"
     zero = {"video_score": args.zero_shot_score} if args.zero_shot_score else None
     return C2FPredictor.from_checkpoints(args.retriever_ckpt, args.grounder_ckpt, backbone,
                                          _backbone_config(args, backbone), args.index,
