@@ -1,42 +1,8 @@
-"""Session fixtures of the predictor tests (see predictor_helpers.py)."""
+"""Fixtures of the predictor tests; the shared ones (videos, indexes, checkpoints, demo corpus)
+are in tests/unit/conftest.py."""
 from __future__ import annotations
 
 import pytest
-
-from predictor_helpers import make_demo, make_videos, random_backbone, save_tiny_grounder, save_tiny_retriever
-
-
-@pytest.fixture(scope="session")
-def videos(tmp_path_factory):
-    """{stem: path} of the generated clips, in one folder."""
-    return make_videos(tmp_path_factory.mktemp("videos"))
-
-
-@pytest.fixture(scope="session")
-def video_dir(videos):
-    return next(iter(videos.values())).parent
-
-
-@pytest.fixture(scope="session")
-def backbone():
-    return random_backbone()
-
-
-@pytest.fixture(scope="session")
-def zs_index(video_dir, backbone, tmp_path_factory):
-    """An index of the clips built without a retriever checkpoint (zero-shot searches)."""
-    from lavis_c2f.video.extract import index_videos
-
-    out = tmp_path_factory.mktemp("zs") / "index"
-    index_videos(video_dir, out, backbone=backbone, progress=False)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpts")
-    r = save_tiny_retriever(d)
-    return {"retriever": r["ckpt"], "retriever_yaml": r["yaml"], "grounder": save_tiny_grounder(d / "qd.pth")}
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +14,3 @@ def trained_index(video_dir, backbone, ckpts, tmp_path_factory):
     index_videos(video_dir, out, backbone=backbone, retriever_checkpoint=ckpts["retriever"],
                  model_cfg=ckpts["retriever_yaml"], progress=False)
     return str(out)
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    return make_demo(tmp_path_factory.mktemp("demo"))

@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 CHARADES = SHARED / "data" / "media" / "charades_sample.mp4"
 OFFICIAL_QD = SHARED / "fixtures" / "qd_detr_reference" / "qd_detr_clip_model_best.ckpt"
