@@ -17,6 +17,26 @@ def make_corpus(root: Path, **overrides: Any) -> Path:
     return root
 
 
+def write_fake_ranks(splits: Dict[str, Any], folder: Path, seed: int = 0) -> str:
+    """Fake stage-1 ranks: every query ranks every video of its split (seeded random scores, so
+    its GT video lands at a varying place), one ``{split}_best_ranks.jsonl`` per split in
+    ``folder``. Returns the ``run.stage1_ranks`` template (``.../{split}_best_ranks.jsonl``)."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split, ds in splits.items():
+        vids = sorted({r.vid for r in ds.records})
+        with open(folder / f"{split}_best_ranks.jsonl", "w") as f:
+            for rec in ds.records:
+                scores = rng.normal(size=len(vids))
+                order = np.argsort(-scores)
+                f.write(json.dumps({"qid": rec.qid, "query": rec.query,
+                                    "ranked_vids": [[vids[j], float(scores[j])] for j in order]}) + "\n")
+    return str(folder / "{split}_best_ranks.jsonl")
+
+
 def build_splits(root: Path, dataset_type: str, **overrides: Any) -> Dict[str, Any]:
     """{split: dataset} of the corpus at ``root`` through the c2f_demo builder."""
     from omegaconf import OmegaConf

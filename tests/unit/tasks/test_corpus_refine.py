@@ -20,31 +20,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from c2f_task_helpers import build_splits, make_corpus, tiny_grounder  # noqa: E402
+from c2f_task_helpers import build_splits, make_corpus, tiny_grounder, write_fake_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_VIT = {"patch_size": 16, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
-
-
-def _write_ranks(splits, folder: Path, seed: int = 0) -> str:
-    """Fake stage-1 ranks: every query ranks every video of its split (seeded random scores)."""
-    rng = np.random.default_rng(seed)
-    for split, ds in splits.items():
-        vids = sorted({r.vid for r in ds.records})
-        with open(folder / f"{split}_best_ranks.jsonl", "w") as f:
-            for rec in ds.records:
-                scores = rng.normal(size=len(vids))
-                order = np.argsort(-scores)
-                f.write(json.dumps({"qid": rec.qid, "query": rec.query,
-                                    "ranked_vids": [[vids[j], float(scores[j])] for j in order]}) + "\n")
-    return str(folder / "{split}_best_ranks.jsonl")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = make_corpus(tmp_path_factory.mktemp("corpus") / "demo", n_videos=16)
     splits = build_splits(root, "moment_retrieval")
-    ranks = _write_ranks(splits, tmp_path_factory.mktemp("ranks"))
+    ranks = write_fake_ranks(splits, tmp_path_factory.mktemp("ranks"))
     return root, splits, ranks
 
 

@@ -8,24 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from c2f_task_helpers import build_splits, make_corpus, tiny_grounder
+from c2f_task_helpers import build_splits, make_corpus, tiny_grounder, write_fake_ranks
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = make_corpus(tmp_path_factory.mktemp("corpus") / "demo")
     splits = build_splits(root, "moment_retrieval")
-    # fake stage-1 ranks: every query ranks all videos of its split, its GT video at a varying place
     ranks_dir = tmp_path_factory.mktemp("ranks")
-    rng = np.random.default_rng(0)
-    for split, ds in splits.items():
-        vids = sorted({r.vid for r in ds.records})
-        with open(ranks_dir / f"{split}_best_ranks.jsonl", "w") as f:
-            for rec in ds.records:
-                scores = rng.normal(size=len(vids))
-                order = np.argsort(-scores)
-                f.write(json.dumps({"qid": rec.qid, "query": rec.query,
-                                    "ranked_vids": [[vids[j], float(scores[j])] for j in order]}) + "\n")
+    write_fake_ranks(splits, ranks_dir)
     return root, splits, ranks_dir
 
 
