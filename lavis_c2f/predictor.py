@@ -559,8 +559,7 @@ def _model_node(cfg: Any, where: str) -> Dict[str, Any]:
 def load_retriever(checkpoint: PathLike, model_cfg: Any = None, device: str = "cpu"):
     """A T-MASS retriever from a checkpoint (ours / the runner's, whose stored config is used
     unless ``model_cfg`` — a YAML path or mapping — is given), loaded strictly, in eval mode."""
-    from lavis_c2f.models.checkpoint_utils import (extract_state_dict, frozen_keys, load_checkpoint_file,
-                                                   load_state_dict_strict)
+    from lavis_c2f.models.checkpoint_utils import load_checkpoint_file, load_checkpoint_weights
     from lavis_c2f.registry_utils import get
 
     path = os.fspath(checkpoint)
@@ -582,8 +581,7 @@ def load_retriever(checkpoint: PathLike, model_cfg: Any = None, device: str = "c
     import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
 
     model = cls.from_config(node)
-    allow = frozen_keys(model) if ck.get("state_dict_kind") == "trainable" else ()
-    load_state_dict_strict(model, extract_state_dict(ck), source=path, strict=True, allow_missing=allow)
+    load_checkpoint_weights(model, ck, source=path, strict=True)
     return model.to(device).eval()
 
 

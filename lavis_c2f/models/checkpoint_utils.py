@@ -107,6 +107,13 @@ def load_model_weights(model: torch.nn.Module, path: "str | os.PathLike", strict
     A checkpoint saved with ``state_dict_kind: "trainable"`` may lack the model's frozen weights.
     """
     ckpt = load_checkpoint_file(path, map_location=map_location)
-    allow = frozen_keys(model) if ckpt.get("state_dict_kind") == "trainable" else ()
-    load_state_dict_strict(model, extract_state_dict(ckpt), source=str(path), strict=strict, allow_missing=allow)
+    load_checkpoint_weights(model, ckpt, source=str(path), strict=strict)
     return ckpt
+
+
+def load_checkpoint_weights(model: torch.nn.Module, ckpt: Mapping[str, Any], source: str = "<checkpoint>",
+                            strict: bool = True):
+    """Load an already-read checkpoint dict's weights into ``model`` (see :func:`load_model_weights`:
+    a ``"trainable"`` checkpoint may lack the frozen weights). Returns ``(missing, unexpected)``."""
+    allow = frozen_keys(model) if ckpt.get("state_dict_kind") == "trainable" else ()
+    return load_state_dict_strict(model, extract_state_dict(ckpt), source=source, strict=strict, allow_missing=allow)
