@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from lavis.common.registry import registry
 
 PREFIX = "c2f_"
 
 # Optional components registered only when first looked up (their imports are heavy or
-# optional): name -> module whose import registers it.
-LAZY_COMPONENTS: Dict[str, str] = {
-    "c2f_caption_refiner": "lavis_c2f.models.refiner",  # stage-3 model
-    "c2f_refiner": "lavis_c2f.models.refiner",  # stage-3 dataset builder
+# optional): name -> (registry kind, module whose import registers it).
+LAZY_COMPONENTS: Dict[str, Tuple[str, str]] = {
+    "c2f_caption_refiner": ("model", "lavis_c2f.models.refiner"),  # stage-3 model
+    "c2f_refiner": ("builder", "lavis_c2f.models.refiner"),  # stage-3 dataset builder
 }
 
 # kind -> (registry mapping key, getter name)
@@ -47,11 +47,7 @@ def known_names(kind: str, prefix: str = PREFIX) -> List[str]:
         raise ValueError(f"unknown registry kind '{kind}', expected one of {sorted(_KINDS)}")
     mapping = registry.mapping[_KINDS[kind][0]]
     return sorted(set(n for n in mapping if n.startswith(prefix))
-                  | {n for n in LAZY_COMPONENTS if n.startswith(prefix) and _lazy_kind(n) == kind})
-
-
-def _lazy_kind(name: str) -> str:
-    return "builder" if name == "c2f_refiner" else "model"
+                  | {n for n, (k, _) in LAZY_COMPONENTS.items() if n.startswith(prefix) and k == kind})
 
 
 def _error(kind: str, name: str) -> UnknownComponentError:
@@ -69,7 +65,7 @@ def get(kind: str, name: str):
         raise ValueError(f"unknown registry kind '{kind}', expected one of {sorted(_KINDS)}")
     cls = registry.mapping[_KINDS[kind][0]].get(name)
     if cls is None and name in LAZY_COMPONENTS:
-        importlib.import_module(LAZY_COMPONENTS[name])
+        importlib.import_module(LAZY_COMPONENTS[name][1])
         cls = registry.mapping[_KINDS[kind][0]].get(name)
     if cls is None:
         raise _error(kind, name)
@@ -87,7 +83,7 @@ def install_lookup_errors() -> None:
             def lookup(name):
                 cls = orig(name)
                 if cls is None and isinstance(name, str) and name in LAZY_COMPONENTS:
-                    importlib.import_module(LAZY_COMPONENTS[name])
+                    importlib.import_module(LAZY_COMPONENTS[name][1])
                     cls = orig(name)
                 if cls is None and isinstance(name, str) and name.startswith(PREFIX):
                     raise _error(kind, name)
