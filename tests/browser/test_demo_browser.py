@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+sync_api = pytest.importorskip("playwright.sync_api", reason="the PyPI package 'playwright' is not installed "
+                                                            "(pip install playwright; no 'playwright install')")
+expect = sync_api.expect
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 MMSS = re.compile(r"\b(\d\d):(\d\d) – (\d\d):(\d\d)\b")
@@ -31,6 +35,14 @@ def _idle(page, timeout: float = 120_000) -> None:
     """Wait until the script run ends: no "running" status widget, no placeholder skeletons."""
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
                            " && !document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=timeout)
+
+
+def _window_text(row) -> str:
+    """The text of a result row once its ``MM:SS – MM:SS`` window is drawn. A row's container
+    reaches the page before its content (and the status widget can be briefly absent between
+    reruns), so reading right after it appears can see an empty row."""
+    expect(row).to_contain_text(MMSS, timeout=60_000)
+    return row.inner_text()
 
 
 def _first_test_query(run: str) -> str:
@@ -58,9 +70,9 @@ def test_corpus_search_lists_ranked_moments(page, demo_server, artifacts):
     page.locator(".st-key-moment_1 img").wait_for()
     _idle(page)
     rows = page.locator("[class*='st-key-moment_']")
-    assert rows.count() == 10
+    expect(rows).to_have_count(10)
     for i in range(rows.count()):
-        text = rows.nth(i).inner_text()
+        text = _window_text(rows.nth(i))
         m = MMSS.search(text)
         assert m, text
         assert _seconds(m, 1) <= _seconds(m, 3), text
@@ -76,7 +88,7 @@ def test_example_query_button_runs_a_search(page, artifacts):
     page.locator(".st-key-moment_1").wait_for()
     _idle(page)
     assert page.get_by_label("Query").input_value().strip()
-    assert MMSS.search(page.locator(".st-key-moment_1").inner_text())
+    assert MMSS.search(_window_text(page.locator(".st-key-moment_1")))
 
 
 def test_empty_query_shows_a_message_not_a_traceback(page, artifacts):
@@ -102,14 +114,16 @@ def test_single_video_upload_draws_the_curve_and_plays_a_window(page, artifacts,
     _idle(page)
     assert page.locator("[data-testid='stMain'] [data-testid='stImage'] img").count() == 1   # the saliency plot
     windows = page.locator("[class*='st-key-window_']")
+    header = page.get_by_text(re.compile(r"Top \d+ windows for")).inner_text()
+    expect(windows).to_have_count(int(re.search(r"Top (\d+) windows", header).group(1)))
     assert windows.count() >= 1
-    first = MMSS.search(windows.first.inner_text())
+    first = MMSS.search(_window_text(windows.first))
     assert first, windows.first.inner_text()
     v = _video_near(page, _seconds(first, 1) - 1, _seconds(first, 1) + 1)   # the player waits at window 1
     assert v["error"] is None and "/media/" in v["src"], v
     page.screenshot(path=str(artifacts / "03_single_video.png"))
     last = windows.nth(windows.count() - 1)
-    m = MMSS.search(last.inner_text())
+    m = MMSS.search(_window_text(last))
     last.get_by_role("button", name=re.compile("Play from")).click()
     page.get_by_text(f"Playing charades_sample.mp4 from {m.group(1)}:{m.group(2)}").wait_for()
     v = _video_near(page, _seconds(m, 1) - 1, _seconds(m, 1) + 4)
@@ -140,10 +154,10 @@ def test_index_uploaded_videos_then_search_and_play(page, artifacts, clips):
     page.locator(".st-key-moment_1 img").wait_for()
     _idle(page)
     rows = page.locator("[class*='st-key-moment_']")
-    assert rows.count() >= 2
+    page.locator(".st-key-moment_2").wait_for()
     assert rows.first.locator("img").count() == 1      # a decoded frame at the window start
     assert "has no video files" not in main.inner_text()
-    m = MMSS.search(rows.first.inner_text())
+    m = MMSS.search(_window_text(rows.first))
     assert m
     page.screenshot(path=str(artifacts / "06_index_results.png"))
     rows.first.get_by_role("button", name=re.compile("Play from")).click()
