@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.pipeline.fusion import FusionConfig, fuse_candidates, load_fusion_choice
 from lavis_c2f.search import zero_shot as zs
@@ -88,10 +89,9 @@ def index_backbone_name(index: PathLike) -> Optional[str]:
 
 
 def resolve_device(device: Optional[str] = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other values are returned as given."""
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
+    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit ``cuda`` request without a
+    GPU raises :class:`ConfigError` (see :func:`lavis_c2f.common.dist.resolve_device`)."""
+    return str(c2f_dist.resolve_device(device, fallback=False))
 
 
 def _l2(x: np.ndarray) -> np.ndarray:

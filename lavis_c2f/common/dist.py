@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lavis_c2f.common.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,22 +43,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-def resolve_device(requested: Optional[str] = None) -> torch.device:
+def resolve_device(requested: Optional[str] = None, *, fallback: bool = True) -> torch.device:
     """``requested`` ('cuda', 'cuda:1', 'cpu' or None/'auto') -> a usable device.
 
-    'cuda' without a GPU falls back to CPU with a warning, so one YAML serves both.
+    With ``fallback`` (training/evaluation YAML), 'cuda' without a GPU falls back to CPU with a
+    warning, so one YAML serves both; without it (the predictor, the CLI's ``--device``), an
+    explicit 'cuda' request on a machine without one raises :class:`ConfigError`.
     Under ``torch.distributed.run`` on GPUs, each rank gets ``cuda:LOCAL_RANK``.
     """
-    req = (requested or "auto").lower()
+    req = str(requested or "auto").lower()
     if req in ("auto", "cuda") or req.startswith("cuda"):
         if torch.cuda.is_available():
             if req in ("auto", "cuda") and "LOCAL_RANK" in os.environ:
                 return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             return torch.device("cuda" if req == "auto" else req)
         if req != "auto":
+            if not fallback:
+                raise ConfigError(f"device '{requested}' requested but CUDA is not available on this machine "
+                                  "(use 'cpu' or 'auto')")
             logger.warning("device '%s' requested but CUDA is not available; using CPU", requested)
         return torch.device("cpu")
-    return torch.device(req)
+    try:
+        return torch.device(req)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device '{requested}' (expected 'auto', 'cpu', 'cuda' or 'cuda:N')") from e
 
 
 def init_distributed(device: torch.device, timeout_s: int = 1800) -> bool:

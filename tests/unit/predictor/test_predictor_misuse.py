@@ -110,6 +110,27 @@ def test_invalid_settings():
         C2FPredictor.from_checkpoints(backbone="random", fusion={"form": "max"})
     with pytest.raises(ConfigError, match="unknown backbone"):
         C2FPredictor.from_checkpoints(backbone="resnet")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        C2FPredictor.from_checkpoints(backbone="random", device="tpu")
+
+
+def test_device_rule(monkeypatch):
+    """The predictor and the runner share one rule; only the predictor refuses a GPU it lacks
+    (the runner falls back to CPU so that one YAML serves both)."""
+    import torch
+
+    from lavis_c2f.common.dist import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert C2FPredictor.from_checkpoints(backbone="random", device="auto").device == "cpu"
+    with pytest.raises(ConfigError, match="device 'cuda' requested but CUDA is not available"):
+        C2FPredictor.from_checkpoints(backbone="random", device="cuda")
+    assert resolve_device("cuda").type == "cpu" and resolve_device(None).type == "cpu"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda:1", fallback=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1) and resolve_device("cuda:0") == torch.device("cuda", 0)
 
 
 def test_missing_checkpoint_files(tmp_path):
