@@ -22,10 +22,11 @@ The wrapper lives here (not in :mod:`lavis_c2f.datasets`) and is applied by the
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, List, Sequence, Union
-
+import functools
 import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -34,6 +35,14 @@ from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.records import MomentRecord
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _NegativeState:
+    negatives: List[List[str]]
+    eligible: List[int]
+    num_extra: int
+    durations: Dict[str, float]
 
 
 class HardNegativeMomentDataset(Dataset):
@@ -61,14 +70,14 @@ class HardNegativeMomentDataset(Dataset):
         self.top_k = int(top_k)
         self.seed = int(seed)
         self._stage1 = stage1
-        self._ready = False
         self.epoch = 0
+        self._order_epoch = None
+        self._order = np.zeros(0, dtype=np.int64)
 
-    def _prepare(self) -> None:
-        """Read the stage-1 lists (on first use: a split that is only built, e.g. by
-        ``evaluate.py``, never needs them)."""
-        if self._ready:
-            return
+    @functools.cached_property
+    def _state(self) -> _NegativeState:
+        """The stage-1 lists turned into negatives, read on first use (a split that is only
+        built, e.g. by ``evaluate.py``, never needs them)."""
         stage1 = self._stage1() if callable(self._stage1) else self._stage1
         if stage1 is None:
             from lavis_c2f.pipeline.merge import stage1_lists
@@ -76,43 +85,36 @@ class HardNegativeMomentDataset(Dataset):
             stage1 = stage1_lists(self.base.records, None, top_k=self.top_k, where="run.stage1_ranks")
         if len(stage1) != len(self.base.records):
             raise ValueError(f"{len(stage1)} stage-1 lists for {len(self.base.records)} records")
-        negatives: List[List[str]] = []
-        for rec, ranked in zip(self.base.records, stage1):
-            negatives.append([str(v) for v, _ in list(ranked)[: self.top_k] if str(v) != rec.vid])
-        self._negatives = negatives
-        self._eligible = [i for i, n in enumerate(negatives) if n]
-        self._num_extra = int(round(self.ratio * len(self._eligible)))
+        negatives = [[str(v) for v, _ in list(ranked)[: self.top_k] if str(v) != rec.vid]
+                     for rec, ranked in zip(self.base.records, stage1)]
+        eligible = [i for i, n in enumerate(negatives) if n]
         durations: Dict[str, float] = {}
         for rec in self.base.records:
             durations.setdefault(rec.vid, float(rec.duration))
-        self._durations = durations
-        self._ready = True
-        self._order = self._draw_order(self.epoch)
+        state = _NegativeState(negatives, eligible, int(round(self.ratio * len(eligible))), durations)
         logger.info("%s: %d hard-negative samples per epoch added to %d", getattr(self.base, "name", "train"),
-                    self._num_extra, len(self.base))
+                    state.num_extra, len(self.base))
+        return state
 
     @property
     def negatives(self) -> List[List[str]]:
         """Per record, its retrieved non-GT videos among the first ``top_k``."""
-        self._prepare()
-        return self._negatives
+        return self._state.negatives
 
     @property
     def eligible(self) -> List[int]:
         """Records with at least one retrieved non-GT video."""
-        self._prepare()
-        return self._eligible
+        return self._state.eligible
 
     @property
     def num_extra(self) -> int:
         """Hard-negative samples per epoch."""
-        self._prepare()
-        return self._num_extra
+        return self._state.num_extra
 
     @property
     def durations(self) -> Dict[str, float]:
-        self._prepare()
-        return self._durations
+        """Duration in seconds of each video of the base records."""
+        return self._state.durations
 
     # -- LAVIS / runner plumbing
     def __len__(self) -> int:
@@ -130,22 +132,25 @@ class HardNegativeMomentDataset(Dataset):
         self.epoch = int(epoch)
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
-        self._prepare()
-        self._order = self._draw_order(self.epoch)
 
-    def _draw_order(self, epoch: int) -> np.ndarray:
-        if not self._eligible:
-            return np.zeros(0, dtype=np.int64)
-        reps = -(-self._num_extra // len(self._eligible))   # ceil: ratio > 1 repeats queries
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        perm = np.concatenate([rng.permutation(len(self._eligible)) for _ in range(max(reps, 1))])
-        return np.asarray(self._eligible, dtype=np.int64)[perm[: self._num_extra]]
+    def _epoch_order(self) -> np.ndarray:
+        """Record index of each extra sample of the current epoch (drawn once per epoch)."""
+        if self._order_epoch != self.epoch:
+            st = self._state
+            if st.eligible:
+                reps = -(-st.num_extra // len(st.eligible))   # ceil: ratio > 1 repeats queries
+                rng = np.random.default_rng([self.seed, self.epoch, 1])
+                perm = np.concatenate([rng.permutation(len(st.eligible)) for _ in range(max(reps, 1))])
+                self._order = np.asarray(st.eligible, dtype=np.int64)[perm[: st.num_extra]]
+            else:
+                self._order = np.zeros(0, dtype=np.int64)
+            self._order_epoch = self.epoch
+        return self._order
 
     # -- samples
     def negative_pair(self, j: int) -> tuple:
         """``(record index, negative vid)`` of extra sample ``j`` in the current epoch."""
-        self._prepare()
-        qi = int(self._order[j])
+        qi = int(self._epoch_order()[j])
         rng = np.random.default_rng([self.seed, self.epoch, int(j), 2])
         negs = self.negatives[qi]
         return qi, negs[int(rng.integers(len(negs)))]
