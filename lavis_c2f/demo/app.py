@@ -184,10 +184,13 @@ def quickstart_panel(key: str) -> None:
     st.write("The demo corpus (synthetic features, no video files) needs the checkpoints of a quickstart run. "
              f"None was found under `{SETTINGS.quickstart_root}`. The quickstart builds the corpus and trains "
              "both stages (a few minutes on CPU); its steps are shown as it runs.")
+    if SETTINGS.quickstart_args:
+        st.caption("Quickstart arguments (--quickstart-args): `" + " ".join(SETTINGS.quickstart_args) + "`")
     if st.button("Run the quickstart", key=key):
         bar = st.progress(0.0, text="starting ...")
         run = guarded(lambda: src.run_quickstart(SETTINGS.quickstart_root,
-                                                 lambda f, t: bar.progress(min(1.0, f), text=t)))
+                                                 lambda f, t: bar.progress(min(1.0, f), text=t),
+                                                 extra_args=SETTINGS.quickstart_args))
         if run:
             st.session_state.source = {"kind": "demo", "path": run}
             st.session_state.note = "Quickstart finished."

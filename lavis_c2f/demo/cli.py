@@ -46,6 +46,8 @@ def app_args(args: argparse.Namespace) -> List[str]:
             out += [f"--{name.replace('_', '-')}", os.path.abspath(os.path.expanduser(v))]
     if args.backbone:
         out += ["--backbone", args.backbone]
+    if getattr(args, "quickstart_args", None):
+        out.append(f"--quickstart-args={args.quickstart_args}")   # '=': the value starts with '--'
     out += ["--device", args.device or "auto"]
     return out
 
@@ -92,6 +94,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--clip-path needs --backbone clip_hf or clip_lavis")
     if args.backbone in ("clip_hf", "clip_lavis") and not args.clip_path:
         raise ConfigError(f"--backbone {args.backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
+    if getattr(args, "quickstart_args", None):
+        from lavis_c2f.demo.sources import parse_quickstart_args
+
+        parse_quickstart_args(args.quickstart_args)
     if not 1 <= int(args.port) <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -149,5 +155,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                         "~/.cache/lavis_c2f/demo)")
     p.add_argument("--quickstart-root", default=None,
                    help="where quickstart runs are looked for and written (default ./c2f_quickstart)")
+    p.add_argument("--quickstart-args", default=None, metavar="ARGS",
+                   help="extra 'lavis-c2f quickstart' arguments for the app's 'Run the quickstart' button, one "
+                        "quoted string, e.g. --quickstart-args='--n-videos 40 --stage1-epochs 2' for a smaller, "
+                        "faster run (checked here; --out is chosen by the app)")
     p.add_argument("--print-command", action="store_true", help="print the streamlit command and exit")
     p.set_defaults(func=cmd_demo)

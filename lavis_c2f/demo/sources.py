@@ -55,6 +55,8 @@ class DemoSettings:
         device: ``cpu``, ``cuda`` or ``auto``.
         workdir: where uploads, indexes built in the app and plots go.
         quickstart_root: where quickstart runs are looked for and written.
+        quickstart_args: extra ``lavis-c2f quickstart`` arguments of the app's "Run the quickstart"
+            button (e.g. ``("--n-videos", "40")`` for a smaller, faster run).
     """
 
     index: Optional[str] = None
@@ -66,6 +68,7 @@ class DemoSettings:
     device: str = "auto"
     workdir: str = ""
     quickstart_root: str = ""
+    quickstart_args: Tuple[str, ...] = ()
 
     def backbone_config(self, backbone: str) -> Dict[str, Any]:
         """The ``backbone_cfg`` of :meth:`C2FPredictor.from_checkpoints` for ``backbone``."""
@@ -99,7 +102,36 @@ def app_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", default=None)
     p.add_argument("--quickstart-root", default=None)
+    p.add_argument("--quickstart-args", default="")
     return p
+
+
+def parse_quickstart_args(text: str) -> Tuple[str, ...]:
+    """``--quickstart-args`` (one shell-quoted string) -> the argument tuple, checked against the
+    ``lavis-c2f quickstart`` parser. ``--out`` is refused: the app picks ``ROOT/<timestamp>``."""
+    import contextlib
+    import io
+    import shlex
+
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.pipeline import cli as pipeline_cli
+
+    try:
+        args = tuple(shlex.split(text or ""))
+    except ValueError as e:
+        raise ConfigError(f"--quickstart-args: {e}: {text!r}") from None
+    if any(a == "--out" or a.startswith("--out=") for a in args):
+        raise ConfigError("--quickstart-args: leave out --out; runs go under --quickstart-root/<timestamp>")
+    parser = argparse.ArgumentParser(prog="lavis-c2f", exit_on_error=False)
+    pipeline_cli.register(parser.add_subparsers(dest="command"))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parser.parse_args(["quickstart", *args])
+    except (SystemExit, argparse.ArgumentError) as e:
+        msg = err.getvalue().strip().splitlines()[-1:] or [str(e)]
+        raise ConfigError(f"--quickstart-args {text!r} is not valid for 'lavis-c2f quickstart': {msg[0]}") from None
+    return args
 
 
 def settings_from_argv(argv: Sequence[str]) -> DemoSettings:
@@ -115,7 +147,8 @@ def settings_from_argv(argv: Sequence[str]) -> DemoSettings:
                         clip_path=absolute(a.clip_path), retriever_ckpt=absolute(a.retriever_ckpt),
                         grounder_ckpt=absolute(a.grounder_ckpt), device=a.device or "auto",
                         workdir=absolute(a.workdir) or default_workdir(),
-                        quickstart_root=absolute(a.quickstart_root) or resolve_path(QUICKSTART_DIR))
+                        quickstart_root=absolute(a.quickstart_root) or resolve_path(QUICKSTART_DIR),
+                        quickstart_args=parse_quickstart_args(a.quickstart_args))
 
 
 # =========================================================================== quickstart runs
@@ -377,5 +410,6 @@ def iter_moment_lines(results) -> Iterator[Dict[str, Any]]:
 
 __all__ = ["DemoSettings", "IndexReport", "app_arg_parser", "demo_predictor", "example_queries",
            "find_quickstart_run", "index_backbone", "index_predictor", "index_video_files", "iter_moment_lines",
-           "link_or_copy", "matches_ground_truth", "mode_lines", "new_index_dir", "parse_quickstart_step",
-           "quickstart_checkpoints", "run_quickstart", "save_upload", "settings_from_argv", "video_predictor"]
+           "link_or_copy", "matches_ground_truth", "mode_lines", "new_index_dir", "parse_quickstart_args",
+           "parse_quickstart_step", "quickstart_checkpoints", "run_quickstart", "save_upload", "settings_from_argv",
+           "video_predictor"]

@@ -27,6 +27,9 @@ SHARED = REPO.parent / "shared"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 _ARTIFACT_DIRS: List[Path] = []
+#: a reduced quickstart (40 videos, 1 epoch per stage): the fixture's run and the app's button
+SMALL_QUICKSTART = ["--n-videos", "40", "--stage1-epochs", "1", "--stage2-epochs", "1", "--skip-untrained",
+                    "--threads", "1"]
 
 
 def chromium_path() -> str:
@@ -69,8 +72,8 @@ def _run(cmd: List[str], timeout: float) -> subprocess.CompletedProcess:
 def quickstart_root(tmp_path_factory) -> Path:
     """A folder holding one finished, reduced quickstart run (40 videos, 1 epoch per stage)."""
     root = tmp_path_factory.mktemp("c2f_quickstart")
-    proc = _run([sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", root / "run1", "--n-videos", "40",
-                 "--stage1-epochs", "1", "--stage2-epochs", "1", "--skip-untrained", "--threads", "1"], timeout=600)
+    proc = _run([sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", root / "run1", *SMALL_QUICKSTART],
+                timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return root
 
@@ -100,12 +103,13 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _serve(quickstart_root: Path, work: Path) -> Iterator[Dict[str, str]]:
     """``lavis-c2f demo`` (``python -m lavis_c2f.demo``) on a free localhost port, looking for
-    quickstart runs under ``quickstart_root``, with the random backbone for uploaded videos.
-    Yields ``{"url", "log"}``; the server is stopped on exit."""
+    quickstart runs under ``quickstart_root`` (its button runs :data:`SMALL_QUICKSTART`), with the
+    random backbone for uploaded videos. Yields ``{"url", "log"}``; the server is stopped on exit."""
     port = _free_port()
     log = work / "server.log"
     cmd = [sys.executable, "-m", "lavis_c2f.demo", "--quickstart-root", str(quickstart_root), "--backbone", "random",
-           "--port", str(port), "--host", "127.0.0.1", "--workdir", str(work / "state"), "--device", "cpu"]
+           "--port", str(port), "--host", "127.0.0.1", "--workdir", str(work / "state"), "--device", "cpu",
+           "--quickstart-args=" + " ".join(SMALL_QUICKSTART)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(work), env=env,

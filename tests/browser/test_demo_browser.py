@@ -195,3 +195,24 @@ def test_without_an_index_the_page_says_what_to_do(empty_page, artifacts):
     _idle(empty_page)
     assert "A video of the" not in main.inner_text()
     _no_traceback(empty_page)
+
+
+def test_quickstart_button_trains_and_the_corpus_becomes_searchable(empty_page, empty_demo_server, artifacts):
+    """The "Run the quickstart" button (a reduced run: the server's --quickstart-args) shows its
+    steps, then the page switches to the new run and searches it."""
+    page = empty_page
+    page.get_by_text("Nothing to search yet").wait_for()
+    assert "--n-videos 40" in page.locator("[data-testid='stMain']").inner_text()   # the arguments shown
+    page.locator(".st-key-qs_main button").click()
+    page.get_by_text(re.compile(r"step \d+ of \d+: ")).first.wait_for(timeout=240_000)   # its steps, as it runs
+    page.screenshot(path=str(artifacts / "09_quickstart_running.png"))
+    page.get_by_text("Quickstart finished.").wait_for(timeout=600_000)
+    _idle(page)
+    runs = [p for p in (Path(empty_demo_server["log"]).parent / "no_runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and str(runs[0]) in page.locator("[data-testid='stSidebar']").inner_text()
+    page.locator(".st-key-example_0 button").click()
+    rows = page.locator("[class*='st-key-moment_']")
+    expect(rows).to_have_count(10, timeout=120_000)
+    assert MMSS.search(_window_text(rows.first))
+    _no_traceback(page)
+    page.screenshot(path=str(artifacts / "10_quickstart_done_search.png"))

@@ -260,6 +260,23 @@ def test_streamlit_command_is_local_headless_and_without_telemetry(tmp_path, mon
     assert (s.run_dir, s.backbone) == (str(tmp_path / "run"), "random")
 
 
+def test_quickstart_args_reach_the_app_checked(tmp_path, monkeypatch):
+    """--quickstart-args: parsed against 'lavis-c2f quickstart' on the terminal, passed to the app
+    in one '='-joined argument (its value starts with '--'), and parsed back to the same tuple."""
+    monkeypatch.chdir(tmp_path)
+    args = _args("--port", str(_free_port()), "--quickstart-args", "--n-videos 40 --skip-untrained")
+    demo_cli.check_args(args)
+    cmd = demo_cli.streamlit_command(args)
+    tail = cmd[cmd.index("--") + 1:]
+    assert "--quickstart-args=--n-videos 40 --skip-untrained" in tail
+    assert src.settings_from_argv(tail).quickstart_args == ("--n-videos", "40", "--skip-untrained")
+    assert src.settings_from_argv([]).quickstart_args == ()
+    for bad, match in (("--out elsewhere", "leave out --out"), ("--n-videos forty", "invalid int value: 'forty'"),
+                       ("--bogus 1", "unrecognized arguments: --bogus 1"), ("'open", "No closing quotation")):
+        with pytest.raises(ConfigError, match=match):
+            demo_cli.check_args(_args("--port", str(_free_port()), f"--quickstart-args={bad}"))
+
+
 def test_streamlit_options_exist_in_the_pinned_streamlit():
     config = pytest.importorskip("streamlit.config", reason="streamlit is not installed")
     known = config.get_config_options()
