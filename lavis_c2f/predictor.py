@@ -556,32 +556,35 @@ def _model_node(cfg: Any, where: str) -> Dict[str, Any]:
     return dict(node)
 
 
-def load_retriever(checkpoint: PathLike, model_cfg: Any = None, device: str = "cpu"):
-    """A T-MASS retriever from a checkpoint (ours / the runner's, whose stored config is used
-    unless ``model_cfg`` — a YAML path or mapping — is given), loaded strictly, in eval mode."""
+def load_retriever(checkpoint: Optional[PathLike], model_cfg: Any = None, device: str = "cpu",
+                   where: str = "retriever_cfg"):
+    """A T-MASS retriever in eval mode: built from ``model_cfg`` (a YAML path or mapping, merged
+    over its ``model_type`` defaults) or else from the config stored in ``checkpoint`` (ours / the
+    runner's), then the checkpoint's weights loaded strictly. ``checkpoint=None`` (``model_cfg``
+    required) gives the freshly built model. ``where`` names ``model_cfg`` in errors."""
+    import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
     from lavis_c2f.models.checkpoint_utils import load_checkpoint_file, load_checkpoint_weights
-    from lavis_c2f.registry_utils import get
+    from lavis_c2f.registry_utils import get, with_model_defaults
 
-    path = os.fspath(checkpoint)
-    ck = load_checkpoint_file(path)
+    path = os.fspath(checkpoint) if checkpoint is not None else None
+    ck = load_checkpoint_file(path) if path is not None else None
     if model_cfg is not None:
-        from lavis_c2f.registry_utils import with_model_defaults
-
-        node = with_model_defaults(_model_node(model_cfg, "retriever_cfg"), "c2f_tmass_retriever")
+        node = with_model_defaults(_model_node(model_cfg, where), "c2f_tmass_retriever")
+    elif ck is None:
+        raise ConfigError(f"{where}: a retriever needs a model YAML or a checkpoint that stores its config")
     else:
         stored = ck.get("config")
         if not isinstance(stored, Mapping):
-            raise ConfigError(f"{path}: the checkpoint stores no model config; pass retriever_cfg (the model YAML "
+            raise ConfigError(f"{path}: the checkpoint stores no model config; pass {where} (the model YAML "
                               "it was trained with)")
         node = dict(stored["model"]) if isinstance(stored.get("model"), Mapping) else dict(stored)
     arch = node.get("arch", "c2f_tmass_retriever")
     cls = get("model", arch)
     if not hasattr(cls, "fingerprint"):
-        raise ConfigError(f"{path}: arch '{arch}' is not a stage-1 retriever")
-    import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
-
+        raise ConfigError(f"{path or where}: arch '{arch}' is not a stage-1 retriever")
     model = cls.from_config(node)
-    load_checkpoint_weights(model, ck, source=path, strict=True)
+    if ck is not None:
+        load_checkpoint_weights(model, ck, source=path, strict=True)
     return model.to(device).eval()
 
 

@@ -60,29 +60,12 @@ def _add_extra(name: str, configure: _Configure, parser_kwargs: Dict[str, Any]) 
 # ------------------------------------------------------------------------------ helpers
 
 def load_retriever(model_cfg: str, checkpoint: Optional[str] = None):
-    """Build the model of a YAML (``model:`` section or a bare mapping) and load a checkpoint."""
-    from omegaconf import OmegaConf
-
-    import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.models.checkpoint_utils import load_model_weights
+    """The stage-1 model of a YAML (``model:`` section or a bare mapping, merged over its
+    ``model_type`` defaults) with a checkpoint's weights (:func:`lavis_c2f.predictor.load_retriever`)."""
     from lavis_c2f.paths import resolve_path
-    from lavis_c2f.registry_utils import get, with_model_defaults
+    from lavis_c2f.predictor import load_retriever as predictor_load_retriever
 
-    path = resolve_path(model_cfg)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--model-cfg: no such file: {path}")
-    cfg = OmegaConf.load(path)
-    node = with_model_defaults(OmegaConf.to_container(cfg.model if "model" in cfg else cfg, resolve=True),
-                               "c2f_tmass_retriever")
-    arch = node.get("arch", "c2f_tmass_retriever")
-    cls = get("model", arch)
-    if not hasattr(cls, "fingerprint"):
-        raise ConfigError(f"{path}: model.arch '{arch}' is not a stage-1 retriever usable by the index")
-    model = cls.from_config(node)
-    if checkpoint:
-        load_model_weights(model, resolve_path(checkpoint), strict=True)
-    return model.eval()
+    return predictor_load_retriever(resolve_path(checkpoint) if checkpoint else None, model_cfg, where="--model-cfg")
 
 
 def _store_spec(text: str, field: Optional[str]) -> Any:
