@@ -20,8 +20,10 @@ import subprocess
 import sys
 from typing import List
 
+from lavis_c2f.demo.sources import APP_PATH_OPTIONS, add_app_arguments
+from lavis_c2f.video.cli import backbone_options
+
 APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
-BACKBONES = ("offline", "clip_hf", "clip_lavis", "random")
 
 #: Streamlit options of the demo: local only, no telemetry, no file watching, no developer menu
 STREAMLIT_OPTIONS = {
@@ -40,7 +42,7 @@ STREAMLIT_OPTIONS = {
 def app_args(args: argparse.Namespace) -> List[str]:
     """The app's own arguments (:func:`lavis_c2f.demo.sources.app_arg_parser`), paths absolute."""
     out: List[str] = []
-    for name in ("index", "run_dir", "clip_path", "retriever_ckpt", "grounder_ckpt", "workdir", "quickstart_root"):
+    for name in APP_PATH_OPTIONS:
         v = getattr(args, name, None)
         if v:
             out += [f"--{name.replace('_', '-')}", os.path.abspath(os.path.expanduser(v))]
@@ -90,10 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v and not os.path.exists(os.path.expanduser(v)):
             raise FileNotFoundError(f"--{name.replace('_', '-')}: not found: {v}")
-    if args.clip_path and args.backbone not in ("clip_hf", "clip_lavis"):
-        raise ConfigError("--clip-path needs --backbone clip_hf or clip_lavis")
-    if args.backbone in ("clip_hf", "clip_lavis") and not args.clip_path:
-        raise ConfigError(f"--backbone {args.backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
+    backbone_options(args.backbone, args.clip_path)   # --clip-path with a CLIP backbone, and only then
     if getattr(args, "quickstart_args", None):
         from lavis_c2f.demo.sources import parse_quickstart_args
 
@@ -137,27 +136,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         epilog="examples:\n  lavis-c2f demo\n  lavis-c2f demo --run-dir c2f_quickstart/20250101-120000\n"
                "  lavis-c2f demo --index my_index --grounder-ckpt qd_detr.pth --port 8501",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", default=None, help="index folder of 'lavis-c2f index videos' (your videos)")
-    p.add_argument("--run-dir", default=None, metavar="RUN", help="a 'lavis-c2f quickstart' run directory")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; the app can read local "
                         "folders, so expose it with care)")
-    p.add_argument("--backbone", choices=BACKBONES, default=None,
-                   help="video/text encoder for uploaded videos and indexes built in the app (default: the index's, "
-                        "else offline)")
-    p.add_argument("--clip-path", default=None, help="clip_hf: local CLIPModel folder; clip_lavis: checkpoint file")
-    p.add_argument("--retriever-ckpt", default=None, help="trained T-MASS checkpoint for the index")
-    p.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint for the index / uploaded videos")
-    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
-    p.add_argument("--workdir", default=None,
-                   help="uploads, indexes built in the app and plots (default: $C2F_CACHE/demo, i.e. "
-                        "~/.cache/lavis_c2f/demo)")
-    p.add_argument("--quickstart-root", default=None,
-                   help="where quickstart runs are looked for and written (default ./c2f_quickstart)")
-    p.add_argument("--quickstart-args", default=None, metavar="ARGS",
-                   help="extra 'lavis-c2f quickstart' arguments for the app's 'Run the quickstart' button, one "
-                        "quoted string, e.g. --quickstart-args='--n-videos 40 --stage1-epochs 2' for a smaller, "
-                        "faster run (checked here; --out is chosen by the app)")
+    add_app_arguments(p)
     p.add_argument("--print-command", action="store_true", help="print the streamlit command and exit")
     p.set_defaults(func=cmd_demo)

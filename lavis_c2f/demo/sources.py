@@ -31,10 +31,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from lavis_c2f.video.cli import BACKBONE_CHOICES
+
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
-BACKBONES = ("offline", "clip_hf", "clip_lavis", "random")
 QUICKSTART_DIR = "c2f_quickstart"
 _STEP_RE = re.compile(r"^\[(\d+)/(\d+)\]\s+(.*?)\s*(?:\.\.\.)?\s*$")
 
@@ -72,16 +73,9 @@ class DemoSettings:
 
     def backbone_config(self, backbone: str) -> Dict[str, Any]:
         """The ``backbone_cfg`` of :meth:`C2FPredictor.from_checkpoints` for ``backbone``."""
-        from lavis_c2f.common.errors import ConfigError
+        from lavis_c2f.video.cli import backbone_options
 
-        if backbone in ("clip_hf", "clip_lavis"):
-            if not self.clip_path:
-                raise ConfigError(f"the {backbone} backbone needs --clip-path (local CLIP weights; nothing is "
-                                  "downloaded)")
-            return {"clip_path" if backbone == "clip_hf" else "checkpoint": self.clip_path}
-        if self.clip_path:
-            raise ConfigError(f"--clip-path is for the clip_hf or clip_lavis backbone, not {backbone}")
-        return {}
+        return backbone_options(backbone, self.clip_path)
 
 
 def default_workdir() -> str:
@@ -90,19 +84,37 @@ def default_workdir() -> str:
     return os.path.join(cache_root(), "demo")
 
 
+#: the app's options that are paths (made absolute by ``lavis-c2f demo`` and by the app)
+APP_PATH_OPTIONS = ("index", "run_dir", "clip_path", "retriever_ckpt", "grounder_ckpt", "workdir", "quickstart_root")
+
+
+def add_app_arguments(p: argparse.ArgumentParser) -> None:
+    """The app's own options: ``lavis-c2f demo`` offers them (with ``--port``, ``--host``, ...)
+    and passes them to the app script, which parses them with :func:`app_arg_parser`."""
+    p.add_argument("--index", default=None, help="index folder of 'lavis-c2f index videos' (your videos)")
+    p.add_argument("--run-dir", default=None, metavar="RUN", help="a 'lavis-c2f quickstart' run directory")
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
+                   help="video/text encoder for uploaded videos and indexes built in the app (default: the index's, "
+                        "else offline)")
+    p.add_argument("--clip-path", default=None, help="clip_hf: local CLIPModel folder; clip_lavis: checkpoint file")
+    p.add_argument("--retriever-ckpt", default=None, help="trained T-MASS checkpoint for the index")
+    p.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint for the index / uploaded videos")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--workdir", default=None,
+                   help="uploads, indexes built in the app and plots (default: $C2F_CACHE/demo, i.e. "
+                        "~/.cache/lavis_c2f/demo)")
+    p.add_argument("--quickstart-root", default=None,
+                   help="where quickstart runs are looked for and written (default ./c2f_quickstart)")
+    p.add_argument("--quickstart-args", default="", metavar="ARGS",
+                   help="extra 'lavis-c2f quickstart' arguments for the app's 'Run the quickstart' button, one "
+                        "quoted string, e.g. --quickstart-args='--n-videos 40 --stage1-epochs 2' for a smaller, "
+                        "faster run (checked on start; --out is chosen by the app)")
+
+
 def app_arg_parser() -> argparse.ArgumentParser:
     """Arguments of the app script (after ``--`` of ``streamlit run``); ``lavis-c2f demo`` passes them."""
     p = argparse.ArgumentParser(prog="lavis-c2f demo (app)", add_help=True)
-    p.add_argument("--index", default=None)
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--backbone", choices=BACKBONES, default=None)
-    p.add_argument("--clip-path", default=None)
-    p.add_argument("--retriever-ckpt", default=None)
-    p.add_argument("--grounder-ckpt", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--quickstart-root", default=None)
-    p.add_argument("--quickstart-args", default="")
+    add_app_arguments(p)
     return p
 
 
@@ -236,13 +248,6 @@ def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = 
 # =========================================================================== predictors
 
 
-def index_backbone(index: str) -> Optional[str]:
-    """Short backbone name an index was built with (``INDEX.c2f-video.json``), or None."""
-    from lavis_c2f.predictor import index_backbone_name
-
-    return index_backbone_name(index)
-
-
 def demo_predictor(settings: DemoSettings, run_dir: str):
     """The demo-corpus predictor of a quickstart run."""
     from lavis_c2f.predictor import C2FPredictor
@@ -252,9 +257,9 @@ def demo_predictor(settings: DemoSettings, run_dir: str):
 
 def index_predictor(settings: DemoSettings, index: str):
     """The predictor of an index of videos (the index's backbone unless ``--backbone``)."""
-    from lavis_c2f.predictor import C2FPredictor
+    from lavis_c2f.predictor import C2FPredictor, index_backbone_name
 
-    backbone = settings.backbone or index_backbone(index) or "offline"
+    backbone = settings.backbone or index_backbone_name(index) or "offline"
     return C2FPredictor.from_checkpoints(settings.retriever_ckpt, settings.grounder_ckpt, backbone,
                                          settings.backbone_config(backbone), index, None, settings.device)
 
@@ -408,8 +413,8 @@ def iter_moment_lines(results) -> Iterator[Dict[str, Any]]:
                "stage1": m.stage1_score, "stage2": m.stage2_score, "path": m.path}
 
 
-__all__ = ["DemoSettings", "IndexReport", "app_arg_parser", "demo_predictor", "example_queries",
-           "find_quickstart_run", "index_backbone", "index_predictor", "index_video_files", "iter_moment_lines",
-           "link_or_copy", "matches_ground_truth", "mode_lines", "new_index_dir", "parse_quickstart_args",
-           "parse_quickstart_step", "quickstart_checkpoints", "run_quickstart", "save_upload", "settings_from_argv",
-           "video_predictor"]
+__all__ = ["APP_PATH_OPTIONS", "DemoSettings", "IndexReport", "add_app_arguments", "app_arg_parser",
+           "demo_predictor", "example_queries", "find_quickstart_run", "index_predictor", "index_video_files",
+           "iter_moment_lines", "link_or_copy", "matches_ground_truth", "mode_lines", "new_index_dir",
+           "parse_quickstart_args", "parse_quickstart_step", "quickstart_checkpoints", "run_quickstart", "save_upload",
+           "settings_from_argv", "video_predictor"]

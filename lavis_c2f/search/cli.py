@@ -26,9 +26,10 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional
 
+from lavis_c2f.video.cli import BACKBONE_CHOICES
+
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("offline", "clip_hf", "clip_lavis", "random")
 
 
 def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -52,21 +53,9 @@ def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable
 
 
 def _backbone_config(args: argparse.Namespace, backbone: str) -> Dict[str, Any]:
-    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.video.cli import backbone_options
 
-    cfg: Dict[str, Any] = {}
-    if args.clip_path:
-        if backbone == "clip_hf":
-            cfg["clip_path"] = args.clip_path
-        elif backbone == "clip_lavis":
-            cfg["checkpoint"] = args.clip_path
-        else:
-            raise ConfigError(f"--clip-path is for --backbone clip_hf or clip_lavis, not {backbone}")
-    elif backbone in ("clip_hf", "clip_lavis"):
-        raise ConfigError(f"--backbone {backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
-    if args.clip_model_type and backbone == "clip_lavis":
-        cfg["model_type"] = args.clip_model_type
-    return cfg
+    return backbone_options(backbone, args.clip_path, args.clip_model_type)
 
 
 def _fusion(path: Optional[str]):
@@ -201,7 +190,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ parser
 
 def _backbone_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
-    p.add_argument("--backbone", choices=BACKBONES, default=default,
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=default,
                    help="frame/text encoder" + (" (default: the index's)" if default is None else
                                                 f" (default {default})"))
     p.add_argument("--clip-path", default=None, help="clip_hf: local CLIPModel folder; clip_lavis: checkpoint file")

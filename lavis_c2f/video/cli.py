@@ -12,30 +12,37 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_CHOICES = ("offline", "clip_hf", "clip_lavis", "random")
+#: the CLIP backbones and the config key their ``--clip-path`` fills (CLIPModel folder / checkpoint file)
+CLIP_PATH_KEYS = {"clip_hf": "clip_path", "clip_lavis": "checkpoint"}
+
+
+def backbone_options(backbone: Optional[str], clip_path: Optional[str],
+                     clip_model_type: Optional[str] = None) -> Dict[str, Any]:
+    """The backbone config of the command-line options shared by ``extract``, ``index videos``,
+    ``search`` and ``demo``: ``--clip-path`` is required by the CLIP backbones (local weights,
+    nothing is downloaded) and refused by the others; ``--clip-model-type`` is clip_lavis's."""
+    from lavis_c2f.common.errors import ConfigError
+
+    cfg: Dict[str, Any] = {}
+    if clip_path:
+        if backbone not in CLIP_PATH_KEYS:
+            raise ConfigError("--clip-path needs --backbone clip_hf or clip_lavis" + (f", not {backbone}" if backbone
+                                                                                        else ""))
+        cfg[CLIP_PATH_KEYS[backbone]] = clip_path
+    elif backbone in CLIP_PATH_KEYS:
+        raise ConfigError(f"--backbone {backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
+    if clip_model_type and backbone == "clip_lavis":
+        cfg["model_type"] = clip_model_type
+    return cfg
 
 
 def _backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg: Dict[str, Any] = {}
-    if args.clip_path:
-        if args.backbone == "clip_hf":
-            cfg["clip_path"] = args.clip_path
-        elif args.backbone == "clip_lavis":
-            cfg["checkpoint"] = args.clip_path
-        else:
-            from lavis_c2f.common.errors import ConfigError
-
-            raise ConfigError(f"--clip-path is for --backbone clip_hf or clip_lavis, not {args.backbone}")
-    if args.backbone in ("clip_hf", "clip_lavis") and not args.clip_path:
-        from lavis_c2f.common.errors import ConfigError
-
-        raise ConfigError(f"--backbone {args.backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
-    if getattr(args, "clip_model_type", None) and args.backbone == "clip_lavis":
-        cfg["model_type"] = args.clip_model_type
+    cfg = backbone_options(args.backbone, args.clip_path, getattr(args, "clip_model_type", None))
     if args.device:
         cfg["device"] = args.device
     return cfg
