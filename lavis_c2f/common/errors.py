@@ -1,7 +1,7 @@
 """Error types that name where bad input came from."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 
 class DataFormatError(ValueError):
@@ -24,3 +24,17 @@ class DataFormatError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+def user_error_types() -> Tuple[type, ...]:
+    """The exceptions the package raises for bad input: files, options, queries (``ValueError``,
+    ``KeyError`` and their subclasses such as :class:`ConfigError`, :class:`DataFormatError` and
+    ``IndexMismatchError``), missing or unreadable paths, mismatched checkpoints and undecodable
+    videos. ``lavis-c2f search`` / ``annotate`` and the web demo report these in one line instead
+    of a traceback."""
+    from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
+    from lavis_c2f.models.grounder.checkpoint import CheckpointMismatchError as GrounderMismatchError
+    from lavis_c2f.video.decode import VideoDecodeError
+
+    return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            VideoDecodeError, CheckpointMismatchError, GrounderMismatchError)

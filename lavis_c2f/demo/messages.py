@@ -22,28 +22,13 @@ def check_query(text: object) -> str:
     return q
 
 
-def _expected_types() -> Tuple[type, ...]:
-    from lavis_c2f.common.errors import ConfigError, DataFormatError
-
-    types = [UserError, ConfigError, DataFormatError, FileNotFoundError, FileExistsError, NotADirectoryError,
-             PermissionError]
-    for mod, name in (("lavis_c2f.video.decode", "VideoDecodeError"),
-                      ("lavis_c2f.models.checkpoint_utils", "CheckpointMismatchError"),
-                      ("lavis_c2f.models.grounder.checkpoint", "CheckpointMismatchError"),
-                      ("lavis_c2f.index.corpus_index", "IndexMismatchError")):
-        try:
-            types.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(types)
-
-
 def describe_error(exc: BaseException) -> Tuple[str, bool]:
     """``(message, expected)`` for the UI.
 
     ``expected`` is False for errors the package does not raise on bad input (bugs, resource
     exhaustion): their message names the exception type and says the traceback is in the log.
     """
+    from lavis_c2f.common.errors import user_error_types
     from lavis_c2f.video.decode import VideoDecodeError
 
     if isinstance(exc, VideoDecodeError):
@@ -54,10 +39,8 @@ def describe_error(exc: BaseException) -> Tuple[str, bool]:
         return "Type a query first: the query box is empty.", True
     if isinstance(exc, KeyError):
         return str(exc.args[0] if exc.args else exc), True
-    if isinstance(exc, _expected_types()):
+    if isinstance(exc, user_error_types()):   # bad files and options, the predictor's argument checks
         return str(exc) or type(exc).__name__, True
-    if isinstance(exc, ValueError):  # the predictor's argument checks (top_k, empty videos, encoders)
-        return str(exc), True
     if isinstance(exc, MemoryError):
         return "Out of memory: try a shorter video or fewer results.", False
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

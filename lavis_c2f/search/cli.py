@@ -35,14 +35,11 @@ logger = logging.getLogger(__name__)
 def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Report user errors (bad files, mismatched checkpoints, undecodable videos) as one line."""
     def run(args: argparse.Namespace) -> int:
-        from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
-        from lavis_c2f.models.grounder.checkpoint import CheckpointMismatchError as GrounderMismatch
-        from lavis_c2f.video.decode import VideoDecodeError
+        from lavis_c2f.common.errors import user_error_types
 
         try:
             return fn(args)
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError, VideoDecodeError, CheckpointMismatchError,
-                GrounderMismatch) as e:
+        except user_error_types() as e:
             logger.debug("%s failed", command, exc_info=True)
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             print(f"lavis-c2f {command}: error: {msg}", file=sys.stderr)
