@@ -174,7 +174,12 @@ def build_index(files, folder: str) -> None:
     note = f"Indexed {rep.videos} videos."
     if rep.failed:
         note += " Could not read: " + "; ".join(f"{k} ({v})" for k, v in sorted(rep.failed.items()))
-    st.session_state.source = {"kind": "index", "path": rep.index}
+    switch_source("index", rep.index, note)
+
+
+def switch_source(kind: str, path: str, note: str) -> None:
+    """Search ``path`` from now on (dropping the old results) and say so in the sidebar."""
+    st.session_state.source = {"kind": kind, "path": path}
     st.session_state.note = note
     st.session_state.pop("corpus_results", None)
     st.rerun()
@@ -192,10 +197,7 @@ def quickstart_panel(key: str) -> None:
                                                  lambda f, t: bar.progress(min(1.0, f), text=t),
                                                  extra_args=SETTINGS.quickstart_args))
         if run:
-            st.session_state.source = {"kind": "demo", "path": run}
-            st.session_state.note = "Quickstart finished."
-            st.session_state.pop("corpus_results", None)
-            st.rerun()
+            switch_source("demo", run, "Quickstart finished.")
 
 
 # =========================================================================== corpus search
