@@ -29,6 +29,8 @@ Dataset YAML schema (``datasets: {<name>: {...}}``; unknown keys raise ``ConfigE
     normalize: true                # L2-normalise video streams and text
     seed: 0                        # label sampling (with epoch and index)
     saliency_max_n: 1              # QD-DETR max_n
+    saliency_tie_break: official   # hard saliency labels among tied clips: official (numpy's
+                                   # scalar introsort, as QD-DETR/MESM) | stable (lowest index)
     splits: null                   # subset of annotation splits to build (null: all)
     # c2f_demo only:
     auto_generate: true            # generate the demo corpus at data_root if missing
@@ -51,7 +53,7 @@ from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys, to_plain
 from lavis_c2f.data.features import FeatureStore, open_store
 from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, read_annotations
-from lavis_c2f.datasets.moment_retrieval import MomentRetrievalDataset
+from lavis_c2f.datasets.moment_retrieval import TIE_BREAKS, MomentRetrievalDataset
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset
 from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
@@ -60,7 +62,7 @@ DATASET_TYPES = ("moment_retrieval", "video_retrieval")
 SPLITS = ("train", "val", "test")
 COMMON_KEYS = {"type", "dataset_type", "data_root", "annotations", "reader", "video_features",
                "text_features", "clip_length", "max_v_l", "max_q_l", "max_windows", "use_tef",
-               "normalize", "seed", "saliency_max_n", "splits"}
+               "normalize", "seed", "saliency_max_n", "saliency_tie_break", "splits"}
 ANNOTATION_KEYS = {"path", "format", "durations", "qid_offset", "require_windows"}
 READER_KEYS = {"tolerance", "clamp", "swap_reversed", "on_error", "strip_video_ext"}
 STORE_KEYS = {"type", "path", "field", "key_format", "cache_size", "cache_index"}
@@ -88,6 +90,7 @@ class DatasetSpec:
     normalize: bool
     seed: int
     saliency_max_n: int
+    saliency_tie_break: str
     splits: List[str]
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -191,6 +194,9 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
     seed = d.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{where}.seed: expected an integer, got {seed!r}")
+    tie_break = d.get("saliency_tie_break", "official")
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"{where}.saliency_tie_break: expected one of {list(TIE_BREAKS)}, got {tie_break!r}")
     return DatasetSpec(
         name=name, dataset_type=dataset_type, data_root=data_root, annotations=annotations,
         reader=reader, video_features=video_features, text_features=tf, pooled_field=pooled_field,
@@ -198,7 +204,8 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
         max_v_l=_opt_int(d, "max_v_l", where, 75), max_q_l=_opt_int(d, "max_q_l", where, 32),
         max_windows=_opt_int(d, "max_windows", where, 5), use_tef=_bool(d, "use_tef", where, True),
         normalize=_bool(d, "normalize", where, True), seed=seed,
-        saliency_max_n=_opt_int(d, "saliency_max_n", where, 1), splits=list(splits), extra=extra)
+        saliency_max_n=_opt_int(d, "saliency_max_n", where, 1), saliency_tie_break=tie_break,
+        splits=list(splits), extra=extra)
 
 
 def load_dataset_yaml(path: str) -> Any:
@@ -322,7 +329,8 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
                     text_processor=self.text_processors[proc_key], clip_length=self.spec.clip_length,
                     text_field=self.spec.text_features["field"], qid_format=self.spec.qid_format,
                     max_windows=self.spec.max_windows, seed=self.spec.seed,
-                    saliency_max_n=self.spec.saliency_max_n, name=name)
+                    saliency_max_n=self.spec.saliency_max_n,
+                    saliency_tie_break=self.spec.saliency_tie_break, name=name)
             else:
                 out[split] = VideoRetrievalDataset(
                     records, video_stores, text_store, vis_processor=self.vis_processors[proc_key],
