@@ -7,6 +7,8 @@
 * :mod:`.refine`: the ``run.refine`` switch of the corpus task (stage 3 on the best fused videos;
   imports the refiner only when on).
 * :mod:`.quickstart`: the whole chain on the embedded demo corpus (``lavis-c2f quickstart``).
+* :mod:`.expected`: the figures ``bench/reproducibility.py`` measured for the demo jobs (the
+  quickstart prints their range; the README shows them).
 * :mod:`.cli`: the sub-commands.
 
 The modules import neither LAVIS nor torch at import time except :mod:`.hard_negatives`
