@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
@@ -99,8 +99,12 @@ class C2FTask(BaseTask):
 
     def train_epoch(self, epoch: int, model, data_loader, optimizer, lr_scheduler, scaler=None,
                     device: Optional[torch.device] = None, log_freq: int = 50, accum_grad_iters: int = 1,
-                    grad_clip: Optional[float] = None, **_: Any) -> Dict[str, float]:
-        """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks."""
+                    grad_clip: Optional[float] = None,
+                    on_step: Optional[Callable[[Dict[str, float], int], None]] = None, **_: Any) -> Dict[str, float]:
+        """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks.
+
+        ``on_step(values, global_step)`` gets this rank's losses of each step and ``lr``
+        (``global_step = epoch * len(data_loader) + i``; the runner's TensorBoard scalars)."""
         device = device or torch.device("cpu")
         model.train()
         sums: Dict[str, float] = defaultdict(float)
@@ -136,9 +140,13 @@ class C2FTask(BaseTask):
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in loss_dict.items():
-                sums[k] += float(v.detach())
+            step_values = {k: float(v.detach()) for k, v in loss_dict.items()}
+            for k, v in step_values.items():
+                sums[k] += v
             count += 1
+            if on_step is not None:
+                step_values["lr"] = optimizer.param_groups[0]["lr"]
+                on_step(step_values, epoch * n_iters + i)
             if (i + 1) % max(1, log_freq) == 0 or i + 1 == n_iters:
                 bar.set_postfix({k: f"{sums[k] / count:.4f}" for k in list(sums)[:4]}, refresh=False)
             bar.update(1)
