@@ -49,10 +49,19 @@ def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable
     return run
 
 
-def _backbone_config(args: argparse.Namespace, backbone: str) -> Dict[str, Any]:
+def _backbone_config(args: argparse.Namespace, backbone: str) -> Optional[Dict[str, Any]]:
+    """The backbone options; None (the index's recorded settings: weights paths...) when an
+    index built with this backbone is searched without weight options."""
     from lavis_c2f.video.cli import backbone_options
 
-    return backbone_options(backbone, args.clip_path, args.clip_model_type, getattr(args, "slowfast_path", None))
+    given = (args.clip_path, args.clip_model_type, getattr(args, "slowfast_path", None))
+    index = getattr(args, "index", None)
+    if index and not any(given):
+        from lavis_c2f.predictor import index_backbone_name
+
+        if index_backbone_name(index) == backbone:
+            return None
+    return backbone_options(backbone, *given)
 
 
 def _fusion(path: Optional[str]):

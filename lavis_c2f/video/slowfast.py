@@ -107,7 +107,8 @@ class _NumpyUnpickler(pickle.Unpickler):
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"), ("builtins", "bytes")}
+               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"), ("builtins", "bytes"),
+               ("_codecs", "encode")}  # protocol-2 pickles (Python 2 files) spell bytes this way
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
