@@ -4,7 +4,7 @@ LAVIS's ``BaseTask`` moves batches with ``prepare_sample`` (CUDA only), logs wit
 ``MetricLogger`` and calls ``dist.barrier()`` unconditionally in places. This base keeps
 LAVIS's task interface (``setup_task``, ``build_datasets``, ``build_model``, ``train_step``,
 ``valid_step``, ``after_evaluation``) and replaces the loops with device-agnostic ones that
-show tqdm progress bars, clip gradients, and gather evaluation results across ranks in the
+show progress bars (:mod:`lavis_c2f.common.progress`: lines at long intervals in logs), clip gradients, and gather evaluation results across ranks in the
 dataset's order (so distributed results equal single-process results).
 """
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
-from tqdm.auto import tqdm
-
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +109,8 @@ class C2FTask(BaseTask):
         sums: Dict[str, float] = defaultdict(float)
         count = 0
         n_iters = len(data_loader)
-        bar = tqdm(total=n_iters, desc=f"train epoch {epoch}", leave=False, dynamic_ncols=True,
-                   disable=not (self.show_progress and c2f_dist.is_main_process()))
+        bar = progress_bar(total=n_iters, desc=f"train epoch {epoch}", unit="step",
+                           enabled=self.show_progress and c2f_dist.is_main_process())
         optimizer.zero_grad(set_to_none=True)
         use_amp = scaler is not None and device.type == "cuda"
         for i, samples in enumerate(data_loader):
@@ -179,8 +178,8 @@ class C2FTask(BaseTask):
         was_training = model.training
         model.eval()
         rows: List[Dict[str, Any]] = []
-        for samples in tqdm(data_loader, desc=desc, leave=False, dynamic_ncols=True,
-                            disable=not (self.show_progress and c2f_dist.is_main_process())):
+        for samples in progress_bar(data_loader, desc=desc, unit="batch",
+                                    enabled=self.show_progress and c2f_dist.is_main_process()):
             samples = move_to_device(samples, device)
             rows.extend(self.valid_step(model=model, samples=samples))
         model.train(was_training)

@@ -274,9 +274,9 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
 
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from lavis_c2f.common.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc=f"extract ({desc['name']})", unit="video")
+        bar = progress_bar(total=len(todo), desc=f"extract ({desc['name']})", unit="video", leave=True)
     pending: Dict[str, Dict[str, Any]] = {}
     n_frames_encoded = 0
     t_encode = 0.0
@@ -325,7 +325,7 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
                 rows[vid] = row
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(failed=len(summary.failed))
+                    bar.set_postfix(failed=len(summary.failed), refresh=False)
     finally:
         if bar is not None:
             bar.close()

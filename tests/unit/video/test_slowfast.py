@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("pytorchvideo")
 
+from conftest import read_ids  # noqa: E402  (tests/unit/video/conftest.py)
 from lavis_c2f.common.errors import ConfigError  # noqa: E402
 from lavis_c2f.video import slowfast as sf  # noqa: E402
 from lavis_c2f.video.backbones import (BackboneLoadError, ConcatBackbone, HeroSlowFastSampling,  # noqa: E402
@@ -50,7 +51,6 @@ def test_hero_frame_slots():
 def test_decoder_takes_the_30fps_grid_frames(media):
     """At 30 fps, grid slot n shows source frame n: clip k holds frames 60k + slots (the last
     frame repeats past the end of the 100-frame video), in the order the offsets are given."""
-    from conftest import read_ids
     from lavis_c2f.video.decode import decode_clips
 
     slots = sf.hero_frame_slots(2.0, 30.0, num_frames=8)
