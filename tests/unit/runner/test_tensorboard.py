@@ -10,46 +10,17 @@ import pytest
 
 pytest.importorskip("tensorboard")
 
-SCRIPT = """
-import sys
-import lavis_c2f.testing.toy  # registers the c2f_toy_* components
-from lavis_c2f.launch import train_main
-sys.exit(train_main())
-"""
+from test_runner import PROJECT, TRAIN_SCRIPT  # noqa: E402  (the toy project of the runner tests)
 
-PROJECT = """
-model:
-  arch: c2f_toy_regressor
-  model_type: default
-datasets:
-  c2f_toy_regression:
-    n_train: 48
-run:
-  task: c2f_toy_regression
-  runner: c2f_runner
-  device: cpu
-  seed: 3
-  output_dir: {out}
-  max_epoch: 2
-  init_lr: 0.01
-  lr_sched: c2f_step_lr
-  lr_drop: 1
-  lr_gamma: 0.5
-  batch_size_train: 16
-  batch_size_eval: 16
-  num_workers: 0
-  progress: false
-  train_splits: [train]
-  valid_splits: [val]
-  test_splits: [val]
-"""
+# 48 samples in batches of 16 (3 steps per epoch), 2 epochs, lr halved after epoch 0
+OPTIONS = ("datasets.c2f_toy_regression.n_train=48", "run.max_epoch=2", "run.lr_drop=1", "run.lr_gamma=0.5")
 
 
 def _train(tmp_path: Path, env, *options: str) -> Path:
     (tmp_path / "toy.yaml").write_text(PROJECT.format(out=tmp_path / "runs"))
-    (tmp_path / "train.py").write_text(SCRIPT)
+    (tmp_path / "train.py").write_text(TRAIN_SCRIPT.format(fn="train_main"))
     proc = subprocess.run([sys.executable, str(tmp_path / "train.py"), "--cfg-path", str(tmp_path / "toy.yaml"),
-                           "--options", *options], capture_output=True, text=True, env=env, timeout=300)
+                           "--options", *options, *OPTIONS], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp_path / "runs" / options[0].split("=", 1)[1]
 
