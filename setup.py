@@ -34,11 +34,16 @@ setup(
         "matplotlib",
         "faiss-cpu",
         "av",
+        "tensorboard",      # run.tensorboard (on by default): torch.utils.tensorboard writes the events
+        "srt",              # SRT subtitles (lavis_c2f.video.captions)
+        "webvtt-py",        # WebVTT subtitles
     ],
     extras_require={
         # `lavis-c2f demo` (the web app) and its browser tests (Playwright drives the system
         # Chromium; requirements-lock.txt pins both)
         "demo": ["streamlit>=1.40"],
+        # the c2f_feature_slowfast backbone (SlowFast R50 from pytorchvideo's model builders)
+        "slowfast": ["pytorchvideo==0.1.5"],
         "dev": ["pytest", "playwright"],
     },
     entry_points={"console_scripts": ["lavis-c2f=lavis_c2f.cli:main"]},

@@ -77,7 +77,7 @@ def index_backbone_name(index: PathLike) -> Optional[str]:
     with, read from its ``INDEX.c2f-video.json``; None when there is no readable sidecar."""
     import json
 
-    from lavis_c2f.video.backbones import SHORT_NAMES
+    from lavis_c2f.video.backbones import short_backbone_name
 
     side = os.path.abspath(os.fspath(index)).rstrip(os.sep) + SIDECAR_SUFFIX
     try:
@@ -85,7 +85,7 @@ def index_backbone_name(index: PathLike) -> Optional[str]:
             name = json.load(f)["backbone"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return {v: k for k, v in SHORT_NAMES.items()}.get(name)
+    return short_backbone_name(name)
 
 
 def resolve_device(device: Optional[str] = "auto") -> str:
@@ -216,6 +216,8 @@ class _Corpus:
     weights_id = ""
     clip_length = 2.0
     dim = 0
+    #: ``[a, b)`` feature columns in the text space (stage 1); None: all (see FeatureBackbone.text_columns)
+    text_columns: Optional[Tuple[int, int]] = None
 
     def __init__(self) -> None:
         self._gt: Optional[Dict[str, List[Tuple[str, List[List[float]]]]]] = None
@@ -275,6 +277,10 @@ class _Corpus:
         """The :class:`CorpusIndex` searched with ``retriever`` (attached, fingerprint checked)."""
         raise NotImplementedError
 
+    def text_view(self, features: np.ndarray) -> np.ndarray:
+        """The columns of (L, D) features that live in the text space."""
+        return features if self.text_columns is None else features[:, self.text_columns[0]:self.text_columns[1]]
+
     def zero_shot_rank(self, text_pooled: np.ndarray, k: int, config: zs.ZeroShotConfig
                        ) -> List[Tuple[str, float]]:
         """Top-``k`` videos by zero-shot score (exhaustive: every clip of every video)."""
@@ -282,9 +288,10 @@ class _Corpus:
         if not vids:
             return []
         t = zs.l2_normalize(np.asarray(text_pooled, np.float32).reshape(-1))
-        if t.shape[0] != self.dim:
+        dim = self.dim if self.text_columns is None else self.text_columns[1] - self.text_columns[0]
+        if t.shape[0] != dim:
             raise ConfigError(f"the text embedding is {t.shape[0]}-d but the {self.kind}'s clip features are "
-                              f"{self.dim}-d")
+                              f"{dim}-d")
         scores = np.empty(len(vids), np.float64)
         bank = self._zero_shot_bank()
         if bank is not None:
@@ -295,7 +302,7 @@ class _Corpus:
         else:
             block = 256
             for s in range(0, len(vids), block):
-                feats = [self.features(v) for v in vids[s:s + block]]
+                feats = [self.text_view(self.features(v)) for v in vids[s:s + block]]
                 scores[s:s + len(feats)] = zs.video_scores(t, feats, config)
         order = sorted(range(len(vids)), key=lambda i: (-scores[i], i))[:k]
         return [(vids[i], float(scores[i])) for i in order if np.isfinite(scores[i])]
@@ -306,7 +313,7 @@ class _Corpus:
             counts = [self.n_clips(v) for v in vids]
             if any(c is None for c in counts) or sum(counts) * self.dim * 4 > ZERO_SHOT_BANK_BYTES:
                 return None
-            feats = [zs.l2_normalize(self.features(v)) for v in vids]
+            feats = [zs.l2_normalize(self.text_view(self.features(v))) for v in vids]
             offsets = np.zeros(len(vids) + 1, np.int64)
             offsets[1:] = np.cumsum([f.shape[0] for f in feats])
             flat = np.concatenate(feats, 0) if feats else np.zeros((0, self.dim), np.float32)
@@ -348,6 +355,10 @@ class VideoIndexCorpus(_Corpus):
             self.weights_id, self.backbone_name = str(bb["weights_id"]), str(bb.get("name", ""))
             self.dim = int(bb["dim"])
             self.text_dim = int(bb.get("text_dim") or bb["dim"])
+            self.stream_names = [str(x["name"]) for x in bb.get("streams") or []] or [self.backbone_name]
+            self.stream_dims = [int(x["dim"]) for x in bb.get("streams") or []] or [self.dim]
+            cols = bb.get("text_columns")
+            self.text_columns = (int(cols[0]), int(cols[1])) if cols and list(cols) != [0, self.dim] else None
             self.clip_length = float(self.sidecar["clip_length"])
             self.frames_per_clip = int(self.sidecar.get("frames_per_clip", 1))
             self.features_dir = str(self.sidecar["features_dir"])
@@ -625,6 +636,25 @@ def load_grounder(checkpoint: PathLike, model_cfg: Any = None, device: str = "cp
     return model.to(device).eval(), model.postprocess
 
 
+def select_streams(names: Sequence[str], dims: Sequence[int], want: Optional[Sequence[str]]
+                   ) -> Tuple[Optional[np.ndarray], List[int]]:
+    """Feature columns of the streams ``want`` (names among ``names``, the stored order with
+    widths ``dims``), in ``want``'s order, and their widths. ``(None, dims)``: the features as
+    stored (``want`` None or equal to ``names``, or a single stored stream)."""
+    if not want or list(want) == list(names) or len(names) == 1:
+        return None, [int(d) for d in dims]
+    starts = np.concatenate([[0], np.cumsum(dims)]).astype(int)
+    cols: List[int] = []
+    out: List[int] = []
+    for w in want:
+        if list(names).count(w) != 1:
+            raise ConfigError(f"the grounder reads the feature stream {w!r} but the index has {list(names)}")
+        i = list(names).index(w)
+        cols.extend(range(starts[i], starts[i] + int(dims[i])))
+        out.append(int(dims[i]))
+    return np.asarray(cols, dtype=np.int64), out
+
+
 # =========================================================================== predictor
 
 
@@ -663,7 +693,7 @@ class C2FPredictor:
                  grounder=None, grounder_postprocess=None, refiner: Any = None, fusion: Any = None,
                  zero_shot: Any = None, stage1_top_k: int = 10, clip_length: float = 2.0, frames_per_clip: int = 1,
                  refine_videos: int = 3, decode_backend: str = "auto", device: str = "cpu",
-                 sources: Optional[Dict[str, Any]] = None):
+                 sources: Optional[Dict[str, Any]] = None, grounder_streams: Optional[Sequence[str]] = None):
         if text_encoder is None:
             raise ConfigError("C2FPredictor needs a text encoder (a feature backbone or the demo text encoder)")
         if int(stage1_top_k) < 1:
@@ -687,6 +717,14 @@ class C2FPredictor:
         self._text_cache: Dict[str, _Query] = {}
         self.features_id = corpus.weights_id if backbone is None and corpus is not None else text_encoder.weights_id
         self.video_dim = int(backbone.dim) if backbone is not None else int(getattr(corpus, "dim", 0))
+        # feature streams: stage 1 reads the text-space columns, the grounder its own streams in its order
+        src = backbone if backbone is not None else corpus
+        names = list(getattr(src, "stream_names", None) or ["video"])
+        dims = list(getattr(src, "stream_dims", None) or [self.video_dim])
+        cols = getattr(src, "text_columns", None)
+        self._stage1_cols = None if cols is None or tuple(cols) == (0, self.video_dim) else tuple(cols)
+        self.grounder_streams = list(grounder_streams) if grounder_streams else None
+        self._grounder_cols, self._grounder_dims = select_streams(names, dims, self.grounder_streams)
         self._check_dims()
         if corpus is not None and retriever is not None:
             corpus.stage1_index(retriever)
@@ -701,7 +739,8 @@ class C2FPredictor:
                          zero_shot: Any = None, stage1_top_k: int = 10, clip_length: Optional[float] = None,
                          frames_per_clip: Optional[int] = None, ann: Optional[PathLike] = None,
                          verify_index: bool = True, trusted: bool = False, refine_videos: int = 3,
-                         decode_backend: str = "auto") -> "C2FPredictor":
+                         decode_backend: str = "auto", grounder_streams: Optional[Sequence[str]] = None
+                         ) -> "C2FPredictor":
         """A predictor for video files (and an index of them).
 
         Args:
@@ -719,8 +758,12 @@ class C2FPredictor:
             clip_length, frames_per_clip: clip sampling (default: the index's, else 2 s / 1).
             ann: annotation file of the indexed videos (ground truth for plots).
             trusted: allow full unpickling of checkpoints (only for files you trust).
+            grounder_streams: the feature streams the grounder reads, in its input order (e.g.
+                ``["clip", "slowfast"]`` for MESM on a ``slowfast+clip_hf`` index); default:
+                the order its checkpoint records (official ``v_feat_dirs`` / ``feat_files``),
+                else the index's.
         """
-        from lavis_c2f.video.backbones import FeatureBackbone, build_backbone
+        from lavis_c2f.video.backbones import FeatureBackbone, backbone_key, build_backbone
 
         dev = resolve_device(device)
         corpus = None
@@ -733,9 +776,9 @@ class C2FPredictor:
                 raise ConfigError("backbone_cfg is only used when the backbone is given by name")
             bb = backbone
         else:
-            if backbone_cfg is None and corpus is not None and corpus.backbone_name in (
-                    str(backbone), f"c2f_feature_{backbone}"):
-                backbone_cfg = corpus.backbone_config  # the index's own encoder settings (clip_path, ...)
+            if corpus is not None and corpus.backbone_name == backbone_key(str(backbone)):
+                # the index's own encoder settings (clip_path, crop size...), updated with the given ones
+                backbone_cfg = {**corpus.backbone_config, **dict(backbone_cfg or {})}
             bb = build_backbone(str(backbone), config={**dict(backbone_cfg or {}), "device": dev})
         if corpus is not None:
             if bb.weights_id != corpus.weights_id:
@@ -757,6 +800,16 @@ class C2FPredictor:
                 retriever_cfg = corpus.model_cfg  # the model YAML the index was built with
         retriever = load_retriever(retriever_ckpt, retriever_cfg, dev) if retriever_ckpt else None
         grounder, post = load_grounder(grounder_ckpt, grounder_cfg, dev, trusted) if grounder_ckpt else (None, None)
+        if grounder is not None and grounder_streams is None and len(bb.stream_names) > 1:
+            from lavis_c2f.models.grounder.checkpoint import checkpoint_feature_streams
+
+            try:
+                grounder_streams = checkpoint_feature_streams(os.fspath(grounder_ckpt), bb.stream_names, trusted)
+            except ValueError as e:
+                raise ConfigError(f"{e}; pass grounder_streams (--grounder-streams) to choose them") from None
+            if grounder_streams is None:
+                logger.info("%s records no feature streams: the grounder gets %s in the index's order",
+                            grounder_ckpt, "+".join(bb.stream_names))
         return cls(text_encoder=bb, backbone=bb, corpus=corpus, retriever=retriever, grounder=grounder,
                    grounder_postprocess=post, refiner=refiner, fusion=fusion, zero_shot=zero_shot,
                    stage1_top_k=stage1_top_k, clip_length=clip_length if clip_length is not None else 2.0,
@@ -764,7 +817,7 @@ class C2FPredictor:
                    refine_videos=refine_videos, decode_backend=decode_backend, device=dev,
                    sources={"retriever": retriever_ckpt and os.fspath(retriever_ckpt),
                             "grounder": grounder_ckpt and os.fspath(grounder_ckpt),
-                            "index": index and os.fspath(index)})
+                            "index": index and os.fspath(index)}, grounder_streams=grounder_streams)
 
     @classmethod
     def for_demo_corpus(cls, run: Any = None, corpus_root: Optional[PathLike] = None, *,
@@ -820,7 +873,7 @@ class C2FPredictor:
     CONFIG_KEYS = ("retriever_ckpt", "grounder_ckpt", "retriever_cfg", "grounder_cfg", "backbone", "backbone_cfg",
                    "index", "ann", "demo_corpus", "run_dir", "splits", "refiner", "device", "fusion", "zero_shot",
                    "stage1_top_k", "clip_length", "frames_per_clip", "trusted", "verify_index", "refine_videos",
-                   "decode_backend")
+                   "decode_backend", "grounder_streams")
 
     @classmethod
     def from_config(cls, cfg: Optional[Mapping[str, Any]]) -> "C2FPredictor":
@@ -832,7 +885,8 @@ class C2FPredictor:
         d = check_keys(cfg, cls.CONFIG_KEYS, "predictor")
         if d.get("demo_corpus") or d.get("run_dir"):
             bad = sorted(k for k in ("backbone", "backbone_cfg", "index", "ann", "zero_shot", "clip_length",
-                                     "frames_per_clip", "verify_index", "decode_backend", "refine_videos") if k in d)
+                                     "frames_per_clip", "verify_index", "decode_backend", "refine_videos",
+                                     "grounder_streams") if k in d)
             if bad:
                 raise ConfigError(f"predictor: {bad} are not used with demo_corpus / run_dir")
             return cls.for_demo_corpus(d.get("run_dir"), d.get("demo_corpus"), retriever_ckpt=d.get("retriever_ckpt"),
@@ -852,7 +906,8 @@ class C2FPredictor:
                                     verify_index=bool(d.get("verify_index", True)),
                                     trusted=bool(d.get("trusted", False)),
                                     refine_videos=int(d.get("refine_videos", 3)),
-                                    decode_backend=d.get("decode_backend", "auto"))
+                                    decode_backend=d.get("decode_backend", "auto"),
+                                    grounder_streams=d.get("grounder_streams"))
 
     # ------------------------------------------------------------------ checks and mode
     def _check_dims(self) -> None:
@@ -862,9 +917,10 @@ class C2FPredictor:
         token_dim = int(getattr(enc, "text_dim", pooled_dim))
         if self.retriever is not None:
             r = self.retriever
-            if int(r.video_input_dim) != self.video_dim:
+            s1_dim = self.video_dim if self._stage1_cols is None else self._stage1_cols[1] - self._stage1_cols[0]
+            if int(r.video_input_dim) != s1_dim:
                 raise ConfigError(f"the retriever expects {r.video_input_dim}-d clip features (video_input_dim) but "
-                                  f"{self._video_source()} gives {self.video_dim}-d features: use a retriever trained "
+                                  f"{self._video_source()} gives {s1_dim}-d features: use a retriever trained "
                                   "on features of this backbone")
             if int(r.text_input_dim) != pooled_dim:
                 raise ConfigError(f"the retriever expects {r.text_input_dim}-d query features (text_input_dim) but "
@@ -875,10 +931,12 @@ class C2FPredictor:
         if self.grounder is not None:
             detr = getattr(self.grounder, "detr", self.grounder)
             vd, td = int(detr.vid_dim), int(detr.txt_dim)
-            if vd not in (self.video_dim, self.video_dim + 2):
+            gd = sum(self._grounder_dims)
+            streams = f" (streams {'+'.join(self.grounder_streams)})" if self.grounder_streams else ""
+            if vd not in (gd, gd + 2):
                 raise ConfigError(f"the grounder expects {vd}-d clip features (vid_dim, TEF columns included) but "
-                                  f"{self._video_source()} gives {self.video_dim}-d features (+2 TEF = "
-                                  f"{self.video_dim + 2}): use a grounder trained on features of this backbone")
+                                  f"{self._video_source()} gives {gd}-d features{streams} (+2 TEF = "
+                                  f"{gd + 2}): use a grounder trained on features of this backbone")
             if getattr(detr, "text_encoder", None) is None and td != token_dim:
                 raise ConfigError(f"the grounder expects {td}-d query token features (txt_dim) but {who} gives "
                                   f"{token_dim}-d tokens")
@@ -906,6 +964,8 @@ class C2FPredictor:
         if self.grounder is not None:
             arch = (getattr(self.grounder, "config", {}) or {}).get("arch") or type(self.grounder).__name__
             s2 = f"trained {arch} ({self.sources.get('grounder') or 'given model'})"
+            if self.grounder_streams:
+                s2 += f" on {'+'.join(self.grounder_streams)} features"
         else:
             s2 = "ZERO-SHOT (smoothed similarity curve, thresholded into windows)"
         s3 = "caption refiner" if self.mode["stage3"] == "on" else "off"
@@ -943,8 +1003,10 @@ class C2FPredictor:
         _require_video(info)
         total = info.n_clips(self.clip_length)
         feats = []
+        offsets = self.backbone.sampler(self.frames_per_clip).offsets(self.clip_length, info.fps)
         for b in iter_clip_batches(info, self.clip_length, self.frames_per_clip, self.backbone.decode_size,
-                                   batch_clips=64 if progress is None else 16, backend=self.decode_backend):
+                                   batch_clips=64 if progress is None else 16, backend=self.decode_backend,
+                                   offsets=offsets):
             feats.append(self.backbone.encode_clips(b.frames))
             if progress is not None:
                 progress(min(int(b.start) + int(b.frames.shape[0]), total), total)
@@ -968,7 +1030,7 @@ class C2FPredictor:
             from lavis_c2f.models.grounder.predictor import GrounderPredictor
 
             self._gpreds[key] = GrounderPredictor(self.grounder, clip_length=key, postprocess=self._grounder_postprocess,
-                                                  stream_dims=[self.video_dim], device=None)
+                                                  stream_dims=self._grounder_dims, device=None)
         return self._gpreds[key]
 
     def _grounder_query(self, q: _Query):
@@ -1030,12 +1092,16 @@ class C2FPredictor:
             by_cl: Dict[float, List[int]] = {}
             for i, v in enumerate(videos):
                 by_cl.setdefault(float(v.clip_length), []).append(i)
+            cols = self._grounder_cols
             for cl, idx in by_cl.items():
-                for i, r in zip(idx, self._ground_trained(q, [(videos[i].features, videos[i].duration) for i in idx], cl)):
+                inputs = [(videos[i].features if cols is None else videos[i].features[:, cols], videos[i].duration)
+                          for i in idx]
+                for i, r in zip(idx, self._ground_trained(q, inputs, cl)):
                     res[i] = r
             return res  # type: ignore[return-value]
         self._require_zero_shot()
-        return [zs.ground(q.pooled, v.features, v.clip_length, v.duration, self.zero_shot) for v in videos]
+        a, b = self._stage1_cols or (0, None)
+        return [zs.ground(q.pooled, v.features[:, a:b], v.clip_length, v.duration, self.zero_shot) for v in videos]
 
     def _require_zero_shot(self) -> None:
         if isinstance(self.corpus, DemoCorpus) or self.backbone is None:
@@ -1217,4 +1283,4 @@ def _quickstart_checkpoints(run_dir: str) -> Dict[str, Optional[str]]:
 
 
 __all__ = ["C2FPredictor", "DemoCorpus", "EncodedVideo", "Moment", "Moments", "SearchResults", "VideoIndexCorpus",
-           "is_demo_corpus", "load_grounder", "load_retriever", "resolve_device"]
+           "is_demo_corpus", "load_grounder", "load_retriever", "resolve_device", "select_streams"]

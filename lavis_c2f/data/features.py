@@ -703,9 +703,9 @@ def open_store(spec: Union[PathLike, Mapping[str, Any], FeatureStore],
 def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
-    from tqdm import tqdm
+    from lavis_c2f.common.progress import progress_bar
 
-    return tqdm(it, total=total, desc=desc, unit="key")
+    return progress_bar(it, total=total, desc=desc, unit="key", leave=True)
 
 
 @contextlib.contextmanager

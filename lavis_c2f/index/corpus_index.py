@@ -472,10 +472,10 @@ class CorpusIndex:
         first_new = self._n
         it: Iterable = range(0, len(vids), batch_size)
         if progress:
-            from tqdm.auto import tqdm
+            from lavis_c2f.common.progress import progress_bar
 
-            it = tqdm(it, total=(len(vids) + batch_size - 1) // batch_size, desc="index: encode videos",
-                      unit="batch")
+            it = progress_bar(it, total=(len(vids) + batch_size - 1) // batch_size, desc="index: encode videos",
+                              unit="batch", leave=True)
         was_training = model.training
         model.eval()
         try:
@@ -706,9 +706,9 @@ class CorpusIndex:
         raw = {lv: [] for lv in model.levels}
         it: Iterable = range(0, len(rows), block_videos)
         if progress:
-            from tqdm.auto import tqdm
+            from lavis_c2f.common.progress import progress_bar
 
-            it = tqdm(it, desc="index: bank scores", unit="block")
+            it = progress_bar(it, desc="index: bank scores", unit="block", leave=True)
         for s in it:
             emb = self.gather(rows[s:s + block_videos])
             _, lv = model.score(bank_text_emb, emb, return_levels=True)

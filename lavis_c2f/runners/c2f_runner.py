@@ -14,7 +14,10 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
   state is restored;
 * evaluation data is sharded contiguously across ranks and gathered in order, so distributed
   metrics equal single-process metrics;
-* strict checkpoint loading that reports missing/unexpected keys.
+* strict checkpoint loading that reports missing/unexpected keys;
+* TensorBoard scalars in ``<output_dir>/<job_id>/tensorboard/`` (each loss and the lr per step,
+  every evaluation metric per epoch; rank 0; off with ``run.tensorboard: false``), see
+  :mod:`lavis_c2f.runners.scalars`.
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
 ``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
@@ -22,7 +25,7 @@ beta2, lr_sched,
 warmup_steps, warmup_lr, lr_drop, lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
-drop_last, progress``.
+drop_last, progress, tensorboard``.
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ from lavis_c2f.models.checkpoint_utils import (
     save_checkpoint,
 )
 from lavis_c2f.paths import resolve_path
+from lavis_c2f.runners.scalars import ScalarWriter
 from lavis_c2f.tasks.base import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -120,6 +124,8 @@ class C2FRunner:
         job_id = cfg_job_id or job_id or _make_job_id()
         self.job_id = str(c2f_dist.broadcast_object(job_id))
         self.setup_output_dir()
+        self.scalars = ScalarWriter(self.output_dir, enabled=bool(self.run_cfg.get("tensorboard", True))
+                                    and c2f_dist.is_main_process())
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -281,7 +287,7 @@ class C2FRunner:
                 lr_scheduler=self.lr_scheduler, scaler=self.scaler, device=self.device,
                 log_freq=int(self.run_cfg.get("log_freq", 50)),
                 accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
-                grad_clip=self.run_cfg.get("grad_clip", None))
+                grad_clip=self.run_cfg.get("grad_clip", None), on_step=self.scalars.step)
             self.log_stats(stats, "train", epoch)
             last_epoch = epoch
             is_last = epoch + 1 == self.max_epoch
@@ -313,6 +319,7 @@ class C2FRunner:
                    "test": test_logs, "train_seconds": round(time.time() - start, 1)}
         if c2f_dist.is_main_process():
             write_json(summary, self.output_dir / "summary.json")
+        self.scalars.close()
         logger.info("training finished in %s; outputs in %s",
                     datetime.timedelta(seconds=int(time.time() - start)), self.output_dir)
         return summary
@@ -396,6 +403,10 @@ class C2FRunner:
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items() if k not in ("epoch", "split"))
         logger.info("[%s] epoch %s: %s", split_name, epoch, shown)
+        if isinstance(epoch, int):
+            self.scalars.epoch(stats, split_name, epoch)
+        else:  # the final test of the best (or given) checkpoint
+            self.scalars.epoch(stats, split_name, max(self.best_epoch, 0), best=True)
 
     def log_config(self) -> None:
         if c2f_dist.is_main_process():

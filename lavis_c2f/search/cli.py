@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, Optional
 
-from lavis_c2f.video.cli import BACKBONE_CHOICES
+from lavis_c2f.video.cli import FEATURE_BACKBONE_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,19 @@ def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable
     return run
 
 
-def _backbone_config(args: argparse.Namespace, backbone: str) -> Dict[str, Any]:
+def _backbone_config(args: argparse.Namespace, backbone: str) -> Optional[Dict[str, Any]]:
+    """The backbone options; None (the index's recorded settings: weights paths...) when an
+    index built with this backbone is searched without weight options."""
     from lavis_c2f.video.cli import backbone_options
 
-    return backbone_options(backbone, args.clip_path, args.clip_model_type)
+    given = (args.clip_path, args.clip_model_type, getattr(args, "slowfast_path", None))
+    index = getattr(args, "index", None)
+    if index and not any(given):
+        from lavis_c2f.predictor import index_backbone_name
+
+        if index_backbone_name(index) == backbone:
+            return None
+    return backbone_options(backbone, *given)
 
 
 def _fusion(path: Optional[str]):
@@ -109,7 +118,8 @@ def build_search_predictor(args: argparse.Namespace):
                                          args.device or "auto", retriever_cfg=args.retriever_cfg,
                                          grounder_cfg=args.grounder_cfg, fusion=_fusion(args.fusion),
                                          zero_shot=zero, stage1_top_k=args.stage1_top_k, ann=args.ann,
-                                         verify_index=not args.no_verify, trusted=args.trusted)
+                                         verify_index=not args.no_verify, trusted=args.trusted,
+                                         grounder_streams=args.grounder_streams)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -187,11 +197,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ parser
 
 def _backbone_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=default,
+    p.add_argument("--backbone", choices=FEATURE_BACKBONE_CHOICES, default=default,
                    help="frame/text encoder" + (" (default: the index's)" if default is None else
                                                 f" (default {default})"))
     p.add_argument("--clip-path", default=None, help="clip_hf: local CLIPModel folder; clip_lavis: checkpoint file")
     p.add_argument("--clip-model-type", default=None, help="clip_lavis: 'openai' (default) or an open_clip name")
+    p.add_argument("--slowfast-path", default=None, help="slowfast: local SlowFast R50 8x8 Kinetics-400 checkpoint")
     p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
     p.add_argument("--trusted", action="store_true", help="allow full unpickling of checkpoints you trust")
 
@@ -216,6 +227,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="write the saliency curve of the top video with its windows (and ground truth if known)")
     s.add_argument("--retriever-ckpt", default=None, help="trained T-MASS checkpoint (default: the index's, if any)")
     s.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint (ours or official QD-DETR)")
+    s.add_argument("--grounder-streams", nargs="+", default=None, metavar="STREAM",
+                   help="feature streams the grounder reads, in its order, e.g. 'clip slowfast' (default: the "
+                        "order its checkpoint records, else the index's)")
     s.add_argument("--retriever-cfg", default=None, help="retriever model YAML (when the checkpoint stores none)")
     s.add_argument("--grounder-cfg", default=None, help="grounder model YAML (when the checkpoint stores none)")
     s.add_argument("--fusion", default=None, metavar="JSON", help="fusion choice of 'lavis-c2f tune-fusion'")

@@ -4,7 +4,7 @@ LAVIS's ``BaseTask`` moves batches with ``prepare_sample`` (CUDA only), logs wit
 ``MetricLogger`` and calls ``dist.barrier()`` unconditionally in places. This base keeps
 LAVIS's task interface (``setup_task``, ``build_datasets``, ``build_model``, ``train_step``,
 ``valid_step``, ``after_evaluation``) and replaces the loops with device-agnostic ones that
-show tqdm progress bars, clip gradients, and gather evaluation results across ranks in the
+show progress bars (:mod:`lavis_c2f.common.progress`: lines at long intervals in logs), clip gradients, and gather evaluation results across ranks in the
 dataset's order (so distributed results equal single-process results).
 """
 from __future__ import annotations
@@ -13,15 +13,14 @@ import logging
 import math
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
-from tqdm.auto import tqdm
-
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +98,19 @@ class C2FTask(BaseTask):
 
     def train_epoch(self, epoch: int, model, data_loader, optimizer, lr_scheduler, scaler=None,
                     device: Optional[torch.device] = None, log_freq: int = 50, accum_grad_iters: int = 1,
-                    grad_clip: Optional[float] = None, **_: Any) -> Dict[str, float]:
-        """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks."""
+                    grad_clip: Optional[float] = None,
+                    on_step: Optional[Callable[[Dict[str, float], int], None]] = None, **_: Any) -> Dict[str, float]:
+        """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks.
+
+        ``on_step(values, global_step)`` gets this rank's losses of each step and ``lr``
+        (``global_step = epoch * len(data_loader) + i``; the runner's TensorBoard scalars)."""
         device = device or torch.device("cpu")
         model.train()
         sums: Dict[str, float] = defaultdict(float)
         count = 0
         n_iters = len(data_loader)
-        bar = tqdm(total=n_iters, desc=f"train epoch {epoch}", leave=False, dynamic_ncols=True,
-                   disable=not (self.show_progress and c2f_dist.is_main_process()))
+        bar = progress_bar(total=n_iters, desc=f"train epoch {epoch}", unit="step",
+                           enabled=self.show_progress and c2f_dist.is_main_process())
         optimizer.zero_grad(set_to_none=True)
         use_amp = scaler is not None and device.type == "cuda"
         for i, samples in enumerate(data_loader):
@@ -136,9 +139,13 @@ class C2FTask(BaseTask):
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in loss_dict.items():
-                sums[k] += float(v.detach())
+            step_values = {k: float(v.detach()) for k, v in loss_dict.items()}
+            for k, v in step_values.items():
+                sums[k] += v
             count += 1
+            if on_step is not None:
+                step_values["lr"] = optimizer.param_groups[0]["lr"]
+                on_step(step_values, epoch * n_iters + i)
             if (i + 1) % max(1, log_freq) == 0 or i + 1 == n_iters:
                 bar.set_postfix({k: f"{sums[k] / count:.4f}" for k in list(sums)[:4]}, refresh=False)
             bar.update(1)
@@ -171,8 +178,8 @@ class C2FTask(BaseTask):
         was_training = model.training
         model.eval()
         rows: List[Dict[str, Any]] = []
-        for samples in tqdm(data_loader, desc=desc, leave=False, dynamic_ncols=True,
-                            disable=not (self.show_progress and c2f_dist.is_main_process())):
+        for samples in progress_bar(data_loader, desc=desc, unit="batch",
+                                    enabled=self.show_progress and c2f_dist.is_main_process()):
             samples = move_to_device(samples, device)
             rows.extend(self.valid_step(model=model, samples=samples))
         model.train(was_training)

@@ -84,11 +84,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
-from tqdm.auto import tqdm
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
+from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.data.cfg import to_plain
 from lavis_c2f.paths import resolve_path
@@ -271,8 +271,7 @@ class CorpusMomentRetrievalTask(C2FTask):
         bs = int(self.options["pair_batch_size"])
         qcache: Dict[int, torch.Tensor] = {}
         show = self.show_progress and c2f_dist.is_main_process()
-        for b0 in tqdm(range(0, len(pairs), bs), desc=desc, leave=False, dynamic_ncols=True, disable=not show,
-                       unit="batch"):
+        for b0 in progress_bar(range(0, len(pairs), bs), desc=desc, enabled=show, unit="batch"):
             chunk = pairs[b0:b0 + bs]
             samples = []
             for qi, vid in chunk:
@@ -287,8 +286,8 @@ class CorpusMomentRetrievalTask(C2FTask):
                 pair_durations.setdefault(qi, {})[vid] = float(sample["duration"])
         refiner = self.corpus_refiner(dataset, device) if self.refine.applies_to(split) else None
         rows = []
-        for qi in tqdm(range(start, end), desc=f"{desc} (stage 3)", leave=False, dynamic_ncols=True,
-                       disable=not (show and refiner is not None), unit="query"):
+        for qi in progress_bar(range(start, end), desc=f"{desc} (stage 3)", enabled=show and refiner is not None,
+                               unit="query"):
             rec = records[qi]
             cands = []
             for vid, s1 in stage1[qi][:k]:

@@ -66,11 +66,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from lavis.common.registry import registry
-from tqdm.auto import tqdm
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
+from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.tasks.base import C2FTask, unwrap_model
 from lavis_c2f.tasks.base import result_dir as default_result_dir
 
@@ -233,8 +233,8 @@ class VideoRetrievalTask(C2FTask):
         parts, base_parts = [], []
         baseline = self._baseline()
         it = range(0, nv, bs)
-        for v0 in tqdm(it, desc="encode videos", leave=False, dynamic_ncols=True,
-                       disable=not (self.show_progress and c2f_dist.is_main_process())):
+        for v0 in progress_bar(it, desc="encode videos", unit="block",
+                               enabled=self.show_progress and c2f_dist.is_main_process()):
             batch = dataset.video_batch(list(range(v0, min(nv, v0 + bs))))
             parts.append(model.encode_video(batch["src_vid"].to(device), batch["src_vid_mask"].to(device)).detach())
             if baseline is not None:
@@ -337,7 +337,7 @@ class VideoRetrievalTask(C2FTask):
                 bsim = baseline.score(btxt, base_video).float().cpu().numpy()
             return batch, sim, bsim
 
-        for q0, q1 in tqdm(blocks, desc=desc, leave=False, dynamic_ncols=True, disable=not show):
+        for q0, q1 in progress_bar(blocks, desc=desc, unit="block", enabled=show):
             batch, sim, bsim = score_block(q0, q1)
             gt = batch["gt_video_index"].numpy()
             acc.add(sim, gt)
@@ -349,8 +349,8 @@ class VideoRetrievalTask(C2FTask):
         acc.sync()
         if base_acc is not None:
             base_acc.sync()
-        for bi, (q0, q1) in enumerate(tqdm(blocks, desc=f"{desc} (v2t)", leave=False, dynamic_ncols=True,
-                                           disable=not show or cache_ok)):
+        for bi, (q0, q1) in enumerate(progress_bar(blocks, desc=f"{desc} (v2t)", unit="block",
+                                                   enabled=show and not cache_ok)):
             sim, bsim = cache[bi] if cache_ok else score_block(q0, q1)[1:]
             acc.add_v2t(sim)
             if base_acc is not None:

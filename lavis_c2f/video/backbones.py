@@ -40,6 +40,23 @@ Backbones
     weights whenever you have them.
 ``c2f_feature_random``
     Seeded random projections of pooled pixels and hashed words, for tests (no weights).
+``c2f_feature_slowfast``
+    SlowFast R50 8x8 (Kinetics-400) from a local checkpoint (``slowfast_checkpoint``: the
+    PySlowFast Caffe2 ``.pkl`` HERO used, a PySlowFast or a pytorchvideo ``.pyth``): the
+    2304-d per-clip features of QVHighlights / Moment-DETR, sampled and normalised as the HERO
+    extractor does (:mod:`lavis_c2f.video.slowfast`). Video only (no text encoder).
+``c2f_feature_concat``
+    Several backbones side by side (``build_backbone("slowfast+clip_hf")``): one decoding
+    pass feeds every stream its own frames, the features are concatenated in the given order
+    (``stream_dims``), the text is the text stream's (``text_columns`` are the feature columns
+    in its space, used by stage 1). QD-DETR / Moment-DETR checkpoints read SlowFast then CLIP,
+    MESM's CLIP then SlowFast; the predictor reorders the streams for each checkpoint.
+
+Clip sampling: :meth:`FeatureBackbone.sampler` says which frames of each clip a backbone
+needs (:class:`UniformSampling`: ``frames_per_clip`` frames at the slot centres, the decoder's
+default; :class:`HeroSlowFastSampling`; :class:`ConcatSampling`). Samplers are small picklable
+objects (they travel to decoding worker processes); ``offsets(clip_length, fps)`` gives the
+sample times in seconds from the clip start, or None for the decoder's default.
 
 Loading never touches the network: ``HF_HUB_OFFLINE=1``/``TRANSFORMERS_OFFLINE=1`` are set
 and ``local_files_only=True`` is passed; a missing path raises :class:`BackboneLoadError`
@@ -71,7 +88,11 @@ logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SHORT_NAMES = {"offline": "c2f_feature_offline", "clip_hf": "c2f_feature_clip_hf",
-               "clip_lavis": "c2f_feature_clip_lavis", "random": "c2f_feature_random"}
+               "clip_lavis": "c2f_feature_clip_lavis", "random": "c2f_feature_random",
+               "slowfast": "c2f_feature_slowfast"}
+#: the kind of features a backbone's stream holds (how official checkpoints name their feature folders)
+STREAM_NAMES = {"c2f_feature_clip_hf": "clip", "c2f_feature_clip_lavis": "clip", "c2f_feature_slowfast": "slowfast",
+                "c2f_feature_offline": "offline", "c2f_feature_random": "random"}
 
 
 class BackboneLoadError(FileNotFoundError):
@@ -219,6 +240,67 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
+# =========================================================================== clip sampling
+
+
+@dataclass(frozen=True)
+class UniformSampling:
+    """``frames_per_clip`` frames per clip at ``(j + 0.5) / F`` of the clip (the decoder's rule:
+    F = 1 is the clip centre, what ffmpeg ``fps=1/2`` gives Moment-DETR's CLIP)."""
+
+    frames_per_clip: int = 1
+
+    @property
+    def frames(self) -> int:
+        return int(self.frames_per_clip)
+
+    def offsets(self, clip_length: float, fps: float) -> Optional[np.ndarray]:
+        return None
+
+    def explicit_offsets(self, clip_length: float, fps: float) -> np.ndarray:
+        """The same sample times as seconds from the clip start."""
+        return (np.arange(self.frames, dtype=np.float64) + 0.5) / self.frames * float(clip_length)
+
+
+@dataclass(frozen=True)
+class HeroSlowFastSampling:
+    """HERO's SlowFast frames of a clip: slots ``n`` of a ``target_fps`` grid (see
+    :func:`lavis_c2f.video.slowfast.hero_frame_slots`), slot ``n`` sampled at ``(n + 0.5) /
+    target_fps`` s (the frame ffmpeg's ``fps`` filter shows there)."""
+
+    target_fps: int = 30
+    num_frames: int = 32
+    sampling_rate: int = 2
+
+    @property
+    def frames(self) -> int:
+        return int(self.num_frames)
+
+    def offsets(self, clip_length: float, fps: float) -> np.ndarray:
+        from lavis_c2f.video.slowfast import hero_frame_slots
+
+        slots = hero_frame_slots(clip_length, fps, self.target_fps, self.num_frames, self.sampling_rate)
+        return (slots.astype(np.float64) + 0.5) / self.target_fps
+
+    explicit_offsets = offsets
+
+
+@dataclass(frozen=True)
+class ConcatSampling:
+    """The frames of several samplers, one after the other (``parts`` in stream order)."""
+
+    parts: Tuple[Any, ...]
+
+    @property
+    def frames(self) -> int:
+        return sum(p.frames for p in self.parts)
+
+    def offsets(self, clip_length: float, fps: float) -> np.ndarray:
+        return np.concatenate([p.explicit_offsets(clip_length, fps) for p in self.parts])
+
+    explicit_offsets = offsets
+
+
 # =========================================================================== base class
 
 
@@ -255,8 +337,29 @@ class FeatureBackbone(BaseModel):
         """Shorter side the decoder should produce (None: native)."""
         return None
 
+    @property
+    def stream_dims(self) -> List[int]:
+        """Widths of the feature streams, in column order (one stream: ``[dim]``)."""
+        return [int(self.dim)]
+
+    @property
+    def stream_names(self) -> List[str]:
+        """Kind of each stream (``clip``, ``slowfast``...; see :data:`STREAM_NAMES`)."""
+        return [STREAM_NAMES.get(self.name, self.name)]
+
+    @property
+    def text_columns(self) -> Tuple[int, int]:
+        """``[a, b)``: the feature columns in the text embedding's space (stage 1, zero-shot)."""
+        return (0, int(self.dim))
+
+    def sampler(self, frames_per_clip: int = 1) -> Any:
+        """Which frames of each clip :meth:`encode_clips` needs (see the module docstring)."""
+        return UniformSampling(int(frames_per_clip))
+
     def describe(self) -> Dict[str, Any]:
-        return {"name": self.name, "weights_id": self.weights_id, "dim": self.dim, "text_dim": self.text_dim}
+        return {"name": self.name, "weights_id": self.weights_id, "dim": self.dim, "text_dim": self.text_dim,
+                "streams": [{"name": n, "dim": d} for n, d in zip(self.stream_names, self.stream_dims)],
+                "text_columns": list(self.text_columns)}
 
     # -- encoding
     @torch.no_grad()
@@ -676,27 +779,276 @@ class OfflineBackbone(FeatureBackbone):
         return [TextFeatures(tokens=t, pooled=p) for t, p in zip(toks, pooled)]
 
 
+# =========================================================================== SlowFast
+
+
+@registry.register_model("c2f_feature_slowfast")
+class SlowFastBackbone(FeatureBackbone):
+    """SlowFast R50 8x8 clip features (2304-d) as in QVHighlights (see
+    :mod:`lavis_c2f.video.slowfast`); no text encoder.
+
+    Args:
+        slowfast_checkpoint: local weights (``.pkl`` Caffe2, PySlowFast or pytorchvideo
+            ``.pyth``); required unless ``random_init`` (tests: seeded random weights).
+        crop_size: shorter side and centre crop (HERO 224).
+        target_fps, num_frames, sampling_rate: frame sampling (HERO 30, 32, 2).
+        alpha: slow pathway stride (4).
+        mean, std: per-channel normalisation of ``x / 255`` (0.45, 0.225).
+        half_precision_output: round the features through float16, as HERO stores them.
+        batch_size: clips per forward pass.
+    """
+
+    name = "c2f_feature_slowfast"
+    CONFIG_KEYS = ("slowfast_checkpoint", "random_init", "crop_size", "target_fps", "num_frames", "sampling_rate",
+                   "alpha", "mean", "std", "half_precision_output", "batch_size", "device")
+    PRETRAINED_MODEL_CONFIG_DICT = {"default": "video/c2f_feature_slowfast.yaml"}
+
+    def __init__(self, slowfast_checkpoint: Optional[str] = None, random_init: Optional[int] = None,
+                 crop_size: int = 224, target_fps: int = 30, num_frames: int = 32, sampling_rate: int = 2,
+                 alpha: int = 4, mean: Sequence[float] = (0.45, 0.45, 0.45), std: Sequence[float] = (0.225, 0.225, 0.225),
+                 half_precision_output: bool = True, batch_size: int = 8, device: str = "cpu"):
+        super().__init__(batch_size=batch_size, device=device)
+        from lavis_c2f.video import slowfast as sf
+
+        if int(num_frames) < int(alpha) or int(alpha) < 1 or int(crop_size) < 32:
+            raise ConfigError(f"{self.name}: need num_frames >= alpha >= 1 and crop_size >= 32, got num_frames="
+                              f"{num_frames}, alpha={alpha}, crop_size={crop_size}")
+        if slowfast_checkpoint:
+            path = os.path.abspath(os.path.expanduser(str(slowfast_checkpoint)))
+            if not os.path.isfile(path):
+                raise BackboneLoadError(f"SlowFast checkpoint not found: {path}")
+            model = sf.build_slowfast_r50()
+            self._load(model, path)
+            source = file_sha256(path)
+        elif random_init is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(random_init))
+                model = sf.build_slowfast_r50()
+            source = f"random:{int(random_init)}"
+        else:
+            raise ConfigError(f"{self.name}: slowfast_checkpoint is required (a local SlowFast R50 8x8 Kinetics-400 "
+                              "checkpoint: SLOWFAST_8x8_R50.pkl or .pyth; nothing is downloaded)")
+        self.model = model.eval().to(self._device)
+        self.crop_size, self.alpha = int(crop_size), int(alpha)
+        self._sampling = HeroSlowFastSampling(int(target_fps), int(num_frames), int(sampling_rate))
+        self.register_buffer("mean", torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1, 1),
+                             persistent=False)
+        self.mean, self.std = self.mean.to(self._device), self.std.to(self._device)
+        self.half_precision_output = bool(half_precision_output)
+        self.dim, self.text_dim = sf.FEATURE_DIM, 0
+        self._weights_id = _id_of(self.name, [source, self.crop_size, self._sampling, self.alpha, tuple(mean),
+                                              tuple(std), self.half_precision_output, "hero-v1"])
+
+    def _load(self, model: torch.nn.Module, path: str) -> None:
+        from lavis_c2f.video.slowfast import load_slowfast_state_dict
+
+        try:
+            sd = load_slowfast_state_dict(path)
+        except Exception as e:  # unpickling / format errors
+            raise BackboneLoadError(f"{path}: cannot read SlowFast weights: {e}") from None
+        own = model.state_dict()
+        optional = ("num_batches_tracked", "blocks.6.proj.")  # counters; the classifier is not used
+        missing = [k for k in own if k not in sd and not any(o in k for o in optional)]
+        unexpected = [k for k in sd if k not in own]
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                  if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise BackboneLoadError(f"{path}: not SlowFast R50 8x8 weights (missing {missing[:5]}, unexpected "
+                                    f"{unexpected[:5]}, shape mismatches {shapes[:3]})")
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+
+    @property
+    def decode_size(self) -> Optional[int]:
+        return self.crop_size
+
+    def sampler(self, frames_per_clip: int = 1) -> HeroSlowFastSampling:
+        return self._sampling
+
+    def encode_frames(self, frames):
+        raise ConfigError(f"{self.name} encodes clips of {self._sampling.num_frames} frames, not single frames")
+
+    @torch.no_grad()
+    def encode_clips(self, clips: np.ndarray) -> np.ndarray:
+        """(N, num_frames, H, W, 3) uint8 -> (N, 2304) float32."""
+        from lavis_c2f.video.slowfast import pack_pathways, slowfast_features
+
+        if clips.ndim != 5 or clips.shape[1] != self._sampling.num_frames or clips.shape[-1] != 3:
+            raise ValueError(f"clips must be (N, {self._sampling.num_frames}, H, W, 3), got {clips.shape}")
+        outs = []
+        for i in range(0, clips.shape[0], self.batch_size):
+            part = clips[i:i + self.batch_size]
+            n, f = part.shape[:2]
+            x = frames_to_tensor(part.reshape((n * f,) + part.shape[2:])).to(self._device)
+            x = resize_center_crop(x, self.crop_size)
+            x = x.reshape(n, f, 3, self.crop_size, self.crop_size).permute(0, 2, 1, 3, 4)
+            x = (x - self.mean) / (self.std + 1e-8)
+            feats = slowfast_features(self.model, pack_pathways(x, self.alpha)).float()
+            if self.half_precision_output:
+                feats = feats.half().float()
+            outs.append(feats.cpu())
+        if not outs:
+            return np.zeros((0, self.dim), np.float32)
+        return torch.cat(outs).numpy().astype(np.float32, copy=False)
+
+    def encode_text(self, queries: Sequence[str]) -> List[TextFeatures]:
+        raise ConfigError(f"{self.name} has no text encoder: combine it with CLIP for search "
+                          "(--backbone slowfast+clip_hf)")
+
+
+# =========================================================================== several streams
+
+
+@registry.register_model("c2f_feature_concat")
+class ConcatBackbone(FeatureBackbone):
+    """Backbones side by side (module docstring): features ``[stream 0 | stream 1 | ...]``.
+
+    Args:
+        streams: the backbones (built), or their configs (mappings with ``arch``).
+        text_stream: index of the stream that encodes queries (default: the first one that
+            has a text encoder).
+    """
+
+    name = "c2f_feature_concat"
+    CONFIG_KEYS = ("streams", "text_stream")
+    PRETRAINED_MODEL_CONFIG_DICT = {"default": "video/c2f_feature_concat.yaml"}
+
+    def __init__(self, streams: Sequence[Any], text_stream: Optional[int] = None):
+        parts = [s if isinstance(s, FeatureBackbone) else _build_stream(s) for s in streams]
+        if len(parts) < 2:
+            raise ConfigError(f"{self.name}: needs at least two streams, got {len(parts)}")
+        super().__init__(batch_size=max(p.batch_size for p in parts), device=str(parts[0].device))
+        self.parts = torch.nn.ModuleList(parts)
+        if text_stream is None:
+            text_stream = next((i for i, p in enumerate(parts) if p.text_dim > 0), None)
+            if text_stream is None:
+                raise ConfigError(f"{self.name}: no stream has a text encoder ({[p.name for p in parts]})")
+        if not 0 <= int(text_stream) < len(parts) or parts[int(text_stream)].text_dim <= 0:
+            raise ConfigError(f"{self.name}: text_stream {text_stream} is not a stream with a text encoder")
+        self.text_stream = int(text_stream)
+        self.name = "+".join(p.name for p in parts)
+        self.dim = sum(p.dim for p in parts)
+        self.text_dim = parts[self.text_stream].text_dim
+        self._weights_id = _id_of("c2f_feature_concat", [p.weights_id for p in parts] + [self.text_stream])
+
+    @property
+    def stream_dims(self) -> List[int]:
+        return [d for p in self.parts for d in p.stream_dims]
+
+    @property
+    def stream_names(self) -> List[str]:
+        return [n for p in self.parts for n in p.stream_names]
+
+    @property
+    def text_columns(self) -> Tuple[int, int]:
+        start = sum(p.dim for p in list(self.parts)[:self.text_stream])
+        a, b = self.parts[self.text_stream].text_columns
+        return (start + a, start + b)
+
+    @property
+    def decode_size(self) -> Optional[int]:
+        """The streams' common size; with different sizes the largest (each stream then
+        resizes its frames itself)."""
+        sizes = {p.decode_size for p in self.parts}
+        if len(sizes) == 1:
+            return sizes.pop()
+        return None if None in sizes else max(sizes)
+
+    def sampler(self, frames_per_clip: int = 1) -> ConcatSampling:
+        return ConcatSampling(tuple(p.sampler(frames_per_clip) for p in self.parts))
+
+    def describe(self) -> Dict[str, Any]:
+        d = super().describe()
+        d["parts"] = [p.describe() for p in self.parts]
+        return d
+
+    def encode_frames(self, frames):
+        raise ConfigError(f"{self.name}: use encode_clips (each stream samples its own frames)")
+
+    def encode_clips(self, clips: np.ndarray) -> np.ndarray:
+        """(N, F, H, W, 3) with F the frames of :meth:`sampler` (streams' frames in order) ->
+        (N, sum of stream dims)."""
+        counts = [p.sampler(self._frames_per_clip(clips.shape[1])).frames for p in self.parts]
+        if clips.ndim != 5 or clips.shape[1] != sum(counts):
+            raise ValueError(f"clips must be (N, {sum(counts)}, H, W, 3) for {self.name}, got {clips.shape}")
+        bounds = np.cumsum([0] + counts)
+        return np.concatenate([p.encode_clips(clips[:, bounds[i]:bounds[i + 1]]) for i, p in enumerate(self.parts)],
+                              axis=1).astype(np.float32)
+
+    def _frames_per_clip(self, total: int) -> int:
+        """frames_per_clip of the uniform streams, from the total frame count."""
+        fixed = sum(p.sampler(1).frames for p in self.parts if not isinstance(p.sampler(1), UniformSampling))
+        n_uniform = sum(1 for p in self.parts if isinstance(p.sampler(1), UniformSampling))
+        return max(1, (total - fixed) // n_uniform) if n_uniform else 1
+
+    def encode_text(self, queries: Sequence[str]) -> List[TextFeatures]:
+        return self.parts[self.text_stream].encode_text(queries)
+
+    @classmethod
+    def from_config(cls, cfg: Optional[Mapping[str, Any]] = None) -> "ConcatBackbone":
+        d = check_keys(cfg, set(cls.CONFIG_KEYS) | {"arch", "model_type"}, f"model {cls.name}")
+        if not isinstance(d.get("streams"), (list, tuple)):
+            raise ConfigError(f"{cls.name}: 'streams' must be a list of backbone configs (each with 'arch')")
+        return cls(streams=d["streams"], text_stream=d.get("text_stream"))
+
+
+def _build_stream(cfg: Mapping[str, Any]) -> FeatureBackbone:
+    if not isinstance(cfg, Mapping) or "arch" not in cfg:
+        raise ConfigError(f"c2f_feature_concat: each stream needs an 'arch' (a c2f_feature_* key), got {cfg!r}")
+    cfg = dict(cfg)
+    return build_backbone(str(cfg.pop("arch")), config=cfg)
+
+
 # =========================================================================== factory
 
 
 def backbone_key(name: str) -> str:
-    """``offline`` / ``clip_hf`` / ``clip_lavis`` / ``random`` or a full ``c2f_feature_*`` key."""
-    key = SHORT_NAMES.get(name, name)
-    if key not in SHORT_NAMES.values():
-        raise ConfigError(f"unknown backbone {name!r}; expected one of {sorted(SHORT_NAMES)} "
-                          f"(or {sorted(SHORT_NAMES.values())})")
-    return key
+    """``offline`` / ``clip_hf`` / ``clip_lavis`` / ``random`` / ``slowfast`` or a full
+    ``c2f_feature_*`` key; several joined by ``+`` (``slowfast+clip_hf``) give the full keys
+    joined by ``+`` (a :class:`ConcatBackbone`)."""
+    parts = str(name).split("+")
+    keys = []
+    for part in parts:
+        key = SHORT_NAMES.get(part, part)
+        if key not in SHORT_NAMES.values():
+            raise ConfigError(f"unknown backbone {part!r}; expected one of {sorted(SHORT_NAMES)} "
+                              f"(or {sorted(SHORT_NAMES.values())}), or several joined by '+' (slowfast+clip_hf)")
+        keys.append(key)
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"backbone {name!r} names a stream twice")
+    return "+".join(keys)
+
+
+def short_backbone_name(name: str) -> Optional[str]:
+    """``c2f_feature_slowfast+c2f_feature_clip_hf`` -> ``slowfast+clip_hf`` (None: unknown)."""
+    inverse = {v: k for k, v in SHORT_NAMES.items()}
+    parts = [inverse.get(p, p if p in SHORT_NAMES else None) for p in str(name).split("+")]
+    return None if any(p is None for p in parts) else "+".join(parts)
 
 
 def build_backbone(name: str = "offline", config: Optional[Mapping[str, Any]] = None, **kwargs: Any
                    ) -> FeatureBackbone:
     """Build a registered backbone: its YAML defaults (``lavis_c2f/configs/video/<key>.yaml``,
-    ``model:`` section) updated with ``config`` and ``kwargs`` (None values ignored)."""
+    ``model:`` section) updated with ``config`` and ``kwargs`` (None values ignored).
+
+    ``a+b``: a :class:`ConcatBackbone` of the streams in that order; each stream takes the keys
+    of ``config`` / ``kwargs`` it accepts (``clip_path`` goes to ``clip_hf``,
+    ``slowfast_checkpoint`` to ``slowfast``; ``device`` and ``batch_size`` to all), a key no
+    stream accepts is an error."""
     from omegaconf import OmegaConf
 
     from lavis_c2f.registry_utils import get
 
     key = backbone_key(name)
+    if "+" in key:
+        given = {k: v for k, v in {**dict(config or {}), **kwargs}.items() if v is not None}
+        classes = [get("model", k) for k in key.split("+")]
+        unused = set(given) - {c for cls in classes for c in cls.CONFIG_KEYS}
+        if unused:
+            raise ConfigError(f"backbone {name}: no stream accepts {sorted(unused)}")
+        return ConcatBackbone([build_backbone(k, {c: v for c, v in given.items() if c in cls.CONFIG_KEYS})
+                               for k, cls in zip(key.split("+"), classes)])
     cls = get("model", key)
     node = OmegaConf.load(cls.default_config_path("default"))
     merged: Dict[str, Any] = dict(OmegaConf.to_container(node.model, resolve=True))

@@ -17,32 +17,48 @@ from typing import Any, Dict, Optional
 logger = logging.getLogger(__name__)
 
 BACKBONE_CHOICES = ("offline", "clip_hf", "clip_lavis", "random")
+#: with the SlowFast video features (alone, or with CLIP in either order: the features of a
+#: CLIP+SlowFast index serve QD-DETR's and MESM's checkpoints alike)
+FEATURE_BACKBONE_CHOICES = BACKBONE_CHOICES + ("slowfast", "slowfast+clip_hf", "clip_hf+slowfast",
+                                               "slowfast+clip_lavis", "clip_lavis+slowfast")
 #: the CLIP backbones and the config key their ``--clip-path`` fills (CLIPModel folder / checkpoint file)
 CLIP_PATH_KEYS = {"clip_hf": "clip_path", "clip_lavis": "checkpoint"}
 
 
 def backbone_options(backbone: Optional[str], clip_path: Optional[str],
-                     clip_model_type: Optional[str] = None) -> Dict[str, Any]:
+                     clip_model_type: Optional[str] = None, slowfast_path: Optional[str] = None) -> Dict[str, Any]:
     """The backbone config of the command-line options shared by ``extract``, ``index videos``,
-    ``search`` and ``demo``: ``--clip-path`` is required by the CLIP backbones (local weights,
-    nothing is downloaded) and refused by the others; ``--clip-model-type`` is clip_lavis's."""
+    ``search`` and ``demo``: ``--clip-path`` is required by the CLIP backbones and
+    ``--slowfast-path`` by SlowFast (local weights, nothing is downloaded), each refused by
+    backbones without that stream; ``--clip-model-type`` is clip_lavis's."""
     from lavis_c2f.common.errors import ConfigError
 
+    parts = str(backbone).split("+") if backbone else []
+    clip = [p for p in parts if p in CLIP_PATH_KEYS]
     cfg: Dict[str, Any] = {}
     if clip_path:
-        if backbone not in CLIP_PATH_KEYS:
+        if not clip:
             raise ConfigError("--clip-path needs --backbone clip_hf or clip_lavis" + (f", not {backbone}" if backbone
                                                                                         else ""))
-        cfg[CLIP_PATH_KEYS[backbone]] = clip_path
-    elif backbone in CLIP_PATH_KEYS:
+        cfg[CLIP_PATH_KEYS[clip[0]]] = clip_path
+    elif clip:
         raise ConfigError(f"--backbone {backbone} needs --clip-path (local CLIP weights; nothing is downloaded)")
-    if clip_model_type and backbone == "clip_lavis":
+    if slowfast_path:
+        if "slowfast" not in parts:
+            raise ConfigError("--slowfast-path needs a backbone with SlowFast (slowfast, slowfast+clip_hf, ...)"
+                              + (f", not {backbone}" if backbone else ""))
+        cfg["slowfast_checkpoint"] = slowfast_path
+    elif "slowfast" in parts:
+        raise ConfigError(f"--backbone {backbone} needs --slowfast-path (a local SlowFast R50 8x8 Kinetics-400 "
+                          "checkpoint such as SLOWFAST_8x8_R50.pkl; nothing is downloaded)")
+    if clip_model_type and "clip_lavis" in parts:
         cfg["model_type"] = clip_model_type
     return cfg
 
 
 def _backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg = backbone_options(args.backbone, args.clip_path, getattr(args, "clip_model_type", None))
+    cfg = backbone_options(args.backbone, args.clip_path, getattr(args, "clip_model_type", None),
+                           getattr(args, "slowfast_path", None))
     if args.device:
         cfg["device"] = args.device
     return cfg
@@ -50,11 +66,15 @@ def _backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("video_dir", metavar="VIDEO_DIR", help="folder of video files (searched recursively)")
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="offline",
+    p.add_argument("--backbone", choices=FEATURE_BACKBONE_CHOICES, default="offline",
                    help="frame encoder: offline (weak, packaged weights), clip_hf (transformers CLIP folder), "
-                        "clip_lavis (LAVIS CLIP checkpoint), random (tests)")
+                        "clip_lavis (LAVIS CLIP checkpoint), random (tests), slowfast (SlowFast R50 clip features as "
+                        "in QVHighlights), or SlowFast and CLIP side by side (slowfast+clip_hf, ...)")
     p.add_argument("--clip-path", default=None,
                    help="clip_hf: local CLIPModel folder; clip_lavis: local checkpoint file")
+    p.add_argument("--slowfast-path", default=None,
+                   help="slowfast: local SlowFast R50 8x8 Kinetics-400 checkpoint (PySlowFast SLOWFAST_8x8_R50.pkl "
+                        "or a .pyth)")
     p.add_argument("--clip-model-type", default=None,
                    help="clip_lavis: 'openai' (default) or an open_clip architecture name such as ViT-B-32")
     p.add_argument("--clip-length", type=float, default=2.0, help="seconds per clip (default 2)")

@@ -14,6 +14,12 @@ QVHighlights / UniVTG feature extractors feed to CLIP, so features of the offici
 checkpoints can be reproduced. Frames are always chosen from their **timestamps** (never
 ``index / fps``), so variable-frame-rate streams sample the right moments.
 
+A backbone may ask for other sample times: ``offsets`` (seconds from the clip start, each in
+``[0, L)``, any order) replace ``(j + 0.5) / F * L``, and the frames come back in the order of
+``offsets`` (the SlowFast features take 32 frames of a 30 fps grid per clip; a CLIP+SlowFast
+extraction takes both sets in one pass). The ffmpeg CLI backend only produces the uniform
+samples and is left out then.
+
 Orientation and size
 --------------------
 Frames are returned in display orientation: the display-matrix rotation (phone videos) is
@@ -181,11 +187,18 @@ def num_clips(duration: float, clip_length: float) -> int:
     return max(1, int(math.floor(duration / clip_length + 0.5 + 1e-9)))
 
 
-def sample_times(n_clips: int, clip_length: float, frames_per_clip: int = 1) -> np.ndarray:
-    """(N, F) sample times in seconds: ``(k + (j + 0.5) / F) * clip_length``."""
+def sample_times(n_clips: int, clip_length: float, frames_per_clip: int = 1,
+                 offsets: Optional[Sequence[float]] = None) -> np.ndarray:
+    """(N, F) sample times in seconds: ``(k + (j + 0.5) / F) * clip_length``, or
+    ``k * clip_length + offsets[j]`` when ``offsets`` (F,) are given."""
+    k = np.arange(n_clips, dtype=np.float64)[:, None]
+    if offsets is not None:
+        off = np.asarray(offsets, dtype=np.float64).reshape(-1)
+        if off.size == 0 or np.any(off < 0) or np.any(off >= clip_length):
+            raise ValueError(f"offsets must be a non-empty list of seconds in [0, {clip_length}), got {off}")
+        return k * float(clip_length) + off[None, :]
     if frames_per_clip < 1:
         raise ValueError(f"frames_per_clip must be >= 1, got {frames_per_clip}")
-    k = np.arange(n_clips, dtype=np.float64)[:, None]
     j = (np.arange(frames_per_clip, dtype=np.float64)[None, :] + 0.5) / frames_per_clip
     return (k + j) * float(clip_length)
 
@@ -604,23 +617,26 @@ def _ffmpeg_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw_display: Tup
 # =========================================================================== clip decoding
 
 
-def _plan(info: VideoInfo, clip_length: float, frames_per_clip: int) -> Tuple[int, np.ndarray]:
+def _plan(info: VideoInfo, clip_length: float, frames_per_clip: int,
+          offsets: Optional[Sequence[float]] = None) -> Tuple[int, np.ndarray]:
     _require_video(info)
     n = info.n_clips(clip_length)
-    targets = sample_times(n, clip_length, frames_per_clip)
+    targets = sample_times(n, clip_length, frames_per_clip, offsets)
     return n, targets
 
 
-def _backend_chain(backend: str, info: VideoInfo) -> List[str]:
+def _backend_chain(backend: str, info: VideoInfo, uniform: bool = True) -> List[str]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "ffmpeg" and not uniform:
+        raise ValueError("the ffmpeg CLI backend only samples uniformly spaced frames (no offsets)")
     if backend != "auto":
         return [backend]
     chain = []
     if decord_available() and info.rotation == 0:
         chain.append("decord")
     chain.append("pyav")
-    if ffmpeg_available():
+    if ffmpeg_available() and uniform:
         chain.append("ffmpeg")
     return chain
 
@@ -628,14 +644,16 @@ def _backend_chain(backend: str, info: VideoInfo) -> List[str]:
 def iter_clip_batches(path: Union[str, "os.PathLike[str]", VideoInfo], clip_length: float = 2.0,
                       frames_per_clip: int = 1, size: SizeSpec = None, batch_clips: int = 32,
                       backend: str = "auto", mode: str = "auto", seek_factor: float = DEFAULT_SEEK_FACTOR,
-                      used_backends: Optional[List[str]] = None, stats: Optional[Dict[str, int]] = None
-                      ) -> Iterator[ClipBatch]:
+                      used_backends: Optional[List[str]] = None, stats: Optional[Dict[str, int]] = None,
+                      offsets: Optional[Sequence[float]] = None) -> Iterator[ClipBatch]:
     """Yield :class:`ClipBatch` es of at most ``batch_clips`` clips (memory stays bounded).
 
     Args:
         path: video file (or its :class:`VideoInfo` from :func:`probe`).
         clip_length: seconds per clip.
-        frames_per_clip: samples per clip (1 = centre frame).
+        frames_per_clip: samples per clip (1 = centre frame); ignored with ``offsets``.
+        offsets: sample times in seconds from each clip's start (module docstring); frames
+            are returned in this order.
         size: resize on decode (int shorter side, (H, W), or None).
         backend: ``auto`` | ``decord`` | ``pyav`` | ``ffmpeg``.
         mode: PyAV seek policy ``auto`` | ``sequential`` | ``seek``.
@@ -648,13 +666,16 @@ def iter_clip_batches(path: Union[str, "os.PathLike[str]", VideoInfo], clip_leng
     if batch_clips < 1:
         raise ValueError("batch_clips must be >= 1")
     info = path if isinstance(path, VideoInfo) else probe(path)
-    n, targets = _plan(info, clip_length, frames_per_clip)
-    F = int(frames_per_clip)
+    n, targets = _plan(info, clip_length, frames_per_clip, offsets)
+    F = int(targets.shape[1])
+    # decoders answer sample times in increasing order: decode sorted, put back in offsets order
+    order = np.argsort(targets[0], kind="stable") if n else np.arange(F)
+    targets = targets[:, order]
     disp_hw = output_size(info.height, info.width, size)
     stored_hw = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
     flat = targets.reshape(-1)
     abs_t = flat + info.start_time
-    chain = _backend_chain(backend, info)
+    chain = _backend_chain(backend, info, uniform=offsets is None)
     used = used_backends if used_backends is not None else []
     errors: List[str] = []
 
@@ -699,8 +720,8 @@ def iter_clip_batches(path: Union[str, "os.PathLike[str]", VideoInfo], clip_leng
     start = 0
     for fr, t in frame_stream():
         c, j = divmod(pos - start * F, F)
-        buf[c, j] = fr
-        tbuf[c, j] = t
+        buf[c, order[j]] = fr
+        tbuf[c, order[j]] = t
         pos += 1
         if pos == (start + buf.shape[0]) * F or pos == n * F:
             b = (pos // F) - start
@@ -718,14 +739,15 @@ def _skip(it: Iterator, n: int) -> Iterator:
 
 def decode_clips(path: Union[str, "os.PathLike[str]", VideoInfo], clip_length: float = 2.0,
                  frames_per_clip: int = 1, size: SizeSpec = None, backend: str = "auto", mode: str = "auto",
-                 seek_factor: float = DEFAULT_SEEK_FACTOR) -> ClipFrames:
+                 seek_factor: float = DEFAULT_SEEK_FACTOR, offsets: Optional[Sequence[float]] = None) -> ClipFrames:
     """Decode every clip of a video at once: frames (N, F, H, W, 3) uint8 (see
     :func:`iter_clip_batches` for the arguments; use that for long videos)."""
     info = path if isinstance(path, VideoInfo) else probe(path)
-    n, targets = _plan(info, clip_length, frames_per_clip)
+    n, targets = _plan(info, clip_length, frames_per_clip, offsets)
     used: List[str] = []
     batches = list(iter_clip_batches(info, clip_length, frames_per_clip, size, batch_clips=max(1, n),
-                                     backend=backend, mode=mode, seek_factor=seek_factor, used_backends=used))
+                                     backend=backend, mode=mode, seek_factor=seek_factor, used_backends=used,
+                                     offsets=offsets))
     frames = np.concatenate([b.frames for b in batches], axis=0)
     times = np.concatenate([b.times for b in batches], axis=0)
     return ClipFrames(frames=frames, times=times, targets=targets, info=info, backends=used)

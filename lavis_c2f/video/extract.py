@@ -157,9 +157,10 @@ def _inline(task: Tuple[str, str], params: Dict[str, Any]) -> Iterator[Tuple[str
         _require_video(info)
         yield ("info", vid, info.to_dict())
         used: List[str] = []
+        offsets = params["sampler"].offsets(params["clip_length"], info.fps)  # the backbone's frames per clip
         for b in iter_clip_batches(info, params["clip_length"], params["frames_per_clip"], params["size"],
                                    batch_clips=params["batch_clips"], backend=params["decode_backend"],
-                                   used_backends=used):
+                                   used_backends=used, offsets=offsets):
             yield ("batch", vid, (b.start, b.frames))
         yield ("done", vid, {"decoder": "+".join(dict.fromkeys(used))})
     except VideoDecodeError as e:
@@ -201,7 +202,8 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
         video_dir: folder searched recursively for video files (by extension).
         out_dir: output folder (created; reruns resume).
         backbone: a :class:`~lavis_c2f.video.backbones.FeatureBackbone` or a name
-            (``offline`` | ``clip_hf`` | ``clip_lavis`` | ``random``) built with ``backbone_config``.
+            (``offline`` | ``clip_hf`` | ``clip_lavis`` | ``random`` | ``slowfast``, or several
+            joined by ``+`` such as ``slowfast+clip_hf``) built with ``backbone_config``.
         clip_length: seconds per clip.
         frames_per_clip: frames sampled per clip (features are averaged over them).
         batch_size: frames per encoder call (None: the backbone's).
@@ -239,7 +241,7 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
         os.makedirs(stage_dir, exist_ok=True)
     params = {"clip_length": float(clip_length), "frames_per_clip": int(frames_per_clip),
               "size": bb.decode_size if size == "auto" else size, "batch_clips": int(batch_clips),
-              "decode_backend": decode_backend}
+              "decode_backend": decode_backend, "sampler": bb.sampler(int(frames_per_clip))}
     vids = assign_vids(paths, root)
     wds_keys = _wds_keys(feat_dir) if store == "wds" else set()
 
@@ -272,9 +274,9 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
 
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from lavis_c2f.common.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc=f"extract ({desc['name']})", unit="video")
+        bar = progress_bar(total=len(todo), desc=f"extract ({desc['name']})", unit="video", leave=True)
     pending: Dict[str, Dict[str, Any]] = {}
     n_frames_encoded = 0
     t_encode = 0.0
@@ -323,7 +325,7 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
                 rows[vid] = row
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(failed=len(summary.failed))
+                    bar.set_postfix(failed=len(summary.failed), refresh=False)
     finally:
         if bar is not None:
             bar.close()
@@ -481,7 +483,7 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = "offl
     from omegaconf import OmegaConf
 
     import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
-    from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader
+    from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader, combine_video_streams
     from lavis_c2f.index.corpus_index import CorpusIndex
     from lavis_c2f.models.checkpoint_utils import load_model_weights
     from lavis_c2f.paths import config_path, resolve_path
@@ -507,24 +509,31 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = "offl
     node = node.model if "model" in node else node
     arch = node.get("arch", "c2f_tmass_retriever")
     cls = get("model", arch)
+    # stage 1 sees the columns in the text space (all of them, but the CLIP stream of CLIP+SlowFast)
+    col_a, col_b = bb.text_columns
+    s1_dim = col_b - col_a
     if retriever_checkpoint is None:
-        node.video_input_dim = int(bb.dim)
-        node.text_input_dim = int(bb.dim)
+        node.video_input_dim = s1_dim
+        node.text_input_dim = s1_dim
         logger.warning("index_videos: no retriever checkpoint; the T-MASS retriever is UNTRAINED (inputs sized "
-                       "to the %s backbone, D=%d): rankings are a smoke test only", bb.name, bb.dim)
-    elif int(node.get("video_input_dim", bb.dim)) != bb.dim:
+                       "to the %s backbone, D=%d): rankings are a smoke test only", bb.name, s1_dim)
+    elif int(node.get("video_input_dim", s1_dim)) != s1_dim:
         raise ConfigError(f"{cfg_file}: model.video_input_dim is {node.get('video_input_dim')} but the {bb.name} "
-                          f"backbone gives {bb.dim}-d features; use a retriever trained on this backbone")
+                          f"backbone gives {s1_dim}-d features; use a retriever trained on this backbone")
     model = cls.from_config(node)
     if retriever_checkpoint is not None:
         load_model_weights(model, resolve_path(retriever_checkpoint), strict=True)
     model.eval()
     store = NpzDirStore(os.path.join(feats_out, FEATURES_DIR))
     loader = VideoFeatureLoader([store], normalize=True, max_len=None, use_tef=False)
+
+    def stage1_features(vid: str) -> np.ndarray:
+        return combine_video_streams([loader.raw(vid)[0][:, col_a:col_b]], normalize=True, use_tef=False)
+
     vids = [r["vid"] for r in ok]
     durations = {r["vid"]: r.get("duration") for r in ok}
     index = CorpusIndex.for_model(model, frame_dtype=frame_dtype, work_dir=os.path.dirname(out_index))
-    index.add_features(vids, loader.load, durations, batch_size=index_batch_size, progress=progress)
+    index.add_features(vids, stage1_features, durations, batch_size=index_batch_size, progress=progress)
     if os.path.exists(out_index) and overwrite:
         shutil.rmtree(out_index) if os.path.isdir(out_index) else os.remove(out_index)
     index.save(out_index)

@@ -252,3 +252,50 @@ def read_checkpoint(path: str, map_location: Any = "cpu", trusted: bool = False
     if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return dict(ckpt), None, "state_dict"
     raise ValueError(f"{path}: no 'model' state dict found")
+
+
+# ---------------------------------------------------------------------- feature streams
+def _recorded_feature_paths(ckpt: Mapping[str, Any]) -> Optional[List[str]]:
+    """Feature stream paths a checkpoint records, in input-column order (None: none)."""
+    opt = ckpt.get("opt")
+    if opt is not None:
+        o = dict(vars(opt)) if isinstance(opt, argparse.Namespace) else dict(opt) if isinstance(opt, Mapping) else {}
+        for key in ("v_feat_dirs", "feat_files"):  # official QD-DETR / Moment-DETR; official MESM
+            if o.get(key):
+                return [str(p) for p in o[key]]
+        return None
+    config = ckpt.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("datasets"), Mapping):  # a runner checkpoint
+        for ds in config["datasets"].values():
+            streams = ds.get("video_features") if isinstance(ds, Mapping) else None
+            if streams:
+                return [str(s.get("path", "")) if isinstance(s, Mapping) else str(s) for s in streams]
+    return None
+
+
+def checkpoint_feature_streams(path: str, names: Iterable[str], trusted: bool = False) -> Optional[List[str]]:
+    """The video feature streams a grounder checkpoint was trained on, in its input order, as
+    names among ``names`` (e.g. ``["slowfast", "clip"]``).
+
+    The order is read from the feature paths the checkpoint records: official QD-DETR /
+    Moment-DETR ``opt.v_feat_dirs`` (``slowfast_features`` then ``clip_features``), official
+    MESM ``opt.feat_files`` (``clip_image.hdf5`` then ``slowfast.hdf5``), a runner checkpoint's
+    dataset ``video_features``. A path is named by the name its last component contains (else
+    the whole path). Returns None when the checkpoint records no paths; raises ``ValueError``
+    when a path matches none of ``names`` (the message lists them).
+    """
+    ckpt = torch_load(path, trusted=trusted)
+    paths = _recorded_feature_paths(ckpt) if isinstance(ckpt, Mapping) else None
+    if not paths:
+        return None
+    names = sorted(set(names), key=lambda n: -len(n))
+    out = []
+    for p in paths:
+        base = os.path.basename(p.rstrip("/\\")).lower()
+        hit = next((n for n in names if n.lower() in base), None) or next((n for n in names if n.lower() in p.lower()),
+                                                                         None)
+        if hit is None:
+            raise ValueError(f"{path}: the grounder was trained on the feature stream {p!r}, which is none of the "
+                             f"index's streams {sorted(names)}")
+        out.append(hit)
+    return out
