@@ -6,3 +6,4 @@ Importing this package registers the dataset builders ``c2f_qvh``, ``c2f_charade
 from lavis_c2f.datasets import builders  # noqa: F401  (registration)
 from lavis_c2f.datasets.moment_retrieval import MomentRetrievalDataset, collate_moment_retrieval  # noqa: F401
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset, collate_video_retrieval  # noqa: F401
+from lavis_c2f.datasets.video_frames import VideoFramesRetrievalDataset  # noqa: F401
