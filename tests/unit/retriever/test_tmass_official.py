@@ -126,6 +126,7 @@ def test_loads_from_a_clip_folder_and_from_yaml(ref_dir, fx, emb, tmp_path):
         _close(y.pooled_video(*emb), fx["outputs"]["video_features_pooled"].transpose(0, 1))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_bad_checkpoints_raise_one_clear_error(ref_dir, fx, tmp_path):
     good = ref_dir / "tmass_model_best.pth"
     with pytest.raises(ConfigError, match="stores no CLIP architecture"):
