@@ -17,12 +17,17 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 * strict checkpoint loading that reports missing/unexpected keys;
 * TensorBoard scalars in ``<output_dir>/<job_id>/tensorboard/`` (each loss and the lr per step,
   every evaluation metric per epoch; rank 0; off with ``run.tensorboard: false``), see
-  :mod:`lavis_c2f.runners.scalars`.
+  :mod:`lavis_c2f.runners.scalars`;
+* optimiser parameter groups: ``run.lr_groups`` (``[{prefix: "clip.", lr: 1e-6}]``: parameters
+  whose name starts with ``prefix`` get that peak lr, the others ``init_lr``; the schedule
+  scales every group alike), ``run.weight_decay_scope`` (``all``: every parameter decays, as the
+  official QD-DETR, MESM and T-MASS AdamW; ``matrices``: biases, norms and 1-D parameters get
+  none), ``run.adam_eps`` (1e-8).
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
 ``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
-beta2, lr_sched,
-warmup_steps, warmup_lr, lr_drop, lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
+beta2, adam_eps, lr_groups, lr_sched, warmup_steps, warmup_proportion, warmup_lr, lr_drop,
+lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
 drop_last, progress, tensorboard``.
@@ -48,6 +53,7 @@ from torch.utils.data.distributed import DistributedSampler
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json
+from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.models.checkpoint_utils import (
     load_checkpoint_file,
     load_model_weights,
@@ -178,26 +184,55 @@ class C2FRunner:
     def unwrapped_model(self) -> torch.nn.Module:
         return self._model
 
+    def _lr_groups(self) -> List[Dict[str, Any]]:
+        """``run.lr_groups`` as ``[{"prefix", "lr"}]`` (validated)."""
+        raw = self.run_cfg.get("lr_groups", None) or []
+        out = []
+        for i, g in enumerate(raw):
+            g = check_keys(g, {"prefix", "lr"}, f"run.lr_groups[{i}]")
+            if not isinstance(g.get("prefix"), str) or not g["prefix"]:
+                raise ConfigError(f"run.lr_groups[{i}].prefix: expected a parameter-name prefix, "
+                                  f"got {g.get('prefix')!r}")
+            try:
+                lr = float(g["lr"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"run.lr_groups[{i}].lr: expected a number, got {g.get('lr')!r}") from None
+            out.append({"prefix": g["prefix"], "lr": lr})
+        return out
+
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
+            init_lr = float(self.run_cfg.init_lr)
+            wd = float(self.run_cfg.get("weight_decay", 0.0))
             scope = self.run_cfg.get("weight_decay_scope", "matrices")
             if scope not in WEIGHT_DECAY_SCOPES:
                 raise ConfigError(f"run.weight_decay_scope: expected one of {list(WEIGHT_DECAY_SCOPES)}, "
                                   f"got {scope!r}")
-            p_wd, p_no_wd, n_params = [], [], 0
+            specs = self._lr_groups()
+            # per lr group (the default first): one group with weight decay, one without
+            buckets: List[List[List[torch.nn.Parameter]]] = [[[], []] for _ in range(len(specs) + 1)]
+            n_params = 0
             for n, p in self._model.named_parameters():
                 if not p.requires_grad:
                     continue
-                exempt = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
-                                                  or "bn" in n)
-                (p_no_wd if exempt else p_wd).append(p)
+                gi = next((i + 1 for i, g in enumerate(specs) if n.startswith(g["prefix"])), 0)
+                no_wd = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
+                                                 or "bn" in n)
+                buckets[gi][int(no_wd)].append(p)
                 n_params += p.numel()
             logger.info("trainable parameters: %d", n_params)
-            wd = float(self.run_cfg.get("weight_decay", 0.0))
+            groups = []
+            for gi, (p_wd, p_no_wd) in enumerate(buckets):
+                extra = {} if gi == 0 else {"lr_scale": specs[gi - 1]["lr"] / init_lr,
+                                            "lr": specs[gi - 1]["lr"]}
+                if gi > 0 and not (p_wd or p_no_wd):
+                    raise ConfigError(f"run.lr_groups[{gi - 1}].prefix: no trainable parameter name starts with "
+                                      f"{specs[gi - 1]['prefix']!r}")
+                groups += [{"params": p_wd, "weight_decay": wd, **extra},
+                           {"params": p_no_wd, "weight_decay": 0.0, **extra}]
             self._optimizer = torch.optim.AdamW(
-                [{"params": p_wd, "weight_decay": wd}, {"params": p_no_wd, "weight_decay": 0.0}],
-                lr=float(self.run_cfg.init_lr), weight_decay=wd,
+                groups, lr=init_lr, weight_decay=wd, eps=float(self.run_cfg.get("adam_eps", 1e-8)),
                 betas=(0.9, float(self.run_cfg.get("beta2", 0.999))))
         return self._optimizer
 
@@ -219,6 +254,8 @@ class C2FRunner:
                 optimizer=self.optimizer, max_epoch=self.max_epoch,
                 init_lr=float(self.run_cfg.init_lr), min_lr=float(self.run_cfg.get("min_lr", 0.0)),
                 warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
+                warmup_proportion=self.run_cfg.get("warmup_proportion", None),
+                iters_per_epoch=len(self.train_loader(max(self.start_epoch, 0))),
                 warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
                 decay_rate=self.run_cfg.get("lr_decay_rate", None),
                 lr_drop=self.run_cfg.get("lr_drop", None),
