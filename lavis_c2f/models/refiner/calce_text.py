@@ -282,8 +282,10 @@ def calce_post_process(pred: str, duration: Optional[float] = None) -> List[List
 
 
 def moment_str_to_list(m: str) -> List[List[Any]]:
-    """CALCE's ``moment_str_to_list``: a literal ``[[a, b], ...]`` string as a list; anything
-    else is ``[[-1, -1]]``, and a sub-list without exactly two elements becomes ``[-1, -1]``."""
+    """CALCE's ``moment_str_to_list``: a literal ``[[a, b], ...]`` string (read up to ``</s>``,
+    as the reference fixture records it) as a list; anything else is ``[[-1, -1]]``, and a
+    sub-list without exactly two elements becomes ``[-1, -1]``."""
+    m = m.split("</s>")[0]
     if m == "[[-1, -1]]" or not re.match(r"\[\[.*\]\]", m):
         return [[-1, -1]]
     try:
