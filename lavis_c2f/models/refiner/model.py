@@ -228,14 +228,17 @@ def build_vision_encoder(vit_arch: Optional[Mapping[str, Any]], image_size: int,
     from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, interpolate_pos_embed
 
     a = vit_sizes(vit_arch, image_size)
+    if vit_arch is None and not vit_checkpoint:
+        raise ConfigError("model.vit_checkpoint: missing (EVA ViT-g weights, LAVIS's eva_vit_g.pth; a random ViT "
+                          "needs explicit vit_arch sizes)")
+    path = _require_file(vit_checkpoint, "vit_checkpoint") if vit_checkpoint else None
     vit = VisionTransformer(img_size=int(a["img_size"]), patch_size=int(a["patch_size"]),
                             use_mean_pooling=bool(a["use_mean_pooling"]), embed_dim=int(a["embed_dim"]),
                             depth=int(a["depth"]), num_heads=int(a["num_heads"]), mlp_ratio=float(a["mlp_ratio"]),
                             qkv_bias=bool(a["qkv_bias"]), drop_path_rate=drop_path_rate,
                             norm_layer=partial(nn.LayerNorm, eps=float(a["norm_layer_eps"])),
                             use_checkpoint=use_grad_checkpoint)
-    if vit_checkpoint:
-        path = _require_file(vit_checkpoint, "vit_checkpoint")
+    if path is not None:
         state = _torch_load(path)
         state = state.get("model", state) if isinstance(state, dict) else state
         if not isinstance(state, Mapping):

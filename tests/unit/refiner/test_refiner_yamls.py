@@ -8,6 +8,7 @@ from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.models.refiner import ensure_registered
 from lavis_c2f.models.refiner.data import RefinerDatasetBuilder
 from lavis_c2f.models.refiner.model import C2FCaptionRefiner
+from lavis_c2f.registry_utils import get as registry_get
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -41,5 +42,7 @@ def test_demo_yaml_builds_the_tiny_model(tmp_path, monkeypatch):
     cfg = load("demo_stage3_refine.yaml")
     b = RefinerDatasetBuilder(cfg.datasets_cfg.c2f_refiner)
     assert b.demo and b.stage2_paths == {} and b.image_size == 32
-    model = C2FCaptionRefiner.from_config(cfg.model_cfg)
+    assert cfg.model_cfg.arch == "c2f_tiny_caption_refiner"
+    model = registry_get("model", cfg.model_cfg.arch).from_config(cfg.model_cfg)
+    assert isinstance(model, C2FCaptionRefiner) and model.variant == "interleaved"
     assert model.visual_encoder.image_size == 32 and (tmp_path / "tiny_refiner" / "t5" / "tokenizer.json").is_file()

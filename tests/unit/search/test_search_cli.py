@@ -154,7 +154,7 @@ def test_refine_with_a_refiner_yaml(cli, zs_index, tmp_path):
     """Stage 3 from the command line: the refiner config is a YAML (a 'refiner:' node), imported lazily."""
     import yaml
 
-    from lavis_c2f.models.refiner.tiny import make_tiny_assets
+    from lavis_c2f.testing.tiny_refiner import make_tiny_assets
 
     root = tmp_path / "tiny"
     make_tiny_assets(str(root))
