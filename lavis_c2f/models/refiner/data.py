@@ -290,7 +290,8 @@ class VideoFileFrameSource(FrameSource):
             vr = decord.VideoReader(path, height=self.size, width=self.size)
             idx = calce_frame_indices(len(vr), n_frms)
             fps = float(vr.get_avg_fps())
-            frames = vr.get_batch(idx.tolist()).asnumpy()
+            batch = vr.get_batch(idx.tolist())      # LAVIS sets decord's torch bridge
+            frames = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()
         except (decord.DECORDError, RuntimeError) as e:
             raise DataFormatError(f"cannot decode video: {e}", path=path) from None
         return frames, np.array([float(i / fps) for i in idx], dtype=np.float64)
