@@ -3,7 +3,8 @@
 CALCE (``variant: calce``, :class:`CalceDataset`)
 ------------------------------------------------
 Per query: ``n_frms`` frames of the **whole** video by CALCE's ``head`` sampling (frame indices
-``linspace(0, vlen, n + 1).astype(int)[:n]``, ``n = min(n_frms, vlen)``), their times (stage 1:
+``linspace(0, vlen, n + 1).astype(int)[:n]``, ``n = min(n_frms, vlen)``; the ``train`` split
+gets CALCE's random resized crop, ``train_crop``), their times (stage 1:
 ``idx / fps``; stage 2: rounded to 2 decimals, as CALCE's two datasets do), the query's
 ``items`` (``items: annotation``: every record must carry them, else an error naming the record;
 ``items: none``: the explicit no-items prompt ``Items: \n``), the ``.srt`` text of the video
@@ -130,6 +131,9 @@ class CalceDataConfig:
         n_coarse: coarse windows taken from a prediction row, best first (0 = all).
         round_duration: round durations to whole seconds (CALCE's Charades-STA files).
         seed: per-sample clustering seed in evaluation (``seed + index``).
+        train_crop: the ``train`` split gets CALCE's training augmentation (``blip2_video_train``:
+            one random resized crop per video, scale 0.5-1, aspect 3/4-4/3, bicubic back to
+            ``image_size``; values clamped to 0-255).
     """
 
     stage: int = 1
@@ -138,6 +142,7 @@ class CalceDataConfig:
     n_coarse: int = 0
     round_duration: bool = False
     seed: int = 0
+    train_crop: bool = True
 
     @classmethod
     def from_mapping(cls, cfg: Optional[Mapping[str, Any]], where: str = "calce") -> "CalceDataConfig":
@@ -153,9 +158,24 @@ class CalceDataConfig:
             raise ConfigError(f"{where}.n_frms: expected a positive integer, got {out.n_frms!r}")
         if out.items not in ("annotation", "none"):
             raise ConfigError(f"{where}.items: expected 'annotation' or 'none', got {out.items!r}")
-        if not isinstance(out.round_duration, bool):
-            raise ConfigError(f"{where}.round_duration: expected true/false, got {out.round_duration!r}")
+        for k in ("round_duration", "train_crop"):
+            if not isinstance(getattr(out, k), bool):
+                raise ConfigError(f"{where}.{k}: expected true/false, got {getattr(out, k)!r}")
         return out
+
+
+def random_resized_crop(frames: np.ndarray, size: int, scale: Tuple[float, float] = (0.5, 1.0),
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """One random resized crop for the whole clip (CALCE's ``RandomResizedCropVideo``), bicubic
+    to ``size`` x ``size``, clamped to uint8. (T, H, W, 3) uint8 -> (T, size, size, 3) uint8;
+    draws from the global torch generator."""
+    from torchvision.transforms import RandomResizedCrop
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    i, j, h, w = RandomResizedCrop.get_params(x, scale=list(scale), ratio=list(ratio))
+    x = torch.nn.functional.interpolate(x[:, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",
+                                        align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def calce_frame_indices(vlen: int, n_frms: int) -> np.ndarray:
@@ -507,13 +527,14 @@ class CalceDataset(Dataset):
     def __init__(self, records: Sequence[MomentRecord], frames: FrameSource, cfg: CalceDataConfig,
                  image_size: int = 224, captions_dir: Optional[str] = None,
                  coarse: Optional[Mapping[Any, Mapping[str, Any]]] = None, on_missing_coarse: str = "error",
-                 name: str = "c2f_refiner", coarse_source: Optional[str] = None):
+                 name: str = "c2f_refiner", coarse_source: Optional[str] = None, augment: bool = False):
         if on_missing_coarse not in ("error", "whole_video"):
             raise ConfigError(f"on_missing_stage2: expected 'error' or 'whole_video', got {on_missing_coarse!r}")
         self.records, self.frames, self.cfg = list(records), frames, cfg
         self.processor = FrameProcessor(image_size)
         self.captions_dir, self.coarse, self.on_missing = captions_dir, coarse, on_missing_coarse
         self.name, self.coarse_source = name, coarse_source
+        self.augment, self.image_size = bool(augment), int(image_size)
         if cfg.items == "annotation":
             bad = [r for r in self.records if r.items is None]
             if bad:
@@ -544,6 +565,8 @@ class CalceDataset(Dataset):
         rec = self.records[index]
         duration = float(round(rec.duration)) if self.cfg.round_duration else float(rec.duration)
         raw, times = self.frames.calce_frames(rec.vid, self.cfg.n_frms)
+        if self.augment:
+            raw = random_resized_crop(raw, self.image_size)
         if self.cfg.stage == 2:
             stamps = torch.tensor([round(float(t), 2) for t in times], dtype=torch.float32)
         else:
@@ -748,7 +771,8 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
                 stage2 = load_stage2_predictions(src)
             if self.variant == "calce":
                 out[split] = CalceDataset(records, frames, self.calce, self.image_size, captions_dir, stage2,
-                                          self.on_missing, name=f"{self.NAME}/{split}", coarse_source=src)
+                                          self.on_missing, name=f"{self.NAME}/{split}", coarse_source=src,
+                                          augment=self.calce.train_crop and split == "train")
             else:
                 out[split] = RefinerDataset(records, frames, self.sampler, self.image_size, captions_dir, stage2,
                                             self.on_missing, self.max_windows, name=f"{self.NAME}/{split}",

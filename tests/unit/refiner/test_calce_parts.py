@@ -246,3 +246,13 @@ def test_settings_and_loader_errors(tmp_path):
                tmp_path / "fi.pth")
     with pytest.raises(ConfigError, match="frame_indices"):
         load_calce_checkpoint(str(tmp_path / "fi.pth"), cfg)
+
+
+def test_train_crop_keeps_the_clip_aligned():
+    from lavis_c2f.models.refiner.data import random_resized_crop
+
+    frames = np.stack([np.full((32, 32, 3), 10 * k, dtype=np.uint8) for k in range(5)])
+    torch.manual_seed(0)
+    out = random_resized_crop(frames, 32)
+    assert out.shape == (5, 32, 32, 3) and out.dtype == np.uint8
+    assert [int(out[k].mean()) for k in range(5)] == [10 * k for k in range(5)]   # one crop, constant frames
