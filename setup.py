@@ -34,6 +34,7 @@ setup(
         "matplotlib",
         "faiss-cpu",
         "av",
+        "peft==0.6.2",  # the refiner's LoRA, named as CALCE's checkpoints (works with transformers 4.26)
     ],
     extras_require={
         # `lavis-c2f demo` (the web app) and its browser tests (Playwright drives the system
