@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from lavis_c2f.common.errors import DataFormatError
-from lavis_c2f.common.io import write_jsonl
+from lavis_c2f.common.io import read_json, write_jsonl
 from lavis_c2f.data.records import MomentRecord
 
 logger = logging.getLogger(__name__)
@@ -463,14 +463,8 @@ def read_tacos(path: PathLike, *, qid_offset: int = 0, strip_video_ext: bool = F
     names the line.
     """
     path = str(path)
-    _require_file(path)
     col = _Collector(path, on_error)
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"invalid JSON: {e.msg} (column {e.colno})", path=path,
-                                  line=e.lineno) from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataFormatError(f"expected a JSON object {{video: {{...}}}}, got {_type_name(data)}",
                               path=path)
@@ -545,13 +539,8 @@ def read_calce_json(path: PathLike, *, tolerance: float = DEFAULT_TOLERANCE, cla
     ``[[s, e], ...]``) -> ``record.extra["coarse_windows"]``. Errors name the file and the
     entry (``[i].field``)."""
     path = str(path)
-    _require_file(path)
     col = _Collector(path, on_error)
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=e.lineno) from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise DataFormatError(f"expected a JSON list of annotation objects, got {_type_name(data)}", path=path)
     seen: Dict[Any, int] = {}
