@@ -586,15 +586,15 @@ class C2FCaptionRefiner(Blip2T5):
     # ------------------------------------------------------------------ CALCE batches
     def calce_inputs(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """The T5 inputs of a CALCE batch (:func:`build_calce_inputs` per sample, batched with
-        :func:`collate_calce_inputs`). Each sample is seeded with ``calce_seed[i]`` when the
-        batch has it (the dataset's per-sample seed makes clustering reproducible)."""
+        :func:`collate_calce_inputs`). In eval mode each sample is seeded with ``calce_seed[i]``
+        when the batch has it (the dataset's per-sample seed makes clustering reproducible)."""
         self._check_variant("calce", "calce_inputs")
         per = []
         b = len(samples["query"])
         seeds = samples.get("calce_seed") or [None] * b
         srt_paths = samples.get("srt_path") or [None] * b
         for i in range(b):
-            if seeds[i] is not None:
+            if seeds[i] is not None and not self.training:   # training keeps the runner's RNG stream
                 torch.manual_seed(int(seeds[i]))
             coarse = samples["coarse_windows"][i] if self.calce.stage == 2 else None
             per.append(calce_io.build_calce_inputs(
