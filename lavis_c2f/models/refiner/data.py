@@ -58,6 +58,7 @@ import torch
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from torch.utils.data import Dataset
+from torchvision.transforms import RandomResizedCrop
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import iter_jsonl
@@ -169,8 +170,6 @@ def random_resized_crop(frames: np.ndarray, size: int, scale: Tuple[float, float
     """One random resized crop for the whole clip (CALCE's ``RandomResizedCropVideo``), bicubic
     to ``size`` x ``size``, clamped to uint8. (T, H, W, 3) uint8 -> (T, size, size, 3) uint8;
     draws from the global torch generator."""
-    from torchvision.transforms import RandomResizedCrop
-
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     i, j, h, w = RandomResizedCrop.get_params(x, scale=list(scale), ratio=list(ratio))
     x = torch.nn.functional.interpolate(x[:, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",

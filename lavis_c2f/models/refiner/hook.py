@@ -45,6 +45,7 @@ from lavis_c2f.models.refiner.parsing import RefineStats
 from lavis_c2f.models.refiner.prompt import refine_region
 from lavis_c2f.models.refiner.srt import Caption, load_captions
 from lavis_c2f.paths import resolve_path
+from lavis_c2f.registry_utils import get as registry_get
 from lavis_c2f.video.captions import format_srt
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ class CaptionRefiner:
         """From ``{model: mapping | YAML path (with a model: node), checkpoint, sampler,
         video_fps, video_ext, captions_dir, device, cache_videos, items, n_frms}`` (unknown keys
         raise). The model class is the registered one of ``model.arch``."""
-        from lavis_c2f.registry_utils import get as registry_get
-
         d = check_keys(cfg, HOOK_KEYS, "refiner")
         model_cfg = d.get("model")
         if isinstance(model_cfg, str):

@@ -60,6 +60,11 @@ import torch.nn as nn
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2 import LayerNorm, disabled_train
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
+from lavis.models.blip2_models.modeling_t5 import T5Config, T5ForConditionalGeneration
+from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, interpolate_pos_embed
+from peft import LoraConfig, get_peft_model
+from transformers import BertTokenizer, T5Tokenizer, T5TokenizerFast
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys, to_plain
@@ -225,8 +230,6 @@ def build_vision_encoder(vit_arch: Optional[Mapping[str, Any]], image_size: int,
     """LAVIS's EVA ``VisionTransformer`` with ``vit_arch`` sizes (module doc), loaded from
     ``vit_checkpoint`` as ``create_eva_vit_g`` does (position embeddings interpolated); every
     weight of the model must be in the file, with the same shape."""
-    from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, interpolate_pos_embed
-
     a = vit_sizes(vit_arch, image_size)
     if vit_arch is None and not vit_checkpoint:
         raise ConfigError("model.vit_checkpoint: missing (EVA ViT-g weights, LAVIS's eva_vit_g.pth; a random ViT "
@@ -262,8 +265,6 @@ def build_vision_encoder(vit_arch: Optional[Mapping[str, Any]], image_size: int,
 def build_qformer(bert_dir: str, num_query_token: int, vision_width: int, cross_attention_freq: int,
                   init_from_bert: bool) -> Tuple[nn.Module, nn.Parameter]:
     """LAVIS's Q-Former (``BertLMHeadModel`` with cross-attention) from a local BERT folder."""
-    from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
-
     cfg = BertConfig.from_pretrained(bert_dir, local_files_only=True)
     cfg.encoder_width = vision_width
     cfg.add_cross_attention = True
@@ -281,8 +282,6 @@ def build_qformer(bert_dir: str, num_query_token: int, vision_width: int, cross_
 
 def load_bert_tokenizer(bert_dir: str):
     """The Q-Former's BERT tokenizer (``vocab.txt``) with LAVIS's ``[DEC]`` bos token."""
-    from transformers import BertTokenizer
-
     tok = BertTokenizer.from_pretrained(bert_dir, local_files_only=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok
@@ -291,9 +290,6 @@ def load_bert_tokenizer(bert_dir: str):
 def load_t5(t5_dir: str):
     """``(tokenizer, T5ForConditionalGeneration)`` (LAVIS's T5 with ``dense_act_fn='gelu'``, as
     BLIP-2 and CALCE set it); the fast tokenizer when the folder has ``tokenizer.json``."""
-    from lavis.models.blip2_models.modeling_t5 import T5Config, T5ForConditionalGeneration
-    from transformers import T5Tokenizer, T5TokenizerFast
-
     if os.path.isfile(os.path.join(t5_dir, "tokenizer.json")):
         tok = T5TokenizerFast.from_pretrained(t5_dir, local_files_only=True)
     else:
@@ -307,8 +303,6 @@ def load_t5(t5_dir: str):
 def apply_lora(t5: nn.Module, r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> nn.Module:
     """peft's LoRA on the T5 as CALCE applies it (``bias="none"``, ``task_type="CAUSAL_LM"``);
     returns the ``PeftModel``. A target that names no layer raises ConfigError."""
-    from peft import LoraConfig, get_peft_model
-
     names = {n.rsplit(".", 1)[-1] for n, m in t5.named_modules() if isinstance(m, nn.Linear)}
     unknown = sorted(set(target_modules) - names)
     if unknown:
