@@ -37,6 +37,7 @@ setup(
         "tensorboard",      # run.tensorboard (on by default): torch.utils.tensorboard writes the events
         "srt",              # SRT subtitles (lavis_c2f.video.captions)
         "webvtt-py",        # WebVTT subtitles
+        "peft==0.6.2",  # the refiner's LoRA, named as CALCE's checkpoints (works with transformers 4.26)
     ],
     extras_require={
         # `lavis-c2f demo` (the web app) and its browser tests (Playwright drives the system

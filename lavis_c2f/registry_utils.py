@@ -22,6 +22,7 @@ PREFIX = "c2f_"
 LAZY_COMPONENTS: Dict[str, Tuple[str, str]] = {
     "c2f_caption_refiner": ("model", "lavis_c2f.models.refiner"),  # stage-3 model
     "c2f_refiner": ("builder", "lavis_c2f.models.refiner"),  # stage-3 dataset builder
+    "c2f_tiny_caption_refiner": ("model", "lavis_c2f.testing.tiny_refiner"),  # tiny random stage 3 (demos)
 }
 
 # kind -> (registry mapping key, getter name)

@@ -327,31 +327,35 @@ class CorpusRefiner:
         path = os.path.join(self.captions_dir, f"{vid}.srt")
         return path if os.path.isfile(path) else []
 
-    def refine_pair(self, query: str, vid: str, duration: float, windows: Sequence[Sequence[float]]
-                    ) -> Tuple[List[List[float]], Dict[str, Any]]:
+    def refine_pair(self, query: str, vid: str, duration: float, windows: Sequence[Sequence[float]],
+                    items: Optional[Sequence[str]] = None) -> Tuple[List[List[float]], Dict[str, Any]]:
         """Refined windows ``[[st, ed, score], ...]`` (seconds) of one (query, video) pair and the
         pair's counters (``n_refined``, ``n_fallback``, ``n_dropped_windows``,
-        ``fallback_reasons``). A fallback returns ``windows`` unchanged."""
+        ``fallback_reasons``). A fallback returns ``windows`` unchanged. ``items``: the query's
+        items (CALCE), when its record carries them."""
         stage2 = [[float(x) for x in w[:3]] for w in windows]
         before = self._stats()
         if self.frames is None:
             path = os.path.join(self.video_root, f"{vid}{self.options.video_ext}")
             out = self.refiner.refine(query, float(duration), stage2, video_path=path,
-                                      captions=self._captions(vid), vid=vid)
+                                      captions=self._captions(vid), vid=vid, items=items)
         else:
             from lavis_c2f.models.refiner.prompt import refine_region
 
             smp = self.refiner.sampler
             region = refine_region(stage2, float(duration), smp.margin_s, smp.margin_ratio, smp.n_ref_windows)
-            try:      # only the region's candidates (what the refiner would pick from the whole video)
-                raw, times = self.frames.frames_in(vid, region[0], region[1], smp.n_candidates)
+            try:      # CALCE: its frames of the whole video; else the region's candidates
+                if getattr(self.refiner, "calce", False):
+                    raw, times = self.frames.calce_frames(vid, self.refiner.n_frms)
+                else:
+                    raw, times = self.frames.frames_in(vid, region[0], region[1], smp.n_candidates)
             except (DataFormatError, OSError, RuntimeError, KeyError) as e:
                 logger.warning("stage 3: frames of %s unavailable (%s); keeping stage-2 windows", vid, e)
                 self.refiner.stats.record_fallback(FALLBACK_FRAMES)
                 out = None
             else:
                 out = self.refiner.refine(query, float(duration), stage2, frames=raw, timestamps=times,
-                                          captions=self._captions(vid), vid=vid)
+                                          captions=self._captions(vid), vid=vid, items=items)
         after = self._stats()
         counts = {"n_refined": after[0] - before[0], "n_fallback": after[1] - before[1],
                   "n_dropped_windows": after[2] - before[2],
@@ -362,7 +366,8 @@ class CorpusRefiner:
 
     # ------------------------------------------------------------------ one query
     def refine_query(self, query: str, candidates: Sequence[Sequence[Any]], durations: Mapping[str, float],
-                     fusion: Any, gt_vid: Optional[str] = None, gt_windows: Optional[List[List[float]]] = None
+                     fusion: Any, gt_vid: Optional[str] = None, gt_windows: Optional[List[List[float]]] = None,
+                     items: Optional[Sequence[str]] = None
                      ) -> Tuple[List[List[Any]], Optional[List[List[float]]], Dict[str, Any]]:
         """Refine one query's candidates.
 
@@ -372,6 +377,7 @@ class CorpusRefiner:
             durations: seconds of each candidate (and GT) video, as stage 2 used them.
             fusion: the task's :class:`~lavis_c2f.pipeline.fusion.FusionConfig` (picks the videos).
             gt_vid, gt_windows: the GT video and its stage-2 windows (None: unlabelled).
+            items: the query's items (CALCE; None when the annotations have none).
         Returns:
             ``(candidates with refined windows, GT windows (refined when gt_video), refine entry)``.
         """
@@ -387,11 +393,11 @@ class CorpusRefiner:
             windows = by_vid[vid][2]
             if not windows:
                 continue
-            refined[vid], counts = self.refine_pair(query, vid, durations[vid], windows)
+            refined[vid], counts = self.refine_pair(query, vid, durations[vid], windows, items)
             stage2[vid] = [list(w) for w in windows]
             _add_counts(total, counts)
         if self.options.gt_video and gt_vid is not None and gt_windows and gt_vid not in refined:
-            refined[gt_vid], counts = self.refine_pair(query, gt_vid, durations[gt_vid], gt_windows)
+            refined[gt_vid], counts = self.refine_pair(query, gt_vid, durations[gt_vid], gt_windows, items)
             stage2[gt_vid] = [list(w) for w in gt_windows]
             _add_counts(total, counts)
         out = [[c[0], c[1], refined.get(str(c[0]), c[2])] for c in candidates]

@@ -8,7 +8,8 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 * ``run.output_dir`` is resolved against the current directory (not LAVIS's install folder)
   into an absolute ``<output_dir>/<job_id>``; the job id is agreed across ranks;
 * every checkpoint holds the resolved config, and is written atomically;
-* ``run.resume_ckpt_path`` resumes to the same result as an uninterrupted run: the data order
+* ``run.resume_ckpt_path`` resumes to the same result as an uninterrupted run (with
+  ``run.resume_model_only: true`` it only initialises the weights, as LAVIS does): the data order
   and every random generator are re-seeded from ``(run.seed, epoch, rank)`` at each epoch, the
   lr schedule is a pure function of (epoch, step), and model/optimizer/scaler/best-metric
   state is restored;
@@ -29,8 +30,8 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 beta2, adam_eps, lr_groups, lr_sched, warmup_steps, warmup_proportion, warmup_lr, lr_drop,
 lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
-test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
-drop_last, progress, tensorboard``.
+test_splits, val_interval, resume_ckpt_path, resume_model_only, checkpoint, evaluate,
+save_every_epoch, drop_last, progress, tensorboard``.
 """
 from __future__ import annotations
 
@@ -312,7 +313,9 @@ class C2FRunner:
         valid_splits = self._splits("valid_splits")
         self.log_config()
         resume = self.run_cfg.get("resume_ckpt_path", None)
-        if resume:
+        if resume and self.run_cfg.get("resume_model_only", False):
+            self._load_model_only(resume)
+        elif resume:
             self._load_checkpoint(resume)
         val_interval = int(self.run_cfg.get("val_interval", 1))
         last_epoch = self.start_epoch - 1
@@ -424,6 +427,17 @@ class C2FRunner:
             if best_src.exists() and best_src.resolve() != (self.output_dir / "checkpoint_best.pth").resolve():
                 save_checkpoint(load_checkpoint_file(best_src), self.output_dir / "checkpoint_best.pth")
         logger.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def _load_model_only(self, path: str) -> None:
+        """``run.resume_model_only``: start from a checkpoint's weights only (a new run: epoch 0,
+        fresh optimizer), e.g. CALCE's stage 2 from its stage 1. A model with its own checkpoint
+        loader (the refiner: ours or LAVIS-layout checkpoints) uses it."""
+        path = resolve_path(path)
+        if hasattr(self._model, "trainable_state_dict") and hasattr(self._model, "load_checkpoint"):
+            self._model.load_checkpoint(path, map_location=self.device)
+        else:
+            load_model_weights(self._model, path, map_location=self.device)
+        logger.info("initialised from the weights of %s (resume_model_only)", path)
 
     def load_weights(self, path: str) -> None:
         """Strictly load model weights (for evaluation), reporting missing/unexpected keys."""

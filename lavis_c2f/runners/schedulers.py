@@ -99,3 +99,24 @@ class WarmupCosineLRScheduler:
 
     def step(self, cur_epoch: int, cur_step: int) -> None:
         _set_lr(self.optimizer, self.lr_at(cur_epoch, cur_step))
+
+
+@registry.register_lr_scheduler("c2f_linear_warmup_cosine_lr")
+class LinearWarmupCosineLRScheduler(StepLRScheduler):
+    """LAVIS's ``linear_warmup_cosine_lr`` (BLIP-2, Mr. BLIP, CALCE), stateless. In epoch 0 the
+    lr rises linearly ``warmup_start_lr -> init_lr`` over ``warmup_steps`` steps (then stays at
+    ``init_lr``); from epoch ``e >= 1`` it is
+    ``min_lr + (init_lr - min_lr) * 0.5 * (1 + cos(pi * e / max_epoch))``."""
+
+    def __init__(self, optimizer, max_epoch: int, init_lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
+                 warmup_start_lr: float = -1, **kwargs):
+        super().__init__(optimizer, max_epoch=max_epoch, init_lr=init_lr, min_lr=min_lr,
+                         warmup_steps=warmup_steps, warmup_start_lr=warmup_start_lr)
+        self.max_epoch = int(max_epoch)
+
+    def lr_at(self, cur_epoch: int, cur_step: int) -> float:
+        if cur_epoch == 0:
+            return min(self.init_lr, self.warmup_start_lr + (self.init_lr - self.warmup_start_lr)
+                       * cur_step / max(self.warmup_steps, 1))
+        return (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * cur_epoch / max(self.max_epoch, 1))) \
+            + self.min_lr

@@ -299,7 +299,7 @@ class CorpusMomentRetrievalTask(C2FTask):
             if refiner is not None:
                 cands, gt_windows, info = refiner.refine_query(
                     rec.query, cands, pair_durations.get(qi, {}), self.fusion, gt_vid=rec.vid if gt is not None else None,
-                    gt_windows=gt_windows)
+                    gt_windows=gt_windows, items=rec.items)
             row = {
                 "qid": rec.qid, "query": rec.query, "gt_vid": rec.vid, "duration": rec.duration,
                 "relevant_windows": [[float(s), float(e)] for s, e in rec.relevant_windows],

@@ -29,10 +29,11 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
 
 _NUM = r"[-+]?[0-9]+(?:\.[0-9]+)?"  # ASCII digits only (\d also matches other scripts)
 _PAIR = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
@@ -51,11 +52,7 @@ class ParseConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Optional[Mapping[str, Any]], where: str = "model.output") -> "ParseConfig":
-        cfg = dict(cfg or {})
-        known = {"max_windows", "max_chars", "tolerance_s", "min_length_s", "swap_reversed"}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = check_keys(cfg, {f.name for f in fields(cls)}, where)
         for k in ("max_windows", "max_chars"):
             if k in cfg and (isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1):
                 raise ConfigError(f"{where}.{k}: expected a positive integer, got {cfg[k]!r}")

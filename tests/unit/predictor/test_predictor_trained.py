@@ -153,7 +153,7 @@ def test_stage3_refiner_runs_on_the_best_videos(trained_index, ckpts, tmp_path_f
     pytest.importorskip("transformers")
     from lavis_c2f.models.refiner.data import SamplerConfig
     from lavis_c2f.models.refiner.hook import CaptionRefiner
-    from lavis_c2f.models.refiner.tiny import build_tiny_refiner, make_tiny_assets
+    from lavis_c2f.testing.tiny_refiner import build_tiny_refiner, make_tiny_assets
 
     root = str(tmp_path_factory.mktemp("tiny_refiner"))
     make_tiny_assets(root)
