@@ -25,8 +25,9 @@ from lavis.models.base_model import BaseModel
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.models.grounder.checkpoint import (CheckpointMismatchError, load_state_strict,
-                                                  qd_detr_kwargs_from_opt, read_checkpoint,
-                                                  save_grounder_checkpoint, torch_load)
+                                                  mesm_kwargs_from_opt, qd_detr_kwargs_from_opt,
+                                                  read_checkpoint, save_grounder_checkpoint,
+                                                  torch_load)
 from lavis_c2f.models.grounder.config_schema import (MESM_FIELDS, QD_DETR_FIELDS,
                                                      TEXT_ENCODER_FIELDS, resolve_config, to_plain)
 from lavis_c2f.models.grounder.criterion import SetCriterion
@@ -34,6 +35,7 @@ from lavis_c2f.models.grounder.matcher import HungarianMatcher
 from lavis_c2f.models.grounder.mesm import (MESMCriterion, MESMQDDETR, gt_clip_mask,
                                             merged_moments)
 from lavis_c2f.models.grounder.model import QDDETR, negative_text_index
+from lavis_c2f.models.grounder.pos_weights import get_pos_tagger, pos_token_weights
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess_batch
 from lavis_c2f.models.grounder.text_encoder import RuntimeTextEncoder
 from lavis_c2f.models.grounder.vocab import ReconstructionVocab, get_tokenizer
@@ -45,7 +47,7 @@ _MODEL_KEYS = ("txt_dim", "vid_dim", "aud_dim", "hidden_dim", "nheads", "enc_lay
                "t2v_layers", "dec_layers", "dim_feedforward", "num_queries", "dropout",
                "input_dropout", "n_input_proj", "use_txt_pos", "max_q_l", "max_v_l", "aux_loss",
                "span_loss_type", "contrastive_align_loss", "contrastive_hdim", "t2v_mask_mode",
-               "neg_sampling")
+               "neg_sampling", "global_token_masked")
 
 
 def _as_list(x: Any) -> List[Any]:
@@ -87,6 +89,8 @@ class C2FQDDETR(BaseModel):
     }
     # prefixes of frozen sub-modules whose weights are not stored in our checkpoints
     FROZEN_PREFIXES: tuple = ()
+    # the official checkpoint layout this class builds from (checkpoint.grounder_checkpoint_kind)
+    OFFICIAL_KIND = "official_qd_detr"
 
     def __init__(self, *, detr: QDDETR, criterion: SetCriterion, postprocess: PostProcessConfig,
                  config: Mapping[str, Any]):
@@ -141,12 +145,18 @@ class C2FQDDETR(BaseModel):
         """Rebuild a model from a checkpoint (ours, a LAVIS runner's, or official) and load it
         strictly. ``overrides`` replace config values (e.g. ``{"postprocess": {...}}``)."""
         state, config, kind = read_checkpoint(path, map_location, trusted)
-        if kind == "official":
+        if kind == cls.OFFICIAL_KIND:
             config = cls.config_from_official_opt(
                 torch_load(path, map_location, trusted)["opt"], state)
+        elif kind.startswith("official_"):
+            other = "C2FMESMQDDETR" if kind == "official_mesm" else "C2FQDDETR"
+            raise ValueError(f"{path}: an {kind} checkpoint; load it with {other}.from_checkpoint "
+                             "(or lavis_c2f.predictor.load_grounder, which routes by kind)")
         elif config is None:
             raise ValueError(f"{path}: the checkpoint stores no model config; build the model "
                              "from its YAML and call load_checkpoint instead")
+        elif config.get("arch", cls.ARCH) != cls.ARCH:
+            raise ValueError(f"{path}: a '{config['arch']}' checkpoint, not {cls.ARCH}")
         config = {k: v for k, v in config.items() if k != "arch"}
         config.update(dict(overrides or {}))
         model = cls.from_config(config)
@@ -305,11 +315,38 @@ class C2FMESMQDDETR(C2FQDDETR):
         "demo": config_path("models/c2f_mesm_qd_detr_demo.yaml"),
     }
     FROZEN_PREFIXES = ("detr.text_encoder.",)
+    OFFICIAL_KIND = "official_mesm"
 
     def __init__(self, *, vocab: Optional[ReconstructionVocab] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.vocab = vocab
         self.detr: MESMQDDETR
+
+    @classmethod
+    def config_from_official_opt(cls, opt: Any, state_dict: Mapping[str, torch.Tensor]
+                                 ) -> Dict[str, Any]:
+        """Our model config equivalent to an official MESM option set (``state_dict`` in our
+        key names, as :func:`~.checkpoint.read_checkpoint` returns it)."""
+        o = dict(vars(opt)) if not isinstance(opt, Mapping) else dict(opt)
+        cfg = mesm_kwargs_from_opt(o, state_dict)  # the widths' keys are the same in both
+        for ours, theirs in (("set_cost_class", "set_cost_class"),
+                             ("set_cost_span", "set_cost_span"),
+                             ("set_cost_giou", "set_cost_giou"),
+                             ("span_loss_coef", "loss_span_coef"),
+                             ("giou_loss_coef", "loss_giou_coef"),
+                             ("label_loss_coef", "loss_label_coef"),
+                             ("lw_saliency", "loss_saliency_coef"), ("eos_coef", "eos_coef"),
+                             ("saliency_margin", "saliency_margin"),
+                             ("rank_divisor", "rank_coef"),
+                             ("loss_recfw_coef", "loss_recfw_coef"),
+                             ("loss_recss_coef", "loss_recss_coef"),
+                             ("iou_gamma", "iou_gamma"), ("recss_tau", "recss_tau")):
+            if o.get(theirs) is not None:
+                cfg[ours] = float(o[theirs])
+        cfg["use_margin_loss"] = bool(o.get("use_triplet", False))
+        cfg["fw_tokenizer"] = "clip" if o.get("tokenizer_type", "CLIP") == "CLIP" else "whitespace"
+        cfg["postprocess"] = {"max_ts_val": float(o.get("max_ts_val") or 150.0)}
+        return cfg
 
     @classmethod
     def _build(cls, c: Dict[str, Any]) -> "C2FMESMQDDETR":
@@ -319,9 +356,15 @@ class C2FMESMQDDETR(C2FQDDETR):
             te = resolve_config(c["text_encoder"], TEXT_ENCODER_FIELDS, "model.text_encoder",
                                 ignore=())
             c["text_encoder"] = te
+            if (te["checkpoint"] is None) == (te["model_dir"] is None):
+                raise ConfigError("'model.text_encoder' needs exactly one of 'checkpoint' (an "
+                                  "OpenAI-layout clip_text_encoder.pth) and 'model_dir' (a "
+                                  "Hugging Face CLIP folder)")
             try:
-                text_encoder = RuntimeTextEncoder(resolve_path(te["model_dir"]),
-                                                  te["max_words_l"], te["normalize"])
+                text_encoder = RuntimeTextEncoder(
+                    None if te["model_dir"] is None else resolve_path(te["model_dir"]),
+                    te["max_words_l"], te["normalize"],
+                    checkpoint=None if te["checkpoint"] is None else resolve_path(te["checkpoint"]))
             except (OSError, ValueError) as err:
                 raise ConfigError(f"'model.text_encoder': {err}") from err
             if c["txt_dim"] is None:
@@ -347,7 +390,10 @@ class C2FMESMQDDETR(C2FQDDETR):
                               num_recfw_layers=c["num_recfw_layers"],
                               num_recss_layers=c["num_recss_layers"],
                               fw_share_ffn=c["fw_share_ffn"], vocab_size=c["vocab_size"],
-                              fw_mask_ratio=c["fw_mask_ratio"], text_encoder=text_encoder,
+                              num_word_classes=c["num_word_classes"],
+                              fw_mask_ratio=c["fw_mask_ratio"],
+                              ss_group_video=c["ss_group_video"],
+                              fw_mask_level=c["fw_mask_level"], text_encoder=text_encoder,
                               **kwargs)
             criterion = MESMCriterion(recfw_coef=c["loss_recfw_coef"],
                                       recss_coef=c["loss_recss_coef"], iou_gamma=c["iou_gamma"],
@@ -391,7 +437,9 @@ class C2FMESMQDDETR(C2FQDDETR):
         wrap = start is None and bool(self.config["fw_text_special_tokens"])
         if wrap:
             start, end = "<start>", "<end>"
-        queries = list(samples.get("query", [])) if text["tokens"] is None else None
+        queries = list(samples.get("query", []))
+        pos = self.config["fw_word_weights"] == "pos"
+        tagger = get_pos_tagger(self.config["pos_tagger"]) if pos else None
         for i in range(bsz):
             if text["tokens"] is not None:
                 tokens = text["tokens"][i]
@@ -407,6 +455,10 @@ class C2FMESMQDDETR(C2FQDDETR):
                 continue
             tokens = tokens[:n_valid[i]]
             lab, w, unk = vocab.encode(tokens, start, end)
+            if tagger is not None:
+                if not queries:
+                    raise KeyError("POS weights need the batch's 'query' texts")
+                w = pos_token_weights(queries[i], tokens, tok, tagger, start, end)
             labels[i, :len(lab)] = torch.tensor(lab)
             weights[i, :len(w)] = torch.tensor(w)
             unknown[i, :len(unk)] = torch.tensor(unk, dtype=torch.bool)
@@ -418,10 +470,11 @@ class C2FMESMQDDETR(C2FQDDETR):
         for key in ("src_vid", "src_vid_mask"):
             if key not in samples:
                 raise KeyError(f"batch has no '{key}'")
+        groups = samples.get("group", samples.get("vid"))
         return {"src_txt": text["src_txt"], "src_txt_mask": text["src_txt_mask"],
                 "txt_ids": text["txt_ids"], "src_vid": samples["src_vid"].to(dev).float(),
                 "src_vid_mask": samples["src_vid_mask"].to(dev).float(),
-                "vids": None if samples.get("vid") is None else list(samples["vid"])}
+                "vids": None if groups is None else list(groups)}
 
     def forward(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """Losses of a training batch incl. ``loss_rec_fw`` / ``loss_rec_ss`` when enabled."""
@@ -430,8 +483,12 @@ class C2FMESMQDDETR(C2FQDDETR):
         targets = self._targets(samples)
         bsz, n_clips = kw["src_vid"].shape[:2]
         vmask = kw["src_vid_mask"]
-        gcm = gt_clip_mask([s.cpu() for s in targets["span_labels"]], _as_list(samples["duration"]),
-                           _as_list(samples["clip_length"]), vmask.sum(1).long().tolist(), n_clips)
+        if samples.get("clip_mask") is not None:  # the dataset's (MESM's rule)
+            gcm = torch.as_tensor(samples["clip_mask"]).bool()
+        else:
+            gcm = gt_clip_mask([s.cpu() for s in targets["span_labels"]],
+                               _as_list(samples["duration"]), _as_list(samples["clip_length"]),
+                               vmask.sum(1).long().tolist(), n_clips)
         fw_weights = fw_unknown = None
         aligned = None
         if self.detr.rec_fw and self.training:
