@@ -29,6 +29,8 @@ Dataset YAML schema (``datasets: {<name>: {...}}``; unknown keys raise ``ConfigE
     normalize: true                # L2-normalise video streams and text
     seed: 0                        # label sampling (with epoch and index)
     saliency_max_n: 1              # QD-DETR max_n
+    saliency_tie_break: official   # hard saliency labels among tied clips: official (numpy's
+                                   # scalar introsort, as QD-DETR/MESM) | stable (lowest index)
     norm_style: qd_detr            # qd_detr: x / (||x|| + 1e-5); mesm: F.normalize (eps 1e-12
                                    # video, 1e-5 text), see lavis_c2f.data.features
     label_style: qd_detr           # qd_detr | mesm (MESM's saliency rule and clip_mask)
@@ -58,8 +60,8 @@ from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys, to_plain
 from lavis_c2f.data.features import NORM_STYLES, FeatureStore, open_store
 from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, read_annotations
-from lavis_c2f.datasets.moment_retrieval import (GROUP_BY, LABEL_STYLES, GroupedMomentDataset,
-                                                 MomentRetrievalDataset)
+from lavis_c2f.datasets.moment_retrieval import (GROUP_BY, LABEL_STYLES, TIE_BREAKS,
+                                                 GroupedMomentDataset, MomentRetrievalDataset)
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset
 from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
@@ -68,8 +70,8 @@ DATASET_TYPES = ("moment_retrieval", "video_retrieval")
 SPLITS = ("train", "val", "test")
 COMMON_KEYS = {"type", "dataset_type", "data_root", "annotations", "reader", "video_features",
                "text_features", "clip_length", "max_v_l", "max_q_l", "max_windows", "use_tef",
-               "normalize", "seed", "saliency_max_n", "splits", "norm_style", "label_style",
-               "group_by", "max_group_size", "group_splits"}
+               "normalize", "seed", "saliency_max_n", "saliency_tie_break", "splits",
+               "norm_style", "label_style", "group_by", "max_group_size", "group_splits"}
 ANNOTATION_KEYS = {"path", "format", "durations", "qid_offset", "require_windows"}
 READER_KEYS = {"tolerance", "clamp", "swap_reversed", "on_error", "strip_video_ext"}
 STORE_KEYS = {"type", "path", "field", "key_format", "cache_size", "cache_index"}
@@ -97,6 +99,7 @@ class DatasetSpec:
     normalize: bool
     seed: int
     saliency_max_n: int
+    saliency_tie_break: str
     splits: List[str]
     extra: Dict[str, Any] = field(default_factory=dict)
     norm_style: str = "qd_detr"
@@ -205,6 +208,9 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
     seed = d.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{where}.seed: expected an integer, got {seed!r}")
+    tie_break = d.get("saliency_tie_break", "official")
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"{where}.saliency_tie_break: expected one of {list(TIE_BREAKS)}, got {tie_break!r}")
     choices = {"norm_style": NORM_STYLES, "label_style": LABEL_STYLES, "group_by": (None,) + GROUP_BY}
     for key, allowed in choices.items():
         if d.get(key, allowed[0]) not in allowed:
@@ -222,7 +228,8 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
         max_v_l=_opt_int(d, "max_v_l", where, 75), max_q_l=_opt_int(d, "max_q_l", where, 32),
         max_windows=_opt_int(d, "max_windows", where, 5), use_tef=_bool(d, "use_tef", where, True),
         normalize=_bool(d, "normalize", where, True), seed=seed,
-        saliency_max_n=_opt_int(d, "saliency_max_n", where, 1), splits=list(splits), extra=extra,
+        saliency_max_n=_opt_int(d, "saliency_max_n", where, 1), saliency_tie_break=tie_break,
+        splits=list(splits), extra=extra,
         norm_style=d.get("norm_style", "qd_detr"), label_style=d.get("label_style", "qd_detr"),
         group_by=d.get("group_by"),
         max_group_size=None if max_group is None or max_group < 0 else max_group,
@@ -352,8 +359,9 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
                     text_processor=self.text_processors[proc_key], clip_length=self.spec.clip_length,
                     text_field=self.spec.text_features["field"], qid_format=self.spec.qid_format,
                     max_windows=self.spec.max_windows, seed=self.spec.seed,
-                    saliency_max_n=self.spec.saliency_max_n, label_style=self.spec.label_style,
-                    name=name)
+                    saliency_max_n=self.spec.saliency_max_n,
+                    saliency_tie_break=self.spec.saliency_tie_break,
+                    label_style=self.spec.label_style, name=name)
                 if self.spec.group_by is not None and split in self.spec.group_splits:
                     out[split] = GroupedMomentDataset(out[split], self.spec.group_by,
                                                       self.spec.max_group_size, self.spec.seed)

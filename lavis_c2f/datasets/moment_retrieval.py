@@ -7,10 +7,7 @@ Labels follow QD-DETR's ``StartEndDataset`` (``label_style: qd_detr``) or MESM's
   subset of windows kept when there are more than ``max_windows``) use
   ``numpy.random.default_rng([seed, epoch, index])``; call :meth:`set_epoch` each epoch to
   vary them (LAVIS wraps the train split in a ``ConcatDataset``: reach it through
-  ``.datasets``). The hard positive/negative are those of the official codes, ties included:
-  ``np.argsort`` with numpy's default kind of ``np.sum(np.array(scores), 1)`` (the annotator
-  scores as given, so integer scores sort as integers), last index = hard positive, first =
-  hard negative. numpy's default sort is deterministic for a given array.
+  ``.datasets``).
 * **Normalisation** of windows is by ``duration = min(annotated duration, Lv * clip_length)``
   (docs/ARCHITECTURE.md); windows are clamped into ``[0, duration]`` first and windows left
   empty are dropped. QD-DETR divides by ``Lv * clip_length``; the two agree whenever the
@@ -22,6 +19,15 @@ Labels follow QD-DETR's ``StartEndDataset`` (``label_style: qd_detr``) or MESM's
   ``get_saliency_labels_sub_as_query`` does for these datasets. Relevant clip ids at or
   beyond ``Lv`` are clamped to ``Lv - 1`` for the hard labels (as QD-DETR) and ignored in
   ``saliency_all_labels`` (QD-DETR grows that array past ``Lv``, which no mask matches).
+
+Hard saliency positive/negative clips are the last/first of the relevant clips sorted by their
+summed annotator scores. QVHighlights-style scores tie a lot, and the official code sorts with
+``np.argsort`` (NumPy's unstable introsort), which takes another clip among tied ones than a
+stable sort for about a quarter of the queries. ``saliency_tie_break="official"`` (the default
+of every dataset YAML) orders ties exactly as the official code did under its pinned NumPy, on
+any CPU (:func:`lavis_c2f.ops.argsort.introsort_argsort`; ``np.argsort`` itself orders ties by
+CPU since NumPy 1.25); ``"stable"`` takes the lowest-index clip among tied ones (the order this
+package used before; a documented variant).
 
 Samples without ground truth (test splits) get ``has_labels = False``, an empty
 ``span_labels`` (0, 2), zero saliency indices and an all-zero ``saliency_all_labels``.
@@ -51,6 +57,7 @@ from torch.utils.data import Dataset
 from lavis_c2f.data.features import FeatureStore
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.datasets.collate import pad_sequences, stack_lists
+from lavis_c2f.ops.argsort import introsort_argsort
 from lavis_c2f.ops.spans import seconds_to_normalized_cxw
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
 
@@ -58,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_STYLES = ("qd_detr", "mesm")
 GROUP_BY = ("video", "youtube")
+TIE_BREAKS = ("official", "stable")
 
 
 # --------------------------------------------------------------------------- label functions
@@ -65,21 +73,32 @@ GROUP_BY = ("video", "youtube")
 
 def saliency_labels_from_scores(rel_clip_ids: Sequence[int], scores: Sequence[Sequence[float]],
                                 ctx_l: int, rng: np.random.Generator, max_n: int = 1,
-                                add_easy_negative: bool = True
+                                add_easy_negative: bool = True, tie_break: str = "official"
                                 ) -> Tuple[List[int], List[int], np.ndarray]:
     """QD-DETR ``get_saliency_labels_all`` with a given RNG.
+
+    ``order = argsort(sum of annotator scores)`` (increasing); hard positives are the clips of
+    ``order[-max_n:]``, hard negatives those of ``order[:max_n]``; easy positives are drawn
+    from the relevant clips and easy negatives from the others.
 
     Args:
         rel_clip_ids: relevant clip indices; scores: per-clip annotator scores.
         ctx_l: number of clips Lv.
+        tie_break: ``"official"`` (NumPy's scalar introsort, the official order) or
+            ``"stable"`` (module docstring).
     Returns:
         ``(pos, neg, all)``: ``2 * max_n`` positive and negative clip indices (hard then easy;
         ``max_n`` each without easy ones) and the (Lv,) summed scores.
     """
     if len(rel_clip_ids) == 0:
         raise ValueError("saliency_labels_from_scores needs at least one relevant clip")
-    agg = np.sum(np.array(scores), 1)  # as the official code: dtype of the given scores
-    order = np.argsort(agg)  # increasing, numpy's default kind (the official tie-breaking)
+    agg = np.asarray(scores, dtype=np.float64).sum(axis=1)
+    if tie_break == "official":
+        order = introsort_argsort(agg)
+    elif tie_break == "stable":
+        order = np.argsort(agg, kind="stable")
+    else:
+        raise ValueError(f"unknown tie_break {tie_break!r}, expected one of {TIE_BREAKS}")
     all_scores = np.zeros(ctx_l, dtype=np.float32)
     for cid, s in zip(rel_clip_ids, agg):
         if 0 <= cid < ctx_l:
@@ -168,6 +187,7 @@ class MomentRetrievalDataset(Dataset):
         seed: base of the per-(epoch, index) label sampling.
         saliency_max_n: ``max_n`` of the score-based saliency labels (QD-DETR: 1).
         label_style: ``"qd_detr"`` or ``"mesm"`` (module doc; MESM adds ``clip_mask``).
+        saliency_tie_break: order of tied clips for the hard labels (module docstring).
         name: for messages.
 
     ``dataset[i]`` is a dict: ``qid, query, vid, duration, clip_length, relevant_windows,
@@ -182,7 +202,8 @@ class MomentRetrievalDataset(Dataset):
                  text_processor: Optional[TextFeatureProcessor] = None, clip_length: float,
                  text_field: str = "last_hidden_state", qid_format: str = "qid{qid}",
                  max_windows: int = 5, seed: int = 0, saliency_max_n: int = 1,
-                 label_style: str = "qd_detr", name: str = "moment_retrieval"):
+                 saliency_tie_break: str = "official", label_style: str = "qd_detr",
+                 name: str = "moment_retrieval"):
         if label_style not in LABEL_STYLES:
             raise ValueError(f"label_style must be one of {LABEL_STYLES}, got {label_style!r}")
         if clip_length <= 0:
@@ -191,6 +212,8 @@ class MomentRetrievalDataset(Dataset):
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         if len(video_stores) == 0:
             raise ValueError("need at least one video feature store")
+        if saliency_tie_break not in TIE_BREAKS:
+            raise ValueError(f"saliency_tie_break must be one of {TIE_BREAKS}, got {saliency_tie_break!r}")
         self.records = list(records)
         self.video_stores = list(video_stores)
         self.text_store = text_store
@@ -203,6 +226,7 @@ class MomentRetrievalDataset(Dataset):
         self.seed = int(seed)
         self.saliency_max_n = int(saliency_max_n)
         self.label_style = label_style
+        self.saliency_tie_break = saliency_tie_break
         self.name = name
         self.epoch = 0
 
@@ -251,7 +275,8 @@ class MomentRetrievalDataset(Dataset):
         spans = seconds_to_normalized_cxw(torch.tensor(kept, dtype=torch.float32), duration)
         if rec.has_saliency:
             pos, neg, all_s = saliency_labels_from_scores(rec.relevant_clip_ids, rec.saliency_scores,
-                                                          ctx_l, rng, max_n=self.saliency_max_n)
+                                                          ctx_l, rng, max_n=self.saliency_max_n,
+                                                          tie_break=self.saliency_tie_break)
         elif mesm:
             pos, neg, all_s = mesm_window_labels(windows, ctx_l, self.clip_length, rng, n=n_sal)
         else:

@@ -17,7 +17,8 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 * strict checkpoint loading that reports missing/unexpected keys.
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
-``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, beta2, lr_sched,
+``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
+beta2, lr_sched,
 warmup_steps, warmup_lr, lr_drop, lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
@@ -54,6 +55,11 @@ from lavis_c2f.paths import resolve_path
 from lavis_c2f.tasks.base import unwrap_model
 
 logger = logging.getLogger(__name__)
+
+# run.weight_decay_scope: "all" decays every parameter (torch AdamW over model.parameters(), as
+# the official QD-DETR and MESM trainers do); "matrices" exempts biases, norms and other 1-D
+# parameters (LAVIS / CLIP-style recipes)
+WEIGHT_DECAY_SCOPES = ("all", "matrices")
 
 
 class ContiguousShardSampler(Sampler):
@@ -169,11 +175,17 @@ class C2FRunner:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
+            scope = self.run_cfg.get("weight_decay_scope", "matrices")
+            if scope not in WEIGHT_DECAY_SCOPES:
+                raise ConfigError(f"run.weight_decay_scope: expected one of {list(WEIGHT_DECAY_SCOPES)}, "
+                                  f"got {scope!r}")
             p_wd, p_no_wd, n_params = [], [], 0
             for n, p in self._model.named_parameters():
                 if not p.requires_grad:
                     continue
-                (p_no_wd if p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n or "bn" in n else p_wd).append(p)
+                exempt = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
+                                                  or "bn" in n)
+                (p_no_wd if exempt else p_wd).append(p)
                 n_params += p.numel()
             logger.info("trainable parameters: %d", n_params)
             wd = float(self.run_cfg.get("weight_decay", 0.0))

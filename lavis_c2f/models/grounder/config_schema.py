@@ -40,7 +40,10 @@ QD_DETR_FIELDS: Dict[str, Field] = {
     "use_txt_pos": Field("bool", False), "max_q_l": Field("int", 32), "max_v_l": Field("int", 75),
     "aux_loss": Field("bool", True), "span_loss_type": Field("str", "l1", choices=("l1",)),
     "contrastive_align_loss": Field("bool", False), "contrastive_hdim": Field("int", 64),
-    "t2v_mask_mode": Field("str", "correct", choices=("official", "correct")),
+    "t2v_mask_mode": Field("str", "official", choices=("official", "correct"),
+                           doc="T2V mask in training (models/grounder/transformer.py)"),
+    "eval_t2v_mask_mode": Field("str", "correct", choices=("official", "correct"),
+                                doc="T2V mask in predict_batch: correct = batch-independent"),
     "neg_sampling": Field("str", "roll", choices=("roll", "other_video")),
     "global_token_masked": Field("bool", False, doc="key-mask the global token in the encoder "
                                                     "(MESM: true, QD-DETR: false)"),

@@ -169,7 +169,7 @@ class C2FQDDETR(BaseModel):
         """Our model config equivalent to an official option set (mask mode ``official``)."""
         o = dict(vars(opt)) if not isinstance(opt, Mapping) else dict(opt)
         cfg = qd_detr_kwargs_from_opt(o, state_dict)
-        cfg.update(t2v_mask_mode="official", neg_sampling="roll")
+        cfg.update(t2v_mask_mode="official", eval_t2v_mask_mode="official", neg_sampling="roll")
         for ours, theirs in (("set_cost_class", "set_cost_class"),
                              ("set_cost_span", "set_cost_span"),
                              ("set_cost_giou", "set_cost_giou"),
@@ -273,7 +273,8 @@ class C2FQDDETR(BaseModel):
         if self.training:
             raise RuntimeError(f"{type(self).__name__}.predict_batch needs eval mode: call "
                                "model.eval() first (dropout would randomise predictions)")
-        out = self.detr(**self._inputs(samples), compute_neg=False)
+        out = self.detr(**self._inputs(samples), compute_neg=False,
+                        t2v_mask_mode=self.config["eval_t2v_mask_mode"])
         return self._rows(out, samples)
 
     def _rows(self, out: Mapping[str, torch.Tensor], samples: Mapping[str, Any]) -> List[Dict[str, Any]]:
@@ -344,6 +345,7 @@ class C2FMESMQDDETR(C2FQDDETR):
             if o.get(theirs) is not None:
                 cfg[ours] = float(o[theirs])
         cfg["use_margin_loss"] = bool(o.get("use_triplet", False))
+        cfg["eval_t2v_mask_mode"] = "official"
         cfg["fw_tokenizer"] = "clip" if o.get("tokenizer_type", "CLIP") == "CLIP" else "whitespace"
         cfg["postprocess"] = {"max_ts_val": float(o.get("max_ts_val") or 150.0)}
         return cfg
@@ -527,5 +529,6 @@ class C2FMESMQDDETR(C2FQDDETR):
         # other queries of the same video are unknown at inference), so predictions do not
         # depend on the batch composition
         kwargs["vids"] = None
-        out = self.detr(**kwargs, compute_neg=False, compute_rec=False)
+        out = self.detr(**kwargs, compute_neg=False, compute_rec=False,
+                        t2v_mask_mode=self.config["eval_t2v_mask_mode"])
         return self._rows(out, samples)
