@@ -73,6 +73,9 @@ MESM_FIELDS.update({
     "fw_share_ffn": Field("bool", True), "vocab_size": Field("int", 5000),
     "num_word_classes": Field("int", None, optional=True,
                               doc="word classes (null: vocab_size + 3, MESM's CLIP tokenizer)"),
+    "predict_with_groups": Field("bool", False,
+                                 doc="predict_batch groups queries as the batch's 'group' (MESM's "
+                                     "evaluation on grouped splits); false: each query alone"),
     "ss_group_video": Field("str", "own", choices=("own", "concat"),
                             doc="video a group's sentences are rebuilt from (MESM QVHighlights: "
                                 "concat, Charades-STA/TACoS: own)"),

@@ -525,10 +525,12 @@ class C2FMESMQDDETR(C2FQDDETR):
                                "model.eval() first (dropout would randomise predictions)")
         text = self._text(samples)
         kwargs = self._detr_kwargs(samples, text)
-        # each query's sentence token is rebuilt from its own video only (the corpus setting:
-        # other queries of the same video are unknown at inference), so predictions do not
-        # depend on the batch composition
-        kwargs["vids"] = None
+        # default: each query's sentence token is rebuilt from its own video only (the corpus
+        # setting: other queries of the same video are unknown at inference), so predictions do
+        # not depend on the batch composition; predict_with_groups: MESM's evaluation, whose
+        # items group the queries of a video (grouped eval splits, datasets.*.group_splits)
+        if not self.config["predict_with_groups"]:
+            kwargs["vids"] = None
         out = self.detr(**kwargs, compute_neg=False, compute_rec=False,
                         t2v_mask_mode=self.config["eval_t2v_mask_mode"])
         return self._rows(out, samples)

@@ -152,6 +152,9 @@ def test_wrapper_routing_and_official_inference_rows(fx, ckpt_path):
                                    atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="C2FMESMQDDETR"):
         C2FQDDETR.from_checkpoint(ckpt_path)
+    # the same weights load into the model of our MESM YAML (same sizes)
+    ours = C2FMESMQDDETR.from_pretrained("qvh_clip_slowfast")
+    assert ours.load_checkpoint(ckpt_path)["kind"] == "official_mesm"
     assert isinstance(load_official_grounder(ckpt_path), MESMQDDETR)
     _, _, kind = read_checkpoint(ckpt_path)
     assert kind == "official_mesm"
