@@ -227,13 +227,24 @@ def map_mesm_state_dict(state_dict: Mapping[str, torch.Tensor], rec_fw: bool = T
     With ``rec_fw=False`` the official model still builds (and saves) its enhancement
     encoder but never runs it; those ``enhance_encoder.*`` weights are dropped.
     """
+    kept = {k: v for k, v in state_dict.items()
+            if rec_fw or not k.startswith("enhance_encoder.")}
+    return _rename_prefixes(kept, MESM_KEY_MAP)
+
+
+def mesm_state_dict_to_official(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """:class:`~.mesm.MESMQDDETR` keys -> the official MESM layout (the inverse of
+    :func:`map_mesm_state_dict`), e.g. to hand our weights to MESM's own code."""
+    return _rename_prefixes(state_dict, tuple((ours, theirs) for theirs, ours in MESM_KEY_MAP))
+
+
+def _rename_prefixes(state_dict: Mapping[str, torch.Tensor],
+                     pairs: Tuple[Tuple[str, str], ...]) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if not rec_fw and key.startswith("enhance_encoder."):
-            continue
-        for theirs, ours in MESM_KEY_MAP:
-            if key.startswith(theirs):
-                key = ours + key[len(theirs):]
+        for old, new in pairs:
+            if key.startswith(old):
+                key = new + key[len(old):]
                 break
         out[key] = value
     return out

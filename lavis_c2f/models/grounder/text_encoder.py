@@ -85,8 +85,6 @@ class OpenAIClipTextTower(nn.Module):
     def from_file(cls, path: str) -> "OpenAIClipTextTower":
         """Load ``clip_text_encoder.pth`` (a bare state dict; extra ``input_resolution`` /
         ``context_length`` / ``vocab_size`` entries are ignored as MESM ignores them)."""
-        from lavis_c2f.models.grounder.checkpoint import CheckpointMismatchError, load_state_strict
-
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CLIP text tower checkpoint not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,10 +99,10 @@ class OpenAIClipTextTower(nn.Module):
             tower = cls(**cls.sizes_from_state_dict(state))
         except KeyError as err:
             raise ValueError(f"{path}: missing {err} in the CLIP text state dict") from None
-        try:
-            load_state_strict(tower, {k: v.float() for k, v in state.items()}, source=path)
-        except CheckpointMismatchError as err:
-            raise ValueError(str(err)) from None
+        try:  # strict: torch's message lists the missing / unexpected / mis-shaped keys
+            tower.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path}: {err}") from None
         return tower
 
     def forward(self, ids: torch.Tensor, replace_codes: Optional[torch.Tensor] = None,

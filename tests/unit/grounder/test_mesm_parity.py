@@ -12,7 +12,8 @@ import torch
 from lavis_c2f.models.grounder import (C2FMESMQDDETR, C2FQDDETR, CheckpointMismatchError,
                                        grounder_checkpoint_kind, load_mesm_checkpoint,
                                        load_official_grounder)
-from lavis_c2f.models.grounder.checkpoint import MESM_KEY_MAP, mesm_kwargs_from_opt, read_checkpoint
+from lavis_c2f.models.grounder.checkpoint import (mesm_kwargs_from_opt, mesm_state_dict_to_official,
+                                                  read_checkpoint)
 from lavis_c2f.models.grounder.mesm import MESMQDDETR, choose_masked_words
 from lavis_c2f.models.grounder.model import negative_text_index
 from lavis_c2f.models.grounder.text_encoder import OpenAIClipTextTower, RuntimeTextEncoder
@@ -177,20 +178,8 @@ def test_missing_and_unexpected_keys_are_listed(ckpt_path, tmp_path):
 
 
 # ---------------------------------------------------------------------- other sizes
-def _to_official(state):
-    """Our MESM keys -> the official layout (the inverse of MESM_KEY_MAP)."""
-    out = {}
-    for key, value in state.items():
-        for theirs, ours in MESM_KEY_MAP:
-            if key.startswith(ours):
-                key = theirs + key[len(ours):]
-                break
-        out[key] = value
-    return out
-
-
 def test_inverse_key_map_gives_exactly_the_official_layout(fx, official):
-    ours = _to_official(official.state_dict())
+    ours = mesm_state_dict_to_official(official.state_dict())
     assert sorted(ours) == sorted(k for k, _ in fx["model_keys"])
     assert {k: list(v.shape) for k, v in ours.items()} == {k: list(s) for k, s in fx["model_keys"]}
 
@@ -226,7 +215,7 @@ def test_official_layout_checkpoint_with_other_sizes_loads_and_matches(sizes, tm
     source = MESMQDDETR(**kwargs).eval()
     for p in source.parameters():  # non-trivial values everywhere (zero-initialised tokens too)
         p.data.normal_(0.0, 0.2)
-    state = _to_official(source.state_dict())
+    state = mesm_state_dict_to_official(source.state_dict())
     if not opt["rec_fw"]:
         extra = MESMQDDETR(**dict(kwargs, rec_fw=True)).enhance_encoder.state_dict()
         state.update({f"enhance_encoder.t2v_encoder.{k}": v for k, v in extra.items()})
