@@ -11,8 +11,9 @@ Both consume the "Moment-retrieval batch" of ``docs/ARCHITECTURE.md``:
 
 Checkpoints: :meth:`C2FQDDETR.save_checkpoint` stores the resolved config with the weights;
 :meth:`C2FQDDETR.load_checkpoint` loads ours, LAVIS runner checkpoints and official QD-DETR
-checkpoints strictly (listing missing/unexpected keys); :meth:`C2FQDDETR.from_checkpoint`
-rebuilds the model from a checkpoint alone.
+checkpoints strictly (listing missing/unexpected keys), :meth:`C2FMESMQDDETR.load_checkpoint`
+also official MESM ones; :meth:`C2FQDDETR.from_checkpoint` rebuilds the model from a checkpoint
+alone (the kind of file is told by :func:`~.checkpoint.grounder_checkpoint_kind`).
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ class C2FQDDETR(BaseModel):
 
     def load_checkpoint(self, url_or_filename: str, strict: bool = True,
                         map_location: Any = "cpu", trusted: bool = False) -> Dict[str, Any]:
-        """Load ours / LAVIS-runner / official QD-DETR weights.
+        """Load ours / LAVIS-runner / official weights (QD-DETR's, or MESM's into the MESM model).
 
         Args:
             url_or_filename: a local path (URLs are not fetched).
@@ -293,12 +294,16 @@ class C2FMESMQDDETR(C2FQDDETR):
     """MESM on top of QD-DETR (see :mod:`.mesm`), every part switchable in YAML.
 
     Extra config: ``rec_fw``, ``rec_ss``, ``num_recfw_layers``, ``num_recss_layers``,
-    ``fw_share_ffn``, ``vocab_size``, ``vocab_counts`` (needed to *train* with ``rec_fw``;
-    inference and checkpoint loading work without it),
-    ``fw_tokenizer``, ``fw_text_special_tokens``, ``fw_mask_ratio``, ``fw_loss_positions``,
-    ``fw_label_smoothing``, ``loss_recfw_coef``, ``loss_recss_coef``, ``iou_gamma``,
-    ``recss_tau``, ``text_encoder`` ({model_dir, max_words_l, normalize} for the runtime CLIP
-    text tower; null = precomputed token features).
+    ``fw_share_ffn``, ``vocab_size``, ``num_word_classes``, ``vocab_counts`` (ours or MESM's
+    ``*_tokenized_count.txt``; needed to *train* with ``rec_fw``; inference and checkpoint
+    loading work without it), ``fw_tokenizer``, ``fw_text_special_tokens``, ``fw_mask_ratio``,
+    ``fw_word_weights`` (``pos``: MESM's; ``inverse_frequency``), ``pos_tagger``,
+    ``fw_mask_level``, ``fw_loss_positions``, ``fw_label_smoothing``, ``loss_recfw_coef``,
+    ``loss_recss_coef``, ``iou_gamma``, ``recss_tau``, ``ss_group_video``,
+    ``global_token_masked``, ``predict_with_groups``, ``text_encoder`` ({checkpoint: MESM's
+    clip_text_encoder.pth | model_dir: a Hugging Face folder, max_words_l, normalize} for the
+    runtime CLIP text tower; null = precomputed token features). Batches may carry ``group``
+    (MESM's grouped items: SS groups and negatives) and ``clip_mask`` (MESM's GT clips).
 
     Token alignment (precomputed features): the query is tokenised with ``fw_tokenizer``
     (with start/end tokens when ``fw_text_special_tokens``); token i is taken to be feature

@@ -1,38 +1,42 @@
 """MESM (Liu et al., AAAI 2024, "Towards Balanced Alignment: Modal-Enhanced Semantic Modeling
-for Video Moment Retrieval") on top of :class:`~.model.QDDETR`.
+for Video Moment Retrieval") on top of :class:`~.model.QDDETR`, computing what the official
+code (github.com/lntzm/MESM @ 8501bde) computes: official checkpoints load
+(:func:`~.checkpoint.load_mesm_checkpoint`) and reproduce its outputs to 1e-6.
 
 Two parts, each switchable:
 
 * **FW-MESM** (``rec_fw``): an *enhancement encoder* (T2V-style layers, ``num_recfw_layers``)
-  rebuilds the projected video clips from the query words before the QD-DETR T2V layers
-  (``enhance_encoder``); in training the same layers (or a second FFN when
-  ``fw_share_ffn=False``) reconstruct the query words from the clips of the ground-truth
-  moment, with some words masked (``fw_mask_ratio`` of the tokens, at least one, drawn
-  with the vocabulary's inverse-frequency weights, see :mod:`.vocab`) and out-of-vocabulary
-  tokens replaced by a learned "unknown" vector; ``output_txt_proj`` classifies each word
-  into ``vocab_size + 3`` classes and the loss is a label-smoothed NLL.
-  Masking happens at the **feature** level with learned mask/unknown vectors in the input
-  text space when the model consumes precomputed token features (numerically what MESM's
-  code does), and at the **token-embedding** level inside the frozen CLIP tower when the
-  runtime text encoder is used (:mod:`.text_encoder`).
-* **SS-MESM** (``rec_ss``): the sentence (mean of its word features, L2-normalised and
-  projected) of each query is masked among the sentences of the other queries of the same
-  video in the batch and rebuilt from the video by ``ss_reconstructor`` (T2V-style layers,
-  ``num_recss_layers``, no positions); the rebuilt, normalised sentence is prepended to the
-  query's words as an extra token. In training a supervised contrastive loss aligns the mean
+  rebuilds the projected video clips from the query words before the aligner (the QD-DETR
+  T2V layers); in training the same layers (or a second FFN when ``fw_share_ffn=False``)
+  reconstruct the query words from the clips of the ground truth (``gt_clip_mask``), with
+  ``max(floor(n_tokens / 3), 1)`` tokens masked (drawn by :func:`choose_masked_words` with
+  MESM's part-of-speech weights, or inverse frequency, see :mod:`.vocab`) and
+  out-of-vocabulary tokens replaced by a learned "unknown" vector; ``output_txt_proj``
+  classifies each word into ``num_word_classes`` classes and the loss is a label-smoothed NLL.
+  The replacement is done on the word features (as MESM does; with a runtime text tower
+  ``fw_mask_level: tokens`` replaces the token embeddings inside the tower instead).
+* **SS-MESM** (``rec_ss``): each query's sentence slot among the sentences of its group is
+  replaced by a learned mask token and rebuilt by ``ss_reconstructor`` (T2V-style layers, no
+  positions) from the group video (``ss_group_video``: the query's own video, or the valid clips
+  of every member concatenated as MESM does for QVHighlights); the rebuilt, normalised token is
+  prepended to the query's words. The slots do not attend to each other, so only the mask token
+  and the group video shape it. In training a supervised contrastive loss aligns the mean
   ground-truth clip feature of sample i with the mean (expanded) word feature of sample j,
-  positives being pairs of the same video whose merged moments have gIoU >= ``iou_gamma``.
+  positives being pairs of one group whose merged moments have gIoU >= ``iou_gamma``.
 
-Groups are formed from the batch's ``vid`` values. MESM's data loader gathers all queries
-of a video into one batch item, which makes groups larger than one; with ordinary shuffled
-batches most groups hold a single query (the SS token is then rebuilt from the video alone
-and the contrastive positives are the diagonal), which is still well defined. At inference
-the registered model and the predictor make every query its own group (in the corpus
-setting the other queries of a video are unknown), so predictions do not depend on the
-batch.
+The encoder over [global, video] key-masks the global token (``global_token_masked``), and the
+negative pass pairs each video with the text of a random query of another group (in eval mode
+too when ``compute_neg``).
 
-MESM's dead code is left out: ``output_sent_proj`` (computed but unused by its loss) and the
-GloVe text encoder.
+Groups are the ``vids`` given to :meth:`MESMQDDETR.forward` (the LAVIS model passes the
+batch's ``group``, MESM's YouTube/video id of its grouped items, else ``vid``). MESM's loader
+puts all queries of a video in one item (``datasets.*.group_by``); with per-query batches most
+groups hold one query, which is still well defined. At inference the registered model and the
+predictor make every query its own group (in the corpus setting the other queries of a video
+are unknown) unless ``predict_with_groups``.
+
+MESM's ``output_sent_proj`` is kept (frozen; no loss uses it) so that checkpoints load
+strictly. The GloVe text encoder is not built: GloVe word features come precomputed.
 """
 from __future__ import annotations
 
