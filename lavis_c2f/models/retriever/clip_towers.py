@@ -6,13 +6,14 @@ features-only retriever consumes:
 
 * text: ``text_projection`` applied to every token of the text transformer's last hidden
   state (tokens) and to its pooled EOS state (sentence, what ``get_text_features`` returns);
-* video: ``get_image_features`` of each frame.
+* video: ``get_image_features`` of each frame, or every projected output token
+  (:meth:`ClipTowers.encode_image_tokens`, UCoFiA's patch tokens).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,28 +22,37 @@ from lavis_c2f.common.errors import ConfigError
 
 
 class ClipTowers(nn.Module):
-    """A ``transformers.CLIPModel`` loaded from a local folder, frozen or trainable.
+    """A ``transformers.CLIPModel`` loaded from a local folder (or given), frozen or trainable.
 
     Args:
         path: local ``CLIPModel`` folder (``config.json`` + weights).
         freeze: no gradients and always eval mode (dropout off) when True.
+        model: an already built ``CLIPModel`` instead of ``path`` (e.g. OpenAI CLIP weights
+            renamed by :mod:`~lavis_c2f.models.retriever.openai_clip`).
     """
 
-    def __init__(self, path: str, freeze: bool = True):
+    def __init__(self, path: Optional[str] = None, freeze: bool = True, *, model: Optional[nn.Module] = None):
         super().__init__()
-        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"clip_path: '{path}' is not a local CLIPModel folder (no config.json)")
-        from transformers import CLIPModel
-
-        try:
-            self.model = CLIPModel.from_pretrained(path, local_files_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the folder
-            raise ConfigError(f"clip_path: cannot load a CLIPModel from '{path}': {type(e).__name__}: {e}") from e
+        if model is not None:
+            self.model = model
+        else:
+            self.model = self._load(str(path))
         self.freeze = bool(freeze)
         if self.freeze:
             for p in self.model.parameters():
                 p.requires_grad_(False)
             self.model.eval()
+
+    @staticmethod
+    def _load(path: str) -> nn.Module:
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"clip_path: '{path}' is not a local CLIPModel folder (no config.json)")
+        from transformers import CLIPModel
+
+        try:
+            return CLIPModel.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the folder
+            raise ConfigError(f"clip_path: cannot load a CLIPModel from '{path}': {type(e).__name__}: {e}") from e
 
     @property
     def projection_dim(self) -> int:
@@ -72,3 +82,11 @@ class ClipTowers(nn.Module):
         """pixel_values (N, 3, H, W) -> (N, P) image features."""
         with self._ctx():
             return self.model.get_image_features(pixel_values=pixel_values)
+
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, 3, H, W) -> (N, 1 + G*G, P): ``visual_projection(post_layernorm(.))``
+        of every output token, the class token first (its row equals :meth:`encode_frames`)."""
+        with self._ctx():
+            vm = self.model.vision_model
+            hidden = vm(pixel_values=pixel_values).last_hidden_state
+            return self.model.visual_projection(vm.post_layernorm(hidden))

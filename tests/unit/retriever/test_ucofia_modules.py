@@ -1,0 +1,79 @@
+"""UCoFiA building blocks on small random inputs, against their formulas (README points 2, 4, 6)."""
+import math
+
+import pytest
+import torch
+
+from lavis_c2f.models.retriever.modules import (InteractiveSimilarityAggregation, sinkhorn_video_bias,
+                                                two_way_isa)
+from lavis_c2f.models.retriever.ucofia import patch_shift, perturbed_topk
+
+
+def test_perturbed_topk_forward_and_gradient_follow_the_formula():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 9, generator=g, dtype=torch.float64).requires_grad_(True)
+    noise = torch.randn(5, 40, 9, generator=g, dtype=torch.float64)
+    ind = perturbed_topk(scores, 3, noise, 0.05)
+    idx = torch.sort(torch.topk(scores.detach().unsqueeze(1) + 0.05 * noise, 3, dim=-1).indices, -1).values
+    onehot = torch.nn.functional.one_hot(idx, 9).double()                        # (N, S, k, D)
+    assert torch.allclose(ind, onehot.mean(1))
+    assert torch.allclose(ind.sum(-1), torch.ones(5, 3, dtype=torch.float64))
+    up = torch.randn(5, 3, 9, generator=g, dtype=torch.float64)
+    (ind * up).sum().backward()
+    expected = torch.einsum("nskd,nsd->nkd", onehot, noise) / 40 / 0.05
+    assert torch.allclose(scores.grad, (up * expected).sum(1))
+    with pytest.raises(ValueError, match="noise"):
+        perturbed_topk(scores, 3, noise[:, :, :5], 0.05)
+
+
+def test_patch_shift_moves_the_documented_tokens():
+    v, f, t, w = 2, 3, 15, 4                               # fold = 15 // 7 = 2
+    x = torch.arange(v * f * t * w, dtype=torch.float32).view(v * f, t, w)
+    y = patch_shift(x, f).view(v, f, t, w)
+    x4 = x.view(v, f, t, w)
+    left, right = list(range(1, t, 2)), list(range(4, t, 2))
+    for tok in range(t):
+        if tok in right:          # the later assignment wins where the two sets meet
+            assert torch.equal(y[:, :-1, tok], x4[:, 1:, tok]) and torch.equal(y[:, -1, tok], x4[:, -1, tok])
+        elif tok in left:
+            assert torch.equal(y[:, 1:, tok], x4[:, :-1, tok]) and torch.equal(y[:, 0, tok], x4[:, 0, tok])
+        else:
+            assert torch.equal(y[:, :, tok], x4[:, :, tok])
+    with pytest.raises(ValueError, match="videos"):
+        patch_shift(x[:5], f)
+
+
+def test_column_first_sinkhorn_is_the_official_formula():
+    """b = 1 / K.sum(0); 4 x (a = 1 / (K b), b = 1 / (a K)); log_softmax(log b)."""
+    g = torch.Generator().manual_seed(1)
+    logits = 30 * torch.rand(7, 5, generator=g, dtype=torch.float64)    # wide range: the start matters
+    k = torch.exp(logits - logits.max())
+    b = 1 / k.sum(0)
+    for _ in range(4):
+        a = 1 / (k @ b)
+        b = 1 / (a @ k)
+    official = torch.log_softmax(b.log(), 0)
+    ours = sinkhorn_video_bias(logits, 1.0, 4, column_first=True)
+    assert torch.allclose(ours, official, atol=1e-12)
+    assert not torch.allclose(sinkhorn_video_bias(logits, 1.0, 4), official, atol=1e-6)
+
+
+def test_unmasked_isa_and_two_way_isa_are_the_official_expressions():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 6, 8, generator=g)                                  # (pairs, words, items)
+    isa = [InteractiveSimilarityAggregation(n, 0.01) for n in (6, 8, 8, 6)]
+    with torch.no_grad():
+        for m in isa:
+            m.weight.add_(0.1 * torch.randn(m.weight.shape, generator=g))
+    sm = torch.softmax
+    w1, w2, w3, w4 = (m.weight for m in isa)
+    per_item = (sm((sm(x / 0.01, 1).transpose(1, 2) @ w1) / 0.01, -1).transpose(1, 2) * x).sum(1)
+    s2i = (sm((sm(per_item / 0.01, -1) @ w2) / 0.01, -1) * per_item).sum(-1)
+    per_word = (sm((sm(x / 0.01, -1) @ w3) / 0.01, -1) * x).sum(-1)
+    i2w = (sm((sm(per_word / 0.01, -1) @ w4) / 0.01, -1) * per_word).sum(-1)
+    with torch.no_grad():
+        ours = two_way_isa(x, None, None, *isa)
+        assert torch.allclose(ours, (s2i + i2w) / 2, atol=1e-6)
+        ones = torch.ones(3, 6), torch.ones(3, 8)
+        assert torch.allclose(two_way_isa(x, *ones, *isa), ours, atol=1e-6)
+    assert math.isfinite(float(ours.sum()))
