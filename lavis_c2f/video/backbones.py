@@ -65,11 +65,10 @@ from lavis.models.base_model import BaseModel
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.processors.clip_processors import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SHORT_NAMES = {"offline": "c2f_feature_offline", "clip_hf": "c2f_feature_clip_hf",
                "clip_lavis": "c2f_feature_clip_lavis", "random": "c2f_feature_random"}
 

@@ -14,6 +14,14 @@ QVHighlights / UniVTG feature extractors feed to CLIP, so features of the offici
 checkpoints can be reproduced. Frames are always chosen from their **timestamps** (never
 ``index / fps``), so variable-frame-rate streams sample the right moments.
 
+Frames by index
+---------------
+:func:`decode_frames` decodes given frame indices (0-based, presentation order over the
+``n_frames`` readable frames :func:`probe` counts), for samplers that choose frames by index
+(:mod:`lavis_c2f.video.frame_sampling`: T-MASS's and CLIP4Clip's rules). Index ``i`` becomes
+the sample time half-way between frames ``i`` and ``i + 1``, so the rule below returns frame
+``i`` exactly (also for variable frame rates); decord first, PyAV as fallback.
+
 Orientation and size
 --------------------
 Frames are returned in display orientation: the display-matrix rotation (phone videos) is
@@ -625,6 +633,51 @@ def _backend_chain(backend: str, info: VideoInfo) -> List[str]:
     return chain
 
 
+def _frame_stream(info: VideoInfo, abs_t: np.ndarray, disp_hw: Tuple[int, int], chain: List[str],
+                  mode: str = "auto", seek_factor: float = DEFAULT_SEEK_FACTOR, used: Optional[List[str]] = None,
+                  stats: Optional[Dict[str, int]] = None,
+                  ffmpeg_grid: Optional[Tuple[float, int]] = None) -> Iterator[Tuple[np.ndarray, float]]:
+    """One ``(frame (H, W, 3) uint8 display orientation, seconds from the first frame)`` per
+    absolute target time of ``abs_t`` (non-decreasing), trying the backends of ``chain`` in
+    order; a backend failing part-way is resumed by the next from the first missing target.
+    The ffmpeg backend only serves a clip grid (``ffmpeg_grid = (clip_length, frames_per_clip)``)."""
+    used = used if used is not None else []
+    errors: List[str] = []
+    stored_hw = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
+    done = 0
+    for b in chain:
+        if done >= abs_t.size:
+            return
+        if b == "ffmpeg" and ffmpeg_grid is None:
+            continue
+        try:
+            if b == "decord":
+                it = _decord_frames(info, abs_t[done:], stored_hw)
+            elif b == "pyav":
+                it = _pyav_frames(info, abs_t[done:], stored_hw, mode=mode, seek_factor=seek_factor, stats=stats)
+            else:
+                it = _skip(_ffmpeg_frames(info, abs_t, disp_hw, ffmpeg_grid[0], ffmpeg_grid[1]), done)
+            first = True
+            for fr, t in it:
+                if first:
+                    used.append(b)
+                    first = False
+                if b != "ffmpeg":
+                    fr = _to_display(fr, info.rotation)
+                if fr.shape[:2] != tuple(disp_hw):
+                    raise RuntimeError(f"{b} returned {fr.shape[:2]} frames, expected {tuple(disp_hw)}")
+                yield fr, t - info.start_time
+                done += 1
+            return
+        except VideoDecodeError:
+            raise  # a verdict about the file (truncated, corrupt), not about the backend
+        except Exception as e:  # backend-specific failure: try the next one
+            errors.append(f"{b}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            logger.debug("%s: backend %s failed after %d frames: %s", info.path, b, done, e)
+    if done < abs_t.size:
+        raise VideoDecodeError(info.path, "all decoders failed: " + ("; ".join(errors) or "no usable backend"))
+
+
 def iter_clip_batches(path: Union[str, "os.PathLike[str]", VideoInfo], clip_length: float = 2.0,
                       frames_per_clip: int = 1, size: SizeSpec = None, batch_clips: int = 32,
                       backend: str = "auto", mode: str = "auto", seek_factor: float = DEFAULT_SEEK_FACTOR,
@@ -651,53 +704,17 @@ def iter_clip_batches(path: Union[str, "os.PathLike[str]", VideoInfo], clip_leng
     n, targets = _plan(info, clip_length, frames_per_clip)
     F = int(frames_per_clip)
     disp_hw = output_size(info.height, info.width, size)
-    stored_hw = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
-    flat = targets.reshape(-1)
-    abs_t = flat + info.start_time
+    abs_t = targets.reshape(-1) + info.start_time
     chain = _backend_chain(backend, info)
-    used = used_backends if used_backends is not None else []
-    errors: List[str] = []
-
-    def frame_stream() -> Iterator[Tuple[np.ndarray, float]]:
-        done = 0
-        for b in chain:
-            if done >= flat.size:
-                return
-            try:
-                if b == "decord":
-                    it = _decord_frames(info, abs_t[done:], stored_hw)
-                elif b == "pyav":
-                    it = _pyav_frames(info, abs_t[done:], stored_hw, mode=mode, seek_factor=seek_factor,
-                                      stats=stats)
-                else:
-                    it = _ffmpeg_frames(info, abs_t, disp_hw, clip_length, F)
-                    it = _skip(it, done)
-                first = True
-                for fr, t in it:
-                    if first:
-                        used.append(b)
-                        first = False
-                    if b != "ffmpeg":
-                        fr = _to_display(fr, info.rotation)
-                    if fr.shape[:2] != tuple(disp_hw):
-                        raise RuntimeError(f"{b} returned {fr.shape[:2]} frames, expected {tuple(disp_hw)}")
-                    yield fr, t - info.start_time
-                    done += 1
-                return
-            except VideoDecodeError:
-                raise  # a verdict about the file (truncated, corrupt), not about the backend
-            except Exception as e:  # backend-specific failure: try the next one
-                errors.append(f"{b}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-                logger.debug("%s: backend %s failed after %d frames: %s", info.path, b, done, e)
-        if done < flat.size:
-            raise VideoDecodeError(info.path, "all decoders failed: " + "; ".join(errors))
+    stream = _frame_stream(info, abs_t, disp_hw, chain, mode=mode, seek_factor=seek_factor,
+                           used=used_backends, stats=stats, ffmpeg_grid=(clip_length, F))
 
     H, W = disp_hw
     buf = np.empty((min(batch_clips, n), F, H, W, 3), np.uint8)
     tbuf = np.empty((min(batch_clips, n), F), np.float64)
     pos = 0
     start = 0
-    for fr, t in frame_stream():
+    for fr, t in stream:
         c, j = divmod(pos - start * F, F)
         buf[c, j] = fr
         tbuf[c, j] = t
@@ -729,6 +746,51 @@ def decode_clips(path: Union[str, "os.PathLike[str]", VideoInfo], clip_length: f
     frames = np.concatenate([b.frames for b in batches], axis=0)
     times = np.concatenate([b.times for b in batches], axis=0)
     return ClipFrames(frames=frames, times=times, targets=targets, info=info, backends=used)
+
+
+def frame_index_times(info: VideoInfo, indices: np.ndarray) -> np.ndarray:
+    """Absolute sample times that select frames ``indices`` (presentation order) under the
+    "last frame strictly before" rule: half-way between frame ``i`` and frame ``i + 1`` (the
+    last frame: half a median frame interval after it)."""
+    ft = info.frame_times
+    if ft is None or ft.size != info.n_frames:
+        raise VideoDecodeError(info.path, "no frame timestamps: probe() the file first")
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= ft.size):
+        bad = int(idx[(idx < 0) | (idx >= ft.size)][0])
+        raise ValueError(f"{info.path}: frame index {bad} out of range for {ft.size} frames")
+    step = float(np.median(np.diff(ft))) if ft.size > 1 else 1.0 / max(info.fps, 1e-3)
+    nxt = np.append(ft[1:], ft[-1] + max(step, 2 * TIE_EPS))
+    return ft[idx] + 0.5 * (nxt[idx] - ft[idx])
+
+
+def decode_frames(path: Union[str, "os.PathLike[str]", VideoInfo], indices: Sequence[int], size: SizeSpec = None,
+                  backend: str = "auto", mode: str = "auto") -> np.ndarray:
+    """Frames ``indices`` (0-based, presentation order over the :attr:`VideoInfo.n_frames`
+    decodable frames; repeats allowed) -> (N, H, W, 3) uint8 in display orientation, in the
+    given order. Decoded with decord, PyAV as fallback (:func:`frame_index_times` turns indices
+    into sample times). Raises :class:`VideoDecodeError` naming the file."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    info = path if isinstance(path, VideoInfo) else probe(path)
+    _require_video(info)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    disp_hw = output_size(info.height, info.width, size)
+    out = np.empty((idx.size, disp_hw[0], disp_hw[1], 3), np.uint8)
+    if idx.size == 0:
+        return out
+    order = np.argsort(idx, kind="stable")                  # backends need non-decreasing targets
+    abs_t = frame_index_times(info, idx[order])
+    chain = [b for b in _backend_chain(backend, info) if b != "ffmpeg"]
+    if not chain:
+        raise ValueError("decode_frames decodes with decord or pyav, not the ffmpeg command line")
+    k = 0
+    for fr, _t in _frame_stream(info, abs_t, disp_hw, chain, mode=mode):
+        out[order[k]] = fr
+        k += 1
+    if k < idx.size:
+        raise VideoDecodeError(info.path, f"decoders produced {k} of {idx.size} frames")
+    return out
 
 
 def decode_all_frames(path: Union[str, "os.PathLike[str]"], size: SizeSpec = None) -> Tuple[np.ndarray, np.ndarray]:

@@ -249,7 +249,7 @@ class C2FTMassRetriever(BaseModel):
             from lavis_c2f.models.retriever.clip_towers import ClipTowers
             from lavis_c2f.paths import resolve_path
 
-            self.clip = ClipTowers(resolve_path(self.clip_path), freeze=self.freeze_clip)
+            self.clip = ClipTowers.from_path(resolve_path(self.clip_path), freeze=self.freeze_clip)
             p = self.clip.projection_dim
             for key in ("text_input_dim", "video_input_dim"):
                 if h[key] != p:

@@ -295,7 +295,7 @@ class C2FUCoFiA(BaseModel):
         from transformers import CLIPModel
 
         sizes = OpenAIClipSizes(**{k: h[k] for k in OpenAIClipSizes.__dataclass_fields__})
-        self.clip = ClipTowers(model=CLIPModel(transformers_clip_config(sizes)), freeze=False)
+        self.clip = ClipTowers(CLIPModel(transformers_clip_config(sizes)), freeze=False)
         hook = _PatchShiftHook(f, self.shift_fold_div, self.shift_offset)
         for i in self.shift_layers:
             if not 0 <= i < self.vision_layers:
@@ -524,7 +524,7 @@ class C2FUCoFiA(BaseModel):
                              f"{self.num_pixels}")
         weighted = (self.training or self.eval_pixel_weight) if pixel_weight is None else bool(pixel_weight)
         dt = te.sentence.dtype
-        scale = self.clip.model.logit_scale.exp().to(dt)
+        scale = self.clip.logit_scale.exp().to(dt)
         t = l2norm(te.sentence)
         words = l2norm(te.words) @ self.local_mat_weight.to(dt)                            # (T, L, E)
         frames = l2norm(ve.frames)
@@ -620,7 +620,7 @@ class C2FUCoFiA(BaseModel):
         """Clamp ``logit_scale`` at ``logit_scale_max`` (the official trainer does it after
         every step)."""
         with torch.no_grad():
-            self.clip.model.logit_scale.clamp_(max=self.logit_scale_max)
+            self.clip.logit_scale.clamp_(max=self.logit_scale_max)
 
     def optimizer_param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
         """The official four groups: CLIP (``lr_scale = clip_lr_scale``) or not, times decayed
