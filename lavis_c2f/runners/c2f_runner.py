@@ -14,12 +14,14 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
   state is restored;
 * evaluation data is sharded contiguously across ranks and gathered in order, so distributed
   metrics equal single-process metrics;
-* strict checkpoint loading that reports missing/unexpected keys.
+* strict checkpoint loading that reports missing/unexpected keys;
+* a model may define its optimizer groups (``optimizer_param_groups(weight_decay)``, with
+  ``lr_scale``) and a hook run after every optimizer step (``after_optimizer_step``).
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
-``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, beta2, lr_sched,
-warmup_steps, warmup_lr, lr_drop, lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
-num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
+``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, beta2, adam_eps, lr_sched,
+warmup_steps, warmup_lr, warmup_proportion, adam_bias_correction, lr_drop, lr_milestones, lr_gamma,
+batch_size_train, batch_size_eval, num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
 drop_last, progress``.
 """
@@ -169,18 +171,20 @@ class C2FRunner:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
-            p_wd, p_no_wd, n_params = [], [], 0
-            for n, p in self._model.named_parameters():
-                if not p.requires_grad:
-                    continue
-                (p_no_wd if p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n or "bn" in n else p_wd).append(p)
-                n_params += p.numel()
-            logger.info("trainable parameters: %d", n_params)
             wd = float(self.run_cfg.get("weight_decay", 0.0))
+            if hasattr(self._model, "optimizer_param_groups"):   # the model's own groups (lr_scale, decay)
+                groups = self._model.optimizer_param_groups(wd)
+            else:
+                p_wd, p_no_wd = [], []
+                for n, p in self._model.named_parameters():
+                    if not p.requires_grad:
+                        continue
+                    (p_no_wd if p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n or "bn" in n else p_wd).append(p)
+                groups = [{"params": p_wd, "weight_decay": wd}, {"params": p_no_wd, "weight_decay": 0.0}]
+            logger.info("trainable parameters: %d", sum(p.numel() for g in groups for p in g["params"]))
             self._optimizer = torch.optim.AdamW(
-                [{"params": p_wd, "weight_decay": wd}, {"params": p_no_wd, "weight_decay": 0.0}],
-                lr=float(self.run_cfg.init_lr), weight_decay=wd,
-                betas=(0.9, float(self.run_cfg.get("beta2", 0.999))))
+                groups, lr=float(self.run_cfg.init_lr), weight_decay=wd,
+                betas=(0.9, float(self.run_cfg.get("beta2", 0.999))), eps=float(self.run_cfg.get("adam_eps", 1e-8)))
         return self._optimizer
 
     @property
@@ -205,7 +209,11 @@ class C2FRunner:
                 decay_rate=self.run_cfg.get("lr_decay_rate", None),
                 lr_drop=self.run_cfg.get("lr_drop", None),
                 milestones=self.run_cfg.get("lr_milestones", None),
-                gamma=float(self.run_cfg.get("lr_gamma", 0.1)))
+                gamma=float(self.run_cfg.get("lr_gamma", 0.1)),
+                iters_per_epoch=len(self.train_loader(self.start_epoch)) if self._splits("train_splits") else None,
+                accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
+                warmup_proportion=float(self.run_cfg.get("warmup_proportion", 0.1)),
+                adam_bias_correction=bool(self.run_cfg.get("adam_bias_correction", False)))
         return self._lr_sched
 
     @property

@@ -45,6 +45,7 @@ The released checkpoint runs blocks 10 and 11 with the pretrained CLIP's attenti
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -57,7 +58,6 @@ from torch import nn
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
-from lavis_c2f.models.grounder.vocab import get_tokenizer
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
 from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo
 from lavis_c2f.models.retriever.modules import (
@@ -65,6 +65,7 @@ from lavis_c2f.models.retriever.modules import (
     symmetric_infonce, two_way_isa)
 from lavis_c2f.models.retriever.openai_clip import OpenAIClipSizes, heads, transformers_clip_config
 from lavis_c2f.paths import config_path
+from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer
 
 LEVELS = ("video_sentence", "sentence_frame", "pixel_word")
 LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
@@ -211,6 +212,12 @@ def temporal_encoder(width: int, layers: int) -> nn.Module:
     return enc
 
 
+def video_seed(seed: int, vid: str) -> int:
+    """A 63-bit seed of ``(seed, vid)``, the same in every process and Python run."""
+    h = hashlib.blake2b(f"{int(seed)}|{vid}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
 # ----------------------------------------------------------------------------------------
 # the model
 
@@ -243,6 +250,8 @@ class C2FUCoFiA(BaseModel):
             the gradient: on the reference fixture a float32 loss puts the pixel gradient
             2.2e-4 (relative) from the exact one, the official float32 run is 3.6e-5 from it,
             and float64 levels on float32 towers 4.9e-5. The loss value is the same.
+        topk_noise_seed: seed of per-video top-k noise in :meth:`encode_video_batch` (None: fresh
+            draws from torch's global generator, as the official evaluation).
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {"msrvtt": config_path("models/c2f_ucofia_msrvtt.yaml")}
@@ -254,7 +263,8 @@ class C2FUCoFiA(BaseModel):
         topk_samples=500, topk_sigma=0.05, shift_layers=(10, 11), shift_fold_div=7, shift_offset=3,
         isa_temperature=0.01, sinkhorn_iters=4, sk_norm=True, mask_padded_words=False, mask_padded_frames=False,
         normalize_pixels=False, pixel_logit_scale=False, eval_pixel_weight=False, logit_scale_max=math.log(100.0),
-        score_block_size=2048, weight_decay_norms=False, clip_lr_scale=1e-3, loss_float64=True)
+        score_block_size=2048, weight_decay_norms=False, clip_lr_scale=1e-3, loss_float64=True,
+        topk_noise_seed=None)
 
     def __init__(self, *, embed_dim: int, vision_width: int, vision_layers: int, vision_patch_size: int,
                  image_resolution: int, text_width: int, text_layers: int, context_length: int, vocab_size: int,
@@ -265,7 +275,7 @@ class C2FUCoFiA(BaseModel):
                  mask_padded_frames: bool = False, normalize_pixels: bool = False, pixel_logit_scale: bool = False,
                  eval_pixel_weight: bool = False, logit_scale_max: float = math.log(100.0),
                  score_block_size: int = 2048, weight_decay_norms: bool = False, clip_lr_scale: float = 1e-3,
-                 loss_float64: bool = True):
+                 loss_float64: bool = True, topk_noise_seed: Optional[int] = None):
         super().__init__()
         self.hparams: Dict[str, Any] = dict(
             embed_dim=int(embed_dim), vision_width=int(vision_width), vision_layers=int(vision_layers),
@@ -281,7 +291,8 @@ class C2FUCoFiA(BaseModel):
             pixel_logit_scale=bool(pixel_logit_scale), eval_pixel_weight=bool(eval_pixel_weight),
             logit_scale_max=float(logit_scale_max), score_block_size=int(score_block_size),
             weight_decay_norms=bool(weight_decay_norms), clip_lr_scale=float(clip_lr_scale),
-            loss_float64=bool(loss_float64))
+            loss_float64=bool(loss_float64),
+            topk_noise_seed=None if topk_noise_seed is None else int(topk_noise_seed))
         h = self.hparams
         self._validate(h)
         for k, v in h.items():
@@ -419,12 +430,8 @@ class C2FUCoFiA(BaseModel):
         """Official text arrays: ``[SOT] + BPE(text)[:max_words - 2] + [EOT]``, padded with 0
         (ftfy, HTML unescape and lower case first). Returns ``(input_ids, attention_mask)``,
         each (T, max_words) long."""
-        tok = get_tokenizer("clip")
-        ids = torch.zeros(len(texts), self.max_words, dtype=torch.long)
-        for i, text in enumerate(texts):
-            row = tok.tokenize(str(text), max_len=self.max_words)
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        return ids, (ids > 0).long()
+        enc = Clip4ClipTokenizer(self.max_words)(list(texts))
+        return enc["input_ids"], enc["attention_mask"]
 
     def topk_noise(self, num_videos: int, generator: Optional[torch.Generator] = None,
                    device=None) -> torch.Tensor:
@@ -493,6 +500,29 @@ class C2FUCoFiA(BaseModel):
         patches = self.patch_selector(tokens, f, topk_noise.to(dev)).reshape(v, -1, tokens.shape[-1])
         frames = tokens[:, 0].reshape(v, f, -1)
         return UCoFiAVideo(frames, mask, patches, self.video_feature(frames, mask))
+
+    def encode_text_batch(self, batch: Mapping[str, Any]) -> UCoFiAText:
+        """The queries of a retrieval batch (``txt_input_ids``, ``txt_attention_mask``)."""
+        if batch.get("txt_input_ids") is None:
+            raise KeyError("the UCoFiA batch has no 'txt_input_ids' (use a frames dataset with "
+                           "tokenizer kind clip4clip)")
+        return self.encode_text(batch["txt_input_ids"], batch.get("txt_attention_mask"))
+
+    def encode_video_batch(self, batch: Mapping[str, Any]) -> UCoFiAVideo:
+        """The videos of a retrieval batch (``vid_pixels``, ``vid_pixels_mask``). The top-k
+        noise is ``batch["topk_noise"]`` when given; else, in eval mode with ``topk_noise_seed``
+        set and the batch's ``vid`` ids known, each video's noise comes from a generator seeded by
+        ``(topk_noise_seed, vid)`` (a video encodes the same in any batch, on any rank);
+        otherwise it is drawn fresh from torch's generator (the official code; the runner seeds
+        it per epoch and rank in training)."""
+        if batch.get("vid_pixels") is None:
+            raise KeyError("the UCoFiA batch has no 'vid_pixels' (a frames dataset is needed)")
+        noise = batch.get("topk_noise")
+        vids = batch.get("vid")
+        if noise is None and not self.training and self.topk_noise_seed is not None and vids is not None:
+            noise = torch.cat([self.topk_noise(1, torch.Generator().manual_seed(video_seed(self.topk_noise_seed, v)))
+                               for v in vids])
+        return self.encode_video(batch["vid_pixels"], batch.get("vid_pixels_mask"), topk_noise=noise)
 
     def video_feature(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``seqTransf``: frames (V, F, E), mask (V, F) -> (V, E) L2-normalised video feature."""
@@ -612,8 +642,7 @@ class C2FUCoFiA(BaseModel):
         for key in ("txt_input_ids", "vid_pixels"):
             if samples.get(key) is None:
                 raise KeyError(f"the UCoFiA batch has no '{key}' (a frames dataset with CLIP tokens is needed)")
-        te = self.encode_text(samples["txt_input_ids"], samples.get("txt_attention_mask"))
-        ve = self.encode_video(samples["vid_pixels"], samples.get("vid_pixels_mask"), samples.get("topk_noise"))
+        te, ve = self.encode_text_batch(samples), self.encode_video_batch(samples)
         return {"loss": self.contrastive_loss(te, ve)}
 
     def after_optimizer_step(self) -> None:
