@@ -25,7 +25,8 @@ Each split becomes a :class:`~lavis_c2f.datasets.video_frames.VideoFramesRetriev
     train_transform: train           # transform of the train split: train (T-MASS: random crop,
                                      # flip) | eval (CLIP4Clip / UCoFiA train on the eval transform)
     tokenizer: {path: CLIP_FOLDER, max_words: 77, padding: longest}
-      # or {kind: clip4clip, max_words: 32}: CLIP4Clip / UCoFiA's text arrays (bundled BPE, 0-padded)
+      # or {kind: clip4clip, path: null, max_words: 32, padding: max_length}: CLIP4Clip / UCoFiA's
+      # text arrays (bundled BPE, 0-padded)
     decode_backend: auto             # auto | decord | pyav
     seed: 0                          # random frame picks / train augmentations (with epoch, item)
     splits: null                     # subset of annotation splits to build (null: all)
@@ -146,10 +147,11 @@ class C2FFramesDatasetBuilder(BaseDatasetBuilder):
         if self.tokenizer_kind not in TOKENIZER_KINDS:
             raise ConfigError(f"{where}.tokenizer.kind: expected one of {TOKENIZER_KINDS}, got {self.tokenizer_kind!r}")
         if self.tokenizer_kind == "clip4clip":
-            extra = sorted(set(tok) - {"max_words"})
-            if extra:
-                raise ConfigError(f"{where}.tokenizer: kind clip4clip takes only max_words, got {extra}")
-            self.tokenizer_cfg = tok
+            if tok.get("path") or tok.get("padding", "max_length") != "max_length":
+                raise ConfigError(f"{where}.tokenizer: kind clip4clip uses the bundled BPE padded to max_words: "
+                                  f"set path: null and padding: max_length (got path={tok.get('path')!r}, "
+                                  f"padding={tok.get('padding')!r})")
+            self.tokenizer_cfg = {"max_words": tok.get("max_words", 32)}
         elif not tok.get("path"):
             raise ConfigError(f"{where}.tokenizer.path: missing (a local CLIP folder with vocab.json and merges.txt; "
                               "the project YAMLs read it from $C2F_CLIP_PATH)")
@@ -210,7 +212,8 @@ class C2FFramesDatasetBuilder(BaseDatasetBuilder):
 
     def build_datasets(self) -> Dict[str, VideoFramesRetrievalDataset]:
         """``{split: VideoFramesRetrievalDataset}`` (no download step)."""
-        tokenizer = (Clip4ClipTokenizer if self.tokenizer_kind == "clip4clip" else ClipTokenizer)(**self.tokenizer_cfg)
+        kind = Clip4ClipTokenizer if self.tokenizer_kind == "clip4clip" else ClipTokenizer
+        tokenizer = kind(**self.tokenizer_cfg)
         records = {s: self.read_split(s) for s in self.splits}
         vids = list(dict.fromkeys(r.vid for s in self.splits for r in records[s]))
         paths = self.video_paths(vids)
