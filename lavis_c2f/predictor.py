@@ -582,6 +582,8 @@ def load_retriever(checkpoint: Optional[PathLike], model_cfg: Any = None, device
     cls = get("model", arch)
     if not hasattr(cls, "fingerprint"):
         raise ConfigError(f"{path or where}: arch '{arch}' is not a stage-1 retriever")
+    if ck is not None:  # the checkpoint's weights replace those of an official T-MASS start point
+        node = {k: v for k, v in node.items() if k != "tmass_checkpoint"}
     model = cls.from_config(node)
     if ck is not None:
         load_checkpoint_weights(model, ck, source=path, strict=True)

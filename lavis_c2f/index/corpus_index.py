@@ -314,6 +314,11 @@ class CorpusIndex:
         if int(model.embed_dim) != self.dim or int(model.num_frames) != self.max_frames:
             raise IndexMismatchError(f"{where}: index dims (D={self.dim}, frames={self.max_frames}) differ from the "
                                      f"model's (D={model.embed_dim}, frames={model.num_frames})")
+        if getattr(model, "inference_noise", "shared") == "per_pair":
+            # candidate re-ranking needs a pair's score to be independent of the candidate set
+            logger.warning("the corpus index scores with inference_noise 'shared' (the model was configured with "
+                           "'per_pair', which is for whole-matrix evaluation)")
+            model.configure_inference(inference_noise="shared")
         self.model = model
         return self
 

@@ -15,13 +15,21 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 * evaluation data is sharded contiguously across ranks and gathered in order, so distributed
   metrics equal single-process metrics;
 * strict checkpoint loading that reports missing/unexpected keys;
-* a model may define its optimizer groups (``optimizer_param_groups(weight_decay)``, with
-  ``lr_scale``) and a hook run after every optimizer step (``after_optimizer_step``).
+* optimiser parameter groups: ``run.lr_groups`` (``[{prefix: "clip.", lr: 1e-6}]``: parameters
+  whose name starts with ``prefix`` get that peak lr, the others ``init_lr``; the schedule
+  scales every group alike), ``run.weight_decay_norm_bias`` (false: biases and norms get no
+  weight decay; true: every parameter does, as T-MASS's AdamW), ``run.no_decay_names`` (a list
+  of name substrings: exactly the parameters whose name contains one get no weight decay, e.g.
+  CLIP4Clip / UCoFiA's ``[bias, LayerNorm.bias, LayerNorm.weight]``; overrides the other rule),
+  ``run.adam_eps`` (1e-8);
+* a model's ``after_optimizer_step()`` runs after every optimizer step (e.g. a logit-scale clamp).
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
-``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, beta2, adam_eps, lr_sched,
-warmup_steps, warmup_lr, warmup_proportion, adam_bias_correction, lr_drop, lr_milestones, lr_gamma,
-batch_size_train, batch_size_eval, num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
+``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_norm_bias,
+no_decay_names, beta2, adam_eps, adam_bias_correction, lr_groups, lr_sched, warmup_steps, warmup_proportion,
+warmup_lr, lr_drop,
+lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
+num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
 drop_last, progress``.
 """
@@ -46,6 +54,7 @@ from torch.utils.data.distributed import DistributedSampler
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json
+from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.models.checkpoint_utils import (
     load_checkpoint_file,
     load_model_weights,
@@ -168,23 +177,58 @@ class C2FRunner:
     def unwrapped_model(self) -> torch.nn.Module:
         return self._model
 
+    def _lr_groups(self) -> List[Dict[str, Any]]:
+        """``run.lr_groups`` as ``[{"prefix", "lr"}]`` (validated)."""
+        raw = self.run_cfg.get("lr_groups", None) or []
+        out = []
+        for i, g in enumerate(raw):
+            g = check_keys(g, {"prefix", "lr"}, f"run.lr_groups[{i}]")
+            if not isinstance(g.get("prefix"), str) or not g["prefix"]:
+                raise ConfigError(f"run.lr_groups[{i}].prefix: expected a parameter-name prefix, got {g.get('prefix')!r}")
+            try:
+                lr = float(g["lr"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"run.lr_groups[{i}].lr: expected a number, got {g.get('lr')!r}") from None
+            out.append({"prefix": g["prefix"], "lr": lr})
+        return out
+
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
+            init_lr = float(self.run_cfg.init_lr)
             wd = float(self.run_cfg.get("weight_decay", 0.0))
-            if hasattr(self._model, "optimizer_param_groups"):   # the model's own groups (lr_scale, decay)
-                groups = self._model.optimizer_param_groups(wd)
-            else:
-                p_wd, p_no_wd = [], []
-                for n, p in self._model.named_parameters():
-                    if not p.requires_grad:
-                        continue
-                    (p_no_wd if p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n or "bn" in n else p_wd).append(p)
-                groups = [{"params": p_wd, "weight_decay": wd}, {"params": p_no_wd, "weight_decay": 0.0}]
-            logger.info("trainable parameters: %d", sum(p.numel() for g in groups for p in g["params"]))
+            decay_all = bool(self.run_cfg.get("weight_decay_norm_bias", False))
+            no_decay_names = self.run_cfg.get("no_decay_names", None)
+            if no_decay_names is not None and (isinstance(no_decay_names, str) or not all(
+                    isinstance(x, str) for x in no_decay_names)):
+                raise ConfigError(f"run.no_decay_names: expected a list of name substrings, got {no_decay_names!r}")
+            specs = self._lr_groups()
+            # per lr group (the default first): one group with weight decay, one without
+            buckets: List[List[List[torch.nn.Parameter]]] = [[[], []] for _ in range(len(specs) + 1)]
+            n_params = 0
+            for n, p in self._model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                gi = next((i + 1 for i, g in enumerate(specs) if n.startswith(g["prefix"])), 0)
+                if no_decay_names is not None:
+                    no_wd = any(x in n for x in no_decay_names)
+                else:
+                    no_wd = not decay_all and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n or "bn" in n)
+                buckets[gi][int(no_wd)].append(p)
+                n_params += p.numel()
+            logger.info("trainable parameters: %d", n_params)
+            groups = []
+            for gi, (p_wd, p_no_wd) in enumerate(buckets):
+                extra = {} if gi == 0 else {"lr_scale": specs[gi - 1]["lr"] / init_lr,
+                                            "lr": specs[gi - 1]["lr"]}
+                if gi > 0 and not (p_wd or p_no_wd):
+                    raise ConfigError(f"run.lr_groups[{gi - 1}].prefix: no trainable parameter name starts with "
+                                      f"{specs[gi - 1]['prefix']!r}")
+                groups += [{"params": p_wd, "weight_decay": wd, **extra},
+                           {"params": p_no_wd, "weight_decay": 0.0, **extra}]
             self._optimizer = torch.optim.AdamW(
-                groups, lr=float(self.run_cfg.init_lr), weight_decay=wd,
-                betas=(0.9, float(self.run_cfg.get("beta2", 0.999))), eps=float(self.run_cfg.get("adam_eps", 1e-8)))
+                groups, lr=init_lr, weight_decay=wd, eps=float(self.run_cfg.get("adam_eps", 1e-8)),
+                betas=(0.9, float(self.run_cfg.get("beta2", 0.999))))
         return self._optimizer
 
     @property
@@ -205,15 +249,15 @@ class C2FRunner:
                 optimizer=self.optimizer, max_epoch=self.max_epoch,
                 init_lr=float(self.run_cfg.init_lr), min_lr=float(self.run_cfg.get("min_lr", 0.0)),
                 warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
+                warmup_proportion=self.run_cfg.get("warmup_proportion", None),
+                iters_per_epoch=len(self.train_loader(max(self.start_epoch, 0))),
+                accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
+                adam_bias_correction=bool(self.run_cfg.get("adam_bias_correction", False)),
                 warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
                 decay_rate=self.run_cfg.get("lr_decay_rate", None),
                 lr_drop=self.run_cfg.get("lr_drop", None),
                 milestones=self.run_cfg.get("lr_milestones", None),
-                gamma=float(self.run_cfg.get("lr_gamma", 0.1)),
-                iters_per_epoch=len(self.train_loader(self.start_epoch)) if self._splits("train_splits") else None,
-                accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
-                warmup_proportion=float(self.run_cfg.get("warmup_proportion", 0.1)),
-                adam_bias_correction=bool(self.run_cfg.get("adam_bias_correction", False)))
+                gamma=float(self.run_cfg.get("lr_gamma", 0.1)))
         return self._lr_sched
 
     @property

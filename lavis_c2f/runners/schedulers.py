@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 from lavis.common.registry import registry
 
+from lavis_c2f.common.errors import ConfigError
+
 
 def _set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
@@ -59,6 +61,46 @@ class ConstantLRScheduler(StepLRScheduler):
         super().__init__(optimizer, max_epoch=max_epoch, init_lr=init_lr, lr_drop=None, milestones=None, **kwargs)
 
 
+@registry.register_lr_scheduler("c2f_warmup_cosine_lr")
+class WarmupCosineLRScheduler:
+    """Per-step linear warm-up from 0, then a half cosine down to ``min_lr`` over the whole run
+    (transformers' ``get_cosine_schedule_with_warmup``, which T-MASS uses)::
+
+        s = cur_epoch * iters_per_epoch + cur_step        S = max_epoch * iters_per_epoch
+        lr(s) = init_lr * s / W                                      for s < W
+              = min_lr + (init_lr - min_lr) * (1 + cos(pi (s - W) / (S - W))) / 2   otherwise
+
+    with ``W = warmup_steps`` or ``int(warmup_proportion * S)`` (T-MASS: 0.1). Every parameter
+    group gets ``lr(s) * lr_scale`` (the runner's ``lr_groups``).
+    """
+
+    def __init__(self, optimizer, max_epoch: int, init_lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
+                 warmup_proportion: Optional[float] = None, iters_per_epoch: Optional[int] = None, **kwargs):
+        if not iters_per_epoch or int(iters_per_epoch) < 1:
+            raise ConfigError("c2f_warmup_cosine_lr needs the number of steps per epoch (the runner passes it)")
+        self.optimizer = optimizer
+        self.init_lr, self.min_lr = float(init_lr), float(min_lr)
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.total = max(1, int(max_epoch) * self.iters_per_epoch)
+        if warmup_proportion is not None:
+            p = float(warmup_proportion)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"run.warmup_proportion: expected a fraction in [0, 1), got {warmup_proportion!r}")
+            self.warmup = int(p * self.total)
+        else:
+            self.warmup = int(warmup_steps or 0)
+
+    def lr_at(self, cur_epoch: int, cur_step: int) -> float:
+        s = int(cur_epoch) * self.iters_per_epoch + int(cur_step)
+        if s < self.warmup:
+            return self.init_lr * s / max(1, self.warmup)
+        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_lr + (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def step(self, cur_epoch: int, cur_step: int) -> None:
+        _set_lr(self.optimizer, self.lr_at(cur_epoch, cur_step))
+
+
 def bert_warmup_cosine(progress: float, warmup: float) -> float:
     """BertAdam's ``warmup_cosine`` factor at ``progress`` = step / total steps:
     ``progress / warmup`` below ``warmup``, else ``0.5 (1 + cos(pi progress))`` (the cosine runs
@@ -76,7 +118,8 @@ class BertAdamWarmupCosineScheduler:
     Optimizer step ``t`` (0-based, counted over epochs as ``iters_per_epoch`` batches of
     ``accum_grad_iters``) runs at ``lr_g = init_lr * lr_scale_g * bert_warmup_cosine(t / T,
     warmup_proportion)`` with ``T`` the steps of ``max_epoch`` epochs (so the first step has
-    lr 0, as BertAdam's).
+    lr 0, as BertAdam's; ``lr_scale_g`` from the runner's ``lr_groups``). Unlike
+    ``c2f_warmup_cosine_lr`` (transformers' schedule, T-MASS) the cosine spans the whole run.
 
     BertAdam is Adam **without bias correction** with decoupled weight decay,
     ``p -= lr (m / (sqrt(v) + eps) + wd p)``. ``torch.optim.AdamW`` at step ``t + 1`` computes
@@ -88,13 +131,14 @@ class BertAdamWarmupCosineScheduler:
     Stateless: the settings of any (epoch, step) are a pure function of it (exact resume).
     """
 
-    def __init__(self, optimizer, max_epoch: int, init_lr: float, iters_per_epoch: int,
-                 warmup_proportion: float = 0.1, accum_grad_iters: int = 1, adam_bias_correction: bool = False,
-                 **kwargs):
+    def __init__(self, optimizer, max_epoch: int, init_lr: float, iters_per_epoch: Optional[int] = None,
+                 warmup_proportion: Optional[float] = 0.1, accum_grad_iters: int = 1,
+                 adam_bias_correction: bool = False, **kwargs):
         if iters_per_epoch is None or int(iters_per_epoch) < 1:
-            raise ValueError(f"c2f_bertadam_warmup_cosine needs iters_per_epoch >= 1, got {iters_per_epoch!r}")
+            raise ConfigError("c2f_bertadam_warmup_cosine needs the number of steps per epoch (the runner passes it)")
+        warmup_proportion = 0.1 if warmup_proportion is None else warmup_proportion
         if not 0.0 < float(warmup_proportion) < 1.0:
-            raise ValueError(f"run.warmup_proportion must be in (0, 1), got {warmup_proportion!r}")
+            raise ConfigError(f"run.warmup_proportion: expected a fraction in (0, 1), got {warmup_proportion!r}")
         self.optimizer = optimizer
         self.init_lr, self.warmup = float(init_lr), float(warmup_proportion)
         self.accum = max(1, int(accum_grad_iters))

@@ -297,6 +297,16 @@ class StochasticText(nn.Module):
             return torch.rand(shape, device=device, dtype=dtype, generator=generator)
         return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.prior_std
 
+    def sample_eps_rows(self, n: int, row_shape: Tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """(n, *row_shape) CPU noise whose rows concatenate: drawing n1 then n2 rows from a
+        generator gives the same rows as drawing n1 + n2 at once (uniform: ``rand``; normal:
+        Box-Muller of ``rand`` pairs, as ``randn`` is only consistent for sizes divisible by 16)."""
+        if self.prior == "uniform":
+            return torch.rand((n,) + tuple(row_shape), generator=generator)
+        u = torch.rand((n, 2) + tuple(row_shape), generator=generator, dtype=torch.float64)
+        z = torch.sqrt(-2.0 * torch.log1p(-u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+        return (z * self.prior_std).float()
+
 
 # ----------------------------------------------------------------------------------------
 # UCoFiA

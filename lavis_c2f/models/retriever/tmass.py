@@ -802,7 +802,7 @@ class C2FTMassRetriever(BaseModel):
         """(len(gens) * n_videos, K, D) per-pair noise: each text's generator draws the next
         ``n_videos`` videos' (K, D) blocks, in video order."""
         k, d = self.num_trials, self.embed_dim
-        eps = torch.stack([self.stochastic.sample_eps((n_videos, k, d), generator=g) for g in gens])
+        eps = torch.stack([self.stochastic.sample_eps_rows(n_videos, (k, d), g) for g in gens])
         return eps.reshape(-1, k, d).to(self._device)
 
     def _video_sentence_scores(self, pt: _PreparedText, pv: _PreparedVideo, qi, vi, sims_tf,

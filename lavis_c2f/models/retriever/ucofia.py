@@ -241,10 +241,6 @@ class C2FUCoFiA(BaseModel):
             eval_pixel_weight: the quirk switches (module docstring; all false = official).
         logit_scale_max: clamp of ``logit_scale`` after each optimiser step (log 100).
         score_block_size: (text, video) pairs per block in :meth:`level_logits`.
-        weight_decay_norms: the official trainer decays every parameter whose name lacks
-            ``bias`` (CLIP's ``ln_*`` LayerNorm weights included); true also exempts
-            LayerNorm weights (see :meth:`optimizer_param_groups`).
-        clip_lr_scale: learning-rate factor of the CLIP parameters (official ``coef_lr``).
         loss_float64: compute the three levels of :meth:`contrastive_loss` in float64. The
             double softmax at temperature 0.01 amplifies float32 rounding of the features into
             the gradient: on the reference fixture a float32 loss puts the pixel gradient
@@ -263,8 +259,7 @@ class C2FUCoFiA(BaseModel):
         topk_samples=500, topk_sigma=0.05, shift_layers=(10, 11), shift_fold_div=7, shift_offset=3,
         isa_temperature=0.01, sinkhorn_iters=4, sk_norm=True, mask_padded_words=False, mask_padded_frames=False,
         normalize_pixels=False, pixel_logit_scale=False, eval_pixel_weight=False, logit_scale_max=math.log(100.0),
-        score_block_size=2048, weight_decay_norms=False, clip_lr_scale=1e-3, loss_float64=True,
-        topk_noise_seed=None)
+        score_block_size=2048, loss_float64=True, topk_noise_seed=None)
 
     def __init__(self, *, embed_dim: int, vision_width: int, vision_layers: int, vision_patch_size: int,
                  image_resolution: int, text_width: int, text_layers: int, context_length: int, vocab_size: int,
@@ -274,8 +269,7 @@ class C2FUCoFiA(BaseModel):
                  sinkhorn_iters: int = 4, sk_norm: bool = True, mask_padded_words: bool = False,
                  mask_padded_frames: bool = False, normalize_pixels: bool = False, pixel_logit_scale: bool = False,
                  eval_pixel_weight: bool = False, logit_scale_max: float = math.log(100.0),
-                 score_block_size: int = 2048, weight_decay_norms: bool = False, clip_lr_scale: float = 1e-3,
-                 loss_float64: bool = True, topk_noise_seed: Optional[int] = None):
+                 score_block_size: int = 2048, loss_float64: bool = True, topk_noise_seed: Optional[int] = None):
         super().__init__()
         self.hparams: Dict[str, Any] = dict(
             embed_dim=int(embed_dim), vision_width=int(vision_width), vision_layers=int(vision_layers),
@@ -290,7 +284,6 @@ class C2FUCoFiA(BaseModel):
             mask_padded_frames=bool(mask_padded_frames), normalize_pixels=bool(normalize_pixels),
             pixel_logit_scale=bool(pixel_logit_scale), eval_pixel_weight=bool(eval_pixel_weight),
             logit_scale_max=float(logit_scale_max), score_block_size=int(score_block_size),
-            weight_decay_norms=bool(weight_decay_norms), clip_lr_scale=float(clip_lr_scale),
             loss_float64=bool(loss_float64),
             topk_noise_seed=None if topk_noise_seed is None else int(topk_noise_seed))
         h = self.hparams
@@ -345,7 +338,7 @@ class C2FUCoFiA(BaseModel):
                     "sinkhorn_iters", "score_block_size", "shift_fold_div"):
             if h[key] < 1:
                 raise ConfigError(f"model.{key}: must be >= 1 (got {h[key]!r})")
-        for key in ("topk_sigma", "isa_temperature", "clip_lr_scale"):
+        for key in ("topk_sigma", "isa_temperature"):
             if not h[key] > 0:
                 raise ConfigError(f"model.{key}: must be > 0 (got {h[key]!r})")
         grid = h["image_resolution"] // max(1, h["vision_patch_size"])
@@ -650,25 +643,6 @@ class C2FUCoFiA(BaseModel):
         every step)."""
         with torch.no_grad():
             self.clip.logit_scale.clamp_(max=self.logit_scale_max)
-
-    def optimizer_param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
-        """The official four groups: CLIP (``lr_scale = clip_lr_scale``) or not, times decayed
-        or not. Not decayed: names containing ``bias`` (official; CLIP's ``ln_*`` weights are
-        decayed because the official rule looks for ``LayerNorm.weight``), plus every
-        LayerNorm weight with ``weight_decay_norms``."""
-        norms = {id(m.weight) for m in self.modules() if isinstance(m, nn.LayerNorm)} \
-            if self.weight_decay_norms else set()
-        groups: Dict[Tuple[bool, bool], List[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            key = (name.startswith("clip."), "bias" in name or id(p) in norms)
-            groups.setdefault(key, []).append(p)
-        out = []
-        for (is_clip, no_decay), params in sorted(groups.items()):
-            out.append({"params": params, "weight_decay": 0.0 if no_decay else float(weight_decay),
-                        "lr_scale": self.clip_lr_scale if is_clip else 1.0})
-        return out
 
     # ------------------------------------------------------------------ retrieval API (task, index)
     def score(self, text_emb: UCoFiAText, video_emb: UCoFiAVideo, video_bias: Optional[torch.Tensor] = None,

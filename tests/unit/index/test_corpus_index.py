@@ -337,3 +337,14 @@ def test_parallel_pread_gather_matches_memory_map(tmp_path, io_threads):
     want = loaded.gather(rows)
     assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
     loaded.close()
+
+
+def test_index_scores_with_shared_noise_when_the_model_asks_for_per_pair(caplog):
+    m = _model(inference_noise="per_pair")
+    feats = _features(n=20)
+    with caplog.at_level("WARNING"):
+        ix = _build(m, feats)
+    assert m.inference_noise == "shared" and "inference_noise 'shared'" in caplog.text
+    q = _queries(m)
+    for a, b in zip(ix.search(q, k=5, m=len(feats)), ix.search_exhaustive(q, k=5)):
+        _same(a, b)

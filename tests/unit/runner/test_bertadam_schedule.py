@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.runners.schedulers import BertAdamWarmupCosineScheduler, bert_warmup_cosine
 
 
@@ -81,5 +82,5 @@ def test_the_factor_and_its_steps():
     assert sched.total_steps == 6 and sched.optimizer_step(1, 4) == 5 and sched.optimizer_step(0, 1) == 0
     sched.step(1, 0)
     assert opt.param_groups[2]["lr"] == pytest.approx(1e-3 * bert_warmup_cosine(3 / 6, 0.1))
-    with pytest.raises(ValueError, match="iters_per_epoch"):
+    with pytest.raises(ConfigError, match="steps per epoch"):
         BertAdamWarmupCosineScheduler(opt, max_epoch=2, init_lr=1.0, iters_per_epoch=None)
