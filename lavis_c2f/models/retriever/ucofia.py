@@ -646,10 +646,11 @@ class C2FUCoFiA(BaseModel):
 
     # ------------------------------------------------------------------ retrieval API (task, index)
     def score(self, text_emb: UCoFiAText, video_emb: UCoFiAVideo, video_bias: Optional[torch.Tensor] = None,
-              return_levels: bool = False, block_size: Optional[int] = None):
+              return_levels: bool = False, block_size: Optional[int] = None, text_ids: Any = None):
         """(Q, V) scores for the retrieval task and the corpus index: the mean over the levels
         of ``logits + bias`` with ``video_bias`` (V, 3) (rows = videos, as the index stores
-        them; zeros without SK-norm or bias). ``return_levels`` adds ``{level: (Q, V)}``."""
+        them; zeros without SK-norm or bias). ``return_levels`` adds ``{level: (Q, V)}``.
+        ``text_ids`` is accepted for the task's interface (UCoFiA's text side has no noise)."""
         with torch.no_grad():
             logits = self.level_logits(text_emb, video_emb, block_size=block_size)
             raw = {lv: logits[i] for i, lv in enumerate(LEVELS)}
