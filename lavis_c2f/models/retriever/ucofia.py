@@ -59,7 +59,7 @@ from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
-from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo
+from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
     InteractiveSimilarityAggregation, l2norm, masked_mean, model_fingerprint, sinkhorn_video_bias,
     symmetric_infonce, two_way_isa)
@@ -674,6 +674,33 @@ class C2FUCoFiA(BaseModel):
         if len(bank_text_emb) == 0:
             raise ValueError("SK-norm needs a bank with at least one text (the bank has none)")
         return self.sinkhorn_video_bias(self.level_logits(bank_text_emb, video_emb, block_size=block_size)).t()
+
+    @property
+    def index_rows_per_video(self) -> int:
+        """Rows of width E the corpus index stores per video (:meth:`to_index_rows`)."""
+        return 2 + self.num_pixels
+
+    def to_index_rows(self, video_emb: UCoFiAVideo) -> VideoEmbedding:
+        """Pack videos for the corpus index: (V, 2 + F (1 + k), E) rows = ``[mask (first F
+        entries), video, patches]`` (a frame's CLS row is its first patch row, so the frames are
+        not stored twice), all rows valid; ``pooled`` = the video feature."""
+        v, f, e = video_emb.frames.shape
+        if e < f:
+            raise ValueError(f"cannot pack a {f}-frame mask into {e}-wide rows")
+        rows = torch.zeros(v, self.index_rows_per_video, e, dtype=video_emb.frames.dtype,
+                           device=video_emb.frames.device)
+        rows[:, 0, :f] = video_emb.mask
+        rows[:, 1] = video_emb.video
+        rows[:, 2:] = video_emb.patches
+        return VideoEmbedding(rows, torch.ones(v, rows.shape[1], device=rows.device), video_emb.video)
+
+    def from_index_rows(self, rows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> UCoFiAVideo:
+        """Inverse of :meth:`to_index_rows` (views, no copy): rows (V, 2 + F (1 + k), E)."""
+        f, step = self.max_frames, 1 + self.topk
+        if rows.ndim != 3 or rows.shape[1] != self.index_rows_per_video:
+            raise ValueError(f"index rows must be (V, {self.index_rows_per_video}, E), got {tuple(rows.shape)}")
+        patches = rows[:, 2:]
+        return UCoFiAVideo(patches[:, ::step], rows[:, 0, :f], patches, rows[:, 1])
 
     def prefilter_query(self, text_emb: UCoFiAText) -> torch.Tensor:
         """(Q, E) float32 pre-filter vectors: the normalised sentence times ``global_mat_weight``
