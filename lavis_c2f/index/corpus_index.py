@@ -640,6 +640,7 @@ class CorpusIndex:
         valid = np.arange(f)[None, :] < lens[:, None]                          # (m, f)
         mask = valid.astype(np.float32)
         out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+        padded_by_take = False
         if m and lens.sum():
             # one row index per output slot (padding reads the video's first row and is zeroed),
             # one take per segment in file order, then a single conversion to float32
@@ -649,15 +650,20 @@ class CorpusIndex:
                 sel = np.flatnonzero((segs == s) & (lens > 0))                  # empty videos read nothing
                 if s < len(self._segments) and self._segments[int(s)].fd is not None:
                     buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f)
-                    out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
-                    continue
+                    if len(sel) == m:                      # every row from this segment: one conversion pass
+                        out = torch.from_numpy(buf).to(torch.float32)
+                    else:
+                        out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
+                    continue                               # pread leaves padding slots at zero
+                padded_by_take = True
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
                 order = np.argsort(idx, kind="stable")
                 vals = np.empty((len(idx), self.dim), dtype=frames.dtype)
                 vals[order] = np.take(frames, idx[order], axis=0)
                 out[torch.from_numpy(sel)] = torch.from_numpy(vals).view(len(sel), f, self.dim).to(torch.float32)
-            out.mul_(torch.from_numpy(mask).unsqueeze(-1))
+            if padded_by_take:
+                out.mul_(torch.from_numpy(mask).unsqueeze(-1))
         mask_t = torch.from_numpy(mask)
         if self.model is not None and hasattr(self.model, "from_index_rows"):
             return self.model.from_index_rows(out, mask_t)

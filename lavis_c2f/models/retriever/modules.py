@@ -333,19 +333,26 @@ class InteractiveSimilarityAggregation(nn.Module):
         self.size, self.temperature = int(size), float(temperature)
         self.weight = nn.Parameter(torch.eye(self.size))
 
-    def forward(self, sims: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sims (..., N), mask (..., N) or None -> (...)."""
-        n = sims.shape[-1]
+    def forward(self, sims: torch.Tensor, mask: Optional[torch.Tensor] = None, dim: int = -1) -> torch.Tensor:
+        """sims (..., N) (``dim=-1``) or (..., N, M) (``dim=-2``, one vector per column),
+        mask broadcastable to ``sims`` or None -> ``sims`` without ``dim``."""
+        if dim not in (-1, -2):
+            raise ValueError(f"ISA aggregates over dim -1 or -2, got {dim}")
+        n = sims.shape[dim]
         if n > self.size:
             raise ValueError(f"ISA built for at most {self.size} items, got {n}")
         w_mix = self.weight[:n, :n].to(sims.dtype)
+
+        def mix(p: torch.Tensor) -> torch.Tensor:      # p @ W along ``dim``
+            return p @ w_mix if dim == -1 else (p.transpose(-1, -2) @ w_mix).transpose(-1, -2)
+
         if mask is None:
-            p = torch.softmax(sims / self.temperature, dim=-1)
-            w = torch.softmax((p @ w_mix) / self.temperature, dim=-1)
-            return (w * sims).sum(-1)
-        p = masked_softmax(sims / self.temperature, mask)
-        w = masked_softmax((p @ w_mix) / self.temperature, mask)
-        return (w * sims * (mask > 0).to(sims.dtype)).sum(-1)
+            p = torch.softmax(sims / self.temperature, dim=dim)
+            w = torch.softmax(mix(p) / self.temperature, dim=dim)
+            return (w * sims).sum(dim)
+        p = masked_softmax(sims / self.temperature, mask, dim=dim)
+        w = masked_softmax(mix(p) / self.temperature, mask, dim=dim)
+        return (w * sims * (mask > 0).to(sims.dtype)).sum(dim)
 
 
 def two_way_isa(sims: torch.Tensor, word_mask: Optional[torch.Tensor], item_mask: Optional[torch.Tensor],
@@ -362,14 +369,14 @@ def two_way_isa(sims: torch.Tensor, word_mask: Optional[torch.Tensor], item_mask
         score = (s2i + i2w) / 2
 
     Args:
-        sims: (P, Lw, N) similarities of P pairs.
-        word_mask: (P, Lw) or None (every word counts); item_mask: (P, N) or None.
+        sims: (..., Lw, N) similarities of any batch of pairs (a strided view is fine).
+        word_mask: (..., Lw) or None (every word counts); item_mask: (..., N) or None.
     Returns:
-        (P,) scores.
+        (...) scores.
     """
-    per_item = words_per_item(sims.transpose(1, 2), None if word_mask is None else word_mask.unsqueeze(1))
-    s2i = items_after_words(per_item, item_mask)                                       # (P,)
-    per_word = items_per_word(sims, None if item_mask is None else item_mask.unsqueeze(1))
+    per_item = words_per_item(sims, None if word_mask is None else word_mask.unsqueeze(-1), dim=-2)   # (..., N)
+    s2i = items_after_words(per_item, item_mask)
+    per_word = items_per_word(sims, None if item_mask is None else item_mask.unsqueeze(-2))         # (..., Lw)
     i2w = words_after_items(per_word, word_mask)
     return (s2i + i2w) / 2.0
 

@@ -555,7 +555,8 @@ class C2FUCoFiA(BaseModel):
         fmask = ve.mask if self.mask_padded_frames else None
         pmask = fmask.repeat_interleave(1 + self.topk, dim=1) if fmask is not None else None
         wmask = te.mask if self.mask_padded_words else None
-        vs = scale * (t @ self.global_mat_weight.to(dt)) @ (ve.video @ self.global_mat_weight_1.to(dt)).t()
+        # s (t Wg)(v Wg1)^T, associated as s ((t Wg) Wg1^T) v^T: E^2 work per text, not per video
+        vs = scale * ((t @ self.global_mat_weight.to(dt)) @ self.global_mat_weight_1.to(dt).t()) @ ve.video.t()
         nt, nv = len(te), len(ve)
         sf = torch.empty(nt, nv, dtype=vs.dtype, device=vs.device)
         pw = torch.empty_like(sf)
@@ -566,9 +567,9 @@ class C2FUCoFiA(BaseModel):
             v1 = min(nv, v0 + vb)
             for t0 in range(0, nt, tb):
                 t1 = min(nt, t0 + tb)
-                c = torch.einsum("te,vfe->tvf", t[t0:t1], frames[v0:v1])
-                fm = None if fmask is None else fmask[v0:v1].repeat(t1 - t0, 1)
-                sf[t0:t1, v0:v1] = self.frame_isa(c.reshape(-1, c.shape[-1]), fm).view(t1 - t0, v1 - v0)
+                fv = frames[v0:v1]
+                c = (fv.reshape(-1, fv.shape[-1]) @ t[t0:t1].t()).view(v1 - v0, -1, t1 - t0).permute(2, 0, 1)
+                sf[t0:t1, v0:v1] = self.frame_isa(c, None if fmask is None else fmask[v0:v1])   # (T, V, F)
                 pw[t0:t1, v0:v1] = self._pixel_word(words[t0:t1], pixels[v0:v1],
                                                     None if wmask is None else wmask[t0:t1],
                                                     None if pmask is None else pmask[v0:v1])
@@ -579,13 +580,14 @@ class C2FUCoFiA(BaseModel):
 
     def _pixel_word(self, words: torch.Tensor, pixels: torch.Tensor, wmask: Optional[torch.Tensor],
                     pmask: Optional[torch.Tensor]) -> torch.Tensor:
-        """words (T, L, E) already times ``local_mat_weight``, pixels (V, P, E) -> (T, V)."""
+        """words (T, L, E) already times ``local_mat_weight``, pixels (V, P, E) (a strided view
+        of the index's rows is fine: one GEMM, no copy) -> (T, V)."""
         (nt, nl, e), (nv, npx) = words.shape, pixels.shape[:2]
-        x = (words.reshape(nt * nl, e) @ pixels.reshape(nv * npx, e).t()).view(nt, nl, nv, npx)
-        x = x.permute(0, 2, 1, 3).reshape(nt * nv, nl, npx)
-        wm = None if wmask is None else wmask.repeat_interleave(nv, dim=0)
-        pm = None if pmask is None else pmask.repeat(nt, 1)
-        return two_way_isa(x, wm, pm, self.word_isa, self.pixel_isa2, self.pixel_isa, self.word_isa2).view(nt, nv)
+        x = torch.matmul(pixels, words.reshape(nt * nl, e).t())                 # (V, P, T L)
+        x = x.view(nv, npx, nt, nl).permute(2, 0, 3, 1)                         # (T, V, L, P)
+        wm = None if wmask is None else wmask[:, None, :]
+        pm = None if pmask is None else pmask[None]
+        return two_way_isa(x, wm, pm, self.word_isa, self.pixel_isa2, self.pixel_isa, self.word_isa2)
 
     def sinkhorn_video_bias(self, bank_level_logits: torch.Tensor) -> torch.Tensor:
         """SK-norm biases: (3, B, V) logits of a bank of B texts -> (3, V) (module docstring,
