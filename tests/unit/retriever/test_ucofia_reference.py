@@ -5,10 +5,12 @@ gradient to the pixels within 1e-4 relative to its largest entry (the issue's bo
 """
 import logging
 
+import numpy as np
 import pytest
 import torch
 
 from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.evaluation.retrieval import retrieval_metrics
 from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
 from lavis_c2f.models.retriever import C2FUCoFiA, load_ucofia_checkpoint
 from lavis_c2f.models.retriever.ucofia_checkpoint import _RENAME
@@ -118,7 +120,15 @@ def test_levels_sk_norm_and_scores_match(model, encoded, fx):
         close(model.ucofia_scores(te, ve, video_bias=bias), o["sim_matrix"])
         # the retrieval API: biases stored per video (V, 3), scores in blocks of any size
         vb = model.compute_video_bias(bank, ve)
-        close(model.score(te, ve, video_bias=vb, block_size=3), o["sim_matrix"])
+        sim = model.score(te, ve, video_bias=vb, block_size=3)
+        close(sim, o["sim_matrix"])
+    # the official compute_metrics on sim and sim^T (MR = median rank)
+    ours = retrieval_metrics(sim.numpy(), np.arange(len(sim)))
+    for direction in ("t2v", "v2t"):
+        ref = o[f"{direction}_metrics"]
+        got = ours[direction]
+        assert (got["R@1"], got["R@5"], got["R@10"], got["MdR"], got["MnR"]) == (
+            ref["R1"], ref["R5"], ref["R10"], ref["MR"], ref["MeanR"])
 
 
 def test_training_step_matches(ref_dir, fx):
