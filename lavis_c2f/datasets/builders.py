@@ -212,7 +212,38 @@ def load_dataset_yaml(path: str) -> Any:
     return ds[list(ds.keys())[0]]
 
 
-class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
+class C2FBuilderBase(BaseDatasetBuilder):
+    """LAVIS builder plumbing shared by the c2f builders: the default dataset YAML, reading the
+    config node (None -> the default YAML, a YAML path, or the ``datasets.<name>`` node LAVIS
+    passes) and ``build``. Subclasses parse the node and implement ``build_datasets``."""
+
+    DATASET_CONFIG_DICT: Dict[str, str] = {}
+    NAME = ""
+
+    @classmethod
+    def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
+        if type not in cls.DATASET_CONFIG_DICT:
+            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
+                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
+        return config_path(cls.DATASET_CONFIG_DICT[type])
+
+    @classmethod
+    def read_config(cls, cfg: Any) -> Any:
+        """The ``datasets.<name>`` node for ``cfg`` (None: the default YAML; a path: that YAML)."""
+        if cfg is None:
+            return load_dataset_yaml(cls.default_config_path())
+        if isinstance(cfg, (str, os.PathLike)):
+            return load_dataset_yaml(str(cfg))
+        return cfg
+
+    def build_processors(self) -> None:  # processors come from the dataset keys, not vis_processor:
+        pass
+
+    def build(self) -> Dict[str, Any]:
+        return self.build_datasets()
+
+
+class C2FFeatureDatasetBuilder(C2FBuilderBase):
     """Base of the c2f builders: pre-extracted features + annotations -> datasets.
 
     ``builder = Builder(cfg)`` with ``cfg`` None (the default YAML), a YAML path, or the
@@ -225,10 +256,7 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
 
     def __init__(self, cfg: Any = None):  # noqa: D401 - LAVIS signature
         # BaseDatasetBuilder.__init__ expects LAVIS's build_info/data_type: not called on purpose.
-        if cfg is None:
-            cfg = load_dataset_yaml(self.default_config_path())
-        elif isinstance(cfg, (str, os.PathLike)):
-            cfg = load_dataset_yaml(str(cfg))
+        cfg = self.read_config(cfg)
         self.config = cfg
         self.data_type = "features"
         self.spec = parse_dataset_config(cfg, self.NAME, self.EXTRA_KEYS, self._default_root())
@@ -238,13 +266,6 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
         self.vis_processors = {"train": vp, "eval": vp}
         self.text_processors = {"train": tp, "eval": tp}
 
-    @classmethod
-    def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        if type not in cls.DATASET_CONFIG_DICT:
-            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
-                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
-        return config_path(cls.DATASET_CONFIG_DICT[type])
-
     # -- hooks
     def _default_root(self) -> Optional[str]:
         return None
@@ -253,9 +274,6 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
         """Called before building (the demo builder generates its corpus here)."""
 
     # -- building
-    def build_processors(self) -> None:  # processors come from the dataset keys, not vis_processor:
-        pass
-
     def _open_store(self, spec: Dict[str, Any], key: str) -> FeatureStore:
         if not os.path.exists(spec["path"]) and not any(c in spec["path"] for c in "*?{["):
             raise ConfigError(f"{key}: feature store not found: {spec['path']}")
@@ -331,9 +349,6 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
                     qid_format=self.spec.qid_format, name=name)
             out[split].clip_length = self.spec.clip_length
         return out
-
-    def build(self) -> Dict[str, Any]:
-        return self.build_datasets()
 
 
 @registry.register_builder("c2f_qvh")

@@ -42,16 +42,15 @@ import os
 from typing import Any, Dict, List
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.data.msrvtt import read_msrvtt_test, read_msrvtt_train
 from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.data.records import MomentRecord
-from lavis_c2f.datasets.builders import load_dataset_yaml
+from lavis_c2f.datasets.builders import C2FBuilderBase
 from lavis_c2f.datasets.video_frames import VideoFramesRetrievalDataset
-from lavis_c2f.paths import config_path, resolve_path
+from lavis_c2f.paths import resolve_path
 from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer, ClipFrameProcessor, ClipTokenizer
 from lavis_c2f.video.decode import probe_many
 from lavis_c2f.video.frame_sampling import FrameSampling
@@ -68,7 +67,7 @@ TOKENIZER_KINDS = ("hf", "clip4clip")
 MAX_LISTED = 20
 
 
-class C2FFramesDatasetBuilder(BaseDatasetBuilder):
+class C2FFramesDatasetBuilder(C2FBuilderBase):
     """Base of the video-file builders (module docstring). ``Builder(cfg)`` with ``cfg``
     None (the default YAML), a YAML path, or the ``datasets.<name>`` node LAVIS passes."""
 
@@ -77,20 +76,9 @@ class C2FFramesDatasetBuilder(BaseDatasetBuilder):
 
     def __init__(self, cfg: Any = None):  # noqa: D401 - LAVIS signature
         # BaseDatasetBuilder.__init__ expects LAVIS's build_info/data_type: not called on purpose.
-        if cfg is None:
-            cfg = load_dataset_yaml(self.default_config_path())
-        elif isinstance(cfg, (str, os.PathLike)):
-            cfg = load_dataset_yaml(str(cfg))
-        self.config = cfg
+        self.config = self.read_config(cfg)
         self.data_type = "videos"
-        self._parse(cfg)
-
-    @classmethod
-    def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        if type not in cls.DATASET_CONFIG_DICT:
-            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
-                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
-        return config_path(cls.DATASET_CONFIG_DICT[type])
+        self._parse(self.config)
 
     # -- config
     def _parse(self, cfg: Any) -> None:
@@ -167,12 +155,10 @@ class C2FFramesDatasetBuilder(BaseDatasetBuilder):
         self.splits = list(d.get("splits") or self.annotations)
         for s in self.splits:
             if s not in self.annotations:
-                raise ConfigError(f"{where}.splits: {s!r} has no entry in {where}.annotations ({sorted(self.annotations)})")
+                raise ConfigError(f"{where}.splits: {s!r} has no entry in {where}.annotations "
+                                  f"({sorted(self.annotations)})")
 
     # -- building
-    def build_processors(self) -> None:  # processors come from the dataset keys
-        pass
-
     def read_split(self, split: str) -> List[MomentRecord]:
         """Records of ``split`` (ConfigError naming the YAML key when a file is missing)."""
         a, aw = self.annotations[split], f"{self.where}.annotations.{split}"
@@ -228,9 +214,6 @@ class C2FFramesDatasetBuilder(BaseDatasetBuilder):
                 tokenizer=tokenizer, train=train, seed=self.seed, decode_backend=self.decode_backend,
                 name=f"{self.NAME}/{split}")
         return out
-
-    def build(self) -> Dict[str, VideoFramesRetrievalDataset]:
-        return self.build_datasets()
 
 
 @registry.register_builder("c2f_msrvtt")

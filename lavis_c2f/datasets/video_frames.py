@@ -29,7 +29,7 @@ the file and the reason.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch

@@ -32,6 +32,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
@@ -99,9 +101,6 @@ class ClipFrameProcessor(BaseProcessor):
     def __call__(self, frames: Any, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """frames (F, H, W, 3) uint8 (numpy or torch) -> (F, 3, S, S) float32; ``generator``
         draws the train-mode crop and flip (default: torch's global generator)."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
-
         x = torch.as_tensor(frames)
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
             raise ValueError(f"frames must be (F, H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")

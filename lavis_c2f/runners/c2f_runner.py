@@ -184,7 +184,8 @@ class C2FRunner:
         for i, g in enumerate(raw):
             g = check_keys(g, {"prefix", "lr"}, f"run.lr_groups[{i}]")
             if not isinstance(g.get("prefix"), str) or not g["prefix"]:
-                raise ConfigError(f"run.lr_groups[{i}].prefix: expected a parameter-name prefix, got {g.get('prefix')!r}")
+                raise ConfigError(f"run.lr_groups[{i}].prefix: expected a parameter-name prefix, "
+                                  f"got {g.get('prefix')!r}")
             try:
                 lr = float(g["lr"])
             except (KeyError, TypeError, ValueError):

@@ -297,15 +297,18 @@ class StochasticText(nn.Module):
             return torch.rand(shape, device=device, dtype=dtype, generator=generator)
         return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.prior_std
 
-    def sample_eps_rows(self, n: int, row_shape: Tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    def sample_eps_rows(self, n: int, row_shape: Tuple[int, ...], generator: torch.Generator,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(n, *row_shape) CPU noise whose rows concatenate: drawing n1 then n2 rows from a
         generator gives the same rows as drawing n1 + n2 at once (uniform: ``rand``; normal:
-        Box-Muller of ``rand`` pairs, as ``randn`` is only consistent for sizes divisible by 16)."""
+        Box-Muller of ``rand`` pairs, as ``randn`` is only consistent for sizes divisible by 16).
+        ``out``: a float32 CPU tensor of that shape to fill."""
         if self.prior == "uniform":
-            return torch.rand((n,) + tuple(row_shape), generator=generator)
+            return torch.rand((n,) + tuple(row_shape), generator=generator, out=out)
         u = torch.rand((n, 2) + tuple(row_shape), generator=generator, dtype=torch.float64)
         z = torch.sqrt(-2.0 * torch.log1p(-u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
-        return (z * self.prior_std).float()
+        z = (z * self.prior_std).float()
+        return z if out is None else out.copy_(z)
 
 
 # ----------------------------------------------------------------------------------------

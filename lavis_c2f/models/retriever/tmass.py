@@ -107,7 +107,7 @@ INFERENCE_KEYS = ("inference_mode", "num_trials", "trial_include_mean", "eval_se
 _HASH_EXCLUDED = frozenset(INFERENCE_KEYS) | {"clip_path", "freeze_clip", "tmass_checkpoint"}
 # keys added after indexes were first built: at these values they are left out of the config
 # hash, so the fingerprint of a model without them is unchanged
-_HASH_OMITTED_DEFAULTS = {"clip_config": None, "logit_scale_source": "own"}
+_HASH_OMITTED_DEFAULTS = {"clip_config": None, "logit_scale_source": "own", "mask_duplicate_videos": True}
 NOISE_MODES = ("shared", "per_pair")
 PER_PAIR_CHUNK = 256  # pairs whose (K, D) trial embeddings are materialised at once
 
@@ -236,6 +236,9 @@ class C2FTMassRetriever(BaseModel):
         inference_noise: ``shared`` | ``per_pair`` (see the module docstring).
         tmass_checkpoint: an official T-MASS checkpoint whose weights are loaded after
             construction (``from_config`` only; the keys are mapped and loaded strictly).
+        mask_duplicate_videos: in training, the same video twice in a batch is a positive
+            for both texts (masked out of the denominators); false: an ordinary negative, as
+            the reference trainer.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -255,7 +258,7 @@ class C2FTMassRetriever(BaseModel):
         weight_video_sentence=1.0, weight_frame_sentence=1.0, weight_frame_word=1.0,
         isa_temperature=0.01, max_words=32, sinkhorn=False, sinkhorn_iters=4, sinkhorn_temperature=0.01,
         score_block_size=4096, clip_path=None, freeze_clip=True, clip_config=None, logit_scale_source="own",
-        inference_noise="shared", tmass_checkpoint=None,
+        inference_noise="shared", tmass_checkpoint=None, mask_duplicate_videos=True,
     )
     _NULLABLE = ("clip_path", "clip_config", "tmass_checkpoint")
 
@@ -273,7 +276,8 @@ class C2FTMassRetriever(BaseModel):
                  sinkhorn_iters: int = 4, sinkhorn_temperature: float = 0.01, score_block_size: int = 4096,
                  clip_path: Optional[str] = None, freeze_clip: bool = True,
                  clip_config: Optional[Mapping[str, Any]] = None, logit_scale_source: str = "own",
-                 inference_noise: str = "shared", tmass_checkpoint: Optional[str] = None):
+                 inference_noise: str = "shared", tmass_checkpoint: Optional[str] = None,
+                 mask_duplicate_videos: bool = True):
         super().__init__()
         self.hparams: Dict[str, Any] = dict(
             text_input_dim=int(text_input_dim), video_input_dim=int(video_input_dim), embed_dim=int(embed_dim),
@@ -292,7 +296,8 @@ class C2FTMassRetriever(BaseModel):
             score_block_size=int(score_block_size), clip_path=None if clip_path in (None, "") else str(clip_path),
             freeze_clip=bool(freeze_clip), clip_config=None if clip_config is None else _plain_dict(clip_config),
             logit_scale_source=str(logit_scale_source), inference_noise=str(inference_noise),
-            tmass_checkpoint=None if tmass_checkpoint in (None, "") else str(tmass_checkpoint))
+            tmass_checkpoint=None if tmass_checkpoint in (None, "") else str(tmass_checkpoint),
+            mask_duplicate_videos=bool(mask_duplicate_videos))
         h = self.hparams
         self._validate(h)
         for k, v in h.items():
@@ -448,9 +453,6 @@ class C2FTMassRetriever(BaseModel):
         h = dict(self.hparams)
         for k, v in kwargs.items():
             h[k] = type(self.DEFAULTS[k])(v)
-        if h["inference_noise"] not in NOISE_MODES:
-            raise ConfigError(f"configure_inference: inference_noise must be one of {NOISE_MODES}, "
-                              f"got {h['inference_noise']!r}")
         self._validate(h)
         self.hparams = h
         for k in kwargs:
@@ -491,7 +493,8 @@ class C2FTMassRetriever(BaseModel):
         """
         if input_ids is not None:
             if self.clip is None:
-                raise ValueError("input_ids given but the model has no CLIP towers (clip_path is not set)")
+                raise ValueError("input_ids given but the model has no CLIP tower "
+                                 "(neither clip_path nor clip_config is set)")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             src_txt, src_txt_mask, txt_pooled = self.clip.encode_text(input_ids, attention_mask)
@@ -536,7 +539,8 @@ class C2FTMassRetriever(BaseModel):
         dev = self._device
         if pixel_values is not None:
             if self.clip is None:
-                raise ValueError("pixel_values given but the model has no CLIP towers (clip_path is not set)")
+                raise ValueError("pixel_values given but the model has no CLIP tower "
+                                 "(neither clip_path nor clip_config is set)")
             if pixel_values.ndim != 5:
                 raise ValueError(f"pixel_values must be (B, Lf, 3, H, W), got {tuple(pixel_values.shape)}")
             size = self.clip.image_size
@@ -674,12 +678,12 @@ class C2FTMassRetriever(BaseModel):
 
         Keys: ``src_txt``/``src_txt_mask``/``txt_pooled`` (or ``txt_input_ids``/
         ``txt_attention_mask`` with CLIP towers), ``src_vid``/``src_vid_mask`` (or
-        ``vid_pixels``/``vid_pixels_mask``), optional ``vid`` (list, duplicates masked).
-        Returns ``{"loss", "loss_nce", "loss_support", "logit_scale"}``.
+        ``vid_pixels``/``vid_pixels_mask``), optional ``vid`` (list; duplicates masked when
+        ``mask_duplicate_videos``). Returns ``{"loss", "loss_nce", "loss_support", "logit_scale"}``.
         """
         text = self.encode_text_batch(samples)
         video = self.encode_video_batch(samples)
-        return self.contrastive_losses(text, video, samples.get("vid"))
+        return self.contrastive_losses(text, video, samples.get("vid") if self.mask_duplicate_videos else None)
 
     def encode_text_batch(self, batch: Mapping[str, Any]) -> TextEmbedding:
         """The queries of a retrieval batch: CLIP token ids (``txt_input_ids``,
@@ -802,7 +806,9 @@ class C2FTMassRetriever(BaseModel):
         """(len(gens) * n_videos, K, D) per-pair noise: each text's generator draws the next
         ``n_videos`` videos' (K, D) blocks, in video order."""
         k, d = self.num_trials, self.embed_dim
-        eps = torch.stack([self.stochastic.sample_eps_rows(n_videos, (k, d), g) for g in gens])
+        eps = torch.empty(len(gens), n_videos, k, d)
+        for i, g in enumerate(gens):
+            self.stochastic.sample_eps_rows(n_videos, (k, d), g, out=eps[i])
         return eps.reshape(-1, k, d).to(self._device)
 
     def _video_sentence_scores(self, pt: _PreparedText, pv: _PreparedVideo, qi, vi, sims_tf,

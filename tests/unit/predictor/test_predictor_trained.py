@@ -203,3 +203,14 @@ def test_refine_without_refiner_is_an_error(predictor, videos):
 
 def test_random_backbone_dims_of_the_helpers():
     assert random_backbone().dim == GROUNDER_CFG["txt_dim"] == GROUNDER_CFG["vid_dim"] - 2
+
+
+def test_checkpoint_weights_replace_an_official_tmass_start_point(tmp_path, ckpts):
+    """A run started from official T-MASS weights stores model.tmass_checkpoint in its config;
+    loading the run's checkpoint does not need that file any more."""
+    ck = torch.load(ckpts["retriever"], weights_only=True)
+    ck["config"]["model"]["tmass_checkpoint"] = str(tmp_path / "gone" / "model_best.pth")
+    path = tmp_path / "from_official.pth"
+    save_checkpoint(ck, path)
+    model = load_retriever(path)
+    assert model.video_input_dim == 16 and model.tmass_checkpoint is None

@@ -44,3 +44,24 @@ def test_explicit_noise_and_errors():
         m.score_pairs(t, v, torch.tensor([0, 1]), torch.tensor([1, 2]))
     with pytest.raises(ConfigError, match="inference_noise"):
         m.configure_inference(inference_noise="fresh")
+
+
+def test_duplicate_videos_option_and_logit_scale_clamp():
+    batch = random_batch(b=4, seed=2, vids=["a", "b", "a", "c"])
+    torch.manual_seed(0)
+    masked = tiny_model(pool_dropout=0.0).train()
+    plain = tiny_model(pool_dropout=0.0, mask_duplicate_videos=False).train()
+    with torch.no_grad():
+        masked.logit_scale.fill_(masked.logit_scale_max + 1.0)       # above the clamp
+        t, v = masked.encode_text_batch(batch), masked.encode_video_batch(batch)
+        eps = torch.rand(4, masked.embed_dim)
+        want_masked = masked.contrastive_losses(t, v, batch["vid"], noise=eps)
+        want_plain = masked.contrastive_losses(t, v, None, noise=eps)
+    assert masked.logit_scale.item() == pytest.approx(masked.logit_scale_max)   # clamped in place in training
+    assert want_masked["loss_nce"] < want_plain["loss_nce"]
+    plain.load_state_dict(masked.state_dict())
+    torch.manual_seed(1)
+    got = plain(batch)
+    torch.manual_seed(1)
+    ref = masked.contrastive_losses(masked.encode_text_batch(batch), masked.encode_video_batch(batch), None)
+    torch.testing.assert_close(got["loss"], ref["loss"])

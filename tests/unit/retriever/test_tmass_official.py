@@ -126,12 +126,14 @@ def test_loads_from_a_clip_folder_and_from_yaml(ref_dir, fx, emb, tmp_path):
         _close(y.pooled_video(*emb), fx["outputs"]["video_features_pooled"].transpose(0, 1))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_bad_checkpoints_raise_one_clear_error(ref_dir, fx, tmp_path):
     good = ref_dir / "tmass_model_best.pth"
     with pytest.raises(ConfigError, match="stores no CLIP architecture"):
         load_tmass_checkpoint(good)
     narrow = dict(fx["clip_config"], projection_dim=256)
-    with pytest.raises(ConfigError, match="T-MASS modules are 512-wide but the given CLIP architecture projects to 256"):
+    with pytest.raises(ConfigError, match="T-MASS modules are 512-wide but the given CLIP architecture "
+                                          "projects to 256"):
         load_tmass_checkpoint(good, narrow)
     deeper = dict(fx["clip_config"], vision_config=dict(fx["clip_config"]["vision_config"], num_hidden_layers=3))
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(16\).*vision_model.encoder.layers.2"):

@@ -40,7 +40,8 @@ def official_layout_checkpoint(path, clip_cfg, num_frames, seed=0):
     for i in (1, 2, 3):
         sd[f"pool_frames.layer_norm{i}.weight"] = 1 + 0.1 * torch.randn(d, generator=g)
         sd[f"pool_frames.layer_norm{i}.bias"] = 0.1 * torch.randn(d, generator=g)
-    sd["stochastic.std_branch.linear_proj.weight"] = torch.eye(d, num_frames) + 2 * torch.randn(d, num_frames, generator=g)
+    sd["stochastic.std_branch.linear_proj.weight"] = (torch.eye(d, num_frames)
+                                                      + 2 * torch.randn(d, num_frames, generator=g))
     sd["stochastic.std_branch.linear_proj.bias"] = -0.5 + 0.3 * torch.randn(d, generator=g)
     sd["stochastic.std_branch.learnable_scalar"] = torch.zeros(1)
     torch.save({"epoch": 3, "state_dict": sd, "optimizer": {"state": {}, "param_groups": []}}, path)

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[3]
 PROJECTS = sorted(p for p in (REPO / "projects" / "c2f").glob("*.yaml") if "stage3" not in p.name)
 EXPECTED = {f"{ds}_{kind}.yaml" for ds in ("qvh", "charades_sta", "tacos")
             for kind in ("stage1", "stage2", "stage2_mesm", "c2f")} | {"demo_stage1.yaml", "demo_stage2.yaml",
-                                                                        "demo_c2f.yaml"}
+                                                                        "demo_c2f.yaml", "msrvtt_tmass.yaml"}
 
 
 def _runner_keys():
@@ -30,16 +30,28 @@ def test_all_projects_exist():
     assert EXPECTED <= {p.name for p in PROJECTS}
 
 
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP with CLIP ViT-B's 512-d projection, for projects with a CLIP tower."""
+    from frames_helpers import write_tiny_clip
+
+    d = tmp_path_factory.mktemp("clip512")
+    write_tiny_clip(d, width=16, proj=512, layers=1, image_size=32)
+    return d
+
+
 @pytest.mark.parametrize("path", PROJECTS, ids=lambda p: p.name)
-def test_project_yaml_is_valid(path, monkeypatch, tmp_path):
+def test_project_yaml_is_valid(path, monkeypatch, tmp_path, clip_dir):
     import lavis_c2f  # noqa: F401
     from lavis.common.config import Config
     from lavis.common.registry import registry
 
     from lavis_c2f.datasets.builders import parse_dataset_config
+    from lavis_c2f.datasets.frames_builders import C2FFramesDatasetBuilder
     from lavis_c2f.models.grounder.config_schema import resolve_config, to_plain
 
     monkeypatch.setenv("C2F_OUTPUT", str(tmp_path))
+    monkeypatch.setenv("C2F_CLIP_PATH", str(clip_dir))
     cfg = Config(argparse.Namespace(cfg_path=str(path), options=None))
     run = cfg.run_cfg
     task_cls = registry.get_task_class(run.task)
@@ -52,11 +64,16 @@ def test_project_yaml_is_valid(path, monkeypatch, tmp_path):
     # datasets: every key known (files are not opened)
     for name in cfg.datasets_cfg:
         builder = registry.get_builder_class(name)
-        spec = parse_dataset_config(cfg.datasets_cfg[name], name, builder.EXTRA_KEYS, None)
-        expected = {"c2f_video_retrieval": "video_retrieval"}.get(run.task, "moment_retrieval")
-        assert spec.dataset_type == expected, path.name
+        if issubclass(builder, C2FFramesDatasetBuilder):            # video files: parsed, not opened
+            assert run.task == "c2f_video_retrieval", path.name
+            annotations = builder(cfg.datasets_cfg[name]).annotations
+        else:
+            spec = parse_dataset_config(cfg.datasets_cfg[name], name, builder.EXTRA_KEYS, None)
+            expected = {"c2f_video_retrieval": "video_retrieval"}.get(run.task, "moment_retrieval")
+            assert spec.dataset_type == expected, path.name
+            annotations = spec.annotations
         for s in set(run.get("train_splits", [])) | set(run.get("valid_splits", [])) | set(run.get("test_splits", [])):
-            assert s in spec.annotations, f"{path.name}: split {s} has no annotations"
+            assert s in annotations, f"{path.name}: split {s} has no annotations"
     # model: every key known; small models are built
     model_cfg = cfg.model_cfg
     cls = registry.get_model_class(model_cfg.arch)
