@@ -77,3 +77,30 @@ def test_unmasked_isa_and_two_way_isa_are_the_official_expressions():
         ones = torch.ones(3, 6), torch.ones(3, 8)
         assert torch.allclose(two_way_isa(x, *ones, *isa), ours, atol=1e-6)
     assert math.isfinite(float(ours.sum()))
+
+
+def test_init_from_clip_follows_the_official_trainer(tmp_path):
+    from ucofia_helpers import write_openai_clip
+
+    from lavis_c2f.common.errors import ConfigError
+    from lavis_c2f.models.retriever import C2FUCoFiA, init_ucofia_from_clip
+
+    path = write_openai_clip(tmp_path / "ViT-B-32.pt", embed=16, width=16, vision_layers=2, text_layers=2)
+    sd = {k: v.float() for k, v in torch.load(path, weights_only=True).items()}
+    m = init_ucofia_from_clip(str(path), max_words=8, max_frames=4, temporal_layers=3, shift_layers=[1])
+    own = m.state_dict()
+    assert torch.equal(own["frame_position_embeddings.weight"], sd["positional_embedding"])
+    k_proj = sd["transformer.resblocks.1.attn.in_proj_weight"][16:32]          # temporal block 1 = text block 1
+    assert torch.equal(own["temporal.layers.1.self_attn.k_proj.weight"], k_proj)
+    assert torch.equal(own["clip.model.text_projection.weight"], sd["text_projection"].t())
+    assert torch.equal(own["clip.model.vision_model.encoder.layers.1.mlp.fc1.weight"],
+                       sd["visual.transformer.resblocks.1.mlp.c_fc.weight"])
+    assert torch.equal(own["global_mat_weight"], torch.eye(16)) and torch.equal(own["frame_isa.weight"], torch.eye(4))
+    assert m.temporal.layers[0].layer_norm1.eps == 1e-12 and m.hparams["frame_positions"] == 77
+    cfg = {"arch": "c2f_ucofia_retriever", "clip_weights": str(path), "max_words": 8, "max_frames": 4,
+           "temporal_layers": 1, "shift_layers": [1], "sk_norm": False}
+    assert C2FUCoFiA.from_config(cfg).sk_norm is False
+    with pytest.raises(ConfigError, match="clip_weights"):
+        C2FUCoFiA.from_config({k: v for k, v in cfg.items() if k != "clip_weights"})
+    with pytest.raises(ConfigError, match="max_frame"):
+        C2FUCoFiA.from_config({**cfg, "max_frame": 4})
