@@ -1,11 +1,14 @@
-"""A tiny random CLIP in OpenAI's state-dict layout (the ``ViT-B-32.pt`` key names), for UCoFiA
-tests that need a CLIP file of their own."""
+"""UCoFiA test helpers: a tiny random CLIP in OpenAI's state-dict layout (the ``ViT-B-32.pt`` key
+names), a tiny UCoFiA model and random UCoFiA embeddings (scoring tests need no CLIP forward)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict
 
 import torch
+
+from lavis_c2f.models.retriever import C2FUCoFiA, UCoFiAText, UCoFiAVideo
+from lavis_c2f.models.retriever.modules import l2norm
 
 
 def _block(prefix: str, w: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
@@ -41,3 +44,38 @@ def openai_clip_state_dict(embed: int = 16, width: int = 16, vision_layers: int 
 def write_openai_clip(path: Path, **kw) -> Path:
     torch.save(openai_clip_state_dict(**kw), path)
     return path
+
+
+E, F, L, K = 16, 4, 6, 3                # embedding width, frames, words, top-k
+
+
+def tiny_ucofia(seed=0, **kw):
+    """A UCoFiA of tiny sizes (no patch shift) with perturbed scoring weights, in eval mode."""
+    torch.manual_seed(seed)
+    m = C2FUCoFiA(embed_dim=E, vision_width=16, vision_layers=1, vision_patch_size=4, image_resolution=28,
+                  text_width=E, text_layers=1, context_length=77, vocab_size=100, max_words=L, max_frames=F,
+                  temporal_layers=1, frame_positions=77, topk=K, shift_layers=[], **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.startswith("clip."):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def random_videos(n, seed=0):
+    """Videos with 1..F real frames; a frame's CLS row is its first patch row, as the encoder's."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randn(n, F, E, generator=g)
+    lengths = torch.randint(1, F + 1, (n,), generator=g)
+    mask = (torch.arange(F)[None] < lengths[:, None]).float()
+    sel = torch.randn(n, F, K, E, generator=g)
+    patches = torch.cat([frames.unsqueeze(2), sel], 2).reshape(n, F * (1 + K), E)
+    return UCoFiAVideo(frames, mask, patches, l2norm(torch.randn(n, E, generator=g)))
+
+
+def random_texts(n, seed=1, words=L):
+    """Texts with ``words`` real tokens of L (the rest padding rows)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(L) < words).float().expand(n, L).clone()
+    return UCoFiAText(torch.randn(n, E, generator=g), torch.randn(n, L, E, generator=g), mask)

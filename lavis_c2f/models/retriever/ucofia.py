@@ -252,9 +252,6 @@ class C2FUCoFiA(BaseModel):
 
     PRETRAINED_MODEL_CONFIG_DICT = {"msrvtt": config_path("models/c2f_ucofia_msrvtt.yaml")}
 
-    SIZE_KEYS = ("embed_dim", "vision_width", "vision_layers", "vision_patch_size", "image_resolution",
-                 "text_width", "text_layers", "context_length", "vocab_size", "max_words", "max_frames",
-                 "temporal_layers", "frame_positions", "topk")
     OPTION_DEFAULTS: Dict[str, Any] = dict(
         topk_samples=500, topk_sigma=0.05, shift_layers=(10, 11), shift_fold_div=7, shift_offset=3,
         isa_temperature=0.01, sinkhorn_iters=4, sk_norm=True, mask_padded_words=False, mask_padded_frames=False,

@@ -5,38 +5,9 @@ import pytest
 import torch
 
 from lavis_c2f.index import CorpusIndex
-from lavis_c2f.models.retriever import C2FUCoFiA, UCoFiAText, UCoFiAVideo
-from lavis_c2f.models.retriever.modules import l2norm
+from lavis_c2f.models.retriever import UCoFiAVideo
 
-E, F, L, K = 16, 4, 6, 3
-
-
-def tiny_ucofia(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = C2FUCoFiA(embed_dim=E, vision_width=16, vision_layers=1, vision_patch_size=4, image_resolution=28,
-                  text_width=E, text_layers=1, context_length=77, vocab_size=100, max_words=L, max_frames=F,
-                  temporal_layers=1, frame_positions=77, topk=K, shift_layers=[], **kw)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if not name.startswith("clip."):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return m.eval()
-
-
-def random_videos(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    frames = torch.randn(n, F, E, generator=g)
-    lengths = torch.randint(1, F + 1, (n,), generator=g)
-    mask = (torch.arange(F)[None] < lengths[:, None]).float()
-    sel = torch.randn(n, F, K, E, generator=g)
-    patches = torch.cat([frames.unsqueeze(2), sel], 2).reshape(n, F * (1 + K), E)
-    return UCoFiAVideo(frames, mask, patches, l2norm(torch.randn(n, E, generator=g)))
-
-
-def random_texts(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return UCoFiAText(torch.randn(n, E, generator=g), torch.randn(n, L, E, generator=g), torch.ones(n, L))
+from ucofia_helpers import F, K, random_texts, random_videos, tiny_ucofia
 
 
 @pytest.fixture(scope="module")

@@ -104,3 +104,33 @@ def test_init_from_clip_follows_the_official_trainer(tmp_path):
         C2FUCoFiA.from_config({k: v for k, v in cfg.items() if k != "clip_weights"})
     with pytest.raises(ConfigError, match="max_frame"):
         C2FUCoFiA.from_config({**cfg, "max_frame": 4})
+
+
+def test_quirk_switches_do_what_docs_ucofia_md_says():
+    from ucofia_helpers import random_texts, random_videos, tiny_ucofia
+
+    from lavis_c2f.models.retriever import UCoFiAText, UCoFiAVideo
+
+    te, ve = random_texts(3, words=4), random_videos(5)
+    g = torch.Generator().manual_seed(9)
+    te2 = UCoFiAText(te.sentence, torch.where(te.mask.bool()[..., None], te.words,
+                                              torch.randn(te.words.shape, generator=g)), te.mask)
+    pmask = ve.mask.repeat_interleave(4, 1).bool()[..., None]
+    ve2 = UCoFiAVideo(torch.where(ve.mask.bool()[..., None], ve.frames, torch.randn(ve.frames.shape, generator=g)),
+                      ve.mask, torch.where(pmask, ve.patches, torch.randn(ve.patches.shape, generator=g)), ve.video)
+    with torch.no_grad():
+        official = tiny_ucofia()
+        a, b = official.level_logits(te, ve), official.level_logits(te2, ve2)
+        assert not torch.allclose(a[1:], b[1:])                              # padding counts (official)
+        words = tiny_ucofia(mask_padded_words=True)
+        torch.testing.assert_close(words.level_logits(te, ve)[2], words.level_logits(te2, ve)[2])
+        frames = tiny_ucofia(mask_padded_frames=True)
+        torch.testing.assert_close(frames.level_logits(te, ve)[1:], frames.level_logits(te, ve2)[1:])
+        scaled = UCoFiAVideo(ve.frames, ve.mask, 3.0 * ve.patches, ve.video)
+        norm = tiny_ucofia(normalize_pixels=True)
+        torch.testing.assert_close(norm.level_logits(te, ve)[2], norm.level_logits(te, scaled)[2])
+        s = float(official.clip.logit_scale.exp())
+        torch.testing.assert_close(tiny_ucofia(pixel_logit_scale=True).level_logits(te, ve)[2], s * a[2])
+        torch.testing.assert_close(tiny_ucofia(eval_pixel_weight=True).level_logits(te, ve),
+                                   official.level_logits(te, ve, pixel_weight=True))
+        assert not torch.allclose(official.level_logits(te, ve, pixel_weight=True)[2], a[2])
