@@ -3,11 +3,10 @@
 
 ``load_tmass_checkpoint`` reads an official T-MASS checkpoint (see
 :mod:`lavis_c2f.models.retriever.tmass_checkpoint`), ``load_ucofia_checkpoint`` an official UCoFiA
-one (:mod:`lavis_c2f.models.retriever.ucofia_checkpoint`).
+one (key mapping in :mod:`lavis_c2f.models.retriever.ucofia_checkpoint`).
 """
 from lavis_c2f.models.retriever.embeddings import (  # noqa: F401
     TextEmbedding, UCoFiAText, UCoFiAVideo, VideoEmbedding)
 from lavis_c2f.models.retriever.tmass import C2FTMassRetriever, MeanPoolingBaseline, load_tmass_checkpoint  # noqa: F401
-from lavis_c2f.models.retriever.ucofia import C2FUCoFiA  # noqa: F401
-from lavis_c2f.models.retriever.ucofia_checkpoint import (  # noqa: F401
-    init_ucofia_from_clip, load_ucofia_checkpoint)
+from lavis_c2f.models.retriever.ucofia import (  # noqa: F401
+    C2FUCoFiA, init_ucofia_from_clip, load_ucofia_checkpoint)

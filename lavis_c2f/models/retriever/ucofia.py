@@ -41,7 +41,7 @@ evaluation draws fresh top-k noise (not repeatable) a ``generator`` / ``topk_noi
 ==================================================  ===================================
 
 The released checkpoint runs blocks 10 and 11 with the pretrained CLIP's attention weights
-(see :func:`~.ucofia_checkpoint.load_ucofia_checkpoint`, ``shift_attention``).
+(see :func:`load_ucofia_checkpoint`, ``shift_attention``).
 """
 from __future__ import annotations
 
@@ -58,12 +58,16 @@ from torch import nn
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError, load_state_dict_strict
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
 from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
     InteractiveSimilarityAggregation, l2norm, masked_mean, model_fingerprint, sinkhorn_video_bias,
     symmetric_infonce, two_way_isa)
 from lavis_c2f.models.retriever.openai_clip import OpenAIClipSizes, heads, transformers_clip_config
+from lavis_c2f.models.retriever.ucofia_checkpoint import (OFFICIAL_SHIFT_LAYERS, clip_init_state_dict,
+                                                          official_state_dict, read_clip_file,
+                                                          read_ucofia_checkpoint, shifted_blocks)
 from lavis_c2f.paths import config_path
 from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer
 
@@ -223,10 +227,8 @@ def video_seed(seed: int, vid: str) -> int:
 
 @registry.register_model("c2f_ucofia_retriever")
 class C2FUCoFiA(BaseModel):
-    """UCoFiA (see the module docstring). Build it with
-    :func:`~lavis_c2f.models.retriever.ucofia_checkpoint.load_ucofia_checkpoint` (released
-    checkpoint), :func:`~lavis_c2f.models.retriever.ucofia_checkpoint.init_ucofia_from_clip`
-    (training from OpenAI CLIP) or :meth:`from_config`.
+    """UCoFiA (see the module docstring). Build it with :func:`load_ucofia_checkpoint` (released
+    checkpoint), :func:`init_ucofia_from_clip` (training from OpenAI CLIP) or :meth:`from_config`.
 
     Args (sizes are read from the weights by the loaders):
         embed_dim, vision_width, vision_layers, vision_patch_size, image_resolution, text_width,
@@ -353,8 +355,6 @@ class C2FUCoFiA(BaseModel):
         initialised from CLIP as the official trainer does. ``shift_attention`` chooses the
         attention weights of the shifted blocks (``pretrained`` | ``checkpoint``).
         """
-        from lavis_c2f.models.retriever.ucofia_checkpoint import (init_ucofia_from_clip,
-                                                                  load_ucofia_checkpoint)
         from lavis_c2f.paths import resolve_path
 
         allowed = set(cls.OPTION_DEFAULTS) | LAVIS_KEYS | {"checkpoint", "clip_weights", "shift_attention",
@@ -721,3 +721,49 @@ class C2FUCoFiA(BaseModel):
         valid[:, 0] = video_emb.mask.sum(-1).cpu() > 0
         out[:, 0] *= valid[:, 0:1]
         return out, valid
+
+
+# ----------------------------------------------------------------------------------------
+# building from weights
+
+def load_ucofia_checkpoint(path: str, clip_weights: str, *, map_location: "str | torch.device" = "cpu",
+                           shift_attention: str = "pretrained", **options: Any) -> C2FUCoFiA:
+    """Load an official UCoFiA checkpoint (:mod:`~lavis_c2f.models.retriever.ucofia_checkpoint`).
+
+    Args:
+        path: ``pytorch_model.bin.N`` written by the official trainer.
+        clip_weights: the OpenAI CLIP file read beside it (TorchScript ``ViT-B-32.pt`` or a
+            state dict).
+        shift_attention: ``pretrained`` (official: vision blocks 10/11 run with the CLIP file's
+            attention) or ``checkpoint`` (their trained ``attn.net.*`` weights).
+        options: :attr:`C2FUCoFiA.OPTION_DEFAULTS` overrides (e.g. ``sk_norm``).
+    Returns:
+        the model in eval mode (float32), every size read from the weights.
+    Raises:
+        DataFormatError: not a UCoFiA checkpoint, or a CLIP file of other sizes.
+        CheckpointMismatchError: keys the model does not have or that are missing (listed).
+    """
+    ckpt, clip_sd, sizes = read_ucofia_checkpoint(str(path), str(clip_weights), map_location)
+    shift = shifted_blocks(sizes["vision_layers"], options.pop("shift_layers", OFFICIAL_SHIFT_LAYERS))
+    state = official_state_dict(ckpt, clip_sd, shift, shift_attention, str(path), str(clip_weights))
+    model = C2FUCoFiA(**sizes, shift_layers=shift, **options)
+    buffers = [k for k in model.state_dict() if k.endswith("embeddings.position_ids")]
+    load_state_dict_strict(model, state, source=str(path), allow_missing=buffers)
+    return model.eval()
+
+
+def init_ucofia_from_clip(clip_weights: str, *, max_words: int, max_frames: int, temporal_layers: int,
+                          topk: int = 3, map_location: "str | torch.device" = "cpu", **options: Any) -> C2FUCoFiA:
+    """A UCoFiA model started from OpenAI CLIP as the official trainer does (``clip_init_state_dict``;
+    identity matrices, N(0, 0.02) patch scorer); the CLIP sizes from the file, the others given."""
+    clip_sd, sizes = read_clip_file(str(clip_weights), map_location)
+    shift = shifted_blocks(sizes["vision_layers"], options.pop("shift_layers", OFFICIAL_SHIFT_LAYERS))
+    model = C2FUCoFiA(**sizes, max_words=max_words, max_frames=max_frames, temporal_layers=temporal_layers,
+                      frame_positions=sizes["context_length"], topk=topk, shift_layers=shift, **options)
+    state = clip_init_state_dict(clip_sd, temporal_layers)
+    keep = {k: v for k, v in model.state_dict().items() if k not in state}   # matrices, selector, extra blocks
+    clip_missing = [k for k in keep if k.startswith("clip.") and not k.endswith("position_ids")]
+    if clip_missing:
+        raise CheckpointMismatchError(str(clip_weights), clip_missing, [], [])
+    load_state_dict_strict(model, {**keep, **state}, source=str(clip_weights))
+    return model

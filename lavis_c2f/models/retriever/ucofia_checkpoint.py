@@ -1,6 +1,8 @@
-"""Official UCoFiA weights -> :class:`~lavis_c2f.models.retriever.ucofia.C2FUCoFiA`.
+"""Official UCoFiA weights in the key names of :class:`~lavis_c2f.models.retriever.ucofia.C2FUCoFiA`
+(reading, checking and mapping; :func:`~lavis_c2f.models.retriever.ucofia.load_ucofia_checkpoint`
+builds the model).
 
-:func:`load_ucofia_checkpoint` reads what the official trainer's ``save_model`` writes
+The official checkpoint is what the trainer's ``save_model`` writes
 (``pytorch_model.bin.N``: ``torch.save(model.state_dict())``, OpenAI CLIP key names under
 ``clip.``, CLIP's linear/conv/attention weights in float16) and the OpenAI CLIP file the
 official code always reads beside it (``ViT-B-32.pt``). Every size comes from the weights.
@@ -16,7 +18,7 @@ same and names the unused ``attn.net.*`` keys in a logged warning; ``"checkpoint
 checkpoint's trained weights instead (what the trainer optimised, not what the released
 numbers were computed with).
 
-:func:`init_ucofia_from_clip` starts a model from OpenAI CLIP as the official trainer does
+:func:`clip_init_state_dict` is the official trainer's start from OpenAI CLIP
 (``frame_position_embeddings`` from CLIP's text positions, the temporal encoder from its first
 text blocks, identity matrices, N(0, 0.02) patch scorer).
 """
@@ -25,16 +27,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError, load_state_dict_strict
+from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
 from lavis_c2f.models.retriever.openai_clip import (OPENAI_META_KEYS, load_openai_clip_state_dict,
                                                     openai_block_to_transformers, openai_clip_sizes,
                                                     openai_to_transformers, strip_prefix)
-from lavis_c2f.models.retriever.ucofia import C2FUCoFiA
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +105,9 @@ def checkpoint_sizes(sd: Mapping[str, torch.Tensor], path: str = "<checkpoint>")
     return sizes
 
 
-def _check_clip_file(clip_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
-                     clip_path: str) -> None:
+def _check_clip_file(clip_sd: Mapping[str, torch.Tensor], clip_sizes: Mapping[str, int],
+                     ckpt: Mapping[str, torch.Tensor], sizes: Mapping[str, int], clip_path: str) -> None:
     """The CLIP file must describe the checkpoint's CLIP: same sizes, same tensor shapes."""
-    try:
-        clip_sizes = openai_clip_sizes(clip_sd).as_dict()
-    except KeyError as e:
-        raise DataFormatError(f"not an OpenAI ViT CLIP state dict: no {e.args[0]}", path=clip_path) from e
     diff = [f"{k}: CLIP file {v}, checkpoint {sizes[k]}" for k, v in clip_sizes.items() if sizes[k] != v]
     shapes = [f"{k}: CLIP file {tuple(v.shape)}, checkpoint {tuple(ckpt['clip.' + k].shape)}"
               for k, v in clip_sd.items() if "clip." + k in ckpt and tuple(v.shape) != tuple(ckpt["clip." + k].shape)]
@@ -158,69 +155,62 @@ def _map_official(ckpt: Mapping[str, torch.Tensor], clip_sd: Mapping[str, torch.
     return out, unused, replaced
 
 
-def load_ucofia_checkpoint(path: str, clip_weights: str, *, map_location: "str | torch.device" = "cpu",
-                           shift_attention: str = "pretrained", **options: Any) -> C2FUCoFiA:
-    """Load an official UCoFiA checkpoint (see the module docstring).
-
-    Args:
-        path: ``pytorch_model.bin.N`` written by the official trainer.
-        clip_weights: the OpenAI CLIP file read beside it (TorchScript ``ViT-B-32.pt`` or a
-            state dict).
-        shift_attention: ``pretrained`` (official) or ``checkpoint`` for vision blocks 10/11.
-        options: :attr:`C2FUCoFiA.OPTION_DEFAULTS` overrides (e.g. ``sk_norm``).
-    Returns:
-        the model in eval mode (float32).
-    Raises:
-        DataFormatError: not a UCoFiA checkpoint, or a CLIP file of other sizes.
-        CheckpointMismatchError: keys the model does not have or that are missing (listed).
-    """
-    if shift_attention not in SHIFT_ATTENTION:
-        raise ConfigError(f"shift_attention must be one of {SHIFT_ATTENTION}, got {shift_attention!r}")
-    ckpt = _read_official(str(path), map_location)
-    sizes = checkpoint_sizes(ckpt, str(path))
-    clip_sd = {k: v for k, v in load_openai_clip_state_dict(str(clip_weights), map_location).items()
-               if k not in OPENAI_META_KEYS}
-    _check_clip_file(clip_sd, ckpt, sizes, str(clip_weights))
-    shift_layers = [i for i in options.pop("shift_layers", OFFICIAL_SHIFT_LAYERS) if i < sizes["vision_layers"]]
-    model = C2FUCoFiA(**sizes, shift_layers=shift_layers, **options)
-    state, unused, replaced = _map_official(ckpt, clip_sd, shift_layers, shift_attention, str(clip_weights))
-    if unused:
-        raise CheckpointMismatchError(str(path), [], unused, [])
-    if replaced:
-        logger.warning("%s: vision blocks %s use the pretrained CLIP's attention weights from %s, as the official "
-                       "loader does; the checkpoint's %d unused keys: %s (shift_attention='checkpoint' uses them)",
-                       path, shift_layers, clip_weights, len(replaced), ", ".join(replaced))
-    buffers = [k for k in model.state_dict() if k.endswith("embeddings.position_ids")]
-    load_state_dict_strict(model, state, source=str(path), allow_missing=buffers)
-    return model.eval()
-
-
-def init_ucofia_from_clip(clip_weights: str, *, max_words: int, max_frames: int, temporal_layers: int,
-                          topk: int = 3, map_location: "str | torch.device" = "cpu", **options: Any) -> C2FUCoFiA:
-    """A UCoFiA model initialised from OpenAI CLIP as the official trainer does (see the module
-    docstring); sizes from the CLIP file, ``max_words``/``max_frames``/``temporal_layers``
-    /``topk`` given (the YAML's)."""
+def read_clip_file(clip_weights: str, map_location: "str | torch.device" = "cpu"
+                   ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    """The OpenAI CLIP file's weights (without TorchScript's meta entries) and its sizes."""
     clip_sd = {k: v for k, v in load_openai_clip_state_dict(str(clip_weights), map_location).items()
                if k not in OPENAI_META_KEYS}
     try:
         sizes = openai_clip_sizes(clip_sd).as_dict()
     except KeyError as e:
         raise DataFormatError(f"not an OpenAI ViT CLIP state dict: no {e.args[0]}", path=str(clip_weights)) from e
-    shift_layers = [i for i in options.pop("shift_layers", OFFICIAL_SHIFT_LAYERS) if i < sizes["vision_layers"]]
-    model = C2FUCoFiA(**sizes, max_words=max_words, max_frames=max_frames, temporal_layers=temporal_layers,
-                      frame_positions=sizes["context_length"], topk=topk, shift_layers=shift_layers, **options)
+    return clip_sd, sizes
+
+
+def shifted_blocks(vision_layers: int, requested: Sequence[int] = OFFICIAL_SHIFT_LAYERS) -> List[int]:
+    """The patch-shifted vision blocks: ``requested`` ones that exist (the official code wraps
+    blocks 10 and 11 by index; a smaller CLIP has fewer)."""
+    return [int(i) for i in requested if int(i) < int(vision_layers)]
+
+
+def read_ucofia_checkpoint(path: str, clip_weights: str, map_location: "str | torch.device" = "cpu"
+                           ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, int]]:
+    """``(checkpoint, clip weights, sizes)`` of an official checkpoint and its CLIP file, both
+    checked (not UCoFiA, or a CLIP of other sizes: ``DataFormatError`` naming the file)."""
+    ckpt = _read_official(str(path), map_location)
+    sizes = checkpoint_sizes(ckpt, str(path))
+    clip_sd, clip_sizes = read_clip_file(str(clip_weights), map_location)
+    _check_clip_file(clip_sd, clip_sizes, ckpt, sizes, str(clip_weights))
+    return ckpt, clip_sd, sizes
+
+
+def official_state_dict(ckpt: Mapping[str, torch.Tensor], clip_sd: Mapping[str, torch.Tensor],
+                        shift_layers: Sequence[int], shift_attention: str, path: str, clip_path: str
+                        ) -> Dict[str, torch.Tensor]:
+    """The checkpoint in the model's key names (module docstring); a checkpoint key the model
+    has no place for raises :class:`CheckpointMismatchError`; the ``attn.net.*`` keys replaced by
+    the CLIP file's attention are named in a logged warning."""
+    if shift_attention not in SHIFT_ATTENTION:
+        raise ConfigError(f"shift_attention must be one of {SHIFT_ATTENTION}, got {shift_attention!r}")
+    state, unused, replaced = _map_official(ckpt, clip_sd, list(shift_layers), shift_attention, clip_path)
+    if unused:
+        raise CheckpointMismatchError(path, [], unused, [])
+    if replaced:
+        logger.warning("%s: vision blocks %s use the pretrained CLIP's attention weights from %s, as the official "
+                       "loader does; the checkpoint's %d unused keys: %s (shift_attention='checkpoint' uses them)",
+                       path, list(shift_layers), clip_path, len(replaced), ", ".join(replaced))
+    return state
+
+
+def clip_init_state_dict(clip_sd: Mapping[str, torch.Tensor], temporal_layers: int) -> Dict[str, torch.Tensor]:
+    """The official trainer's start from CLIP: the CLIP towers, ``frame_position_embeddings`` =
+    CLIP's text positions and temporal block i = CLIP text block i (for i < ``temporal_layers``)."""
     weights, _ = openai_to_transformers(clip_sd)
     state = {f"clip.model.{k}": v for k, v in weights.items()}
     state["frame_position_embeddings.weight"] = clip_sd["positional_embedding"]
     for key, value in clip_sd.items():
         m = re.match(r"^transformer\.resblocks\.(\d+)\.(.+)$", key)
-        if m and int(m.group(1)) < temporal_layers:
+        if m and int(m.group(1)) < int(temporal_layers):
             for name, t in openai_block_to_transformers(m.group(2), value).items():
                 state[f"temporal.layers.{m.group(1)}.{name}"] = t
-    own = model.state_dict()
-    keep = {k: v for k, v in own.items() if k not in state}          # identity matrices, selector, extra blocks
-    clip_missing = [k for k in keep if k.startswith("clip.") and not k.endswith("position_ids")]
-    if clip_missing:
-        raise CheckpointMismatchError(str(clip_weights), clip_missing, [], [])
-    load_state_dict_strict(model, {**keep, **state}, source=str(clip_weights))
-    return model
+    return state

@@ -95,3 +95,11 @@ def test_two_training_steps_from_the_fixture_checkpoint(setup):
     assert float(sd["clip.model.logit_scale"]) <= np.log(100.0) + 1e-6
     # unused official parameters (buffers) never change
     assert torch.equal(sd["word_logit_weight"], start["word_logit_weight"])
+    # the run's checkpoint loads strictly into the model the YAML builds from CLIP alone
+    # (what evaluate.py --options run.checkpoint=... does)
+    from lavis_c2f.models.checkpoint_utils import load_model_weights
+    from lavis_c2f.models.retriever import C2FUCoFiA
+
+    fresh = C2FUCoFiA.from_config({**ckpt["config"]["model"], "checkpoint": None})
+    load_model_weights(fresh, job / "checkpoint_latest.pth")
+    assert torch.equal(fresh.state_dict()["global_mat_weight"], sd["global_mat_weight"])
