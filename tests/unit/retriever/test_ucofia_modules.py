@@ -6,7 +6,7 @@ import torch
 
 from lavis_c2f.models.retriever.modules import (InteractiveSimilarityAggregation, sinkhorn_video_bias,
                                                 two_way_isa)
-from lavis_c2f.models.retriever.ucofia import patch_shift, perturbed_topk
+from lavis_c2f.models.retriever.patch_tokens import patch_shift, perturbed_topk
 
 
 def test_perturbed_topk_forward_and_gradient_follow_the_formula():
