@@ -526,12 +526,14 @@ class C2FUCoFiA(BaseModel):
     # ------------------------------------------------------------------ retrieval API (task, index)
     def score(self, text_emb: UCoFiAText, video_emb: UCoFiAVideo, video_bias: Optional[torch.Tensor] = None,
               return_levels: bool = False, block_size: Optional[int] = None, text_ids: Any = None):
-        """(Q, V) scores for the retrieval task and the corpus index: the mean over the levels
-        of ``logits + bias`` with ``video_bias`` (V, 3) (rows = videos, as the index stores
-        them; zeros without SK-norm or bias). ``return_levels`` adds ``{level: (Q, V)}``.
+        """(Q, V) scores for the retrieval task and the corpus index (embeddings are moved to the
+        model's device): the mean over the levels of ``logits + bias`` with ``video_bias`` (V, 3)
+        (rows = videos, as the index stores them; zeros without SK-norm or bias).
+        ``return_levels`` adds ``{level: (Q, V)}``.
         ``text_ids`` is accepted for the task's interface (UCoFiA's text side has no noise)."""
+        dev = self.global_mat_weight.device
         with torch.no_grad():
-            logits = self.level_logits(text_emb, video_emb, block_size=block_size)
+            logits = self.level_logits(text_emb.to(dev), video_emb.to(dev), block_size=block_size)
             raw = {lv: logits[i] for i, lv in enumerate(LEVELS)}
             if self.sk_norm and video_bias is not None:
                 vb = torch.as_tensor(video_bias, dtype=logits.dtype, device=logits.device)
@@ -552,7 +554,9 @@ class C2FUCoFiA(BaseModel):
         set of videos (official protocol)."""
         if len(bank_text_emb) == 0:
             raise ValueError("SK-norm needs a bank with at least one text (the bank has none)")
-        return self.sinkhorn_video_bias(self.level_logits(bank_text_emb, video_emb, block_size=block_size)).t()
+        dev = self.global_mat_weight.device
+        logits = self.level_logits(bank_text_emb.to(dev), video_emb.to(dev), block_size=block_size)
+        return self.sinkhorn_video_bias(logits).t()
 
     @property
     def index_rows_per_video(self) -> int:
