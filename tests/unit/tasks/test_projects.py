@@ -89,8 +89,8 @@ def test_project_yaml_is_valid(path, monkeypatch, tmp_path, clip_dir):
     else:
         model = cls.from_config(model_cfg)
         if run.task == "c2f_video_retrieval":
-            assert model.embed_dim == 512 and getattr(model, "text_input_dim", 512) == 512 \
-                and getattr(model, "video_input_dim", 512) == 512
+            widths = [getattr(model, k, model.embed_dim) for k in ("text_input_dim", "video_input_dim")]
+            assert widths == [512, 512]                      # CLIP ViT-B widths (UCoFiA: its embed_dim)
     if run.task == "c2f_corpus_moment_retrieval":
         src = task.stage1_source("val")
         assert src is None or src.endswith("val_best_ranks.jsonl")
