@@ -22,13 +22,17 @@ Each split becomes a :class:`~lavis_c2f.datasets.video_frames.VideoFramesRetriev
       {kind: tmass, num_frames: 12, pick_train: uniform, pick_eval: uniform, sample_fps: 1,
        slice_mode: uniform}
     image_size: 224                  # CLIP input size (the vision tower's image_size)
+    train_transform: train           # transform of the train split: train (T-MASS: random crop,
+                                     # flip) | eval (CLIP4Clip / UCoFiA train on the eval transform)
     tokenizer: {path: CLIP_FOLDER, max_words: 77, padding: longest}
+      # or {kind: clip4clip, path: null, max_words: 32, padding: max_length}: CLIP4Clip / UCoFiA's
+      # text arrays (bundled BPE, 0-padded)
     decode_backend: auto             # auto | decord | pyav
     seed: 0                          # random frame picks / train augmentations (with epoch, item)
     splits: null                     # subset of annotation splits to build (null: all)
 
-The ``train`` split uses the train transform (``c2f_clip_frames`` ``mode: train``) and the
-train frame pick; every other split the eval ones. A missing file raises ``ConfigError``
+The ``train`` split uses the ``train_transform`` (``c2f_clip_frames`` ``mode``) and the train
+frame pick; every other split the eval ones. A missing file raises ``ConfigError``
 naming it and its YAML key; missing or (with ``check: probe``) unreadable videos raise one
 error listing them.
 """
@@ -47,18 +51,19 @@ from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.datasets.builders import C2FBuilderBase
 from lavis_c2f.datasets.video_frames import VideoFramesRetrievalDataset
 from lavis_c2f.paths import resolve_path
-from lavis_c2f.processors.clip_processors import ClipFrameProcessor, ClipTokenizer
+from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer, ClipFrameProcessor, ClipTokenizer
 from lavis_c2f.video.decode import probe_many
 from lavis_c2f.video.frame_sampling import FrameSampling
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("msrvtt_train", "msrvtt_test", "qvh")
 KEYS = {"type", "dataset_type", "data_root", "annotations", "videos", "frames", "image_size", "tokenizer",
-        "decode_backend", "seed", "splits"}
+        "decode_backend", "seed", "splits", "train_transform"}
 ANNOTATION_KEYS = {"path", "format", "data_json"}
 VIDEO_KEYS = {"path", "key_format", "check"}
 FRAME_KEYS = {"kind", "num_frames", "pick_train", "pick_eval", "sample_fps", "slice_mode"}
-TOKENIZER_KEYS = {"path", "max_words", "padding"}
+TOKENIZER_KEYS = {"kind", "path", "max_words", "padding"}
+TOKENIZER_KINDS = ("hf", "clip4clip")
 MAX_LISTED = 20
 
 
@@ -122,11 +127,24 @@ class C2FFramesDatasetBuilder(C2FBuilderBase):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"{where}.image_size: expected a positive integer, got {size!r}")
         self.image_size = size
+        self.train_transform = d.get("train_transform", "train")
+        if self.train_transform not in ("train", "eval"):
+            raise ConfigError(f"{where}.train_transform: expected 'train' or 'eval', got {self.train_transform!r}")
         tok = check_keys(d.get("tokenizer"), TOKENIZER_KEYS, f"{where}.tokenizer")
-        if not tok.get("path"):
+        self.tokenizer_kind = tok.pop("kind", "hf")
+        if self.tokenizer_kind not in TOKENIZER_KINDS:
+            raise ConfigError(f"{where}.tokenizer.kind: expected one of {TOKENIZER_KINDS}, got {self.tokenizer_kind!r}")
+        if self.tokenizer_kind == "clip4clip":
+            if tok.get("path") or tok.get("padding", "max_length") != "max_length":
+                raise ConfigError(f"{where}.tokenizer: kind clip4clip uses the bundled BPE padded to max_words: "
+                                  f"set path: null and padding: max_length (got path={tok.get('path')!r}, "
+                                  f"padding={tok.get('padding')!r})")
+            self.tokenizer_cfg = {"max_words": tok.get("max_words", 32)}
+        elif not tok.get("path"):
             raise ConfigError(f"{where}.tokenizer.path: missing (a local CLIP folder with vocab.json and merges.txt; "
                               "the project YAMLs read it from $C2F_CLIP_PATH)")
-        self.tokenizer_cfg = {**tok, "path": resolve_path(tok["path"], self.data_root)}
+        else:
+            self.tokenizer_cfg = {**tok, "path": resolve_path(tok["path"], self.data_root)}
         self.decode_backend = d.get("decode_backend", "auto")
         if self.decode_backend not in ("auto", "decord", "pyav"):
             raise ConfigError(f"{where}.decode_backend: expected auto, decord or pyav, got {self.decode_backend!r}")
@@ -180,7 +198,8 @@ class C2FFramesDatasetBuilder(C2FBuilderBase):
 
     def build_datasets(self) -> Dict[str, VideoFramesRetrievalDataset]:
         """``{split: VideoFramesRetrievalDataset}`` (no download step)."""
-        tokenizer = ClipTokenizer(**self.tokenizer_cfg)
+        kind = Clip4ClipTokenizer if self.tokenizer_kind == "clip4clip" else ClipTokenizer
+        tokenizer = kind(**self.tokenizer_cfg)
         records = {s: self.read_split(s) for s in self.splits}
         vids = list(dict.fromkeys(r.vid for s in self.splits for r in records[s]))
         paths = self.video_paths(vids)
@@ -191,7 +210,7 @@ class C2FFramesDatasetBuilder(C2FBuilderBase):
                 raise DataFormatError("no records", path=self.annotations[split]["path"])
             out[split] = VideoFramesRetrievalDataset(
                 records[split], paths, sampling=self.sampling,
-                frame_processor=ClipFrameProcessor(self.image_size, mode="train" if train else "eval"),
+                frame_processor=ClipFrameProcessor(self.image_size, mode=self.train_transform if train else "eval"),
                 tokenizer=tokenizer, train=train, seed=self.seed, decode_backend=self.decode_backend,
                 name=f"{self.NAME}/{split}")
         return out

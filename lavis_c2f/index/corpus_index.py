@@ -220,6 +220,21 @@ class _PendingSegment:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+def _stored_rows_per_video(model) -> int:
+    """Rows of width D the index stores per video: the model's ``index_rows_per_video`` (a
+    retriever whose video embedding is more than frames, e.g. UCoFiA's patch tokens) or its
+    ``num_frames``."""
+    return int(getattr(model, "index_rows_per_video", model.num_frames))
+
+
+def _to_stored(model, video_emb):
+    """The video-terms hook: a model with ``to_index_rows(video_emb)`` packs its embedding into a
+    :class:`VideoEmbedding` of (V, rows, D) (a prefix of valid rows) that the index stores as
+    frames, and unpacks what :meth:`CorpusIndex.gather` reads with ``from_index_rows(rows,
+    mask)``; other models store their frames as they are."""
+    return model.to_index_rows(video_emb) if model is not None and hasattr(model, "to_index_rows") else video_emb
+
+
 class CorpusIndex:
     """Video corpus index for stage-1 search (see the module docstring).
 
@@ -280,10 +295,11 @@ class CorpusIndex:
     # ================================================================== construction
     @classmethod
     def for_model(cls, model, **kwargs: Any) -> "CorpusIndex":
-        """An empty index matching ``model`` (a :class:`C2FTMassRetriever`)."""
+        """An empty index matching ``model`` (a :class:`C2FTMassRetriever`, or any retriever with
+        the video-terms hook, see :func:`_stored_rows_per_video`)."""
         info = dict(model.fingerprint())
         info["config"] = dict(model.hparams)
-        return cls(int(model.embed_dim), int(model.num_frames), info, model=model, **kwargs)
+        return cls(int(model.embed_dim), _stored_rows_per_video(model), info, model=model, **kwargs)
 
     @classmethod
     def build(cls, model, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
@@ -311,9 +327,9 @@ class CorpusIndex:
                 raise IndexMismatchError(
                     f"{where}: model.{key} is {self.model_info.get(key)!r} but the given model has {fp.get(key)!r}: "
                     "the index was built with another model configuration or checkpoint; rebuild it")
-        if int(model.embed_dim) != self.dim or int(model.num_frames) != self.max_frames:
+        if int(model.embed_dim) != self.dim or _stored_rows_per_video(model) != self.max_frames:
             raise IndexMismatchError(f"{where}: index dims (D={self.dim}, frames={self.max_frames}) differ from the "
-                                     f"model's (D={model.embed_dim}, frames={model.num_frames})")
+                                     f"model's (D={model.embed_dim}, frames={_stored_rows_per_video(model)})")
         if getattr(model, "inference_noise", "shared") == "per_pair":
             # candidate re-ranking needs a pair's score to be independent of the candidate set
             logger.warning("the corpus index scores with inference_noise 'shared' (the model was configured with "
@@ -385,6 +401,7 @@ class CorpusIndex:
         n = len(vids)
         if len(video_emb) != n:
             raise ValueError(f"{n} vids but {len(video_emb)} embedded videos")
+        model_emb, video_emb = video_emb, _to_stored(self.model, video_emb)
         if video_emb.dim != self.dim:
             raise IndexMismatchError(f"embeddings are {video_emb.dim}-d but the index is {self.dim}-d")
         if video_emb.frames.shape[1] > self.max_frames:
@@ -406,7 +423,7 @@ class CorpusIndex:
             return
         sv = self.segments_per_video
         if prefilter is None:
-            prefilter, _ = self._require_model().prefilter_segment_vectors(video_emb, sv)
+            prefilter, _ = self._require_model().prefilter_segment_vectors(model_emb, sv)
         pre = prefilter.detach().cpu().float().numpy() if torch.is_tensor(prefilter) else np.asarray(prefilter, np.float32)
         if pre.ndim == 2 and sv == 1:
             pre = pre[:, None, :]
@@ -623,6 +640,7 @@ class CorpusIndex:
         valid = np.arange(f)[None, :] < lens[:, None]                          # (m, f)
         mask = valid.astype(np.float32)
         out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+        padded_by_take = False
         if m and lens.sum():
             # one row index per output slot (padding reads the video's first row and is zeroed),
             # one take per segment in file order, then a single conversion to float32
@@ -632,16 +650,23 @@ class CorpusIndex:
                 sel = np.flatnonzero((segs == s) & (lens > 0))                  # empty videos read nothing
                 if s < len(self._segments) and self._segments[int(s)].fd is not None:
                     buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f)
-                    out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
-                    continue
+                    if len(sel) == m:                      # every row from this segment: one conversion pass
+                        out = torch.from_numpy(buf).to(torch.float32)
+                    else:
+                        out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
+                    continue                               # pread leaves padding slots at zero
+                padded_by_take = True
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
                 order = np.argsort(idx, kind="stable")
                 vals = np.empty((len(idx), self.dim), dtype=frames.dtype)
                 vals[order] = np.take(frames, idx[order], axis=0)
                 out[torch.from_numpy(sel)] = torch.from_numpy(vals).view(len(sel), f, self.dim).to(torch.float32)
-            out.mul_(torch.from_numpy(mask).unsqueeze(-1))
+            if padded_by_take:
+                out.mul_(torch.from_numpy(mask).unsqueeze(-1))
         mask_t = torch.from_numpy(mask)
+        if self.model is not None and hasattr(self.model, "from_index_rows"):
+            return self.model.from_index_rows(out, mask_t)
         from lavis_c2f.models.retriever.modules import l2norm, masked_mean
 
         pooled = l2norm(masked_mean(l2norm(out), mask_t, dim=1))
@@ -719,9 +744,13 @@ class CorpusIndex:
             _, lv = model.score(bank_text_emb, emb, return_levels=True)
             for k in raw:
                 raw[k].append(lv[k].cpu())
-        cols = [sinkhorn_video_bias(torch.cat(raw[k], 1), model.sinkhorn_temperature, model.sinkhorn_iters)
-                for k in model.levels]
-        bias = torch.stack(cols, 1).numpy().astype(np.float32)
+        if hasattr(model, "video_bias_from_levels"):      # the model's own SK-norm (UCoFiA)
+            bias = model.video_bias_from_levels({k: torch.cat(v, 1) for k, v in raw.items()}).cpu().numpy()
+        else:
+            cols = [sinkhorn_video_bias(torch.cat(raw[k], 1), model.sinkhorn_temperature, model.sinkhorn_iters)
+                    for k in model.levels]
+            bias = torch.stack(cols, 1).numpy()
+        bias = bias.astype(np.float32)
         self.set_video_bias(bias, model.inference_settings(), [self._vids[r] for r in rows])
         return bias
 

@@ -1,4 +1,5 @@
-"""LAVIS processors for end-to-end CLIP inputs: ``c2f_clip_frames`` and ``c2f_clip_tokenizer``.
+"""LAVIS processors for end-to-end CLIP inputs: ``c2f_clip_frames``, ``c2f_clip_tokenizer`` and
+``c2f_clip4clip_tokenizer``.
 
 Frames (:class:`ClipFrameProcessor`), applied to all frames of one video at once (one crop /
 flip per video), on float frames ``x = uint8 / 255`` of shape (F, 3, H, W):
@@ -17,6 +18,10 @@ Text (:class:`ClipTokenizer`): transformers' ``CLIPTokenizer`` from a local CLIP
 (the released CLIP tokenizer pads with EOS, which is the largest id, so CLIP still pools at
 the first EOS) either to the longest text of the batch (``padding: longest``, T-MASS's
 ``padding=True``) or to ``max_words`` (``max_length``, CLIP4Clip / UCoFiA's fixed 32 words).
+
+Text as CLIP4Clip / UCoFiA's loaders make it (:class:`Clip4ClipTokenizer`): OpenAI's BPE
+(bundled with LAVIS, no folder needed), ``[SOT] + BPE(text)[:max_words - 2] + [EOT]`` padded
+with **0** to ``max_words``; the attention mask is 1 on the real tokens.
 """
 from __future__ import annotations
 
@@ -121,6 +126,41 @@ class ClipFrameProcessor(BaseProcessor):
 
     def __repr__(self) -> str:
         return f"ClipFrameProcessor(image_size={self.image_size}, mode={self.mode!r})"
+
+
+@registry.register_processor("c2f_clip4clip_tokenizer")
+class Clip4ClipTokenizer(BaseProcessor):
+    """Texts -> ``{"input_ids", "attention_mask"}`` (B, max_words) int64, the official
+    CLIP4Clip / UCoFiA text arrays (module docstring)."""
+
+    def __init__(self, max_words: int = 32):
+        super().__init__()
+        if isinstance(max_words, bool) or int(max_words) < 2:
+            raise ConfigError(f"c2f_clip4clip_tokenizer.max_words: expected an integer >= 2, got {max_words!r}")
+        from lavis_c2f.data.tokenizers import get_tokenizer
+
+        self.bpe = get_tokenizer("clip")
+        self.max_words = int(max_words)
+
+    def __call__(self, texts: Sequence[str]) -> Dict[str, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("nothing to tokenize")
+        ids = torch.zeros(len(texts), self.max_words, dtype=torch.long)
+        for i, text in enumerate(texts):
+            row = self.bpe.tokenize(str(text), max_len=self.max_words)
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+    @classmethod
+    def from_config(cls, cfg: Any = None) -> "Clip4ClipTokenizer":
+        d = check_keys(cfg, {"name", "max_words"}, "c2f_clip4clip_tokenizer processor")
+        d.pop("name", None)
+        return cls(**d)
+
+    def __repr__(self) -> str:
+        return f"Clip4ClipTokenizer(max_words={self.max_words})"
 
 
 @registry.register_processor("c2f_clip_tokenizer")

@@ -23,11 +23,15 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
   whose name starts with ``prefix`` get that peak lr, the others ``init_lr``; the schedule
   scales every group alike), ``run.weight_decay_scope`` (``all``: every parameter decays, as the
   official QD-DETR, MESM and T-MASS AdamW; ``matrices``: biases, norms and 1-D parameters get
-  none), ``run.adam_eps`` (1e-8).
+  none), ``run.no_decay_names`` (a list of name substrings: exactly the parameters whose name
+  contains one get no weight decay, e.g. CLIP4Clip / UCoFiA's ``[bias, LayerNorm.bias,
+  LayerNorm.weight]``; overrides the scope), ``run.adam_eps`` (1e-8);
+* a model's ``after_optimizer_step()`` runs after every optimizer step (e.g. a logit-scale clamp).
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
 ``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
-beta2, adam_eps, lr_groups, lr_sched, warmup_steps, warmup_proportion, warmup_lr, lr_drop,
+no_decay_names, beta2, adam_eps, adam_bias_correction, lr_groups, lr_sched, warmup_steps, warmup_proportion,
+warmup_lr, lr_drop,
 lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, resume_model_only, checkpoint, evaluate,
@@ -210,6 +214,10 @@ class C2FRunner:
             if scope not in WEIGHT_DECAY_SCOPES:
                 raise ConfigError(f"run.weight_decay_scope: expected one of {list(WEIGHT_DECAY_SCOPES)}, "
                                   f"got {scope!r}")
+            no_decay_names = self.run_cfg.get("no_decay_names", None)
+            if no_decay_names is not None and (isinstance(no_decay_names, str) or not all(
+                    isinstance(x, str) for x in no_decay_names)):
+                raise ConfigError(f"run.no_decay_names: expected a list of name substrings, got {no_decay_names!r}")
             specs = self._lr_groups()
             # per lr group (the default first): one group with weight decay, one without
             buckets: List[List[List[torch.nn.Parameter]]] = [[[], []] for _ in range(len(specs) + 1)]
@@ -218,8 +226,11 @@ class C2FRunner:
                 if not p.requires_grad:
                     continue
                 gi = next((i + 1 for i, g in enumerate(specs) if n.startswith(g["prefix"])), 0)
-                no_wd = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
-                                                 or "bn" in n)
+                if no_decay_names is not None:
+                    no_wd = any(x in n for x in no_decay_names)
+                else:
+                    no_wd = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
+                                                     or "bn" in n)
                 buckets[gi][int(no_wd)].append(p)
                 n_params += p.numel()
             logger.info("trainable parameters: %d", n_params)
@@ -257,6 +268,8 @@ class C2FRunner:
                 warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
                 warmup_proportion=self.run_cfg.get("warmup_proportion", None),
                 iters_per_epoch=len(self.train_loader(max(self.start_epoch, 0))),
+                accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
+                adam_bias_correction=bool(self.run_cfg.get("adam_bias_correction", False)),
                 warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
                 decay_rate=self.run_cfg.get("lr_decay_rate", None),
                 lr_drop=self.run_cfg.get("lr_drop", None),

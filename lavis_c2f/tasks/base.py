@@ -139,6 +139,9 @@ class C2FTask(BaseTask):
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                hook = getattr(unwrap_model(model), "after_optimizer_step", None)
+                if hook is not None:   # e.g. clamping a logit scale, as CLIP-style trainers do
+                    hook()
             step_values = {k: float(v.detach()) for k, v in loss_dict.items()}
             for k, v in step_values.items():
                 sums[k] += v

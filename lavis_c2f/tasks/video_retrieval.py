@@ -245,8 +245,8 @@ class VideoRetrievalTask(C2FTask):
 
     # ------------------------------------------------------------------ encoding helpers
     def encode_videos(self, model, dataset, device: torch.device):
-        """All videos of ``dataset`` -> (VideoEmbedding (V, F, D) of the model,
-        baseline VideoEmbedding or None). Same blocks on every rank."""
+        """All videos of ``dataset`` -> (the model's video embedding (``VideoEmbedding`` (V, F, D),
+        ``UCoFiAVideo``, ...), baseline VideoEmbedding or None). Same blocks on every rank."""
         from lavis_c2f.models.retriever.embeddings import VideoEmbedding
 
         blocks = _VideoBlocks(dataset, int(self.options["video_block_size"]))
@@ -260,12 +260,12 @@ class VideoRetrievalTask(C2FTask):
             parts.append(model.encode_video_batch(move_to_device(batch, device)).detach())
             if baseline is not None and batch.get("src_vid") is not None:
                 base_parts.append(baseline.encode_video(self._baseline_cols(batch["src_vid"]), batch["src_vid_mask"]))
-        video = VideoEmbedding.cat(parts)
+        video = type(parts[0]).cat(parts)
         base = VideoEmbedding.cat(base_parts) if base_parts else None
         return video, base
 
     def encode_queries(self, model, dataset, idx: Sequence[int], device: torch.device):
-        """Queries ``idx`` -> (batch dict, TextEmbedding)."""
+        """Queries ``idx`` -> (batch dict, the model's text embedding)."""
         batch = dataset.query_batch(list(idx))
         emb = model.encode_text_batch(move_to_device(batch, device)).detach()
         return batch, emb
@@ -287,9 +287,9 @@ class VideoRetrievalTask(C2FTask):
         return src_vid[..., cols[0]:cols[1]]
 
     def video_bias(self, model, dataset, video_emb, device: torch.device) -> Optional[torch.Tensor]:
-        """Per-video Sinkhorn biases (V, L) from the fixed query bank, or None without Sinkhorn."""
-        from lavis_c2f.models.retriever.embeddings import TextEmbedding
-
+        """Per-video Sinkhorn biases (V, L) from the fixed query bank, or None without Sinkhorn.
+        A model with ``video_bias_from_levels`` (UCoFiA) has its bank scored block by block
+        (only the (bank, V) level logits are kept, not the bank's word features)."""
         if not getattr(model, "sinkhorn", False):
             return None
         bank = self._bank_dataset(dataset)
@@ -297,8 +297,17 @@ class VideoRetrievalTask(C2FTask):
         if n == 0:
             raise ConfigError("run.sinkhorn_bank: the bank split has no queries")
         bs = int(self.options["query_block_size"])
-        embs = [self.encode_queries(model, bank, range(q0, min(n, q0 + bs)), device)[1] for q0 in range(0, n, bs)]
-        return model.compute_video_bias(TextEmbedding.cat(embs), video_emb)
+        blocks = [range(q0, min(n, q0 + bs)) for q0 in range(0, n, bs)]
+        if hasattr(model, "video_bias_from_levels"):
+            levels: Dict[str, List[torch.Tensor]] = {}
+            for idx in tqdm(blocks, desc="SK-norm bank", leave=False, dynamic_ncols=True,
+                            disable=not (self.show_progress and c2f_dist.is_main_process())):
+                _, raw = model.score(self.encode_queries(model, bank, idx, device)[1], video_emb, return_levels=True)
+                for k, v in raw.items():
+                    levels.setdefault(k, []).append(v.cpu())
+            return model.video_bias_from_levels({k: torch.cat(v) for k, v in levels.items()})
+        embs = [self.encode_queries(model, bank, idx, device)[1] for idx in blocks]
+        return model.compute_video_bias(type(embs[0]).cat(embs), video_emb)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -15,7 +15,8 @@ Outputs (float32, not normalised), exactly what ``CLIPModel`` computes:
 * text: ``text_projection`` of every token of the text transformer's last hidden state
   (tokens) and of its pooled EOS state (sentence = ``get_text_features``; transformers 4.26
   pools at ``argmax(input_ids)``, i.e. the first EOS when EOS is the largest id, as CLIP's);
-* frames: ``get_image_features`` = ``visual_projection(post_layernorm(CLS))`` per frame.
+* frames: ``get_image_features`` = ``visual_projection(post_layernorm(CLS))`` per frame, or
+  every projected output token (:meth:`ClipTowers.encode_image_tokens`).
 """
 from __future__ import annotations
 
@@ -131,3 +132,11 @@ class ClipTowers(nn.Module):
         """pixel_values (N, 3, H, W), CLIP-normalised -> (N, P) image features."""
         with self._ctx():
             return self.model.get_image_features(pixel_values=pixel_values)
+
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, 3, H, W), CLIP-normalised -> (N, 1 + G*G, P):
+        ``visual_projection(post_layernorm(.))`` of every output token, CLS first (its row is
+        :meth:`encode_frames`; UCoFiA's frame and patch tokens)."""
+        with self._ctx():
+            vm = self.model.vision_model
+            return self.model.visual_projection(vm.post_layernorm(vm(pixel_values=pixel_values).last_hidden_state))

@@ -4,7 +4,8 @@
   (Wang et al., CVPR 2024): the sentence is the query, frames are keys/values.
 * :class:`StochasticText` -- T-MASS's radius ``R = exp(W s + b)`` from the text-frame
   cosine vector ``s`` and the samples ``t + eps * R``.
-* :class:`InteractiveSimilarityAggregation` -- UCoFiA's ISA (Wang et al., ICCV 2023).
+* :class:`InteractiveSimilarityAggregation` -- UCoFiA's ISA (Wang et al., ICCV 2023), and
+  :func:`two_way_isa`, its fine-grained word-item score (frames here, patches in UCoFiA).
 * :func:`sinkhorn_log_scaling`, :func:`sinkhorn_normalize`, :func:`sinkhorn_video_bias` --
   Sinkhorn-Knopp normalisation of a (Q, V) similarity matrix.
 * :func:`symmetric_infonce` -- CLIP's symmetric cross-entropy with duplicate masking.
@@ -16,8 +17,10 @@ Cartesian product of Q queries and V videos (pair ``p = q * V + v``), computed w
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     0 where nothing is valid. x: (..., N, D), mask: (..., N) with ``dim`` the N axis."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def model_fingerprint(arch: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """``{"arch", "config_hash", "weights_hash"}``: sha256 of the JSON ``config`` and of every
+    tensor's name, dtype, shape and bytes (what a stored video embedding depends on)."""
+    ch = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    wh = hashlib.sha256()
+    for name, t in sorted(state_dict.items()):
+        t = t.detach().cpu().contiguous()
+        wh.update(name.encode())
+        wh.update(str(t.dtype).encode())
+        wh.update(str(tuple(t.shape)).encode())
+        wh.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"arch": arch, "config_hash": ch, "weights_hash": wh.hexdigest()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,7 +325,8 @@ class InteractiveSimilarityAggregation(nn.Module):
 
     ``W`` is learnable and starts at the identity (then ``w`` is a sharpened ``p``);
     ``tau`` is the temperature (UCoFiA uses 0.01). ``softmax_m`` ignores masked items;
-    an all-masked vector aggregates to 0. Vectors shorter than ``size`` use ``W[:N, :N]``.
+    an all-masked vector aggregates to 0; ``mask=None`` uses every item (the official
+    UCoFiA code never masks). Vectors shorter than ``size`` use ``W[:N, :N]``.
     """
 
     def __init__(self, size: int, temperature: float = 0.01):
@@ -318,25 +336,64 @@ class InteractiveSimilarityAggregation(nn.Module):
         self.size, self.temperature = int(size), float(temperature)
         self.weight = nn.Parameter(torch.eye(self.size))
 
-    def forward(self, sims: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """sims (..., N), mask (..., N) -> (...)."""
-        n = sims.shape[-1]
+    def forward(self, sims: torch.Tensor, mask: Optional[torch.Tensor] = None, dim: int = -1) -> torch.Tensor:
+        """sims (..., N) (``dim=-1``) or (..., N, M) (``dim=-2``, one vector per column),
+        mask broadcastable to ``sims`` or None -> ``sims`` without ``dim``."""
+        if dim not in (-1, -2):
+            raise ValueError(f"ISA aggregates over dim -1 or -2, got {dim}")
+        n = sims.shape[dim]
         if n > self.size:
             raise ValueError(f"ISA built for at most {self.size} items, got {n}")
-        p = masked_softmax(sims / self.temperature, mask)
-        g = p @ self.weight[:n, :n]
-        w = masked_softmax(g / self.temperature, mask)
-        return (w * sims * (mask > 0).to(sims.dtype)).sum(-1)
+        w_mix = self.weight[:n, :n].to(sims.dtype)
+
+        def mix(p: torch.Tensor) -> torch.Tensor:      # p @ W along ``dim``
+            return p @ w_mix if dim == -1 else (p.transpose(-1, -2) @ w_mix).transpose(-1, -2)
+
+        if mask is None:
+            p = torch.softmax(sims / self.temperature, dim=dim)
+            w = torch.softmax(mix(p) / self.temperature, dim=dim)
+            return (w * sims).sum(dim)
+        p = masked_softmax(sims / self.temperature, mask, dim=dim)
+        w = masked_softmax(mix(p) / self.temperature, mask, dim=dim)
+        return (w * sims * (mask > 0).to(sims.dtype)).sum(dim)
 
 
-def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+def two_way_isa(sims: torch.Tensor, word_mask: Optional[torch.Tensor], item_mask: Optional[torch.Tensor],
+                words_per_item: InteractiveSimilarityAggregation,
+                items_after_words: InteractiveSimilarityAggregation,
+                items_per_word: InteractiveSimilarityAggregation,
+                words_after_items: InteractiveSimilarityAggregation) -> torch.Tensor:
+    """UCoFiA's fine-grained word-item score (items = frames or selected patches).
+
+    For a (Lw, N) word-item similarity matrix ``x`` of one pair::
+
+        s2i = ISA_items_after_words( ISA_words_per_item(x[:, n]) for each item n )
+        i2w = ISA_words_after_items( ISA_items_per_word(x[j, :]) for each word j )
+        score = (s2i + i2w) / 2
+
+    Args:
+        sims: (..., Lw, N) similarities of any batch of pairs (a strided view is fine).
+        word_mask: (..., Lw) or None (every word counts); item_mask: (..., N) or None.
+    Returns:
+        (...) scores.
+    """
+    per_item = words_per_item(sims, None if word_mask is None else word_mask.unsqueeze(-1), dim=-2)   # (..., N)
+    s2i = items_after_words(per_item, item_mask)
+    per_word = items_per_word(sims, None if item_mask is None else item_mask.unsqueeze(-2))         # (..., Lw)
+    i2w = words_after_items(per_word, word_mask)
+    return (s2i + i2w) / 2.0
+
+
+def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4,
+                         column_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sinkhorn-Knopp scaling of ``K = exp(sims / temperature)`` in the log domain.
 
     Finds ``log_r`` (Q,) and ``log_c`` (V,) such that ``P = diag(r) K diag(c)`` has rows
     summing to 1 and columns summing to Q / V (doubly stochastic when Q == V). The
     iteration alternates row then column normalisation ``iters`` times, so columns are
-    exact and rows converge (UCoFiA uses 4 iterations).
+    exact and rows converge (UCoFiA uses 4 iterations). ``column_first`` starts from
+    normalised columns (``c = 1 / sum_Q K``) instead of ``c = 1``: the official UCoFiA
+    ``sinkhorn_knopp`` (``b = 1 / K.sum(0)``, then 4 x ``a = 1 / (K b)``, ``b = 1 / (a K)``).
 
     Args:
         sims: (Q, V) similarities.
@@ -347,9 +404,12 @@ def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: i
         raise ValueError(f"sinkhorn expects a (Q, V) matrix, got {tuple(sims.shape)}")
     q, v = sims.shape
     k = sims.double() / float(temperature)
-    log_c = torch.zeros(v, dtype=k.dtype, device=k.device)
     log_col_mass = math.log(q / v)
     log_r = torch.zeros(q, dtype=k.dtype, device=k.device)
+    if column_first:
+        log_c = log_col_mass - torch.logsumexp(k, dim=0)
+    else:
+        log_c = torch.zeros(v, dtype=k.dtype, device=k.device)
     for _ in range(max(1, int(iters))):
         log_r = -torch.logsumexp(k + log_c.unsqueeze(0), dim=1)
         log_c = log_col_mass - torch.logsumexp(k + log_r.unsqueeze(1), dim=0)
@@ -364,16 +424,18 @@ def sinkhorn_normalize(sims: torch.Tensor, temperature: float = 0.01, iters: int
                      + log_c.double().unsqueeze(0)).to(sims.dtype)
 
 
-def sinkhorn_video_bias(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4) -> torch.Tensor:
+def sinkhorn_video_bias(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4,
+                        column_first: bool = False) -> torch.Tensor:
     """(Q, V) similarities of a query bank against videos -> (V,) log column scalings,
     shifted by a log-softmax so they sum (in probability) to one.
 
     Within one query's ranking the row scaling is a constant, so ranking by
     ``sims / T + bias`` equals ranking by the Sinkhorn-normalised probability. UCoFiA
     computes this bias from training queries against the test videos and adds it to the
-    test logits of every level before summing.
+    test logits of every level before summing (official: ``temperature`` 1 on logits that
+    already carry the CLIP scale, ``column_first``; see :func:`sinkhorn_log_scaling`).
     """
-    _, log_c = sinkhorn_log_scaling(sims, temperature, iters)
+    _, log_c = sinkhorn_log_scaling(sims, temperature, iters, column_first)
     return torch.log_softmax(log_c, dim=0)
 
 

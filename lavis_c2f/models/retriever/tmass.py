@@ -75,7 +75,6 @@ zero biases (i.e. ``sum_l w_l S_l / T``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -92,7 +91,8 @@ from lavis_c2f.data.cfg import check_keys, to_plain
 from lavis_c2f.models.retriever.embeddings import TextEmbedding, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
     InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, duplicate_mask, frame_dots,
-    identity_init_, l2norm, masked_mean, radius_bin_index, sinkhorn_video_bias, symmetric_infonce)
+    identity_init_, l2norm, masked_mean, model_fingerprint, radius_bin_index, sinkhorn_video_bias,
+    symmetric_infonce, two_way_isa)
 from lavis_c2f.models.retriever.tmass_checkpoint import (
     load_tmass_state_dict, read_tmass_checkpoint, tmass_dims)
 from lavis_c2f.paths import config_path
@@ -470,15 +470,7 @@ class C2FTMassRetriever(BaseModel):
         corpus index refuses a model whose fingerprint differs)."""
         cfg = {k: v for k, v in sorted(self.hparams.items())
                if k not in _HASH_EXCLUDED and not (k in _HASH_OMITTED_DEFAULTS and v == _HASH_OMITTED_DEFAULTS[k])}
-        ch = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
-        wh = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            wh.update(name.encode())
-            wh.update(str(t.dtype).encode())
-            wh.update(str(tuple(t.shape)).encode())
-            wh.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return {"arch": "c2f_tmass_retriever", "config_hash": ch, "weights_hash": wh.hexdigest()}
+        return model_fingerprint("c2f_tmass_retriever", cfg, self.state_dict())
 
     # ------------------------------------------------------------------ encoders
     def _project(self, proj: Optional[nn.Linear], x: torch.Tensor) -> torch.Tensor:
@@ -677,11 +669,8 @@ class C2FTMassRetriever(BaseModel):
         sims = self._cosines(pt.words_hat, pv, qi, vi)                               # (P, Lw, F)
         wmask = self._query_rows(pt.word_mask, qi, nv)
         fmask = self._frame_mask_rows(pv, vi, nq)
-        per_frame = self.isa_fw_words_per_frame(sims.transpose(1, 2), wmask.unsqueeze(1))   # (P, F)
-        s2f = self.isa_fw_frames_after_words(per_frame, fmask)
-        per_word = self.isa_fw_frames_per_word(sims, fmask.unsqueeze(1))                  # (P, Lw)
-        v2w = self.isa_fw_words_after_frames(per_word, wmask)
-        return (s2f + v2w) / 2.0
+        return two_way_isa(sims, wmask, fmask, self.isa_fw_words_per_frame, self.isa_fw_frames_after_words,
+                           self.isa_fw_frames_per_word, self.isa_fw_words_after_frames)
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

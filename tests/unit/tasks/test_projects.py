@@ -13,7 +13,8 @@ PROJECTS = sorted(p for p in (REPO / "projects" / "c2f").glob("*.yaml")
                   if "stage3" not in p.name and "calce" not in p.name)
 EXPECTED = {f"{ds}_{kind}.yaml" for ds in ("qvh", "charades_sta", "tacos")
             for kind in ("stage1", "stage2", "stage2_mesm", "c2f")} | {"demo_stage1.yaml", "demo_stage2.yaml",
-                                                                        "demo_c2f.yaml", "msrvtt_tmass.yaml"}
+                                                                        "demo_c2f.yaml", "msrvtt_tmass.yaml",
+                                                                        "msrvtt_ucofia.yaml"}
 
 
 def _runner_keys():
@@ -54,6 +55,10 @@ def test_project_yaml_is_valid(path, monkeypatch, tmp_path, clip_dir):
 
     monkeypatch.setenv("C2F_OUTPUT", str(tmp_path))
     monkeypatch.setenv("C2F_CLIP_PATH", str(clip_dir))
+    from ucofia_helpers import write_openai_clip
+
+    monkeypatch.setenv("C2F_UCOFIA_CLIP", str(write_openai_clip(tmp_path / "ViT-B-32.pt", embed=512, width=512,
+                                                                vision_layers=1, text_layers=1, vocab=64)))
     cfg = Config(argparse.Namespace(cfg_path=str(path), options=None))
     run = cfg.run_cfg
     task_cls = registry.get_task_class(run.task)
@@ -86,7 +91,8 @@ def test_project_yaml_is_valid(path, monkeypatch, tmp_path, clip_dir):
     else:
         model = cls.from_config(model_cfg)
         if run.task == "c2f_video_retrieval":
-            assert model.text_input_dim == 512 and model.video_input_dim == 512
+            widths = [getattr(model, k, model.embed_dim) for k in ("text_input_dim", "video_input_dim")]
+            assert widths == [512, 512]                      # CLIP ViT-B widths (UCoFiA: its embed_dim)
     if run.task == "c2f_corpus_moment_retrieval":
         src = task.stage1_source("val")
         assert src is None or src.endswith("val_best_ranks.jsonl")
