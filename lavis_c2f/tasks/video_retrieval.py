@@ -300,8 +300,8 @@ class VideoRetrievalTask(C2FTask):
         blocks = [range(q0, min(n, q0 + bs)) for q0 in range(0, n, bs)]
         if hasattr(model, "video_bias_from_levels"):
             levels: Dict[str, List[torch.Tensor]] = {}
-            for idx in tqdm(blocks, desc="SK-norm bank", leave=False, dynamic_ncols=True,
-                            disable=not (self.show_progress and c2f_dist.is_main_process())):
+            for idx in progress_bar(blocks, desc="SK-norm bank", unit="block",
+                                    enabled=self.show_progress and c2f_dist.is_main_process()):
                 _, raw = model.score(self.encode_queries(model, bank, idx, device)[1], video_emb, return_levels=True)
                 for k, v in raw.items():
                     levels.setdefault(k, []).append(v.cpu())
