@@ -24,12 +24,12 @@ Stages
    (:class:`~lavis_c2f.index.CorpusIndex` pre-filter + exact re-ranking) when a retriever
    checkpoint is configured (or recorded in the index by ``lavis-c2f index videos --checkpoint``),
    else **zero-shot**: the cosine of the backbone's pooled text embedding with each clip feature,
-   ``max`` or top-k mean over the video's clips (:mod:`lavis_c2f.search.zero_shot`).
+   ``max`` or top-k mean over the video's clips (:mod:`lavis_c2f.models.zero_shot`).
 2. **Grounding** in each retrieved video: a trained QD-DETR / MESM grounder
    (:class:`~lavis_c2f.models.grounder.predictor.GrounderPredictor`, all videos of a query in
    one batched call) when a grounder checkpoint is configured, else **zero-shot**: the
    smoothed similarity curve is the saliency and windows are its thresholded runs (scores are
-   in-video contrasts; see :mod:`lavis_c2f.search.zero_shot`). Videos longer than the
+   in-video contrasts; see :mod:`lavis_c2f.models.zero_shot`). Videos longer than the
    grounder's ``max_v_l`` clips are covered by overlapping chunks of ``max_v_l`` clips (stride
    half of it; windows merged by NMS, saliency averaged where chunks overlap). Empty windows
    (start = end after snapping to clips) and repeated spans are left out.
@@ -62,8 +62,12 @@ import torch
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.models.checkpoint import load_retriever
+from lavis_c2f.models.grounder.checkpoint import load_grounder
+from lavis_c2f.ops.spans import nms_rows
+from lavis_c2f.ops.vectors import l2_normalize
 from lavis_c2f.pipeline.fusion import FusionConfig, fuse_candidates, load_fusion_choice
-from lavis_c2f.search import zero_shot as zs
+from lavis_c2f.models import zero_shot as zs
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +96,6 @@ def resolve_device(device: Optional[str] = "auto") -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit ``cuda`` request without a
     GPU raises :class:`ConfigError` (see :func:`lavis_c2f.common.dist.resolve_device`)."""
     return str(c2f_dist.resolve_device(device, fallback=False))
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-5)
 
 
 # =========================================================================== results
@@ -281,7 +280,7 @@ class _Corpus:
         vids = self.vids
         if not vids:
             return []
-        t = zs.l2_normalize(np.asarray(text_pooled, np.float32).reshape(-1))
+        t = l2_normalize(np.asarray(text_pooled, np.float32).reshape(-1))
         if t.shape[0] != self.dim:
             raise ConfigError(f"the text embedding is {t.shape[0]}-d but the {self.kind}'s clip features are "
                               f"{self.dim}-d")
@@ -306,7 +305,7 @@ class _Corpus:
             counts = [self.n_clips(v) for v in vids]
             if any(c is None for c in counts) or sum(counts) * self.dim * 4 > ZERO_SHOT_BANK_BYTES:
                 return None
-            feats = [zs.l2_normalize(self.features(v)) for v in vids]
+            feats = [l2_normalize(self.features(v)) for v in vids]
             offsets = np.zeros(len(vids) + 1, np.int64)
             offsets[1:] = np.cumsum([f.shape[0] for f in feats])
             flat = np.concatenate(feats, 0) if feats else np.zeros((0, self.dim), np.float32)
@@ -531,100 +530,6 @@ def is_demo_corpus(path: PathLike) -> bool:
 # =========================================================================== checkpoints
 
 
-def _model_node(cfg: Any, where: str) -> Dict[str, Any]:
-    """A model config from a YAML path (``model:`` node or bare) or a mapping."""
-    from lavis_c2f.data.cfg import to_plain
-
-    if isinstance(cfg, (str, os.PathLike)):
-        from omegaconf import OmegaConf
-
-        from lavis_c2f.paths import config_path, resolve_path
-
-        path = resolve_path(cfg)
-        if not os.path.isfile(path):
-            try:
-                path = config_path(cfg)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{where}: model YAML not found: {cfg}") from None
-        node = to_plain(OmegaConf.load(path))
-    else:
-        node = to_plain(cfg)
-    if not isinstance(node, Mapping):
-        raise ConfigError(f"{where}: expected a model mapping, got {type(node).__name__}")
-    if isinstance(node.get("model"), Mapping):
-        node = node["model"]
-    return dict(node)
-
-
-def load_retriever(checkpoint: Optional[PathLike], model_cfg: Any = None, device: str = "cpu",
-                   where: str = "retriever_cfg"):
-    """A T-MASS retriever in eval mode: built from ``model_cfg`` (a YAML path or mapping, merged
-    over its ``model_type`` defaults) or else from the config stored in ``checkpoint`` (ours / the
-    runner's), then the checkpoint's weights loaded strictly. ``checkpoint=None`` (``model_cfg``
-    required) gives the freshly built model. ``where`` names ``model_cfg`` in errors."""
-    import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
-    from lavis_c2f.models.checkpoint_utils import load_checkpoint_file, load_checkpoint_weights
-    from lavis_c2f.registry_utils import get, with_model_defaults
-
-    path = os.fspath(checkpoint) if checkpoint is not None else None
-    ck = load_checkpoint_file(path) if path is not None else None
-    if model_cfg is not None:
-        node = with_model_defaults(_model_node(model_cfg, where), "c2f_tmass_retriever")
-    elif ck is None:
-        raise ConfigError(f"{where}: a retriever needs a model YAML or a checkpoint that stores its config")
-    else:
-        stored = ck.get("config")
-        if not isinstance(stored, Mapping):
-            raise ConfigError(f"{path}: the checkpoint stores no model config; pass {where} (the model YAML "
-                              "it was trained with)")
-        node = dict(stored["model"]) if isinstance(stored.get("model"), Mapping) else dict(stored)
-    arch = node.get("arch", "c2f_tmass_retriever")
-    cls = get("model", arch)
-    if not hasattr(cls, "fingerprint"):
-        raise ConfigError(f"{path or where}: arch '{arch}' is not a stage-1 retriever")
-    model = cls.from_config(node)
-    if ck is not None:
-        load_checkpoint_weights(model, ck, source=path, strict=True)
-    return model.to(device).eval()
-
-
-GROUNDER_ARCHS = ("c2f_qd_detr", "c2f_mesm_qd_detr")
-
-
-def load_grounder(checkpoint: PathLike, model_cfg: Any = None, device: str = "cpu", trusted: bool = False):
-    """A stage-2 grounder from a checkpoint: ours / the runner's (config stored with the
-    weights), an official QD-DETR one (``{"model", "opt"}``, built with
-    :func:`~lavis_c2f.models.grounder.checkpoint.load_qd_detr_checkpoint`), or a bare state dict
-    with ``model_cfg``. Returns ``(model, postprocess)`` in eval mode."""
-    from lavis_c2f.models.grounder.checkpoint import load_qd_detr_checkpoint, read_checkpoint
-    from lavis_c2f.models.grounder.postprocess import PostProcessConfig
-    from lavis_c2f.registry_utils import get
-
-    path = os.fspath(checkpoint)
-    _state, config, kind = read_checkpoint(path, trusted=trusted)
-    if kind == "official":
-        detr = load_qd_detr_checkpoint(path, trusted=trusted)
-        # user videos have any length: clamp to the duration (not the official 150 s), NMS duplicates
-        return detr.to(device).eval(), PostProcessConfig(nms_threshold=0.7)
-    if model_cfg is not None:
-        node = _model_node(model_cfg, "grounder_cfg")
-        arch = node.get("arch", "c2f_qd_detr")
-    elif kind == "ours":
-        node = None
-        arch = config.get("arch") or "c2f_qd_detr"
-    else:
-        raise ConfigError(f"{path}: a bare state dict without a model config; pass grounder_cfg (the model YAML)")
-    if arch not in GROUNDER_ARCHS:
-        raise ConfigError(f"{path}: arch '{arch}' is not a stage-2 grounder (expected one of {GROUNDER_ARCHS})")
-    cls = get("model", arch)
-    if node is None:
-        model = cls.from_checkpoint(path, trusted=trusted)
-    else:
-        model = cls.from_config({k: v for k, v in node.items()})
-        model.load_checkpoint(path, strict=True, trusted=trusted)
-    return model.to(device).eval(), model.postprocess
-
-
 # =========================================================================== predictor
 
 
@@ -651,7 +556,7 @@ class C2FPredictor:
         grounder_postprocess: post-processing of the grounder (default: the model's).
         refiner: stage 3: a ``CaptionRefiner``, its config (mapping or YAML path), or None.
         fusion: :class:`FusionConfig` (or mapping) of stage-1/stage-2 fusion.
-        zero_shot: :class:`~lavis_c2f.search.zero_shot.ZeroShotConfig` (or mapping).
+        zero_shot: :class:`~lavis_c2f.models.zero_shot.ZeroShotConfig` (or mapping).
         stage1_top_k: videos grounded per query in :meth:`search`.
         clip_length, frames_per_clip: clip sampling of :meth:`encode_video`.
         refine_videos: videos whose windows stage 3 refines per search (the best ones).
@@ -1017,7 +922,7 @@ class C2FPredictor:
             rows.sort(key=lambda r: -r[2])
             rows = _distinct_windows(rows)
             if len(parts) > 1:
-                rows = zs.nms_rows(rows, float(nms), max_keep=max(10, len(rows)))
+                rows = nms_rows(rows, float(nms), max_keep=max(10, len(rows)))
             sal = np.where(sal_cnt > 0, sal_sum / np.maximum(sal_cnt, 1), 0.0).astype(np.float32)
             out.append({"windows": rows, "saliency": sal})
         return out
@@ -1115,11 +1020,11 @@ class C2FPredictor:
             self._require_zero_shot()
             return self.corpus.zero_shot_rank(q.pooled, k, self.zero_shot)
         r = self.retriever
-        tok = _l2(q.tokens) if q.tokens.shape[-1] == int(r.text_input_dim) else None
+        tok = l2_normalize(q.tokens) if q.tokens.shape[-1] == int(r.text_input_dim) else None
         with torch.no_grad():
             emb = r.encode_text(None if tok is None else torch.from_numpy(tok)[None],
                                 None if tok is None else torch.ones(1, tok.shape[0]),
-                                torch.from_numpy(_l2(q.pooled))[None])
+                                torch.from_numpy(l2_normalize(q.pooled))[None])
         return self.corpus.stage1_index(r).search(emb, k=k)[0]
 
     def search(self, query: str, top_k: int = 10, stage1_top_k: Optional[int] = None,

@@ -48,12 +48,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.ops.vectors import L2_EPS, l2_normalize, tef_columns  # noqa: F401  (the feature conventions)
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 ArrayOrFields = Union[np.ndarray, Mapping[str, np.ndarray]]
-L2_EPS = 1e-5  # QD-DETR / Moment-DETR ``l2_normalize_np_array`` epsilon
 DEFAULT_FIELD = "features"
 
 
@@ -65,21 +65,6 @@ class FeatureNotFoundError(KeyError):
 
 
 # =========================================================================== array helpers
-
-
-def l2_normalize(x: np.ndarray, eps: float = L2_EPS) -> np.ndarray:
-    """``x / (||x||_2 + eps)`` along the last axis (a new float32 array)."""
-    x = np.asarray(x, dtype=np.float32)
-    return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)).astype(np.float32, copy=False)
-
-
-def tef_columns(length: int) -> np.ndarray:
-    """(L, 2) temporal endpoint features: ``[arange(L) / L, arange(L) / L + 1 / L]`` (float32)."""
-    if length <= 0:
-        return np.zeros((0, 2), dtype=np.float32)
-    st = np.arange(length, dtype=np.float32) / np.float32(length)
-    ed = st + np.float32(1.0) / np.float32(length)
-    return np.stack([st, ed], axis=1).astype(np.float32)
 
 
 def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = True,

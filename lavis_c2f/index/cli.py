@@ -61,11 +61,11 @@ def _add_extra(name: str, configure: _Configure, parser_kwargs: Dict[str, Any]) 
 
 def load_retriever(model_cfg: str, checkpoint: Optional[str] = None):
     """The stage-1 model of a YAML (``model:`` section or a bare mapping, merged over its
-    ``model_type`` defaults) with a checkpoint's weights (:func:`lavis_c2f.predictor.load_retriever`)."""
+    ``model_type`` defaults) with a checkpoint's weights (:func:`lavis_c2f.models.checkpoint.load_retriever`)."""
+    from lavis_c2f.models.checkpoint import load_retriever as load_model_retriever
     from lavis_c2f.paths import resolve_path
-    from lavis_c2f.predictor import load_retriever as predictor_load_retriever
 
-    return predictor_load_retriever(resolve_path(checkpoint) if checkpoint else None, model_cfg, where="--model-cfg")
+    return load_model_retriever(resolve_path(checkpoint) if checkpoint else None, model_cfg, where="--model-cfg")
 
 
 def _store_spec(text: str, field: Optional[str]) -> Any:

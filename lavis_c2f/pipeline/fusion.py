@@ -50,12 +50,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.data.cfg import check_keys
 
 FORMS = ("product", "sum", "stage1")
 S1_NORMS = ("zscore", "minmax", "rank")
@@ -99,11 +100,7 @@ class FusionConfig:
     @classmethod
     def from_mapping(cls, d: Optional[Mapping[str, Any]], where: str = "fusion") -> "FusionConfig":
         """From a YAML mapping (unknown keys raise :class:`ConfigError` naming them)."""
-        d = dict(d or {})
-        known = {"form", "weight", "s1_norm", "max_moments"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        d = check_keys(d, {f.name for f in fields(cls)}, where)
         if "weight" in d and isinstance(d["weight"], (int, float)) and not isinstance(d["weight"], bool):
             d["weight"] = float(d["weight"])
         try:

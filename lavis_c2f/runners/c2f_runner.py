@@ -44,7 +44,7 @@ from torch.utils.data.distributed import DistributedSampler
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json
-from lavis_c2f.models.checkpoint_utils import (
+from lavis_c2f.models.checkpoint import (
     load_checkpoint_file,
     load_model_weights,
     model_state_for_checkpoint,

@@ -16,7 +16,7 @@ mode without one); windows scoring at least ``min_score`` are kept (at most ``ma
 best first), overlapping kept windows are merged (QVHighlights windows do not overlap), and a
 sentence without any such window is dropped. Scores are the grounder's foreground
 probabilities in trained mode and in-video contrasts in [0, 1] in zero-shot mode
-(:mod:`lavis_c2f.search.zero_shot`).
+(:mod:`lavis_c2f.models.zero_shot`).
 
 Output: QVHighlights rows (readable by :func:`lavis_c2f.data.readers.read_annotations`),
 written atomically::

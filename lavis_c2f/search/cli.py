@@ -35,14 +35,13 @@ logger = logging.getLogger(__name__)
 def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Report user errors (bad files, mismatched checkpoints, undecodable videos) as one line."""
     def run(args: argparse.Namespace) -> int:
-        from lavis_c2f.common.errors import user_error_types
+        from lavis_c2f.common.errors import USER_ERRORS, user_message
 
         try:
             return fn(args)
-        except user_error_types() as e:
+        except USER_ERRORS as e:
             logger.debug("%s failed", command, exc_info=True)
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"lavis-c2f {command}: error: {msg}", file=sys.stderr)
+            print(f"lavis-c2f {command}: error: {user_message(e)}", file=sys.stderr)
             return 1
 
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__

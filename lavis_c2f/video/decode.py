@@ -69,6 +69,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from lavis_c2f.common.errors import VideoDecodeError  # noqa: F401  (raised here; defined with the other user errors)
+
 logger = logging.getLogger(__name__)
 
 SizeSpec = Union[None, int, Tuple[int, int], Sequence[int]]
@@ -81,18 +83,6 @@ TIE_EPS = 1e-6
 TRUNCATED_FRACTION = 0.95
 BACKENDS = ("auto", "decord", "pyav", "ffmpeg")
 MODES = ("auto", "sequential", "seek")
-
-
-class VideoDecodeError(RuntimeError):
-    """A video file cannot be probed or decoded; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = str(path)
-        self.reason = str(reason)
-        super().__init__(f"{self.path}: {self.reason}")
-
-    def __reduce__(self):  # picklable across worker processes
-        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)

@@ -483,7 +483,7 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = "offl
     import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
     from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader
     from lavis_c2f.index.corpus_index import CorpusIndex
-    from lavis_c2f.models.checkpoint_utils import load_model_weights
+    from lavis_c2f.models.checkpoint import load_model_weights
     from lavis_c2f.paths import config_path, resolve_path
     from lavis_c2f.registry_utils import get
 

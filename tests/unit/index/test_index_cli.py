@@ -91,7 +91,7 @@ def test_build_info_search_add_remove(corpus, capsys):
 
 def test_shards_and_checkpoint(corpus, capsys, tmp_path):
     from lavis_c2f.index.cli import load_retriever
-    from lavis_c2f.models.checkpoint_utils import save_checkpoint
+    from lavis_c2f.models.checkpoint import save_checkpoint
 
     model = load_retriever(corpus["cfg"])
     with torch.no_grad():

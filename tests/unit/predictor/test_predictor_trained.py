@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.models.checkpoint_utils import save_checkpoint
+from lavis_c2f.models.checkpoint import load_retriever, save_checkpoint
+from lavis_c2f.models.grounder import load_grounder
 from lavis_c2f.models.grounder.lavis_models import C2FQDDETR
 from lavis_c2f.models.grounder.predictor import GrounderPredictor
-from lavis_c2f.predictor import C2FPredictor, load_grounder, load_retriever
+from lavis_c2f.predictor import C2FPredictor
 from predictor_helpers import GROUNDER_CFG, OFFICIAL_QD, random_backbone, save_tiny_grounder, save_tiny_retriever
 
 

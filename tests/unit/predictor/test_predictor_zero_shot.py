@@ -7,7 +7,7 @@ import pytest
 from lavis_c2f import predictor as pred_mod
 from lavis_c2f.pipeline.fusion import FusionConfig, fuse_candidates
 from lavis_c2f.predictor import C2FPredictor, EncodedVideo
-from lavis_c2f.search import zero_shot as zs
+from lavis_c2f.models import zero_shot as zs
 from predictor_helpers import CHARADES
 
 
