@@ -383,8 +383,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     indexes = [CorpusIndex.load(p, model=model, verify=not args.no_verify) for p in args.index]
     if args.nprobe is not None:
         for ix in indexes:
-            if ix._ann is not None:
-                ix._ann.set_search_params(nprobe=args.nprobe)
+            if ix.ann_kind is not None:
+                ix.prefilter.set_nprobe(args.nprobe)
     fields, names = [], []
     from lavis_c2f.common.errors import DataFormatError
 
