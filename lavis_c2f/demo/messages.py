@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
+from lavis_c2f.common.errors import VideoDecodeError, user_message
+
 
 class UserError(Exception):
     """A problem with what the user typed or chose (shown as is)."""
@@ -28,8 +30,6 @@ def describe_error(exc: BaseException) -> Tuple[str, bool]:
     ``expected`` is False for errors the package does not raise on bad input (bugs, resource
     exhaustion): their message names the exception type and says the traceback is in the log.
     """
-    from lavis_c2f.common.errors import VideoDecodeError, user_message
-
     if isinstance(exc, VideoDecodeError):
         return f"Cannot read the video {os.path.basename(exc.path) or exc.path}: {exc.reason}", True
     if isinstance(exc, UserError):

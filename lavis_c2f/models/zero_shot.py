@@ -1,8 +1,8 @@
 """Zero-shot retrieval and grounding from a feature backbone alone (no trained checkpoint).
 
-The zero-shot stages of the coarse-to-fine engine (:mod:`lavis_c2f.pipeline.engine`), used when
-no trained retriever / grounder is configured (the usual first run on one's own videos). It relies only on the backbone's joint
-text-image space (CLIP, or the offline encoder's MiniLM space): the query's pooled text
+The zero-shot stages of the coarse-to-fine engine (:mod:`lavis_c2f.pipeline.stages`), used
+when no trained retriever / grounder is configured (the usual first run on one's own videos).
+It relies only on the backbone's joint text-image space (CLIP, or the offline encoder's MiniLM space): the query's pooled text
 embedding ``t`` (D,) and the per-clip features ``f_1..f_L`` (L, D) of a video.
 
 Stage 1 (video score). The similarity curve ``s_c = cos(t, f_c)``; a video scores

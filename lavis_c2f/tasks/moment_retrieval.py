@@ -24,7 +24,7 @@ from lavis.common.registry import registry
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
-from lavis_c2f.tasks.base import C2FTask, unwrap_model
+from lavis_c2f.tasks.base import C2FTask, dataset_clip_length, unwrap_model
 from lavis_c2f.tasks.base import result_dir as default_result_dir
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class MomentRetrievalTask(C2FTask):
         tag = f"{split_name}_{epoch}"
         preds_path = write_jsonl(val_result, f"{out_dir}/{tag}_preds.jsonl")
         gt = gt_rows_of(dataset)
-        clip_length = float(getattr(dataset, "clip_length", 2.0))
+        clip_length = dataset_clip_length(dataset)
         metrics = evaluate_predictions(val_result, gt, self.options["eval_protocol"],
                                        int(self.options["max_pred_windows"]), clip_length)
         write_json(metrics, f"{out_dir}/{tag}_metrics.json")

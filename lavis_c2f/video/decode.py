@@ -377,7 +377,8 @@ def probe(path: Union[str, "os.PathLike[str]"]) -> VideoInfo:
         container.close()
 
 
-def _require_video(info: VideoInfo) -> None:
+def require_video(info: VideoInfo) -> None:
+    """Raise :class:`VideoDecodeError` unless ``info`` describes a decodable video stream."""
     if not info.has_video:
         if info.has_audio:
             raise VideoDecodeError(info.path, f"no video stream (audio-only file, {info.duration:.2f} s)")
@@ -595,7 +596,7 @@ def _ffmpeg_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw_display: Tup
 
 
 def _plan(info: VideoInfo, clip_length: float, frames_per_clip: int) -> Tuple[int, np.ndarray]:
-    _require_video(info)
+    require_video(info)
     n = info.n_clips(clip_length)
     targets = sample_times(n, clip_length, frames_per_clip)
     return n, targets
@@ -726,7 +727,7 @@ def decode_all_frames(path: Union[str, "os.PathLike[str]"], size: SizeSpec = Non
     ``bench/extract.py``): ((T, H, W, 3) uint8 display orientation, (T,) seconds from the
     first frame, presentation order)."""
     info = probe(path)
-    _require_video(info)
+    require_video(info)
     disp_hw = output_size(info.height, info.width, size)
     h, w = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
     container = _open_av(info.path)
@@ -804,7 +805,7 @@ def probe_many(paths: Iterable[Union[str, "os.PathLike[str]"]]) -> Tuple[Dict[st
         p = os.fspath(p)
         try:
             info = probe(p)
-            _require_video(info)
+            require_video(info)
         except VideoDecodeError as e:
             summary.add_error(p, e)
             continue

@@ -36,7 +36,8 @@ def test_predict_matches_the_model_and_keeps_its_mode(model):
     v = torch.from_numpy(videos[0])
     samples = {"src_txt": (q / (q.norm(dim=1, keepdim=True) + 1e-5))[None],
                "src_txt_mask": torch.ones(1, 5),
-               "src_vid": torch.cat([v / (v.norm(dim=1, keepdim=True) + 1e-5), torch.from_numpy(tef_columns(9))], 1)[None],
+               "src_vid": torch.cat([v / (v.norm(dim=1, keepdim=True) + 1e-5),
+                                     torch.from_numpy(tef_columns(9))], 1)[None],
                "src_vid_mask": torch.ones(1, 9), "qid": [0], "query": ["q"], "vid": ["v"],
                "duration": torch.tensor([18.0]), "clip_length": torch.tensor([2.0])}
     model.eval()
