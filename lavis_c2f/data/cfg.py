@@ -1,7 +1,7 @@
 """Small helpers to read config mappings strictly (unknown keys are errors), and the defaults
 YAMLs shipped in ``lavis_c2f/configs``.
 
-Pure: works on ``dict`` and OmegaConf ``DictConfig`` alike, imports nothing heavy.
+Pure: works on ``dict`` and OmegaConf ``DictConfig`` alike (OmegaConf and PyYAML come with LAVIS).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import difflib
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.paths import config_path
@@ -16,10 +17,6 @@ from lavis_c2f.paths import config_path
 
 def to_plain(cfg: Any) -> Any:
     """OmegaConf containers -> plain dict/list with interpolations resolved; others unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a LAVIS dependency
-        return cfg
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg

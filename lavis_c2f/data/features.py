@@ -34,6 +34,7 @@ import contextlib
 import difflib
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -46,9 +47,13 @@ from collections import OrderedDict
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from tqdm import tqdm
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.io import atomic_path, write_json
+from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.ops.vectors import L2_EPS, l2_normalize, tef_columns  # noqa: F401  (the feature conventions)
+from lavis_c2f.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -476,8 +481,6 @@ class WdsStore(FeatureStore):
             raise DataFormatError(f"not a readable (uncompressed) tar shard: {e}", path=shard) from None
         if self.cache_index:
             try:
-                from lavis_c2f.common.io import write_json
-
                 write_json({**stamp, "members": members}, idx_path, indent=None)
             except OSError as e:
                 logger.debug("cannot cache the shard index %s: %s", idx_path, e)
@@ -573,10 +576,6 @@ def write_wds_shards(items: Iterable[Tuple[str, ArrayOrFields]], out_pattern: Pa
     Each shard is written to a temporary name and renamed into place. Bytes are
     deterministic (zeroed mtimes/owners). Returns the shard paths.
     """
-    import itertools
-
-    from lavis_c2f.common.io import atomic_path
-
     pattern = str(out_pattern)
     try:
         pattern % 0
@@ -633,8 +632,6 @@ def normalize_spec(spec: Union[PathLike, Mapping[str, Any]], base: Optional[Path
 
     Unknown keys raise :class:`ConfigError` naming them (and ``where``).
     """
-    from lavis_c2f.paths import resolve_path
-
     if isinstance(spec, (str, os.PathLike)):
         spec = {"path": str(spec)}
     if not isinstance(spec, Mapping):
@@ -657,10 +654,7 @@ def normalize_spec(spec: Union[PathLike, Mapping[str, Any]], base: Optional[Path
     t = spec["type"]
     if t not in _SPEC_KEYS:
         raise ConfigError(f"{where}: unknown store type {t!r}; expected one of {sorted(_SPEC_KEYS)}")
-    unknown = set(spec) - _SPEC_KEYS[t]
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for a {t} store; allowed: "
-                          f"{sorted(_SPEC_KEYS[t])}")
+    check_keys(spec, _SPEC_KEYS[t], f"{where} ({t} store)")
     return spec
 
 
@@ -688,7 +682,6 @@ def open_store(spec: Union[PathLike, Mapping[str, Any], FeatureStore],
 def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
-    from tqdm import tqdm
 
     return tqdm(it, total=total, desc=desc, unit="key")
 
@@ -734,8 +727,6 @@ def convert_store(src_spec: Union[PathLike, Mapping[str, Any], FeatureStore],
     (shards ``DIR/shard-000000.tar`` ...). A bare path is typed like :func:`open_store`, except
     a non-existing path without a known extension is an npz folder.
     """
-    from lavis_c2f.common.io import atomic_path
-
     src = open_store(src_spec)
     if isinstance(dst_spec, (str, os.PathLike)):
         p = str(dst_spec)

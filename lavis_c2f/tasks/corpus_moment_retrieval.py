@@ -89,14 +89,18 @@ from tqdm.auto import tqdm
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
-from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.data.cfg import to_plain
+from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.paths import resolve_path
 from lavis_c2f.pipeline.engine import SEARCH_DEFAULTS, CoarseToFine, Grounding, Query
-from lavis_c2f.pipeline.refine import RefineOptions
+from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates, load_fusion_choice
+from lavis_c2f.pipeline.hard_negatives import HardNegativeMomentDataset
+from lavis_c2f.pipeline.merge import stage1_lists
+from lavis_c2f.pipeline.refine import (CorpusRefiner, RefineOptions, check_refiner_config, flat_refine_metrics,
+                                       refine_counts, summary_line)
 from lavis_c2f.pipeline.stages import RankedLists
-from lavis_c2f.tasks.base import C2FTask, dataset_clip_length, move_to_device, unwrap_model
-from lavis_c2f.tasks.base import result_dir as default_result_dir
+from lavis_c2f.tasks.base import (C2FTask, dataset_clip_length, move_to_device, result_dir as default_result_dir,
+                                  unwrap_model)
 from lavis_c2f.tasks.video_retrieval import shard_range
 
 logger = logging.getLogger(__name__)
@@ -123,8 +127,6 @@ class CorpusMomentRetrievalTask(C2FTask):
     }
 
     def __init__(self, **options: Any):
-        from lavis_c2f.pipeline.fusion import FusionConfig, load_fusion_choice
-
         super().__init__(**options)
         o = self.options
         for key in ("stage1_top_k", "pair_batch_size", "max_pred_windows", "hard_negative_top_k"):
@@ -152,8 +154,6 @@ class CorpusMomentRetrievalTask(C2FTask):
         # stage 3: validated here (pure); the refiner is imported and built on first use only
         self.refine = RefineOptions.from_mapping(to_plain(o["refine"]), where="run.refine")
         if self.refine.enabled:
-            from lavis_c2f.pipeline.refine import check_refiner_config
-
             check_refiner_config(self.refine.config)
         self._refiner = None
 
@@ -171,9 +171,6 @@ class CorpusMomentRetrievalTask(C2FTask):
     def build_datasets(self, cfg) -> Dict[str, Dict[str, Any]]:
         """As the base; checks the stage-2 dataset type, keeps the datasets and wraps the
         training split with hard negatives when ``hard_negative_ratio > 0``."""
-        from lavis_c2f.pipeline.hard_negatives import HardNegativeMomentDataset
-        from lavis_c2f.pipeline.merge import stage1_lists
-
         datasets = super().build_datasets(cfg)
         train_splits = list(cfg.run_cfg.get("train_splits", []) or [])
         ratio = float(self.options["hard_negative_ratio"])
@@ -219,8 +216,6 @@ class CorpusMomentRetrievalTask(C2FTask):
                    desc: str = "evaluate", **_: Any) -> Dict[str, Any]:
         """Ground every query of this rank's shard in its candidates; returns, on every rank,
         ``{"rows": candidate rows of all ranks in dataset order, "split"}``."""
-        from lavis_c2f.pipeline.merge import stage1_lists
-
         device = device or torch.device("cpu")
         dataset = dataset if dataset is not None else getattr(data_loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "records") or not hasattr(dataset, "labels"):
@@ -245,8 +240,6 @@ class CorpusMomentRetrievalTask(C2FTask):
         if not self.refine.enabled:
             return None
         if self._refiner is None:
-            from lavis_c2f.pipeline.refine import CorpusRefiner
-
             self._refiner = CorpusRefiner.build(self.refine, dataset, device)
             logger.info("stage 3 on: caption refiner on the %d best videos per query%s, frames: %s",
                         self.refine.top_videos, " (+ the GT video)" if self.refine.gt_video else "",
@@ -285,8 +278,6 @@ class CorpusMomentRetrievalTask(C2FTask):
 
     def after_evaluation(self, val_result, split_name: str, epoch, dataset=None,
                          result_dir: Optional[str] = None, **kwargs) -> Dict[str, Any]:
-        from lavis_c2f.pipeline.fusion import evaluate_candidates
-
         out_dir = result_dir or default_result_dir()
         tag = f"{split_name}_{epoch}"
         rows = val_result["rows"]
@@ -306,8 +297,6 @@ class CorpusMomentRetrievalTask(C2FTask):
                        "eval_protocol": self.options["eval_protocol"], "metrics": flat, "files": files})
         refine_flat: Dict[str, Any] = {}
         if any(r.get("refine") is not None for r in rows):
-            from lavis_c2f.pipeline.refine import flat_refine_metrics, refine_counts, summary_line
-
             counts = refine_counts(rows)
             refine_flat = flat_refine_metrics(counts)
             report["refine"] = {**self.refine.describe(), **counts}

@@ -24,8 +24,8 @@ from lavis.common.registry import registry
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
-from lavis_c2f.tasks.base import C2FTask, dataset_clip_length, unwrap_model
-from lavis_c2f.tasks.base import result_dir as default_result_dir
+from lavis_c2f.evaluation.qvh import eval_r1_miou, eval_submission
+from lavis_c2f.tasks.base import C2FTask, dataset_clip_length, result_dir as default_result_dir, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ def evaluate_predictions(preds: List[Dict[str, Any]], gt_rows: List[Dict[str, An
     Returns the full metrics dict (for ``qvh`` the official nested structure with ``brief``;
     for ``r1miou`` a flat dict, also under ``brief``).
     """
-    from lavis_c2f.evaluation import eval_r1_miou, eval_submission
-
     labelled = [g for g in gt_rows if g.get("relevant_windows")]
     if not labelled:
         return {"brief": {}, "note": "no ground-truth windows in this split"}

@@ -62,9 +62,13 @@ import torch
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
+from omegaconf import OmegaConf
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.io import atomic_path
 from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.paths import cache_root, config_path
+from lavis_c2f.registry_utils import get
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +309,6 @@ class FeatureBackbone(BaseModel):
 
     @classmethod
     def default_config_path(cls, model_type: str = "default") -> str:
-        from lavis_c2f.paths import config_path
-
         if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
             raise ConfigError(f"{cls.name}: unknown model_type {model_type!r}; known: "
                               f"{sorted(cls.PRETRAINED_MODEL_CONFIG_DICT)}")
@@ -619,8 +621,6 @@ class OfflineBackbone(FeatureBackbone):
     def _class_embeddings(self, use_cache: bool) -> np.ndarray:
         cache = None
         if use_cache:
-            from lavis_c2f.paths import cache_root
-
             tag = hashlib.sha256((self._weights_id + self.prompt).encode()).hexdigest()[:16]
             cache = os.path.join(cache_root(), "offline_backbone", f"class_emb_{tag}.npy")
             if os.path.isfile(cache):
@@ -633,8 +633,6 @@ class OfflineBackbone(FeatureBackbone):
         sents = [self.prompt.format(c) for c in self.classes]
         emb = np.concatenate([self._sentence(sents[i:i + 128])[1] for i in range(0, len(sents), 128)])
         if cache is not None:
-            from lavis_c2f.common.io import atomic_path
-
             try:
                 with atomic_path(cache) as tmp:
                     with open(tmp, "wb") as f:
@@ -692,10 +690,6 @@ def build_backbone(name: str = "offline", config: Optional[Mapping[str, Any]] = 
                    ) -> FeatureBackbone:
     """Build a registered backbone: its YAML defaults (``lavis_c2f/configs/video/<key>.yaml``,
     ``model:`` section) updated with ``config`` and ``kwargs`` (None values ignored)."""
-    from omegaconf import OmegaConf
-
-    from lavis_c2f.registry_utils import get
-
     key = backbone_key(name)
     cls = get("model", key)
     node = OmegaConf.load(cls.default_config_path("default"))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,6 @@ def format_srt(captions: Iterable[Caption]) -> str:
 
 def write_srt(captions: Iterable[Caption], path: PathLike) -> str:
     """Write captions atomically; returns the path."""
-    from lavis_c2f.common.io import atomic_open
-
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(format_srt(captions))
     return os.fspath(path)
