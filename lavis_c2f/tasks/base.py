@@ -10,10 +10,9 @@ dataset's order (so distributed results equal single-process results).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from lavis.common.registry import registry
@@ -42,6 +41,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP/DataParallel wrappers."""
     return model.module if hasattr(model, "module") and isinstance(
         model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
+
+
+def dataset_clip_length(dataset) -> float:
+    """Seconds per clip of an evaluated dataset (from its dataset YAML; no fallback in code)."""
+    clip_length = getattr(dataset, "clip_length", None)
+    if not clip_length:
+        raise ConfigError(f"the evaluated dataset {type(dataset).__name__} has no clip_length (it comes from the "
+                          "dataset YAML, datasets.<name>.clip_length)")
+    return float(clip_length)
 
 
 def result_dir() -> str:

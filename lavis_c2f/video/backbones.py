@@ -79,10 +79,14 @@ import torch
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
+from omegaconf import OmegaConf
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.io import atomic_path
 from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.paths import cache_root, config_path
 from lavis_c2f.processors.clip_processors import CLIP_MEAN, CLIP_STD
+from lavis_c2f.registry_utils import get
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +411,6 @@ class FeatureBackbone(BaseModel):
 
     @classmethod
     def default_config_path(cls, model_type: str = "default") -> str:
-        from lavis_c2f.paths import config_path
-
         if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
             raise ConfigError(f"{cls.name}: unknown model_type {model_type!r}; known: "
                               f"{sorted(cls.PRETRAINED_MODEL_CONFIG_DICT)}")
@@ -721,8 +723,6 @@ class OfflineBackbone(FeatureBackbone):
     def _class_embeddings(self, use_cache: bool) -> np.ndarray:
         cache = None
         if use_cache:
-            from lavis_c2f.paths import cache_root
-
             tag = hashlib.sha256((self._weights_id + self.prompt).encode()).hexdigest()[:16]
             cache = os.path.join(cache_root(), "offline_backbone", f"class_emb_{tag}.npy")
             if os.path.isfile(cache):
@@ -735,8 +735,6 @@ class OfflineBackbone(FeatureBackbone):
         sents = [self.prompt.format(c) for c in self.classes]
         emb = np.concatenate([self._sentence(sents[i:i + 128])[1] for i in range(0, len(sents), 128)])
         if cache is not None:
-            from lavis_c2f.common.io import atomic_path
-
             try:
                 with atomic_path(cache) as tmp:
                     with open(tmp, "wb") as f:
@@ -1035,10 +1033,6 @@ def build_backbone(name: str = "offline", config: Optional[Mapping[str, Any]] = 
     of ``config`` / ``kwargs`` it accepts (``clip_path`` goes to ``clip_hf``,
     ``slowfast_checkpoint`` to ``slowfast``; ``device`` and ``batch_size`` to all), a key no
     stream accepts is an error."""
-    from omegaconf import OmegaConf
-
-    from lavis_c2f.registry_utils import get
-
     key = backbone_key(name)
     if "+" in key:
         given = {k: v for k, v in {**dict(config or {}), **kwargs}.items() if v is not None}
@@ -1054,3 +1048,14 @@ def build_backbone(name: str = "offline", config: Optional[Mapping[str, Any]] = 
     merged.update({k: v for k, v in dict(config or {}).items() if v is not None})
     merged.update({k: v for k, v in kwargs.items() if v is not None})
     return cls.from_config(merged)
+
+
+def resolve_backbone(backbone: Any, config: Optional[Mapping[str, Any]] = None, where: str = "backbone_config"
+                     ) -> FeatureBackbone:
+    """``backbone`` itself when it is a built :class:`FeatureBackbone` (then ``config``, named
+    ``where`` in the error, must be empty), else :func:`build_backbone` of that name with ``config``."""
+    if isinstance(backbone, FeatureBackbone):
+        if config:
+            raise ConfigError(f"{where} is only used when the backbone is given by name")
+        return backbone
+    return build_backbone(str(backbone), config=config)

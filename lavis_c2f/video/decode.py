@@ -83,6 +83,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from lavis_c2f.common.errors import VideoDecodeError  # noqa: F401  (raised here; defined with the other user errors)
+
 logger = logging.getLogger(__name__)
 
 SizeSpec = Union[None, int, Tuple[int, int], Sequence[int]]
@@ -95,18 +97,6 @@ TIE_EPS = 1e-6
 TRUNCATED_FRACTION = 0.95
 BACKENDS = ("auto", "decord", "pyav", "ffmpeg")
 MODES = ("auto", "sequential", "seek")
-
-
-class VideoDecodeError(RuntimeError):
-    """A video file cannot be probed or decoded; ``path`` and ``reason`` say which and why."""
-
-    def __init__(self, path: str, reason: str):
-        self.path = str(path)
-        self.reason = str(reason)
-        super().__init__(f"{self.path}: {self.reason}")
-
-    def __reduce__(self):  # picklable across worker processes
-        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)
@@ -408,7 +398,8 @@ def probe(path: Union[str, "os.PathLike[str]"]) -> VideoInfo:
         container.close()
 
 
-def _require_video(info: VideoInfo) -> None:
+def require_video(info: VideoInfo) -> None:
+    """Raise :class:`VideoDecodeError` unless ``info`` describes a decodable video stream."""
     if not info.has_video:
         if info.has_audio:
             raise VideoDecodeError(info.path, f"no video stream (audio-only file, {info.duration:.2f} s)")
@@ -627,7 +618,7 @@ def _ffmpeg_frames(info: VideoInfo, targets_abs: np.ndarray, out_hw_display: Tup
 
 def _plan(info: VideoInfo, clip_length: float, frames_per_clip: int,
           offsets: Optional[Sequence[float]] = None) -> Tuple[int, np.ndarray]:
-    _require_video(info)
+    require_video(info)
     n = info.n_clips(clip_length)
     targets = sample_times(n, clip_length, frames_per_clip, offsets)
     return n, targets
@@ -796,7 +787,7 @@ def decode_frames(path: Union[str, "os.PathLike[str]", VideoInfo], indices: Sequ
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     info = path if isinstance(path, VideoInfo) else probe(path)
-    _require_video(info)
+    require_video(info)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     disp_hw = output_size(info.height, info.width, size)
     out = np.empty((idx.size, disp_hw[0], disp_hw[1], 3), np.uint8)
@@ -821,7 +812,7 @@ def decode_all_frames(path: Union[str, "os.PathLike[str]"], size: SizeSpec = Non
     ``bench/extract.py``): ((T, H, W, 3) uint8 display orientation, (T,) seconds from the
     first frame, presentation order)."""
     info = probe(path)
-    _require_video(info)
+    require_video(info)
     disp_hw = output_size(info.height, info.width, size)
     h, w = (disp_hw[1], disp_hw[0]) if info.rotation in (90, 270) else disp_hw
     container = _open_av(info.path)
@@ -899,7 +890,7 @@ def probe_many(paths: Iterable[Union[str, "os.PathLike[str]"]]) -> Tuple[Dict[st
         p = os.fspath(p)
         try:
             info = probe(p)
-            _require_video(info)
+            require_video(info)
         except VideoDecodeError as e:
             summary.add_error(p, e)
             continue

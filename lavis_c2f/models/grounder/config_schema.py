@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import to_plain as plain
 
 REQUIRED = object()
 LAVIS_KEYS = ("arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned")
@@ -112,16 +113,11 @@ TEXT_ENCODER_FIELDS: Dict[str, Field] = {
 
 
 def to_plain(cfg: Any) -> Dict[str, Any]:
-    """An OmegaConf node or mapping as a plain dict (resolving interpolations)."""
+    """A model config (OmegaConf node or mapping, :func:`lavis_c2f.data.cfg.to_plain`) as a plain
+    dict; None gives ``{}``."""
     if cfg is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf ships with LAVIS
-        pass
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"model config must be a mapping, got {type(cfg).__name__}")
     return dict(cfg)

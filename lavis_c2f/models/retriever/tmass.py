@@ -261,6 +261,8 @@ class C2FTMassRetriever(BaseModel):
         inference_noise="shared", tmass_checkpoint=None, mask_duplicate_videos=True,
     )
     _NULLABLE = ("clip_path", "clip_config", "tmass_checkpoint")
+    #: config keys naming start-point weights that a checkpoint of ours replaces (models.checkpoint.load_model)
+    START_WEIGHTS_KEYS = ("tmass_checkpoint",)
 
     def __init__(self, *, text_input_dim: int = 512, video_input_dim: int = 512, embed_dim: int = 512,
                  text_proj: str = "linear", video_proj: str = "linear", num_frames: int = 12,
@@ -1016,7 +1018,7 @@ def load_tmass_checkpoint(path: "str | os.PathLike", clip_config: Optional[Mappi
         **options: model options overriding ``c2f_tmass_official.yaml`` (e.g. ``num_trials``,
             ``inference_noise``, ``stochastic_prior="normal", prior_std=3e-3`` for LSMDC).
     ``embed_dim`` and ``num_frames`` come from the weights. Missing/unexpected keys or widths
-    that do not match raise :class:`~lavis_c2f.models.checkpoint_utils.CheckpointMismatchError`
+    that do not match raise :class:`~lavis_c2f.models.checkpoint.CheckpointMismatchError`
     listing them; a file of another codebase raises ``DataFormatError`` naming it.
     """
     from omegaconf import OmegaConf

@@ -58,7 +58,7 @@ from torch import nn
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError, load_state_dict_strict
+from lavis_c2f.models.checkpoint import CheckpointMismatchError, load_state_strict
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
 from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
@@ -632,7 +632,7 @@ def load_ucofia_checkpoint(path: str, clip_weights: str, *, map_location: "str |
     state = official_state_dict(ckpt, clip_sd, shift, shift_attention, str(path), str(clip_weights))
     model = C2FUCoFiA(**sizes, shift_layers=shift, **options)
     buffers = [k for k in model.state_dict() if k.endswith("embeddings.position_ids")]
-    load_state_dict_strict(model, state, source=str(path), allow_missing=buffers)
+    load_state_strict(model, state, source=str(path), allow_missing=buffers)
     return model.eval()
 
 
@@ -649,5 +649,5 @@ def init_ucofia_from_clip(clip_weights: str, *, max_words: int, max_frames: int,
     clip_missing = [k for k in keep if k.startswith("clip.") and not k.endswith("position_ids")]
     if clip_missing:
         raise CheckpointMismatchError(str(clip_weights), clip_missing, [], [])
-    load_state_dict_strict(model, {**keep, **state}, source=str(clip_weights))
+    load_state_strict(model, {**keep, **state}, source=str(clip_weights))
     return model

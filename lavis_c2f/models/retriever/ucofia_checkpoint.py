@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
+from lavis_c2f.models.checkpoint import CheckpointMismatchError
 from lavis_c2f.models.retriever.openai_clip import (OPENAI_META_KEYS, load_openai_clip_state_dict,
                                                     openai_block_to_transformers, openai_clip_sizes,
                                                     openai_to_transformers, strip_prefix)

@@ -52,7 +52,7 @@ def test_from_config_rejects_unknown_and_bad_keys():
         C2FQDDETR.from_config(tiny_qd_config(num_queries="ten"))
     with pytest.raises(ConfigError, match="t2v_mask_mode"):
         C2FQDDETR.from_config(tiny_qd_config(t2v_mask_mode="sometimes"))
-    with pytest.raises(ConfigError, match="model.postprocess.nms"):
+    with pytest.raises(ConfigError, match=r"model\.postprocess: unknown key\(s\) 'nms'"):
         C2FQDDETR.from_config(tiny_qd_config(postprocess={"nms": 0.5}))
     with pytest.raises(ConfigError, match="contrastive_align_loss_coef"):
         C2FQDDETR.from_config(tiny_qd_config(contrastive_align_loss_coef=1.0))
