@@ -68,6 +68,7 @@ from transformers import BertTokenizer, T5Tokenizer, T5TokenizerFast
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.models.checkpoint import frozen_keys, load_state_strict, torch_load
 from lavis_c2f.models.refiner import calce as calce_io
 from lavis_c2f.models.refiner.calce_text import (TALK_KEYWORDS, annoying_replacement, calce_post_process,
                                                  calce_windows, find_annoying_numbers)
@@ -197,10 +198,9 @@ def _require_file(path: Optional[str], key: str) -> str:
 
 
 def _torch_load(path: str, map_location: Any = "cpu") -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # older LAVIS checkpoints hold non-tensor objects (argparse, numpy)
-        return torch.load(path, map_location=map_location, weights_only=False)
+    """:func:`~lavis_c2f.models.checkpoint.torch_load` of a file named in the refiner's config
+    (trusted: LAVIS / CALCE checkpoints may hold numpy objects besides the tensors)."""
+    return torch_load(path, map_location=map_location, trusted=True)
 
 
 BERT_WEIGHTS = ("pytorch_model.bin", "model.safetensors")
@@ -529,27 +529,18 @@ class C2FCaptionRefiner(Blip2T5):
     def load_checkpoint(self, url_or_filename: str, strict: bool = True,
                         map_location: Any = "cpu") -> Dict[str, List[str]]:
         """Load a refiner checkpoint: ours (the runner's, trainable tensors) or CALCE's
-        ``checkpoint_best.pth`` (same layout). Every trainable parameter must be present and no
-        key may be unknown (``strict``: ConfigError listing them); frozen weights may be absent
-        (they come from the base files). Returns the key report ``{missing, unexpected}``."""
+        ``checkpoint_best.pth`` (same layout), by the package's strict-load rule
+        (:func:`~lavis_c2f.models.checkpoint.load_state_strict`): every trainable parameter must
+        be present and no key may be unknown or mis-shaped (``strict``:
+        :class:`~lavis_c2f.common.errors.CheckpointMismatchError` listing them); frozen weights
+        may be absent (they come from the base files). Returns the key report
+        ``{missing, unexpected, mismatched}``."""
         path = _require_file(url_or_filename, "finetuned")
         ckpt = _torch_load(path, map_location)
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, Mapping):
             raise ConfigError(f"model.finetuned: {path} holds no state dict")
-        own = self.state_dict()
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        unexpected = sorted(k for k in state if k not in own)
-        missing = sorted(k for k in trainable if k not in state)
-        shape_bad = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
-        if strict and (unexpected or missing or shape_bad):
-            raise ConfigError(f"model.finetuned: {path} does not match the model: missing trainable "
-                              f"{missing[:8]}, unexpected {unexpected[:8]}, shape mismatch {shape_bad[:8]}")
-        self.load_state_dict({k: v for k, v in state.items() if k in own and k not in shape_bad}, strict=False)
-        if missing or unexpected:
-            logger.warning("checkpoint %s: %d trainable keys missing, %d unexpected", path, len(missing),
-                           len(unexpected))
-        return {"missing": missing, "unexpected": unexpected}
+        return load_state_strict(self, state, source=path, strict=strict, allow_missing=frozen_keys(self))
 
     # ------------------------------------------------------------------ shared
     def _autocast(self, dtype: Optional[torch.dtype]):
