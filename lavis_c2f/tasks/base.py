@@ -20,6 +20,7 @@ from lavis.tasks.base_task import BaseTask
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.progress import progress_bar
+from lavis_c2f.data.cfg import check_keys
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +73,7 @@ class C2FTask(BaseTask):
 
     def __init__(self, **options: Any):
         super().__init__()
-        unknown = set(options) - set(self.TASK_OPTIONS)
-        if unknown:
-            raise ConfigError(f"{type(self).__name__}: unknown task option(s) {sorted(unknown)}; "
-                              f"known: {sorted(self.TASK_OPTIONS)}")
-        self.options = {**self.TASK_OPTIONS, **options}
+        self.options = {**self.TASK_OPTIONS, **check_keys(options, self.TASK_OPTIONS, f"{type(self).__name__} options")}
         self.show_progress = True
 
     @classmethod

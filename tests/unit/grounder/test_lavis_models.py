@@ -42,7 +42,7 @@ def test_lavis_load_model_builds_in_eval_mode():
 
 
 def test_from_config_rejects_unknown_and_bad_keys():
-    with pytest.raises(ConfigError, match="model.hiden_dim"):
+    with pytest.raises(ConfigError, match=r"model: unknown key\(s\) 'hiden_dim' \(did you mean 'hidden_dim'\?\)"):
         C2FQDDETR.from_config(tiny_qd_config(hiden_dim=3))
     with pytest.raises(ConfigError, match="model.vid_dim"):
         cfg = tiny_qd_config()
