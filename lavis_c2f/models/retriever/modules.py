@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.ops.vectors import l2_normalize
+
 NEG_FILL = -1e9  # masked logits (finite, so an all-masked row never yields NaN)
+#: eps of the retrievers' L2 normalisation (:func:`l2norm`). T-MASS and UCoFiA (CLIP4Clip) divide by
+#: the norm itself (``x / x.norm(dim=-1, keepdim=True)``); the clamp only guards zero vectors (padding
+#: frames, masked words), so unit-scale embeddings are divided by exactly their norm. The features'
+#: ``x / (||x|| + 1e-5)`` of QD-DETR (:data:`lavis_c2f.ops.vectors.L2_EPS`) would shrink every
+#: embedding by ~1e-5 relative and move trained retrievers' scores and the official fixtures' parity.
+RETRIEVER_L2_EPS = 1e-8
 
 
 def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
@@ -39,9 +47,10 @@ def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
     return linear
 
 
-def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """``x / max(||x||, eps)`` (zero vectors stay zero)."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """The retrievers' normalisation along the last axis: the package's one rule
+    (:func:`lavis_c2f.ops.vectors.l2_normalize` with ``clamp``), ``x / max(||x||, RETRIEVER_L2_EPS)``."""
+    return l2_normalize(x, RETRIEVER_L2_EPS, clamp=True)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
