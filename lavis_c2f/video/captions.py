@@ -29,6 +29,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+import srt
+import webvtt
+from webvtt.errors import MalformedFileError
+
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.common.io import atomic_open
 
@@ -148,8 +152,6 @@ def parse_srt(text: str, path: str = "<string>", errors: str = "raise") -> SrtRe
     ``srt``'s cue pattern splits the text; anything between cues, and any block after the
     blank line that ends a cue's text (``srt`` appends such text to the cue), is a bad cue.
     """
-    import srt
-
     bad = _Problems(path, errors)
     text = _normalise(text)
 
@@ -178,9 +180,6 @@ def parse_srt(text: str, path: str = "<string>", errors: str = "raise") -> SrtRe
 def parse_vtt(text: str, path: str = "<string>", errors: str = "raise") -> SrtReadResult:
     """Parse WebVTT text with ``webvtt-py`` (module docstring). A cue whose timing line
     ``webvtt-py`` does not take, or whose times break the rules, is a bad cue."""
-    import webvtt
-    from webvtt.errors import MalformedFileError
-
     bad = _Problems(path, errors)
     text = _normalise(text)
     try:

@@ -69,7 +69,8 @@ from transformers import BertTokenizer, T5Tokenizer, T5TokenizerFast
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys, to_plain
 from lavis_c2f.models.checkpoint import frozen_keys, load_state_strict, torch_load
-from lavis_c2f.models.refiner import calce as calce_io
+from lavis_c2f.models.refiner.calce import (build_calce_inputs, calce_generate_output, calce_teacher_forcing,
+                                            collate_calce_inputs)
 from lavis_c2f.models.refiner.calce_text import (TALK_KEYWORDS, annoying_replacement, calce_post_process,
                                                  calce_windows, find_annoying_numbers)
 from lavis_c2f.models.refiner.parsing import (ParseConfig, ParseResult, RefineStats, parse_windows,
@@ -557,7 +558,7 @@ class C2FCaptionRefiner(Blip2T5):
         if self.variant == "calce":
             inputs = self.calce_inputs(samples)
             targets = [calce_windows(w) for w in samples["target_windows"]]
-            return {"loss": calce_io.calce_teacher_forcing(self, inputs, targets)["loss"]}
+            return {"loss": calce_teacher_forcing(self, inputs, targets)["loss"]}
         inputs, att, _ = self.build_inputs(samples)
         targets = self.t5_tokenizer(self.target_texts(samples), padding="longest", truncation=True,
                                     max_length=self.max_target_tokens, return_tensors="pt").to(inputs.device)
@@ -582,7 +583,7 @@ class C2FCaptionRefiner(Blip2T5):
             if seeds[i] is not None and not self.training:   # training keeps the runner's RNG stream
                 torch.manual_seed(int(seeds[i]))
             coarse = samples["coarse_windows"][i] if self.calce.stage == 2 else None
-            per.append(calce_io.build_calce_inputs(
+            per.append(build_calce_inputs(
                 self, samples["frames"][i], samples["timestamps"][i], float(samples["duration"][i]),
                 samples["query"][i], samples["items"][i], samples["srt_text"][i], coarse,
                 srt_path=srt_paths[i] or "<srt>"))
@@ -591,7 +592,7 @@ class C2FCaptionRefiner(Blip2T5):
             return {"input_ids": x["input_ids"][None], "inputs_embeds": x["inputs_embeds"][None],
                     "attention_mask": x["attention_mask"][None]}
         pad = self.t5_model.get_input_embeddings().weight[self.t5_tokenizer.pad_token_id]
-        return calce_io.collate_calce_inputs(per, self.t5_tokenizer.pad_token_id, pad)
+        return collate_calce_inputs(per, self.t5_tokenizer.pad_token_id, pad)
 
     # ------------------------------------------------------------------ interleaved variant
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -685,7 +686,7 @@ class C2FCaptionRefiner(Blip2T5):
         the returned sequence), one per sample."""
         g = {**self.generation_cfg, **overrides}
         if self.variant == "calce":
-            out = calce_io.calce_generate_output(self, self.calce_inputs(samples), int(g["num_beams"]),
+            out = calce_generate_output(self, self.calce_inputs(samples), int(g["num_beams"]),
                                                  int(g["max_new_tokens"]), int(g["min_length"]),
                                                  float(g["repetition_penalty"]), float(g["length_penalty"]))
         else:

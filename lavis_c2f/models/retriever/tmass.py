@@ -88,6 +88,8 @@ from torch import nn
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.models.checkpoint import model_node
+from lavis_c2f.models.retriever.clip_towers import ClipTowers, build_clip_config, clip_config_from_path
 from lavis_c2f.models.retriever.embeddings import TextEmbedding, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
     InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, duplicate_mask, frame_dots,
@@ -95,7 +97,7 @@ from lavis_c2f.models.retriever.modules import (
     symmetric_infonce, two_way_isa)
 from lavis_c2f.models.retriever.tmass_checkpoint import (
     load_tmass_state_dict, read_tmass_checkpoint, tmass_dims)
-from lavis_c2f.paths import config_path
+from lavis_c2f.paths import config_path, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -307,9 +309,6 @@ class C2FTMassRetriever(BaseModel):
 
         self.clip = None
         if self.clip_path is not None or self.clip_config is not None:
-            from lavis_c2f.models.retriever.clip_towers import ClipTowers
-            from lavis_c2f.paths import resolve_path
-
             if self.clip_path is not None:
                 self.clip = ClipTowers.from_path(resolve_path(self.clip_path), freeze=self.freeze_clip)
                 src = "clip_path"
@@ -415,8 +414,6 @@ class C2FTMassRetriever(BaseModel):
             kwargs[k] = v
         model = cls(**kwargs)
         if model.tmass_checkpoint is not None:
-            from lavis_c2f.paths import resolve_path
-
             path = resolve_path(model.tmass_checkpoint)
             load_tmass_state_dict(model, read_tmass_checkpoint(path), source=path)
         return model
@@ -1021,11 +1018,6 @@ def load_tmass_checkpoint(path: "str | os.PathLike", clip_config: Optional[Mappi
     that do not match raise :class:`~lavis_c2f.models.checkpoint.CheckpointMismatchError`
     listing them; a file of another codebase raises ``DataFormatError`` naming it.
     """
-    from omegaconf import OmegaConf
-
-    from lavis_c2f.models.retriever.clip_towers import build_clip_config, clip_config_from_path
-    from lavis_c2f.paths import resolve_path
-
     path = os.fspath(path)
     if (clip_config is None) == (clip_path is None):
         raise ConfigError(f"load_tmass_checkpoint({path}): the file stores no CLIP architecture; pass exactly one of "
@@ -1037,7 +1029,7 @@ def load_tmass_checkpoint(path: "str | os.PathLike", clip_config: Optional[Mappi
     if proj != d:
         raise ConfigError(f"{path}: the T-MASS modules are {d}-wide but the given CLIP architecture projects to "
                           f"{proj} (projection_dim): this checkpoint was trained with another CLIP")
-    node = dict(to_plain(OmegaConf.load(C2FTMassRetriever.PRETRAINED_MODEL_CONFIG_DICT["official"]).model))
+    node = model_node(C2FTMassRetriever.PRETRAINED_MODEL_CONFIG_DICT["official"], "c2f_tmass_official.yaml")
     node.update(text_input_dim=d, video_input_dim=d, embed_dim=d, num_frames=f, clip_path=None, clip_config=arch,
                 tmass_checkpoint=None)
     node.update(options)

@@ -69,7 +69,7 @@ from lavis_c2f.models.retriever.patch_tokens import PatchSelector, PatchShiftHoo
 from lavis_c2f.models.retriever.ucofia_checkpoint import (OFFICIAL_SHIFT_LAYERS, clip_init_state_dict,
                                                           official_state_dict, read_clip_file,
                                                           read_ucofia_checkpoint, shifted_blocks)
-from lavis_c2f.paths import config_path
+from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer
 
 LEVELS = ("video_sentence", "sentence_frame", "pixel_word")
@@ -235,8 +235,6 @@ class C2FUCoFiA(BaseModel):
         initialised from CLIP as the official trainer does. ``shift_attention`` chooses the
         attention weights of the shifted blocks (``pretrained`` | ``checkpoint``).
         """
-        from lavis_c2f.paths import resolve_path
-
         allowed = set(cls.OPTION_DEFAULTS) | LAVIS_KEYS | {"checkpoint", "clip_weights", "shift_attention",
                                                            "max_words", "max_frames", "temporal_layers", "topk"}
         d = check_keys(cfg, allowed, f"model ({cfg.get('arch', 'c2f_ucofia_retriever')})")
@@ -251,7 +249,7 @@ class C2FUCoFiA(BaseModel):
                                            shift_attention=str(d.get("shift_attention", "pretrained")), **options)
             bad = {k: (v, model.hparams[k]) for k, v in sizes.items() if model.hparams[k] != v}
             if bad:
-                raise ConfigError(f"model: the checkpoint's sizes differ from the config: "
+                raise ConfigError("model: the checkpoint's sizes differ from the config: "
                                   + ", ".join(f"{k}={v} (checkpoint {c})" for k, (v, c) in bad.items()))
             return model
         if d.get("shift_attention") not in (None, "pretrained"):
