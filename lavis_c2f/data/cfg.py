@@ -14,6 +14,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.paths import config_path
 
+#: the keys LAVIS itself reads from a ``model:`` node (every ``from_config`` accepts them)
+LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
+
 
 def to_plain(cfg: Any) -> Any:
     """OmegaConf containers -> plain dict/list with interpolations resolved; others unchanged."""

@@ -52,8 +52,8 @@ from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import atomic_path, write_json
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.data.cfg import check_keys
-from lavis_c2f.ops.vectors import (L2_EPS, NORM_STYLES, l2_normalize, norm_params,  # noqa: F401  (the feature conventions)
-                                   tef_columns)
+# the feature conventions, re-exported for the readers of this module
+from lavis_c2f.ops.vectors import L2_EPS, NORM_STYLES, l2_normalize, norm_params, tef_columns  # noqa: F401
 from lavis_c2f.paths import resolve_path
 
 logger = logging.getLogger(__name__)

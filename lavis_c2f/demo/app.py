@@ -25,7 +25,7 @@ from lavis_c2f.demo.thumbs import frame_at, saliency_thumbnail
 from lavis_c2f.pipeline.quickstart_run import QuickstartRun
 from lavis_c2f.search.format import format_time
 from lavis_c2f.search.plot import plot_saliency
-from lavis_c2f.video.decode import probe
+from lavis_c2f.video.probe import probe
 
 log = logging.getLogger("lavis_c2f.demo")
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -46,7 +46,7 @@ from lavis_c2f.pipeline.quickstart_run import DEFAULT_ROOT, QuickstartRun
 from lavis_c2f.predictor import C2FPredictor, index_backbone_name, resolve_device
 from lavis_c2f.video.backbones import build_backbone
 from lavis_c2f.video.cli import BACKBONE_CHOICES, backbone_options
-from lavis_c2f.video.decode import list_videos
+from lavis_c2f.video.probe import list_videos
 from lavis_c2f.video.extract import extract_corpus
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lavis_c2f.video.decode import iter_clip_batches, probe, require_video
+from lavis_c2f.video.decode import iter_clip_batches
+from lavis_c2f.video.probe import probe, require_video
 
 CURVE = (31, 78, 121)       # the saliency line (the colour of lavis_c2f.search.plot)
 WINDOW = (250, 198, 150)    # the shaded moment (light orange, as the plot's windows)

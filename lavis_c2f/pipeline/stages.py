@@ -16,8 +16,8 @@ Stage 2 (``ground``), over the videos of a :class:`~lavis_c2f.index.corpora.Corp
 * :class:`FeatureGrounder`: a trained QD-DETR / MESM grounder
   (:class:`~lavis_c2f.models.grounder.predictor.GrounderPredictor`, the videos of a query in
   one batched call), fed the feature streams it was trained on in its order
-  (:func:`select_streams`: e.g. CLIP then SlowFast for MESM on a SlowFast+CLIP index). Videos longer than the grounder's ``max_v_l`` clips are covered by
-  overlapping chunks of ``max_v_l`` clips (stride half of it); the chunks' windows are shifted
+  (:func:`select_streams`: e.g. CLIP then SlowFast for MESM on a SlowFast+CLIP index).
+  Videos longer than the grounder's ``max_v_l`` clips are covered by overlapping chunks of ``max_v_l`` clips (stride half of it); the chunks' windows are shifted
   to the video's time, merged by NMS, and the saliency is averaged where chunks overlap. Empty
   windows (start = end after snapping to clips) and repeated spans are left out.
 * :class:`ZeroShotGrounder`: windows from the thresholded, smoothed similarity curve

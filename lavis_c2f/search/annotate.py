@@ -53,7 +53,7 @@ import numpy as np
 
 from lavis_c2f.common.errors import DataFormatError, VideoDecodeError
 from lavis_c2f.common.io import iter_jsonl, write_jsonl
-from lavis_c2f.video.decode import list_videos
+from lavis_c2f.video.probe import list_videos
 from lavis_c2f.video.extract import assign_vids
 
 logger = logging.getLogger(__name__)

@@ -256,8 +256,8 @@ class CorpusMomentRetrievalTask(C2FTask):
                                                                             desc, show),
                               self.fusion, stage1_top_k=int(self.options["stage1_top_k"]),
                               ground_gt=bool(self.options["ground_truth_video"]))
-        queries = [Query(text=rec.query, qid=rec.qid, gt_vid=rec.vid if rec.relevant_windows else None, items=rec.items, record=rec)
-                   for rec in records[start:end]]
+        queries = [Query(text=rec.query, qid=rec.qid, gt_vid=rec.vid if rec.relevant_windows else None,
+                         items=rec.items, record=rec) for rec in records[start:end]]
         refiner = self.corpus_refiner(dataset, device) if self.refine.applies_to(split) else None
         rows = []
         for rec, res in zip(records[start:end], engine.run(queries, refiner=refiner,

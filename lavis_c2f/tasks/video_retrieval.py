@@ -45,7 +45,7 @@ scores. (Without a bank, ``model.score`` would normalise each block by its own q
 results would change with ``query_block_size``.)
 
 Baseline. In the same run a training-free mean-pooling cosine baseline
-(:class:`~lavis_c2f.models.retriever.tmass.MeanPoolingBaseline`: sentence feature vs the mean
+(:class:`~lavis_c2f.models.retriever.baseline.MeanPoolingBaseline`: sentence feature vs the mean
 of the normalised clip features) is scored over the same queries and videos; its metrics are
 reported with a ``baseline_`` prefix. It needs equal text and video widths: set
 ``baseline_video_columns: [start, end]`` to use a slice of the video features (e.g. the CLIP
@@ -89,7 +89,7 @@ from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.evaluation.retrieval import (RetrievalAccumulator, column_logsumexp, dual_softmax, rank_metrics,
                                             topk_from_scores)
 from lavis_c2f.models.retriever.embeddings import VideoEmbedding
-from lavis_c2f.models.retriever.tmass import MeanPoolingBaseline
+from lavis_c2f.models.retriever.baseline import MeanPoolingBaseline
 from lavis_c2f.pipeline.engine import SEARCH_DEFAULTS
 from lavis_c2f.tasks.base import C2FTask, move_to_device, result_dir as default_result_dir, unwrap_model
 

@@ -14,7 +14,8 @@ from typing import Any, Callable, List, Optional, Union
 import numpy as np
 
 from lavis_c2f.video.captions import sidecar_captions
-from lavis_c2f.video.decode import iter_clip_batches, probe, require_video
+from lavis_c2f.video.decode import iter_clip_batches
+from lavis_c2f.video.probe import probe, require_video
 
 PathLike = Union[str, "os.PathLike[str]"]
 

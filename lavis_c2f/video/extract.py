@@ -50,8 +50,8 @@ from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.data.cfg import yaml_defaults
 from lavis_c2f.data.features import WdsStore, save_npz_deterministic, write_wds_shards
 from lavis_c2f.video.backbones import resolve_backbone
-from lavis_c2f.video.decode import (DecodeSummary, VideoDecodeError, iter_clip_batches, list_videos, probe,
-                                    require_video)
+from lavis_c2f.video.decode import VideoDecodeError, iter_clip_batches
+from lavis_c2f.video.probe import DecodeSummary, list_videos, probe, require_video
 
 logger = logging.getLogger(__name__)
 

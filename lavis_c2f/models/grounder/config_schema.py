@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.data.cfg import check_keys, to_plain as plain
+from lavis_c2f.data.cfg import LAVIS_KEYS, check_keys, to_plain as plain
 
 REQUIRED = object()
-LAVIS_KEYS = ("arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from torch import nn
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.data.cfg import LAVIS_KEYS, check_keys
 from lavis_c2f.models.checkpoint import CheckpointMismatchError, load_state_strict
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
 from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo, VideoEmbedding
@@ -73,7 +73,6 @@ from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer
 
 LEVELS = ("video_sentence", "sentence_frame", "pixel_word")
-LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
 # options that change no stored video embedding (an index may switch them)
 INFERENCE_KEYS = ("sk_norm", "sinkhorn_iters", "score_block_size", "mask_padded_words", "pixel_logit_scale",
                   "eval_pixel_weight")
