@@ -463,8 +463,10 @@ def _row(label: str, official: Any, ours: Any, ok: bool) -> str:
 
 
 def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_size: int, seed: int,
-                       n_draws: int) -> int:
-    """The QD-DETR step check (module doc). Returns the exit status."""
+                       n_draws: int, tie_break: str = "official") -> int:
+    """The QD-DETR step check (module doc); ``tie_break`` is our dataset's
+    ``saliency_tie_break`` (``stable`` shows what the check reports for the old order).
+    Returns the exit status."""
     import random
 
     official_runtime.install_shims(official_dir)
@@ -497,7 +499,8 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
         q_feat_dir=corpus.text_dir, q_feat_type="last_hidden_state", max_q_l=recipe.max_q_l,
         max_v_l=recipe.max_v_l, ctx_mode="video_tef", clip_len=recipe.clip_length,
         max_windows=recipe.max_windows, span_loss_type="l1", txt_drop_ratio=0)
-    builder = QVHighlightsBuilder(dict(our_dataset_config(recipe, corpus, seed), splits=["train"]))
+    builder = QVHighlightsBuilder(dict(our_dataset_config(recipe, corpus, seed, saliency_tie_break=tie_break),
+                                       splits=["train"]))
     our_ds = builder.build_datasets()["train"]
     n = min(batch_size, len(off_ds), len(our_ds))
     if [str(off_ds.data[i]["qid"]) for i in range(n)] != [str(our_ds.records[i].qid) for i in range(n)]:
@@ -840,6 +843,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="step check batch (default: the recipe's bsz)")
     p.add_argument("--draws", type=int, default=2000, help="draws per item for the random labels")
     p.add_argument("--seed", type=int, default=0, help="step check seed")
+    p.add_argument("--our-tie-break", default="official", choices=["official", "stable"],
+                   help="step check: our saliency_tie_break (stable = the old order, to see it reported)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -864,7 +869,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     status = 0
     report: Dict[str, Any] = {"recipe": asdict(recipe), "corpus": corpus.root}
     if a.step_check:
-        status = step_check_qd_detr(official, corpus, recipe, a.batch_size or recipe.bsz, a.seed, a.draws)
+        status = step_check_qd_detr(official, corpus, recipe, a.batch_size or recipe.bsz, a.seed, a.draws,
+                                    a.our_tie_break)
     if a.train:
         work = a.work or tempfile.mkdtemp(prefix="train_parity_")
         table, rows = train_parity(official, corpus, recipe, a.seeds, a.official_python, a.jobs, work, a.variants)
