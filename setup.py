@@ -33,6 +33,8 @@ setup(
         "tqdm",
         "matplotlib",
         "faiss-cpu",
+        "nltk>=3.9",            # MESM part-of-speech masking weights (its tagger)
+        "textblob-aptagger",    # ships the averaged-perceptron tagger data (no download)
         "av",
     ],
     extras_require={

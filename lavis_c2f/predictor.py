@@ -593,17 +593,18 @@ GROUNDER_ARCHS = ("c2f_qd_detr", "c2f_mesm_qd_detr")
 
 def load_grounder(checkpoint: PathLike, model_cfg: Any = None, device: str = "cpu", trusted: bool = False):
     """A stage-2 grounder from a checkpoint: ours / the runner's (config stored with the
-    weights), an official QD-DETR one (``{"model", "opt"}``, built with
-    :func:`~lavis_c2f.models.grounder.checkpoint.load_qd_detr_checkpoint`), or a bare state dict
+    weights), an official QD-DETR or MESM one (``{"model", "opt"}``, told apart by
+    :func:`~lavis_c2f.models.grounder.checkpoint.grounder_checkpoint_kind` and built with
+    :func:`~lavis_c2f.models.grounder.checkpoint.load_official_grounder`), or a bare state dict
     with ``model_cfg``. Returns ``(model, postprocess)`` in eval mode."""
-    from lavis_c2f.models.grounder.checkpoint import load_qd_detr_checkpoint, read_checkpoint
+    from lavis_c2f.models.grounder.checkpoint import load_official_grounder, read_checkpoint
     from lavis_c2f.models.grounder.postprocess import PostProcessConfig
     from lavis_c2f.registry_utils import get
 
     path = os.fspath(checkpoint)
     _state, config, kind = read_checkpoint(path, trusted=trusted)
-    if kind == "official":
-        detr = load_qd_detr_checkpoint(path, trusted=trusted)
+    if kind.startswith("official_"):
+        detr = load_official_grounder(path, trusted=trusted)
         # user videos have any length: clamp to the duration (not the official 150 s), NMS duplicates
         return detr.to(device).eval(), PostProcessConfig(nms_threshold=0.7)
     if model_cfg is not None:

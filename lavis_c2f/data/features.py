@@ -54,6 +54,21 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 ArrayOrFields = Union[np.ndarray, Mapping[str, np.ndarray]]
 L2_EPS = 1e-5  # QD-DETR / Moment-DETR ``l2_normalize_np_array`` epsilon
+# per-clip / per-token L2 normalisation of each official code base:
+#   qd_detr: x / (||x|| + 1e-5) (video and text; Moment-DETR's l2_normalize_np_array)
+#   mesm:    x / max(||x||, 1e-12) for video (F.normalize in MESM's get_video_feat),
+#            x / max(||x||, 1e-5) for text (F.normalize(eps=1e-5) in MESM's text path)
+NORM_STYLES = ("qd_detr", "mesm")
+_NORM = {"qd_detr": {"video": (L2_EPS, False), "text": (L2_EPS, False)},
+         "mesm": {"video": (1e-12, True), "text": (1e-5, True)}}
+
+
+def norm_params(style: str, kind: str) -> Tuple[float, bool]:
+    """``(eps, clamp)`` of :func:`l2_normalize` for a :data:`NORM_STYLES` style and
+    ``kind`` "video" or "text"."""
+    if style not in _NORM:
+        raise ValueError(f"unknown norm_style {style!r}, expected one of {NORM_STYLES}")
+    return _NORM[style][kind]
 DEFAULT_FIELD = "features"
 
 
@@ -67,10 +82,13 @@ class FeatureNotFoundError(KeyError):
 # =========================================================================== array helpers
 
 
-def l2_normalize(x: np.ndarray, eps: float = L2_EPS) -> np.ndarray:
-    """``x / (||x||_2 + eps)`` along the last axis (a new float32 array)."""
+def l2_normalize(x: np.ndarray, eps: float = L2_EPS, clamp: bool = False) -> np.ndarray:
+    """``x / (||x||_2 + eps)`` along the last axis, or ``x / max(||x||_2, eps)`` with
+    ``clamp`` (``torch.nn.functional.normalize``); a new float32 array."""
     x = np.asarray(x, dtype=np.float32)
-    return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)).astype(np.float32, copy=False)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    denom = np.maximum(norm, np.float32(eps)) if clamp else norm + eps
+    return (x / denom).astype(np.float32, copy=False)
 
 
 def tef_columns(length: int) -> np.ndarray:
@@ -84,12 +102,13 @@ def tef_columns(length: int) -> np.ndarray:
 
 def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = True,
                           max_len: Optional[int] = None, use_tef: bool = True,
-                          eps: float = L2_EPS) -> np.ndarray:
+                          eps: float = L2_EPS, clamp: bool = False) -> np.ndarray:
     """Per-stream (L_i, D_i) clip features -> (L, sum D_i [+ 2]) float32.
 
-    Each stream is L2-normalised per clip (if ``normalize``), all are cut to the shortest
-    stream and concatenated, truncated to ``max_len``, then the TEF columns are appended
-    (if ``use_tef``), computed from the final length L.
+    Each stream is L2-normalised per clip (if ``normalize``; ``eps``/``clamp`` as
+    :func:`l2_normalize`), all are cut to the shortest stream and concatenated, truncated to
+    ``max_len``, then the TEF columns are appended (if ``use_tef``), computed from the final
+    length L.
     """
     if len(streams) == 0:
         raise ValueError("combine_video_streams needs at least one stream")
@@ -98,7 +117,7 @@ def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = Tr
         s = np.asarray(s, dtype=np.float32)
         if s.ndim != 2:
             raise ValueError(f"video stream {i} must be (L, D), got shape {s.shape}")
-        arrays.append(l2_normalize(s, eps) if normalize else s)
+        arrays.append(l2_normalize(s, eps, clamp) if normalize else s)
     n = min(a.shape[0] for a in arrays)
     if max_len is not None:
         n = min(n, int(max_len))
@@ -109,7 +128,7 @@ def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = Tr
 
 
 def prepare_text(x: np.ndarray, *, normalize: bool = True, max_len: Optional[int] = None,
-                 eps: float = L2_EPS) -> np.ndarray:
+                 eps: float = L2_EPS, clamp: bool = False) -> np.ndarray:
     """Token features (T, D) -> truncated to ``max_len`` and L2-normalised; a pooled (D,)
     vector is only normalised. Returns float32."""
     x = np.asarray(x, dtype=np.float32)
@@ -117,7 +136,7 @@ def prepare_text(x: np.ndarray, *, normalize: bool = True, max_len: Optional[int
         x = x[: int(max_len)]
     elif x.ndim not in (1, 2):
         raise ValueError(f"text features must be (T, D) or (D,), got shape {x.shape}")
-    x = l2_normalize(x, eps) if normalize else x.copy()
+    x = l2_normalize(x, eps, clamp) if normalize else x.copy()
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

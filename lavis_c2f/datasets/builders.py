@@ -31,6 +31,13 @@ Dataset YAML schema (``datasets: {<name>: {...}}``; unknown keys raise ``ConfigE
     saliency_max_n: 1              # QD-DETR max_n
     saliency_tie_break: official   # hard saliency labels among tied clips: official (numpy's
                                    # scalar introsort, as QD-DETR/MESM) | stable (lowest index)
+    norm_style: qd_detr            # qd_detr: x / (||x|| + 1e-5); mesm: F.normalize (eps 1e-12
+                                   # video, 1e-5 text), see lavis_c2f.data.features
+    label_style: qd_detr           # qd_detr | mesm (MESM's saliency rule and clip_mask)
+    group_by: null                 # null: one item per query; video | youtube: MESM's items
+                                   # (all queries of a video / YouTube id per item)
+    max_group_size: null           # MESM max_gather_size (null: whole groups)
+    group_splits: [train]          # the splits built as grouped items
     splits: null                   # subset of annotation splits to build (null: all)
     # c2f_demo only:
     auto_generate: true            # generate the demo corpus at data_root if missing
@@ -51,9 +58,10 @@ from omegaconf import OmegaConf
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys, to_plain
-from lavis_c2f.data.features import FeatureStore, open_store
+from lavis_c2f.data.features import NORM_STYLES, FeatureStore, open_store
 from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, read_annotations
-from lavis_c2f.datasets.moment_retrieval import TIE_BREAKS, MomentRetrievalDataset
+from lavis_c2f.datasets.moment_retrieval import (GROUP_BY, LABEL_STYLES, TIE_BREAKS,
+                                                 GroupedMomentDataset, MomentRetrievalDataset)
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset
 from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
@@ -62,7 +70,8 @@ DATASET_TYPES = ("moment_retrieval", "video_retrieval")
 SPLITS = ("train", "val", "test")
 COMMON_KEYS = {"type", "dataset_type", "data_root", "annotations", "reader", "video_features",
                "text_features", "clip_length", "max_v_l", "max_q_l", "max_windows", "use_tef",
-               "normalize", "seed", "saliency_max_n", "saliency_tie_break", "splits"}
+               "normalize", "seed", "saliency_max_n", "saliency_tie_break", "splits",
+               "norm_style", "label_style", "group_by", "max_group_size", "group_splits"}
 ANNOTATION_KEYS = {"path", "format", "durations", "qid_offset", "require_windows"}
 READER_KEYS = {"tolerance", "clamp", "swap_reversed", "on_error", "strip_video_ext"}
 STORE_KEYS = {"type", "path", "field", "key_format", "cache_size", "cache_index"}
@@ -93,6 +102,11 @@ class DatasetSpec:
     saliency_tie_break: str
     splits: List[str]
     extra: Dict[str, Any] = field(default_factory=dict)
+    norm_style: str = "qd_detr"
+    label_style: str = "qd_detr"
+    group_by: Optional[str] = None
+    max_group_size: Optional[int] = None
+    group_splits: List[str] = field(default_factory=lambda: ["train"])
 
 
 def _opt_int(d: Dict[str, Any], key: str, where: str, default: Optional[int], minimum: int = 1) -> Optional[int]:
@@ -197,6 +211,16 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
     tie_break = d.get("saliency_tie_break", "official")
     if tie_break not in TIE_BREAKS:
         raise ConfigError(f"{where}.saliency_tie_break: expected one of {list(TIE_BREAKS)}, got {tie_break!r}")
+    choices = {"norm_style": NORM_STYLES, "label_style": LABEL_STYLES, "group_by": (None,) + GROUP_BY}
+    for key, allowed in choices.items():
+        if d.get(key, allowed[0]) not in allowed:
+            raise ConfigError(f"{where}.{key}: expected one of {list(allowed)}, got {d.get(key)!r}")
+    max_group = d.get("max_group_size")
+    if max_group is not None and (isinstance(max_group, bool) or not isinstance(max_group, int)):
+        raise ConfigError(f"{where}.max_group_size: expected an integer or null, got {max_group!r}")
+    group_splits = d.get("group_splits", ["train"])
+    if not isinstance(group_splits, (list, tuple)) or not all(isinstance(x, str) for x in group_splits):
+        raise ConfigError(f"{where}.group_splits: expected a list of split names, got {group_splits!r}")
     return DatasetSpec(
         name=name, dataset_type=dataset_type, data_root=data_root, annotations=annotations,
         reader=reader, video_features=video_features, text_features=tf, pooled_field=pooled_field,
@@ -205,7 +229,11 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
         max_windows=_opt_int(d, "max_windows", where, 5), use_tef=_bool(d, "use_tef", where, True),
         normalize=_bool(d, "normalize", where, True), seed=seed,
         saliency_max_n=_opt_int(d, "saliency_max_n", where, 1), saliency_tie_break=tie_break,
-        splits=list(splits), extra=extra)
+        splits=list(splits), extra=extra,
+        norm_style=d.get("norm_style", "qd_detr"), label_style=d.get("label_style", "qd_detr"),
+        group_by=d.get("group_by"),
+        max_group_size=None if max_group is None or max_group < 0 else max_group,
+        group_splits=list(group_splits))
 
 
 def load_dataset_yaml(path: str) -> Any:
@@ -240,8 +268,10 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
         self.data_type = "features"
         self.spec = parse_dataset_config(cfg, self.NAME, self.EXTRA_KEYS, self._default_root())
         vp = VideoFeatureProcessor(normalize=self.spec.normalize, max_len=self.spec.max_v_l,
-                                   use_tef=self.spec.use_tef and self.spec.dataset_type == "moment_retrieval")
-        tp = TextFeatureProcessor(normalize=self.spec.normalize, max_len=self.spec.max_q_l)
+                                   use_tef=self.spec.use_tef and self.spec.dataset_type == "moment_retrieval",
+                                   norm_style=self.spec.norm_style)
+        tp = TextFeatureProcessor(normalize=self.spec.normalize, max_len=self.spec.max_q_l,
+                                  norm_style=self.spec.norm_style)
         self.vis_processors = {"train": vp, "eval": vp}
         self.text_processors = {"train": tp, "eval": tp}
 
@@ -330,7 +360,11 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
                     text_field=self.spec.text_features["field"], qid_format=self.spec.qid_format,
                     max_windows=self.spec.max_windows, seed=self.spec.seed,
                     saliency_max_n=self.spec.saliency_max_n,
-                    saliency_tie_break=self.spec.saliency_tie_break, name=name)
+                    saliency_tie_break=self.spec.saliency_tie_break,
+                    label_style=self.spec.label_style, name=name)
+                if self.spec.group_by is not None and split in self.spec.group_splits:
+                    out[split] = GroupedMomentDataset(out[split], self.spec.group_by,
+                                                      self.spec.max_group_size, self.spec.seed)
             else:
                 out[split] = VideoRetrievalDataset(
                     records, video_stores, text_store, vis_processor=self.vis_processors[proc_key],

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 CHARADES = SHARED / "data" / "media" / "charades_sample.mp4"
 OFFICIAL_QD = SHARED / "fixtures" / "qd_detr_reference" / "qd_detr_clip_model_best.ckpt"
+OFFICIAL_MESM = SHARED / "fixtures" / "mesm_reference" / "mesm_model_best.ckpt"
 
 DIM = 16
 RETRIEVER_HP = dict(text_input_dim=DIM, video_input_dim=DIM, embed_dim=DIM, num_frames=4, num_heads=1,

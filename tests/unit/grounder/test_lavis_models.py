@@ -165,7 +165,7 @@ def test_official_checkpoint_through_the_wrapper(shared_dir):
     assert model.predict_batch(samples) == fx["postprocessed"]
     # the same weights also load into a model built from our YAML with matching widths
     ours = C2FQDDETR.from_pretrained("qvh_clip")
-    assert ours.load_checkpoint(str(ref_dir / "qd_detr_clip_model_best.ckpt"))["kind"] == "official"
+    assert ours.load_checkpoint(str(ref_dir / "qd_detr_clip_model_best.ckpt"))["kind"] == "official_qd_detr"
 
 
 def test_batch_missing_keys_raise(batch):

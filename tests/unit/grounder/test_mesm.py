@@ -40,7 +40,7 @@ def test_variants_forward_backward(rec_fw, rec_ss, share, counts_file):
         assert detr.output_txt_proj[1].weight.grad.abs().sum() > 0
         assert detr.fw_mask_token.grad.abs().sum() > 0
         if not share:
-            assert detr.enhance_encoder.layers[0].linear1_alt.weight.grad.abs().sum() > 0
+            assert detr.enhance_encoder.layers[0].linear1_1.weight.grad.abs().sum() > 0
     else:
         assert not hasattr(detr, "enhance_encoder")
     if rec_ss:

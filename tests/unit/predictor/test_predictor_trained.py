@@ -8,7 +8,7 @@ from lavis_c2f.models.checkpoint_utils import save_checkpoint
 from lavis_c2f.models.grounder.lavis_models import C2FQDDETR
 from lavis_c2f.models.grounder.predictor import GrounderPredictor
 from lavis_c2f.predictor import C2FPredictor, load_grounder, load_retriever
-from predictor_helpers import GROUNDER_CFG, OFFICIAL_QD, random_backbone, save_tiny_grounder, save_tiny_retriever
+from predictor_helpers import GROUNDER_CFG, OFFICIAL_MESM, OFFICIAL_QD, random_backbone, save_tiny_grounder, save_tiny_retriever
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,21 @@ def test_official_qd_detr_checkpoint(videos):
     m = p.predict("a red screen", v, top_k=5)
     assert 1 <= len(m.windows) <= 5 and len(m.saliency) == v.n_clips
     assert all(0.0 <= a <= b <= v.duration + 1e-6 for a, b, _ in m.windows)
+
+
+def test_official_mesm_checkpoint_is_routed_to_mesm(videos):
+    if not OFFICIAL_MESM.is_file():
+        pytest.skip(f"../shared not found: {OFFICIAL_MESM} is missing")
+    from lavis_c2f.models.grounder.mesm import MESMQDDETR
+
+    grounder, _post = load_grounder(OFFICIAL_MESM)
+    assert isinstance(grounder, MESMQDDETR) and grounder.vid_dim == 2818  # not taken for QD-DETR
+    p = C2FPredictor.from_checkpoints(grounder_ckpt=OFFICIAL_MESM, backbone="random",
+                                      backbone_cfg={"dim": 2816, "text_dim": 512}, device="cpu")
+    assert p.mode["stage2"] == "trained"
+    v = p.encode_video(videos["redblue"])
+    m = p.predict("a red screen", v, top_k=5)
+    assert 1 <= len(m.windows) <= 5 and len(m.saliency) == v.n_clips
 
 
 def test_stage3_refiner_runs_on_the_best_videos(trained_index, ckpts, tmp_path_factory, monkeypatch):
