@@ -528,10 +528,9 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
         if not ok:
             failures.append(f"input {key_u}")
 
-    rec_by_i = our_ds.records
     random_windows: List[int] = []
     for i in range(n):
-        meta, rec = off_meta[i], rec_by_i[i]
+        meta, rec = off_meta[i], our_ds.records[i]
         ctx_l = int(off_inputs["src_vid_mask"][i].sum())
         print(f" item {i} qid {meta['qid']} vid {meta['vid']} clips {ctx_l} windows {len(meta['relevant_windows'])}")
         o_sp, u_sp = off_targets["span_labels"][i]["spans"], ours["span_labels"][i]
@@ -603,8 +602,7 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
     torch.manual_seed(seed)
     off_model, off_crit = build_model(opt)
     model = C2FQDDETR.from_config(our_model_config(recipe, corpus))
-    missing = model.detr.load_state_dict(off_model.state_dict(), strict=True)
-    del missing
+    model.detr.load_state_dict(off_model.state_dict(), strict=True)  # same key layout
     batch = dict(ours)
     batch["saliency_pos_labels"] = ours["saliency_pos_labels"].clone()
     batch["saliency_neg_labels"] = ours["saliency_neg_labels"].clone()
