@@ -33,12 +33,20 @@ setup(
         "tqdm",
         "matplotlib",
         "faiss-cpu",
+        "nltk>=3.9",            # MESM part-of-speech masking weights (its tagger)
+        "textblob-aptagger",    # ships the averaged-perceptron tagger data (no download)
         "av",
+        "tensorboard",      # run.tensorboard (on by default): torch.utils.tensorboard writes the events
+        "srt",              # SRT subtitles (lavis_c2f.video.captions)
+        "webvtt-py",        # WebVTT subtitles
+        "peft==0.6.2",  # the refiner's LoRA, named as CALCE's checkpoints (works with transformers 4.26)
     ],
     extras_require={
         # `lavis-c2f demo` (the web app) and its browser tests (Playwright drives the system
         # Chromium; requirements-lock.txt pins both)
         "demo": ["streamlit>=1.40"],
+        # the c2f_feature_slowfast backbone (SlowFast R50 from pytorchvideo's model builders)
+        "slowfast": ["pytorchvideo==0.1.5"],
         "dev": ["pytest", "playwright"],
     },
     entry_points={"console_scripts": ["lavis-c2f=lavis_c2f.cli:main"]},

@@ -14,6 +14,9 @@ import importlib
 from typing import Dict, List, Tuple
 
 from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+from lavis_c2f.common.errors import ConfigError
 
 PREFIX = "c2f_"
 
@@ -22,6 +25,7 @@ PREFIX = "c2f_"
 LAZY_COMPONENTS: Dict[str, Tuple[str, str]] = {
     "c2f_caption_refiner": ("model", "lavis_c2f.models.refiner"),  # stage-3 model
     "c2f_refiner": ("builder", "lavis_c2f.models.refiner"),  # stage-3 dataset builder
+    "c2f_tiny_caption_refiner": ("model", "lavis_c2f.testing.tiny_refiner"),  # tiny random stage 3 (demos)
 }
 
 # kind -> (registry mapping key, getter name)
@@ -100,8 +104,6 @@ def with_model_defaults(node, default_arch: str):
     """A ``model:`` mapping merged over its ``model_type`` defaults, as LAVIS's ``Config`` does
     when it builds a model (``arch`` picks the class, ``model_type`` its default YAML; keys of
     ``node`` win). Without ``model_type`` the mapping is returned unchanged (as a plain dict)."""
-    from omegaconf import OmegaConf
-
     node = dict(node)
     model_type = node.get("model_type")
     if not model_type:
@@ -111,8 +113,6 @@ def with_model_defaults(node, default_arch: str):
         return node
     known = getattr(cls, "PRETRAINED_MODEL_CONFIG_DICT", None)
     if known is not None and model_type not in known:
-        from lavis_c2f.common.errors import ConfigError
-
         raise ConfigError(f"model.model_type: '{model_type}' is not a type of {node.get('arch') or default_arch}; "
                           f"known: {sorted(known)}")
     defaults = OmegaConf.load(cls.default_config_path(model_type))

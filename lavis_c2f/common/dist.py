@@ -113,3 +113,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward returns this rank's slice of the incoming gradient
+    (no reduction over ranks), as the ``AllGather`` of CLIP4Clip/UCoFiA."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], get_rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, ...) of every rank concatenated in rank order (W B, ...); gradients flow back
+    to this rank's rows only. Every rank must pass the same B. ``x`` itself in one process."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)

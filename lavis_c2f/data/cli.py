@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.demo_corpus import DemoCorpusExistsError, DemoCorpusParams, make_demo_corpus
+from lavis_c2f.data.features import convert_store
+
 
 def _parse_value(text: str) -> Any:
     try:
@@ -16,8 +20,6 @@ def _parse_value(text: str) -> Any:
 
 def parse_param_overrides(pairs: Optional[List[str]], option: str = "--param") -> Dict[str, Any]:
     """``KEY=VALUE`` strings (VALUE as JSON, else the string) -> a dict of demo corpus parameters."""
-    from lavis_c2f.common.errors import ConfigError
-
     out: Dict[str, Any] = {}
     for p in pairs or []:
         if "=" not in p:
@@ -28,9 +30,6 @@ def parse_param_overrides(pairs: Optional[List[str]], option: str = "--param") -
 
 
 def cmd_make_demo_corpus(args: argparse.Namespace) -> int:
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.data.demo_corpus import DemoCorpusExistsError, DemoCorpusParams, make_demo_corpus
-
     overrides = parse_param_overrides(args.param)
     for name in ("seed", "n_videos", "video_dim", "text_dim"):
         v = getattr(args, name)
@@ -58,7 +57,6 @@ def cmd_make_demo_corpus(args: argparse.Namespace) -> int:
 def _store_spec(text: str, type_: Optional[str], field: Optional[str], key_format: Optional[str],
                 maxcount: Optional[int]) -> Any:
     text = text.strip()
-    from lavis_c2f.common.errors import ConfigError
 
     try:
         spec: Dict[str, Any] = json.loads(text) if text.startswith("{") else {"path": text}
@@ -76,8 +74,6 @@ def _store_spec(text: str, type_: Optional[str], field: Optional[str], key_forma
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lavis_c2f.data.features import convert_store
-
     src = _store_spec(args.src, args.src_type, args.field, args.src_key_format, None)
     dst = _store_spec(args.dst, args.dst_type, None, args.dst_key_format, args.maxcount)
     if set(dst) == {"path"}:

@@ -34,6 +34,7 @@ import contextlib
 import difflib
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -48,12 +49,17 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.io import atomic_path, write_json
+from lavis_c2f.common.progress import progress_bar
+from lavis_c2f.data.cfg import check_keys
+# the feature conventions, re-exported for the readers of this module
+from lavis_c2f.ops.vectors import L2_EPS, NORM_STYLES, l2_normalize, norm_params, tef_columns  # noqa: F401
+from lavis_c2f.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 ArrayOrFields = Union[np.ndarray, Mapping[str, np.ndarray]]
-L2_EPS = 1e-5  # QD-DETR / Moment-DETR ``l2_normalize_np_array`` epsilon
 DEFAULT_FIELD = "features"
 
 
@@ -67,29 +73,15 @@ class FeatureNotFoundError(KeyError):
 # =========================================================================== array helpers
 
 
-def l2_normalize(x: np.ndarray, eps: float = L2_EPS) -> np.ndarray:
-    """``x / (||x||_2 + eps)`` along the last axis (a new float32 array)."""
-    x = np.asarray(x, dtype=np.float32)
-    return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)).astype(np.float32, copy=False)
-
-
-def tef_columns(length: int) -> np.ndarray:
-    """(L, 2) temporal endpoint features: ``[arange(L) / L, arange(L) / L + 1 / L]`` (float32)."""
-    if length <= 0:
-        return np.zeros((0, 2), dtype=np.float32)
-    st = np.arange(length, dtype=np.float32) / np.float32(length)
-    ed = st + np.float32(1.0) / np.float32(length)
-    return np.stack([st, ed], axis=1).astype(np.float32)
-
-
 def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = True,
                           max_len: Optional[int] = None, use_tef: bool = True,
-                          eps: float = L2_EPS) -> np.ndarray:
+                          eps: float = L2_EPS, clamp: bool = False) -> np.ndarray:
     """Per-stream (L_i, D_i) clip features -> (L, sum D_i [+ 2]) float32.
 
-    Each stream is L2-normalised per clip (if ``normalize``), all are cut to the shortest
-    stream and concatenated, truncated to ``max_len``, then the TEF columns are appended
-    (if ``use_tef``), computed from the final length L.
+    Each stream is L2-normalised per clip (if ``normalize``; ``eps``/``clamp`` as
+    :func:`l2_normalize`), all are cut to the shortest stream and concatenated, truncated to
+    ``max_len``, then the TEF columns are appended (if ``use_tef``), computed from the final
+    length L.
     """
     if len(streams) == 0:
         raise ValueError("combine_video_streams needs at least one stream")
@@ -98,7 +90,7 @@ def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = Tr
         s = np.asarray(s, dtype=np.float32)
         if s.ndim != 2:
             raise ValueError(f"video stream {i} must be (L, D), got shape {s.shape}")
-        arrays.append(l2_normalize(s, eps) if normalize else s)
+        arrays.append(l2_normalize(s, eps, clamp) if normalize else s)
     n = min(a.shape[0] for a in arrays)
     if max_len is not None:
         n = min(n, int(max_len))
@@ -109,7 +101,7 @@ def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = Tr
 
 
 def prepare_text(x: np.ndarray, *, normalize: bool = True, max_len: Optional[int] = None,
-                 eps: float = L2_EPS) -> np.ndarray:
+                 eps: float = L2_EPS, clamp: bool = False) -> np.ndarray:
     """Token features (T, D) -> truncated to ``max_len`` and L2-normalised; a pooled (D,)
     vector is only normalised. Returns float32."""
     x = np.asarray(x, dtype=np.float32)
@@ -117,7 +109,7 @@ def prepare_text(x: np.ndarray, *, normalize: bool = True, max_len: Optional[int
         x = x[: int(max_len)]
     elif x.ndim not in (1, 2):
         raise ValueError(f"text features must be (T, D) or (D,), got shape {x.shape}")
-    x = l2_normalize(x, eps) if normalize else x.copy()
+    x = l2_normalize(x, eps, clamp) if normalize else x.copy()
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -491,8 +483,6 @@ class WdsStore(FeatureStore):
             raise DataFormatError(f"not a readable (uncompressed) tar shard: {e}", path=shard) from None
         if self.cache_index:
             try:
-                from lavis_c2f.common.io import write_json
-
                 write_json({**stamp, "members": members}, idx_path, indent=None)
             except OSError as e:
                 logger.debug("cannot cache the shard index %s: %s", idx_path, e)
@@ -588,10 +578,6 @@ def write_wds_shards(items: Iterable[Tuple[str, ArrayOrFields]], out_pattern: Pa
     Each shard is written to a temporary name and renamed into place. Bytes are
     deterministic (zeroed mtimes/owners). Returns the shard paths.
     """
-    import itertools
-
-    from lavis_c2f.common.io import atomic_path
-
     pattern = str(out_pattern)
     try:
         pattern % 0
@@ -648,8 +634,6 @@ def normalize_spec(spec: Union[PathLike, Mapping[str, Any]], base: Optional[Path
 
     Unknown keys raise :class:`ConfigError` naming them (and ``where``).
     """
-    from lavis_c2f.paths import resolve_path
-
     if isinstance(spec, (str, os.PathLike)):
         spec = {"path": str(spec)}
     if not isinstance(spec, Mapping):
@@ -672,10 +656,7 @@ def normalize_spec(spec: Union[PathLike, Mapping[str, Any]], base: Optional[Path
     t = spec["type"]
     if t not in _SPEC_KEYS:
         raise ConfigError(f"{where}: unknown store type {t!r}; expected one of {sorted(_SPEC_KEYS)}")
-    unknown = set(spec) - _SPEC_KEYS[t]
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for a {t} store; allowed: "
-                          f"{sorted(_SPEC_KEYS[t])}")
+    check_keys(spec, _SPEC_KEYS[t], f"{where} ({t} store)")
     return spec
 
 
@@ -703,9 +684,7 @@ def open_store(spec: Union[PathLike, Mapping[str, Any], FeatureStore],
 def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit="key")
+    return progress_bar(it, total=total, desc=desc, unit="key", leave=True)
 
 
 @contextlib.contextmanager
@@ -749,8 +728,6 @@ def convert_store(src_spec: Union[PathLike, Mapping[str, Any], FeatureStore],
     (shards ``DIR/shard-000000.tar`` ...). A bare path is typed like :func:`open_store`, except
     a non-existing path without a known extension is an npz folder.
     """
-    from lavis_c2f.common.io import atomic_path
-
     src = open_store(src_spec)
     if isinstance(dst_spec, (str, os.PathLike)):
         p = str(dst_spec)

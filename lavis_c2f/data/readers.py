@@ -33,6 +33,14 @@ Generated query ids (Charades-STA and TACoS have none)
   (blank lines consume an index), as MESM numbers its test queries.
 * TACoS: ``qid = qid_offset + k`` where ``k`` counts sentences in file order (videos in JSON
   order, then sentences in order), skipped ones included, so ids are stable under skipping.
+
+Items (CALCE)
+-------------
+A QVHighlights row's ``items`` (a list of strings, the query's noun phrases as CALCE ships them)
+goes to ``record.items``. CALCE's own preprocessed files (``format: calce``, a JSON list of
+``{video, qid, query, duration, items, relevant_windows[, stage1_result]}``, QVHighlights and
+Charades-STA alike) are read by :func:`read_calce_json`; ``stage1_result`` (CALCE's stage-1
+windows) goes to ``record.extra["coarse_windows"]``.
 """
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from lavis_c2f.common.errors import DataFormatError
-from lavis_c2f.common.io import write_jsonl
+from lavis_c2f.common.io import read_json, write_jsonl
 from lavis_c2f.data.records import MomentRecord
 
 logger = logging.getLogger(__name__)
@@ -56,7 +64,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 DurationSource = Union[Mapping[str, float], PathLike, Callable[[str], float], Any]
 
-FORMATS = ("qvh", "charades_sta", "tacos")
+FORMATS = ("qvh", "charades_sta", "tacos", "calce")
 DEFAULT_TOLERANCE = 1.0
 
 
@@ -248,14 +256,25 @@ def _qvh_row(obj: Any, *, path: str, line: int, tolerance: float, clamp: bool,
     windows = _clean_windows(pairs, duration, path=path, line=line, fld="relevant_windows",
                              tolerance=tolerance, clamp=clamp, swap_reversed=swap_reversed,
                              report=report)
+    items = _items(obj, path, line)
     known = {"qid", "query", "vid", "duration", "relevant_windows", "relevant_clip_ids",
-             "saliency_scores"}
+             "saliency_scores", "items"}
     extra = {k: v for k, v in obj.items() if k not in known}
     return MomentRecord(
         qid=qid, query=query, vid=vid, duration=duration, relevant_windows=windows,
         relevant_clip_ids=list(clip_ids) if clip_ids is not None else None,
         saliency_scores=[[float(v) for v in s] for s in scores] if scores is not None else None,
-        source=f"{path}:{line}", extra=extra)
+        source=f"{path}:{line}", extra=extra, items=items)
+
+
+def _items(obj: Mapping[str, Any], path: str, line: Optional[int], fld: str = "items") -> Optional[List[str]]:
+    """A row's ``items`` (None when absent); anything but a list of strings is an error."""
+    items = obj.get("items")
+    if items is None:
+        return None
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise DataFormatError(f"expected a list of strings, got {items!r}", path=path, line=line, field=fld)
+    return [x.strip() for x in items]
 
 
 def read_qvh_jsonl(path: PathLike, *, tolerance: float = DEFAULT_TOLERANCE, clamp: bool = False,
@@ -444,14 +463,8 @@ def read_tacos(path: PathLike, *, qid_offset: int = 0, strip_video_ext: bool = F
     names the line.
     """
     path = str(path)
-    _require_file(path)
     col = _Collector(path, on_error)
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"invalid JSON: {e.msg} (column {e.colno})", path=path,
-                                  line=e.lineno) from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataFormatError(f"expected a JSON object {{video: {{...}}}}, got {_type_name(data)}",
                               path=path)
@@ -514,6 +527,58 @@ def read_tacos(path: PathLike, *, qid_offset: int = 0, strip_video_ext: bool = F
     return col.result()
 
 
+# --------------------------------------------------------------------------- CALCE json
+
+
+def read_calce_json(path: PathLike, *, tolerance: float = DEFAULT_TOLERANCE, clamp: bool = False,
+                    swap_reversed: bool = False, require_windows: bool = False,
+                    on_error: str = "raise") -> RecordList:
+    """Read one of CALCE's preprocessed annotation files: a JSON list of ``{video, qid, query,
+    duration, items, relevant_windows[, stage1_result]}`` (qids are strings such as
+    ``"QVHighlight_2579"``). ``items`` -> ``record.items``; ``stage1_result`` (windows
+    ``[[s, e], ...]``) -> ``record.extra["coarse_windows"]``. Errors name the file and the
+    entry (``[i].field``)."""
+    path = str(path)
+    col = _Collector(path, on_error)
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataFormatError(f"expected a JSON list of annotation objects, got {_type_name(data)}", path=path)
+    seen: Dict[Any, int] = {}
+    for i, obj in enumerate(data):
+        try:
+            if not isinstance(obj, dict):
+                raise DataFormatError(f"expected an object, got {_type_name(obj)}", path=path, field=f"[{i}]")
+            row = {k: v for k, v in obj.items() if k not in ("video", "stage1_result")}
+            if "video" in obj:
+                row["vid"] = obj["video"]
+            scratch = ReadReport(path=path)
+            try:
+                rec = _qvh_row(row, path=path, line=None, tolerance=tolerance, clamp=clamp,
+                               swap_reversed=swap_reversed, require_windows=require_windows, report=scratch)
+            except DataFormatError as e:
+                fld = {"vid": "video"}.get(e.field, e.field)
+                raise DataFormatError(e.reason, path=path, field=f"[{i}].{fld}" if fld else f"[{i}]") from None
+            if "stage1_result" in obj:
+                coarse = obj["stage1_result"]
+                if not isinstance(coarse, list) or not all(
+                        isinstance(w, (list, tuple)) and len(w) == 2 and all(_is_number(v) for v in w) for w in coarse):
+                    raise DataFormatError(f"expected windows [[s, e], ...], got {coarse!r}", path=path,
+                                          field=f"[{i}].stage1_result")
+                rec.extra["coarse_windows"] = [[w[0], w[1]] for w in coarse]
+            if rec.qid in seen:
+                raise DataFormatError(f"duplicate qid {rec.qid!r} (first at [{seen[rec.qid]}])", path=path,
+                                      field=f"[{i}].qid")
+        except DataFormatError as e:
+            col.problem(e)
+            continue
+        seen[rec.qid] = i
+        rec.source = f"{path}[{i}]"
+        col.report.n_clamped += scratch.n_clamped
+        col.report.n_swapped += scratch.n_swapped
+        col.add(rec)
+    return col.result()
+
+
 # --------------------------------------------------------------------------- dispatch / write
 
 
@@ -532,14 +597,15 @@ def read_annotations(path: PathLike, fmt: str = "auto", **kw: Any) -> RecordList
 
     Args:
         fmt: ``"auto"`` (from the extension: .jsonl qvh, .txt charades_sta, .json tacos),
-            ``"qvh"``, ``"charades_sta"`` or ``"tacos"``.
+            ``"qvh"``, ``"charades_sta"``, ``"tacos"`` or ``"calce"`` (CALCE's json).
         **kw: passed to the reader (:func:`read_qvh_jsonl`, :func:`read_charades_sta`
             (needs ``durations``), :func:`read_tacos`). An option the reader does not take
             raises ``TypeError`` naming it.
     """
     if fmt == "auto":
         fmt = detect_format(path)
-    readers = {"qvh": read_qvh_jsonl, "charades_sta": read_charades_sta, "tacos": read_tacos}
+    readers = {"qvh": read_qvh_jsonl, "charades_sta": read_charades_sta, "tacos": read_tacos,
+               "calce": read_calce_json}
     if fmt not in readers:
         close = difflib.get_close_matches(str(fmt), FORMATS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

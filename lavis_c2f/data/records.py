@@ -2,7 +2,8 @@
 
 Times are in **seconds**. ``relevant_windows`` may be empty (a test split without ground
 truth). ``saliency_scores`` follows QVHighlights: one list of per-annotator scores (0-4)
-per entry of ``relevant_clip_ids``.
+per entry of ``relevant_clip_ids``. ``items`` are the query's noun phrases as CALCE's annotations
+ship them (``None``: the file has none).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class MomentRecord:
     saliency_scores: Optional[List[List[float]]] = None
     source: Optional[str] = None  # "path:line" the record came from, for error messages
     extra: Dict[str, Any] = field(default_factory=dict)
+    items: Optional[List[str]] = None
 
     @property
     def has_windows(self) -> bool:
@@ -46,5 +48,7 @@ class MomentRecord:
             row["relevant_clip_ids"] = list(self.relevant_clip_ids)
         if self.saliency_scores is not None:
             row["saliency_scores"] = [list(s) for s in self.saliency_scores]
+        if self.items is not None:
+            row["items"] = list(self.items)
         row.update(self.extra)
         return row

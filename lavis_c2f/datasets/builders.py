@@ -31,6 +31,13 @@ Dataset YAML schema (``datasets: {<name>: {...}}``; unknown keys raise ``ConfigE
     saliency_max_n: 1              # QD-DETR max_n
     saliency_tie_break: official   # hard saliency labels among tied clips: official (numpy's
                                    # scalar introsort, as QD-DETR/MESM) | stable (lowest index)
+    norm_style: qd_detr            # qd_detr: x / (||x|| + 1e-5); mesm: F.normalize (eps 1e-12
+                                   # video, 1e-5 text), see lavis_c2f.data.features
+    label_style: qd_detr           # qd_detr | mesm (MESM's saliency rule and clip_mask)
+    group_by: null                 # null: one item per query; video | youtube: MESM's items
+                                   # (all queries of a video / YouTube id per item)
+    max_group_size: null           # MESM max_gather_size (null: whole groups)
+    group_splits: [train]          # the splits built as grouped items
     splits: null                   # subset of annotation splits to build (null: all)
     # c2f_demo only:
     auto_generate: true            # generate the demo corpus at data_root if missing
@@ -49,11 +56,14 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import OmegaConf
 
+from lavis_c2f.common.dist import barrier, is_main_process
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys, to_plain
-from lavis_c2f.data.features import FeatureStore, open_store
-from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, read_annotations
-from lavis_c2f.datasets.moment_retrieval import TIE_BREAKS, MomentRetrievalDataset
+from lavis_c2f.data.demo_corpus import DemoCorpusParams, default_demo_root, make_demo_corpus, read_corpus_meta
+from lavis_c2f.data.features import NORM_STYLES, FeatureStore, open_store
+from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, detect_format, read_annotations
+from lavis_c2f.datasets.moment_retrieval import (GROUP_BY, LABEL_STYLES, TIE_BREAKS,
+                                                 GroupedMomentDataset, MomentRetrievalDataset)
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset
 from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
@@ -62,7 +72,8 @@ DATASET_TYPES = ("moment_retrieval", "video_retrieval")
 SPLITS = ("train", "val", "test")
 COMMON_KEYS = {"type", "dataset_type", "data_root", "annotations", "reader", "video_features",
                "text_features", "clip_length", "max_v_l", "max_q_l", "max_windows", "use_tef",
-               "normalize", "seed", "saliency_max_n", "saliency_tie_break", "splits"}
+               "normalize", "seed", "saliency_max_n", "saliency_tie_break", "splits",
+               "norm_style", "label_style", "group_by", "max_group_size", "group_splits"}
 ANNOTATION_KEYS = {"path", "format", "durations", "qid_offset", "require_windows"}
 READER_KEYS = {"tolerance", "clamp", "swap_reversed", "on_error", "strip_video_ext"}
 STORE_KEYS = {"type", "path", "field", "key_format", "cache_size", "cache_index"}
@@ -93,6 +104,11 @@ class DatasetSpec:
     saliency_tie_break: str
     splits: List[str]
     extra: Dict[str, Any] = field(default_factory=dict)
+    norm_style: str = "qd_detr"
+    label_style: str = "qd_detr"
+    group_by: Optional[str] = None
+    max_group_size: Optional[int] = None
+    group_splits: List[str] = field(default_factory=lambda: ["train"])
 
 
 def _opt_int(d: Dict[str, Any], key: str, where: str, default: Optional[int], minimum: int = 1) -> Optional[int]:
@@ -197,6 +213,16 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
     tie_break = d.get("saliency_tie_break", "official")
     if tie_break not in TIE_BREAKS:
         raise ConfigError(f"{where}.saliency_tie_break: expected one of {list(TIE_BREAKS)}, got {tie_break!r}")
+    choices = {"norm_style": NORM_STYLES, "label_style": LABEL_STYLES, "group_by": (None,) + GROUP_BY}
+    for key, allowed in choices.items():
+        if d.get(key, allowed[0]) not in allowed:
+            raise ConfigError(f"{where}.{key}: expected one of {list(allowed)}, got {d.get(key)!r}")
+    max_group = d.get("max_group_size")
+    if max_group is not None and (isinstance(max_group, bool) or not isinstance(max_group, int)):
+        raise ConfigError(f"{where}.max_group_size: expected an integer or null, got {max_group!r}")
+    group_splits = d.get("group_splits", ["train"])
+    if not isinstance(group_splits, (list, tuple)) or not all(isinstance(x, str) for x in group_splits):
+        raise ConfigError(f"{where}.group_splits: expected a list of split names, got {group_splits!r}")
     return DatasetSpec(
         name=name, dataset_type=dataset_type, data_root=data_root, annotations=annotations,
         reader=reader, video_features=video_features, text_features=tf, pooled_field=pooled_field,
@@ -205,7 +231,11 @@ def parse_dataset_config(cfg: Any, name: str, extra_keys: Optional[set] = None,
         max_windows=_opt_int(d, "max_windows", where, 5), use_tef=_bool(d, "use_tef", where, True),
         normalize=_bool(d, "normalize", where, True), seed=seed,
         saliency_max_n=_opt_int(d, "saliency_max_n", where, 1), saliency_tie_break=tie_break,
-        splits=list(splits), extra=extra)
+        splits=list(splits), extra=extra,
+        norm_style=d.get("norm_style", "qd_detr"), label_style=d.get("label_style", "qd_detr"),
+        group_by=d.get("group_by"),
+        max_group_size=None if max_group is None or max_group < 0 else max_group,
+        group_splits=list(group_splits))
 
 
 def load_dataset_yaml(path: str) -> Any:
@@ -219,7 +249,38 @@ def load_dataset_yaml(path: str) -> Any:
     return ds[list(ds.keys())[0]]
 
 
-class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
+class C2FBuilderBase(BaseDatasetBuilder):
+    """LAVIS builder plumbing shared by the c2f builders: the default dataset YAML, reading the
+    config node (None -> the default YAML, a YAML path, or the ``datasets.<name>`` node LAVIS
+    passes) and ``build``. Subclasses parse the node and implement ``build_datasets``."""
+
+    DATASET_CONFIG_DICT: Dict[str, str] = {}
+    NAME = ""
+
+    @classmethod
+    def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
+        if type not in cls.DATASET_CONFIG_DICT:
+            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
+                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
+        return config_path(cls.DATASET_CONFIG_DICT[type])
+
+    @classmethod
+    def read_config(cls, cfg: Any) -> Any:
+        """The ``datasets.<name>`` node for ``cfg`` (None: the default YAML; a path: that YAML)."""
+        if cfg is None:
+            return load_dataset_yaml(cls.default_config_path())
+        if isinstance(cfg, (str, os.PathLike)):
+            return load_dataset_yaml(str(cfg))
+        return cfg
+
+    def build_processors(self) -> None:  # processors come from the dataset keys, not vis_processor:
+        pass
+
+    def build(self) -> Dict[str, Any]:
+        return self.build_datasets()
+
+
+class C2FFeatureDatasetBuilder(C2FBuilderBase):
     """Base of the c2f builders: pre-extracted features + annotations -> datasets.
 
     ``builder = Builder(cfg)`` with ``cfg`` None (the default YAML), a YAML path, or the
@@ -232,25 +293,17 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
 
     def __init__(self, cfg: Any = None):  # noqa: D401 - LAVIS signature
         # BaseDatasetBuilder.__init__ expects LAVIS's build_info/data_type: not called on purpose.
-        if cfg is None:
-            cfg = load_dataset_yaml(self.default_config_path())
-        elif isinstance(cfg, (str, os.PathLike)):
-            cfg = load_dataset_yaml(str(cfg))
+        cfg = self.read_config(cfg)
         self.config = cfg
         self.data_type = "features"
         self.spec = parse_dataset_config(cfg, self.NAME, self.EXTRA_KEYS, self._default_root())
         vp = VideoFeatureProcessor(normalize=self.spec.normalize, max_len=self.spec.max_v_l,
-                                   use_tef=self.spec.use_tef and self.spec.dataset_type == "moment_retrieval")
-        tp = TextFeatureProcessor(normalize=self.spec.normalize, max_len=self.spec.max_q_l)
+                                   use_tef=self.spec.use_tef and self.spec.dataset_type == "moment_retrieval",
+                                   norm_style=self.spec.norm_style)
+        tp = TextFeatureProcessor(normalize=self.spec.normalize, max_len=self.spec.max_q_l,
+                                  norm_style=self.spec.norm_style)
         self.vis_processors = {"train": vp, "eval": vp}
         self.text_processors = {"train": tp, "eval": tp}
-
-    @classmethod
-    def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        if type not in cls.DATASET_CONFIG_DICT:
-            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
-                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
-        return config_path(cls.DATASET_CONFIG_DICT[type])
 
     # -- hooks
     def _default_root(self) -> Optional[str]:
@@ -260,9 +313,6 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
         """Called before building (the demo builder generates its corpus here)."""
 
     # -- building
-    def build_processors(self) -> None:  # processors come from the dataset keys, not vis_processor:
-        pass
-
     def _open_store(self, spec: Dict[str, Any], key: str) -> FeatureStore:
         if not os.path.exists(spec["path"]) and not any(c in spec["path"] for c in "*?{["):
             raise ConfigError(f"{key}: feature store not found: {spec['path']}")
@@ -287,8 +337,6 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
             raise ConfigError(f"{where}.path: annotation file not found: {a['path']}")
         fmt = a["format"]
         if fmt == "auto":
-            from lavis_c2f.data.readers import detect_format
-
             fmt = detect_format(a["path"])
         opts = dict(self.spec.reader)
         kw: Dict[str, Any] = {k: opts[k] for k in ("tolerance", "clamp", "swap_reversed", "on_error") if k in opts}
@@ -330,7 +378,11 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
                     text_field=self.spec.text_features["field"], qid_format=self.spec.qid_format,
                     max_windows=self.spec.max_windows, seed=self.spec.seed,
                     saliency_max_n=self.spec.saliency_max_n,
-                    saliency_tie_break=self.spec.saliency_tie_break, name=name)
+                    saliency_tie_break=self.spec.saliency_tie_break,
+                    label_style=self.spec.label_style, name=name)
+                if self.spec.group_by is not None and split in self.spec.group_splits:
+                    out[split] = GroupedMomentDataset(out[split], self.spec.group_by,
+                                                      self.spec.max_group_size, self.spec.seed)
             else:
                 out[split] = VideoRetrievalDataset(
                     records, video_stores, text_store, vis_processor=self.vis_processors[proc_key],
@@ -339,9 +391,6 @@ class C2FFeatureDatasetBuilder(BaseDatasetBuilder):
                     qid_format=self.spec.qid_format, name=name)
             out[split].clip_length = self.spec.clip_length
         return out
-
-    def build(self) -> Dict[str, Any]:
-        return self.build_datasets()
 
 
 @registry.register_builder("c2f_qvh")
@@ -377,14 +426,9 @@ class DemoCorpusBuilder(C2FFeatureDatasetBuilder):
     EXTRA_KEYS = {"auto_generate", "demo_params"}
 
     def _default_root(self) -> Optional[str]:
-        from lavis_c2f.data.demo_corpus import default_demo_root
-
         return default_demo_root()
 
     def _prepare(self) -> None:
-        from lavis_c2f.common.dist import barrier, is_main_process
-        from lavis_c2f.data.demo_corpus import DemoCorpusParams, make_demo_corpus, read_corpus_meta
-
         auto = self.spec.extra.get("auto_generate", True)
         if not isinstance(auto, bool):
             raise ConfigError(f"datasets.{self.NAME}.auto_generate: expected true/false, got {auto!r}")

@@ -1,6 +1,7 @@
 """Stage-2 dataset: (query, its video) -> features + QD-DETR/Moment-DETR training labels.
 
-Labels follow QD-DETR's ``StartEndDataset`` with three documented differences:
+Labels follow QD-DETR's ``StartEndDataset`` (``label_style: qd_detr``) or MESM's datasets
+(``label_style: mesm``, see below), with these documented differences:
 
 * **Deterministic sampling.** The random choices (easy saliency positives/negatives, the
   subset of windows kept when there are more than ``max_windows``) use
@@ -30,6 +31,19 @@ package used before; a documented variant).
 
 Samples without ground truth (test splits) get ``has_labels = False``, an empty
 ``span_labels`` (0, 2), zero saliency indices and an all-zero ``saliency_all_labels``.
+
+``label_style: mesm`` (MESM's ``QVHighlightsDataset`` / ``CharadesDataset`` / ``TACoSDataset``):
+
+* with annotator scores, the labels above, plus ``clip_mask`` = clips whose summed score is
+  not 0 (the clips FW-MESM rebuilds words from and SS-MESM averages);
+* without scores, each window covers clips ``int(st / clip_length) .. min(int(ed /
+  clip_length), Lv - 1)`` (end clip included; start clamped to the end) and that 0/1 mask is
+  both ``clip_mask`` and ``saliency_all_labels``; 2 positives are drawn from it and 2
+  negatives from the other clips, without replacement when there are enough (else with
+  replacement; no other clip: the positives).
+
+:class:`GroupedMomentDataset` (``group_by``) makes MESM's items: all queries of one video
+(or of one YouTube id) per item.
 """
 from __future__ import annotations
 
@@ -49,6 +63,8 @@ from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoF
 
 logger = logging.getLogger(__name__)
 
+LABEL_STYLES = ("qd_detr", "mesm")
+GROUP_BY = ("video", "youtube")
 TIE_BREAKS = ("official", "stable")
 
 
@@ -130,6 +146,28 @@ def saliency_labels_from_windows(windows: Sequence[Tuple[float, float]], ctx_l: 
     return pos, neg, rel.astype(np.float32)
 
 
+def mesm_window_labels(windows: Sequence[Tuple[float, float]], ctx_l: int, clip_length: float,
+                       rng: np.random.Generator, n: int = 2
+                       ) -> Tuple[List[int], List[int], np.ndarray]:
+    """MESM's saliency labels without annotator scores (module doc, ``label_style: mesm``).
+
+    Returns ``(pos, neg, mask)``: ``n`` positive and ``n`` negative clip indices and the (Lv,)
+    0/1 float32 mask of the windows' clips (MESM's ``clip_mask``).
+    """
+    rel = np.zeros(ctx_l, dtype=bool)
+    for st, ed in windows:
+        end = min(int(ed / clip_length), ctx_l - 1)
+        start = min(int(st / clip_length), end)
+        rel[start: end + 1] = True
+    pos_pool, neg_pool = np.flatnonzero(rel), np.flatnonzero(~rel)
+    pos = [int(c) for c in rng.choice(pos_pool, size=n, replace=len(pos_pool) < n)]
+    if len(neg_pool):
+        neg = [int(c) for c in rng.choice(neg_pool, size=n, replace=len(neg_pool) < n)]
+    else:
+        neg = list(pos)
+    return pos, neg, rel.astype(np.float32)
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -148,6 +186,7 @@ class MomentRetrievalDataset(Dataset):
         max_windows: at most this many GT windows become ``span_labels``.
         seed: base of the per-(epoch, index) label sampling.
         saliency_max_n: ``max_n`` of the score-based saliency labels (QD-DETR: 1).
+        label_style: ``"qd_detr"`` or ``"mesm"`` (module doc; MESM adds ``clip_mask``).
         saliency_tie_break: order of tied clips for the hard labels (module docstring).
         name: for messages.
 
@@ -163,7 +202,10 @@ class MomentRetrievalDataset(Dataset):
                  text_processor: Optional[TextFeatureProcessor] = None, clip_length: float,
                  text_field: str = "last_hidden_state", qid_format: str = "qid{qid}",
                  max_windows: int = 5, seed: int = 0, saliency_max_n: int = 1,
-                 saliency_tie_break: str = "official", name: str = "moment_retrieval"):
+                 saliency_tie_break: str = "official", label_style: str = "qd_detr",
+                 name: str = "moment_retrieval"):
+        if label_style not in LABEL_STYLES:
+            raise ValueError(f"label_style must be one of {LABEL_STYLES}, got {label_style!r}")
         if clip_length <= 0:
             raise ValueError(f"clip_length must be > 0, got {clip_length}")
         if max_windows < 1:
@@ -183,6 +225,7 @@ class MomentRetrievalDataset(Dataset):
         self.max_windows = int(max_windows)
         self.seed = int(seed)
         self.saliency_max_n = int(saliency_max_n)
+        self.label_style = label_style
         self.saliency_tie_break = saliency_tie_break
         self.name = name
         self.epoch = 0
@@ -217,11 +260,15 @@ class MomentRetrievalDataset(Dataset):
             logger.debug("%s: qid %s has no window inside the first %.1f s of features", self.name,
                          rec.qid, duration)
         n_sal = 2 * self.saliency_max_n
+        mesm = self.label_style == "mesm"
         if not windows:
-            return {"duration": duration, "has_labels": False,
-                    "span_labels": torch.zeros((0, 2), dtype=torch.float32),
-                    "saliency_pos_labels": [0] * n_sal, "saliency_neg_labels": [0] * n_sal,
-                    "saliency_all_labels": torch.zeros(ctx_l, dtype=torch.float32)}
+            out = {"duration": duration, "has_labels": False,
+                   "span_labels": torch.zeros((0, 2), dtype=torch.float32),
+                   "saliency_pos_labels": [0] * n_sal, "saliency_neg_labels": [0] * n_sal,
+                   "saliency_all_labels": torch.zeros(ctx_l, dtype=torch.float32)}
+            if mesm:
+                out["clip_mask"] = torch.zeros(ctx_l, dtype=torch.bool)
+            return out
         kept = windows
         if len(windows) > self.max_windows:
             kept = [windows[i] for i in rng.permutation(len(windows))[: self.max_windows]]
@@ -230,12 +277,17 @@ class MomentRetrievalDataset(Dataset):
             pos, neg, all_s = saliency_labels_from_scores(rec.relevant_clip_ids, rec.saliency_scores,
                                                           ctx_l, rng, max_n=self.saliency_max_n,
                                                           tie_break=self.saliency_tie_break)
+        elif mesm:
+            pos, neg, all_s = mesm_window_labels(windows, ctx_l, self.clip_length, rng, n=n_sal)
         else:
             pos, neg, all_s = saliency_labels_from_windows(windows, ctx_l, self.clip_length, rng,
                                                            max_n=n_sal)
-        return {"duration": duration, "has_labels": True, "span_labels": spans,
-                "saliency_pos_labels": pos, "saliency_neg_labels": neg,
-                "saliency_all_labels": torch.from_numpy(all_s)}
+        out = {"duration": duration, "has_labels": True, "span_labels": spans,
+               "saliency_pos_labels": pos, "saliency_neg_labels": neg,
+               "saliency_all_labels": torch.from_numpy(all_s)}
+        if mesm:
+            out["clip_mask"] = torch.from_numpy(all_s != 0)
+        return out
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         rec = self.records[index]
@@ -271,7 +323,12 @@ def collate_moment_retrieval(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         sal_all = torch.nn.functional.pad(sal_all, (0, src_vid.shape[1] - sal_all.shape[1]))
     width = max(len(s["saliency_pos_labels"]) for s in samples)
     pad = lambda row: list(row) + [0] * (width - len(row))  # noqa: E731 (no-label rows)
-    return {
+    extra: Dict[str, Any] = {}
+    if all("clip_mask" in s for s in samples):
+        mask, _ = pad_sequences([s["clip_mask"].float() for s in samples])
+        extra["clip_mask"] = torch.nn.functional.pad(
+            mask, (0, src_vid.shape[1] - mask.shape[1])).bool()
+    return extra | {
         "src_vid": src_vid,
         "src_vid_mask": vid_mask,
         "src_txt": src_txt,
@@ -288,3 +345,99 @@ def collate_moment_retrieval(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         "relevant_windows": [s["relevant_windows"] for s in samples],
         "has_labels": torch.tensor([bool(s["has_labels"]) for s in samples], dtype=torch.bool),
     }
+
+
+# --------------------------------------------------------------------------- MESM items
+
+
+def group_key(vid: str, group_by: str) -> str:
+    """The grouping id of a video: itself (``video``) or its YouTube id (``youtube``:
+    ``vid.rsplit("_", 2)[0]``, QVHighlights' ``{youtube_id}_{start}_{end}``)."""
+    if group_by == "video":
+        return vid
+    if group_by == "youtube":
+        return str(vid).rsplit("_", 2)[0]
+    raise ValueError(f"group_by must be one of {GROUP_BY}, got {group_by!r}")
+
+
+def _segment_start(vid: str) -> float:
+    parts = str(vid).rsplit("_", 2)
+    try:
+        return float(parts[1]) if len(parts) == 3 else 0.0
+    except ValueError:
+        return 0.0
+
+
+class GroupedMomentDataset(Dataset):
+    """MESM's training items: one item = the queries of one group, in MESM's order.
+
+    Groups are the queries sharing :func:`group_key` (MESM's ``_gather_data_by_video_id``):
+    ``youtube`` items are sorted by segment start (MESM's ``video_start``), ``video`` items
+    by the clip index of their first window's start (MESM's ``start_idx``; stable, then
+    annotation order). With ``max_group_size`` a group is shuffled once (seeded) and cut into
+    chunks of at most that many queries, each sorted the same way (MESM ``max_gather_size``).
+    A batch of B items therefore holds all queries of B groups; :meth:`collater` flattens it
+    into the moment-retrieval batch (queries of an item consecutive) and adds ``group``
+    (the group id of each query, what the MESM model groups and draws negatives by) and
+    ``group_sizes`` (MESM's ``num_clips``).
+
+    Args:
+        base: the per-query :class:`MomentRetrievalDataset`.
+        group_by: ``"video"`` or ``"youtube"``.
+        max_group_size: None (whole groups) or the chunk size.
+        seed: the chunking shuffle.
+    """
+
+    def __init__(self, base: MomentRetrievalDataset, group_by: str,
+                 max_group_size: Optional[int] = None, seed: int = 0):
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by must be one of {GROUP_BY}, got {group_by!r}")
+        if max_group_size is not None and max_group_size < 1:
+            raise ValueError(f"max_group_size must be >= 1 or null, got {max_group_size}")
+        self.base, self.group_by, self.max_group_size = base, group_by, max_group_size
+        self.clip_length = base.clip_length
+        members: Dict[str, List[int]] = {}
+        for i, rec in enumerate(base.records):
+            members.setdefault(group_key(rec.vid, group_by), []).append(i)
+        rng = np.random.default_rng([int(seed), 7919])
+
+        def order(idx: int) -> float:
+            rec = base.records[idx]
+            if group_by == "youtube":
+                return _segment_start(rec.vid)
+            wins = rec.relevant_windows
+            return float(int(wins[0][0] / base.clip_length)) if wins else 0.0
+
+        self.items: List[Tuple[str, List[int]]] = []
+        for key, idx in members.items():
+            chunks = [idx]
+            if max_group_size is not None:
+                idx = [idx[j] for j in rng.permutation(len(idx))]
+                chunks = [idx[k: k + max_group_size] for k in range(0, len(idx), max_group_size)]
+            self.items.extend((key, sorted(c, key=order)) for c in chunks)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    @property
+    def records(self):
+        return self.base.records
+
+    def __getitem__(self, index: int) -> List[Dict[str, Any]]:
+        key, idx = self.items[index]
+        out = []
+        for j in idx:
+            sample = self.base[j]
+            sample["group"] = key
+            out.append(sample)
+        return out
+
+    def collater(self, items: List[List[Dict[str, Any]]]) -> Dict[str, Any]:
+        flat = [s for item in items for s in item]
+        batch = collate_moment_retrieval(flat)
+        batch["group"] = [s["group"] for s in flat]
+        batch["group_sizes"] = torch.tensor([len(item) for item in items], dtype=torch.long)
+        return batch

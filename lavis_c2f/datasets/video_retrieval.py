@@ -1,4 +1,4 @@
-"""Stage-1 dataset: text -> video retrieval over a split's videos.
+"""Stage-1 dataset: text -> video retrieval over a split's videos (pre-extracted features).
 
 Training iterates (query, GT video) pairs (``dataset[i]`` + :meth:`collater` -> the
 retrieval batch of docs/ARCHITECTURE.md). Evaluation builds the (Q, V) score matrix in
@@ -20,38 +20,17 @@ from lavis_c2f.datasets.collate import pad_sequences
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
 
 
-class VideoRetrievalDataset(Dataset):
-    """(query, GT video) pairs plus block access for corpus-level evaluation.
+class RetrievalPairs(Dataset):
+    """Bookkeeping shared by the stage-1 datasets: (query, GT video) records, the unique
+    videos in order of first appearance and the index maps.
 
-    Args:
-        records: annotations; each query's GT video is ``record.vid``.
-        video_stores: one store per video stream.
-        text_store: text store with token and pooled fields.
-        vis_processor: ``c2f_video_features`` (its TEF is switched off here).
-        text_processor: ``c2f_text_features`` (applied to tokens and to the pooled vector).
-        text_field / pooled_field: token (``last_hidden_state``) and sentence
-            (``pooler_output``) fields of the text store.
-        qid_format: text store key of a qid.
-    ``dataset[i]``: ``qid, query, vid, video_index`` and ``query_feat`` (Lt, Dt),
-    ``txt_pooled`` (Dt,), ``video_feat`` (Lv, Dv).
+    Attributes:
+        queries: the Q records (``record.vid`` is the query's GT video).
+        videos: the V unique vids, in order of first appearance.
     """
 
-    def __init__(self, records: Sequence[MomentRecord], video_stores: Sequence[FeatureStore],
-                 text_store: FeatureStore, *, vis_processor: Optional[VideoFeatureProcessor] = None,
-                 text_processor: Optional[TextFeatureProcessor] = None,
-                 text_field: str = "last_hidden_state", pooled_field: str = "pooler_output",
-                 qid_format: str = "qid{qid}", name: str = "video_retrieval"):
-        if len(video_stores) == 0:
-            raise ValueError("need at least one video feature store")
+    def __init__(self, records: Sequence[MomentRecord], name: str):
         self.queries: List[MomentRecord] = list(records)
-        self.video_stores = list(video_stores)
-        self.text_store = text_store
-        vp = vis_processor or VideoFeatureProcessor(use_tef=False)
-        self.vis_processor = VideoFeatureProcessor(normalize=vp.normalize, max_len=vp.max_len, use_tef=False)
-        self.text_processor = text_processor or TextFeatureProcessor()
-        self.text_field = text_field
-        self.pooled_field = pooled_field
-        self.qid_format = qid_format
         self.name = name
         self.videos: List[str] = []
         self._video_index: Dict[str, int] = {}
@@ -73,7 +52,7 @@ class VideoRetrievalDataset(Dataset):
         return len(self.videos)
 
     def set_epoch(self, epoch: int) -> None:
-        """Kept for symmetry with the moment dataset (no random labels here)."""
+        """The epoch (datasets with random sampling draw from (seed, epoch, index))."""
         self.epoch = int(epoch)
 
     def video_index(self, vid: str) -> int:
@@ -90,6 +69,41 @@ class VideoRetrievalDataset(Dataset):
         except KeyError:
             raise KeyError(f"qid {qid!r} is not in {self.name} ({len(self.queries)} queries)") from None
         return self._video_index[self.queries[i].vid]
+
+
+class VideoRetrievalDataset(RetrievalPairs):
+    """(query, GT video) pairs over pre-extracted features, plus block access for
+    corpus-level evaluation.
+
+    Args:
+        records: annotations; each query's GT video is ``record.vid``.
+        video_stores: one store per video stream.
+        text_store: text store with token and pooled fields.
+        vis_processor: ``c2f_video_features`` (its TEF is switched off here).
+        text_processor: ``c2f_text_features`` (applied to tokens and to the pooled vector).
+        text_field / pooled_field: token (``last_hidden_state``) and sentence
+            (``pooler_output``) fields of the text store.
+        qid_format: text store key of a qid.
+    ``dataset[i]``: ``qid, query, vid, video_index`` and ``query_feat`` (Lt, Dt),
+    ``txt_pooled`` (Dt,), ``video_feat`` (Lv, Dv).
+    """
+
+    def __init__(self, records: Sequence[MomentRecord], video_stores: Sequence[FeatureStore],
+                 text_store: FeatureStore, *, vis_processor: Optional[VideoFeatureProcessor] = None,
+                 text_processor: Optional[TextFeatureProcessor] = None,
+                 text_field: str = "last_hidden_state", pooled_field: str = "pooler_output",
+                 qid_format: str = "qid{qid}", name: str = "video_retrieval"):
+        if len(video_stores) == 0:
+            raise ValueError("need at least one video feature store")
+        super().__init__(records, name)
+        self.video_stores = list(video_stores)
+        self.text_store = text_store
+        vp = vis_processor or VideoFeatureProcessor(use_tef=False)
+        self.vis_processor = VideoFeatureProcessor(normalize=vp.normalize, max_len=vp.max_len, use_tef=False)
+        self.text_processor = text_processor or TextFeatureProcessor()
+        self.text_field = text_field
+        self.pooled_field = pooled_field
+        self.qid_format = qid_format
 
     # -- features
     def video_features(self, vid: str) -> torch.Tensor:

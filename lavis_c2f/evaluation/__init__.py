@@ -20,7 +20,7 @@ _EXPORTS = {
     "format_brief_table": "qvh",
     "RetrievalAccumulator": "retrieval", "rank_metrics": "retrieval",
     "retrieval_metrics": "retrieval", "t2v_ranks": "retrieval", "v2t_ranks": "retrieval",
-    "topk_from_scores": "retrieval",
+    "topk_from_scores": "retrieval", "dual_softmax": "retrieval",
     "eval_vcmr": "vcmr",
 }
 

@@ -16,7 +16,16 @@ Rank conventions (1-based):
   sim[q', v]}``. Videos that are no query's ground truth are left out (and counted).
 
 Metrics: ``R@K`` = percentage of ranks <= K (2 decimals), ``MdR`` = median rank, ``MnR`` =
-mean rank (2 decimals).
+mean rank (2 decimals). These are the official text-to-video metrics of CLIP4Clip, X-Pool and
+T-MASS (``compute_metrics``: R1/R5/R10 = 100 * mean(rank0 < K), MedR = median(rank0) + 1,
+MeanR = mean(rank0) + 1 with 0-based ranks from a double argsort); they agree exactly unless
+scores tie (the argsort then orders ties arbitrarily).
+
+DSL (dual softmax, :func:`dual_softmax`): the evaluation option ``--DSL`` of those codebases
+re-weights each score by how much its video prefers this query over the other queries,
+``S'[q, v] = S[q, v] * softmax_q(S[:, v] / T)[q]`` with ``T = 0.01`` (``sims * softmax(sims *
+100, axis=0)`` in their code, axis 0 = queries). It uses every query of the split (test-time
+information about other queries); report it separately from the plain metrics.
 """
 from __future__ import annotations
 
@@ -27,9 +36,10 @@ import numpy as np
 from lavis_c2f.evaluation._rows import pct
 
 __all__ = ["DEFAULT_KS", "t2v_ranks", "v2t_ranks", "rank_metrics", "retrieval_metrics",
-           "RetrievalAccumulator", "topk_from_scores"]
+           "RetrievalAccumulator", "topk_from_scores", "dual_softmax", "column_logsumexp", "DSL_TEMPERATURE"]
 
 DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 50)
+DSL_TEMPERATURE = 0.01  # the codebases' ``sims * 100``
 _ROW_CHUNK = 4096  # rows compared at a time, to bound the (rows, V) boolean temporaries
 
 
@@ -253,3 +263,33 @@ def topk_from_scores(sim: Any, vids: Sequence[Any], k: int) -> List[Any]:
         top = cand[np.argsort(-vals, kind="stable")[:k]]
         out.append([[vids[j], float(row[j])] for j in top])
     return out[0] if single else out
+
+
+def column_logsumexp(sim: Any, temperature: float = DSL_TEMPERATURE) -> np.ndarray:
+    """(V,) float64 ``log sum_q exp(sim[q, v] / temperature)`` of a (Q, V) block. Blocks of
+    rows combine with ``np.logaddexp`` (so DSL over a matrix delivered in blocks, or spread
+    over ranks, equals DSL over the whole matrix)."""
+    sim = _check_sim(sim).astype(np.float64) / float(temperature)
+    if sim.shape[0] == 0:
+        return np.full(sim.shape[1], -np.inf)
+    m = sim.max(0)
+    return m + np.log(np.exp(sim - m[None, :]).sum(0))
+
+
+def dual_softmax(sim: Any, temperature: float = DSL_TEMPERATURE, col_lse: Optional[np.ndarray] = None
+                 ) -> np.ndarray:
+    """DSL re-weighting (module docstring): ``sim * exp(sim / T - lse_v)`` -> (Q, V) float64.
+
+    Args:
+        sim: (Q, V) scores (rows = queries).
+        temperature: ``T`` (the codebases use 0.01).
+        col_lse: (V,) :func:`column_logsumexp` over *all* queries when ``sim`` is only a block
+            of rows; default: that of ``sim`` itself.
+    """
+    sim = _check_sim(sim).astype(np.float64)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lse = column_logsumexp(sim, temperature) if col_lse is None else np.asarray(col_lse, dtype=np.float64)
+    if lse.shape != (sim.shape[1],):
+        raise ValueError(f"col_lse must have shape ({sim.shape[1]},), got {lse.shape}")
+    return sim * np.exp(sim / float(temperature) - lse[None, :])

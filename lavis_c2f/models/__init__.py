@@ -1,6 +1,6 @@
 """Registered models (imported by lavis_c2f/__init__.py).
 
-* ``c2f_tmass_retriever`` (stage 1), in :mod:`lavis_c2f.models.retriever`
+* ``c2f_tmass_retriever`` and ``c2f_ucofia_retriever`` (stage 1), in :mod:`lavis_c2f.models.retriever`
 * ``c2f_qd_detr`` and ``c2f_mesm_qd_detr`` (stage 2), in :mod:`lavis_c2f.models.grounder`
 * ``c2f_feature_*`` frame/text feature backbones, in :mod:`lavis_c2f.video.backbones`
 

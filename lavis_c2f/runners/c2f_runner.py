@@ -8,21 +8,34 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 * ``run.output_dir`` is resolved against the current directory (not LAVIS's install folder)
   into an absolute ``<output_dir>/<job_id>``; the job id is agreed across ranks;
 * every checkpoint holds the resolved config, and is written atomically;
-* ``run.resume_ckpt_path`` resumes to the same result as an uninterrupted run: the data order
+* ``run.resume_ckpt_path`` resumes to the same result as an uninterrupted run (with
+  ``run.resume_model_only: true`` it only initialises the weights, as LAVIS does): the data order
   and every random generator are re-seeded from ``(run.seed, epoch, rank)`` at each epoch, the
   lr schedule is a pure function of (epoch, step), and model/optimizer/scaler/best-metric
   state is restored;
 * evaluation data is sharded contiguously across ranks and gathered in order, so distributed
   metrics equal single-process metrics;
-* strict checkpoint loading that reports missing/unexpected keys.
+* strict checkpoint loading that reports missing/unexpected keys;
+* TensorBoard scalars in ``<output_dir>/<job_id>/tensorboard/`` (each loss and the lr per step,
+  every evaluation metric per epoch; rank 0; off with ``run.tensorboard: false``), see
+  :mod:`lavis_c2f.runners.scalars`;
+* optimiser parameter groups: ``run.lr_groups`` (``[{prefix: "clip.", lr: 1e-6}]``: parameters
+  whose name starts with ``prefix`` get that peak lr, the others ``init_lr``; the schedule
+  scales every group alike), ``run.weight_decay_scope`` (``all``: every parameter decays, as the
+  official QD-DETR, MESM and T-MASS AdamW; ``matrices``: biases, norms and 1-D parameters get
+  none), ``run.no_decay_names`` (a list of name substrings: exactly the parameters whose name
+  contains one get no weight decay, e.g. CLIP4Clip / UCoFiA's ``[bias, LayerNorm.bias,
+  LayerNorm.weight]``; overrides the scope), ``run.adam_eps`` (1e-8);
+* a model's ``after_optimizer_step()`` runs after every optimizer step (e.g. a logit-scale clamp).
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
 ``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
-beta2, lr_sched,
-warmup_steps, warmup_lr, lr_drop, lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
+no_decay_names, beta2, adam_eps, adam_bias_correction, lr_groups, lr_sched, warmup_steps, warmup_proportion,
+warmup_lr, lr_drop,
+lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
-test_splits, val_interval, resume_ckpt_path, checkpoint, evaluate, save_every_epoch,
-drop_last, progress``.
+test_splits, val_interval, resume_ckpt_path, resume_model_only, checkpoint, evaluate,
+save_every_epoch, drop_last, progress, tensorboard``.
 """
 from __future__ import annotations
 
@@ -31,10 +44,12 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
@@ -45,13 +60,11 @@ from torch.utils.data.distributed import DistributedSampler
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json
-from lavis_c2f.models.checkpoint_utils import (
-    load_checkpoint_file,
-    load_model_weights,
-    model_state_for_checkpoint,
-    save_checkpoint,
-)
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.models.checkpoint import (load_checkpoint_file, load_model_weights, model_state_for_checkpoint,
+                                         save_checkpoint)
 from lavis_c2f.paths import resolve_path
+from lavis_c2f.runners.scalars import ScalarWriter
 from lavis_c2f.tasks.base import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -78,9 +91,6 @@ class ContiguousShardSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:  # numpy is not re-seeded by PyTorch in workers
-    import random
-
-    import numpy as np
 
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -120,6 +130,8 @@ class C2FRunner:
         job_id = cfg_job_id or job_id or _make_job_id()
         self.job_id = str(c2f_dist.broadcast_object(job_id))
         self.setup_output_dir()
+        self.scalars = ScalarWriter(self.output_dir, enabled=bool(self.run_cfg.get("tensorboard", True))
+                                    and c2f_dist.is_main_process())
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -172,26 +184,62 @@ class C2FRunner:
     def unwrapped_model(self) -> torch.nn.Module:
         return self._model
 
+    def _lr_groups(self) -> List[Dict[str, Any]]:
+        """``run.lr_groups`` as ``[{"prefix", "lr"}]`` (validated)."""
+        raw = self.run_cfg.get("lr_groups", None) or []
+        out = []
+        for i, g in enumerate(raw):
+            g = check_keys(g, {"prefix", "lr"}, f"run.lr_groups[{i}]")
+            if not isinstance(g.get("prefix"), str) or not g["prefix"]:
+                raise ConfigError(f"run.lr_groups[{i}].prefix: expected a parameter-name prefix, "
+                                  f"got {g.get('prefix')!r}")
+            try:
+                lr = float(g["lr"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"run.lr_groups[{i}].lr: expected a number, got {g.get('lr')!r}") from None
+            out.append({"prefix": g["prefix"], "lr": lr})
+        return out
+
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
+            init_lr = float(self.run_cfg.init_lr)
+            wd = float(self.run_cfg.get("weight_decay", 0.0))
             scope = self.run_cfg.get("weight_decay_scope", "matrices")
             if scope not in WEIGHT_DECAY_SCOPES:
                 raise ConfigError(f"run.weight_decay_scope: expected one of {list(WEIGHT_DECAY_SCOPES)}, "
                                   f"got {scope!r}")
-            p_wd, p_no_wd, n_params = [], [], 0
+            no_decay_names = self.run_cfg.get("no_decay_names", None)
+            if no_decay_names is not None and (isinstance(no_decay_names, str) or not all(
+                    isinstance(x, str) for x in no_decay_names)):
+                raise ConfigError(f"run.no_decay_names: expected a list of name substrings, got {no_decay_names!r}")
+            specs = self._lr_groups()
+            # per lr group (the default first): one group with weight decay, one without
+            buckets: List[List[List[torch.nn.Parameter]]] = [[[], []] for _ in range(len(specs) + 1)]
+            n_params = 0
             for n, p in self._model.named_parameters():
                 if not p.requires_grad:
                     continue
-                exempt = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
-                                                  or "bn" in n)
-                (p_no_wd if exempt else p_wd).append(p)
+                gi = next((i + 1 for i, g in enumerate(specs) if n.startswith(g["prefix"])), 0)
+                if no_decay_names is not None:
+                    no_wd = any(x in n for x in no_decay_names)
+                else:
+                    no_wd = scope == "matrices" and (p.ndim < 2 or "bias" in n or "norm" in n or "ln" in n
+                                                     or "bn" in n)
+                buckets[gi][int(no_wd)].append(p)
                 n_params += p.numel()
             logger.info("trainable parameters: %d", n_params)
-            wd = float(self.run_cfg.get("weight_decay", 0.0))
+            groups = []
+            for gi, (p_wd, p_no_wd) in enumerate(buckets):
+                extra = {} if gi == 0 else {"lr_scale": specs[gi - 1]["lr"] / init_lr,
+                                            "lr": specs[gi - 1]["lr"]}
+                if gi > 0 and not (p_wd or p_no_wd):
+                    raise ConfigError(f"run.lr_groups[{gi - 1}].prefix: no trainable parameter name starts with "
+                                      f"{specs[gi - 1]['prefix']!r}")
+                groups += [{"params": p_wd, "weight_decay": wd, **extra},
+                           {"params": p_no_wd, "weight_decay": 0.0, **extra}]
             self._optimizer = torch.optim.AdamW(
-                [{"params": p_wd, "weight_decay": wd}, {"params": p_no_wd, "weight_decay": 0.0}],
-                lr=float(self.run_cfg.init_lr), weight_decay=wd,
+                groups, lr=init_lr, weight_decay=wd, eps=float(self.run_cfg.get("adam_eps", 1e-8)),
                 betas=(0.9, float(self.run_cfg.get("beta2", 0.999))))
         return self._optimizer
 
@@ -213,6 +261,10 @@ class C2FRunner:
                 optimizer=self.optimizer, max_epoch=self.max_epoch,
                 init_lr=float(self.run_cfg.init_lr), min_lr=float(self.run_cfg.get("min_lr", 0.0)),
                 warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
+                warmup_proportion=self.run_cfg.get("warmup_proportion", None),
+                iters_per_epoch=len(self.train_loader(max(self.start_epoch, 0))),
+                accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
+                adam_bias_correction=bool(self.run_cfg.get("adam_bias_correction", False)),
                 warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
                 decay_rate=self.run_cfg.get("lr_decay_rate", None),
                 lr_drop=self.run_cfg.get("lr_drop", None),
@@ -269,7 +321,9 @@ class C2FRunner:
         valid_splits = self._splits("valid_splits")
         self.log_config()
         resume = self.run_cfg.get("resume_ckpt_path", None)
-        if resume:
+        if resume and self.run_cfg.get("resume_model_only", False):
+            self._load_model_only(resume)
+        elif resume:
             self._load_checkpoint(resume)
         val_interval = int(self.run_cfg.get("val_interval", 1))
         last_epoch = self.start_epoch - 1
@@ -281,7 +335,7 @@ class C2FRunner:
                 lr_scheduler=self.lr_scheduler, scaler=self.scaler, device=self.device,
                 log_freq=int(self.run_cfg.get("log_freq", 50)),
                 accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
-                grad_clip=self.run_cfg.get("grad_clip", None))
+                grad_clip=self.run_cfg.get("grad_clip", None), on_step=self.scalars.step)
             self.log_stats(stats, "train", epoch)
             last_epoch = epoch
             is_last = epoch + 1 == self.max_epoch
@@ -313,6 +367,7 @@ class C2FRunner:
                    "test": test_logs, "train_seconds": round(time.time() - start, 1)}
         if c2f_dist.is_main_process():
             write_json(summary, self.output_dir / "summary.json")
+        self.scalars.close()
         logger.info("training finished in %s; outputs in %s",
                     datetime.timedelta(seconds=int(time.time() - start)), self.output_dir)
         return summary
@@ -381,6 +436,17 @@ class C2FRunner:
                 save_checkpoint(load_checkpoint_file(best_src), self.output_dir / "checkpoint_best.pth")
         logger.info("resumed from %s at epoch %d", path, self.start_epoch)
 
+    def _load_model_only(self, path: str) -> None:
+        """``run.resume_model_only``: start from a checkpoint's weights only (a new run: epoch 0,
+        fresh optimizer), e.g. CALCE's stage 2 from its stage 1. A model with its own checkpoint
+        loader (the refiner: ours or LAVIS-layout checkpoints) uses it."""
+        path = resolve_path(path)
+        if hasattr(self._model, "trainable_state_dict") and hasattr(self._model, "load_checkpoint"):
+            self._model.load_checkpoint(path, map_location=self.device)
+        else:
+            load_model_weights(self._model, path, map_location=self.device)
+        logger.info("initialised from the weights of %s (resume_model_only)", path)
+
     def load_weights(self, path: str) -> None:
         """Strictly load model weights (for evaluation), reporting missing/unexpected keys."""
         load_model_weights(self._model, resolve_path(path), map_location=self.device)
@@ -396,6 +462,10 @@ class C2FRunner:
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items() if k not in ("epoch", "split"))
         logger.info("[%s] epoch %s: %s", split_name, epoch, shown)
+        if isinstance(epoch, int):
+            self.scalars.epoch(stats, split_name, epoch)
+        else:  # the final test of the best (or given) checkpoint
+            self.scalars.epoch(stats, split_name, max(self.best_epoch, 0), best=True)
 
     def log_config(self) -> None:
         if c2f_dist.is_main_process():

@@ -4,24 +4,23 @@ LAVIS's ``BaseTask`` moves batches with ``prepare_sample`` (CUDA only), logs wit
 ``MetricLogger`` and calls ``dist.barrier()`` unconditionally in places. This base keeps
 LAVIS's task interface (``setup_task``, ``build_datasets``, ``build_model``, ``train_step``,
 ``valid_step``, ``after_evaluation``) and replaces the loops with device-agnostic ones that
-show tqdm progress bars, clip gradients, and gather evaluation results across ranks in the
+show progress bars (:mod:`lavis_c2f.common.progress`: lines at long intervals in logs), clip gradients, and gather evaluation results across ranks in the
 dataset's order (so distributed results equal single-process results).
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
-from tqdm.auto import tqdm
-
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.progress import progress_bar
+from lavis_c2f.data.cfg import check_keys
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
 
 
+def dataset_clip_length(dataset) -> float:
+    """Seconds per clip of an evaluated dataset (from its dataset YAML; no fallback in code)."""
+    clip_length = getattr(dataset, "clip_length", None)
+    if not clip_length:
+        raise ConfigError(f"the evaluated dataset {type(dataset).__name__} has no clip_length (it comes from the "
+                          "dataset YAML, datasets.<name>.clip_length)")
+    return float(clip_length)
+
+
 def result_dir() -> str:
     """The result folder the runner registered (absolute), or the cwd outside a runner."""
     try:
@@ -65,11 +73,7 @@ class C2FTask(BaseTask):
 
     def __init__(self, **options: Any):
         super().__init__()
-        unknown = set(options) - set(self.TASK_OPTIONS)
-        if unknown:
-            raise ConfigError(f"{type(self).__name__}: unknown task option(s) {sorted(unknown)}; "
-                              f"known: {sorted(self.TASK_OPTIONS)}")
-        self.options = {**self.TASK_OPTIONS, **options}
+        self.options = {**self.TASK_OPTIONS, **check_keys(options, self.TASK_OPTIONS, f"{type(self).__name__} options")}
         self.show_progress = True
 
     @classmethod
@@ -99,15 +103,19 @@ class C2FTask(BaseTask):
 
     def train_epoch(self, epoch: int, model, data_loader, optimizer, lr_scheduler, scaler=None,
                     device: Optional[torch.device] = None, log_freq: int = 50, accum_grad_iters: int = 1,
-                    grad_clip: Optional[float] = None, **_: Any) -> Dict[str, float]:
-        """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks."""
+                    grad_clip: Optional[float] = None,
+                    on_step: Optional[Callable[[Dict[str, float], int], None]] = None, **_: Any) -> Dict[str, float]:
+        """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks.
+
+        ``on_step(values, global_step)`` gets this rank's losses of each step and ``lr``
+        (``global_step = epoch * len(data_loader) + i``; the runner's TensorBoard scalars)."""
         device = device or torch.device("cpu")
         model.train()
         sums: Dict[str, float] = defaultdict(float)
         count = 0
         n_iters = len(data_loader)
-        bar = tqdm(total=n_iters, desc=f"train epoch {epoch}", leave=False, dynamic_ncols=True,
-                   disable=not (self.show_progress and c2f_dist.is_main_process()))
+        bar = progress_bar(total=n_iters, desc=f"train epoch {epoch}", unit="step",
+                           enabled=self.show_progress and c2f_dist.is_main_process())
         optimizer.zero_grad(set_to_none=True)
         use_amp = scaler is not None and device.type == "cuda"
         for i, samples in enumerate(data_loader):
@@ -136,9 +144,16 @@ class C2FTask(BaseTask):
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            for k, v in loss_dict.items():
-                sums[k] += float(v.detach())
+                hook = getattr(unwrap_model(model), "after_optimizer_step", None)
+                if hook is not None:   # e.g. clamping a logit scale, as CLIP-style trainers do
+                    hook()
+            step_values = {k: float(v.detach()) for k, v in loss_dict.items()}
+            for k, v in step_values.items():
+                sums[k] += v
             count += 1
+            if on_step is not None:
+                step_values["lr"] = optimizer.param_groups[0]["lr"]
+                on_step(step_values, epoch * n_iters + i)
             if (i + 1) % max(1, log_freq) == 0 or i + 1 == n_iters:
                 bar.set_postfix({k: f"{sums[k] / count:.4f}" for k in list(sums)[:4]}, refresh=False)
             bar.update(1)
@@ -171,8 +186,8 @@ class C2FTask(BaseTask):
         was_training = model.training
         model.eval()
         rows: List[Dict[str, Any]] = []
-        for samples in tqdm(data_loader, desc=desc, leave=False, dynamic_ncols=True,
-                            disable=not (self.show_progress and c2f_dist.is_main_process())):
+        for samples in progress_bar(data_loader, desc=desc, unit="batch",
+                                    enabled=self.show_progress and c2f_dist.is_main_process()):
             samples = move_to_device(samples, device)
             rows.extend(self.valid_step(model=model, samples=samples))
         model.train(was_training)

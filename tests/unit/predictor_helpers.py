@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 CHARADES = SHARED / "data" / "media" / "charades_sample.mp4"
 OFFICIAL_QD = SHARED / "fixtures" / "qd_detr_reference" / "qd_detr_clip_model_best.ckpt"
+OFFICIAL_MESM = SHARED / "fixtures" / "mesm_reference" / "mesm_model_best.ckpt"
 
 DIM = 16
 RETRIEVER_HP = dict(text_input_dim=DIM, video_input_dim=DIM, embed_dim=DIM, num_frames=4, num_heads=1,
@@ -63,7 +64,7 @@ def save_tiny_retriever(out_dir: Path, seed: int = 0, **overrides: Any) -> Dict[
     import torch
     import yaml
 
-    from lavis_c2f.models.checkpoint_utils import save_checkpoint
+    from lavis_c2f.models.checkpoint import save_checkpoint
     from lavis_c2f.models.retriever import C2FTMassRetriever
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ variable                    what
                             flan-t5-xl/); ``C2F_REFINER_CKPT`` optionally a trained refiner checkpoint
 ``C2F_QD_DETR_CKPT``        an official QD-DETR checkpoint (``model_best.ckpt`` with ``opt``, or a
                             bare state dict with ``opt.json`` beside it)
+``C2F_MESM_CKPT``           an official MESM checkpoint (``model_val_best.ckpt`` of its train.py);
+                            ``C2F_MESM_TEXT_ENCODER`` optionally MESM's ``clip_text_encoder.pth``
 ==========================  =================================================================
 
 Video: the real Charades clip ``../shared/data/media/charades_sample.mp4`` when present, else
@@ -78,7 +80,8 @@ def check_extraction(bb, video_path: Path, out: Path) -> np.ndarray:
     """Extract ``video_path`` with ``bb`` into the Moment-DETR layout and check it; returns the
     stored (n_clips, D) features."""
     from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader
-    from lavis_c2f.video.decode import decode_clips, probe
+    from lavis_c2f.video.decode import decode_clips
+    from lavis_c2f.video.probe import probe
     from lavis_c2f.video.extract import extract_corpus
 
     res = extract_corpus(video_path.parent, out, bb, clip_length=CLIP_LENGTH, frames_per_clip=1, workers=0,
@@ -276,7 +279,7 @@ def check_one_refinement(refiner, video: Path, monkeypatch) -> None:
     """One ``refine`` call on the video: the raw generation either parses into windows inside
     the video (counted as refined) or falls back to the stage-2 windows (counted by reason)."""
     from lavis_c2f.models.refiner.parsing import parse_windows
-    from lavis_c2f.video.decode import probe
+    from lavis_c2f.video.probe import probe
 
     texts, confs = [], []
     generate = refiner.model.generate_text
@@ -382,3 +385,45 @@ def test_official_qd_detr_checkpoint_runs():
         scores = [w[2] for w in row["pred_relevant_windows"]]
         assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
         assert all(0 <= st <= ed for st, ed, _ in row["pred_relevant_windows"])
+
+
+def test_official_mesm_checkpoint_runs():
+    """An official MESM checkpoint (QVHighlights or Charades-STA release) loads strictly and
+    runs on inputs shaped from its own options (video features + TEF, a padded batch of two
+    videos of one group and one of another, the negative pass); with MESM's
+    ``clip_text_encoder.pth`` the word features come from the tower, else random unit rows."""
+    from lavis_c2f.models.grounder import load_mesm_checkpoint
+    from lavis_c2f.models.grounder.checkpoint import torch_load
+    from lavis_c2f.models.grounder.text_encoder import RuntimeTextEncoder
+
+    path = env_path("C2F_MESM_CKPT", "file", "an official MESM checkpoint, e.g. model_val_best.ckpt")
+    model = load_mesm_checkpoint(str(path))
+    o = vars(torch_load(str(path))["opt"])
+    assert not model.training and model.txt_dim == int(o["t_feat_dim"])
+    max_v, max_w = int(o.get("max_video_l") or 75), int(o.get("max_words_l") or 32)
+    lv = [min(max_v, 75), 20, 12]
+    g = torch.Generator().manual_seed(0)
+    src_vid = torch.zeros(3, max(lv), model.vid_dim)
+    vid_mask = torch.zeros(3, max(lv))
+    for i, n in enumerate(lv):
+        feats = torch.nn.functional.normalize(torch.randn(n, model.vid_dim - 2, generator=g), dim=-1)
+        st = torch.arange(n) / n
+        src_vid[i, :n] = torch.cat([feats, torch.stack([st, st + 1.0 / n], 1)], 1)
+        vid_mask[i, :n] = 1
+    queries = ["a person opens the door and walks into the bedroom", "a dog", "a man cooks"]
+    tower = os.environ.get("C2F_MESM_TEXT_ENCODER", "").strip()
+    if tower:
+        enc = RuntimeTextEncoder(checkpoint=tower, max_words_l=max_w)
+        ids, txt_mask, _ = enc.tokenize(queries)
+        src_txt = enc.encode(ids, txt_mask)
+    else:
+        txt_mask = torch.ones(3, 6)
+        src_txt = torch.nn.functional.normalize(torch.randn(3, 6, model.txt_dim, generator=g), dim=-1)
+    with torch.no_grad():
+        out = model(src_txt, txt_mask, src_vid, vid_mask, vids=["a", "a", "b"], compute_neg=True)
+    assert out["pred_spans"].shape == (3, model.num_queries, 2)
+    assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_spans"]).all()
+    for key in ("saliency_scores", "saliency_scores_neg"):
+        assert torch.isfinite(out[key][vid_mask.bool()]).all()
+    assert out["saliency_neg_valid"].all()
+

@@ -1,8 +1,9 @@
 """Typed config schemas of the registered grounder models.
 
 ``from_config`` reads a LAVIS ``model:`` node only through :func:`resolve_config`, which
-rejects unknown keys (:class:`~lavis_c2f.common.errors.ConfigError` naming the key), checks
-types and fills defaults. LAVIS's own keys (``arch``, ``model_type``, ``load_finetuned``,
+rejects unknown keys (the package's one check, :func:`lavis_c2f.data.cfg.check_keys`: a
+:class:`~lavis_c2f.common.errors.ConfigError` naming the key and a close match), checks types
+and fills defaults. LAVIS's own keys (``arch``, ``model_type``, ``load_finetuned``,
 ``load_pretrained``, ``pretrained``, ``finetuned``) are accepted.
 """
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import LAVIS_KEYS, check_keys, to_plain as plain
 
 REQUIRED = object()
-LAVIS_KEYS = ("arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ QD_DETR_FIELDS: Dict[str, Field] = {
     "eval_t2v_mask_mode": Field("str", "correct", choices=("official", "correct"),
                                 doc="T2V mask in predict_batch: correct = batch-independent"),
     "neg_sampling": Field("str", "roll", choices=("roll", "other_video")),
+    "global_token_masked": Field("bool", False, doc="key-mask the global token in the encoder "
+                                                    "(MESM: true, QD-DETR: false)"),
     "train_neg_pass": Field("bool", True, doc="run the negative-pair pass in training (false: "
                                               "ablation without the negative-pair saliency terms)"),
     # matcher
@@ -65,9 +68,28 @@ MESM_FIELDS.update({
     "txt_dim": Field("int", None, optional=True,
                      doc="query feature width; with a runtime text encoder its hidden size"),
     "neg_sampling": Field("str", "other_video", choices=("roll", "other_video")),
+    "global_token_masked": Field("bool", True, doc="key-mask the global token (as MESM)"),
     "rec_fw": Field("bool", True), "rec_ss": Field("bool", True),
     "num_recfw_layers": Field("int", 2), "num_recss_layers": Field("int", 4),
     "fw_share_ffn": Field("bool", True), "vocab_size": Field("int", 5000),
+    "num_word_classes": Field("int", None, optional=True,
+                              doc="word classes (null: vocab_size + 3, MESM's CLIP tokenizer)"),
+    "predict_with_groups": Field("bool", False,
+                                 doc="predict_batch groups queries as the batch's 'group' (MESM's "
+                                     "evaluation on grouped splits); false: each query alone"),
+    "ss_group_video": Field("str", "own", choices=("own", "concat"),
+                            doc="video a group's sentences are rebuilt from (MESM QVHighlights: "
+                                "concat, Charades-STA/TACoS: own)"),
+    "fw_mask_level": Field("str", "features", choices=("features", "tokens"),
+                           doc="runtime text tower: mask word features (MESM) or token "
+                               "embeddings"),
+    "fw_word_weights": Field("str", "pos", choices=("pos", "inverse_frequency"),
+                             doc="masked-word weights: MESM's part-of-speech weights or inverse "
+                                 "token frequency"),
+    "pos_tagger": Field("str", None, optional=True,
+                        doc="averaged-perceptron tagger data (an nltk_data folder or a tagger "
+                            "file/folder); null: nltk's data path, then the textblob-aptagger "
+                            "package"),
     "vocab_counts": Field("str", None, optional=True, doc="token-count file (lavis-c2f vocab)"),
     "fw_tokenizer": Field("str", "clip", choices=("clip", "whitespace")),
     "fw_text_special_tokens": Field("bool", True,
@@ -78,25 +100,24 @@ MESM_FIELDS.update({
     "loss_recfw_coef": Field("float", 0.5), "loss_recss_coef": Field("float", 0.1),
     "iou_gamma": Field("float", 0.9), "recss_tau": Field("float", 0.5),
     "text_encoder": Field("mapping", None, optional=True,
-                          doc="{model_dir, max_words_l: 32, normalize: true} or null"),
+                          doc="{checkpoint | model_dir, max_words_l: 32, normalize: true} or null"),
 })
 
 TEXT_ENCODER_FIELDS: Dict[str, Field] = {
-    "model_dir": Field("str"), "max_words_l": Field("int", 32), "normalize": Field("bool", True),
+    "checkpoint": Field("str", None, optional=True,
+                        doc="OpenAI-layout CLIP text tower (MESM's clip_text_encoder.pth)"),
+    "model_dir": Field("str", None, optional=True,
+                       doc="Hugging Face CLIPTextModel / CLIPModel folder"),
+    "max_words_l": Field("int", 32), "normalize": Field("bool", True),
 }
 
 
 def to_plain(cfg: Any) -> Dict[str, Any]:
-    """An OmegaConf node or mapping as a plain dict (resolving interpolations)."""
+    """A model config (OmegaConf node or mapping, :func:`lavis_c2f.data.cfg.to_plain`) as a plain
+    dict; None gives ``{}``."""
     if cfg is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf ships with LAVIS
-        pass
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"model config must be a mapping, got {type(cfg).__name__}")
     return dict(cfg)
@@ -138,12 +159,8 @@ def resolve_config(cfg: Any, fields: Mapping[str, Field], where: str = "model",
     Raises:
         ConfigError: naming an unknown key, a missing required key or a wrongly typed value.
     """
-    values = to_plain(cfg)
+    values = check_keys(cfg, set(fields) | set(ignore), where)
     out: Dict[str, Any] = {}
-    for key in values:
-        if key not in fields and key not in ignore:
-            raise ConfigError(f"unknown key '{where}.{key}'; known keys: "
-                              f"{', '.join(sorted(fields))}")
     for key, field in fields.items():
         if key in values:
             out[key] = _coerce(f"{where}.{key}", field, values[key])

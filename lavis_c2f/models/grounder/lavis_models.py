@@ -11,8 +11,9 @@ Both consume the "Moment-retrieval batch" of ``docs/ARCHITECTURE.md``:
 
 Checkpoints: :meth:`C2FQDDETR.save_checkpoint` stores the resolved config with the weights;
 :meth:`C2FQDDETR.load_checkpoint` loads ours, LAVIS runner checkpoints and official QD-DETR
-checkpoints strictly (listing missing/unexpected keys); :meth:`C2FQDDETR.from_checkpoint`
-rebuilds the model from a checkpoint alone.
+checkpoints strictly (listing missing/unexpected keys), :meth:`C2FMESMQDDETR.load_checkpoint`
+also official MESM ones; :meth:`C2FQDDETR.from_checkpoint` rebuilds the model from a checkpoint
+alone (the kind of file is told by :func:`~.checkpoint.grounder_checkpoint_kind`).
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.models.grounder.checkpoint import (CheckpointMismatchError, load_state_strict,
-                                                  qd_detr_kwargs_from_opt, read_checkpoint,
-                                                  save_grounder_checkpoint, torch_load)
+from lavis_c2f.models.checkpoint import frozen_keys, load_state_strict, torch_load
+from lavis_c2f.models.grounder.checkpoint import (mesm_kwargs_from_opt, qd_detr_kwargs_from_opt,
+                                                  read_checkpoint, save_grounder_checkpoint)
 from lavis_c2f.models.grounder.config_schema import (MESM_FIELDS, QD_DETR_FIELDS,
                                                      TEXT_ENCODER_FIELDS, resolve_config, to_plain)
 from lavis_c2f.models.grounder.criterion import SetCriterion
@@ -34,6 +35,7 @@ from lavis_c2f.models.grounder.matcher import HungarianMatcher
 from lavis_c2f.models.grounder.mesm import (MESMCriterion, MESMQDDETR, gt_clip_mask,
                                             merged_moments)
 from lavis_c2f.models.grounder.model import QDDETR, negative_text_index
+from lavis_c2f.models.grounder.pos_weights import get_pos_tagger, pos_token_weights
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess_batch
 from lavis_c2f.models.grounder.text_encoder import RuntimeTextEncoder
 from lavis_c2f.models.grounder.vocab import ReconstructionVocab, get_tokenizer
@@ -45,7 +47,7 @@ _MODEL_KEYS = ("txt_dim", "vid_dim", "aud_dim", "hidden_dim", "nheads", "enc_lay
                "t2v_layers", "dec_layers", "dim_feedforward", "num_queries", "dropout",
                "input_dropout", "n_input_proj", "use_txt_pos", "max_q_l", "max_v_l", "aux_loss",
                "span_loss_type", "contrastive_align_loss", "contrastive_hdim", "t2v_mask_mode",
-               "neg_sampling")
+               "neg_sampling", "global_token_masked")
 
 
 def _as_list(x: Any) -> List[Any]:
@@ -87,6 +89,8 @@ class C2FQDDETR(BaseModel):
     }
     # prefixes of frozen sub-modules whose weights are not stored in our checkpoints
     FROZEN_PREFIXES: tuple = ()
+    # the official checkpoint layout this class builds from (checkpoint.grounder_checkpoint_kind)
+    OFFICIAL_KIND = "official_qd_detr"
 
     def __init__(self, *, detr: QDDETR, criterion: SetCriterion, postprocess: PostProcessConfig,
                  config: Mapping[str, Any]):
@@ -141,12 +145,18 @@ class C2FQDDETR(BaseModel):
         """Rebuild a model from a checkpoint (ours, a LAVIS runner's, or official) and load it
         strictly. ``overrides`` replace config values (e.g. ``{"postprocess": {...}}``)."""
         state, config, kind = read_checkpoint(path, map_location, trusted)
-        if kind == "official":
+        if kind == cls.OFFICIAL_KIND:
             config = cls.config_from_official_opt(
                 torch_load(path, map_location, trusted)["opt"], state)
+        elif kind.startswith("official_"):
+            other = "C2FMESMQDDETR" if kind == "official_mesm" else "C2FQDDETR"
+            raise ValueError(f"{path}: an {kind} checkpoint; load it with {other}.from_checkpoint "
+                             "(or lavis_c2f.models.grounder.load_grounder, which routes by kind)")
         elif config is None:
             raise ValueError(f"{path}: the checkpoint stores no model config; build the model "
                              "from its YAML and call load_checkpoint instead")
+        elif config.get("arch", cls.ARCH) != cls.ARCH:
+            raise ValueError(f"{path}: a '{config['arch']}' checkpoint, not {cls.ARCH}")
         config = {k: v for k, v in config.items() if k != "arch"}
         config.update(dict(overrides or {}))
         model = cls.from_config(config)
@@ -181,11 +191,11 @@ class C2FQDDETR(BaseModel):
 
     def load_checkpoint(self, url_or_filename: str, strict: bool = True,
                         map_location: Any = "cpu", trusted: bool = False) -> Dict[str, Any]:
-        """Load ours / LAVIS-runner / official QD-DETR weights.
+        """Load ours / LAVIS-runner / official weights (QD-DETR's, or MESM's into the MESM model).
 
         Args:
             url_or_filename: a local path (URLs are not fetched).
-            strict: raise :class:`CheckpointMismatchError` listing missing, unexpected and
+            strict: raise :class:`~lavis_c2f.common.errors.CheckpointMismatchError` listing missing, unexpected and
                 mis-shaped keys; with ``strict=False`` the matching keys are loaded and the
                 lists are returned.
         Returns:
@@ -195,19 +205,10 @@ class C2FQDDETR(BaseModel):
         own_keys = set(self.state_dict())
         if not any(k in own_keys for k in state) and any(f"detr.{k}" in own_keys for k in state):
             state = {f"detr.{k}": v for k, v in state.items()}  # official / bare QDDETR layout
-        try:
-            load_state_strict(self, state, source=url_or_filename, ignore_missing_frozen=True,
-                              ignore_prefixes=self.FROZEN_PREFIXES)
-            return {"kind": kind, "missing": [], "unexpected": [], "mismatched": []}
-        except CheckpointMismatchError as err:
-            if strict:
-                raise
-            own = self.state_dict()
-            ok = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-            self.load_state_dict(ok, strict=False)
-            logger.warning("%s", err)
-            return {"kind": kind, "missing": err.missing, "unexpected": err.unexpected,
-                    "mismatched": err.mismatched}
+        report = load_state_strict(self, state, source=url_or_filename, strict=strict,
+                                   allow_missing=frozen_keys(self, buffers=False),
+                                   allow_missing_prefixes=self.FROZEN_PREFIXES)
+        return {"kind": kind, **report}
 
     # ------------------------------------------------------------------ batches
     def _inputs(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -283,12 +284,16 @@ class C2FMESMQDDETR(C2FQDDETR):
     """MESM on top of QD-DETR (see :mod:`.mesm`), every part switchable in YAML.
 
     Extra config: ``rec_fw``, ``rec_ss``, ``num_recfw_layers``, ``num_recss_layers``,
-    ``fw_share_ffn``, ``vocab_size``, ``vocab_counts`` (needed to *train* with ``rec_fw``;
-    inference and checkpoint loading work without it),
-    ``fw_tokenizer``, ``fw_text_special_tokens``, ``fw_mask_ratio``, ``fw_loss_positions``,
-    ``fw_label_smoothing``, ``loss_recfw_coef``, ``loss_recss_coef``, ``iou_gamma``,
-    ``recss_tau``, ``text_encoder`` ({model_dir, max_words_l, normalize} for the runtime CLIP
-    text tower; null = precomputed token features).
+    ``fw_share_ffn``, ``vocab_size``, ``num_word_classes``, ``vocab_counts`` (ours or MESM's
+    ``*_tokenized_count.txt``; needed to *train* with ``rec_fw``; inference and checkpoint
+    loading work without it), ``fw_tokenizer``, ``fw_text_special_tokens``, ``fw_mask_ratio``,
+    ``fw_word_weights`` (``pos``: MESM's; ``inverse_frequency``), ``pos_tagger``,
+    ``fw_mask_level``, ``fw_loss_positions``, ``fw_label_smoothing``, ``loss_recfw_coef``,
+    ``loss_recss_coef``, ``iou_gamma``, ``recss_tau``, ``ss_group_video``,
+    ``global_token_masked``, ``predict_with_groups``, ``text_encoder`` ({checkpoint: MESM's
+    clip_text_encoder.pth | model_dir: a Hugging Face folder, max_words_l, normalize} for the
+    runtime CLIP text tower; null = precomputed token features). Batches may carry ``group``
+    (MESM's grouped items: SS groups and negatives) and ``clip_mask`` (MESM's GT clips).
 
     Token alignment (precomputed features): the query is tokenised with ``fw_tokenizer``
     (with start/end tokens when ``fw_text_special_tokens``); token i is taken to be feature
@@ -306,11 +311,39 @@ class C2FMESMQDDETR(C2FQDDETR):
         "demo": config_path("models/c2f_mesm_qd_detr_demo.yaml"),
     }
     FROZEN_PREFIXES = ("detr.text_encoder.",)
+    OFFICIAL_KIND = "official_mesm"
 
     def __init__(self, *, vocab: Optional[ReconstructionVocab] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.vocab = vocab
         self.detr: MESMQDDETR
+
+    @classmethod
+    def config_from_official_opt(cls, opt: Any, state_dict: Mapping[str, torch.Tensor]
+                                 ) -> Dict[str, Any]:
+        """Our model config equivalent to an official MESM option set (``state_dict`` in our
+        key names, as :func:`~.checkpoint.read_checkpoint` returns it)."""
+        o = dict(vars(opt)) if not isinstance(opt, Mapping) else dict(opt)
+        cfg = mesm_kwargs_from_opt(o, state_dict)  # the widths' keys are the same in both
+        for ours, theirs in (("set_cost_class", "set_cost_class"),
+                             ("set_cost_span", "set_cost_span"),
+                             ("set_cost_giou", "set_cost_giou"),
+                             ("span_loss_coef", "loss_span_coef"),
+                             ("giou_loss_coef", "loss_giou_coef"),
+                             ("label_loss_coef", "loss_label_coef"),
+                             ("lw_saliency", "loss_saliency_coef"), ("eos_coef", "eos_coef"),
+                             ("saliency_margin", "saliency_margin"),
+                             ("rank_divisor", "rank_coef"),
+                             ("loss_recfw_coef", "loss_recfw_coef"),
+                             ("loss_recss_coef", "loss_recss_coef"),
+                             ("iou_gamma", "iou_gamma"), ("recss_tau", "recss_tau")):
+            if o.get(theirs) is not None:
+                cfg[ours] = float(o[theirs])
+        cfg["use_margin_loss"] = bool(o.get("use_triplet", False))
+        cfg["eval_t2v_mask_mode"] = "official"
+        cfg["fw_tokenizer"] = "clip" if o.get("tokenizer_type", "CLIP") == "CLIP" else "whitespace"
+        cfg["postprocess"] = {"max_ts_val": float(o.get("max_ts_val") or 150.0)}
+        return cfg
 
     @classmethod
     def _build(cls, c: Dict[str, Any]) -> "C2FMESMQDDETR":
@@ -320,9 +353,15 @@ class C2FMESMQDDETR(C2FQDDETR):
             te = resolve_config(c["text_encoder"], TEXT_ENCODER_FIELDS, "model.text_encoder",
                                 ignore=())
             c["text_encoder"] = te
+            if (te["checkpoint"] is None) == (te["model_dir"] is None):
+                raise ConfigError("'model.text_encoder' needs exactly one of 'checkpoint' (an "
+                                  "OpenAI-layout clip_text_encoder.pth) and 'model_dir' (a "
+                                  "Hugging Face CLIP folder)")
             try:
-                text_encoder = RuntimeTextEncoder(resolve_path(te["model_dir"]),
-                                                  te["max_words_l"], te["normalize"])
+                text_encoder = RuntimeTextEncoder(
+                    None if te["model_dir"] is None else resolve_path(te["model_dir"]),
+                    te["max_words_l"], te["normalize"],
+                    checkpoint=None if te["checkpoint"] is None else resolve_path(te["checkpoint"]))
             except (OSError, ValueError) as err:
                 raise ConfigError(f"'model.text_encoder': {err}") from err
             if c["txt_dim"] is None:
@@ -348,7 +387,10 @@ class C2FMESMQDDETR(C2FQDDETR):
                               num_recfw_layers=c["num_recfw_layers"],
                               num_recss_layers=c["num_recss_layers"],
                               fw_share_ffn=c["fw_share_ffn"], vocab_size=c["vocab_size"],
-                              fw_mask_ratio=c["fw_mask_ratio"], text_encoder=text_encoder,
+                              num_word_classes=c["num_word_classes"],
+                              fw_mask_ratio=c["fw_mask_ratio"],
+                              ss_group_video=c["ss_group_video"],
+                              fw_mask_level=c["fw_mask_level"], text_encoder=text_encoder,
                               **kwargs)
             criterion = MESMCriterion(recfw_coef=c["loss_recfw_coef"],
                                       recss_coef=c["loss_recss_coef"], iou_gamma=c["iou_gamma"],
@@ -392,7 +434,9 @@ class C2FMESMQDDETR(C2FQDDETR):
         wrap = start is None and bool(self.config["fw_text_special_tokens"])
         if wrap:
             start, end = "<start>", "<end>"
-        queries = list(samples.get("query", [])) if text["tokens"] is None else None
+        queries = list(samples.get("query", []))
+        pos = self.config["fw_word_weights"] == "pos"
+        tagger = get_pos_tagger(self.config["pos_tagger"]) if pos else None
         for i in range(bsz):
             if text["tokens"] is not None:
                 tokens = text["tokens"][i]
@@ -408,6 +452,10 @@ class C2FMESMQDDETR(C2FQDDETR):
                 continue
             tokens = tokens[:n_valid[i]]
             lab, w, unk = vocab.encode(tokens, start, end)
+            if tagger is not None:
+                if not queries:
+                    raise KeyError("POS weights need the batch's 'query' texts")
+                w = pos_token_weights(queries[i], tokens, tok, tagger, start, end)
             labels[i, :len(lab)] = torch.tensor(lab)
             weights[i, :len(w)] = torch.tensor(w)
             unknown[i, :len(unk)] = torch.tensor(unk, dtype=torch.bool)
@@ -419,10 +467,11 @@ class C2FMESMQDDETR(C2FQDDETR):
         for key in ("src_vid", "src_vid_mask"):
             if key not in samples:
                 raise KeyError(f"batch has no '{key}'")
+        groups = samples.get("group", samples.get("vid"))
         return {"src_txt": text["src_txt"], "src_txt_mask": text["src_txt_mask"],
                 "txt_ids": text["txt_ids"], "src_vid": samples["src_vid"].to(dev).float(),
                 "src_vid_mask": samples["src_vid_mask"].to(dev).float(),
-                "vids": None if samples.get("vid") is None else list(samples["vid"])}
+                "vids": None if groups is None else list(groups)}
 
     def forward(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """Losses of a training batch incl. ``loss_rec_fw`` / ``loss_rec_ss`` when enabled."""
@@ -431,8 +480,12 @@ class C2FMESMQDDETR(C2FQDDETR):
         targets = self._targets(samples)
         bsz, n_clips = kw["src_vid"].shape[:2]
         vmask = kw["src_vid_mask"]
-        gcm = gt_clip_mask([s.cpu() for s in targets["span_labels"]], _as_list(samples["duration"]),
-                           _as_list(samples["clip_length"]), vmask.sum(1).long().tolist(), n_clips)
+        if samples.get("clip_mask") is not None:  # the dataset's (MESM's rule)
+            gcm = torch.as_tensor(samples["clip_mask"]).bool()
+        else:
+            gcm = gt_clip_mask([s.cpu() for s in targets["span_labels"]],
+                               _as_list(samples["duration"]), _as_list(samples["clip_length"]),
+                               vmask.sum(1).long().tolist(), n_clips)
         fw_weights = fw_unknown = None
         aligned = None
         if self.detr.rec_fw and self.training:
@@ -467,10 +520,12 @@ class C2FMESMQDDETR(C2FQDDETR):
                                "model.eval() first (dropout would randomise predictions)")
         text = self._text(samples)
         kwargs = self._detr_kwargs(samples, text)
-        # each query's sentence token is rebuilt from its own video only (the corpus setting:
-        # other queries of the same video are unknown at inference), so predictions do not
-        # depend on the batch composition
-        kwargs["vids"] = None
+        # default: each query's sentence token is rebuilt from its own video only (the corpus
+        # setting: other queries of the same video are unknown at inference), so predictions do
+        # not depend on the batch composition; predict_with_groups: MESM's evaluation, whose
+        # items group the queries of a video (grouped eval splits, datasets.*.group_splits)
+        if not self.config["predict_with_groups"]:
+            kwargs["vids"] = None
         out = self.detr(**kwargs, compute_neg=False, compute_rec=False,
                         t2v_mask_mode=self.config["eval_t2v_mask_mode"])
         return self._rows(out, samples)

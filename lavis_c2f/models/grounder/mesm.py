@@ -1,43 +1,48 @@
 """MESM (Liu et al., AAAI 2024, "Towards Balanced Alignment: Modal-Enhanced Semantic Modeling
-for Video Moment Retrieval") on top of :class:`~.model.QDDETR`.
+for Video Moment Retrieval") on top of :class:`~.model.QDDETR`, computing what the official
+code (github.com/lntzm/MESM @ 8501bde) computes: official checkpoints load
+(:func:`~.checkpoint.load_mesm_checkpoint`) and reproduce its outputs to 1e-6.
 
 Two parts, each switchable:
 
 * **FW-MESM** (``rec_fw``): an *enhancement encoder* (T2V-style layers, ``num_recfw_layers``)
-  rebuilds the projected video clips from the query words before the QD-DETR T2V layers
-  (``enhance_encoder``); in training the same layers (or a second FFN when
-  ``fw_share_ffn=False``) reconstruct the query words from the clips of the ground-truth
-  moment, with some words masked (``fw_mask_ratio`` of the tokens, at least one, drawn
-  with the vocabulary's inverse-frequency weights, see :mod:`.vocab`) and out-of-vocabulary
-  tokens replaced by a learned "unknown" vector; ``output_txt_proj`` classifies each word
-  into ``vocab_size + 3`` classes and the loss is a label-smoothed NLL.
-  Masking happens at the **feature** level with learned mask/unknown vectors in the input
-  text space when the model consumes precomputed token features (numerically what MESM's
-  code does), and at the **token-embedding** level inside the frozen CLIP tower when the
-  runtime text encoder is used (:mod:`.text_encoder`).
-* **SS-MESM** (``rec_ss``): the sentence (mean of its word features, L2-normalised and
-  projected) of each query is masked among the sentences of the other queries of the same
-  video in the batch and rebuilt from the video by ``ss_reconstructor`` (T2V-style layers,
-  ``num_recss_layers``, no positions); the rebuilt, normalised sentence is prepended to the
-  query's words as an extra token. In training a supervised contrastive loss aligns the mean
+  rebuilds the projected video clips from the query words before the aligner (the QD-DETR
+  T2V layers); in training the same layers (or a second FFN when ``fw_share_ffn=False``)
+  reconstruct the query words from the clips of the ground truth (``gt_clip_mask``), with
+  ``max(floor(n_tokens / 3), 1)`` tokens masked (drawn by :func:`choose_masked_words` with
+  MESM's part-of-speech weights, or inverse frequency, see :mod:`.vocab`) and
+  out-of-vocabulary tokens replaced by a learned "unknown" vector; ``output_txt_proj``
+  classifies each word into ``num_word_classes`` classes and the loss is a label-smoothed NLL.
+  The replacement is done on the word features (as MESM does; with a runtime text tower
+  ``fw_mask_level: tokens`` replaces the token embeddings inside the tower instead).
+* **SS-MESM** (``rec_ss``): each query's sentence slot among the sentences of its group is
+  replaced by a learned mask token and rebuilt by ``ss_reconstructor`` (T2V-style layers, no
+  positions) from the group video (``ss_group_video``: the query's own video, or the valid clips
+  of every member concatenated as MESM does for QVHighlights); the rebuilt, normalised token is
+  prepended to the query's words. The slots do not attend to each other, so only the mask token
+  and the group video shape it. In training a supervised contrastive loss aligns the mean
   ground-truth clip feature of sample i with the mean (expanded) word feature of sample j,
-  positives being pairs of the same video whose merged moments have gIoU >= ``iou_gamma``.
+  positives being pairs of one group whose merged moments have gIoU >= ``iou_gamma``.
 
-Groups are formed from the batch's ``vid`` values. MESM's data loader gathers all queries
-of a video into one batch item, which makes groups larger than one; with ordinary shuffled
-batches most groups hold a single query (the SS token is then rebuilt from the video alone
-and the contrastive positives are the diagonal), which is still well defined. At inference
-the registered model and the predictor make every query its own group (in the corpus
-setting the other queries of a video are unknown), so predictions do not depend on the
-batch.
+The encoder over [global, video] key-masks the global token (``global_token_masked``), and the
+negative pass pairs each video with the text of a random query of another group (in eval mode
+too when ``compute_neg``).
 
-MESM's dead code is left out: ``output_sent_proj`` (computed but unused by its loss) and the
-GloVe text encoder.
+Groups are the ``vids`` given to :meth:`MESMQDDETR.forward` (the LAVIS model passes the
+batch's ``group``, MESM's YouTube/video id of its grouped items, else ``vid``). MESM's loader
+puts all queries of a video in one item (``datasets.*.group_by``); with per-query batches most
+groups hold one query, which is still well defined. At inference the registered model and the
+predictor make every query its own group (in the corpus setting the other queries of a video
+are unknown) unless ``predict_with_groups``.
+
+MESM's ``output_sent_proj`` is kept (frozen; no loss uses it) so that checkpoints load
+strictly. The GloVe text encoder is not built: GloVe word features come precomputed.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,38 +114,96 @@ def video_groups(vids: Optional[Sequence[Any]], batch_size: int) -> List[List[in
 
 
 # ---------------------------------------------------------------------- model
+SS_GROUP_VIDEOS = ("own", "concat")
+FW_MASK_LEVELS = ("features", "tokens")
+
+
+def choose_masked_words(weights: torch.Tensor, words_mask: torch.Tensor, ratio: float = 1.0 / 3.0
+                        ) -> torch.Tensor:
+    """Positions to mask for FW-MESM, drawn as MESM's ``_mask_words`` draws them.
+
+    For a query of ``l`` valid tokens (start/end included; ``l <= 1`` masks nothing),
+    ``k = max(floor(l * ratio), 1)`` positions among ``0 .. l-1`` are drawn without
+    replacement by ``numpy.random.choice`` (numpy's global legacy generator, like the official
+    code, so ``np.random.seed`` reproduces its picks) with
+    ``p = weights[:l] / sum(weights)`` (L1-normalised in float32); ``k`` is capped at the
+    number of non-zero weights (where the official code raises).
+
+    Args:
+        weights: (B, Lt) non-negative masking weights (0 = never masked).
+        words_mask: (B, Lt) 1 = valid token.
+    Returns:
+        (B, Lt) bool.
+    """
+    chosen = torch.zeros(words_mask.shape, dtype=torch.bool)
+    p_all = F.normalize(weights.detach().float().cpu().clamp(min=0), dim=1, p=1)
+    lengths = words_mask.detach().cpu().bool().sum(1).tolist()
+    for i, length in enumerate(lengths):
+        if length <= 1:
+            continue
+        p = p_all[i, :length].numpy()
+        k = min(max(int(length * ratio + 1e-9), 1), int((p > 0).sum()))
+        if k > 0:
+            chosen[i, np.random.choice(np.arange(length), k, replace=False, p=p)] = True
+    return chosen.to(words_mask.device)
+
+
 class MESMQDDETR(QDDETR):
     """QD-DETR with MESM's frame-word and segment-sentence enhancement.
 
-    Args (in addition to :class:`QDDETR`'s):
+    Args (in addition to :class:`QDDETR`'s; ``neg_sampling`` defaults to ``other_video``
+    and ``global_token_masked`` to True, as in MESM):
         rec_fw: enable FW-MESM (enhancement encoder + word reconstruction).
         rec_ss: enable SS-MESM (sentence reconstruction token + contrastive loss).
         num_recfw_layers: enhancement encoder depth (MESM 2).
         num_recss_layers: sentence reconstructor depth (MESM 4).
         fw_share_ffn: the word-reconstruction pass reuses the enhancement FFNs (MESM
             ``share_MLP``, True in its QVHighlights config).
-        vocab_size: V; the word classifier has V + 3 classes.
+        vocab_size: V.
+        num_word_classes: classes of the word classifier (MESM: V + 3 with the CLIP
+            tokenizer (unknown, start, end), V + 1 with GloVe (unknown)); default V + 3.
         fw_mask_ratio: fraction of a query's tokens to mask (MESM 1/3, at least one).
+        ss_group_video: the video a group's sentences are rebuilt from: ``"own"`` (the
+            query's video; MESM's Charades-STA/TACoS path, whose groups share one video) or
+            ``"concat"`` (the valid clips of every group member concatenated in batch order;
+            MESM's QVHighlights path, whose group members are segments of one YouTube video).
+        fw_mask_level: with a runtime text encoder, where masked/unknown words are replaced:
+            ``"features"`` (MESM: the projected tower outputs at those token positions) or
+            ``"tokens"`` (the token embeddings inside the frozen tower, so the other words'
+            features do not see the masked word; a documented variant).
         text_encoder: optional frozen :class:`RuntimeTextEncoder`; then ``txt_dim`` must be
             its hidden size and the text comes as token ids instead of features.
     """
 
     def __init__(self, *, rec_fw: bool = True, rec_ss: bool = True, num_recfw_layers: int = 2,
                  num_recss_layers: int = 4, fw_share_ffn: bool = True, vocab_size: int = 5000,
-                 fw_mask_ratio: float = 1.0 / 3.0,
+                 num_word_classes: Optional[int] = None, fw_mask_ratio: float = 1.0 / 3.0,
+                 ss_group_video: str = "own", fw_mask_level: str = "features",
                  text_encoder: Optional[RuntimeTextEncoder] = None, **kwargs: Any):
         kwargs.setdefault("neg_sampling", "other_video")
+        kwargs.setdefault("global_token_masked", True)
         super().__init__(**kwargs)
         if text_encoder is not None and text_encoder.hidden_size != self.txt_dim:
             raise ValueError(f"txt_dim {self.txt_dim} != the text encoder's hidden size "
                              f"{text_encoder.hidden_size}")
         if not 0.0 < fw_mask_ratio <= 1.0:
             raise ValueError(f"fw_mask_ratio must be in (0, 1], got {fw_mask_ratio}")
+        if ss_group_video not in SS_GROUP_VIDEOS:
+            raise ValueError(f"ss_group_video must be one of {SS_GROUP_VIDEOS}, got "
+                             f"'{ss_group_video}'")
+        if fw_mask_level not in FW_MASK_LEVELS:
+            raise ValueError(f"fw_mask_level must be one of {FW_MASK_LEVELS}, got "
+                             f"'{fw_mask_level}'")
+        num_word_classes = vocab_size + 3 if num_word_classes is None else int(num_word_classes)
+        if num_word_classes <= vocab_size:
+            raise ValueError(f"num_word_classes {num_word_classes} must exceed vocab_size "
+                             f"{vocab_size} (the unknown class is V)")
         d, h = self.hidden_dim, self.transformer.nhead
         ff, dropout, input_dropout = self.dim_feedforward, self.dropout_p, self.input_dropout_p
         self.rec_fw, self.rec_ss = rec_fw, rec_ss
         self.fw_share_ffn, self.fw_mask_ratio = fw_share_ffn, fw_mask_ratio
-        self.vocab_size = vocab_size
+        self.vocab_size, self.num_word_classes = vocab_size, num_word_classes
+        self.ss_group_video, self.fw_mask_level = ss_group_video, fw_mask_level
         self.text_encoder = text_encoder
         if rec_fw:
             self.enhance_encoder = LayerStack(
@@ -148,7 +211,7 @@ class MESMQDDETR(QDDETR):
             self.fw_mask_token = nn.Parameter(torch.zeros(self.txt_dim))
             self.fw_unknown_token = nn.Parameter(torch.zeros(self.txt_dim))
             self.output_txt_proj = nn.Sequential(
-                LinearLayer(d, d, input_dropout, relu=True), nn.Linear(d, vocab_size + 3))
+                LinearLayer(d, d, input_dropout, relu=True), nn.Linear(d, num_word_classes))
             for p in self.enhance_encoder.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
@@ -156,6 +219,12 @@ class MESMQDDETR(QDDETR):
             self.ss_reconstructor = LayerStack(T2VEncoderLayer(d, h, ff, dropout),
                                                num_recss_layers)
             self.ss_mask_token = nn.Parameter(torch.zeros(d))
+            # MESM computes this projection of the rebuilt sentence but no loss uses it; it is
+            # kept (frozen, reported as ``projed_recon_feat``) so that official checkpoints load
+            # strictly
+            self.ss_output_sent_proj = nn.Sequential(LinearLayer(d, d, input_dropout, relu=True),
+                                                     LinearLayer(d, d, input_dropout, relu=False))
+            self.ss_output_sent_proj.requires_grad_(False)
             for p in self.ss_reconstructor.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
@@ -166,10 +235,32 @@ class MESMQDDETR(QDDETR):
             vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
         return vid
 
+    def _group_video(self, vid: torch.Tensor, vid_pad: torch.Tensor, groups: List[List[int]]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, Lg, D) video each sample's sentence is rebuilt from and its (B, Lg) padding
+        (``ss_group_video``, see the class doc)."""
+        if self.ss_group_video == "own" or all(len(g) == 1 for g in groups):
+            return vid, vid_pad
+        valid = (~vid_pad).sum(1).tolist()
+        width = max(sum(int(valid[j]) for j in g) for g in groups)
+        out = vid.new_zeros(vid.shape[0], width, vid.shape[2])
+        pad = torch.ones(vid.shape[0], width, dtype=torch.bool, device=vid.device)
+        for i, group in enumerate(groups):
+            rows = torch.cat([vid[j, :int(valid[j])] for j in group], dim=0)
+            out[i, :rows.shape[0]] = rows
+            pad[i, :rows.shape[0]] = False
+        return out, pad
+
     def _sentence_token(self, words: torch.Tensor, words_mask: torch.Tensor, vid: torch.Tensor,
                         vid_pad: torch.Tensor, groups: List[List[int]], mask_mode: str
-                        ) -> torch.Tensor:
-        """(B, D) normalised rebuilt sentence of each sample (see module doc)."""
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rebuilt sentence of each sample: ((B, D) L2-normalised token, (B, D) its
+        ``ss_output_sent_proj``).
+
+        Sample i's query sequence is its group's projected sentences (batch order, padded to
+        the largest group) with its own slot replaced by ``ss_mask_token``; the T2V-style
+        layers (no positions) let it attend to the group video.
+        """
         m = words_mask.to(words.dtype)
         sent = (words * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
         sent = self.input_txt_proj(F.normalize(sent, dim=-1, p=2, eps=1e-5))  # (B, D)
@@ -186,34 +277,29 @@ class MESMQDDETR(QDDETR):
         is_own = torch.zeros(bsz, width, dtype=torch.bool, device=sent.device)
         is_own[rows, own] = True
         seq = torch.where(is_own[..., None], self.ss_mask_token.expand_as(seq), seq)
+        gvid, gpad = self._group_video(vid, vid_pad, groups)
         for layer in self.ss_reconstructor.layers:
-            seq = layer(seq, vid, None, None, seq_pad, vid_pad, mask_mode)
-        return F.normalize(seq[rows, own], dim=-1)
-
-    def _choose_masked(self, weights: torch.Tensor, words_mask: torch.Tensor) -> torch.Tensor:
-        """(B, Lt) bool positions to mask, drawn without replacement with ``weights``."""
-        chosen = torch.zeros_like(words_mask, dtype=torch.bool)
-        for i in range(weights.shape[0]):
-            n_tokens = int(words_mask[i].sum().item())
-            if n_tokens <= 1:
-                continue
-            w = weights[i].float().clamp(min=0) * words_mask[i].float()
-            k = min(max(int(n_tokens * self.fw_mask_ratio + 1e-9), 1), int((w > 0).sum().item()))
-            if k > 0:
-                chosen[i, torch.multinomial(w, k, replacement=False)] = True
-        return chosen
+            seq = layer(seq, gvid, None, None, seq_pad, gpad, mask_mode)
+        recon = F.normalize(seq[rows, own], dim=-1)
+        return recon, self.ss_output_sent_proj(recon)
 
     def _word_reconstruction(self, words, words_mask, vid, pos_vid, pos_txt, clip_mask,
-                             fw_weights, fw_unknown, txt_ids, mask_mode) -> Dict[str, torch.Tensor]:
-        masked = self._choose_masked(fw_weights.to(words.device), words_mask)
+                             fw_weights, fw_unknown, fw_masked, txt_ids, mask_mode
+                             ) -> Dict[str, torch.Tensor]:
+        if fw_masked is not None:
+            masked = fw_masked.to(words.device).bool() & words_mask.bool()
+        else:
+            masked = choose_masked_words(fw_weights, words_mask, self.fw_mask_ratio)
         codes = torch.zeros_like(masked, dtype=torch.long)
         if fw_unknown is not None:
             codes[fw_unknown.to(words.device).bool()] = REPLACE_UNKNOWN
-        codes[masked] = REPLACE_MASK
-        if self.text_encoder is not None:
+        codes[masked] = REPLACE_MASK  # a masked unknown word gets the mask token (as MESM)
+        if self.text_encoder is not None and self.fw_mask_level == "tokens":
             feats = self.text_encoder.encode(txt_ids, words_mask, codes, self.fw_mask_token,
                                              self.fw_unknown_token)
         else:
+            # row-wise projection: replacing a feature row equals MESM's replacing the
+            # projected row by the projected token
             feats = torch.where((codes == REPLACE_UNKNOWN)[..., None],
                                 self.fw_unknown_token.expand_as(words), words)
             feats = torch.where((codes == REPLACE_MASK)[..., None],
@@ -243,6 +329,7 @@ class MESMQDDETR(QDDETR):
                 gt_clip_mask: Optional[torch.Tensor] = None,
                 fw_weights: Optional[torch.Tensor] = None,
                 fw_unknown: Optional[torch.Tensor] = None,
+                fw_masked: Optional[torch.Tensor] = None,
                 src_aud: Optional[torch.Tensor] = None, compute_neg: Optional[bool] = None,
                 compute_rec: Optional[bool] = None, t2v_mask_mode: Optional[str] = None,
                 neg_index: Optional[torch.Tensor] = None) -> Dict[str, Any]:
@@ -252,15 +339,21 @@ class MESMQDDETR(QDDETR):
                 with a runtime text encoder pass ``txt_ids`` (B, Lt) and ``src_txt_mask`` and
                 leave ``src_txt`` None.
             src_vid / src_vid_mask: (B, Lv, Dv) incl. TEF / (B, Lv).
-            vids: (B,) video ids (SS groups, ``other_video`` negatives).
-            gt_clip_mask: (B, Lv) bool ground-truth clips (needed for the reconstruction
-                outputs; samples without any are flagged in ``fw_valid``/``ss_valid``).
-            fw_weights: (B, Lt) masking weights (0 = never masked); fw_unknown: (B, Lt) bool.
+            vids: (B,) grouping ids (MESM: the YouTube id; SS groups and ``other_video``
+                negatives); None = every sample is its own group.
+            gt_clip_mask: (B, Lv) bool clips of the ground truth (MESM ``clip_mask``; needed
+                for the reconstruction outputs; samples without any are flagged in
+                ``fw_valid``/``ss_valid``).
+            fw_weights: (B, Lt) masking weights (0 = never masked); fw_unknown: (B, Lt) bool;
+            fw_masked: (B, Lt) bool positions to mask instead of drawing them.
             compute_neg / compute_rec: run the negative pass / the training-only
                 reconstruction outputs; default ``self.training``.
+            neg_index: (B,) the text paired with each video in the negative pass (default:
+                drawn like MESM's ``sample_outclass_neg``).
         Returns:
-            :class:`QDDETR` outputs plus ``saliency_neg_valid`` (with the negative pass),
-            ``fw_logits`` (B, Lt, V+3), ``fw_masked``, ``fw_valid`` (FW, when reconstructing),
+            :class:`QDDETR` outputs plus ``recon_feat`` / ``projed_recon_feat`` (B, D)
+            (SS), ``saliency_neg_valid`` (with the negative pass), ``fw_logits``
+            (B, Lt, classes), ``fw_masked``, ``fw_valid`` (FW, when reconstructing),
             ``ss_clip_feat`` / ``ss_words_feat`` (B, D), ``ss_valid`` (SS, when reconstructing).
         """
         if src_aud is not None:
@@ -282,6 +375,7 @@ class MESMQDDETR(QDDETR):
         compute_neg = self.training if compute_neg is None else compute_neg
         compute_rec = self.training if compute_rec is None else compute_rec
         bsz = src_vid.shape[0]
+        groups = video_groups(vids, bsz)
 
         vid = self.input_vid_proj(src_vid)
         txt = self.input_txt_proj(words)
@@ -291,27 +385,35 @@ class MESMQDDETR(QDDETR):
 
         enh = self._enhance(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode) \
             if self.rec_fw else vid
+        recon = None
         if self.rec_ss:
-            groups = video_groups(vids, bsz)
-            recon = self._sentence_token(words, words_mask, vid, vid_pad, groups, mask_mode)
+            recon, recon_proj = self._sentence_token(words, words_mask, vid, vid_pad, groups,
+                                                     mask_mode)
             exp_txt = torch.cat([recon[:, None], txt], dim=1)
             exp_pad = torch.cat([txt_pad.new_zeros(bsz, 1), txt_pad], dim=1)
+            exp_pos = self.text_positions(exp_txt)
         else:
-            exp_txt, exp_pad = txt, txt_pad
-        exp_pos = self.text_positions(exp_txt) if self.rec_ss else pos_txt
+            exp_txt, exp_pad, exp_pos = txt, txt_pad, pos_txt
 
         enc = self.encode_pair(enh, exp_txt, pos_vid, exp_pos, vid_pad, exp_pad, mask_mode)
         out = self.heads(enc["hs"], enc["references"])
         out["saliency_scores"] = enc["saliency"]
         out["video_mask"] = src_vid_mask
+        if recon is not None:
+            out["recon_feat"], out["projed_recon_feat"] = recon, recon_proj
 
         if compute_neg:
             if neg_index is None:
-                neg_index, neg_valid = negative_text_index(bsz, self.neg_sampling, vids)
+                neg_index, neg_valid = negative_text_index(
+                    bsz, self.neg_sampling, None if vids is None else list(vids))
             else:
-                neg_valid = neg_index.cpu() != torch.arange(bsz)
+                neg_index = torch.as_tensor(neg_index, dtype=torch.long)
+                neg_valid = torch.tensor([groups[i] != groups[int(j)]
+                                          for i, j in enumerate(neg_index.tolist())])
             neg_index = neg_index.to(vid.device)
-            neg_enh = (self._enhance(vid, txt[neg_index], pos_vid, pos_txt[neg_index], vid_pad,
+            # the negative words keep the positions they have in the expanded text
+            neg_pos_txt = exp_pos[neg_index][:, 1:] if self.rec_ss else pos_txt[neg_index]
+            neg_enh = (self._enhance(vid, txt[neg_index], pos_vid, neg_pos_txt, vid_pad,
                                      txt_pad[neg_index], mask_mode) if self.rec_fw else vid)
             neg = self.encode_pair(neg_enh, exp_txt[neg_index], pos_vid, exp_pos[neg_index],
                                    vid_pad, exp_pad[neg_index], mask_mode, decode=False)
@@ -321,10 +423,10 @@ class MESMQDDETR(QDDETR):
         if compute_rec and gt_clip_mask is not None:
             clip_mask = gt_clip_mask.to(vid.device).bool() & ~vid_pad
             has_gt = clip_mask.any(1)
-            if self.rec_fw and fw_weights is not None:
+            if self.rec_fw and (fw_weights is not None or fw_masked is not None):
                 fw = self._word_reconstruction(words, words_mask, vid, pos_vid, pos_txt,
-                                               clip_mask, fw_weights, fw_unknown, txt_ids,
-                                               mask_mode)
+                                               clip_mask, fw_weights, fw_unknown, fw_masked,
+                                               txt_ids, mask_mode)
                 out["fw_logits"], out["fw_masked"] = fw["fw_logits"], fw["fw_masked"]
                 out["fw_valid"] = fw["fw_has_clips"]
             if self.rec_ss:

@@ -72,7 +72,9 @@ def negative_text_index(batch_size: int, mode: str = "roll", vids: Optional[List
     Args:
         batch_size: B.
         mode: ``"roll"`` (official QD-DETR: sample i gets text (i + 1) mod B) or
-            ``"other_video"`` (MESM: a random text whose ``vid`` differs).
+            ``"other_video"`` (MESM's ``sample_outclass_neg``: for each sample in order, the
+            first of a ``torch.randperm`` of the texts whose ``vid`` differs, so the draw
+            consumes the global torch generator as the official code does).
         vids: (B,) video ids for ``"other_video"`` (None: all samples from different videos).
     Returns:
         (index LongTensor (B,), valid BoolTensor (B,)); ``valid[i]`` is False when no proper
@@ -93,7 +95,7 @@ def negative_text_index(batch_size: int, mode: str = "roll", vids: Optional[List
     for i in range(batch_size):
         candidates = [j for j in range(batch_size) if vids[j] != vids[i]]
         if candidates:
-            pick = torch.randint(len(candidates), (1,), generator=generator).item()
+            pick = int(torch.randperm(len(candidates), generator=generator)[0])
             index[i] = candidates[pick]
             valid[i] = True
     return index, valid
@@ -129,6 +131,8 @@ class QDDETR(nn.Module):
         t2v_mask_mode: ``"official"`` or ``"correct"`` (see :mod:`.transformer`); our own
             training uses ``"correct"`` so that a sample's outputs do not depend on its batch.
         neg_sampling: ``"roll"`` (official) or ``"other_video"`` (MESM) for the negative pass.
+        global_token_masked: key-mask the global token in the [global, video] encoder (MESM's
+            ``Transformer`` does; QD-DETR does not), see :meth:`QDTransformer.encode`.
     """
 
     def __init__(self, *, txt_dim: int, vid_dim: int, aud_dim: int = 0, hidden_dim: int = 256,
@@ -138,7 +142,8 @@ class QDDETR(nn.Module):
                  use_txt_pos: bool = False, max_q_l: int = 32, max_v_l: int = 75,
                  aux_loss: bool = True, span_loss_type: str = "l1",
                  contrastive_align_loss: bool = False, contrastive_hdim: int = 64,
-                 t2v_mask_mode: str = "correct", neg_sampling: str = "roll"):
+                 t2v_mask_mode: str = "correct", neg_sampling: str = "roll",
+                 global_token_masked: bool = False):
         super().__init__()
         if span_loss_type != "l1":
             raise ValueError(f"span_loss_type '{span_loss_type}' is not supported: only 'l1' "
@@ -163,6 +168,7 @@ class QDDETR(nn.Module):
         self.n_input_proj = n_input_proj
         self.dim_feedforward, self.dropout_p, self.input_dropout_p = dim_feedforward, dropout, input_dropout
         self.t2v_mask_mode, self.neg_sampling = t2v_mask_mode, neg_sampling
+        self.global_token_masked = bool(global_token_masked)
         self.contrastive_align_loss = contrastive_align_loss
 
         self.transformer = QDTransformer(
@@ -240,24 +246,17 @@ class QDDETR(nn.Module):
         if decode:
             hs, refs, vid_mem, global_mem = self.transformer.encode_decode(
                 fused, pos_vid, vid_pad, self.global_rep_token, self.global_rep_pos,
-                self.query_embed.weight)
+                self.query_embed.weight, self.global_token_masked)
         else:
             hs = refs = None
-            vid_mem, global_mem = self._encode_only(fused, pos_vid, vid_pad)
+            vid_mem, global_mem = self.transformer.encode(
+                fused, pos_vid, vid_pad, self.global_rep_token, self.global_rep_pos,
+                self.global_token_masked)
         out = {"vid_mem": vid_mem, "global_mem": global_mem,
                "saliency": self.saliency(vid_mem, global_mem)}
         if decode:
             out["hs"], out["references"] = hs, refs
         return out
-
-    def _encode_only(self, fused: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor):
-        bsz = fused.shape[0]
-        x = torch.cat([self.global_rep_token.expand(bsz, 1, -1), fused], dim=1)
-        pos = torch.cat([self.global_rep_pos.expand(bsz, 1, -1), pos_vid], dim=1)
-        pad = torch.cat([vid_pad.new_zeros(bsz, 1), vid_pad], dim=1)
-        for layer in self.transformer.encoder.layers:
-            x = layer(x, pos, pad)
-        return x[:, 1:], x[:, 0]
 
     def saliency(self, vid_mem: torch.Tensor, global_mem: torch.Tensor) -> torch.Tensor:
         """(B, Lv, D), (B, D) -> (B, Lv) clip saliency scores."""

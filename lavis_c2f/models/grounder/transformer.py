@@ -93,8 +93,10 @@ class T2VEncoderLayer(nn.Module):
 
     Args:
         d_model, nhead, dim_feedforward, dropout: sizes and dropout.
-        alt_ffn: also build a second FFN (``linear1_alt``, ``linear2_alt``, ``norm1_alt``,
-            ``norm2_alt``, ``activation_alt``) selectable per call (MESM's unshared-MLP variant).
+        alt_ffn: also build a second FFN (``linear1_1``, ``linear2_1``, ``norm1_1``,
+            ``norm2_1``; the PReLU ``activation`` is shared, as in MESM's
+            ``T2V_TransformerEncoderLayer_TwoMLP``) selectable per call (MESM's unshared-MLP
+            variant, ``share_MLP: false``).
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
@@ -112,11 +114,10 @@ class T2VEncoderLayer(nn.Module):
         self.activation = nn.PReLU()
         self.has_alt_ffn = alt_ffn
         if alt_ffn:
-            self.linear1_alt = nn.Linear(d_model, dim_feedforward)
-            self.linear2_alt = nn.Linear(dim_feedforward, d_model)
-            self.norm1_alt = nn.LayerNorm(d_model)
-            self.norm2_alt = nn.LayerNorm(d_model)
-            self.activation_alt = nn.PReLU()
+            self.linear1_1 = nn.Linear(d_model, dim_feedforward)
+            self.linear2_1 = nn.Linear(dim_feedforward, d_model)
+            self.norm1_1 = nn.LayerNorm(d_model)
+            self.norm2_1 = nn.LayerNorm(d_model)
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor,
                 query_pos: Optional[torch.Tensor], key_pos: Optional[torch.Tensor],
@@ -140,8 +141,8 @@ class T2VEncoderLayer(nn.Module):
         if use_alt_ffn:
             if not self.has_alt_ffn:
                 raise RuntimeError("this layer was built without the alternative FFN")
-            h = self.linear2_alt(self.dropout(self.activation_alt(self.linear1_alt(self.norm1_alt(a)))))
-            return self.norm2_alt(a + self.dropout2(h))
+            h = self.linear2_1(self.dropout(self.activation(self.linear1_1(self.norm1_1(a)))))
+            return self.norm2_1(a + self.dropout2(h))
         h = self.linear2(self.dropout(self.activation(self.linear1(self.norm1(a)))))
         return self.norm2(a + self.dropout2(h))
 
@@ -356,26 +357,41 @@ class QDTransformer(nn.Module):
             vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
         return vid
 
-    def encode_decode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
-                      global_token: torch.Tensor, global_pos: torch.Tensor,
-                      anchors_unsigmoid: torch.Tensor
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encoder over [global, video] then the decoder.
+    def encode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
+               global_token: torch.Tensor, global_pos: torch.Tensor,
+               global_masked: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encoder over [global, video].
 
         Args:
             vid: (B, Lv, D) T2V output; pos_vid: (B, Lv, D); vid_pad: (B, Lv) bool.
             global_token, global_pos: (D,) learned global token and its position.
-            anchors_unsigmoid: (Q, 2).
+            global_masked: key-mask the global token (MESM: no clip attends to it, while its
+                own row still attends to the valid clips); QD-DETR keeps it valid.
         Returns:
-            hs (n_dec, B, Q, D), references (n_dec, B, Q, 2), video memory (B, Lv, D),
-            global memory (B, D).
+            video memory (B, Lv, D), global memory (B, D).
         """
         bsz = vid.shape[0]
         x = torch.cat([global_token.expand(bsz, 1, -1), vid], dim=1)
         pos = torch.cat([global_pos.expand(bsz, 1, -1), pos_vid], dim=1)
-        pad = torch.cat([vid_pad.new_zeros(bsz, 1), vid_pad], dim=1)
+        first = (vid_pad.new_ones if global_masked else vid_pad.new_zeros)(bsz, 1)
+        pad = torch.cat([first, vid_pad], dim=1)
         for layer in self.encoder.layers:
             x = layer(x, pos, pad)
-        global_mem, vid_mem = x[:, 0], x[:, 1:]
+        return x[:, 1:], x[:, 0]
+
+    def encode_decode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
+                      global_token: torch.Tensor, global_pos: torch.Tensor,
+                      anchors_unsigmoid: torch.Tensor, global_masked: bool = False
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder over [global, video] (:meth:`encode`) then the decoder.
+
+        Args:
+            anchors_unsigmoid: (Q, 2); the others as :meth:`encode`.
+        Returns:
+            hs (n_dec, B, Q, D), references (n_dec, B, Q, 2), video memory (B, Lv, D),
+            global memory (B, D).
+        """
+        vid_mem, global_mem = self.encode(vid, pos_vid, vid_pad, global_token, global_pos,
+                                          global_masked)
         hs, refs = self.decoder(vid_mem, vid_pad, pos_vid, anchors_unsigmoid)
         return hs, refs, vid_mem, global_mem

@@ -1,94 +1,37 @@
-"""Tokenizers, token counts and the reconstruction vocabulary of FW-MESM.
+"""Token counts and the reconstruction vocabulary of FW-MESM (tokenizers: :mod:`lavis_c2f.data.tokenizers`).
 
 FW-MESM reconstructs query words from the clips of the ground-truth moment. Its classifier
 covers the ``vocab_size`` most frequent training tokens plus three special classes
 (``<unknown>`` = V, ``<start>`` = V + 1, ``<end>`` = V + 2), as in MESM. Which words get
-masked is drawn with probabilities proportional to the inverse training frequency of the
-token (rare, informative words are masked more often); special and out-of-vocabulary tokens
-are never masked. (MESM's released code weights content words by POS tags instead; the
-inverse-frequency weighting needs no tagger and is this package's documented variant.)
+masked is drawn with probabilities proportional to a per-token weight:
 
-Counts file (written atomically by ``lavis-c2f vocab``)::
+* ``pos`` (MESM, the default): 2 for nouns/verbs/adjectives/adverbs, 1 otherwise, 0 for the
+  start/end tokens, unknown tokens included (:mod:`.pos_weights`, needs tagger data);
+* ``inverse_frequency`` (documented variant, no tagger): ``1 / count`` of the token, 0 for
+  special and out-of-vocabulary tokens (rare, informative words are masked more often).
+
+Counts files: ours (written atomically by ``lavis-c2f vocab``)::
 
     {"format": "lavis_c2f.token_counts", "version": 1, "tokenizer": "clip" | "whitespace",
      "num_queries": N, "num_tokens": T, "counts": [[token, count], ...]}   # most frequent first
 
-Tokens are CLIP BPE ids (int) for ``clip`` and lower-cased words (str) for ``whitespace``.
+or MESM's own ``*_tokenized_count.txt`` (one ``ID COUNT`` line per CLIP BPE id, or
+``WORD ID COUNT`` per GloVe word; the first ``vocab_size`` lines in file order are the
+classes). Tokens are CLIP BPE ids (int) for ``clip`` and lower-cased words (str) for
+``whitespace``.
 """
 from __future__ import annotations
 
-import string
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.common.io import iter_jsonl, read_json, write_json
+from lavis_c2f.data.tokenizers import (TOKENIZERS, ClipTokenizer, Token,  # noqa: F401 (re-exported)
+                                       WhitespaceTokenizer, get_tokenizer)
 
-Token = Union[int, str]
 COUNTS_FORMAT = "lavis_c2f.token_counts"
-TOKENIZERS = ("clip", "whitespace")
-
-
-class WhitespaceTokenizer:
-    """Lower-case, punctuation to spaces, split on whitespace (MESM's word tokenizer).
-    No special tokens."""
-
-    name = "whitespace"
-    start_token: Optional[Token] = None
-    end_token: Optional[Token] = None
-    _table = str.maketrans(string.punctuation, " " * len(string.punctuation))
-
-    def words(self, text: str) -> List[str]:
-        return str(text).lower().translate(self._table).split()
-
-    def tokenize(self, text: str, max_len: Optional[int] = None) -> List[Token]:
-        """Tokens of ``text`` (at most ``max_len``)."""
-        toks: List[Token] = list(self.words(text))
-        return toks if max_len is None else toks[:max_len]
-
-
-class ClipTokenizer:
-    """CLIP byte-level BPE (the vocabulary bundled with LAVIS), ids as in OpenAI CLIP and
-    ``transformers.CLIPTokenizer``: start 49406, end 49407.
-
-    ``tokenize`` returns ``[start] + bpe + [end]`` truncated like MESM (at most ``max_len``
-    ids in total, the end token always kept).
-    """
-
-    name = "clip"
-
-    def __init__(self):
-        from lavis.models.clip_models.tokenizer import SimpleTokenizer  # bundled BPE
-
-        self._bpe = SimpleTokenizer()
-        self.start_token: Token = self._bpe.encoder["<start_of_text>"]
-        self.end_token: Token = self._bpe.encoder["<end_of_text>"]
-        self.vocab_size = self._bpe.vocab_size
-
-    def words(self, text: str) -> List[int]:
-        """BPE ids of ``text`` without special tokens."""
-        return list(self._bpe.encode(str(text)))
-
-    def tokenize(self, text: str, max_len: Optional[int] = None) -> List[Token]:
-        body = self.words(text)
-        if max_len is not None:
-            if max_len < 2:
-                raise ValueError(f"max_len must be >= 2 for the CLIP tokenizer, got {max_len}")
-            body = body[:max_len - 2]
-        return [self.start_token] + body + [self.end_token]
-
-
-_TOKENIZER_CACHE: Dict[str, Any] = {}
-
-
-def get_tokenizer(name: str):
-    """Shared tokenizer instance for ``"clip"`` or ``"whitespace"``."""
-    if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer '{name}', expected one of {TOKENIZERS}")
-    if name not in _TOKENIZER_CACHE:
-        _TOKENIZER_CACHE[name] = ClipTokenizer() if name == "clip" else WhitespaceTokenizer()
-    return _TOKENIZER_CACHE[name]
 
 
 def count_tokens(queries: Iterable[str], tokenizer: str = "clip") -> Tuple[Counter, int]:
@@ -157,7 +100,10 @@ class ReconstructionVocab:
     @classmethod
     def from_counts_file(cls, path: str, vocab_size: int,
                          tokenizer: Optional[str] = None) -> "ReconstructionVocab":
-        """Load a counts file; ``tokenizer`` (if given) must match the file's."""
+        """Load a counts file (ours or MESM's ``.txt``); ``tokenizer`` (if given) must match
+        the file's."""
+        if str(path).endswith(".txt"):
+            return cls._from_official_txt(path, vocab_size, tokenizer)
         data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != COUNTS_FORMAT:
             raise DataFormatError(f"not a token-counts file (format '{COUNTS_FORMAT}' expected)",
@@ -185,6 +131,44 @@ class ReconstructionVocab:
             label_of[token] = i
             weight_of[token] = 1.0 / float(entry[1])
         return cls(tok, vocab_size, label_of, weight_of)
+
+    @classmethod
+    def _from_official_txt(cls, path: str, vocab_size: int,
+                           tokenizer: Optional[str]) -> "ReconstructionVocab":
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        label_of: Dict[Token, int] = {}
+        weight_of: Dict[Token, float] = {}
+        kind = None
+        with open(path, "r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if len(label_of) == vocab_size:
+                    break
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    if len(parts) == 2:
+                        token, count, this = int(parts[0]), int(parts[1]), "clip"
+                    elif len(parts) == 3:
+                        token, count, this = parts[0], int(parts[2]), "whitespace"
+                    else:
+                        raise ValueError(line.strip())
+                except ValueError:
+                    raise DataFormatError("expected 'ID COUNT' (CLIP) or 'WORD ID COUNT' (GloVe)",
+                                          path=path, line=lineno) from None
+                if kind is not None and this != kind:
+                    raise DataFormatError("lines mix the CLIP and GloVe layouts", path=path,
+                                          line=lineno)
+                kind = this
+                label_of[token] = len(label_of)
+                weight_of[token] = 1.0 / max(count, 1)
+        if kind is None:
+            raise DataFormatError("no counts", path=path)
+        if tokenizer is not None and tokenizer != kind:
+            raise DataFormatError(f"counts are for tokenizer '{kind}' but '{tokenizer}' is "
+                                  "configured", path=path)
+        return cls(kind, vocab_size, label_of, weight_of)
 
     def encode(self, tokens: Sequence[Token], start_token: Optional[Token] = None,
                end_token: Optional[Token] = None) -> Tuple[List[int], List[float], List[bool]]:

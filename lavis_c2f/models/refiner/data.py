@@ -1,4 +1,20 @@
-"""Refiner data: frame sources, the refiner dataset + collater, and the ``c2f_refiner`` builder.
+"""Refiner data: frame sources, the refiner datasets + collaters, and the ``c2f_refiner`` builder.
+
+CALCE (``variant: calce``, :class:`CalceDataset`)
+------------------------------------------------
+Per query: ``n_frms`` frames of the **whole** video by CALCE's ``head`` sampling (frame indices
+``linspace(0, vlen, n + 1).astype(int)[:n]``, ``n = min(n_frms, vlen)``; the ``train`` split
+gets CALCE's random resized crop, ``train_crop``), their times (stage 1:
+``idx / fps``; stage 2: rounded to 2 decimals, as CALCE's two datasets do), the query's
+``items`` (``items: annotation``: every record must carry them, else an error naming the record;
+``items: none``: the explicit no-items prompt ``Items: \n``), the ``.srt`` text of the video
+(``captions/<vid>.srt``; none = no speech) and, in stage 2, the coarse windows: from
+``stage2_predictions`` (official prediction rows, e.g. CALCE stage 1's or our grounder's,
+merged by qid; ``n_coarse`` best windows, 0 = all, as integer seconds) or else from the
+record's ``coarse_windows`` (CALCE json's ``stage1_result``). ``round_duration`` rounds the
+duration to whole seconds (CALCE's Charades-STA preprocessing). With ``frames.type: video``
+the frames are decoded with decord at ``image_size`` x ``image_size`` exactly as CALCE's
+``load_video`` does (times ``idx / fps``); folder and feature sources use their own frame times.
 
 Data path
 ---------
@@ -42,15 +58,22 @@ import torch
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from torch.utils.data import Dataset
+from torchvision.transforms import RandomResizedCrop
 
+from lavis_c2f.common.dist import barrier, is_main_process
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import iter_jsonl
 from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.data.demo_corpus import default_demo_root, make_demo_corpus, read_corpus_meta
+from lavis_c2f.data.features import open_store
+from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.data.records import MomentRecord
+from lavis_c2f.models.refiner.calce_text import calce_windows, read_srt_text
 from lavis_c2f.models.refiner.keyframes import select_key_frames, thumbnail_features, uniform_key_frames
 from lavis_c2f.models.refiner.prompt import refine_region, target_windows
 from lavis_c2f.models.refiner.srt import Caption, load_captions
-from lavis_c2f.paths import resolve_path
+from lavis_c2f.paths import config_path, resolve_path
+from lavis_c2f.video.decode import decode_clips
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +126,71 @@ class SamplerConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CalceDataConfig:
+    """CALCE sampling (dataset ``calce:`` node; module doc).
+
+    Attributes:
+        stage: 1 or 2 (stage 2 rounds frame times to 2 decimals and needs coarse windows).
+        n_frms: frames per video (CALCE: 75 / 150 QVHighlights, 60 / 120 Charades-STA).
+        items: ``annotation`` (required on every record) or ``none`` (explicit no-items prompt).
+        n_coarse: coarse windows taken from a prediction row, best first (0 = all).
+        round_duration: round durations to whole seconds (CALCE's Charades-STA files).
+        seed: per-sample clustering seed in evaluation (``seed + index``).
+        train_crop: the ``train`` split gets CALCE's training augmentation (``blip2_video_train``:
+            one random resized crop per video, scale 0.5-1, aspect 3/4-4/3, bicubic back to
+            ``image_size``; values clamped to 0-255).
+    """
+
+    stage: int = 1
+    n_frms: int = 75
+    items: str = "annotation"
+    n_coarse: int = 0
+    round_duration: bool = False
+    seed: int = 0
+    train_crop: bool = True
+
+    @classmethod
+    def from_mapping(cls, cfg: Optional[Mapping[str, Any]], where: str = "calce") -> "CalceDataConfig":
+        d = check_keys(cfg, {f.name for f in fields(cls)}, where)
+        for k in ("stage", "n_frms", "n_coarse", "seed"):
+            v = d.get(k, getattr(cls, k))
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{where}.{k}: expected a non-negative integer, got {v!r}")
+        out = cls(**d)
+        if out.stage not in (1, 2):
+            raise ConfigError(f"{where}.stage: expected 1 or 2, got {out.stage!r}")
+        if out.n_frms < 1:
+            raise ConfigError(f"{where}.n_frms: expected a positive integer, got {out.n_frms!r}")
+        if out.items not in ("annotation", "none"):
+            raise ConfigError(f"{where}.items: expected 'annotation' or 'none', got {out.items!r}")
+        for k in ("round_duration", "train_crop"):
+            if not isinstance(getattr(out, k), bool):
+                raise ConfigError(f"{where}.{k}: expected true/false, got {getattr(out, k)!r}")
+        return out
+
+
+def random_resized_crop(frames: np.ndarray, size: int, scale: Tuple[float, float] = (0.5, 1.0),
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """One random resized crop for the whole clip (CALCE's ``RandomResizedCropVideo``), bicubic
+    to ``size`` x ``size``, clamped to uint8. (T, H, W, 3) uint8 -> (T, size, size, 3) uint8;
+    draws from the global torch generator."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    i, j, h, w = RandomResizedCrop.get_params(x, scale=list(scale), ratio=list(ratio))
+    x = torch.nn.functional.interpolate(x[:, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",
+                                        align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def calce_frame_indices(vlen: int, n_frms: int) -> np.ndarray:
+    """CALCE's ``head`` sampling: ``linspace(0, vlen, n + 1).astype(int)[:n]``, ``n = min(n_frms,
+    vlen)``. (n,) int64."""
+    if vlen < 1:
+        raise ValueError("video has no frames")
+    n = min(int(n_frms), int(vlen))
+    return np.linspace(0, vlen, n + 1).astype(int)[:n].astype(np.int64)
+
+
 class FrameProcessor:
     """uint8 frames (T, H, W, 3) -> float (T, 3, S, S): bicubic resize to ``image_size`` (when
     needed), [0, 1], BLIP mean/std normalisation (LAVIS's ``blip_image_eval``)."""
@@ -150,6 +238,14 @@ class FrameSource:
             inside = inside[uniform_key_frames(inside.size, max_frames)]
         return self.load(vid, handle, inside), times[inside]
 
+    def calce_frames(self, vid: str, n_frms: int) -> Tuple[np.ndarray, np.ndarray]:
+        """CALCE's ``head`` sampling of the whole video over the source's frame grid.
+
+        Returns ``(frames (T, H, W, 3) uint8, times (T,) seconds)``."""
+        times, handle = self.grid(vid)
+        idx = calce_frame_indices(len(times), n_frms)
+        return self.load(vid, handle, idx), times[idx]
+
 
 class ArrayFrameSource(FrameSource):
     """In-memory frames: ``{vid: (frames (N, H, W, 3) uint8, times (N,))}``."""
@@ -189,8 +285,6 @@ class VideoFileFrameSource(FrameSource):
         if vid in self.cache:
             self.cache.move_to_end(vid)
             return self.cache[vid]
-        from lavis_c2f.video.decode import decode_clips
-
         path = self.path(vid)
         if not os.path.isfile(path):
             raise DataFormatError("video file not found", path=path)
@@ -205,6 +299,24 @@ class VideoFileFrameSource(FrameSource):
     def grid(self, vid):
         frames, times = self._decode(vid)
         return times, frames
+
+    def calce_frames(self, vid: str, n_frms: int) -> Tuple[np.ndarray, np.ndarray]:
+        """CALCE's ``load_video`` (decord, resized to ``image_size`` on decode, ``head``
+        sampling, times ``idx / fps``)."""
+        import decord
+
+        path = self.path(vid)
+        if not os.path.isfile(path):
+            raise DataFormatError("video file not found", path=path)
+        try:
+            vr = decord.VideoReader(path, height=self.size, width=self.size)
+            idx = calce_frame_indices(len(vr), n_frms)
+            fps = float(vr.get_avg_fps())
+            batch = vr.get_batch(idx.tolist())      # LAVIS sets decord's torch bridge
+            frames = batch.asnumpy() if hasattr(batch, "asnumpy") else batch.numpy()
+        except (decord.DECORDError, RuntimeError) as e:
+            raise DataFormatError(f"cannot decode video: {e}", path=path) from None
+        return frames, np.array([float(i / fps) for i in idx], dtype=np.float64)
 
     def load(self, vid, handle, indices):
         return handle[indices]
@@ -252,8 +364,6 @@ class FeatureImageFrameSource(FrameSource):
     mapped to ``clip(128 + 48 z, 0, 255)`` and enlarged to ``image_size`` (nearest)."""
 
     def __init__(self, store: Any, clip_length: float, image_size: int = 224):
-        from lavis_c2f.data.features import open_store
-
         self.store = open_store(store)
         self.clip_length, self.size = float(clip_length), int(image_size)
 
@@ -405,6 +515,89 @@ class RefinerDataset(Dataset):
         return collate_refiner(samples)
 
 
+class CalceDataset(Dataset):
+    """Records + frames (+ ``.srt``, + coarse windows) -> CALCE samples (module doc).
+
+    Sample keys: ``qid, query, vid, duration, frames (T, 3, S, S), timestamps (T,) float32,
+    items, srt_text, srt_path, coarse_windows (stage 2) , stage2_windows (the prediction row's
+    scored windows, for fallback and scores), stage2_saliency, target_windows,
+    relevant_windows, region [0, duration], calce_seed``.
+    """
+
+    def __init__(self, records: Sequence[MomentRecord], frames: FrameSource, cfg: CalceDataConfig,
+                 image_size: int = 224, captions_dir: Optional[str] = None,
+                 coarse: Optional[Mapping[Any, Mapping[str, Any]]] = None, on_missing_coarse: str = "error",
+                 name: str = "c2f_refiner", coarse_source: Optional[str] = None, augment: bool = False):
+        if on_missing_coarse not in ("error", "whole_video"):
+            raise ConfigError(f"on_missing_stage2: expected 'error' or 'whole_video', got {on_missing_coarse!r}")
+        self.records, self.frames, self.cfg = list(records), frames, cfg
+        self.processor = FrameProcessor(image_size)
+        self.captions_dir, self.coarse, self.on_missing = captions_dir, coarse, on_missing_coarse
+        self.name, self.coarse_source = name, coarse_source
+        self.augment, self.image_size = bool(augment), int(image_size)
+        if cfg.items == "annotation":
+            bad = [r for r in self.records if r.items is None]
+            if bad:
+                raise DataFormatError(f"{len(bad)} records have no 'items' (CALCE's query noun phrases), e.g. qid "
+                                      f"{bad[0].qid!r}; use annotations that carry them (format calce, or an "
+                                      "'items' field) or set calce.items: none", path=bad[0].source, field="items")
+        if cfg.stage == 2 and on_missing_coarse == "error":
+            missing = [r.qid for r in self.records if self._coarse(r) is None]
+            if missing:
+                raise DataFormatError(f"no coarse windows (stage-1 results) for {len(missing)} queries, e.g. qid "
+                                      f"{missing[:5]}", path=coarse_source, field="qid")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _coarse(self, rec: MomentRecord) -> Optional[Tuple[List[List[int]], List[List[float]], Any]]:
+        """``(coarse windows, scored windows, saliency)`` of a record, or None."""
+        if self.coarse is not None and rec.qid in self.coarse:
+            row = self.coarse[rec.qid]
+            wins = row["windows"][:self.cfg.n_coarse] if self.cfg.n_coarse else row["windows"]
+            return (calce_windows(wins) or None), row["windows"], row.get("saliency")
+        if "coarse_windows" in rec.extra:
+            wins = rec.extra["coarse_windows"]
+            return calce_windows(wins), [[float(a), float(b), 1.0] for a, b in wins], None
+        return None
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        rec = self.records[index]
+        duration = float(round(rec.duration)) if self.cfg.round_duration else float(rec.duration)
+        raw, times = self.frames.calce_frames(rec.vid, self.cfg.n_frms)
+        if self.augment:
+            raw = random_resized_crop(raw, self.image_size)
+        if self.cfg.stage == 2:
+            stamps = torch.tensor([round(float(t), 2) for t in times], dtype=torch.float32)
+        else:
+            stamps = torch.tensor([float(t) for t in times], dtype=torch.float32)
+        srt_path = os.path.join(self.captions_dir, f"{rec.vid}.srt") if self.captions_dir else None
+        coarse = self._coarse(rec) if self.cfg.stage == 2 else None
+        if self.cfg.stage == 2 and (coarse is None or not coarse[0]):
+            coarse = ([[0, int(round(duration))]], [], None)      # on_missing_stage2: whole_video
+        return {"qid": rec.qid, "query": rec.query, "vid": rec.vid, "duration": duration,
+                "frames": self.processor(raw), "timestamps": stamps,
+                "items": list(rec.items) if self.cfg.items == "annotation" else [],
+                "srt_text": read_srt_text(srt_path), "srt_path": srt_path,
+                "coarse_windows": coarse[0] if coarse else None,
+                "stage2_windows": coarse[1] if coarse else [], "stage2_saliency": coarse[2] if coarse else None,
+                "target_windows": [list(w) for w in rec.relevant_windows],
+                "relevant_windows": [list(w) for w in rec.relevant_windows],
+                "region": [0.0, duration], "calce_seed": self.cfg.seed + index}
+
+    @staticmethod
+    def collater(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        return collate_calce(samples)
+
+
+def collate_calce(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """A CALCE batch: one list per key (frame counts may differ; durations stay Python floats,
+    as CALCE computes with them)."""
+    if not samples:
+        raise ValueError("empty batch")
+    return {k: [s.get(k) for s in samples] for k in samples[0]}
+
+
 def build_sample(query: str, vid: str, duration: float, region: Tuple[float, float], frames: FrameSource,
                  sampler: SamplerConfig, processor: FrameProcessor,
                  captions: Optional[Sequence[Caption]] = None) -> Dict[str, Any]:
@@ -447,25 +640,31 @@ def collate_refiner(samples: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # =========================================================================== builder
-BUILDER_KEYS = {"type", "data_root", "annotations", "reader", "frames", "captions", "stage2_predictions",
-                "on_missing_stage2", "sampler", "image_size", "max_windows", "splits", "demo_corpus"}
+BUILDER_KEYS = {"type", "variant", "calce", "data_root", "annotations", "reader", "frames", "captions",
+                "stage2_predictions", "on_missing_stage2", "sampler", "image_size", "max_windows", "splits",
+                "demo_corpus"}
 
 
 @registry.register_builder("c2f_refiner")
 class RefinerDatasetBuilder(BaseDatasetBuilder):
-    """``c2f_refiner`` datasets (``{split: RefinerDataset}``) from a ``datasets.c2f_refiner`` node::
+    """``c2f_refiner`` datasets (``{split: CalceDataset | RefinerDataset}``) from a
+    ``datasets.c2f_refiner`` node::
 
+        variant: calce                 # calce (CalceDataset) | interleaved (RefinerDataset)
+        calce: {stage, n_frms, items: annotation|none, n_coarse, round_duration, seed}   # calce
         data_root: DIR                 # base of relative paths (demo_corpus: the demo root)
         demo_corpus: false             # true: data_root defaults to the demo corpus (made if missing)
-        annotations: {train: {path, format: auto|qvh|charades_sta|tacos}, val: ..., test: ...}
+        annotations: {train: {path, format: auto|qvh|charades_sta|tacos|calce}, val: ..., test: ...}
         reader: {tolerance, clamp, swap_reversed, on_error}
         frames: {type: video, path: videos, ext: .mp4, fps: 1, cache_videos: 4}
               | {type: folder, path: frames, fps: 1}
               | {type: feature_image, path: clip_features, clip_length: 2, field: features}
         captions: srts | null          # folder of <vid>.srt
-        stage2_predictions: {train: P, val: P, test: P} | null   # official rows (jsonl)
+        stage2_predictions: {train: P, val: P, test: P} | null   # official rows (jsonl); calce
+                                       # stage 2: the coarse windows (e.g. CALCE stage 1's rows)
         on_missing_stage2: error | whole_video
         sampler: {margin_s, margin_ratio, n_ref_windows, n_candidates, n_frames, keyframes, seed}
+                                       # interleaved only
         image_size: 224
         max_windows: 5
         splits: null                   # subset of the annotation splits
@@ -476,8 +675,6 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
 
     @classmethod
     def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        from lavis_c2f.paths import config_path
-
         if type not in cls.DATASET_CONFIG_DICT:
             raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
                               f"{sorted(cls.DATASET_CONFIG_DICT)}")
@@ -495,8 +692,6 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
         demo = bool(d.get("demo_corpus", False))
         if root in (None, "", "null"):
             if demo:
-                from lavis_c2f.data.demo_corpus import default_demo_root
-
                 root = default_demo_root()
             else:
                 root = os.getcwd()
@@ -518,6 +713,10 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
         for s in self.splits:
             if s not in self.annotations:
                 raise ConfigError(f"{where}.splits: {s!r} has no entry in {where}.annotations")
+        self.variant = d.get("variant", "calce")
+        if self.variant not in ("calce", "interleaved"):
+            raise ConfigError(f"{where}.variant: expected 'calce' or 'interleaved', got {self.variant!r}")
+        self.calce = CalceDataConfig.from_mapping(d.get("calce"), f"{where}.calce")
         self.sampler = SamplerConfig.from_mapping(d.get("sampler"), f"{where}.sampler")
         self.image_size = int(d.get("image_size", 224))
         self.max_windows = int(d.get("max_windows", 5))
@@ -532,17 +731,12 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
     def _prepare(self) -> None:
         if not self.demo:
             return
-        from lavis_c2f.common.dist import barrier, is_main_process
-        from lavis_c2f.data.demo_corpus import make_demo_corpus, read_corpus_meta
-
         if read_corpus_meta(self.data_root) is None:
             if is_main_process():
                 make_demo_corpus(self.data_root)
             barrier()
 
     def build_datasets(self) -> Dict[str, RefinerDataset]:
-        from lavis_c2f.data.readers import read_annotations
-
         self._prepare()
         frames = make_frame_source(self.d["frames"], self.data_root, self.image_size, f"{self.where}.frames")
         cap = self.d.get("captions")
@@ -557,7 +751,7 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
             if not os.path.isfile(a["path"]):
                 raise ConfigError(f"{self.where}.annotations.{split}.path: annotation file not found: {a['path']}")
             kw = dict(reader)
-            if a["format"] in ("qvh", "auto") and a["path"].endswith(".jsonl"):
+            if a["format"] == "calce" or (a["format"] in ("qvh", "auto") and a["path"].endswith(".jsonl")):
                 kw["require_windows"] = a["require_windows"]
             records = read_annotations(a["path"], fmt=a["format"], **kw)
             stage2, src = None, None
@@ -566,9 +760,14 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
                 if not os.path.isfile(src):
                     raise ConfigError(f"{self.where}.stage2_predictions.{split}: file not found: {src}")
                 stage2 = load_stage2_predictions(src)
-            out[split] = RefinerDataset(records, frames, self.sampler, self.image_size, captions_dir, stage2,
-                                        self.on_missing, self.max_windows, name=f"{self.NAME}/{split}",
-                                        stage2_source=src)
+            if self.variant == "calce":
+                out[split] = CalceDataset(records, frames, self.calce, self.image_size, captions_dir, stage2,
+                                          self.on_missing, name=f"{self.NAME}/{split}", coarse_source=src,
+                                          augment=self.calce.train_crop and split == "train")
+            else:
+                out[split] = RefinerDataset(records, frames, self.sampler, self.image_size, captions_dir, stage2,
+                                            self.on_missing, self.max_windows, name=f"{self.NAME}/{split}",
+                                            stage2_source=src)
             out[split].ann_path = a["path"]
         return out
 

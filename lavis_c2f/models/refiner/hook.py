@@ -5,11 +5,21 @@ Usage (the pipeline imports this only when the refiner is switched on)::
     from lavis_c2f.models.refiner.hook import CaptionRefiner
 
     refiner = CaptionRefiner.from_config({"model": {...} or "path/to/model.yaml",
-                                          "checkpoint": "refiner.pth", "sampler": {...},
+                                          "checkpoint": "refiner.pth", "items": "none",
                                           "video_fps": 1.0, "captions_dir": "srts", "device": "cuda"})
     windows = refiner.refine(query, duration=150.0, stage2_windows=[[10, 24, 0.8], ...],
-                             video_path="videos/abc.mp4")          # or frames=..., timestamps=...
+                             video_path="videos/abc.mp4", items=["man", "boots"])
     print(refiner.stats.summary())      # "refiner: 9/10 refined, 1 fell back to stage 2 (...)"
+
+A ``calce`` model goes through the one public CALCE path (:func:`build_calce_inputs`,
+:func:`calce_generate`, :func:`calce_post_process`): ``n_frms`` frames of the whole video by
+CALCE's head sampling (decord for video files), the video's ``.srt`` text, the query's
+``items`` (``items: required``, the default, makes a call without items an error;
+``items: none`` writes the explicit no-items prompt), and for a stage-2 model the best
+``sampler.n_ref_windows`` stage-2 windows as coarse windows (integer seconds; the whole video
+when there are none). The global RNG is seeded with ``sampler.seed`` before each query, so
+DPC-KNN results are reproducible. An ``interleaved`` model looks at the k-means key frames of
+the search region around the stage-2 windows (:func:`build_sample`).
 
 ``refine`` never raises because of the model's output: a generation that does not parse falls
 back to the stage-2 windows (counted in :attr:`CaptionRefiner.stats`). Frames that cannot be
@@ -26,18 +36,24 @@ import numpy as np
 import torch
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.models.checkpoint import model_node
+from lavis_c2f.models.refiner.calce import build_calce_inputs, calce_generate_output
+from lavis_c2f.models.refiner.calce_text import calce_windows, read_srt_text
 from lavis_c2f.models.refiner.data import (ArrayFrameSource, FrameProcessor, SamplerConfig,
                                            VideoFileFrameSource, build_sample, collate_refiner)
 from lavis_c2f.models.refiner.parsing import RefineStats
 from lavis_c2f.models.refiner.prompt import refine_region
 from lavis_c2f.models.refiner.srt import Caption, load_captions
 from lavis_c2f.paths import resolve_path
+from lavis_c2f.registry_utils import get as registry_get
+from lavis_c2f.video.captions import format_srt
 
 logger = logging.getLogger(__name__)
 
 HOOK_KEYS = {"model", "checkpoint", "sampler", "video_fps", "video_ext", "captions_dir", "device",
-             "cache_videos"}
+             "cache_videos", "items", "n_frms"}
+ITEMS_MODES = ("required", "none")
 
 
 class CaptionRefiner:
@@ -45,7 +61,9 @@ class CaptionRefiner:
 
     Args:
         model: the refiner model (put in eval mode here).
-        sampler: region / key-frame settings.
+        sampler: region / key-frame settings (CALCE: ``n_ref_windows`` coarse windows, ``seed``).
+        items: ``required`` or ``none`` (CALCE; module doc).
+        n_frms: CALCE frames per video (default: 75 for stage 1, 150 for stage 2).
         video_fps: decoding rate of ``video_path`` inputs (candidate frames per second).
         captions_dir: folder of ``<vid>.srt`` used when ``refine`` gets no ``captions``.
         device: where the model runs (default: the model's device).
@@ -53,7 +71,15 @@ class CaptionRefiner:
 
     def __init__(self, model: torch.nn.Module, sampler: Optional[SamplerConfig] = None,
                  video_fps: float = 1.0, video_ext: str = ".mp4", captions_dir: Optional[str] = None,
-                 device: Optional[Union[str, torch.device]] = None, cache_videos: int = 2):
+                 device: Optional[Union[str, torch.device]] = None, cache_videos: int = 2,
+                 items: str = "required", n_frms: Optional[int] = None):
+        if items not in ITEMS_MODES:
+            raise ConfigError(f"refiner.items: expected one of {ITEMS_MODES}, got {items!r}")
+        if n_frms is not None and (isinstance(n_frms, bool) or not isinstance(n_frms, int) or n_frms < 1):
+            raise ConfigError(f"refiner.n_frms: expected a positive integer, got {n_frms!r}")
+        self.items_mode = items
+        self.calce = getattr(model, "variant", None) == "calce"
+        self.n_frms = n_frms or (150 if self.calce and model.calce.stage == 2 else 75)
         self.model = model
         if device is not None:
             self.model.to(device)
@@ -70,28 +96,20 @@ class CaptionRefiner:
     @classmethod
     def from_config(cls, cfg: Any) -> "CaptionRefiner":
         """From ``{model: mapping | YAML path (with a model: node), checkpoint, sampler,
-        video_fps, video_ext, captions_dir, device, cache_videos}`` (unknown keys raise)."""
-        from lavis_c2f.models.refiner.model import C2FCaptionRefiner
-
+        video_fps, video_ext, captions_dir, device, cache_videos, items, n_frms}`` (unknown keys
+        raise). The model class is the registered one of ``model.arch``."""
         d = check_keys(cfg, HOOK_KEYS, "refiner")
-        model_cfg = d.get("model")
-        if isinstance(model_cfg, str):
-            from omegaconf import OmegaConf
-
-            path = resolve_path(model_cfg)
-            if not os.path.isfile(path):
-                raise ConfigError(f"refiner.model: YAML not found: {path}")
-            node = OmegaConf.load(path)
-            model_cfg = node.get("model", node)
-        if model_cfg is None:
+        if d.get("model") is None:
             raise ConfigError("refiner.model: missing (a model mapping or a model YAML path)")
-        model = C2FCaptionRefiner.from_config(to_plain(model_cfg))
+        model_cfg = model_node(d["model"], "refiner.model")
+        model = registry_get("model", str(model_cfg.get("arch", "c2f_caption_refiner"))).from_config(model_cfg)
         if d.get("checkpoint"):
             model.load_checkpoint(d["checkpoint"])
         return cls(model, SamplerConfig.from_mapping(d.get("sampler"), "refiner.sampler"),
                    video_fps=float(d.get("video_fps", 1.0)), video_ext=d.get("video_ext", ".mp4"),
                    captions_dir=resolve_path(d["captions_dir"]) if d.get("captions_dir") else None,
-                   device=d.get("device"), cache_videos=int(d.get("cache_videos", 2)))
+                   device=d.get("device"), cache_videos=int(d.get("cache_videos", 2)),
+                   items=d.get("items", "required"), n_frms=d.get("n_frms"))
 
     # ------------------------------------------------------------------ helpers
     def _video_source(self, video_path: str):
@@ -122,6 +140,60 @@ class CaptionRefiner:
                 out.append(Caption(float(st), float(ed), str(text)))
         return out
 
+    def _srt_text(self, captions: Any, vid: Optional[str]) -> Optional[str]:
+        """The ``.srt`` text CALCE reads: a path, captions (written as SRT), or
+        ``captions_dir/<vid>.srt``; None without speech."""
+        if isinstance(captions, (str, os.PathLike)):
+            if not os.path.isfile(captions):
+                raise DataFormatError("subtitle file not found", path=str(captions))
+            return read_srt_text(str(captions))
+        if captions is None:
+            return read_srt_text(os.path.join(self.captions_dir, f"{vid}.srt")) if self.captions_dir and vid else None
+        caps = self._captions(captions, vid)
+        return format_srt(caps) if caps else None
+
+    def _items(self, items: Optional[Sequence[str]]) -> List[str]:
+        if items is not None:
+            if isinstance(items, str) or not all(isinstance(x, str) for x in items):
+                raise ValueError(f"items must be a list of strings, got {items!r}")
+            return list(items)
+        if self.items_mode == "none":
+            return []
+        raise ConfigError("the CALCE refiner needs the query's items (refine(..., items=[...]), e.g. from "
+                          "annotations that carry them); set the refiner's 'items: none' to use the explicit "
+                          "no-items prompt instead")
+
+    def _refine_calce(self, query: str, duration: float, stage2: List[List[float]], source: Any, vid: str,
+                      captions: Any, items: Optional[Sequence[str]]) -> List[List[float]]:
+        """One pair through :func:`build_calce_inputs` / :func:`calce_generate` / parsing."""
+        item_list = self._items(items)
+        try:
+            raw, times = source.calce_frames(vid, self.n_frms)
+        except (DataFormatError, OSError, RuntimeError) as e:
+            logger.warning("refiner: frames of %s unavailable (%s); keeping stage-2 windows", vid, e)
+            self.stats.record_fallback("frames_unavailable")
+            return self._fallback(stage2, (0.0, float(duration)))
+        stage = self.model.calce.stage
+        stamps = [round(float(t), 2) if stage == 2 else float(t) for t in times]
+        coarse = None
+        if stage == 2:
+            best = sorted(stage2, key=lambda w: -(w[2] if len(w) > 2 else 0.0))[:self.sampler.n_ref_windows]
+            coarse = calce_windows(best) or [[0, int(round(duration))]]
+        dev = next(self.model.parameters()).device
+        torch.manual_seed(self.sampler.seed)
+        x = build_calce_inputs(self.model, self.processor(raw).to(dev), torch.tensor(stamps, dtype=torch.float32),
+                               float(duration), query, item_list, self._srt_text(captions, vid), coarse)
+        g = self.model.generation_cfg
+        out = calce_generate_output(self.model, x, int(g["num_beams"]), int(g["max_new_tokens"]),
+                                    int(g["min_length"]), float(g["repetition_penalty"]), float(g["length_penalty"]))
+        texts = self.model.t5_tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        conf = out.sequences_scores.float().exp().tolist() if getattr(out, "sequences_scores", None) is not None \
+            else [1.0]
+        batch = {"duration": [float(duration)], "stage2_windows": [stage2], "region": [[0.0, float(duration)]]}
+        windows, results = self.model.refine_rows(batch, texts, conf)
+        self.stats.record(results[0])
+        return windows[0]
+
     @staticmethod
     def _fallback(stage2: List[List[float]], region) -> List[List[float]]:
         if stage2:
@@ -133,7 +205,7 @@ class CaptionRefiner:
     def refine(self, query: str, duration: float, stage2_windows: Sequence[Sequence[float]],
                video_path: Optional[str] = None, frames: Optional[np.ndarray] = None,
                timestamps: Optional[Sequence[float]] = None, captions: Any = None,
-               vid: Optional[str] = None) -> List[List[float]]:
+               vid: Optional[str] = None, items: Optional[Sequence[str]] = None) -> List[List[float]]:
         """Refined windows ``[[st, ed, score], ...]`` (seconds) of one query in one video.
 
         Args:
@@ -145,6 +217,7 @@ class CaptionRefiner:
             captions: ``Caption`` s, ``(start, end, text)`` tuples, dicts, an ``.srt`` path, or
                 None (``captions_dir/<vid>.srt`` when configured).
             vid: video id (for captions_dir; default: the video file name).
+            items: the query's items (CALCE; module doc).
         """
         if not (isinstance(duration, (int, float)) and duration > 0):
             raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
@@ -161,6 +234,8 @@ class CaptionRefiner:
             vid = vid or file_vid
         else:
             raise ValueError("refine needs video_path or frames + timestamps")
+        if self.calce:
+            return self._refine_calce(query, float(duration), stage2, source, vid, captions, items)
         try:
             sample = build_sample(query, vid, float(duration), region,
                                   source, self.sampler, self.processor,

@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.ops.spans import interval_iou
 
 _NUM = r"[-+]?[0-9]+(?:\.[0-9]+)?"  # ASCII digits only (\d also matches other scripts)
 _PAIR = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
@@ -51,11 +53,7 @@ class ParseConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Optional[Mapping[str, Any]], where: str = "model.output") -> "ParseConfig":
-        cfg = dict(cfg or {})
-        known = {"max_windows", "max_chars", "tolerance_s", "min_length_s", "swap_reversed"}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = check_keys(cfg, {f.name for f in fields(cls)}, where)
         for k in ("max_windows", "max_chars"):
             if k in cfg and (isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1):
                 raise ConfigError(f"{where}.{k}: expected a positive integer, got {cfg[k]!r}")
@@ -186,7 +184,7 @@ def windows_with_scores(refined: Sequence[Tuple[float, float]], top_score: float
             st, ed = float(w[0]), float(w[1])
             if not (math.isfinite(st) and math.isfinite(ed) and ed > st):
                 continue
-            if any(_iou((st, ed), (k[0], k[1])) >= iou_threshold for k in out + tail):
+            if any(interval_iou((st, ed), k) >= iou_threshold for k in out + tail):
                 continue
             tail.append([st, ed, 0.0])
         for j, w in enumerate(tail):
@@ -194,8 +192,3 @@ def windows_with_scores(refined: Sequence[Tuple[float, float]], top_score: float
         out.extend(tail)
     return out[:max_windows]
 
-
-def _iou(a: Tuple[float, float], b: Tuple[float, float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = (a[1] - a[0]) + (b[1] - b[0]) - inter
-    return inter / union if union > 0 else 0.0

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
 
 Segment = Union[int, str]
 FRAME_PLACEHOLDER = "<frame>"
@@ -74,11 +75,7 @@ class PromptConfig:
     @classmethod
     def from_mapping(cls, cfg: Optional[Mapping[str, Any]], where: str = "model.prompt") -> "PromptConfig":
         """Build from a mapping; unknown keys and bad types raise :class:`ConfigError`."""
-        cfg = dict(cfg or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(cfg) - set(known))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = check_keys(cfg, {f.name for f in fields(cls)}, where)
         defaults = cls()
         for k, v in cfg.items():
             want = type(getattr(defaults, k))

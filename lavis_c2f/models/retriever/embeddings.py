@@ -1,6 +1,6 @@
 """Containers for encoded queries and videos of the stage-1 retriever.
 
-Both are plain dataclasses of tensors (no LAVIS import), so the corpus index can hold and
+These are plain dataclasses of tensors (no LAVIS import), so the corpus index can hold and
 rebuild them from memory-mapped arrays. Shapes follow docs/ARCHITECTURE.md: Q queries,
 V videos, F frames (clips after frame selection), Lw tokens, D the joint embedding width.
 Masks are float with 1 = valid; valid frames/tokens always form a prefix (the encoders
@@ -8,7 +8,7 @@ compact them), so ``mask.sum(-1)`` is the per-row length.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -164,3 +164,98 @@ class VideoEmbedding:
             frames.append(torch.nn.functional.pad(it.frames, (0, 0, 0, pad)))
             masks.append(torch.nn.functional.pad(it.mask, (0, pad)))
         return VideoEmbedding(torch.cat(frames), torch.cat(masks), torch.cat([it.pooled for it in items]))
+
+
+class _Rows:
+    """Row-wise ops for dataclasses whose tensor fields all share their first dimension."""
+
+    def __len__(self) -> int:
+        return int(getattr(self, fields(self)[0].name).shape[0])
+
+    def _map(self, fn) -> "_Rows":
+        return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def __getitem__(self, idx: Index):
+        i = _as_index(idx, len(self))
+        return self._map(lambda t: t[i])
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None):
+        """Move every field; ``dtype`` converts the floating-point fields except masks."""
+        def mv(name: str, t: torch.Tensor) -> torch.Tensor:
+            if dtype is None or name == "mask" or not t.is_floating_point():
+                return t.to(device=device)
+            return t.to(device=device, dtype=dtype)
+        return type(self)(**{f.name: mv(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def detach(self):
+        return self._map(lambda t: t.detach())
+
+    @classmethod
+    def cat(cls, items: Sequence["_Rows"]):
+        """Concatenate along the first dimension (the other sizes must agree)."""
+        if not items:
+            raise ValueError(f"{cls.__name__}.cat of nothing")
+        return cls(**{f.name: torch.cat([getattr(it, f.name) for it in items]) for f in fields(cls)})
+
+
+@dataclass
+class UCoFiAText(_Rows):
+    """Queries encoded by UCoFiA (:class:`~lavis_c2f.models.retriever.ucofia.C2FUCoFiA`).
+
+    Attributes:
+        sentence: (T, E) the EOT row of the projected text tower output (not normalised).
+        words: (T, L, E) every projected row, SOT, EOT and padding included (official UCoFiA).
+        mask: (T, L) float, 1 = a real token (the attention mask; used only when the model
+            masks padded words).
+    """
+
+    sentence: torch.Tensor
+    words: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.words.ndim != 3 or tuple(self.sentence.shape) != (self.words.shape[0], self.words.shape[2]):
+            raise ValueError(f"UCoFiAText: sentence (T, E) and words (T, L, E) expected, got "
+                             f"{tuple(self.sentence.shape)} and {tuple(self.words.shape)}")
+        t, l = self.words.shape[:2]
+        if tuple(self.mask.shape) != (t, l):
+            raise ValueError(f"UCoFiAText.mask must be ({t}, {l}), got {tuple(self.mask.shape)}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.sentence.shape[1])
+
+
+@dataclass
+class UCoFiAVideo(_Rows):
+    """Videos encoded by UCoFiA. Everything a score needs is here and query-independent.
+
+    Attributes:
+        frames: (V, F, E) projected CLS row of every frame **before** the temporal encoder,
+            padded frames included (official: the frame level uses all ``max_frames``).
+        mask: (V, F) float, 1 = a real frame.
+        patches: (V, F*(1+k), E) per frame ``[CLS, k selected patches]``, not normalised.
+        video: (V, E) L2-normalised video feature (temporal encoder, mean over real frames).
+    """
+
+    frames: torch.Tensor
+    mask: torch.Tensor
+    patches: torch.Tensor
+    video: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.frames.ndim != 3:
+            raise ValueError(f"UCoFiAVideo.frames must be (V, F, E), got {tuple(self.frames.shape)}")
+        v, f, e = self.frames.shape
+        if tuple(self.mask.shape) != (v, f):
+            raise ValueError(f"UCoFiAVideo.mask must be ({v}, {f}), got {tuple(self.mask.shape)}")
+        if self.patches.ndim != 3 or self.patches.shape[0] != v or self.patches.shape[2] != e \
+                or self.patches.shape[1] % max(f, 1):
+            raise ValueError(f"UCoFiAVideo.patches must be ({v}, a multiple of {f}, {e}), got "
+                             f"{tuple(self.patches.shape)}")
+        if tuple(self.video.shape) != (v, e):
+            raise ValueError(f"UCoFiAVideo.video must be ({v}, {e}), got {tuple(self.video.shape)}")
+
+    @property
+    def dim(self) -> int:
+        return int(self.frames.shape[2])

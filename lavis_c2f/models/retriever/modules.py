@@ -4,10 +4,14 @@
   (Wang et al., CVPR 2024): the sentence is the query, frames are keys/values.
 * :class:`StochasticText` -- T-MASS's radius ``R = exp(W s + b)`` from the text-frame
   cosine vector ``s`` and the samples ``t + eps * R``.
-* :class:`InteractiveSimilarityAggregation` -- UCoFiA's ISA (Wang et al., ICCV 2023).
+* :class:`InteractiveSimilarityAggregation` -- UCoFiA's ISA (Wang et al., ICCV 2023), and
+  :func:`two_way_isa`, its fine-grained word-item score (frames here, patches in UCoFiA).
 * :func:`sinkhorn_log_scaling`, :func:`sinkhorn_normalize`, :func:`sinkhorn_video_bias` --
   Sinkhorn-Knopp normalisation of a (Q, V) similarity matrix.
 * :func:`symmetric_infonce` -- CLIP's symmetric cross-entropy with duplicate masking.
+* :func:`frame_selection_weights` -- T-MASS's reduction of L clips to at most ``num_frames``
+  frames (``uniform`` / ``segment_mean``); :func:`compact_valid` -- valid rows first, cut.
+* :func:`l2norm` -- the retrievers' L2 normalisation (:data:`RETRIEVER_L2_EPS`).
 
 Pairs. Scoring always works on a list of P (query, video) pairs. ``grid`` mode is the
 Cartesian product of Q queries and V videos (pair ``p = q * V + v``), computed with
@@ -16,14 +20,24 @@ Cartesian product of Q queries and V videos (pair ``p = q * V + v``), computed w
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.ops.vectors import l2_normalize
+
 NEG_FILL = -1e9  # masked logits (finite, so an all-masked row never yields NaN)
+#: eps of the retrievers' L2 normalisation (:func:`l2norm`). T-MASS and UCoFiA (CLIP4Clip) divide by
+#: the norm itself (``x / x.norm(dim=-1, keepdim=True)``); the clamp only guards zero vectors (padding
+#: frames, masked words), so unit-scale embeddings are divided by exactly their norm. The features'
+#: ``x / (||x|| + 1e-5)`` of QD-DETR (:data:`lavis_c2f.ops.vectors.L2_EPS`) would shrink every
+#: embedding by ~1e-5 relative and move trained retrievers' scores and the official fixtures' parity.
+RETRIEVER_L2_EPS = 1e-8
 
 
 def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
@@ -36,9 +50,65 @@ def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
     return linear
 
 
-def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """``x / max(||x||, eps)`` (zero vectors stay zero)."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """The retrievers' normalisation along the last axis: the package's one rule
+    (:func:`lavis_c2f.ops.vectors.l2_normalize` with ``clamp``), ``x / max(||x||, RETRIEVER_L2_EPS)``."""
+    return l2_normalize(x, RETRIEVER_L2_EPS, clamp=True)
+
+
+def compact_valid(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Move valid rows first (stable) and keep at most ``max_len``.
+    x (B, L, D), mask (B, L) -> (B, L', D), (B, L') with L' = min(max_len, max valid count, >= 1)."""
+    valid = mask > 0
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    n = int(valid.sum(1).max().item()) if valid.numel() else 0
+    keep = max(1, min(max_len, n))
+    order = order[:, :keep]
+    xs = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    ms = torch.gather(valid, 1, order).to(x.dtype)
+    return xs * ms.unsqueeze(-1), ms
+
+
+def frame_selection_weights(mask: torch.Tensor, num_frames: int, mode: str = "uniform"
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights that turn L clips into at most ``num_frames`` frames.
+
+    A video with ``n`` valid clips (in the order of their positions) keeps them all when
+    ``n <= num_frames``; otherwise frame j covers the clips ``[floor(j n / F), floor((j+1) n / F))``
+    and takes their centre clip ``floor((j + 0.5) n / F)`` (``uniform``) or their mean
+    (``segment_mean``).
+
+    Args:
+        mask: (B, L) 1 = valid clip.
+    Returns:
+        ``A`` (B, F', L) with ``frames = A @ clips`` and the frame mask (B, F') (valid first),
+        ``F' = min(num_frames, max n)`` (at least 1).
+    """
+    valid = mask > 0
+    b, l = valid.shape
+    n = valid.sum(1)                                                       # (B,)
+    rank = torch.cumsum(valid.long(), 1) - 1                               # compacted index of each clip
+    f_out = max(1, min(num_frames, int(n.max().item()) if b else 1))
+    j = torch.arange(f_out, device=mask.device).view(1, f_out, 1)          # (1, F', 1)
+    nn_ = n.view(b, 1, 1)
+    r = rank.view(b, 1, l)
+    big = nn_ > num_frames
+    if mode == "uniform":
+        centre = torch.div((2 * j + 1) * nn_, 2 * num_frames, rounding_mode="floor")
+        target = torch.where(big, centre, j)
+        sel = (r == target)
+    elif mode == "segment_mean":
+        start = torch.div(j * nn_, num_frames, rounding_mode="floor")
+        end = torch.div((j + 1) * nn_, num_frames, rounding_mode="floor")
+        seg = (r >= start) & (r < end)
+        sel = torch.where(big, seg, r == j)
+    else:
+        raise ValueError(f"frame_sampling must be 'uniform' or 'segment_mean', got {mode!r}")
+    sel = sel & valid.view(b, 1, l)
+    weights = sel.to(torch.float32)
+    count = weights.sum(-1, keepdim=True)
+    weights = weights / count.clamp_min(1.0)
+    return weights, (count.squeeze(-1) > 0).to(torch.float32)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -54,6 +124,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     0 where nothing is valid. x: (..., N, D), mask: (..., N) with ``dim`` the N axis."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def model_fingerprint(arch: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """``{"arch", "config_hash", "weights_hash"}``: sha256 of the JSON ``config`` and of every
+    tensor's name, dtype, shape and bytes (what a stored video embedding depends on)."""
+    ch = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    wh = hashlib.sha256()
+    for name, t in sorted(state_dict.items()):
+        t = t.detach().cpu().contiguous()
+        wh.update(name.encode())
+        wh.update(str(t.dtype).encode())
+        wh.update(str(tuple(t.shape)).encode())
+        wh.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {"arch": arch, "config_hash": ch, "weights_hash": wh.hexdigest()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,6 +364,19 @@ class StochasticText(nn.Module):
             return torch.rand(shape, device=device, dtype=dtype, generator=generator)
         return torch.randn(shape, device=device, dtype=dtype, generator=generator) * self.prior_std
 
+    def sample_eps_rows(self, n: int, row_shape: Tuple[int, ...], generator: torch.Generator,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(n, *row_shape) CPU noise whose rows concatenate: drawing n1 then n2 rows from a
+        generator gives the same rows as drawing n1 + n2 at once (uniform: ``rand``; normal:
+        Box-Muller of ``rand`` pairs, as ``randn`` is only consistent for sizes divisible by 16).
+        ``out``: a float32 CPU tensor of that shape to fill."""
+        if self.prior == "uniform":
+            return torch.rand((n,) + tuple(row_shape), generator=generator, out=out)
+        u = torch.rand((n, 2) + tuple(row_shape), generator=generator, dtype=torch.float64)
+        z = torch.sqrt(-2.0 * torch.log1p(-u[:, 0])) * torch.cos(2.0 * math.pi * u[:, 1])
+        z = (z * self.prior_std).float()
+        return z if out is None else out.copy_(z)
+
 
 # ----------------------------------------------------------------------------------------
 # UCoFiA
@@ -295,7 +392,8 @@ class InteractiveSimilarityAggregation(nn.Module):
 
     ``W`` is learnable and starts at the identity (then ``w`` is a sharpened ``p``);
     ``tau`` is the temperature (UCoFiA uses 0.01). ``softmax_m`` ignores masked items;
-    an all-masked vector aggregates to 0. Vectors shorter than ``size`` use ``W[:N, :N]``.
+    an all-masked vector aggregates to 0; ``mask=None`` uses every item (the official
+    UCoFiA code never masks). Vectors shorter than ``size`` use ``W[:N, :N]``.
     """
 
     def __init__(self, size: int, temperature: float = 0.01):
@@ -305,25 +403,64 @@ class InteractiveSimilarityAggregation(nn.Module):
         self.size, self.temperature = int(size), float(temperature)
         self.weight = nn.Parameter(torch.eye(self.size))
 
-    def forward(self, sims: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """sims (..., N), mask (..., N) -> (...)."""
-        n = sims.shape[-1]
+    def forward(self, sims: torch.Tensor, mask: Optional[torch.Tensor] = None, dim: int = -1) -> torch.Tensor:
+        """sims (..., N) (``dim=-1``) or (..., N, M) (``dim=-2``, one vector per column),
+        mask broadcastable to ``sims`` or None -> ``sims`` without ``dim``."""
+        if dim not in (-1, -2):
+            raise ValueError(f"ISA aggregates over dim -1 or -2, got {dim}")
+        n = sims.shape[dim]
         if n > self.size:
             raise ValueError(f"ISA built for at most {self.size} items, got {n}")
-        p = masked_softmax(sims / self.temperature, mask)
-        g = p @ self.weight[:n, :n]
-        w = masked_softmax(g / self.temperature, mask)
-        return (w * sims * (mask > 0).to(sims.dtype)).sum(-1)
+        w_mix = self.weight[:n, :n].to(sims.dtype)
+
+        def mix(p: torch.Tensor) -> torch.Tensor:      # p @ W along ``dim``
+            return p @ w_mix if dim == -1 else (p.transpose(-1, -2) @ w_mix).transpose(-1, -2)
+
+        if mask is None:
+            p = torch.softmax(sims / self.temperature, dim=dim)
+            w = torch.softmax(mix(p) / self.temperature, dim=dim)
+            return (w * sims).sum(dim)
+        p = masked_softmax(sims / self.temperature, mask, dim=dim)
+        w = masked_softmax(mix(p) / self.temperature, mask, dim=dim)
+        return (w * sims * (mask > 0).to(sims.dtype)).sum(dim)
 
 
-def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+def two_way_isa(sims: torch.Tensor, word_mask: Optional[torch.Tensor], item_mask: Optional[torch.Tensor],
+                words_per_item: InteractiveSimilarityAggregation,
+                items_after_words: InteractiveSimilarityAggregation,
+                items_per_word: InteractiveSimilarityAggregation,
+                words_after_items: InteractiveSimilarityAggregation) -> torch.Tensor:
+    """UCoFiA's fine-grained word-item score (items = frames or selected patches).
+
+    For a (Lw, N) word-item similarity matrix ``x`` of one pair::
+
+        s2i = ISA_items_after_words( ISA_words_per_item(x[:, n]) for each item n )
+        i2w = ISA_words_after_items( ISA_items_per_word(x[j, :]) for each word j )
+        score = (s2i + i2w) / 2
+
+    Args:
+        sims: (..., Lw, N) similarities of any batch of pairs (a strided view is fine).
+        word_mask: (..., Lw) or None (every word counts); item_mask: (..., N) or None.
+    Returns:
+        (...) scores.
+    """
+    per_item = words_per_item(sims, None if word_mask is None else word_mask.unsqueeze(-1), dim=-2)   # (..., N)
+    s2i = items_after_words(per_item, item_mask)
+    per_word = items_per_word(sims, None if item_mask is None else item_mask.unsqueeze(-2))         # (..., Lw)
+    i2w = words_after_items(per_word, word_mask)
+    return (s2i + i2w) / 2.0
+
+
+def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4,
+                         column_first: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sinkhorn-Knopp scaling of ``K = exp(sims / temperature)`` in the log domain.
 
     Finds ``log_r`` (Q,) and ``log_c`` (V,) such that ``P = diag(r) K diag(c)`` has rows
     summing to 1 and columns summing to Q / V (doubly stochastic when Q == V). The
     iteration alternates row then column normalisation ``iters`` times, so columns are
-    exact and rows converge (UCoFiA uses 4 iterations).
+    exact and rows converge (UCoFiA uses 4 iterations). ``column_first`` starts from
+    normalised columns (``c = 1 / sum_Q K``) instead of ``c = 1``: the official UCoFiA
+    ``sinkhorn_knopp`` (``b = 1 / K.sum(0)``, then 4 x ``a = 1 / (K b)``, ``b = 1 / (a K)``).
 
     Args:
         sims: (Q, V) similarities.
@@ -334,9 +471,12 @@ def sinkhorn_log_scaling(sims: torch.Tensor, temperature: float = 0.01, iters: i
         raise ValueError(f"sinkhorn expects a (Q, V) matrix, got {tuple(sims.shape)}")
     q, v = sims.shape
     k = sims.double() / float(temperature)
-    log_c = torch.zeros(v, dtype=k.dtype, device=k.device)
     log_col_mass = math.log(q / v)
     log_r = torch.zeros(q, dtype=k.dtype, device=k.device)
+    if column_first:
+        log_c = log_col_mass - torch.logsumexp(k, dim=0)
+    else:
+        log_c = torch.zeros(v, dtype=k.dtype, device=k.device)
     for _ in range(max(1, int(iters))):
         log_r = -torch.logsumexp(k + log_c.unsqueeze(0), dim=1)
         log_c = log_col_mass - torch.logsumexp(k + log_r.unsqueeze(1), dim=0)
@@ -351,16 +491,18 @@ def sinkhorn_normalize(sims: torch.Tensor, temperature: float = 0.01, iters: int
                      + log_c.double().unsqueeze(0)).to(sims.dtype)
 
 
-def sinkhorn_video_bias(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4) -> torch.Tensor:
+def sinkhorn_video_bias(sims: torch.Tensor, temperature: float = 0.01, iters: int = 4,
+                        column_first: bool = False) -> torch.Tensor:
     """(Q, V) similarities of a query bank against videos -> (V,) log column scalings,
     shifted by a log-softmax so they sum (in probability) to one.
 
     Within one query's ranking the row scaling is a constant, so ranking by
     ``sims / T + bias`` equals ranking by the Sinkhorn-normalised probability. UCoFiA
     computes this bias from training queries against the test videos and adds it to the
-    test logits of every level before summing.
+    test logits of every level before summing (official: ``temperature`` 1 on logits that
+    already carry the CLIP scale, ``column_first``; see :func:`sinkhorn_log_scaling`).
     """
-    _, log_c = sinkhorn_log_scaling(sims, temperature, iters)
+    _, log_c = sinkhorn_log_scaling(sims, temperature, iters, column_first)
     return torch.log_softmax(log_c, dim=0)
 
 

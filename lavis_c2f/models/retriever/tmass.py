@@ -2,8 +2,18 @@
 
 T-MASS (Wang et al., "Text Is MASS: Modeling as Stochastic Embedding for Text-Video
 Retrieval", CVPR 2024) over precomputed per-clip features (the "Retrieval batch" of
-docs/ARCHITECTURE.md) or, when ``clip_path`` names a local ``CLIPModel`` folder, over CLIP
-towers run end to end.
+docs/ARCHITECTURE.md) or over a CLIP tower run end to end on frames (``clip_path``: a local
+``CLIPModel`` folder; ``clip_config``: ``CLIPConfig`` arguments, weights from a checkpoint).
+
+**Official T-MASS** is this model with ``text_proj: none``, ``video_proj: none``,
+``embed_dim`` = the CLIP projection width, ``num_heads: 1``, ``logit_scale_source: clip``
+(the loss uses CLIP's own logit scale, clamped to log 100 after every optimiser step) and
+``inference_noise: per_pair``; :func:`~lavis_c2f.models.retriever.tmass_checkpoint.load_tmass_checkpoint`
+builds it from an official ``model_best.pth`` (``tmass_checkpoint`` in YAML), and
+``lavis_c2f/configs/models/c2f_tmass_official.yaml`` holds it. Its public methods
+(:meth:`encode_text`, :meth:`encode_video`, :meth:`pooled_video`, :meth:`log_radius`,
+:meth:`score`, :meth:`contrastive_losses`) reproduce the official code's numbers given the
+same noise (``../shared/fixtures/tmass_reference``).
 
 Pipeline for a query ``t`` and a video with frames ``f_1..f_F``:
 
@@ -20,9 +30,18 @@ Pipeline for a query ``t`` and a video with frames ``f_1..f_F``:
    the radius of its paired video (as the reference trainer). Inference (``inference_mode:
    trials``) draws ``num_trials`` noise vectors and keeps, per (query, video) pair, the best
    score (the reference keeps the trial most similar to the pooled video);
-   ``deterministic`` uses ``eps = 0``. Trial noise comes from a generator seeded with
-   ``eval_seed`` and is shared by all pairs, so a pair's score does not depend on the
-   batch, block or candidate set it is scored in (reproducible and block-invariant).
+   ``deterministic`` uses ``eps = 0``. The trial noise (``inference_noise``):
+
+   * ``shared`` (default): ``num_trials`` vectors from a generator seeded with ``eval_seed``,
+     the same for every pair, so a pair's score does not depend on the batch, block or
+     candidate set it is scored in: precomputable and what the corpus index uses.
+   * ``per_pair``: fresh noise for every (text, video, trial), as the official evaluation
+     draws it (``torch.rand_like`` per video and trial). Text row ``i`` draws its noise for
+     the videos in order from its own generator seeded with ``(eval_seed, text_ids[i])``,
+     so :meth:`score` of a whole (Q, V) matrix is reproducible, independent of query
+     blocks and ranks when callers pass global ``text_ids`` (the task does); a re-ranked
+     candidate subset would get other noise, hence :meth:`score_pairs` refuses it.
+   * explicit: ``score(..., noise=N)`` with ``N`` (Q, V, K, D) (tests, the official noise).
 5. **UCoFiA levels** (switches ``use_*``): frame-sentence = ISA over ``cos(t, f_i)``;
    frame-word = the two-way ISA of UCoFiA over the word-frame cosine matrix
    (per frame over words then over frames, and per word over frames then over words,
@@ -33,12 +52,15 @@ Pipeline for a query ``t`` and a video with frames ``f_1..f_F``:
    ``b_l`` are per-video log column scalings (see "Sinkhorn at inference" below).
 
 Training loss: symmetric InfoNCE on ``exp(logit_scale) * S`` (in-batch negatives;
-``logit_scale`` learnable, clamped at ``logit_scale_max`` = log 100 as CLIP/the reference),
+``logit_scale`` learnable: the model's own (``logit_scale_source: own``) or CLIP's
+(``clip``); clamped at ``logit_scale_max`` = log 100 as CLIP/the reference: in place before
+each training forward, i.e. after the previous optimiser step as the reference does, and in
+the loss),
 plus ``support_loss_weight`` x the same loss with the support text
 ``t_sup = t + R * (vbar - t) / |vbar - t|`` in place of ``t_s`` (``vbar`` = the pooled video
 averaged over the batch's texts, exactly as the reference trainer). Duplicate videos in a
 batch (same ``vid`` for two queries) are masked out of both softmax denominators instead
-of being treated as negatives.
+of being treated as negatives; with ``vids=None`` (the reference) they stay negatives.
 
 Sinkhorn at inference. Sinkhorn-Knopp is a corpus-level normalisation. :meth:`score`
 assembles every level's full (Q, V) matrix from its blocks first and only then
@@ -53,11 +75,11 @@ zero biases (i.e. ``sum_l w_l S_l / T``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
@@ -65,20 +87,31 @@ from lavis.models.base_model import BaseModel
 from torch import nn
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import to_plain
+from lavis_c2f.models.checkpoint import model_node
+from lavis_c2f.models.retriever.clip_towers import ClipTowers, build_clip_config, clip_config_from_path
 from lavis_c2f.models.retriever.embeddings import TextEmbedding, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
-    InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, duplicate_mask, frame_dots,
-    identity_init_, l2norm, masked_mean, radius_bin_index, sinkhorn_video_bias, symmetric_infonce)
-from lavis_c2f.paths import config_path
+    InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, compact_valid, duplicate_mask,
+    frame_dots, frame_selection_weights, identity_init_, l2norm, masked_mean, model_fingerprint, radius_bin_index,
+    sinkhorn_video_bias, symmetric_infonce, two_way_isa)
+from lavis_c2f.models.retriever.tmass_config import (INFERENCE_KEYS, LEVELS, TMASS_DEFAULTS, hashed_config,
+                                                       hparams_from_config, validate_hparams)
+from lavis_c2f.models.retriever.tmass_checkpoint import (
+    load_tmass_state_dict, read_tmass_checkpoint, tmass_dims)
+from lavis_c2f.paths import config_path, resolve_path
 
 logger = logging.getLogger(__name__)
 
-LEVELS = ("video_sentence", "frame_sentence", "frame_word")
-LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
-# inference-only knobs: changing them needs no re-encoding (see ``configure_inference``)
-INFERENCE_KEYS = ("inference_mode", "num_trials", "trial_include_mean", "eval_seed", "sinkhorn",
-                  "sinkhorn_iters", "sinkhorn_temperature", "score_block_size")
-_HASH_EXCLUDED = frozenset(INFERENCE_KEYS) | {"clip_path", "freeze_clip"}
+PER_PAIR_CHUNK = 256  # pairs whose (K, D) trial embeddings are materialised at once
+
+
+def _plain_dict(x: Any) -> Dict[str, Any]:
+    """A plain dict of a mapping or an OmegaConf node (``ConfigError`` otherwise)."""
+    d = to_plain(x)
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"model.clip_config: expected a mapping of CLIPConfig arguments, got {type(d).__name__}")
+    return dict(d)
 
 
 @dataclass
@@ -104,61 +137,6 @@ class _PreparedVideo:
     mask: torch.Tensor                   # (V, F)
     bins: torch.Tensor                   # (V, num_frames) radius bin -> frame index
     has_frames: torch.Tensor             # (V,) float 1 if any valid frame
-
-
-def _compact(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Move valid rows first (stable) and keep at most ``max_len``.
-    x (B, L, D), mask (B, L) -> (B, L', D), (B, L') with L' = min(max_len, max valid count, >= 1)."""
-    valid = mask > 0
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    n = int(valid.sum(1).max().item()) if valid.numel() else 0
-    keep = max(1, min(max_len, n))
-    order = order[:, :keep]
-    xs = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    ms = torch.gather(valid, 1, order).to(x.dtype)
-    return xs * ms.unsqueeze(-1), ms
-
-
-def frame_selection_weights(mask: torch.Tensor, num_frames: int, mode: str = "uniform"
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weights that turn L clips into at most ``num_frames`` frames.
-
-    A video with ``n`` valid clips (in the order of their positions) keeps them all when
-    ``n <= num_frames``; otherwise frame j covers the clips ``[floor(j n / F), floor((j+1) n / F))``
-    and takes their centre clip ``floor((j + 0.5) n / F)`` (``uniform``) or their mean
-    (``segment_mean``).
-
-    Args:
-        mask: (B, L) 1 = valid clip.
-    Returns:
-        ``A`` (B, F', L) with ``frames = A @ clips`` and the frame mask (B, F') (valid first),
-        ``F' = min(num_frames, max n)`` (at least 1).
-    """
-    valid = mask > 0
-    b, l = valid.shape
-    n = valid.sum(1)                                                       # (B,)
-    rank = torch.cumsum(valid.long(), 1) - 1                               # compacted index of each clip
-    f_out = max(1, min(num_frames, int(n.max().item()) if b else 1))
-    j = torch.arange(f_out, device=mask.device).view(1, f_out, 1)          # (1, F', 1)
-    nn_ = n.view(b, 1, 1)
-    r = rank.view(b, 1, l)
-    big = nn_ > num_frames
-    if mode == "uniform":
-        centre = torch.div((2 * j + 1) * nn_, 2 * num_frames, rounding_mode="floor")
-        target = torch.where(big, centre, j)
-        sel = (r == target)
-    elif mode == "segment_mean":
-        start = torch.div(j * nn_, num_frames, rounding_mode="floor")
-        end = torch.div((j + 1) * nn_, num_frames, rounding_mode="floor")
-        seg = (r >= start) & (r < end)
-        sel = torch.where(big, seg, r == j)
-    else:
-        raise ValueError(f"frame_sampling must be 'uniform' or 'segment_mean', got {mode!r}")
-    sel = sel & valid.view(b, 1, l)
-    weights = sel.to(torch.float32)
-    count = weights.sum(-1, keepdim=True)
-    weights = weights / count.clamp_min(1.0)
-    return weights, (count.squeeze(-1) > 0).to(torch.float32)
 
 
 @registry.register_model("c2f_tmass_retriever")
@@ -189,26 +167,29 @@ class C2FTMassRetriever(BaseModel):
         sinkhorn, sinkhorn_iters, sinkhorn_temperature: per-level Sinkhorn-Knopp normalisation.
         score_block_size: (query, video) pairs scored at once by :meth:`score`.
         clip_path: local CLIPModel folder for end-to-end towers (None: features only).
+        clip_config: ``CLIPConfig`` arguments of a randomly initialised tower (its weights
+            come from a checkpoint); exclusive with ``clip_path``.
         freeze_clip: keep the CLIP towers frozen.
+        logit_scale_source: ``own`` (a parameter of this model, from ``logit_scale_init``) |
+            ``clip`` (the tower's ``logit_scale``, as the reference).
+        inference_noise: ``shared`` | ``per_pair`` (see the module docstring).
+        tmass_checkpoint: an official T-MASS checkpoint whose weights are loaded after
+            construction (``from_config`` only; the keys are mapped and loaded strictly).
+        mask_duplicate_videos: in training, the same video twice in a batch is a positive
+            for both texts (masked out of the denominators); false: an ordinary negative, as
+            the reference trainer.
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         "default": config_path("models/c2f_tmass_default.yaml"),
         "ucofia": config_path("models/c2f_tmass_ucofia.yaml"),
         "demo": config_path("models/c2f_tmass_demo.yaml"),
+        "official": config_path("models/c2f_tmass_official.yaml"),
     }
 
-    DEFAULTS: Dict[str, Any] = dict(
-        text_input_dim=512, video_input_dim=512, embed_dim=512, text_proj="linear", video_proj="linear",
-        num_frames=12, frame_sampling="uniform", num_heads=1, pool_dropout=0.3,
-        stochastic_prior="uniform", prior_std=1.0, radius_bias_init=0.0, support_loss_weight=0.8,
-        logit_scale_init=math.log(100.0), logit_scale_max=math.log(100.0),
-        inference_mode="trials", num_trials=20, trial_include_mean=False, eval_seed=0,
-        use_video_sentence=True, use_frame_sentence=False, use_frame_word=False,
-        weight_video_sentence=1.0, weight_frame_sentence=1.0, weight_frame_word=1.0,
-        isa_temperature=0.01, max_words=32, sinkhorn=False, sinkhorn_iters=4, sinkhorn_temperature=0.01,
-        score_block_size=4096, clip_path=None, freeze_clip=True,
-    )
+    DEFAULTS: Dict[str, Any] = TMASS_DEFAULTS
+    #: config keys naming start-point weights that a checkpoint of ours replaces (models.checkpoint.load_model)
+    START_WEIGHTS_KEYS = ("tmass_checkpoint",)
 
     def __init__(self, *, text_input_dim: int = 512, video_input_dim: int = 512, embed_dim: int = 512,
                  text_proj: str = "linear", video_proj: str = "linear", num_frames: int = 12,
@@ -222,7 +203,10 @@ class C2FTMassRetriever(BaseModel):
                  weight_frame_sentence: float = 1.0, weight_frame_word: float = 1.0,
                  isa_temperature: float = 0.01, max_words: int = 32, sinkhorn: bool = False,
                  sinkhorn_iters: int = 4, sinkhorn_temperature: float = 0.01, score_block_size: int = 4096,
-                 clip_path: Optional[str] = None, freeze_clip: bool = True):
+                 clip_path: Optional[str] = None, freeze_clip: bool = True,
+                 clip_config: Optional[Mapping[str, Any]] = None, logit_scale_source: str = "own",
+                 inference_noise: str = "shared", tmass_checkpoint: Optional[str] = None,
+                 mask_duplicate_videos: bool = True):
         super().__init__()
         self.hparams: Dict[str, Any] = dict(
             text_input_dim=int(text_input_dim), video_input_dim=int(video_input_dim), embed_dim=int(embed_dim),
@@ -239,22 +223,27 @@ class C2FTMassRetriever(BaseModel):
             isa_temperature=float(isa_temperature), max_words=int(max_words), sinkhorn=bool(sinkhorn),
             sinkhorn_iters=int(sinkhorn_iters), sinkhorn_temperature=float(sinkhorn_temperature),
             score_block_size=int(score_block_size), clip_path=None if clip_path in (None, "") else str(clip_path),
-            freeze_clip=bool(freeze_clip))
+            freeze_clip=bool(freeze_clip), clip_config=None if clip_config is None else _plain_dict(clip_config),
+            logit_scale_source=str(logit_scale_source), inference_noise=str(inference_noise),
+            tmass_checkpoint=None if tmass_checkpoint in (None, "") else str(tmass_checkpoint),
+            mask_duplicate_videos=bool(mask_duplicate_videos))
         h = self.hparams
-        self._validate(h)
+        validate_hparams(h)
         for k, v in h.items():
             setattr(self, k, v)
 
         self.clip = None
-        if self.clip_path is not None:
-            from lavis_c2f.models.retriever.clip_towers import ClipTowers
-            from lavis_c2f.paths import resolve_path
-
-            self.clip = ClipTowers(resolve_path(self.clip_path), freeze=self.freeze_clip)
+        if self.clip_path is not None or self.clip_config is not None:
+            if self.clip_path is not None:
+                self.clip = ClipTowers.from_path(resolve_path(self.clip_path), freeze=self.freeze_clip)
+                src = "clip_path"
+            else:
+                self.clip = ClipTowers.from_config(self.clip_config, freeze=self.freeze_clip)
+                src = "clip_config"
             p = self.clip.projection_dim
             for key in ("text_input_dim", "video_input_dim"):
                 if h[key] != p:
-                    raise ConfigError(f"{key}={h[key]} but the CLIP towers at clip_path output {p}-d features")
+                    raise ConfigError(f"model.{key}={h[key]} but the CLIP towers of {src} output {p}-d features")
 
         d = self.embed_dim
         self.text_projection = self._make_proj("text_proj", self.text_input_dim, d)
@@ -262,7 +251,8 @@ class C2FTMassRetriever(BaseModel):
         self.pool = TextConditionedPooling(d, self.num_heads, self.pool_dropout)
         self.stochastic = StochasticText(self.num_frames, d, self.stochastic_prior, self.prior_std,
                                          self.radius_bias_init)
-        self.logit_scale = nn.Parameter(torch.tensor(float(self.logit_scale_init)))
+        if self.logit_scale_source == "own":
+            self.logit_scale = nn.Parameter(torch.tensor(float(self.logit_scale_init)))
         if self.use_frame_sentence:
             self.isa_frame_sentence = InteractiveSimilarityAggregation(self.num_frames, self.isa_temperature)
         if self.use_frame_word:
@@ -273,72 +263,26 @@ class C2FTMassRetriever(BaseModel):
         self._eps_cache: Dict[Tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ config
-    @staticmethod
-    def _validate(h: Mapping[str, Any]) -> None:
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"model.{key}: {msg} (got {h[key]!r})")
-
-        for key in ("text_input_dim", "video_input_dim", "embed_dim", "num_frames", "num_heads", "max_words",
-                    "score_block_size", "sinkhorn_iters"):
-            need(h[key] >= 1, key, "must be >= 1")
-        need(h["embed_dim"] % h["num_heads"] == 0, "num_heads", f"must divide embed_dim={h['embed_dim']}")
-        for key in ("text_proj", "video_proj"):
-            need(h[key] in ("linear", "none"), key, "must be 'linear' or 'none'")
-        need(h["text_proj"] == "linear" or h["text_input_dim"] == h["embed_dim"], "text_proj",
-             "'none' needs text_input_dim == embed_dim")
-        need(h["video_proj"] == "linear" or h["video_input_dim"] == h["embed_dim"], "video_proj",
-             "'none' needs video_input_dim == embed_dim")
-        need(h["frame_sampling"] in ("uniform", "segment_mean"), "frame_sampling",
-             "must be 'uniform' or 'segment_mean'")
-        need(h["stochastic_prior"] in StochasticText.PRIORS, "stochastic_prior", "must be 'uniform' or 'normal'")
-        need(h["prior_std"] > 0, "prior_std", "must be > 0")
-        need(0.0 <= h["pool_dropout"] < 1.0, "pool_dropout", "must be in [0, 1)")
-        need(h["support_loss_weight"] >= 0, "support_loss_weight", "must be >= 0")
-        need(h["inference_mode"] in ("trials", "deterministic"), "inference_mode",
-             "must be 'trials' or 'deterministic'")
-        need(h["num_trials"] >= 1, "num_trials", "must be >= 1")
-        need(h["isa_temperature"] > 0, "isa_temperature", "must be > 0")
-        need(h["sinkhorn_temperature"] > 0, "sinkhorn_temperature", "must be > 0")
-        need(h["logit_scale_init"] <= h["logit_scale_max"], "logit_scale_init", "must be <= logit_scale_max")
-        levels = [lv for lv in LEVELS if h[f"use_{lv}"]]
-        need(bool(levels), "use_video_sentence", "at least one use_* level must be true")
-        for lv in levels:
-            need(h[f"weight_{lv}"] > 0, f"weight_{lv}", "must be > 0 for an enabled level")
-
     @classmethod
     def from_config(cls, cfg) -> "C2FTMassRetriever":
-        """Build from the ``model:`` section (a mapping / OmegaConf node). Unknown keys raise
-        :class:`ConfigError` naming them; LAVIS's own bookkeeping keys are ignored."""
-        keys = list(cfg.keys())
-        unknown = sorted(set(keys) - set(cls.DEFAULTS) - LAVIS_KEYS)
-        if unknown:
-            raise ConfigError(f"model ({cfg.get('arch', 'c2f_tmass_retriever')}): unknown key(s) {unknown}; "
-                              f"known: {sorted(cls.DEFAULTS)}")
-        kwargs = {}
-        for k, default in cls.DEFAULTS.items():
-            if k not in cfg:
-                continue
-            v = cfg[k]
-            try:
-                if v is None:
-                    if k != "clip_path":
-                        raise ValueError("null is not allowed")
-                elif isinstance(default, bool):
-                    if not isinstance(v, bool):
-                        raise ValueError("expected true or false")
-                elif isinstance(default, int) and not isinstance(default, bool):
-                    if isinstance(v, bool) or float(v) != int(float(v)):
-                        raise ValueError("expected an integer")
-                    v = int(v)
-                elif isinstance(default, float):
-                    v = float(v)
-                else:
-                    v = str(v)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"model.{k}: invalid value {v!r}: {e}") from None
-            kwargs[k] = v
-        return cls(**kwargs)
+        """Build from the ``model:`` section (a mapping / OmegaConf node), read by
+        :func:`~lavis_c2f.models.retriever.tmass_config.hparams_from_config` (unknown keys and
+        bad values raise :class:`ConfigError` naming them). ``tmass_checkpoint`` loads an
+        official checkpoint's weights into the built model."""
+        model = cls(**hparams_from_config(cfg))
+        if model.tmass_checkpoint is not None:
+            path = resolve_path(model.tmass_checkpoint)
+            load_tmass_state_dict(model, read_tmass_checkpoint(path), source=path)
+        return model
+
+    @property
+    def _device(self) -> torch.device:
+        return self.stochastic.linear_proj.weight.device
+
+    def log_logit_scale(self) -> nn.Parameter:
+        """The learnable log softmax scale of the loss: the model's own or CLIP's
+        (``logit_scale_source``)."""
+        return self.clip.logit_scale if self.logit_scale_source == "clip" else self.logit_scale
 
     def _make_proj(self, key: str, din: int, dout: int) -> Optional[nn.Linear]:
         if self.hparams[key] == "none":
@@ -365,7 +309,7 @@ class C2FTMassRetriever(BaseModel):
         h = dict(self.hparams)
         for k, v in kwargs.items():
             h[k] = type(self.DEFAULTS[k])(v)
-        self._validate(h)
+        validate_hparams(h)
         self.hparams = h
         for k in kwargs:
             setattr(self, k, h[k])
@@ -380,16 +324,7 @@ class C2FTMassRetriever(BaseModel):
         """``{"arch", "config_hash", "weights_hash"}`` identifying what stored video embeddings
         depend on: every config key except :data:`INFERENCE_KEYS` / paths, and all weights (the
         corpus index refuses a model whose fingerprint differs)."""
-        cfg = {k: v for k, v in sorted(self.hparams.items()) if k not in _HASH_EXCLUDED}
-        ch = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
-        wh = hashlib.sha256()
-        for name, t in sorted(self.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            wh.update(name.encode())
-            wh.update(str(t.dtype).encode())
-            wh.update(str(tuple(t.shape)).encode())
-            wh.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return {"arch": "c2f_tmass_retriever", "config_hash": ch, "weights_hash": wh.hexdigest()}
+        return model_fingerprint("c2f_tmass_retriever", hashed_config(self.hparams), self.state_dict())
 
     # ------------------------------------------------------------------ encoders
     def _project(self, proj: Optional[nn.Linear], x: torch.Tensor) -> torch.Tensor:
@@ -412,13 +347,14 @@ class C2FTMassRetriever(BaseModel):
         """
         if input_ids is not None:
             if self.clip is None:
-                raise ValueError("input_ids given but the model has no CLIP towers (clip_path is not set)")
+                raise ValueError("input_ids given but the model has no CLIP tower "
+                                 "(neither clip_path nor clip_config is set)")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             src_txt, src_txt_mask, txt_pooled = self.clip.encode_text(input_ids, attention_mask)
         if src_txt is None and txt_pooled is None:
             raise ValueError("encode_text needs txt_pooled and/or src_txt")
-        dev = self.logit_scale.device
+        dev = self._device
         tokens = tmask = None
         if src_txt is not None:
             if src_txt.ndim != 3 or src_txt.shape[-1] != self.text_input_dim:
@@ -429,7 +365,7 @@ class C2FTMassRetriever(BaseModel):
             src_txt_mask = src_txt_mask.to(dev, torch.float32)
             if tuple(src_txt_mask.shape) != tuple(src_txt.shape[:2]):
                 raise ValueError(f"src_txt_mask must be {tuple(src_txt.shape[:2])}, got {tuple(src_txt_mask.shape)}")
-            tok, tmask = _compact(src_txt, src_txt_mask, self.max_words)
+            tok, tmask = compact_valid(src_txt, src_txt_mask, self.max_words)
             tokens = self._project(self.text_projection, tok) * tmask.unsqueeze(-1)
             if txt_pooled is None:
                 txt_pooled = masked_mean(src_txt, src_txt_mask, dim=1)
@@ -454,12 +390,17 @@ class C2FTMassRetriever(BaseModel):
         Returns:
             :class:`VideoEmbedding` (frames (B, F, D) with F <= ``num_frames``, mask, pooled).
         """
-        dev = self.logit_scale.device
+        dev = self._device
         if pixel_values is not None:
             if self.clip is None:
-                raise ValueError("pixel_values given but the model has no CLIP towers (clip_path is not set)")
+                raise ValueError("pixel_values given but the model has no CLIP tower "
+                                 "(neither clip_path nor clip_config is set)")
             if pixel_values.ndim != 5:
                 raise ValueError(f"pixel_values must be (B, Lf, 3, H, W), got {tuple(pixel_values.shape)}")
+            size = self.clip.image_size
+            if tuple(pixel_values.shape[-2:]) != (size, size):
+                raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} frames but the CLIP tower "
+                                 f"expects {size}x{size} (the dataset's image_size)")
             b, lf = pixel_values.shape[:2]
             mask = (torch.ones(b, lf, device=dev) if pixel_mask is None else pixel_mask.to(dev, torch.float32))
             weights, fmask = frame_selection_weights(mask, self.num_frames, self.frame_sampling)
@@ -536,7 +477,7 @@ class C2FTMassRetriever(BaseModel):
         return _PreparedText(t, l2norm(t), g, words_hat, wmask)
 
     def _prepare_video(self, video: VideoEmbedding) -> _PreparedVideo:
-        frames = video.frames.to(self.logit_scale.device, torch.float32)
+        frames = video.frames.to(self._device, torch.float32)
         mask = video.mask.to(frames.device, torch.float32)
         lengths = mask.sum(-1).round().long()
         norms = frames.norm(dim=-1)
@@ -560,14 +501,19 @@ class C2FTMassRetriever(BaseModel):
         """Per-pair rows of a per-query tensor (grid: pair p = q * nv + v)."""
         return x[qi] if qi is not None else x.repeat_interleave(nv, dim=0)
 
-    def _radius(self, sims_tf: torch.Tensor, pv: _PreparedVideo, vrows: Optional[torch.Tensor],
-                nq: int) -> torch.Tensor:
-        """Text-frame cosines (P, F) -> radius R (P, D) (bins resampled per video)."""
+    def _log_radius_rows(self, sims_tf: torch.Tensor, pv: _PreparedVideo, vrows: Optional[torch.Tensor],
+                         nq: int) -> torch.Tensor:
+        """Text-frame cosines (P, F) -> log radius ``W s + b`` (P, D) (bins resampled per video)."""
         if vrows is None:  # grid: video index of pair p is p % V
             vrows = torch.arange(pv.mask.shape[0], device=sims_tf.device).repeat(nq)
         bins, has = pv.bins[vrows], pv.has_frames[vrows]
         s = torch.gather(sims_tf, 1, bins.clamp_max(sims_tf.shape[1] - 1)) * has.unsqueeze(-1)
-        return torch.exp(self.stochastic.log_radius(s))
+        return self.stochastic.log_radius(s)
+
+    def _radius(self, sims_tf: torch.Tensor, pv: _PreparedVideo, vrows: Optional[torch.Tensor],
+                nq: int) -> torch.Tensor:
+        """Text-frame cosines (P, F) -> radius ``R = exp(W s + b)`` (P, D)."""
+        return torch.exp(self._log_radius_rows(sims_tf, pv, vrows, nq))
 
     def _frame_mask_rows(self, pv: _PreparedVideo, vi: Optional[torch.Tensor], nq: int) -> torch.Tensor:
         return pv.mask[vi] if vi is not None else pv.mask.repeat(nq, 1)
@@ -577,11 +523,8 @@ class C2FTMassRetriever(BaseModel):
         sims = self._cosines(pt.words_hat, pv, qi, vi)                               # (P, Lw, F)
         wmask = self._query_rows(pt.word_mask, qi, nv)
         fmask = self._frame_mask_rows(pv, vi, nq)
-        per_frame = self.isa_fw_words_per_frame(sims.transpose(1, 2), wmask.unsqueeze(1))   # (P, F)
-        s2f = self.isa_fw_frames_after_words(per_frame, fmask)
-        per_word = self.isa_fw_frames_per_word(sims, fmask.unsqueeze(1))                  # (P, Lw)
-        v2w = self.isa_fw_words_after_frames(per_word, wmask)
-        return (s2f + v2w) / 2.0
+        return two_way_isa(sims, wmask, fmask, self.isa_fw_words_per_frame, self.isa_fw_frames_after_words,
+                           self.isa_fw_frames_per_word, self.isa_fw_words_after_frames)
 
     # ------------------------------------------------------------------ training
     def forward(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -589,28 +532,58 @@ class C2FTMassRetriever(BaseModel):
 
         Keys: ``src_txt``/``src_txt_mask``/``txt_pooled`` (or ``txt_input_ids``/
         ``txt_attention_mask`` with CLIP towers), ``src_vid``/``src_vid_mask`` (or
-        ``vid_pixels``/``vid_pixels_mask``), optional ``vid`` (list, duplicates masked).
-        Returns ``{"loss", "loss_nce", "loss_support", "logit_scale"}``.
+        ``vid_pixels``/``vid_pixels_mask``), optional ``vid`` (list; duplicates masked when
+        ``mask_duplicate_videos``). Returns ``{"loss", "loss_nce", "loss_support", "logit_scale"}``.
         """
-        text = self._text_from_samples(samples)
-        video = self._video_from_samples(samples)
-        return self.contrastive_losses(text, video, samples.get("vid"))
+        text = self.encode_text_batch(samples)
+        video = self.encode_video_batch(samples)
+        return self.contrastive_losses(text, video, samples.get("vid") if self.mask_duplicate_videos else None)
 
-    def _text_from_samples(self, samples: Mapping[str, Any]) -> TextEmbedding:
-        if self.clip is not None and samples.get("txt_input_ids") is not None:
-            return self.encode_text(input_ids=samples["txt_input_ids"],
-                                    attention_mask=samples.get("txt_attention_mask"))
-        return self.encode_text(samples.get("src_txt"), samples.get("src_txt_mask"), samples.get("txt_pooled"))
+    def encode_text_batch(self, batch: Mapping[str, Any]) -> TextEmbedding:
+        """The queries of a retrieval batch: CLIP token ids (``txt_input_ids``,
+        ``txt_attention_mask``) when present, else features (``src_txt``, ``src_txt_mask``,
+        ``txt_pooled``)."""
+        if batch.get("txt_input_ids") is not None:
+            return self.encode_text(input_ids=batch["txt_input_ids"], attention_mask=batch.get("txt_attention_mask"))
+        return self.encode_text(batch.get("src_txt"), batch.get("src_txt_mask"), batch.get("txt_pooled"))
 
-    def _video_from_samples(self, samples: Mapping[str, Any]) -> VideoEmbedding:
-        if self.clip is not None and samples.get("vid_pixels") is not None:
-            return self.encode_video(pixel_values=samples["vid_pixels"], pixel_mask=samples.get("vid_pixels_mask"))
-        if samples.get("src_vid") is None:
-            raise KeyError("the retrieval batch has no 'src_vid'")
-        return self.encode_video(samples["src_vid"], samples.get("src_vid_mask"))
+    def encode_video_batch(self, batch: Mapping[str, Any]) -> VideoEmbedding:
+        """The videos of a retrieval batch: frames (``vid_pixels``, ``vid_pixels_mask``) when
+        present, else clip features (``src_vid``, ``src_vid_mask``)."""
+        if batch.get("vid_pixels") is not None:
+            return self.encode_video(pixel_values=batch["vid_pixels"], pixel_mask=batch.get("vid_pixels_mask"))
+        if batch.get("src_vid") is None:
+            raise KeyError("the retrieval batch has neither 'src_vid' nor 'vid_pixels'")
+        return self.encode_video(batch["src_vid"], batch.get("src_vid_mask"))
 
-    def contrastive_losses(self, text: TextEmbedding, video: VideoEmbedding, vids=None) -> Dict[str, torch.Tensor]:
-        """Losses for B aligned (text, video) pairs; see the module docstring."""
+    def pooled_video(self, text: TextEmbedding, video: VideoEmbedding) -> torch.Tensor:
+        """(T, V, D) text-conditioned pooled videos, ``[t, v] = Pool(t, frames of v)`` (the
+        reference's ``pool_frames`` output is [video, text]); dropout in training mode only."""
+        pt, pv = self._prepare_text(text), self._prepare_video(video)
+        g = pt.g if pt.g is not None else self.pool.prepare_text(pt.t)
+        mu, inv_sigma = (pv.mu, pv.inv_sigma) if pv.mu is not None else self.pool.frame_stats(pv.frames)
+        return self.pool.pool(g, pv.frames, mu, inv_sigma, pv.mask).view(len(text), len(video), -1)
+
+    def log_radius(self, text: TextEmbedding, video: VideoEmbedding) -> torch.Tensor:
+        """(T, V, D) ``log R = W s + b`` of every (text, video) pair, ``s`` the cosines of the
+        text with the video's frames (the reference's ``log_var``; the radius is ``exp`` of it)."""
+        pt, pv = self._prepare_text(text), self._prepare_video(video)
+        sims = self._cosines(pt.t_hat.unsqueeze(1), pv, None, None)[:, 0]                # (T*V, F)
+        return self._log_radius_rows(sims, pv, None, len(text)).view(len(text), len(video), -1)
+
+    def contrastive_losses(self, text: TextEmbedding, video: VideoEmbedding, vids=None,
+                           noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Losses for B aligned (text, video) pairs (module docstring).
+
+        Args:
+            text, video: B texts and their B videos (pair b = text b with video b).
+            vids: B video ids; equal ids are masked as positives (None: all other items are
+                negatives, as the reference).
+            noise: (B, D) ``eps`` of the stochastic texts (default: drawn from the prior).
+        Returns:
+            ``{"loss" = loss_nce + support_loss_weight * loss_support, "loss_nce",
+            "loss_support", "logit_scale"}`` (all but ``loss`` detached).
+        """
         b = len(text)
         if len(video) != b:
             raise ValueError(f"{b} texts but {len(video)} videos in the batch")
@@ -625,7 +598,12 @@ class C2FTMassRetriever(BaseModel):
             diag = torch.arange(b, device=pooled.device)
             sims_diag = sims_tf.view(b, b, -1)[diag, diag]                           # (B, F) paired video
             radius = self._radius(sims_diag, pv, diag, b)                            # (B, D)
-            eps = self.stochastic.sample_eps(tuple(pt.t.shape), device=pt.t.device)
+            if noise is None:
+                eps = self.stochastic.sample_eps(tuple(pt.t.shape), device=pt.t.device)
+            else:
+                eps = noise.to(pt.t.device, pt.t.dtype)
+                if tuple(eps.shape) != tuple(pt.t.shape):
+                    raise ValueError(f"noise must be {tuple(pt.t.shape)} (B, D), got {tuple(eps.shape)}")
             t_s = pt.t + eps * radius
             levels["video_sentence"] = torch.cosine_similarity(t_s.unsqueeze(1), pooled, dim=-1, eps=1e-8)
             if self.support_loss_weight > 0:
@@ -637,7 +615,11 @@ class C2FTMassRetriever(BaseModel):
         if self.use_frame_word:
             levels["frame_word"] = self._frame_word_level(pt, pv, None, None).view(b, b)
         sims = sum(w[k] * levels[k] for k in levels)
-        scale = self.logit_scale.clamp(max=self.logit_scale_max).exp()
+        log_scale = self.log_logit_scale()
+        if self.training:  # the reference clamps after each optimiser step: before the next forward
+            with torch.no_grad():
+                log_scale.clamp_(max=self.logit_scale_max)
+        scale = log_scale.clamp(max=self.logit_scale_max).exp()
         dup = duplicate_mask(vids)
         loss_nce = symmetric_infonce(scale * sims, dup)
         if s_support is not None:
@@ -654,7 +636,7 @@ class C2FTMassRetriever(BaseModel):
         """(K, D) inference noise: ``num_trials`` draws from the prior with a generator seeded
         by ``eval_seed`` (plus a leading zero row with ``trial_include_mean``). The first k rows
         for ``num_trials = n`` equal those for any larger ``num_trials``."""
-        device = torch.device(device) if device is not None else self.logit_scale.device
+        device = torch.device(device) if device is not None else self._device
         key = (self.num_trials, self.embed_dim, self.eval_seed, self.stochastic_prior, self.prior_std,
                self.trial_include_mean, str(device))
         eps = self._eps_cache.get(key)
@@ -668,8 +650,24 @@ class C2FTMassRetriever(BaseModel):
             self._eps_cache[key] = eps
         return eps
 
+    def text_noise_generator(self, text_id: Any) -> torch.Generator:
+        """CPU generator of the ``per_pair`` noise of one text: seeded with a hash of
+        ``(eval_seed, text_id)``."""
+        h = hashlib.blake2b(repr((self.eval_seed, text_id)).encode("utf-8"), digest_size=8).digest()
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(h, "little") >> 1)
+
+    def _per_pair_noise(self, gens: List[torch.Generator], n_videos: int) -> torch.Tensor:
+        """(len(gens) * n_videos, K, D) per-pair noise: each text's generator draws the next
+        ``n_videos`` videos' (K, D) blocks, in video order."""
+        k, d = self.num_trials, self.embed_dim
+        eps = torch.empty(len(gens), n_videos, k, d)
+        for i, g in enumerate(gens):
+            self.stochastic.sample_eps_rows(n_videos, (k, d), g, out=eps[i])
+        return eps.reshape(-1, k, d).to(self._device)
+
     def _video_sentence_scores(self, pt: _PreparedText, pv: _PreparedVideo, qi, vi, sims_tf,
-                               dots: Optional[torch.Tensor] = None) -> torch.Tensor:
+                               dots: Optional[torch.Tensor] = None,
+                               pair_noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         nq, nv = pt.t.shape[0], pv.mask.shape[0]
         pooled = self.pool.pool(pt.g, pv.frames, pv.mu, pv.inv_sigma, pv.mask, qi, vi, dropout=False,
                                 dots=dots)                                                # (P, D)
@@ -677,6 +675,17 @@ class C2FTMassRetriever(BaseModel):
         if self.inference_mode == "deterministic":
             return torch.cosine_similarity(tq, pooled, dim=-1, eps=1e-8)
         radius = self._radius(sims_tf, pv, vi, nq)                                        # (P, D)
+        if pair_noise is not None:                                                        # (P, K, D)
+            if self.trial_include_mean:
+                pair_noise = torch.cat([pair_noise.new_zeros(pair_noise.shape[0], 1, pair_noise.shape[2]),
+                                        pair_noise], dim=1)
+            out = torch.empty(pooled.shape[0], device=pooled.device)
+            for c0 in range(0, pooled.shape[0], PER_PAIR_CHUNK):
+                c1 = min(pooled.shape[0], c0 + PER_PAIR_CHUNK)
+                trials = tq[c0:c1, None] + pair_noise[c0:c1] * radius[c0:c1, None]       # (c, K, D)
+                cos = torch.cosine_similarity(trials, pooled[c0:c1, None], dim=-1, eps=1e-8)
+                out[c0:c1] = cos.max(dim=1).values
+            return out
         eps = self.trial_noise(pooled.device)                                             # (K, D)
         et = eps.t()
         rp, rt = radius * pooled, radius * tq
@@ -686,8 +695,9 @@ class C2FTMassRetriever(BaseModel):
         return (num / denom).max(dim=1).values
 
     def _pair_levels(self, pt: _PreparedText, pv: _PreparedVideo, qi: Optional[torch.Tensor],
-                     vi: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Raw per-level scores (P,) for grid (qi = vi = None) or explicit pairs."""
+                     vi: Optional[torch.Tensor], pair_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Raw per-level scores (P,) for grid (qi = vi = None) or explicit pairs;
+        ``pair_noise`` (P, K, D) replaces the shared trial noise."""
         nq = pt.t.shape[0]
         out: Dict[str, torch.Tensor] = {}
         sims_tf = dots = None
@@ -703,7 +713,7 @@ class C2FTMassRetriever(BaseModel):
         elif need_cos:
             sims_tf = self._cosines(pt.t_hat.unsqueeze(1), pv, qi, vi)[:, 0]                   # (P, F)
         if self.use_video_sentence:
-            out["video_sentence"] = self._video_sentence_scores(pt, pv, qi, vi, sims_tf, dots)
+            out["video_sentence"] = self._video_sentence_scores(pt, pv, qi, vi, sims_tf, dots, pair_noise)
         if self.use_frame_sentence:
             out["frame_sentence"] = self.isa_frame_sentence(sims_tf, self._frame_mask_rows(pv, vi, nq))
         if self.use_frame_word:
@@ -734,15 +744,19 @@ class C2FTMassRetriever(BaseModel):
     def _check_bias(self, bias: Optional[torch.Tensor], n: int, what: str) -> Optional[torch.Tensor]:
         if bias is None:
             return None
-        bias = torch.as_tensor(bias, dtype=torch.float32, device=self.logit_scale.device)
+        bias = torch.as_tensor(bias, dtype=torch.float32, device=self._device)
         if tuple(bias.shape) != (n, len(self.levels)):
             raise ValueError(f"video_bias must be ({n}, {len(self.levels)}) for {what}, got {tuple(bias.shape)}")
         return bias
 
     @torch.no_grad()
     def score(self, text_emb: TextEmbedding, video_emb: VideoEmbedding, block_size: Optional[int] = None,
-              video_bias: Optional[torch.Tensor] = None, return_levels: bool = False):
+              video_bias: Optional[torch.Tensor] = None, return_levels: bool = False,
+              noise: Optional[torch.Tensor] = None, text_ids: Optional[Sequence[Any]] = None):
         """Exact scores of every query against every video, computed in blocks.
+
+        The video-sentence score of (t, v) is ``max_k cos(t + eps_k * R(t, v), Pool(t, v))``
+        (``trials``) with the noise of ``inference_noise`` (module docstring).
 
         Args:
             text_emb: Q queries. video_emb: V videos.
@@ -751,27 +765,45 @@ class C2FTMassRetriever(BaseModel):
             video_bias: optional (V, L) per-level Sinkhorn log scalings from
                 :meth:`compute_video_bias` (used when ``sinkhorn`` is on).
             return_levels: also return the raw per-level (Q, V) matrices.
+            noise: (Q, V, K, D) explicit trial noise of every pair (overrides
+                ``inference_noise``; ``K`` may differ from ``num_trials``).
+            text_ids: Q keys of the ``per_pair`` noise generators (default: 0..Q-1); pass
+                global ids so that scores do not depend on how queries are split into calls.
         Returns:
             (Q, V) float32 scores (higher = better) on the model's device, and with
             ``return_levels`` a dict level -> (Q, V).
         """
-        dev = self.logit_scale.device
+        dev = self._device
         text_emb, video_emb = text_emb.to(dev), video_emb.to(dev)
         nq, nv = len(text_emb), len(video_emb)
         block = int(block_size or self.score_block_size)
         if block < 1:
             raise ValueError(f"block_size must be >= 1, got {block}")
+        if noise is not None and (noise.ndim != 4 or tuple(noise.shape[:2]) != (nq, nv)
+                                  or noise.shape[3] != self.embed_dim):
+            raise ValueError(f"noise must be (Q={nq}, V={nv}, K, D={self.embed_dim}), got {tuple(noise.shape)}")
+        if text_ids is not None and len(text_ids) != nq:
+            raise ValueError(f"{len(text_ids)} text_ids for {nq} queries")
+        gens = None
+        if noise is None and self.inference_noise == "per_pair" and self.inference_mode == "trials" \
+                and self.use_video_sentence:
+            gens = [self.text_noise_generator(text_ids[i] if text_ids is not None else i) for i in range(nq)]
         raw = {k: torch.empty(nq, nv, device=dev) for k in self.levels}
         if nq and nv:
             vb = min(nv, block)
             qb = max(1, block // vb)
             pt_all = self._prepare_text(text_emb)
-            for v0 in range(0, nv, vb):
+            for v0 in range(0, nv, vb):         # videos outermost: each text's generator runs in video order
                 v1 = min(nv, v0 + vb)
                 pv = self._prepare_video(video_emb[v0:v1])
                 for q0 in range(0, nq, qb):
                     q1 = min(nq, q0 + qb)
-                    lv = self._pair_levels(pt_all[q0:q1], pv, None, None)
+                    pair_noise = None
+                    if noise is not None:
+                        pair_noise = noise[q0:q1, v0:v1].to(dev, torch.float32).reshape(-1, *noise.shape[2:])
+                    elif gens is not None:
+                        pair_noise = self._per_pair_noise(gens[q0:q1], v1 - v0)
+                    lv = self._pair_levels(pt_all[q0:q1], pv, None, None, pair_noise)
                     for k, s in lv.items():
                         raw[k][q0:q1, v0:v1] = s.view(q1 - q0, v1 - v0)
         bias = self._check_bias(video_bias, nv, f"{nv} videos")
@@ -788,12 +820,16 @@ class C2FTMassRetriever(BaseModel):
         which needs a whole (Q, V) matrix: here only ``video_bias`` ((V, L), rows of
         ``video_emb``) is used, zero biases otherwise (see the module docstring).
         """
-        dev = self.logit_scale.device
+        dev = self._device
         text_emb, video_emb = text_emb.to(dev), video_emb.to(dev)
         qi = torch.as_tensor(q_index, dtype=torch.long, device=dev).reshape(-1)
         vi = torch.as_tensor(v_index, dtype=torch.long, device=dev).reshape(-1)
         if qi.shape != vi.shape:
             raise ValueError(f"q_index and v_index differ in length ({qi.numel()} vs {vi.numel()})")
+        if self.inference_noise == "per_pair" and self.inference_mode == "trials" and self.use_video_sentence:
+            raise ConfigError("score_pairs: inference_noise 'per_pair' draws noise along whole (Q, V) score matrices "
+                              "(score()); re-ranking candidate pairs needs the shared noise: "
+                              "configure_inference(inference_noise='shared')")
         bias = self._check_bias(video_bias, len(video_emb), f"{len(video_emb)} videos")
         n = qi.numel()
         out = torch.empty(n, device=dev)
@@ -817,34 +853,41 @@ class C2FTMassRetriever(BaseModel):
         return torch.stack(cols, dim=1).float()
 
 
-class MeanPoolingBaseline:
-    """Training-free baseline: cosine between the sentence and the mean of the L2-normalised
-    frames (CLIP4Clip's "meanP" without fine-tuning). Works on raw features (text and video
-    widths must match) or on any :class:`TextEmbedding`/:class:`VideoEmbedding`."""
+def load_tmass_checkpoint(path: "str | os.PathLike", clip_config: Optional[Mapping[str, Any]] = None, *,
+                          clip_path: Optional[str] = None, map_location: "str | torch.device" = "cpu",
+                          **options: Any) -> C2FTMassRetriever:
+    """An official T-MASS checkpoint (``model_best.pth`` / ``checkpoint-epochN.pth``) as a
+    :class:`C2FTMassRetriever` in eval mode with a transformers CLIP tower inside.
 
-    def encode_text(self, src_txt: Optional[torch.Tensor] = None, src_txt_mask: Optional[torch.Tensor] = None,
-                    txt_pooled: Optional[torch.Tensor] = None) -> TextEmbedding:
-        """txt_pooled (B, D) or the masked token mean of src_txt (B, Lt, D) -> TextEmbedding."""
-        if txt_pooled is None:
-            if src_txt is None:
-                raise ValueError("MeanPoolingBaseline.encode_text needs txt_pooled or src_txt")
-            m = torch.ones(src_txt.shape[:2]) if src_txt_mask is None else src_txt_mask
-            txt_pooled = masked_mean(src_txt.float(), m.float(), dim=1)
-        return TextEmbedding(txt_pooled.float())
-
-    def encode_video(self, src_vid: torch.Tensor, src_vid_mask: Optional[torch.Tensor] = None) -> VideoEmbedding:
-        """src_vid (B, Lv, D) -> VideoEmbedding with every clip as a frame."""
-        m = torch.ones(src_vid.shape[:2]) if src_vid_mask is None else src_vid_mask.float()
-        frames = src_vid.float() * m.unsqueeze(-1)
-        pooled = l2norm(masked_mean(l2norm(frames), m, dim=1))
-        return VideoEmbedding(frames, m, pooled)
-
-    def score(self, text_emb: TextEmbedding, video_emb: VideoEmbedding, block_size: int = 65536) -> torch.Tensor:
-        """(Q, V) cosine of the normalised sentence with the pooled video."""
-        if text_emb.dim != video_emb.dim:
-            raise ValueError(f"text width {text_emb.dim} != video width {video_emb.dim}")
-        q = l2norm(text_emb.sentence.float())
-        v = l2norm(video_emb.pooled.float())
-        if len(v) == 0:
-            return torch.empty(len(q), 0)
-        return torch.cat([q @ v[i:i + block_size].t() for i in range(0, len(v), block_size)], dim=1)
+    Args:
+        path: the file the official trainer writes (``{"epoch", "state_dict", "optimizer"}``,
+            read with ``weights_only=True``).
+        clip_config: the CLIP architecture as ``transformers.CLIPConfig`` keyword arguments
+            (ViT-B/32: ``CLIPConfig.from_pretrained("openai/clip-vit-base-patch32").to_dict()``).
+        clip_path: or a local CLIP folder whose ``config.json`` gives the architecture (its
+            weights are not read: the checkpoint holds the whole CLIP).
+        map_location: where tensors are loaded.
+        **options: model options overriding ``c2f_tmass_official.yaml`` (e.g. ``num_trials``,
+            ``inference_noise``, ``stochastic_prior="normal", prior_std=3e-3`` for LSMDC).
+    ``embed_dim`` and ``num_frames`` come from the weights. Missing/unexpected keys or widths
+    that do not match raise :class:`~lavis_c2f.models.checkpoint.CheckpointMismatchError`
+    listing them; a file of another codebase raises ``DataFormatError`` naming it.
+    """
+    path = os.fspath(path)
+    if (clip_config is None) == (clip_path is None):
+        raise ConfigError(f"load_tmass_checkpoint({path}): the file stores no CLIP architecture; pass exactly one of "
+                          "clip_config= (CLIPConfig arguments) or clip_path= (a local CLIP folder)")
+    sd = read_tmass_checkpoint(path, map_location=map_location)
+    d, f = tmass_dims(sd)
+    arch = clip_config_from_path(resolve_path(clip_path)) if clip_path is not None else _plain_dict(clip_config)
+    proj = int(build_clip_config(arch).projection_dim)
+    if proj != d:
+        raise ConfigError(f"{path}: the T-MASS modules are {d}-wide but the given CLIP architecture projects to "
+                          f"{proj} (projection_dim): this checkpoint was trained with another CLIP")
+    node = model_node(C2FTMassRetriever.PRETRAINED_MODEL_CONFIG_DICT["official"], "c2f_tmass_official.yaml")
+    node.update(text_input_dim=d, video_input_dim=d, embed_dim=d, num_frames=f, clip_path=None, clip_config=arch,
+                tmass_checkpoint=None)
+    node.update(options)
+    model = C2FTMassRetriever.from_config(node)
+    load_tmass_state_dict(model, sd, source=path)
+    return model.eval()

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
-    from lavis_c2f.models.refiner.tiny import make_tiny_assets
+    from lavis_c2f.testing.tiny_refiner import make_tiny_assets
 
     root = str(tmp_path_factory.mktemp("tiny_refiner"))
     make_tiny_assets(root)
@@ -19,6 +19,6 @@ def tiny_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_root):
     """A tiny LoRA refiner in eval mode (tests that train build their own)."""
-    from lavis_c2f.models.refiner.tiny import build_tiny_refiner
+    from lavis_c2f.testing.tiny_refiner import build_tiny_refiner
 
     return build_tiny_refiner(tiny_root).eval()

@@ -178,7 +178,8 @@ def mini_corpus(root: Path):
 
 
 def builder_cfg(root, **kw):
-    cfg = {"data_root": str(root), "annotations": {"train": {"path": "annotations/train.jsonl", "format": "qvh"}},
+    cfg = {"variant": "interleaved", "data_root": str(root),
+           "annotations": {"train": {"path": "annotations/train.jsonl", "format": "qvh"}},
            "frames": {"type": "feature_image", "path": "feats", "clip_length": 2.0},
            "sampler": {"n_candidates": 8, "n_frames": 3}, "image_size": 16}
     cfg.update(kw)

@@ -10,6 +10,7 @@ import pytest
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.models.refiner.data import SamplerConfig
 from lavis_c2f.models.refiner.hook import CaptionRefiner
+from lavis_c2f.testing.tiny_refiner import TINY_VIT
 from lavis_c2f.models.refiner.srt import Caption
 
 REPO = Path(__file__).resolve().parents[3]
@@ -77,11 +78,9 @@ def test_refine_real_video_with_srt_dir(tiny_root, tmp_path):
     if not mp4.is_file():
         pytest.skip(f"../shared not found: {mp4}")
     (tmp_path / "charades_sample.srt").write_text("1\n00:00:02,000 --> 00:00:04,000\nopen the door\n")
-    r = CaptionRefiner.from_config({"model": {"arch": "c2f_caption_refiner", "model_type": "tiny",
-                                              "tiny_assets": tiny_root, "vit_model": "tiny",
-                                              "vit_tiny": {"patch_size": 16, "embed_dim": 24, "depth": 1,
-                                                           "num_heads": 2, "mlp_ratio": 2.0},
-                                              "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
+    r = CaptionRefiner.from_config({"model": {"arch": "c2f_tiny_caption_refiner", "model_type": "tiny",
+                                              "variant": "interleaved", "tiny_assets": tiny_root,
+                                              "vit_arch": TINY_VIT, "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
                                               "num_query_token": 4, "generation": {"num_beams": 1,
                                                                                    "max_new_tokens": 8}},
                                     "sampler": {"n_candidates": 8, "n_frames": 3}, "video_fps": 0.5,

@@ -7,9 +7,9 @@ import socket
 import pytest
 import torch
 
-from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.errors import CheckpointMismatchError, ConfigError
 from lavis_c2f.models.refiner.srt import Caption
-from lavis_c2f.models.refiner.tiny import build_tiny_refiner, tiny_refiner_config
+from lavis_c2f.testing.tiny_refiner import build_tiny_refiner, tiny_refiner_config
 
 
 def make_batch(seed=0, size=32):
@@ -37,7 +37,7 @@ def test_forward_backward_only_trainable_get_gradients(tiny_root):
         if not p.requires_grad:
             assert p.grad is None, name
     assert model.t5_proj.weight.grad.abs().sum() > 0
-    lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B.default.weight")]
     assert lora_b and all(p.grad is not None for p in lora_b) and any(p.grad.abs().sum() > 0 for p in lora_b)
 
 
@@ -47,11 +47,12 @@ def _trainable(model):
 
 def test_finetune_modes_requires_grad_sets(tiny_root):
     lora = build_tiny_refiner(tiny_root, finetune="lora")
-    names = _trainable(lora)
-    assert names == {n for n in names if n.startswith("t5_proj.") or n.endswith(("lora_A", "lora_B"))}
-    assert {"t5_proj.weight", "t5_proj.bias"} <= names
+    names = _trainable(lora)      # CALCE's qformer_freeze_lora: LoRA + t5_proj + ln_vision
+    assert names == {n for n in names if n.startswith(("t5_proj.", "ln_vision."))
+                     or n.endswith(("lora_A.default.weight", "lora_B.default.weight"))}
+    assert {"t5_proj.weight", "t5_proj.bias", "ln_vision.weight", "ln_vision.bias"} <= names
     assert len(lora.lora_layers) == 36  # 2 encoder blocks x 7 + 2 decoder blocks x 11 linear layers
-    assert all(n.startswith("t5_model.") for n in names if "lora" in n)
+    assert all(n.startswith("t5_model.base_model.model.") for n in names if "lora" in n)
 
     qf = build_tiny_refiner(tiny_root, finetune="qformer")
     names = _trainable(qf)
@@ -61,7 +62,7 @@ def test_finetune_modes_requires_grad_sets(tiny_root):
 
     both = build_tiny_refiner(tiny_root, finetune="lora_qformer")
     names = _trainable(both)
-    assert any(n.startswith("Qformer.") for n in names) and any(n.endswith("lora_B") for n in names)
+    assert any(n.startswith("Qformer.") for n in names) and any(n.endswith("lora_B.default.weight") for n in names)
     assert not any(n.startswith("visual_encoder.") for n in names)
     assert not any(n.startswith("t5_model.") and "lora" not in n for n in names)
 
@@ -185,22 +186,26 @@ def test_checkpoints_roundtrip(tiny_root, tmp_path):
     a = build_tiny_refiner(tiny_root, seed=0)
     with torch.no_grad():
         for n, p in a.named_parameters():
-            if n.endswith("lora_B"):
+            if n.endswith("lora_B.default.weight"):
                 p.normal_()
     path = tmp_path / "refiner.pth"
     torch.save({"model": a.trainable_state_dict()}, path)
-    assert set(a.trainable_state_dict()) == _trainable(a)
+    saved = set(a.trainable_state_dict())     # LAVIS's rule: trainable + tied aliases and buffers
+    assert _trainable(a) <= saved
+    assert saved - _trainable(a) == {"t5_model.base_model.model.encoder.embed_tokens.weight",
+                                     "t5_model.base_model.model.decoder.embed_tokens.weight",
+                                     "Qformer.bert.embeddings.position_ids"}
     b = build_tiny_refiner(tiny_root, seed=1)
     b.load_checkpoint(str(path))
     for n, p in a.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(dict(b.named_parameters())[n], p)
     torch.save({"model": {**a.trainable_state_dict(), "nonsense.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
-    with pytest.raises(ConfigError, match="unexpected"):
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.pth.*\n  unexpected keys \(1\): nonsense\.weight"):
         b.load_checkpoint(str(tmp_path / "bad.pth"))
     partial = {k: v for k, v in a.trainable_state_dict().items() if "t5_proj" not in k}
     torch.save({"model": partial}, tmp_path / "partial.pth")
-    with pytest.raises(ConfigError, match="missing trainable"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(\d+\): t5_proj\."):
         b.load_checkpoint(str(tmp_path / "partial.pth"))
 
 
@@ -238,9 +243,9 @@ def test_missing_local_paths_raise_clear_errors(tiny_root, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.t5_dir: .* has none of \['pytorch_model.bin'"):
         build(t5_dir=str(t5_no_weights))
     with pytest.raises(ConfigError, match=r"model\.vit_checkpoint: missing"):
-        build(vit_model="eva_clip_g", vit_checkpoint=None)
+        build(vit_arch=None, vit_checkpoint=None)
     with pytest.raises(ConfigError, match=r"model\.vit_checkpoint: file not found: .*eva_vit_g.pth"):
-        build(vit_model="eva_clip_g", vit_checkpoint=str(tmp_path / "eva_vit_g.pth"))
+        build(vit_arch=None, vit_checkpoint=str(tmp_path / "eva_vit_g.pth"))
     cfg = tiny_refiner_config(tiny_root)
     cfg.pop("bert_dir")
     with pytest.raises(ConfigError, match=r"model\.bert_dir: missing"):

@@ -99,9 +99,7 @@ def test_plot_draws_the_ground_truth_of_the_top_video(demo, monkeypatch, tmp_pat
         seen.update(gt=gt_windows, title=title, n=len(saliency))
         return str(path)
 
-    import lavis_c2f.search.plot as plot_mod
-
-    monkeypatch.setattr(plot_mod, "plot_saliency", fake_plot)
+    monkeypatch.setattr(search_cli, "plot_saliency", fake_plot)
 
     class Args:
         plot = str(tmp_path / "x.png")
@@ -154,14 +152,12 @@ def test_refine_with_a_refiner_yaml(cli, zs_index, tmp_path):
     """Stage 3 from the command line: the refiner config is a YAML (a 'refiner:' node), imported lazily."""
     import yaml
 
-    from lavis_c2f.models.refiner.tiny import make_tiny_assets
+    from lavis_c2f.testing.tiny_refiner import TINY_VIT, make_tiny_assets
 
     root = tmp_path / "tiny"
     make_tiny_assets(str(root))
-    cfg = {"refiner": {"model": {"arch": "c2f_caption_refiner", "model_type": "tiny", "tiny_assets": str(root),
-                                 "vit_model": "tiny", "vit_tiny": {"patch_size": 16, "embed_dim": 24, "depth": 1,
-                                                                   "num_heads": 2, "mlp_ratio": 2.0},
-                                 "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
+    cfg = {"refiner": {"model": {"arch": "c2f_tiny_caption_refiner", "model_type": "tiny", "variant": "interleaved",
+                                 "tiny_assets": str(root), "vit_arch": TINY_VIT, "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
                                  "num_query_token": 4, "generation": {"num_beams": 1, "max_new_tokens": 8}},
                        "sampler": {"n_candidates": 8, "n_frames": 2}, "video_fps": 1.0}}
     (tmp_path / "refiner.yaml").write_text(yaml.safe_dump(cfg))

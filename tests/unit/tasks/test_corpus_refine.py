@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 from c2f_task_helpers import build_splits, make_corpus, tiny_grounder, write_fake_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-TINY_VIT = {"patch_size": 16, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
+TINY_VIT = {"patch_size": 16, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "qkv_bias": True,
+            "use_mean_pooling": False, "norm_layer_eps": 1e-6}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def refiner_cfg(tmp_path_factory):
     """A tiny refiner config (random weights; offline assets written once)."""
-    return {"model": {"arch": "c2f_caption_refiner", "model_type": "tiny",
-                      "tiny_assets": str(tmp_path_factory.mktemp("tiny_refiner")), "vit_model": "tiny",
-                      "vit_tiny": TINY_VIT, "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
+    return {"model": {"arch": "c2f_tiny_caption_refiner", "model_type": "tiny", "variant": "interleaved",
+                      "tiny_assets": str(tmp_path_factory.mktemp("tiny_refiner")),
+                      "vit_arch": TINY_VIT, "image_size": 32, "vit_precision": "fp32", "t5_precision": "fp32",
                       "num_query_token": 4, "generation": {"num_beams": 1, "max_new_tokens": 8}},
             "sampler": {"n_candidates": 8, "n_frames": 3, "margin_s": 2.0, "margin_ratio": 0.5}}
 
@@ -105,7 +106,7 @@ def test_refine_options_validation(tmp_path):
     assert d["sampler"] == {"n_frames": 4}
     assert d["model"] == str(REPO / "lavis_c2f" / "configs" / "models" / "c2f_caption_refiner_tiny.yaml")
     assert load_refiner_config("lavis_c2f/configs/models/c2f_caption_refiner_tiny.yaml")["model"]["arch"] == \
-        "c2f_caption_refiner"                   # a model YAML is a refiner config ({model: ...})
+        "c2f_tiny_caption_refiner"              # a model YAML is a refiner config ({model: ...})
     with pytest.raises(ConfigError, match="not found"):
         load_refiner_config(str(tmp_path / "missing.yaml"))
     (tmp_path / "list.yaml").write_text("- 1\n")

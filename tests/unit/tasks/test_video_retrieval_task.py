@@ -134,3 +134,28 @@ def test_baseline_slice_and_options():
     assert tuple(t._baseline_cols(torch.zeros(1, 3, 10)).shape) == (1, 3, 4)
     with pytest.raises(ConfigError, match="exceed"):
         VideoRetrievalTask(baseline_video_columns=[2, 16])._baseline_cols(torch.zeros(1, 3, 10))
+
+
+def test_per_pair_noise_and_dsl_are_block_invariant_and_exact(splits):
+    from lavis_c2f.evaluation.retrieval import dual_softmax, rank_metrics, t2v_ranks
+
+    ds = splits["val"]
+    model = tiny_retriever(inference_noise="per_pair")
+    a = _task(splits, query_block_size=1, video_block_size=2, stage1_top_k=3, eval_cache_mb=0,
+              dsl=True).evaluation(model, None, dataset=ds)
+    b = _task(splits, query_block_size=64, stage1_top_k=3, dsl=True).evaluation(model, None, dataset=ds)
+    assert a["metrics"] == b["metrics"] and a["dsl"] == b["dsl"]
+    with torch.no_grad():                         # the whole matrix at once, text ids = query positions
+        vb = ds.video_batch(list(range(ds.num_videos)))
+        qb = ds.query_batch(list(range(len(ds))))
+        sim = model.score(model.encode_text_batch(qb), model.encode_video_batch(vb)).numpy()
+    gt = qb["gt_video_index"].numpy()
+    ks = (1, 3, 5, 10, 50)
+    assert b["metrics"]["t2v"] == rank_metrics(t2v_ranks(sim, gt), ks)
+    assert b["dsl"]["t2v"] == rank_metrics(t2v_ranks(dual_softmax(sim), gt), ks)
+    shared = _task(splits, stage1_top_k=3).evaluation(model.configure_inference(inference_noise="shared"), None,
+                                                      dataset=ds)
+    assert shared["dsl"] is None
+    s_pp = [s for r in b["rows"] for _, s in r["ranked_vids"]]
+    s_sh = [s for r in shared["rows"] for _, s in r["ranked_vids"]]
+    assert not np.allclose(s_pp, s_sh)

@@ -109,3 +109,50 @@ def test_offline_whisper_transcribes_synthetic_speech(tmp_path):
     text = " ".join(c.text.lower() for c in caps)
     assert sum(w in text for w in ("quick", "brown", "fox", "lazy", "dog")) >= 3, text
     assert caps[0].start >= 0 and caps[-1].end <= 6.0
+
+
+def test_srt_stray_text_and_garbage_are_bad_cues_with_lines():
+    text = ("garbage first\n\n1\n00:00:01,000 --> 00:00:02,000\nok\n\nstray block\nmore\n\n"
+            "2\n00:00:03,000 --> 00:00:04,000\nfine\n\n")
+    with pytest.raises(DataFormatError) as ei:
+        parse_srt(text, path="s.srt")
+    assert ei.value.line == 1 and "expected a cue number or a timing line" in str(ei.value)
+    res = parse_srt(text, path="s.srt", errors="skip")
+    assert [c.text for c in res.captions] == ["ok", "fine"]
+    assert res.skipped == 2 and res.problems[1].startswith("s.srt:7:")
+    assert parse_srt("").captions == [] and parse_srt("\n\n").skipped == 0
+
+
+VTT = ("WEBVTT - a title\n\nNOTE a comment\nwith two lines\n\nSTYLE\n::cue { color: red }\n\n"
+       "intro\n00:00:01.000 --> 00:00:02.500 align:start line:0\n<v Anna>Hello</v> <b>there</b>\n\n"
+       "00:03.250 --> 00:05.000\nTwo lines\nof text\n\n"
+       "01:00:00.000 --> 01:00:01.000\nan hour in\n")
+
+
+def test_read_webvtt(tmp_path):
+    p = tmp_path / "talk.vtt"
+    p.write_bytes(("\ufeff" + VTT).replace("\n", "\r\n").encode("utf-8"))
+    assert read_srt(p) == [Caption(1.0, 2.5, "Hello there"), Caption(3.25, 5.0, "Two lines\nof text"),
+                           Caption(3600.0, 3601.0, "an hour in")]
+    # a .vtt sidecar is found and converted to SRT by extract_captions
+    video = tmp_path / "talk.mp4"
+    video.write_bytes(b"x")
+    assert extract_captions(video, tmp_path / "out.srt", backend="srt") == "srt"
+    assert [c.text for c in read_srt(tmp_path / "out.srt")] == ["Hello there", "Two lines\nof text", "an hour in"]
+
+
+def test_webvtt_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "bad.vtt"
+    p.write_text("WEBVTT\n\n00:00:01.000 --> 00:00:02.000\nok\n\n00:00:xx.000 --> 00:00:04.000\nbroken\n\n"
+                 "00:00:06.000 --> 00:00:05.000\nbackwards\n\n00:00:07.000 --> 00:00:08.000\nfine\n", encoding="utf-8")
+    with pytest.raises(DataFormatError) as ei:
+        read_srt(p)
+    assert ei.value.path == str(p) and ei.value.line == 6
+    res = read_srt_result(p, errors="skip")
+    assert [c.text for c in res.captions] == ["ok", "fine"] and res.skipped == 2
+    assert any(":9:" in m and "before start" in m for m in res.problems)
+    q = tmp_path / "plain.vtt"
+    q.write_text("00:00:01.000 --> 00:00:02.000\nno header\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="WEBVTT") as ei:
+        read_srt(q)
+    assert ei.value.line == 1

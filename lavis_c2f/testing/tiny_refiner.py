@@ -6,11 +6,18 @@ model reads (so tests exercise the real loading code)::
     ROOT/bert/config.json, vocab.txt          tiny BERT config + WordPiece vocab (Q-Former)
     ROOT/t5/config.json, pytorch_model.bin    tiny random T5 (d_model 32, 2+2 layers)
     ROOT/t5/spiece.model, tokenizer.json, ... sentencepiece unigram model trained here on a
-                                              small corpus covering the prompt alphabet
+                                              small corpus covering the prompt alphabet;
+                                              tokenizer.json adds the pieces ▁0..▁299
 
 :func:`tiny_refiner_config` returns the ``model:`` mapping for
 :meth:`C2FCaptionRefiner.from_config` (tiny EVA ViT: 32 px images, 16 px patches, width 24),
 and :func:`build_tiny_refiner` builds the model. A ROOT that is complete is reused as is.
+
+The production model never calls this module. Configs name the tiny model with
+``arch: c2f_tiny_caption_refiner`` (:class:`TinyCaptionRefiner`, registered lazily through
+:data:`lavis_c2f.registry_utils.LAZY_COMPONENTS`): the same model plus one key, ``tiny_assets``
+(a folder, or ``auto`` for ``$C2F_CACHE/tiny_refiner``), whose BERT and T5 folders it writes
+when missing before building.
 """
 from __future__ import annotations
 
@@ -20,9 +27,16 @@ import string
 import tempfile
 from typing import Any, Dict, Optional
 
+import torch
+from lavis.common.registry import registry
+
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.models.refiner.model import DEFAULTS, LAVIS_KEYS, C2FCaptionRefiner
+from lavis_c2f.paths import cache_root, resolve_path
+
 TINY_IMAGE_SIZE = 32
 _MARKER = "tiny_refiner_assets.json"
-_VERSION = 1
+_VERSION = 2
 
 
 def _corpus() -> str:
@@ -62,7 +76,6 @@ def _write_bert(root: str) -> str:
 
 def _write_t5(root: str, seed: int) -> str:
     import sentencepiece as spm
-    import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, Regex
     from transformers import T5Config, T5ForConditionalGeneration, T5Tokenizer
 
@@ -81,6 +94,12 @@ def _write_t5(root: str, seed: int) -> str:
     # tokenizer.json (what real FlanT5 folders ship), built from the sentencepiece pieces
     sp = spm.SentencePieceProcessor(model_file=os.path.join(d, "spiece.model"))
     vocab = [(sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size())]
+    # whole numbers 0..299 as single, preferred pieces (as in the real T5 vocabulary for most
+    # numbers), so CALCE's timestamps and answers tokenise as they do with Flan-T5
+    numbers = {f"\u2581{i}" for i in range(300)}
+    vocab = [(p, 0.0 if p in numbers else sc) for p, sc in vocab]
+    known = {p for p, _ in vocab}
+    vocab += [(f"\u2581{i}", 0.0) for i in range(300) if f"\u2581{i}" not in known]
     vocab += [(f"<extra_id_{i}>", 0.0) for i in range(9, -1, -1)]
     tk = Tokenizer(models.Unigram(vocab, unk_id=2))
     tk.normalizer = normalizers.Sequence([normalizers.Replace(Regex(" {2,}"), " ")])
@@ -118,19 +137,30 @@ def make_tiny_assets(root: Optional[str] = None, seed: int = 0) -> Dict[str, str
     return out
 
 
-def tiny_refiner_config(root: Optional[str] = None, seed: int = 0, **overrides: Any) -> Dict[str, Any]:
-    """The ``model:`` mapping of a tiny refiner whose assets are under ``root`` (made if needed)."""
+TINY_VIT = {"img_size": TINY_IMAGE_SIZE, "patch_size": 16, "embed_dim": 24, "depth": 1, "num_heads": 2,
+            "mlp_ratio": 2.0, "qkv_bias": True, "use_mean_pooling": False, "norm_layer_eps": 1e-6}
+
+
+def tiny_refiner_config(root: Optional[str] = None, seed: int = 0, variant: str = "interleaved",
+                        **overrides: Any) -> Dict[str, Any]:
+    """The ``model:`` mapping of a tiny refiner whose assets are under ``root`` (made if needed).
+
+    ``variant: calce`` gives a tiny CALCE model (8 query tokens, 2 per non-key frame, 4
+    clusters); ``interleaved`` the earlier design (4 query tokens)."""
     assets = make_tiny_assets(root, seed)
     cfg: Dict[str, Any] = {
-        "arch": "c2f_caption_refiner", "model_type": "tiny",
-        "vit_model": "tiny", "image_size": TINY_IMAGE_SIZE, "vit_precision": "fp32",
-        "vit_tiny": {"patch_size": 16, "embed_dim": 24, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0},
+        "arch": "c2f_caption_refiner", "model_type": "tiny", "variant": variant,
+        "vit_arch": dict(TINY_VIT), "image_size": TINY_IMAGE_SIZE, "vit_precision": "fp32",
         "bert_dir": assets["bert_dir"], "num_query_token": 4, "cross_attention_freq": 2,
         "t5_dir": assets["t5_dir"], "t5_precision": "fp32", "finetune": "lora",
-        "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0},
+        "lora": {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]},
         "generation": {"num_beams": 2, "max_new_tokens": 12, "min_length": 1},
         "max_piece_tokens": 256, "max_target_tokens": 32,
     }
+    if variant == "calce":
+        cfg.update(num_query_token=8, lora={"r": 4, "alpha": 4.0, "dropout": 0.0},
+                   calce={"stage": 1, "num_clusters": 4, "bias1": 1, "max_txt_len": 64},
+                   generation={"num_beams": 2, "max_new_tokens": 16, "min_length": 1})
     cfg.update(overrides)
     return cfg
 
@@ -138,10 +168,27 @@ def tiny_refiner_config(root: Optional[str] = None, seed: int = 0, **overrides: 
 def build_tiny_refiner(root: Optional[str] = None, seed: int = 0, **overrides: Any):
     """A tiny :class:`~lavis_c2f.models.refiner.model.C2FCaptionRefiner` (random weights,
     seeded)."""
-    import torch
-
-    from lavis_c2f.models.refiner.model import C2FCaptionRefiner
-
     cfg = tiny_refiner_config(root, seed, **overrides)
     torch.manual_seed(seed)
     return C2FCaptionRefiner.from_config(cfg)
+
+
+@registry.register_model("c2f_tiny_caption_refiner")
+class TinyCaptionRefiner(C2FCaptionRefiner):
+    """``c2f_tiny_caption_refiner``: :class:`C2FCaptionRefiner` whose ``tiny_assets`` folder
+    (``auto``: ``$C2F_CACHE/tiny_refiner``) provides ``bert_dir`` and ``t5_dir``, written offline
+    when missing (tests, demos)."""
+
+    ARCH = "c2f_tiny_caption_refiner"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> C2FCaptionRefiner:
+        raw = check_keys(cfg, set(DEFAULTS) | LAVIS_KEYS | {"tiny_assets"}, "model")
+        root = raw.pop("tiny_assets", None) or "auto"
+        root = os.path.join(cache_root(), "tiny_refiner") if root == "auto" else resolve_path(root)
+        assets = make_tiny_assets(root)
+        raw["bert_dir"] = raw.get("bert_dir") or assets["bert_dir"]
+        raw["t5_dir"] = raw.get("t5_dir") or assets["t5_dir"]
+        model = C2FCaptionRefiner.from_config({**raw, "arch": C2FCaptionRefiner.ARCH})
+        model.config["tiny_assets"] = root
+        return model
