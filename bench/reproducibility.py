@@ -91,6 +91,7 @@ class Run:
     seed: int
     cpu_capability: str = "native"
     figures: Dict[str, float] = field(default_factory=dict)
+    test_queries: int = 0        # quickstart jobs: queries of the test split (summary.json)
     seconds: float = 0.0
     directory: str = ""
 
@@ -181,6 +182,8 @@ def execute(run: Run, out: Path, shared: Dict[str, str]) -> Run:
     if proc.returncode != 0:
         raise RuntimeError(f"{run.job} / {run.label} failed (exit {proc.returncode}); log: {log}")
     run.figures, run.directory = figures_of(run, rdir), str(rdir)
+    if JOBS[run.job]["kind"] == "quickstart":
+        run.test_queries = int(json.loads((rdir / "summary.json").read_text())["corpus"]["test"]["queries"])
     print(f"  {run.job} / {run.label}: {run.seconds:.0f} s", flush=True)
     return run
 
@@ -319,12 +322,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("README cells (mean ± sd over all runs): " + readme_row(reports))
         result["jobs"][job] = {"runs": [asdict(r) for r in jruns],
                                "figures": [{**asdict(r), "ok": r.ok} for r in reports]}
-        settings = {"args": list(JOBS[job].get("args", []))} if JOBS[job]["kind"] == "quickstart" else \
-            {"yaml": f"projects/c2f/{JOBS[job]['yaml']}"}
+        settings = ({"args": list(JOBS[job].get("args", [])), "test_queries": jruns[0].test_queries}
+                    if JOBS[job]["kind"] == "quickstart" else {"yaml": f"projects/c2f/{JOBS[job]['yaml']}"})
         expected_jobs[job] = {
             "measured": {"date": result["date"], "machine": result["machine"],
                          "command": "python bench/reproducibility.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                          "seconds_per_run": round(sum(r.seconds for r in jruns) / len(jruns), 1),
+                         "load_average": [round(x, 1) for x in (load0, load1) if x is not None],
                          "parallel": args.parallel},
             "settings": settings,
             "runs": [{"label": r.label, "threads": r.threads, "seed": r.seed, "cpu_capability": r.cpu_capability}

@@ -17,7 +17,8 @@ For each figure over the n runs of a job (threads 1 and 2 at the default seed, t
 optionally the AVX2 code path):
 
 * ``mean`` and ``sd`` (the sample standard deviation, ddof = 1);
-* the expected range ``[lo, hi] = mean -/+ max(2 sd, floor)`` with ``floor = 1.0`` point:
+* the expected range ``[lo, hi] = mean -/+ max(2 sd, floor)`` with ``floor = 1.0`` point
+  (clipped to 0-100):
   a run on another machine is one more draw of the same rounding noise, so it lands within
   two standard deviations of the mean, and the floor keeps a figure whose runs happened to
   agree to the digit (sd 0) from flagging a one-query change.
@@ -39,6 +40,7 @@ TARGET = 2.0             # points: the most a figure may deviate from the mean o
                          # pair, and the largest standard deviation over seeds (docs/reproducibility.md)
 RANGE_SDS = 2.0          # half-width of the expected range in standard deviations
 RANGE_FLOOR = 1.0        # ... and at least this many points
+PERCENT = (0.0, 100.0)   # the range of a figure
 EXPECTED_FILE = "expected/demo_results.yaml"
 
 
@@ -54,15 +56,18 @@ class FigureStats:
     hi: float
 
     @classmethod
-    def of(cls, values: Sequence[float], sds: float = RANGE_SDS, floor: float = RANGE_FLOOR) -> "FigureStats":
-        """Statistics of ``values`` (n >= 1; sd = 0 for one value), rounded to 2 decimals."""
+    def of(cls, values: Sequence[float], sds: float = RANGE_SDS, floor: float = RANGE_FLOOR,
+           bounds: Tuple[float, float] = PERCENT) -> "FigureStats":
+        """Statistics of ``values`` (n >= 1; sd = 0 for one value), rounded to 2 decimals; the
+        range is clipped to ``bounds`` (every figure of the demo jobs is a percentage)."""
         v = [float(x) for x in values]
         if not v:
             raise ValueError("no values")
         mean = sum(v) / len(v)
         sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
         half = max(sds * sd, floor)
-        return cls(*(round(x, 2) for x in (mean, sd, min(v), max(v), mean - half, mean + half)))
+        lo, hi = max(mean - half, bounds[0]), min(mean + half, bounds[1])
+        return cls(*(round(x, 2) for x in (mean, sd, min(v), max(v), lo, hi)))
 
     def contains(self, value: float) -> bool:
         return self.lo <= float(value) <= self.hi
@@ -85,6 +90,20 @@ class ExpectedJob:
             if metrics.get(key) is not None:
                 out.append((key, float(metrics[key]), st, st.contains(metrics[key])))
         return out
+
+
+def scaled_target(test_queries: int, reference_queries: int, target: float = TARGET) -> float:
+    """The deviation target for a chain whose test split has ``test_queries`` queries, when
+    ``target`` (points) is the one for a split of ``reference_queries``:
+
+        target * sqrt(reference_queries / test_queries)
+
+    A figure is a rate over the test queries; rounding noise changes the outcome of a share
+    ``p`` of them at random, so the figure moves by about ``100 * sqrt(p / n)`` points: on half
+    the queries, sqrt(2) times as far (the CI test's reduced chain, docs/reproducibility.md)."""
+    if test_queries <= 0 or reference_queries <= 0:
+        raise ValueError(f"query counts must be positive, got {test_queries} and {reference_queries}")
+    return float(target) * math.sqrt(reference_queries / test_queries)
 
 
 def expected_path() -> str:

@@ -2,7 +2,8 @@
 ``reduced_quickstart`` job of lavis_c2f/configs/expected/demo_results.yaml, measured by
 bench/reproducibility.py) run with one and with two torch threads, which changes the order of
 torch's reductions as another CPU does, gives every trained figure within the bench's target of
-the two runs' mean (docs/reproducibility.md)."""
+the two runs' mean (docs/reproducibility.md). The target is the bench's 2 points for the main
+job's test split, scaled to the reduced chain's smaller split (``scaled_target``)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lavis_c2f.pipeline.expected import TARGET, load_expected
+from lavis_c2f.pipeline.expected import load_expected, scaled_target
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,12 +33,13 @@ def _quickstart(out: Path, threads: int, args) -> dict:
 
 
 def test_reduced_chain_same_figures_with_one_and_two_threads(tmp_path):
-    job = load_expected("reduced_quickstart")
-    assert job is not None, "no reduced_quickstart job in the expected-figures file"
+    job, main = load_expected("reduced_quickstart"), load_expected("quickstart")
+    assert job is not None and main is not None, "the expected-figures file lacks the reduced_quickstart or quickstart job"
+    tolerance = scaled_target(job.settings["test_queries"], main.settings["test_queries"])
     args = job.settings["args"]
     one, two = _quickstart(tmp_path / "t1", 1, args), _quickstart(tmp_path / "t2", 2, args)
     devs = {key: abs(one[key] - two[key]) / 2 for key in job.figures}
     worst = max(devs, key=devs.get)
-    assert devs[worst] <= TARGET, (
+    assert devs[worst] <= tolerance, (
         f"{worst}: {one[worst]} with 1 thread, {two[worst]} with 2 (deviation {devs[worst]:.2f} from their mean > "
-        f"{TARGET}); all deviations: {devs}")
+        f"{tolerance:.2f}); all deviations: {devs}")

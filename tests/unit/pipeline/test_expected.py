@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lavis_c2f.common.errors import DataFormatError
-from lavis_c2f.pipeline.expected import FigureStats, expected_path, load_expected, write_expected
+from lavis_c2f.pipeline.expected import (TARGET, FigureStats, expected_path, load_expected, scaled_target,
+                                         write_expected)
 from lavis_c2f.pipeline.quickstart import COLUMNS, expected_lines
 
 README = Path(__file__).resolve().parents[3] / "README.md"
@@ -21,9 +22,18 @@ def test_figure_stats_mean_sample_sd_and_range():
     tight = FigureStats.of([50.0, 50.0])
     assert tight.sd == 0 and (tight.lo, tight.hi) == (49.0, 51.0)             # the 1-point floor
     assert FigureStats.of([3.0]).sd == 0.0
+    assert (FigureStats.of([94.0, 100.0]).hi, FigureStats.of([0.0, 2.0]).lo) == (100.0, 0.0)   # percentages
     assert st.contains(68.0) and st.contains(76.0) and not st.contains(76.01)
     with pytest.raises(ValueError):
         FigureStats.of([])
+
+
+def test_scaled_target_grows_as_one_over_sqrt_of_the_split():
+    assert scaled_target(203, 203) == TARGET
+    assert scaled_target(100, 400) == pytest.approx(2 * TARGET)
+    assert scaled_target(400, 100, target=1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        scaled_target(0, 203)
 
 
 def test_write_and_load_round_trip_keeps_other_jobs(tmp_path):
