@@ -7,7 +7,8 @@
 It serves what ``lavis-c2f search`` searches, with the same options (the predictor is built
 by :func:`lavis_c2f.search.cli.build_search_predictor`); the app is
 :func:`lavis_c2f.serve.app.create_app`, run by uvicorn. Arguments and the port are checked
-before the models load. Exit codes: 0 after Ctrl-C / SIGTERM, 1 bad arguments.
+before the models load. Exit codes: 1 bad arguments; Ctrl-C / SIGTERM shut the server down gracefully
+(uvicorn then ends the process by that signal).
 """
 from __future__ import annotations
 

@@ -142,3 +142,27 @@ def test_app_needs_a_corpus(ckpts):
     p = C2FPredictor.from_checkpoints(grounder_ckpt=ckpts["grounder"], backbone="random", device="cpu")
     with pytest.raises(ValueError, match="needs a predictor with a corpus"):
         create_app(p)
+
+
+def _cli(capsys, *argv):
+    import lavis_c2f.cli as main_cli
+
+    capsys.readouterr()
+    code = main_cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path, zs_index):
+    code, _, err = _cli(capsys, "serve", "--quickstart-root", tmp_path / "none", "--port", "8765")
+    assert code == 1 and "no INDEX given and no finished quickstart run under" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, "serve", zs_index, "--port", "0")
+    assert code == 1 and "--port must be in 1..65535" in err
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        code, _, err = _cli(capsys, "serve", zs_index, "--port", s.getsockname()[1])
+    assert code == 1 and "cannot serve on 127.0.0.1:" in err and "choose another --port" in err
+    code, _, err = _cli(capsys, "serve", zs_index, "--refine")
+    assert code == 1 and "--refine needs --refiner-cfg" in err
