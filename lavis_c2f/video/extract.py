@@ -41,6 +41,7 @@ from an earlier run), 1 otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -244,6 +245,9 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = EXTRA
     run = _Extraction(os.path.abspath(os.fspath(out_dir)), store, bb, params)
     vids = assign_vids(paths, root)            # over the whole list: every rank names the videos alike
     rank, world = c2f_dist.get_rank(), c2f_dist.get_world_size()
+    if world > 1 and len({*c2f_dist.all_gather_objects(hashlib.sha1("\n".join(paths).encode()).hexdigest())}) > 1:
+        raise ConfigError(f"the ranks see different video lists under {root}: put the videos on a filesystem every "
+                          "node sees at the same path")
     todo = run.plan(c2f_dist.rank_items(paths), vids)
     run.encode(todo, int(workers), progress)
     if world > 1:
