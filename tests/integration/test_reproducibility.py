@@ -24,7 +24,10 @@ pytestmark = pytest.mark.slow
 def _quickstart(out: Path, threads: int, args) -> dict:
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "",
-                "OMP_NUM_THREADS": str(threads)})
+                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                # idle OpenMP threads sleep instead of spinning (as bench/reproducibility.py): on a busy
+                # machine a spinning 2-thread run is many times slower; the numbers do not change
+                "OMP_WAIT_POLICY": "PASSIVE"})
     proc = subprocess.run([sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", str(out), "--threads",
                            str(threads)] + list(args), cwd=str(REPO), env=env, capture_output=True, text=True,
                           timeout=900)
