@@ -295,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-videos", type=int, nargs="+", default=[1000, 10000, 100000])
     p.add_argument("--json", default=None, help="write one row per N here")
-    p.add_argument("--queries", type=int, default=30, help="queries timed per N")
+    p.add_argument("--queries", type=int, default=256, help="queries per N (single-query timing, one batched call)")
     p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
     p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default="auto")

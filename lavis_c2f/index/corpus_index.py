@@ -83,6 +83,7 @@ from lavis_c2f.index.ann import AnnConfig
 from lavis_c2f.index.prefilter import Prefilter
 from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, sha256_file
 from lavis_c2f.models.retriever.modules import sinkhorn_video_bias
+from lavis_c2f.ops.batching import padded_index
 from lavis_c2f.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -433,13 +434,18 @@ class CorpusIndex:
         """Exact scores of each query's candidate videos; the ``k`` best ``(vid, score)`` per
         query, best first (ties: earlier row first)."""
         self._require_model()
-        return [self._rerank(text_emb[q], np.asarray([self.store.row_of(v) for v in cand], np.int64), k)
-                for q, cand in enumerate(candidates)]
+        if len(candidates) != len(text_emb):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(text_emb)} queries")
+        rows = [np.asarray([self.store.row_of(v) for v in cand], np.int64) for cand in candidates]
+        return self._rerank_many(text_emb, rows, k)
 
     def search(self, text_emb, k: int = 10, m: Optional[int] = None, nprobe: Optional[int] = None,
                timings: Optional[Dict[str, float]] = None) -> List[List[Tuple[str, float]]]:
         """Top-k videos per query: FAISS pre-filter of ``m`` candidates (default
         ``max(256, 4 k)``), exact re-scoring with the model, best first.
+
+        A batch of Q queries is searched in one FAISS call and re-ranked in blocks of whole
+        queries (:meth:`_rerank_many`); every query's result is identical to searching it alone.
 
         Args:
             text_emb: :class:`TextEmbedding` (Q queries) from the attached model.
@@ -460,20 +466,61 @@ class CorpusIndex:
         m = max(int(k), int(m if m is not None else max(256, 4 * k)))
         cands = self._candidate_rows(text_emb, m, nprobe)
         t1 = time.perf_counter()
-        results = [self._rerank(text_emb[q], rows, k) for q, rows in enumerate(cands)]
+        results = self._rerank_many(text_emb, cands, k)
         if timings is not None:
             timings["prefilter_s"] = timings.get("prefilter_s", 0.0) + (t1 - t0)
             timings["rerank_s"] = timings.get("rerank_s", 0.0) + (time.perf_counter() - t1)
         return results
 
-    def _rerank(self, text_one, rows: np.ndarray, k: int) -> List[Tuple[str, float]]:
-        if len(rows) == 0:
-            return []
-        emb = self.gather(rows)
-        scores = self.model.score(text_one, emb, video_bias=self._bias_for(rows))[0].cpu()
-        kk = min(k, len(rows))
-        order = np.lexsort((rows, -scores.double().numpy()))[:kk]   # score desc, then row asc
-        return [(self.store.vid_of(rows[i]), float(scores[i])) for i in order]
+    def _rerank_many(self, text_emb, cands: Sequence[np.ndarray], k: int) -> List[List[Tuple[str, float]]]:
+        """Exact scores of each query's candidate rows (``cands[q]``), the ``k`` best per query.
+
+        With a model that scores explicit pairs (``score_pairs``, T-MASS) the queries are taken
+        in blocks of at most ``score_block_size`` (query, candidate) pairs (whole queries; a
+        query with more candidates is a block of its own): the union of the block's candidate
+        rows is read once and every pair is scored in one pass. A pair's score is computed by
+        the same kernels whatever the block holds (row-wise GEMMs, per-pair reductions), so a
+        query's result does not depend on the queries searched with it (queries and pairs are
+        padded to :data:`~lavis_c2f.ops.batching.GEMM_MIN_ROWS` rows: :mod:`lavis_c2f.ops.batching`).
+        Other models (UCoFiA) score each query's candidates as a (1, m) grid.
+        """
+        model = self.model
+        nq = len(cands)
+        out: List[List[Tuple[str, float]]] = [[] for _ in range(nq)]
+        if not hasattr(model, "score_pairs"):
+            for q, rows in enumerate(cands):
+                if len(rows):
+                    scores = model.score(text_emb[q], self.gather(rows), video_bias=self._bias_for(rows))[0]
+                    out[q] = self._top(rows, scores.cpu().double().numpy(), k)
+            return out
+        budget = max(1, int(getattr(model, "score_block_size", 4096)))
+        q0 = 0
+        while q0 < nq:
+            q1, pairs = q0 + 1, len(cands[q0])
+            while q1 < nq and pairs + len(cands[q1]) <= budget:
+                pairs += len(cands[q1])
+                q1 += 1
+            lens = np.asarray([len(cands[q]) for q in range(q0, q1)], np.int64)
+            if pairs:
+                union, inv = np.unique(np.concatenate([cands[q] for q in range(q0, q1)]), return_inverse=True)
+                qi = np.repeat(np.arange(q1 - q0, dtype=np.int64), lens)
+                vi = inv.astype(np.int64).reshape(-1)
+                pad = padded_index(pairs)                       # batch-independent rounding (ops/batching)
+                text = text_emb[padded_index(q1 - q0) + q0]
+                scores = model.score_pairs(text, self.gather(union), torch.from_numpy(qi[pad]),
+                                           torch.from_numpy(vi[pad]), video_bias=self._bias_for(union),
+                                           block_size=len(pad))[:pairs].cpu().double().numpy()
+                ends = np.cumsum(lens)
+                for j, q in enumerate(range(q0, q1)):
+                    if lens[j]:
+                        out[q] = self._top(cands[q], scores[ends[j] - lens[j]:ends[j]], k)
+            q0 = q1
+        return out
+
+    def _top(self, rows: np.ndarray, scores: np.ndarray, k: int) -> List[Tuple[str, float]]:
+        """The ``k`` best ``(vid, score)`` of ``rows`` (score desc, then row asc)."""
+        order = np.lexsort((rows, -scores))[:min(k, len(rows))]
+        return [(self.store.vid_of(rows[i]), float(np.float32(scores[i]))) for i in order]
 
     def search_exhaustive(self, text_emb, k: int = 10, block_videos: int = 4096) -> List[List[Tuple[str, float]]]:
         """Exact top-k of every query against every alive video (the re-ranking baseline)."""
