@@ -83,7 +83,7 @@ from lavis_c2f.index.ann import AnnConfig
 from lavis_c2f.index.prefilter import Prefilter
 from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, sha256_file
 from lavis_c2f.models.retriever.modules import sinkhorn_video_bias
-from lavis_c2f.ops.batching import padded_index
+from lavis_c2f.ops.batching import GEMM_MIN_ROWS, padded_index
 from lavis_c2f.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -444,8 +444,8 @@ class CorpusIndex:
         """Top-k videos per query: FAISS pre-filter of ``m`` candidates (default
         ``max(256, 4 k)``), exact re-scoring with the model, best first.
 
-        A batch of Q queries is searched in one FAISS call and re-ranked in blocks of whole
-        queries (:meth:`_rerank_many`); every query's result is identical to searching it alone.
+        A batch of Q queries is searched in one FAISS call, then each query's candidates are
+        re-ranked (:meth:`_rerank_many`); every query's result is identical to searching it alone.
 
         Args:
             text_emb: :class:`TextEmbedding` (Q queries) from the attached model.
@@ -475,46 +475,30 @@ class CorpusIndex:
     def _rerank_many(self, text_emb, cands: Sequence[np.ndarray], k: int) -> List[List[Tuple[str, float]]]:
         """Exact scores of each query's candidate rows (``cands[q]``), the ``k`` best per query.
 
-        With a model that scores explicit pairs (``score_pairs``, T-MASS) the queries are taken
-        in blocks of at most ``score_block_size`` (query, candidate) pairs (whole queries; a
-        query with more candidates is a block of its own): the union of the block's candidate
-        rows is read once and every pair is scored in one pass. A pair's score is computed by
-        the same kernels whatever the block holds (row-wise GEMMs, per-pair reductions), so a
-        query's result does not depend on the queries searched with it (queries and pairs are
-        padded to :data:`~lavis_c2f.ops.batching.GEMM_MIN_ROWS` rows: :mod:`lavis_c2f.ops.batching`).
-        Other models (UCoFiA) score each query's candidates as a (1, m) grid.
+        Each query is scored on its own, with the same shapes whether it is searched alone or
+        in a batch, so its result never depends on the other queries: T-MASS scores the pairs
+        ``(q, candidate)`` (``score_pairs``) with the query and the pairs padded to
+        :data:`~lavis_c2f.ops.batching.GEMM_MIN_ROWS` rows (:mod:`lavis_c2f.ops.batching`), other
+        models (UCoFiA) the (1, m) grid (``score``). Blocks of several queries were measured no
+        faster (the exact score costs the same per pair; bench/stage1_search.py) and BLAS's
+        small-matrix kernels round differently with the block's size.
         """
         model = self.model
-        nq = len(cands)
-        out: List[List[Tuple[str, float]]] = [[] for _ in range(nq)]
-        if not hasattr(model, "score_pairs"):
-            for q, rows in enumerate(cands):
-                if len(rows):
-                    scores = model.score(text_emb[q], self.gather(rows), video_bias=self._bias_for(rows))[0]
-                    out[q] = self._top(rows, scores.cpu().double().numpy(), k)
-            return out
-        budget = max(1, int(getattr(model, "score_block_size", 4096)))
-        q0 = 0
-        while q0 < nq:
-            q1, pairs = q0 + 1, len(cands[q0])
-            while q1 < nq and pairs + len(cands[q1]) <= budget:
-                pairs += len(cands[q1])
-                q1 += 1
-            lens = np.asarray([len(cands[q]) for q in range(q0, q1)], np.int64)
+        out: List[List[Tuple[str, float]]] = []
+        pairs = hasattr(model, "score_pairs")
+        for q, rows in enumerate(cands):
+            if not len(rows):
+                out.append([])
+                continue
+            emb, bias = self.gather(rows), self._bias_for(rows)
             if pairs:
-                union, inv = np.unique(np.concatenate([cands[q] for q in range(q0, q1)]), return_inverse=True)
-                qi = np.repeat(np.arange(q1 - q0, dtype=np.int64), lens)
-                vi = inv.astype(np.int64).reshape(-1)
-                pad = padded_index(pairs)                       # batch-independent rounding (ops/batching)
-                text = text_emb[padded_index(q1 - q0) + q0]
-                scores = model.score_pairs(text, self.gather(union), torch.from_numpy(qi[pad]),
-                                           torch.from_numpy(vi[pad]), video_bias=self._bias_for(union),
-                                           block_size=len(pad))[:pairs].cpu().double().numpy()
-                ends = np.cumsum(lens)
-                for j, q in enumerate(range(q0, q1)):
-                    if lens[j]:
-                        out[q] = self._top(cands[q], scores[ends[j] - lens[j]:ends[j]], k)
-            q0 = q1
+                pad = padded_index(len(rows))                   # batch-independent rounding (ops/batching)
+                vi = torch.from_numpy(pad)
+                scores = model.score_pairs(text_emb[np.full(GEMM_MIN_ROWS, q)], emb, torch.zeros_like(vi), vi,
+                                           video_bias=bias, block_size=len(pad))[:len(rows)]
+            else:
+                scores = model.score(text_emb[q], emb, video_bias=bias)[0]
+            out.append(self._top(rows, scores.cpu().double().numpy(), k))
         return out
 
     def _top(self, rows: np.ndarray, scores: np.ndarray, k: int) -> List[Tuple[str, float]]:
