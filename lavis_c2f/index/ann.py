@@ -14,9 +14,10 @@ N counts indexed *vectors* (the corpus index stores ``prefilter_segments`` vecto
   ``4 * sqrt(N)``, clamped to [64, ``ivf_nlist_max`` = 4096] (k-means cost grows with nlist^2);
   the coarse quantizer is trained (``ivf_kmeans_iters`` = 10 iterations) on
   ``min(N, ivf_train_per_list * nlist)`` vectors (40 per list, FAISS's minimum) sampled with
-  ``seed``; ``nprobe`` defaults to ``max(ivf_nprobe_min, nlist // ivf_nprobe_div)`` (16, a
-  quarter of the lists: text queries have low inner products with the video vectors, so their
-  neighbours spread over many lists, see the YAML);
+  ``seed``; ``nprobe`` defaults to ``nlist // ivf_nprobe_div`` clamped to
+  [``ivf_nprobe_min``, ``ivf_nprobe_max``] (a quarter of the lists, at most 512: text queries
+  have low inner products with the video vectors, so their neighbours spread over many lists;
+  the scan cost bounds it at 1e6 videos; measurements in the YAML);
 * ``hnsw`` -- ``IndexHNSWFlat`` (``hnsw_m``, ``efConstruction``, ``efSearch``), only when
   asked for (building it for 1e6 x 512 takes long on two cores). HNSW cannot delete: removed
   ids stay in the graph as tombstones, filtered at search time and dropped at the next
@@ -64,6 +65,7 @@ class AnnConfig:
     ivf_nprobe: Optional[int] = ANN_DEFAULTS["ivf_nprobe"]
     ivf_nprobe_div: int = ANN_DEFAULTS["ivf_nprobe_div"]
     ivf_nprobe_min: int = ANN_DEFAULTS["ivf_nprobe_min"]
+    ivf_nprobe_max: int = ANN_DEFAULTS["ivf_nprobe_max"]
     ivf_codec: str = ANN_DEFAULTS["ivf_codec"]
     ivf_sq8_from: int = ANN_DEFAULTS["ivf_sq8_from"]
     ivf_train_per_list: int = ANN_DEFAULTS["ivf_train_per_list"]
@@ -80,7 +82,7 @@ class AnnConfig:
         if self.ivf_codec not in ("auto", "flat", "sq8"):
             raise ConfigError(f"ann.ivf_codec must be 'auto', 'flat' or 'sq8', got {self.ivf_codec!r}")
         for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "ivf_nlist_max", "ivf_kmeans_iters",
-                     "ivf_nprobe_div", "ivf_nprobe_min",
+                     "ivf_nprobe_div", "ivf_nprobe_min", "ivf_nprobe_max",
                      "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -115,7 +117,8 @@ class AnnConfig:
     def nprobe_for(self, nlist: int) -> int:
         if self.ivf_nprobe is not None:
             return min(int(self.ivf_nprobe), nlist)
-        return min(nlist, max(int(self.ivf_nprobe_min), nlist // int(self.ivf_nprobe_div)))
+        want = min(int(self.ivf_nprobe_max), nlist // int(self.ivf_nprobe_div))
+        return min(nlist, max(int(self.ivf_nprobe_min), want))
 
 
 def _faiss():
