@@ -305,6 +305,10 @@ class MilvusIndex:
     def __contains__(self, vid: object) -> bool:
         return isinstance(vid, str) and bool(self._get([vid], []))
 
+    def present(self, vids: Sequence[str]) -> set:
+        """Which of ``vids`` are stored (one batched lookup instead of one per id)."""
+        return set(self._get([str(v) for v in dict.fromkeys(vids)], []))
+
     def _row(self, vid: str, fields: Sequence[str]) -> Dict[str, Any]:
         got = self._get([str(vid)], fields)
         if str(vid) not in got:
@@ -365,10 +369,12 @@ class MilvusIndex:
             _call(self.locator, self.client.upsert, self.locator.collection, rows[s:s + _UPSERT_ROWS])
 
     def add_row_batches(self, batches: Iterable[Tuple[Sequence[str], np.ndarray, np.ndarray, np.ndarray,
-                                                      Optional[Sequence[Optional[float]]]]]) -> None:
-        """:meth:`add_rows` of each ``(vids, frames, lengths, prefilter, durations)`` batch."""
+                                                      Optional[Sequence[Optional[float]]]]],
+                        sources: Optional[Mapping[str, Optional[str]]] = None) -> None:
+        """:meth:`add_rows` of each ``(vids, frames, lengths, prefilter, durations)`` batch
+        (``sources``: vid -> where the video came from)."""
         for vids, frames, lengths, pre, durs in batches:
-            self.add_rows(vids, frames, lengths, pre, durs)
+            self.add_rows(vids, frames, lengths, pre, durs, None if sources is None else [sources.get(v) for v in vids])
 
     def add_features(self, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
                      durations: Optional[Mapping[str, Optional[float]]] = None, batch_size: int = 64,
