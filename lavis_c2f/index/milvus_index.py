@@ -102,6 +102,8 @@ def is_milvus_locator(text: Any) -> bool:
     with ``#COLLECTION``); anything else is a FAISS index folder."""
     if text is None:
         return False
+    if isinstance(text, MilvusLocator):
+        return True
     base = os.fspath(text).split("#", 1)[0]
     return base.startswith(("http://", "https://")) or base.endswith(".db")
 
@@ -280,6 +282,10 @@ class MilvusIndex:
     @property
     def vids(self) -> List[str]:
         """Every stored video id (sorted)."""
+        if len(self) <= MAX_TOPK:      # one query (a query's limit is bounded like a search's)
+            rows = _call(self.locator, self.client.query, self.locator.collection, filter="", output_fields=["vid"],
+                         limit=MAX_TOPK)
+            return sorted(str(r["vid"]) for r in rows)
         it = _call(self.locator, self.client.query_iterator, self.locator.collection, batch_size=4096, filter="",
                    output_fields=["vid"])
         out: List[str] = []
