@@ -366,10 +366,10 @@ class MilvusIndex:
             dur = None if durations is None else durations[i]
             src = "" if sources is None or sources[i] is None else str(sources[i])[:_MAX_SOURCE]
             row = {"vid": v, "duration": -1.0 if dur is None or not dur >= 0 else float(dur), "source": src,
-                   "n_frames": int(lengths[i]), "frames": flat.tolist()}
+                   "n_frames": int(lengths[i]), "frames": flat}
             for s in range(sv):
                 row[f"valid_{s}"] = bool(np.abs(pre[i, s]).sum() > 0)
-                row[f"pre_{s}"] = pre[i, s].tolist()
+                row[f"pre_{s}"] = np.ascontiguousarray(pre[i, s])
             rows.append(row)
         for s in range(0, n, _UPSERT_ROWS):
             _call(self.locator, self.client.upsert, self.locator.collection, rows[s:s + _UPSERT_ROWS])
