@@ -243,12 +243,17 @@ def _backend(args: argparse.Namespace, locator: str) -> str:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    if _backend(args, args.out) == "milvus":
-        return _build_milvus(args)
-    if args.collection:
+    """Encode the feature store(s) into a new FAISS folder, or into a Milvus collection (created,
+    dropped first with ``--overwrite``, or resumed: rows are upserted by video id, so a re-run
+    adds nothing twice)."""
+    milvus = _backend(args, args.out) == "milvus"
+    if milvus and args.sinkhorn_bank:
+        raise ConfigError("--sinkhorn-bank is not supported by the Milvus backend yet (per-video Sinkhorn biases "
+                          "are stored by the FAISS backend only)")
+    if not milvus and args.collection:
         raise ConfigError("--collection is for a Milvus --out (a *.db path or an http(s):// URI)")
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
+    out = locator_text(args.out, args.collection)
+    if not milvus and os.path.exists(out) and not args.overwrite:
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it (or use 'index add')")
     model = load_retriever(args.model_cfg, args.checkpoint)
     stores, loader = _open_video_loader(args.features, args.field, not args.no_normalize)
@@ -259,46 +264,23 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ConfigError("no videos to index (check --features / --ann / --shard / --limit)")
         durs = _durations_for(vids, durations, stores, args.clip_length)
         _check_width(loader, vids[0], model)
-        index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
-                                      work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
+        if milvus:
+            index = MilvusIndex.create(out, model, ann=_milvus_ann(args, len(vids)),
+                                       prefilter_segments=args.prefilter_segments, frame_dtype=args.frame_dtype,
+                                       overwrite=args.overwrite, timeout=args.timeout)
+        else:
+            index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
+                                          work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
         index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
         bank = _sinkhorn_bank(args, model)
         if bank is not None:
             index.compute_video_bias(bank, progress=not args.no_progress)
-        index.save(out)
+        index.save(None if milvus else out)
     finally:
         loader.close()
     info = index.info()
-    print(f"indexed {info['videos']} videos into {out} ({info['ann']['kind']} pre-filter, "
-          f"{info['size_bytes'] / 1e6:.1f} MB)")
-    return 0
-
-
-def _build_milvus(args: argparse.Namespace) -> int:
-    """``index build --out URI`` into a Milvus collection: created (dropped first with
-    ``--overwrite``) or resumed; rows are upserted by video id, so a re-run adds nothing twice."""
-    if args.sinkhorn_bank:
-        raise ConfigError("--sinkhorn-bank is not supported by the Milvus backend yet (per-video Sinkhorn biases "
-                          "are stored by the FAISS backend only)")
-    model = load_retriever(args.model_cfg, args.checkpoint)
-    stores, loader = _open_video_loader(args.features, args.field, not args.no_normalize)
-    try:
-        durations, ann_vids = _durations(args, stores)
-        vids = _select_vids(args, stores, ann_vids)
-        if not vids:
-            raise ConfigError("no videos to index (check --features / --ann / --shard / --limit)")
-        durs = _durations_for(vids, durations, stores, args.clip_length)
-        _check_width(loader, vids[0], model)
-        index = MilvusIndex.create(locator_text(args.out, args.collection), model, ann=_milvus_ann(args, len(vids)),
-                                   prefilter_segments=args.prefilter_segments, frame_dtype=args.frame_dtype,
-                                   overwrite=args.overwrite, timeout=args.timeout)
-        index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
-        out = index.save()
-    finally:
-        loader.close()
-    info = index.info()
-    print(f"indexed {len(vids)} videos into {out} ({info['videos']} in the collection, {info['ann']['kind']} "
-          "pre-filter)")
+    where = (f"{info['videos']} in the collection" if milvus else f"{info['size_bytes'] / 1e6:.1f} MB")
+    print(f"indexed {len(vids)} videos into {out} ({info['ann']['kind']} pre-filter, {where})")
     return 0
 
 
