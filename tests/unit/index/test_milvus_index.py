@@ -14,7 +14,7 @@ pytest.importorskip("milvus_lite")
 
 from lavis_c2f import cli  # noqa: E402
 from lavis_c2f.common.errors import ConfigError, IndexUnavailableError  # noqa: E402
-from lavis_c2f.index import CorpusIndex, IndexFormatError, IndexMismatchError  # noqa: E402
+from lavis_c2f.index import CorpusIndex, IndexFormatError, IndexMismatchError, StageOneIndex  # noqa: E402
 from lavis_c2f.index.locator import backend_of, locator_text, open_index  # noqa: E402
 from lavis_c2f.index.milvus_index import MANIFEST_SUFFIX, MilvusIndex, parse_milvus_locator  # noqa: E402
 from lavis_c2f.models.retriever import C2FTMassRetriever  # noqa: E402
@@ -78,7 +78,7 @@ def test_exact_prefilter_gives_the_same_ranked_videos_and_scores_as_faiss(built)
 def test_reopen_upsert_add_remove(built):
     m, feats, loc = built["model"], built["feats"], built["loc"]
     mx = open_index(loc, m)
-    assert isinstance(mx, MilvusIndex) and mx.info()["videos"] == N_VIDEOS
+    assert isinstance(mx, MilvusIndex) and isinstance(mx, StageOneIndex) and mx.info()["videos"] == N_VIDEOS
     # a re-run of the build (same model and options) resumes: upserts add nothing twice
     again = MilvusIndex.create(loc, m)
     sub = {v: feats[v] for v in list(feats)[:50]}
@@ -158,6 +158,15 @@ def test_unreachable_uri_is_named_within_the_timeout():
     with pytest.raises(IndexUnavailableError, match=f"127.0.0.1:{port}.*unreachable"):
         open_index(uri + "#videos", timeout=2.0)
     assert time.monotonic() - t0 < 10.0
+    # a server that accepts the connection but never answers: given up after the timeout
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(IndexUnavailableError, match=r"unreachable \(gave up after .* timeout 1.5 s\)"):
+            open_index(uri, timeout=1.5)
+        assert 1.0 < time.monotonic() - t0 < 10.0
 
 
 def test_locators_pick_the_backend(tmp_path):
