@@ -437,6 +437,9 @@ class MilvusIndex:
         nq = len(text_emb)
         if nq == 0:
             return []
+        if int(m) > MAX_TOPK:
+            logger.warning("index: %d candidates asked of %s; Milvus returns at most %d per search", int(m),
+                           self.locator, MAX_TOPK)
         m = min(int(m), MAX_TOPK)
         qv = self._require_model().prefilter_query(text_emb).detach().cpu().float().numpy()
         best: List[Dict[str, float]] = [{} for _ in range(nq)]
