@@ -237,15 +237,16 @@ class DecoderLayer(nn.Module):
                          dim=-1).reshape(bsz, length, 2 * dim)
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_bias: Optional[torch.Tensor],
-                pos: torch.Tensor, query_pos: torch.Tensor,
+                k_pos: torch.Tensor, query_pos: torch.Tensor,
                 query_sine: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            tgt: (B, Q, D) decoder state; memory: (B, Lv, D) video memory.
+            tgt: (B or 1, Q, D) decoder state (one row shared by the batch when it does not
+                depend on the sample); memory: (B, Lv, D) video memory.
             memory_bias: the memory padding's :func:`~.attention.attention_bias` (or None);
-            pos: (B, Lv, D) video positions.
-            query_pos: (B, Q, D) ``ref_point_head`` output; query_sine: (B, Q, D) modulated
-                anchor sine code.
+            k_pos: (B, Lv, D) ``ca_kpos_proj`` of the video positions (:meth:`key_positions`).
+            query_pos: (B or 1, Q, D) ``ref_point_head`` output; query_sine: (B or 1, Q, D)
+                modulated anchor sine code.
         Returns:
             (B, Q, D).
         """
@@ -255,17 +256,28 @@ class DecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, v)))
 
         q_content = self.ca_qcontent_proj(tgt)
-        k_content = self.ca_kcontent_proj(memory)
-        v = self.ca_v_proj(memory)
-        k_pos = self.ca_kpos_proj(pos)
         if self.is_first:
             q_content = q_content + self.ca_qpos_proj(query_pos)
+        q_sine = self.ca_qpos_sine_proj(query_sine)
+        bsz = memory.shape[0]
+        if tgt.shape[0] != bsz:  # a shared query side meets the batch here
+            tgt, q_content, q_sine = (t.expand(bsz, -1, -1) for t in (tgt, q_content, q_sine))
+        k_content = self.ca_kcontent_proj(memory)
+        v = self.ca_v_proj(memory)
+        if self.is_first:
             k_content = k_content + k_pos
-        q = self._per_head_concat(q_content, self.ca_qpos_sine_proj(query_sine))
+        q = self._per_head_concat(q_content, q_sine)
         k = self._per_head_concat(k_content, k_pos)
         tgt = self.norm2(tgt + self.dropout2(self.cross_attn(q, k, v, memory_bias)))
         h = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(h))
+
+    def key_positions(self, pos: torch.Tensor, inverse: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """``ca_kpos_proj`` of the video positions: ``pos`` (B, Lv, D), or (U, Lv, D) distinct
+        rows with ``inverse`` (B,) the row of each sample -> (B, Lv, D)."""
+        k_pos = self.ca_kpos_proj(pos)
+        return k_pos if inverse is None else k_pos[inverse]
 
 
 class LayerStack(nn.Module):
@@ -306,20 +318,35 @@ class AnchorDecoder(nn.Module):
                 anchors_unsigmoid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            memory: (B, Lv, D); memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D).
+            memory: (B, Lv, D); memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D) the
+                video positions, a function of the padding row (the masked sine code), so
+                samples with the same padding share their key-position projections.
             anchors_unsigmoid: (Q, 2) learned anchors before the sigmoid.
         Returns:
             hs: (n_layers, B, Q, D), each layer's output after the shared ``norm``;
             references: (n_layers, B, Q, 2), the anchor each layer started from (the first
             is ``sigmoid(anchors)``, later ones carry gradients through ``bbox_embed``).
         """
-        bsz = memory.shape[0]
-        ref = anchors_unsigmoid.sigmoid()[None].expand(bsz, -1, -1)
-        tgt = memory.new_zeros(bsz, anchors_unsigmoid.shape[0], self.d_model)
-        references: List[torch.Tensor] = [ref]
+        bsz, n_queries = memory.shape[0], anchors_unsigmoid.shape[0]
+        # the first layer's queries depend on no sample (zero state, learned anchors): without
+        # dropout (outside training) they are computed once and shared by the batch
+        q_bsz = bsz if self.training else 1
+        ref = anchors_unsigmoid.sigmoid()[None].expand(q_bsz, -1, -1)
+        tgt = memory.new_zeros(q_bsz, n_queries, self.d_model)
+        references: List[torch.Tensor] = [ref.expand(bsz, -1, -1)]
         outputs: List[torch.Tensor] = []
         last = len(self.layers) - 1
         memory_bias = attention_bias(memory_pad, None, memory.dtype)
+        # the positions are a function of the padding row: their projections are computed once
+        # per distinct padding row (any sample with that row stands for it)
+        pos_rows, inverse = pos, None
+        if bsz > 1:
+            rows, inverse = torch.unique(memory_pad, dim=0, return_inverse=True)
+            if rows.shape[0] < bsz:
+                sample_of = torch.empty(rows.shape[0], dtype=torch.long, device=pos.device)
+                pos_rows = pos[sample_of.scatter_(0, inverse, torch.arange(bsz, device=pos.device))]
+            else:
+                inverse = None
         for i, layer in enumerate(self.layers):
             sine = anchor_sine_embedding(ref, self.d_model)
             query_pos = self.ref_point_head(sine)
@@ -327,11 +354,12 @@ class AnchorDecoder(nn.Module):
                 sine = sine * self.query_scale(tgt)
             width_mod = self.ref_anchor_head(tgt).sigmoid()[..., 0] / ref[..., 1]
             sine = sine * width_mod[..., None]
-            tgt = layer(tgt, memory, memory_bias, pos, query_pos, sine)
-            new_ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid()
+            tgt = layer(tgt, memory, memory_bias, layer.key_positions(pos_rows, inverse),
+                        query_pos, sine)
             if i < last:
+                new_ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid()
                 references.append(new_ref)
-            ref = new_ref.detach()
+                ref = new_ref.detach()
             outputs.append(self.norm(tgt))
         return torch.stack(outputs), torch.stack(references)
 
@@ -402,7 +430,8 @@ class QDTransformer(nn.Module):
         """Encoder over [global, video] (:meth:`encode`) then the decoder.
 
         Args:
-            anchors_unsigmoid: (Q, 2); the others as :meth:`encode`.
+            anchors_unsigmoid: (Q, 2); the others as :meth:`encode` (``pos_vid`` must be the
+                position code of ``vid_pad``, see :meth:`AnchorDecoder.forward`).
         Returns:
             hs (n_dec, B, Q, D), references (n_dec, B, Q, 2), video memory (B, Lv, D),
             global memory (B, D).

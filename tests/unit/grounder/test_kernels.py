@@ -147,3 +147,31 @@ def test_training_step_equals_reference_kernels(arch, counts_file, monkeypatch):
     assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) > 20
     for n in fast_grads:
         torch.testing.assert_close(fast_grads[n], ref_grads[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("arch", ["qd_detr", "mesm"])
+def test_batched_prediction_equals_one_sample_at_a_time(arch, counts_file):
+    """Outside training the decoder shares its first layer's queries across the batch and the
+    key-position projections across samples of one padding; each sample's outputs equal its
+    outputs alone (batch-independent T2V mask)."""
+    from lavis_c2f.models.grounder import C2FMESMQDDETR, C2FQDDETR
+
+    from grounder_helpers import tiny_mesm_config, tiny_qd_config
+
+    torch.manual_seed(0)
+    if arch == "qd_detr":
+        model = C2FQDDETR.from_config(tiny_qd_config(t2v_mask_mode="correct"))
+    else:
+        model = C2FMESMQDDETR.from_config(tiny_mesm_config(t2v_mask_mode="correct"))
+    model.eval()
+    batch = make_batch([10, 7, 10, 12, 7], [5, 3, 6, 4, 5],
+                       [[[4.0, 10.0]], [[0.0, 4.0]], [[10.0, 14.0]], [[2.0, 6.0]], [[2.0, 8.0]]])
+    keys = ("src_txt", "src_txt_mask", "src_vid", "src_vid_mask")
+    with torch.no_grad():
+        full = model.detr(**{k: batch[k] for k in keys}, compute_neg=False)
+        for i in range(5):
+            one = model.detr(**{k: batch[k][i:i + 1] for k in keys}, compute_neg=False)
+            for key in ("pred_logits", "pred_spans", "saliency_scores"):
+                torch.testing.assert_close(full[key][i:i + 1], one[key], atol=1e-5, rtol=0)
+            torch.testing.assert_close(full["aux_outputs"][0]["pred_spans"][i:i + 1],
+                                       one["aux_outputs"][0]["pred_spans"], atol=1e-5, rtol=0)
