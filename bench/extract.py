@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lavis_c2f.video.decode import (decode_all_frames, decord_available, iter_clip_batches, probe,
-                                        select_frames)
+    from lavis_c2f.video.decode import decode_all_frames, decord_available, iter_clip_batches, select_frames
+    from lavis_c2f.video.probe import probe
 
     backbone = None
     if args.embed:
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
 
     def naive(path: str, cl: float) -> np.ndarray:
         frames, times = decode_all_frames(path, size=args.size)
-        from lavis_c2f.video.decode import num_clips, sample_times
+        from lavis_c2f.video.decode import sample_times
+        from lavis_c2f.video.probe import num_clips
 
         dur = probe(path).duration
         idx = select_frames(times, sample_times(num_clips(dur, cl), cl, args.frames_per_clip))

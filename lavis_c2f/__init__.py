@@ -22,4 +22,4 @@ from lavis_c2f import processors  # noqa: E402,F401
 from lavis_c2f import tasks  # noqa: E402,F401
 from lavis_c2f import runners  # noqa: E402,F401
 
-__version__ = "0.1.0"
+from lavis_c2f.version import __version__  # noqa: E402,F401

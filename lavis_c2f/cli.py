@@ -1,30 +1,44 @@
 """``lavis-c2f`` command line: one dispatcher, sub-commands defined next to their code.
 
-Each module listed in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds
-its sub-command(s) with ``parser.set_defaults(func=callable)``; ``callable(args)`` returns an
-exit code (or None for 0). Heavy imports happen inside those callables.
+Each module of :data:`COMMAND_MODULES` exposes ``register(subparsers)``, which adds its
+sub-command(s) with ``parser.set_defaults(func=callable)``; ``callable(args)`` returns an exit
+code (or None for 0).
+
+Errors: :func:`main` is the one place that turns a user error (bad files, options, queries,
+mismatched checkpoints or indexes, undecodable videos:
+:data:`lavis_c2f.common.errors.USER_ERRORS`) into one line ``lavis-c2f COMMAND: error: ...``
+on stderr and exit code 1, for every command; anything else keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from typing import List, Optional
 
-from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.errors import USER_ERRORS, user_message
+from lavis_c2f.data import cli as data_cli
+from lavis_c2f.demo import cli as demo_cli
+from lavis_c2f.evaluation import cli as evaluation_cli
+from lavis_c2f.index import cli as index_cli
+from lavis_c2f.models.grounder import cli as grounder_cli
+from lavis_c2f.pipeline import cli as pipeline_cli
+from lavis_c2f.search import cli as search_cli
+from lavis_c2f.video import cli as video_cli
 
-COMMAND_MODULES = [
-    "lavis_c2f.data.cli",            # make-demo-corpus, convert
-    "lavis_c2f.models.grounder.cli",  # vocab
-    "lavis_c2f.index.cli",           # index (build|add|info|search|videos)
-    "lavis_c2f.video.cli",           # extract
-    "lavis_c2f.search.cli",          # search, annotate
-    "lavis_c2f.pipeline.cli",        # merge-stage1, tune-fusion, quickstart
-    "lavis_c2f.evaluation.cli",      # eval
-    "lavis_c2f.demo.cli",            # demo (web app)
-]
+logger = logging.getLogger(__name__)
+
+COMMAND_MODULES = (
+    data_cli,            # make-demo-corpus, convert
+    grounder_cli,        # vocab
+    index_cli,           # index (build|add|remove|info|search|videos)
+    video_cli,           # extract
+    search_cli,          # search, annotate
+    pipeline_cli,        # merge-stage1, tune-fusion, quickstart
+    evaluation_cli,      # eval
+    demo_cli,            # demo (web app)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that part of the package is not built yet
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
@@ -52,12 +60,7 @@ def expand_shorthands(argv: List[str]) -> List[str]:
     if i is None or argv[i] != "index" or i + 1 >= len(argv):
         return argv
     nxt = argv[i + 1]
-    try:
-        from lavis_c2f.index import cli as index_cli
-    except ModuleNotFoundError:
-        return argv
-    known = set(index_cli._BUILTIN) | {name for name, _, _ in index_cli._EXTRA}
-    if not nxt.startswith("-") and nxt not in known and os.path.isdir(nxt):
+    if not nxt.startswith("-") and nxt not in index_cli.SUBCOMMANDS and os.path.isdir(nxt):
         return argv[: i + 1] + ["videos"] + argv[i + 1:]
     return argv
 
@@ -71,13 +74,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    command = " ".join(c for c in (args.command, getattr(args, "index_command", None)) if c)
     try:
         code = args.func(args)
-    except (DataFormatError, ConfigError, FileNotFoundError, FileExistsError) as e:
-        print(f"lavis-c2f {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        logger.debug("%s failed", command, exc_info=True)
+        print(f"lavis-c2f {command}: error: {user_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"lavis-c2f {args.command}: interrupted", file=sys.stderr)
+        print(f"lavis-c2f {command}: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
 

@@ -14,11 +14,13 @@ import sys
 from typing import List, Optional
 
 import lavis_c2f  # noqa: F401  (registers every c2f_ component before the Config is built)
+import torch.distributed as dist
 from lavis.common.config import Config
 from lavis.common.registry import registry
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.io import write_json
 from lavis_c2f.paths import resolve_path
 
 
@@ -76,8 +78,6 @@ def _run(main_fn, argv: Optional[List[str]], description: str) -> int:
         return 2
     finally:
         if c2f_dist.is_dist():
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -103,8 +103,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         runner.load_weights(ckpt)
     logs = runner.evaluate(cur_epoch="best", skip_reload=True)
     if c2f_dist.is_main_process():
-        from lavis_c2f.common.io import write_json
-
         write_json({"job_id": runner.job_id, "checkpoint": ckpt, "test": logs}, runner.output_dir / "summary.json")
         print(f"output directory: {runner.output_dir}")
         for split, metrics in (logs or {}).items():

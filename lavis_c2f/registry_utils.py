@@ -14,6 +14,9 @@ import importlib
 from typing import Dict, List, Tuple
 
 from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+from lavis_c2f.common.errors import ConfigError
 
 PREFIX = "c2f_"
 
@@ -101,8 +104,6 @@ def with_model_defaults(node, default_arch: str):
     """A ``model:`` mapping merged over its ``model_type`` defaults, as LAVIS's ``Config`` does
     when it builds a model (``arch`` picks the class, ``model_type`` its default YAML; keys of
     ``node`` win). Without ``model_type`` the mapping is returned unchanged (as a plain dict)."""
-    from omegaconf import OmegaConf
-
     node = dict(node)
     model_type = node.get("model_type")
     if not model_type:
@@ -112,8 +113,6 @@ def with_model_defaults(node, default_arch: str):
         return node
     known = getattr(cls, "PRETRAINED_MODEL_CONFIG_DICT", None)
     if known is not None and model_type not in known:
-        from lavis_c2f.common.errors import ConfigError
-
         raise ConfigError(f"model.model_type: '{model_type}' is not a type of {node.get('arch') or default_arch}; "
                           f"known: {sorted(known)}")
     defaults = OmegaConf.load(cls.default_config_path(model_type))

@@ -1,7 +1,13 @@
-"""Error types that name where bad input came from."""
+"""Error types that name where bad input came from, and the one rule that turns them into a
+one-line message.
+
+Every user-facing error of the package is defined here (or subclasses one defined here), so
+that the layer that reports errors (:func:`user_message`: the ``lavis-c2f`` commands and the
+web demo) needs no import of the layers that raise them.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 
 class DataFormatError(ValueError):
@@ -26,15 +32,59 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
 
 
-def user_error_types() -> Tuple[type, ...]:
-    """The exceptions the package raises for bad input: files, options, queries (``ValueError``,
-    ``KeyError`` and their subclasses such as :class:`ConfigError`, :class:`DataFormatError` and
-    ``IndexMismatchError``), missing or unreadable paths, mismatched checkpoints and undecodable
-    videos. ``lavis-c2f search`` / ``annotate`` and the web demo report these in one line instead
-    of a traceback."""
-    from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
-    from lavis_c2f.models.grounder.checkpoint import CheckpointMismatchError as GrounderMismatchError
-    from lavis_c2f.video.decode import VideoDecodeError
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes do not match the model (strict loading); the message lists them.
 
-    return (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-            VideoDecodeError, CheckpointMismatchError, GrounderMismatchError)
+    Attributes ``missing`` and ``unexpected`` (state-dict keys) and ``mismatched``
+    (``(key, checkpoint shape, model shape)``) hold the full lists; the message shows at most
+    :attr:`SHOWN` of each.
+    """
+
+    SHOWN = 30
+
+    def __init__(self, source: str, missing: Iterable[str], unexpected: Iterable[str],
+                 mismatched: Iterable[Tuple[str, Sequence[int], Sequence[int]]]):
+        self.missing, self.unexpected = list(missing), list(unexpected)
+        self.mismatched = [(str(k), tuple(a), tuple(b)) for k, a, b in mismatched]
+        n = self.SHOWN
+        lines = [f"checkpoint {source} does not match the model:"]
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"  {name} keys ({len(keys)}): {', '.join(keys[:n])}" + (" ..." if len(keys) > n else ""))
+        for key, got, want in self.mismatched[:n]:
+            lines.append(f"  shape mismatch for {key}: checkpoint {got} vs model {want}")
+        super().__init__("\n".join(lines))
+
+
+class VideoDecodeError(RuntimeError):
+    """A video file cannot be probed or decoded; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = str(reason)
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.reason))
+
+
+#: What the package raises for bad input: files, options, queries (``ValueError``, ``KeyError``
+#: and their subclasses such as :class:`ConfigError`, :class:`DataFormatError` and the index's
+#: ``IndexMismatchError``), missing or unreadable paths, mismatched checkpoints, undecodable videos.
+USER_ERRORS: Tuple[type, ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                                 PermissionError, VideoDecodeError, CheckpointMismatchError)
+
+
+def user_message(exc: BaseException) -> Optional[str]:
+    """The one-line (or, for a checkpoint mismatch, key-listing) message of a user error, or
+    None when ``exc`` is not one (a bug or resource exhaustion: let its traceback show).
+    A ``KeyError`` gives its message without the quotes ``str(KeyError)`` adds."""
+    if not isinstance(exc, USER_ERRORS):
+        return None
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc) or type(exc).__name__
+
+
+__all__: List[str] = ["CheckpointMismatchError", "ConfigError", "DataFormatError", "USER_ERRORS", "VideoDecodeError",
+                      "user_message"]

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any, Iterable, Optional, TextIO
 
+from tqdm.auto import tqdm
+
 ENV_INTERVAL = "C2F_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL_S = 30.0
 
@@ -61,8 +63,6 @@ def progress_bar(iterable: Optional[Iterable[Any]] = None, *, total: Optional[in
         file: the stream (default ``sys.stderr``).
         interval: seconds between lines on a non-terminal (default :func:`log_interval`).
     """
-    from tqdm.auto import tqdm
-
     stream = file if file is not None else sys.stderr
     if not enabled:
         return tqdm(iterable, total=total, disable=True)

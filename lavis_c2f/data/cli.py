@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.demo_corpus import DemoCorpusExistsError, DemoCorpusParams, make_demo_corpus
+from lavis_c2f.data.features import convert_store
+
 
 def _parse_value(text: str) -> Any:
     try:
@@ -15,8 +19,6 @@ def _parse_value(text: str) -> Any:
 
 
 def _param_overrides(pairs: Optional[List[str]]) -> Dict[str, Any]:
-    from lavis_c2f.common.errors import ConfigError
-
     out: Dict[str, Any] = {}
     for p in pairs or []:
         if "=" not in p:
@@ -27,9 +29,6 @@ def _param_overrides(pairs: Optional[List[str]]) -> Dict[str, Any]:
 
 
 def cmd_make_demo_corpus(args: argparse.Namespace) -> int:
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.data.demo_corpus import DemoCorpusExistsError, DemoCorpusParams, make_demo_corpus
-
     overrides = _param_overrides(args.param)
     for name in ("seed", "n_videos", "video_dim", "text_dim"):
         v = getattr(args, name)
@@ -57,7 +56,6 @@ def cmd_make_demo_corpus(args: argparse.Namespace) -> int:
 def _store_spec(text: str, type_: Optional[str], field: Optional[str], key_format: Optional[str],
                 maxcount: Optional[int]) -> Any:
     text = text.strip()
-    from lavis_c2f.common.errors import ConfigError
 
     try:
         spec: Dict[str, Any] = json.loads(text) if text.startswith("{") else {"path": text}
@@ -75,8 +73,6 @@ def _store_spec(text: str, type_: Optional[str], field: Optional[str], key_forma
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lavis_c2f.data.features import convert_store
-
     src = _store_spec(args.src, args.src_type, args.field, args.src_key_format, None)
     dst = _store_spec(args.dst, args.dst_type, None, args.dst_key_format, args.maxcount)
     if set(dst) == {"path"}:

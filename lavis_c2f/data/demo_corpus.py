@@ -76,8 +76,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.data.features import save_npz_deterministic
 from lavis_c2f.data.records import MomentRecord
+from lavis_c2f.paths import cache_root, resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +180,7 @@ class DemoCorpusParams:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "DemoCorpusParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown demo corpus parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        d = check_keys(d, {f.name for f in dataclasses.fields(cls)}, "demo corpus parameters")
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**kw)
 
@@ -405,8 +404,6 @@ def generate_demo_corpus(params: Optional[DemoCorpusParams] = None) -> DemoCorpu
 def default_demo_root() -> str:
     """``$C2F_DEMO_ROOT``, else ``<cache_root>/demo_corpus`` (``$C2F_CACHE`` or
     ``~/.cache/lavis_c2f``); absolute."""
-    from lavis_c2f.paths import cache_root, resolve_path
-
     env = os.environ.get("C2F_DEMO_ROOT")
     return resolve_path(env) if env else os.path.join(cache_root(), "demo_corpus")
 

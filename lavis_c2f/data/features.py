@@ -34,6 +34,7 @@ import contextlib
 import difflib
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -48,27 +49,17 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.io import atomic_path, write_json
+from lavis_c2f.common.progress import progress_bar
+from lavis_c2f.data.cfg import check_keys
+# the feature conventions, re-exported for the readers of this module
+from lavis_c2f.ops.vectors import L2_EPS, NORM_STYLES, l2_normalize, norm_params, tef_columns  # noqa: F401
+from lavis_c2f.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 ArrayOrFields = Union[np.ndarray, Mapping[str, np.ndarray]]
-L2_EPS = 1e-5  # QD-DETR / Moment-DETR ``l2_normalize_np_array`` epsilon
-# per-clip / per-token L2 normalisation of each official code base:
-#   qd_detr: x / (||x|| + 1e-5) (video and text; Moment-DETR's l2_normalize_np_array)
-#   mesm:    x / max(||x||, 1e-12) for video (F.normalize in MESM's get_video_feat),
-#            x / max(||x||, 1e-5) for text (F.normalize(eps=1e-5) in MESM's text path)
-NORM_STYLES = ("qd_detr", "mesm")
-_NORM = {"qd_detr": {"video": (L2_EPS, False), "text": (L2_EPS, False)},
-         "mesm": {"video": (1e-12, True), "text": (1e-5, True)}}
-
-
-def norm_params(style: str, kind: str) -> Tuple[float, bool]:
-    """``(eps, clamp)`` of :func:`l2_normalize` for a :data:`NORM_STYLES` style and
-    ``kind`` "video" or "text"."""
-    if style not in _NORM:
-        raise ValueError(f"unknown norm_style {style!r}, expected one of {NORM_STYLES}")
-    return _NORM[style][kind]
 DEFAULT_FIELD = "features"
 
 
@@ -80,24 +71,6 @@ class FeatureNotFoundError(KeyError):
 
 
 # =========================================================================== array helpers
-
-
-def l2_normalize(x: np.ndarray, eps: float = L2_EPS, clamp: bool = False) -> np.ndarray:
-    """``x / (||x||_2 + eps)`` along the last axis, or ``x / max(||x||_2, eps)`` with
-    ``clamp`` (``torch.nn.functional.normalize``); a new float32 array."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    denom = np.maximum(norm, np.float32(eps)) if clamp else norm + eps
-    return (x / denom).astype(np.float32, copy=False)
-
-
-def tef_columns(length: int) -> np.ndarray:
-    """(L, 2) temporal endpoint features: ``[arange(L) / L, arange(L) / L + 1 / L]`` (float32)."""
-    if length <= 0:
-        return np.zeros((0, 2), dtype=np.float32)
-    st = np.arange(length, dtype=np.float32) / np.float32(length)
-    ed = st + np.float32(1.0) / np.float32(length)
-    return np.stack([st, ed], axis=1).astype(np.float32)
 
 
 def combine_video_streams(streams: Sequence[np.ndarray], *, normalize: bool = True,
@@ -510,8 +483,6 @@ class WdsStore(FeatureStore):
             raise DataFormatError(f"not a readable (uncompressed) tar shard: {e}", path=shard) from None
         if self.cache_index:
             try:
-                from lavis_c2f.common.io import write_json
-
                 write_json({**stamp, "members": members}, idx_path, indent=None)
             except OSError as e:
                 logger.debug("cannot cache the shard index %s: %s", idx_path, e)
@@ -607,10 +578,6 @@ def write_wds_shards(items: Iterable[Tuple[str, ArrayOrFields]], out_pattern: Pa
     Each shard is written to a temporary name and renamed into place. Bytes are
     deterministic (zeroed mtimes/owners). Returns the shard paths.
     """
-    import itertools
-
-    from lavis_c2f.common.io import atomic_path
-
     pattern = str(out_pattern)
     try:
         pattern % 0
@@ -667,8 +634,6 @@ def normalize_spec(spec: Union[PathLike, Mapping[str, Any]], base: Optional[Path
 
     Unknown keys raise :class:`ConfigError` naming them (and ``where``).
     """
-    from lavis_c2f.paths import resolve_path
-
     if isinstance(spec, (str, os.PathLike)):
         spec = {"path": str(spec)}
     if not isinstance(spec, Mapping):
@@ -691,10 +656,7 @@ def normalize_spec(spec: Union[PathLike, Mapping[str, Any]], base: Optional[Path
     t = spec["type"]
     if t not in _SPEC_KEYS:
         raise ConfigError(f"{where}: unknown store type {t!r}; expected one of {sorted(_SPEC_KEYS)}")
-    unknown = set(spec) - _SPEC_KEYS[t]
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for a {t} store; allowed: "
-                          f"{sorted(_SPEC_KEYS[t])}")
+    check_keys(spec, _SPEC_KEYS[t], f"{where} ({t} store)")
     return spec
 
 
@@ -722,8 +684,6 @@ def open_store(spec: Union[PathLike, Mapping[str, Any], FeatureStore],
 def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
-    from lavis_c2f.common.progress import progress_bar
-
     return progress_bar(it, total=total, desc=desc, unit="key", leave=True)
 
 
@@ -768,8 +728,6 @@ def convert_store(src_spec: Union[PathLike, Mapping[str, Any], FeatureStore],
     (shards ``DIR/shard-000000.tar`` ...). A bare path is typed like :func:`open_store`, except
     a non-existing path without a known extension is an npz folder.
     """
-    from lavis_c2f.common.io import atomic_path
-
     src = open_store(src_spec)
     if isinstance(dst_spec, (str, os.PathLike)):
         p = str(dst_spec)

@@ -56,10 +56,12 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import OmegaConf
 
+from lavis_c2f.common.dist import barrier, is_main_process
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.data.demo_corpus import DemoCorpusParams, default_demo_root, make_demo_corpus, read_corpus_meta
 from lavis_c2f.data.features import NORM_STYLES, FeatureStore, open_store
-from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, read_annotations
+from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, detect_format, read_annotations
 from lavis_c2f.datasets.moment_retrieval import (GROUP_BY, LABEL_STYLES, TIE_BREAKS,
                                                  GroupedMomentDataset, MomentRetrievalDataset)
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset
@@ -335,8 +337,6 @@ class C2FFeatureDatasetBuilder(C2FBuilderBase):
             raise ConfigError(f"{where}.path: annotation file not found: {a['path']}")
         fmt = a["format"]
         if fmt == "auto":
-            from lavis_c2f.data.readers import detect_format
-
             fmt = detect_format(a["path"])
         opts = dict(self.spec.reader)
         kw: Dict[str, Any] = {k: opts[k] for k in ("tolerance", "clamp", "swap_reversed", "on_error") if k in opts}
@@ -426,14 +426,9 @@ class DemoCorpusBuilder(C2FFeatureDatasetBuilder):
     EXTRA_KEYS = {"auto_generate", "demo_params"}
 
     def _default_root(self) -> Optional[str]:
-        from lavis_c2f.data.demo_corpus import default_demo_root
-
         return default_demo_root()
 
     def _prepare(self) -> None:
-        from lavis_c2f.common.dist import barrier, is_main_process
-        from lavis_c2f.data.demo_corpus import DemoCorpusParams, make_demo_corpus, read_corpus_meta
-
         auto = self.spec.extra.get("auto_generate", True)
         if not isinstance(auto, bool):
             raise ConfigError(f"datasets.{self.NAME}.auto_generate: expected true/false, got {auto!r}")

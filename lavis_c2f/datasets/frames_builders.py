@@ -52,7 +52,7 @@ from lavis_c2f.datasets.builders import C2FBuilderBase
 from lavis_c2f.datasets.video_frames import VideoFramesRetrievalDataset
 from lavis_c2f.paths import resolve_path
 from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer, ClipFrameProcessor, ClipTokenizer
-from lavis_c2f.video.decode import probe_many
+from lavis_c2f.video.probe import probe_many
 from lavis_c2f.video.frame_sampling import FrameSampling
 
 SPLITS = ("train", "val", "test")

@@ -4,7 +4,7 @@ The frames counterpart of :class:`~lavis_c2f.datasets.video_retrieval.VideoRetri
 with the same bookkeeping (``queries``, ``videos``, ``gt_video_index``, ``query_batch``,
 ``video_batch``) so the ``c2f_video_retrieval`` task trains and evaluates it alike.
 
-Per video: probe the file (:func:`lavis_c2f.video.decode.probe`), choose frame indices with a
+Per video: probe the file (:func:`lavis_c2f.video.probe.probe`), choose frame indices with a
 :class:`~lavis_c2f.video.frame_sampling.FrameSampling` (T-MASS's or CLIP4Clip's rule), decode
 them (:func:`~lavis_c2f.video.decode.decode_frames`: decord, PyAV fallback), and turn them into
 CLIP input with a :class:`~lavis_c2f.processors.clip_processors.ClipFrameProcessor` (train or
@@ -37,7 +37,8 @@ import torch
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.datasets.video_retrieval import RetrievalPairs
 from lavis_c2f.processors.clip_processors import ClipFrameProcessor
-from lavis_c2f.video.decode import VideoInfo, decode_frames, probe
+from lavis_c2f.video.decode import decode_frames
+from lavis_c2f.video.probe import VideoInfo, probe
 from lavis_c2f.video.frame_sampling import FrameSampling
 
 

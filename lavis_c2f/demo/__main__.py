@@ -4,10 +4,10 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
+from lavis_c2f.cli import main as cli_main
+
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from lavis_c2f.cli import main as cli_main
-
     return cli_main(["demo"] + list(sys.argv[1:] if argv is None else argv))
 
 

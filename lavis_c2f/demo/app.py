@@ -21,6 +21,11 @@ import streamlit as st
 
 from lavis_c2f.demo import sources as src
 from lavis_c2f.demo.messages import UserError, check_query, describe_error
+from lavis_c2f.demo.thumbs import frame_at, saliency_thumbnail
+from lavis_c2f.pipeline.quickstart_run import QuickstartRun
+from lavis_c2f.search.format import format_time
+from lavis_c2f.search.plot import plot_saliency
+from lavis_c2f.video.probe import probe
 
 log = logging.getLogger("lavis_c2f.demo")
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -71,8 +76,6 @@ def load_predictor(kind: str, path: str = ""):
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _frame(path: str, mtime: float, t: float):
-    from lavis_c2f.demo.thumbs import frame_at
-
     return frame_at(path, t, height=96)
 
 
@@ -89,8 +92,8 @@ def initial_source() -> Dict[str, str]:
         return {"kind": "index", "path": SETTINGS.index}
     if SETTINGS.run_dir:
         return {"kind": "demo", "path": SETTINGS.run_dir}
-    run = src.find_quickstart_run(SETTINGS.quickstart_root)
-    return {"kind": "demo", "path": run} if run else {"kind": "", "path": ""}
+    run = QuickstartRun.latest(SETTINGS.quickstart_root)
+    return {"kind": "demo", "path": str(run.path)} if run else {"kind": "", "path": ""}
 
 
 def source_predictor():
@@ -116,8 +119,6 @@ def player(path: str, start: float, width: Any = PLAYER_WIDTH) -> None:
 
 
 def fmt(t: float) -> str:
-    from lavis_c2f.search.format import format_time
-
     return format_time(max(0.0, float(t)))
 
 
@@ -278,8 +279,6 @@ def show_results(p, res, demo: bool) -> None:
         with st.container(border=True, key=f"moment_{line['rank']}"):
             c_img, c_txt, c_btn = st.columns([1.4, 5, 1.6], vertical_alignment="center")
             if demo:
-                from lavis_c2f.demo.thumbs import saliency_thumbnail
-
                 det = res.details[line["vid"]]
                 thumb = guarded(lambda: saliency_thumbnail(det.saliency, det.clip_length, det.duration,
                                                            [line["start"], line["end"]]), c_img)
@@ -374,8 +373,6 @@ def encode_upload(p, up):
     err: Optional[BaseException] = None
     with st.status(f"Reading {up.name} ...", expanded=True) as status:
         try:
-            from lavis_c2f.video.decode import probe
-
             info = probe(path)
             st.write(f"{info.duration:.1f} s, {info.width}x{info.height}: {info.n_clips(p.clip_length)} clips of "
                      f"{p.clip_length:g} s to decode and encode with the {p.backbone.name} backbone")
@@ -395,8 +392,6 @@ def encode_upload(p, up):
 
 
 def ground(p, video, text: str, top_k: int) -> Dict[str, Any]:
-    from lavis_c2f.search.plot import plot_saliency
-
     q = check_query(text)
     with st.spinner("Grounding ..."):
         m = p.predict(q, video, top_k=top_k)

@@ -20,7 +20,10 @@ import subprocess
 import sys
 from typing import List
 
-from lavis_c2f.demo.sources import APP_PATH_OPTIONS, add_app_arguments
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.demo.sources import APP_PATH_OPTIONS, add_app_arguments, parse_quickstart_args
+from lavis_c2f.index.corpora import sidecar_path
+from lavis_c2f.pipeline.quickstart_run import QuickstartRun
 from lavis_c2f.video.cli import backbone_options
 
 APP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.py")
@@ -66,9 +69,6 @@ def streamlit_command(args: argparse.Namespace) -> List[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject what would only fail inside the page (missing paths, wrong kinds of folders)."""
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.demo.sources import quickstart_checkpoints
-
     if args.index and args.run_dir:
         raise ConfigError("give --index (your videos) or --run-dir (the demo corpus), not both; the app can switch "
                           "to an index built from uploaded videos later")
@@ -78,14 +78,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"{idx} is a demo corpus: use --run-dir RUN (a quickstart run directory) instead")
         if not os.path.isdir(idx):
             raise FileNotFoundError(f"index folder not found: {idx}")
-        if not os.path.isfile(idx.rstrip(os.sep) + ".c2f-video.json"):
-            raise ConfigError(f"{idx} has no {os.path.basename(idx.rstrip(os.sep))}.c2f-video.json beside it: the demo "
+        if not os.path.isfile(sidecar_path(idx)):
+            raise ConfigError(f"{idx} has no {os.path.basename(sidecar_path(idx))} beside it: the demo "
                               "searches indexes built from videos ('lavis-c2f index videos VIDEO_DIR --out INDEX')")
     if args.run_dir:
         run = os.path.abspath(os.path.expanduser(args.run_dir))
         if not os.path.isdir(run):
             raise FileNotFoundError(f"quickstart run directory not found: {run}")
-        if quickstart_checkpoints(run) is None:
+        if QuickstartRun(run).finished_checkpoints() is None:
             raise ConfigError(f"{run} is not a finished quickstart run (summary.json with existing stage1/stage2 "
                               "checkpoints and corpus/); run 'lavis-c2f quickstart --out RUN' first")
     for name in ("clip_path", "retriever_ckpt", "grounder_ckpt"):
@@ -94,8 +94,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--{name.replace('_', '-')}: not found: {v}")
     backbone_options(args.backbone, args.clip_path)   # --clip-path with a CLIP backbone, and only then
     if getattr(args, "quickstart_args", None):
-        from lavis_c2f.demo.sources import parse_quickstart_args
-
         parse_quickstart_args(args.quickstart_args)
     if not 1 <= int(args.port) <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")

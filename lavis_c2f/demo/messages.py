@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
+from lavis_c2f.common.errors import VideoDecodeError, user_message
+
 
 class UserError(Exception):
     """A problem with what the user typed or chose (shown as is)."""
@@ -28,9 +30,6 @@ def describe_error(exc: BaseException) -> Tuple[str, bool]:
     ``expected`` is False for errors the package does not raise on bad input (bugs, resource
     exhaustion): their message names the exception type and says the traceback is in the log.
     """
-    from lavis_c2f.common.errors import user_error_types
-    from lavis_c2f.video.decode import VideoDecodeError
-
     if isinstance(exc, VideoDecodeError):
         return f"Cannot read the video {os.path.basename(exc.path) or exc.path}: {exc.reason}", True
     if isinstance(exc, UserError):
@@ -39,8 +38,9 @@ def describe_error(exc: BaseException) -> Tuple[str, bool]:
         return "Type a query first: the query box is empty.", True
     if isinstance(exc, KeyError):
         return str(exc.args[0] if exc.args else exc), True
-    if isinstance(exc, user_error_types()):   # bad files and options, the predictor's argument checks
-        return str(exc) or type(exc).__name__, True
+    msg = user_message(exc)
+    if msg is not None:   # bad files and options, the predictor's argument checks
+        return msg, True
     if isinstance(exc, MemoryError):
         return "Out of memory: try a shorter video or fewer results.", False
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -5,7 +5,8 @@ Sources
 * a **quickstart run** (``lavis-c2f quickstart``): the embedded demo corpus with the run's trained
   checkpoints (``summary.json`` names them, ``fusion.json`` is the tuned fusion, ``corpus/`` the
   corpus). Without ``--run-dir`` the most recent finished run under ``./c2f_quickstart`` (the
-  quickstart's default output location) is used; :func:`find_quickstart_run`.
+  quickstart's default output location) is used
+  (:meth:`~lavis_c2f.pipeline.quickstart_run.QuickstartRun.latest`).
 * an **index of videos** (``lavis-c2f index videos VIDEO_DIR --out INDEX``, or built in the app
   from uploaded files with :func:`index_video_files`): searched with the index's backbone,
   zero-shot unless checkpoints are given or recorded in the index.
@@ -19,25 +20,39 @@ Long work reports progress through a callback ``progress(fraction in [0, 1], tex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
-import json
+import io
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from lavis_c2f.video.cli import BACKBONE_CHOICES
+from lavis_c2f.common.clock import format_time
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.io import atomic_path
+from lavis_c2f.demo.messages import UserError
+from lavis_c2f.index.build import index_videos
+from lavis_c2f.ops.spans import interval_iou
+from lavis_c2f.paths import cache_root, resolve_path
+from lavis_c2f.pipeline import cli as pipeline_cli
+from lavis_c2f.pipeline.quickstart_run import DEFAULT_ROOT, QuickstartRun
+from lavis_c2f.predictor import C2FPredictor, index_backbone_name, resolve_device
+from lavis_c2f.video.backbones import build_backbone
+from lavis_c2f.video.cli import BACKBONE_CHOICES, backbone_options
+from lavis_c2f.video.probe import list_videos
+from lavis_c2f.video.extract import extract_corpus
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
-QUICKSTART_DIR = "c2f_quickstart"
-_STEP_RE = re.compile(r"^\[(\d+)/(\d+)\]\s+(.*?)\s*(?:\.\.\.)?\s*$")
+QUICKSTART_DIR = DEFAULT_ROOT
 
 
 # =========================================================================== settings
@@ -73,14 +88,10 @@ class DemoSettings:
 
     def backbone_config(self, backbone: str) -> Dict[str, Any]:
         """The ``backbone_cfg`` of :meth:`C2FPredictor.from_checkpoints` for ``backbone``."""
-        from lavis_c2f.video.cli import backbone_options
-
         return backbone_options(backbone, self.clip_path)
 
 
 def default_workdir() -> str:
-    from lavis_c2f.paths import cache_root
-
     return os.path.join(cache_root(), "demo")
 
 
@@ -121,13 +132,6 @@ def app_arg_parser() -> argparse.ArgumentParser:
 def parse_quickstart_args(text: str) -> Tuple[str, ...]:
     """``--quickstart-args`` (one shell-quoted string) -> the argument tuple, checked against the
     ``lavis-c2f quickstart`` parser. ``--out`` is refused: the app picks ``ROOT/<timestamp>``."""
-    import contextlib
-    import io
-    import shlex
-
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.pipeline import cli as pipeline_cli
-
     try:
         args = tuple(shlex.split(text or ""))
     except ValueError as e:
@@ -148,8 +152,6 @@ def parse_quickstart_args(text: str) -> Tuple[str, ...]:
 
 def settings_from_argv(argv: Sequence[str]) -> DemoSettings:
     """:class:`DemoSettings` from app arguments; paths are made absolute."""
-    from lavis_c2f.paths import resolve_path
-
     a = app_arg_parser().parse_args(list(argv))
 
     def absolute(p: Optional[str]) -> Optional[str]:
@@ -166,58 +168,20 @@ def settings_from_argv(argv: Sequence[str]) -> DemoSettings:
 # =========================================================================== quickstart runs
 
 
-def quickstart_checkpoints(run_dir: str) -> Optional[Dict[str, str]]:
-    """``{"stage1", "stage2"}`` checkpoint paths of a finished quickstart run (its
-    ``summary.json``), or None when the run is unfinished or its checkpoints are gone."""
-    summary = os.path.join(run_dir, "summary.json")
-    try:
-        with open(summary, "r", encoding="utf-8") as f:
-            ck = json.load(f).get("checkpoints") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    out = {k: ck.get(k) for k in ("stage1", "stage2")}
-    if not all(isinstance(p, str) and os.path.isfile(p) for p in out.values()):
-        return None
-    if not os.path.isfile(os.path.join(run_dir, "corpus", "corpus.json")):
-        return None
-    return out  # type: ignore[return-value]
-
-
-def find_quickstart_run(root: str) -> Optional[str]:
-    """The most recent finished run directly under ``root`` (by the time its ``summary.json``
-    was written), or None."""
-    if not os.path.isdir(root):
-        return None
-    best: Tuple[float, str] = (-1.0, "")
-    for name in os.listdir(root):
-        run = os.path.join(root, name)
-        if os.path.isdir(run) and quickstart_checkpoints(run) is not None:
-            t = os.path.getmtime(os.path.join(run, "summary.json"))
-            if (t, run) > best:
-                best = (t, run)
-    return best[1] or None
-
-
-def parse_quickstart_step(line: str) -> Optional[Tuple[int, int, str]]:
-    """``(i, n, name)`` of a quickstart step banner ``"[i/n] name ..."``, else None."""
-    m = _STEP_RE.match(line.strip())
-    if not m:
-        return None
-    i, n = int(m.group(1)), int(m.group(2))
-    return (i, n, m.group(3)) if 0 < i <= n else None
-
-
 def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = (),
                    log_path: Optional[str] = None) -> str:
     """Run ``lavis-c2f quickstart --out ROOT/<timestamp>`` in a child process, reporting its
-    steps; returns the run directory. The child is stopped if this call is interrupted (the
-    page was closed or re-run). Raises ``RuntimeError`` with the log's tail when it fails."""
-    out = os.path.join(root, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    steps (read from the run's ``progress.json``,
+    :class:`~lavis_c2f.pipeline.quickstart_run.QuickstartRun`); returns the run directory. The
+    child is stopped if this call is interrupted (the page was closed or re-run). Raises
+    ``RuntimeError`` with the log's tail when it fails."""
+    run = QuickstartRun(os.path.join(root, datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     os.makedirs(root, exist_ok=True)
-    log_path = log_path or out + ".log"
-    cmd = [sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", out, *extra_args]
+    log_path = log_path or str(run.path) + ".log"
+    cmd = [sys.executable, "-m", "lavis_c2f.cli", "quickstart", "--out", str(run.path), *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     progress(0.0, "starting the quickstart (importing LAVIS) ...")
+    shown = None
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         tail: List[str] = []
@@ -226,8 +190,9 @@ def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = 
             for line in proc.stdout:
                 log.write(line)
                 tail = (tail + [line.rstrip()])[-20:]
-                step = parse_quickstart_step(line)
-                if step:
+                step = run.progress()
+                if step and step != shown:
+                    shown = step
                     i, n, name = step
                     progress((i - 1) / n, f"step {i} of {n}: {name}")
             code = proc.wait()
@@ -239,10 +204,10 @@ def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = 
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    if code != 0 or quickstart_checkpoints(out) is None:
+    if code != 0 or run.finished_checkpoints() is None:
         raise RuntimeError(f"the quickstart failed (exit code {code}); log: {log_path}\n" + "\n".join(tail[-5:]))
     progress(1.0, "quickstart finished")
-    return out
+    return str(run.path)
 
 
 # =========================================================================== predictors
@@ -250,15 +215,11 @@ def run_quickstart(root: str, progress: ProgressFn, extra_args: Sequence[str] = 
 
 def demo_predictor(settings: DemoSettings, run_dir: str):
     """The demo-corpus predictor of a quickstart run."""
-    from lavis_c2f.predictor import C2FPredictor
-
     return C2FPredictor.for_demo_corpus(run_dir, device=settings.device)
 
 
 def index_predictor(settings: DemoSettings, index: str):
     """The predictor of an index of videos (the index's backbone unless ``--backbone``)."""
-    from lavis_c2f.predictor import C2FPredictor, index_backbone_name
-
     backbone = settings.backbone or index_backbone_name(index) or "offline"
     return C2FPredictor.from_checkpoints(settings.retriever_ckpt, settings.grounder_ckpt, backbone,
                                          settings.backbone_config(backbone), index, None, settings.device)
@@ -266,8 +227,6 @@ def index_predictor(settings: DemoSettings, index: str):
 
 def video_predictor(settings: DemoSettings):
     """A predictor for uploaded videos without an index (``--backbone``, default offline)."""
-    from lavis_c2f.predictor import C2FPredictor
-
     backbone = settings.backbone or "offline"
     return C2FPredictor.from_checkpoints(None, settings.grounder_ckpt, backbone, settings.backbone_config(backbone),
                                          None, None, settings.device)
@@ -287,8 +246,6 @@ def save_upload(data: bytes, name: str, folder: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(str(name))).strip("._") or "video"
     path = os.path.join(folder, digest, safe)
     if not os.path.isfile(path):
-        from lavis_c2f.common.io import atomic_path
-
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -307,16 +264,10 @@ class IndexReport:
 
 def index_video_files(video_dir: str, out_index: str, settings: DemoSettings, progress: ProgressFn) -> IndexReport:
     """Extract features of every video under ``video_dir`` (one by one, reporting progress)
-    and build a stage-1 index at ``out_index`` (:func:`lavis_c2f.video.extract.index_videos`,
+    and build a stage-1 index at ``out_index`` (:func:`lavis_c2f.index.build.index_videos`,
     which then finds every video extracted and only builds the index)."""
-    from lavis_c2f.video.backbones import build_backbone
-    from lavis_c2f.video.decode import list_videos
-    from lavis_c2f.video.extract import extract_corpus, index_videos
-
     paths = list_videos(video_dir)
     if not paths:
-        from lavis_c2f.demo.messages import UserError
-
         raise UserError(f"no video files in {video_dir}")
     backbone = settings.backbone or "offline"
     progress(0.0, f"loading the {backbone} backbone ...")
@@ -329,8 +280,6 @@ def index_video_files(video_dir: str, out_index: str, settings: DemoSettings, pr
         res = extract_corpus(video_dir, features, bb, videos=[p], workers=0, progress=False, print_summary=False)
         failed.update({os.path.basename(k): v for k, v in res.summary.failed.items()})
     if len(failed) == len(paths):
-        from lavis_c2f.demo.messages import UserError
-
         raise UserError("no video could be read: " + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items())))
     progress(0.92, "building the index ...")
     ok = [p for p in paths if os.path.basename(p) not in failed]
@@ -341,8 +290,6 @@ def index_video_files(video_dir: str, out_index: str, settings: DemoSettings, pr
 
 
 def _device(settings: DemoSettings) -> str:
-    from lavis_c2f.predictor import resolve_device
-
     return resolve_device(settings.device)
 
 
@@ -391,21 +338,12 @@ def example_queries(predictor, n: int = 4) -> List[str]:
 def matches_ground_truth(predictor, query: str, vid: str, start: float, end: float, iou: float = 0.5) -> bool:
     """Whether ``[start, end]`` of ``vid`` overlaps an annotated window of ``query`` with IoU >= ``iou``."""
     gt = [w for v, ws in predictor.ground_truth(query) if v == vid for w in ws]
-    if not gt:
-        return False
-    import torch
-
-    from lavis_c2f.ops.spans import temporal_iou
-
-    ious, _ = temporal_iou(torch.tensor([[float(start), float(end)]]), torch.tensor(gt, dtype=torch.float32))
-    return bool((ious >= iou).any())
+    return any(interval_iou((float(start), float(end)), w) >= iou for w in gt)
 
 
 def iter_moment_lines(results) -> Iterator[Dict[str, Any]]:
     """Display fields of each moment of :class:`~lavis_c2f.predictor.SearchResults`:
     ``rank, vid, start, end, start_hms, end_hms, length_s, score, stage1, stage2, path``."""
-    from lavis_c2f.search.format import format_time
-
     for m in results:
         yield {"rank": m.rank, "vid": m.vid, "start": float(m.start), "end": float(m.end),
                "start_hms": format_time(m.start), "end_hms": format_time(m.end),
@@ -414,7 +352,7 @@ def iter_moment_lines(results) -> Iterator[Dict[str, Any]]:
 
 
 __all__ = ["APP_PATH_OPTIONS", "DemoSettings", "IndexReport", "add_app_arguments", "app_arg_parser",
-           "demo_predictor", "example_queries", "find_quickstart_run", "index_predictor", "index_video_files",
+           "demo_predictor", "example_queries", "index_predictor", "index_video_files",
            "iter_moment_lines", "link_or_copy", "matches_ground_truth", "mode_lines", "new_index_dir",
-           "parse_quickstart_args", "parse_quickstart_step", "quickstart_checkpoints", "run_quickstart", "save_upload",
+           "parse_quickstart_args", "run_quickstart", "save_upload",
            "settings_from_argv", "video_predictor"]

@@ -13,6 +13,10 @@ import os
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from lavis_c2f.video.decode import iter_clip_batches
+from lavis_c2f.video.probe import probe, require_video
 
 CURVE = (31, 78, 121)       # the saliency line (the colour of lavis_c2f.search.plot)
 WINDOW = (250, 198, 150)    # the shaded moment (light orange, as the plot's windows)
@@ -31,8 +35,6 @@ def saliency_thumbnail(saliency: Sequence[float], clip_length: float, duration: 
         size: ``(width, height)`` pixels.
     Returns: (height, width, 3) uint8 RGB.
     """
-    from PIL import Image, ImageDraw
-
     s = np.asarray(saliency, dtype=np.float64).reshape(-1)
     if s.size == 0 or not np.all(np.isfinite(s)):
         raise ValueError("saliency must be a non-empty sequence of finite numbers")
@@ -73,14 +75,12 @@ def frame_at(path: "str | os.PathLike[str]", t: float, height: int = 90) -> np.n
     when seeking pays off) are decoded. Returns (H, W, 3) uint8; raises
     :class:`~lavis_c2f.video.decode.VideoDecodeError` for unreadable files.
     """
-    from lavis_c2f.video.decode import _require_video, iter_clip_batches, probe
-
     if not math.isfinite(float(t)) or float(t) < 0:
         raise ValueError(f"time must be a finite number of seconds >= 0, got {t!r}")
     if int(height) < 1:
         raise ValueError(f"height must be >= 1, got {height}")
     info = probe(os.fspath(path))
-    _require_video(info)
+    require_video(info)
     # clip k samples (k + 0.5) * L: with L = 2 t the first sample is t (half a frame for t ~ 0)
     half_frame = 0.5 / info.fps if info.fps > 0 else 0.02
     t = min(max(float(t), half_frame), max(info.duration - half_frame, half_frame))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 
+from lavis_c2f.evaluation.qvh import add_arguments, run_from_args
+
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
     """Add the ``eval`` sub-command (see :mod:`lavis_c2f.cli` for the contract)."""
-    from lavis_c2f.evaluation.qvh import add_arguments  # numpy only
-
     parser = subparsers.add_parser(
         "eval", help="evaluate predictions (qvh | r1miou | vcmr)",
         description=__doc__.split("\n\n", 1)[1].strip(),
@@ -22,6 +22,4 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lavis_c2f.evaluation.qvh import run_from_args
-
     return run_from_args(args)

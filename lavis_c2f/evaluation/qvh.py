@@ -67,9 +67,10 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.evaluation._rows import (QidMismatchError, RowChecker, _has_bool, iou_cross,
-                                        iou_max_over_gt, iou_paired, load_rows, match_qids,
-                                        pct, row_origin, thr_key)
+from lavis_c2f.common.io import write_json
+from lavis_c2f.evaluation._rows import (QidMismatchError, RowChecker, _has_bool, iou_cross, iou_max_over_gt, iou_paired,
+                                        load_rows, match_qids, pct, row_origin, thr_key)
+from lavis_c2f.evaluation.vcmr import evaluate_files as vcmr_files
 
 logger = logging.getLogger(__name__)
 
@@ -572,8 +573,6 @@ def add_arguments(parser: argparse.ArgumentParser, protocols: Sequence[str] = ("
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Evaluate, write ``--out``, print the brief table. Returns 0."""
-    from lavis_c2f.common.io import write_json
-
     start = time.perf_counter()
     options = {}
     if getattr(args, "iou_thresholds", None):
@@ -583,7 +582,6 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ConfigError(f"--topk values must be positive, got {args.topk}")
         options["topk"] = tuple(args.topk)
     if args.protocol == "vcmr":
-        from lavis_c2f.evaluation.vcmr import evaluate_files as vcmr_files
         if "topk" in options:
             options["ks"] = options.pop("topk")
         result = vcmr_files(args.submission, args.gt, match_number=args.match_number, **options)

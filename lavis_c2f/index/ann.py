@@ -32,6 +32,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,7 @@ class AnnConfig:
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "AnnConfig":
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"ann: unknown key(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**check_keys(d, {f.name for f in dataclasses.fields(cls)}, "ann"))
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,25 +1,14 @@
-"""``lavis-c2f index build|add|remove|info|search`` (registered by lavis_c2f/cli.py).
+"""``lavis-c2f index build|add|remove|info|search|videos`` (registered by lavis_c2f/cli.py).
 
 Features are read like the stage-1 datasets read them: every video stream of ``--features``
 is L2-normalised per clip and the streams are concatenated (no TEF columns); query token and
 pooled features are L2-normalised (``--no-normalize`` turns both off).
 
-Extending. Other parts of the package add sub-commands under ``lavis-c2f index`` with
-:func:`add_index_subcommand`, e.g. the video tools' ``lavis-c2f index videos VIDEO_DIR
---out INDEX``::
+``lavis-c2f index videos VIDEO_DIR --out INDEX`` extracts features of raw videos and builds an
+index of them in one step (:func:`lavis_c2f.index.build.index_videos`); ``lavis-c2f index
+VIDEO_DIR ...`` is short for it (:func:`lavis_c2f.cli.expand_shorthands`).
 
-    from lavis_c2f.index.cli import add_index_subcommand
-
-    def _configure(p):                    # p: the new argparse sub-parser
-        p.add_argument("video_dir")
-        p.add_argument("--out", required=True)
-        p.set_defaults(func=my_command)   # my_command(args) -> exit code
-
-    add_index_subcommand("videos", _configure, help="index raw videos")
-
-The call works before or after ``register`` ran (queued until the ``index`` parser exists);
-it must happen while ``lavis_c2f.cli.build_parser`` runs, i.e. from a ``register(subparsers)``
-of a module listed in ``lavis_c2f.cli.COMMAND_MODULES`` (or from an import those trigger).
+Errors are reported by :func:`lavis_c2f.cli.main`, as for every command.
 """
 from __future__ import annotations
 
@@ -28,49 +17,38 @@ import hashlib
 import json
 import logging
 import os
-import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.io import write_jsonl
+from lavis_c2f.data.features import VideoFeatureLoader, l2_normalize, open_store
+from lavis_c2f.data.readers import detect_format, read_annotations
+from lavis_c2f.index.ann import AnnConfig
+from lavis_c2f.index.build import index_videos
+from lavis_c2f.index.corpus_index import CorpusIndex, search_shards
+from lavis_c2f.models.checkpoint import load_retriever as load_model_retriever
+from lavis_c2f.models.retriever.embeddings import TextEmbedding
+from lavis_c2f.paths import resolve_path
+from lavis_c2f.video.cli import add_video_arguments, backbone_config
 
 logger = logging.getLogger(__name__)
 
-_Configure = Callable[[argparse.ArgumentParser], None]
-_EXTRA: List[Tuple[str, _Configure, Dict[str, Any]]] = []
-_STATE: Dict[str, Any] = {"subparsers": None, "added": set()}
-
-
-def add_index_subcommand(name: str, configure: _Configure, **parser_kwargs: Any) -> None:
-    """Add ``lavis-c2f index NAME``: ``configure(parser)`` adds its arguments and must call
-    ``parser.set_defaults(func=callable)`` (``callable(args)`` returns an exit code).
-    ``parser_kwargs`` go to ``add_parser`` (``help=``, ``description=``). Re-adding a name
-    already present raises ``ValueError``."""
-    if any(n == name for n, _, _ in _EXTRA) or name in _BUILTIN:
-        raise ValueError(f"'lavis-c2f index {name}' already exists")
-    _EXTRA.append((name, configure, dict(parser_kwargs)))
-    if _STATE["subparsers"] is not None:
-        _add_extra(name, configure, parser_kwargs)
-
-
-def _add_extra(name: str, configure: _Configure, parser_kwargs: Dict[str, Any]) -> None:
-    sub = _STATE["subparsers"]
-    p = sub.add_parser(name, **parser_kwargs)
-    configure(p)
-    _STATE["added"].add(name)
+#: the sub-commands of ``lavis-c2f index`` (a first word that is none of them may be a video folder)
+SUBCOMMANDS = ("build", "add", "remove", "info", "search", "videos")
 
 
 # ------------------------------------------------------------------------------ helpers
 
 def load_retriever(model_cfg: str, checkpoint: Optional[str] = None):
     """The stage-1 model of a YAML (``model:`` section or a bare mapping, merged over its
-    ``model_type`` defaults) with a checkpoint's weights (:func:`lavis_c2f.predictor.load_retriever`)."""
-    from lavis_c2f.paths import resolve_path
-    from lavis_c2f.predictor import load_retriever as predictor_load_retriever
-
-    return predictor_load_retriever(resolve_path(checkpoint) if checkpoint else None, model_cfg, where="--model-cfg")
+    ``model_type`` defaults) with a checkpoint's weights (:func:`lavis_c2f.models.checkpoint.load_retriever`)."""
+    return load_model_retriever(resolve_path(checkpoint) if checkpoint else None, model_cfg, where="--model-cfg")
 
 
 def _store_spec(text: str, field: Optional[str]) -> Any:
-    from lavis_c2f.common.errors import ConfigError
-
     text = text.strip()
     try:
         spec: Dict[str, Any] = json.loads(text) if text.startswith("{") else {"path": text}
@@ -82,8 +60,6 @@ def _store_spec(text: str, field: Optional[str]) -> Any:
 
 
 def _open_video_loader(specs: Sequence[str], field: Optional[str], normalize: bool):
-    from lavis_c2f.data.features import VideoFeatureLoader, open_store
-
     stores = [open_store(_store_spec(s, field)) for s in specs]
     return stores, VideoFeatureLoader(stores, normalize=normalize, max_len=None, use_tef=False)
 
@@ -93,8 +69,6 @@ def _shard_of(vid: str, n: int) -> int:
 
 
 def _parse_shard(text: Optional[str]) -> Optional[Tuple[int, int]]:
-    from lavis_c2f.common.errors import ConfigError
-
     if not text:
         return None
     try:
@@ -111,14 +85,10 @@ def _durations(args, stores) -> Tuple[Dict[str, Optional[float]], Optional[List[
     durations: Dict[str, Optional[float]] = {}
     ann_vids = None
     if args.ann:
-        from lavis_c2f.data.readers import detect_format, read_annotations
-
         fmt = detect_format(args.ann)
         kw: Dict[str, Any] = {}
         if fmt == "charades_sta":
             if args.clip_length is None:
-                from lavis_c2f.common.errors import ConfigError
-
                 raise ConfigError("--ann with a Charades-STA file needs --clip-length (durations come from the "
                                   "number of feature rows)")
             kw = {"durations": stores[0], "clip_length": args.clip_length}
@@ -138,8 +108,6 @@ def _select_vids(args, stores, ann_vids: Optional[List[str]]) -> List[str]:
         have &= set(s.keys())
     if args.only_ann_vids:
         if ann_vids is None:
-            from lavis_c2f.common.errors import ConfigError
-
             raise ConfigError("--only-ann-vids needs --ann")
         missing = [v for v in ann_vids if v not in have]
         if missing:
@@ -156,8 +124,6 @@ def _select_vids(args, stores, ann_vids: Optional[List[str]]) -> List[str]:
 
 
 def _ann_config(args, base: Optional[Dict[str, Any]] = None):
-    from lavis_c2f.index.ann import AnnConfig
-
     d = dict(base or {})
     for opt, key in (("ann_type", "kind"), ("flat_max", "flat_max"), ("nlist", "ivf_nlist"),
                      ("nprobe", "ivf_nprobe"), ("ivf_codec", "ivf_codec"), ("hnsw_m", "hnsw_m")):
@@ -178,8 +144,6 @@ def _durations_for(vids, durations, stores, clip_length):
 
 
 def _check_width(loader, vid: str, model) -> None:
-    from lavis_c2f.common.errors import ConfigError
-
     width = loader.load(vid).shape[-1]
     if width != model.video_input_dim:
         raise ConfigError(f"--features give {width}-d clip features (all streams concatenated) but the model's "
@@ -190,16 +154,10 @@ def _sinkhorn_bank(args, model):
     """TextEmbedding of the bank queries (``--sinkhorn-bank`` store, ``--sinkhorn-bank-ann`` qids)."""
     if not args.sinkhorn_bank:
         return None
-    from lavis_c2f.common.errors import ConfigError
-
     if not model.sinkhorn:
         raise ConfigError("--sinkhorn-bank given but the model config has sinkhorn: false")
-    from lavis_c2f.data.features import open_store
-
     store = open_store(_store_spec(args.sinkhorn_bank, None))
     if args.sinkhorn_bank_ann:
-        from lavis_c2f.data.readers import read_annotations
-
         keys = [f"qid{r.qid}" for r in read_annotations(args.sinkhorn_bank_ann)]
     else:
         keys = list(store.keys())
@@ -212,10 +170,6 @@ def _sinkhorn_bank(args, model):
 
 
 def _query_arrays(fields: Dict[str, Any], where: str):
-    import numpy as np
-
-    from lavis_c2f.common.errors import DataFormatError
-
     tok = None
     for k in ("src_txt", "last_hidden_state", "tokens"):
         if k in fields:
@@ -235,13 +189,6 @@ def _query_arrays(fields: Dict[str, Any], where: str):
 
 
 def _encode_queries(model, field_dicts: Sequence[Dict[str, Any]], names: Sequence[str], normalize: bool):
-    import numpy as np
-    import torch
-
-    from lavis_c2f.common.errors import DataFormatError
-    from lavis_c2f.data.features import l2_normalize
-    from lavis_c2f.models.retriever.embeddings import TextEmbedding
-
     embs = []
     for fields, name in zip(field_dicts, names):
         tok, pooled = _query_arrays(fields, name)
@@ -262,27 +209,7 @@ def _encode_queries(model, field_dicts: Sequence[Dict[str, Any]], names: Sequenc
 
 # ------------------------------------------------------------------------------ commands
 
-def _friendly(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report a model/index mismatch or an unknown video id as a one-line error (exit 1);
-    format/config errors are reported by lavis_c2f.cli.main."""
-    def run(args: argparse.Namespace) -> int:
-        from lavis_c2f.index.corpus_index import IndexMismatchError
-
-        try:
-            return fn(args)
-        except (IndexMismatchError, KeyError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"lavis-c2f index {getattr(args, 'index_command', '')}: error: {msg}", file=sys.stderr)
-            return 1
-
-    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-    return run
-
-
 def cmd_build(args: argparse.Namespace) -> int:
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.index.corpus_index import CorpusIndex
-
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it (or use 'index add')")
@@ -311,8 +238,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from lavis_c2f.index.corpus_index import CorpusIndex
-
     model = load_retriever(args.model_cfg, args.checkpoint)
     index = CorpusIndex.load(args.index, model=model, verify=not args.no_verify,
                              work_dir=os.path.dirname(os.path.abspath(args.index)))
@@ -340,8 +265,6 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from lavis_c2f.index.corpus_index import CorpusIndex
-
     index = CorpusIndex.load(args.index, verify=not args.no_verify)  # no model needed: stored vectors
     n = index.remove(args.vids, missing_ok=args.missing_ok)
     if args.compact:
@@ -352,8 +275,6 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from lavis_c2f.index.corpus_index import CorpusIndex
-
     info = CorpusIndex.load(args.index, verify=not args.no_verify).info()
     if args.json:
         print(json.dumps(info, indent=1))
@@ -374,20 +295,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from lavis_c2f.common.io import write_jsonl
-    from lavis_c2f.index.corpus_index import CorpusIndex, search_shards
-
     model = load_retriever(args.model_cfg, args.checkpoint)
     indexes = [CorpusIndex.load(p, model=model, verify=not args.no_verify) for p in args.index]
     if args.nprobe is not None:
         for ix in indexes:
-            if ix._ann is not None:
-                ix._ann.set_search_params(nprobe=args.nprobe)
+            if ix.ann_kind is not None:
+                ix.prefilter.set_nprobe(args.nprobe)
     fields, names = [], []
-    from lavis_c2f.common.errors import DataFormatError
-
     for p in args.query_features:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"--query-features: no such file: {p}")
@@ -413,6 +327,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_videos(args: argparse.Namespace) -> int:
+    res, info = index_videos(args.video_dir, args.out, backbone=args.backbone,
+                             retriever_checkpoint=args.checkpoint, model_cfg=args.model_cfg,
+                             features_dir=args.features_dir, clip_length=args.clip_length,
+                             frames_per_clip=args.frames_per_clip, workers=args.workers, batch_size=args.batch_size,
+                             backbone_config=backbone_config(args), overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    print(f"indexed {info['videos']} videos into {args.out} ({len(res.summary.failed)} failed to extract)")
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 def _common_features(p: argparse.ArgumentParser) -> None:
@@ -434,9 +359,6 @@ def _common_features(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-cfg", required=True, help="retriever model YAML")
     p.add_argument("--checkpoint", default=None, help="trained retriever checkpoint (.pth)")
-
-
-_BUILTIN = ("build", "add", "remove", "info", "search")
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -473,7 +395,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     b.add_argument("--sinkhorn-bank-ann", default=None, metavar="SPLIT",
                    help="take the bank's qids from this annotation file (keys qid{qid})")
     b.add_argument("--sinkhorn-bank-size", type=int, default=2000, help="at most this many bank queries")
-    b.set_defaults(func=_friendly(cmd_build))
+    b.set_defaults(func=cmd_build)
 
     a = sub.add_parser("add", help="encode more videos into an existing index",
                        description="Add the videos of the feature store(s) that are not indexed yet (or all with "
@@ -483,7 +405,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     _model_args(a)
     a.add_argument("--replace", action="store_true", help="re-encode videos that are already indexed")
     a.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
-    a.set_defaults(func=_friendly(cmd_add), shard=None)
+    a.set_defaults(func=cmd_add, shard=None)
 
     r = sub.add_parser("remove", help="remove videos from an index")
     r.add_argument("index", metavar="DIR")
@@ -491,13 +413,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
     r.add_argument("--compact", action="store_true", help="rewrite the frame files without removed videos")
     r.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
-    r.set_defaults(func=_friendly(cmd_remove))
+    r.set_defaults(func=cmd_remove)
 
     i = sub.add_parser("info", help="counts, dims, pre-filter type, format version, size on disk")
     i.add_argument("index", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
-    i.set_defaults(func=_friendly(cmd_info))
+    i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("search", help="search one index (or shards) with precomputed query features",
                        description="Rank the indexed videos for queries given as feature files (Moment-DETR "
@@ -512,9 +434,16 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     s.add_argument("--out", default=None, help="write stage-1 ranking rows (jsonl) here instead of stdout")
     s.add_argument("--no-normalize", action="store_true", help="do not L2-normalise query features")
     s.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
-    s.set_defaults(func=_friendly(cmd_search))
+    s.set_defaults(func=cmd_search)
 
-    _STATE["subparsers"] = sub
-    _STATE["added"] = set()
-    for name, configure, kw in _EXTRA:
-        _add_extra(name, configure, kw)
+    v = sub.add_parser("videos", help="extract features of raw videos and build an index",
+                       description="lavis-c2f extract + index build in one step (see 'lavis-c2f extract -h').")
+    add_video_arguments(v)
+    v.add_argument("--out", required=True, help="index folder to write")
+    v.add_argument("--features-dir", default=None, help="where features go (default: OUT.features; resumable)")
+    v.add_argument("--model-cfg", default="models/c2f_tmass_default.yaml",
+                   help="retriever model YAML (package-relative or a path)")
+    v.add_argument("--checkpoint", default=None,
+                   help="trained retriever checkpoint for this backbone (without: untrained, smoke test only)")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
+    v.set_defaults(func=cmd_videos)

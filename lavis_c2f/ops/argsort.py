@@ -16,11 +16,31 @@ different labels on different machines; :func:`introsort_argsort` gives the offi
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
 SMALL_QUICKSORT = 15  # numpy's npysort_common.h: a range [pl, pr] with pr - pl <= 15 is insertion-sorted
+
+
+def scalar_sort_env(env: Mapping[str, str]) -> Dict[str, str]:
+    """``env`` plus ``NPY_DISABLE_CPU_FEATURES`` so that a child NumPy sorts with its scalar introsort.
+
+    Names the CPU features of this machine that send ``np.argsort`` of 64-bit numbers to SIMD
+    sorts (AVX-512 from NumPy 1.25, also AVX2 from NumPy 2). For running code that relies on
+    ``np.argsort``'s tie order (the official QD-DETR / MESM datasets) as under its pinned NumPy.
+    """
+    try:
+        from numpy.core._multiarray_umath import __cpu_features__
+    except ImportError:  # NumPy 2 moved it
+        from numpy._core._multiarray_umath import __cpu_features__  # type: ignore[no-redef]
+    simd = [name for name, on in __cpu_features__.items() if on and name.startswith("AVX512")]
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0" and __cpu_features__.get("AVX2"):
+        simd.append("AVX2")
+    out = dict(env)
+    if simd:
+        out["NPY_DISABLE_CPU_FEATURES"] = " ".join(simd)
+    return out
 
 
 def _heapsort(v: Sequence[float], idx: List[int], lo: int, n: int) -> None:

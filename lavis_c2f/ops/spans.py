@@ -4,11 +4,15 @@
 * Inside models windows are normalised by the video duration, as ``(cx, w)``
   (centre, width) in [0, 1], or ``(st, ed)`` ("xx") in [0, 1].
 
-All functions take tensors whose last dimension is 2 and broadcast over leading dims.
+The tensor functions take tensors whose last dimension is 2 and broadcast over leading dims;
+:func:`nms_rows` is the same greedy NMS on plain ``[st, ed, score]`` rows (python floats, as
+predictions are written), with the same IoU ``inter / union`` (0 when the union is empty).
+The numpy-only evaluation (:mod:`lavis_c2f.evaluation`) keeps its own vectorised IoU
+(``evaluation/_rows.py``), written to reproduce the official scripts' numbers without torch.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -96,3 +100,23 @@ def temporal_nms(windows: torch.Tensor, scores: torch.Tensor, iou_threshold: flo
             break
         suppressed |= iou[idx] >= iou_threshold
     return torch.tensor(keep, dtype=torch.long, device=windows.device)
+
+
+def interval_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``(st, ed, ...)`` intervals (0 when the union is empty)."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = (a[1] - a[0]) + (b[1] - b[0]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def nms_rows(rows: Sequence[Sequence[float]], iou_threshold: float, max_keep: Optional[int] = None
+             ) -> List[List[float]]:
+    """Greedy NMS of ``[st, ed, score]`` rows already sorted best first: a row is dropped when
+    its IoU with a kept row is >= ``iou_threshold``; at most ``max_keep`` rows are kept."""
+    kept: List[List[float]] = []
+    for r in rows:
+        if all(interval_iou(r, k) < iou_threshold for k in kept):
+            kept.append(list(r))
+            if max_keep is not None and len(kept) >= max_keep:
+                break
+    return kept

@@ -1,12 +1,18 @@
 """``lavis-c2f merge-stage1``, ``lavis-c2f tune-fusion`` and ``lavis-c2f quickstart``.
 
-Registered by :mod:`lavis_c2f.cli`; heavy imports happen inside the commands.
+Registered by :mod:`lavis_c2f.cli` (``python -m lavis_c2f.cli COMMAND`` = ``lavis-c2f COMMAND``).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import List, Optional
+from typing import List
+
+from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.io import write_json
+from lavis_c2f.evaluation._rows import load_rows
+from lavis_c2f.pipeline.fusion import tune_fusion
+from lavis_c2f.pipeline.merge import merge_stage1, read_video_list
+from lavis_c2f.pipeline.quickstart import run_quickstart
 
 
 def _floats(text: str) -> List[float]:
@@ -72,8 +78,6 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def cmd_merge_stage1(args: argparse.Namespace) -> int:
-    from lavis_c2f.pipeline.merge import merge_stage1, read_video_list
-
     reader_kwargs = {"durations": args.durations} if args.durations else {}
     videos = read_video_list(args.videos) if args.videos else None
     s = merge_stage1(args.stage1, args.ann, args.top_k, args.out, fmt=args.format, videos=videos,
@@ -85,10 +89,6 @@ def cmd_merge_stage1(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_fusion(args: argparse.Namespace) -> int:
-    from lavis_c2f.common.io import write_json
-    from lavis_c2f.evaluation._rows import load_rows
-    from lavis_c2f.pipeline.fusion import tune_fusion
-
     rows = load_rows(args.candidates)
     _check_candidate_rows(rows)
     res = tune_fusion(rows, form=args.form, weights=args.weights, s1_norm=args.s1_norm,
@@ -103,8 +103,6 @@ def cmd_tune_fusion(args: argparse.Namespace) -> int:
 
 
 def _check_candidate_rows(rows) -> None:
-    from lavis_c2f.common.errors import DataFormatError
-
     for row, line in zip(rows, rows.lines):
         if not isinstance(row, dict):
             raise DataFormatError("expected a JSON object", path=rows.source, line=line)
@@ -126,20 +124,7 @@ def _check_candidate_rows(rows) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from lavis_c2f.pipeline.quickstart import run_quickstart
-
     run_quickstart(out=args.out, device=args.device, threads=args.threads, stage1_epochs=args.stage1_epochs,
                    stage2_epochs=args.stage2_epochs, n_videos=args.n_videos,
                    include_untrained=not args.skip_untrained)
     return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m lavis_c2f.pipeline.cli COMMAND ...`` (same as ``lavis-c2f COMMAND ...``)."""
-    from lavis_c2f.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

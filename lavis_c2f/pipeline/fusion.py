@@ -50,12 +50,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.io import read_json
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.evaluation._rows import pct
+from lavis_c2f.evaluation.qvh import eval_r1_miou, eval_submission
+from lavis_c2f.evaluation.vcmr import eval_vcmr
 
 FORMS = ("product", "sum", "stage1")
 S1_NORMS = ("zscore", "minmax", "rank")
@@ -99,11 +104,7 @@ class FusionConfig:
     @classmethod
     def from_mapping(cls, d: Optional[Mapping[str, Any]], where: str = "fusion") -> "FusionConfig":
         """From a YAML mapping (unknown keys raise :class:`ConfigError` naming them)."""
-        d = dict(d or {})
-        known = {"form", "weight", "s1_norm", "max_moments"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        d = check_keys(d, {f.name for f in fields(cls)}, where)
         if "weight" in d and isinstance(d["weight"], (int, float)) and not isinstance(d["weight"], bool):
             d["weight"] = float(d["weight"])
         try:
@@ -188,8 +189,6 @@ def single_video_metrics(rows: Sequence[Mapping[str, Any]], protocol: str = "qvh
 
     Returns the evaluation's full output (``brief`` included); r1miou keys get an ``MR-``
     prefix in ``brief`` so they cannot be confused with the retrieval recalls."""
-    from lavis_c2f.evaluation import eval_r1_miou, eval_submission
-
     preds, gts = [], []
     for r in rows:
         if not r.get("relevant_windows") or r.get("gt_windows") is None:
@@ -229,9 +228,6 @@ def evaluate_candidates(rows: Sequence[Mapping[str, Any]], config: FusionConfig,
         ``(flat, report, vcmr_rows)``: flat metrics (numbers), the full report (nested), and
         the fused corpus moment rows of every query.
     """
-    from lavis_c2f.evaluation import eval_vcmr
-    from lavis_c2f.evaluation._rows import pct
-
     vcmr_rows = fuse_rows(rows, config)
     labelled = [i for i, r in enumerate(rows) if r.get("relevant_windows") and r.get("gt_vid") is not None]
     report: Dict[str, Any] = {"fusion": config.to_dict(), "num_queries": len(rows),
@@ -296,8 +292,6 @@ def tune_fusion(rows: Sequence[Mapping[str, Any]], form: str = "product", weight
 
 def load_fusion_choice(path: str) -> FusionConfig:
     """The :class:`FusionConfig` written by ``lavis-c2f tune-fusion`` (errors name the file)."""
-    from lavis_c2f.common.io import read_json
-
     d = read_json(path)
     if not isinstance(d, dict):
         raise DataFormatError("expected a JSON object", path=path)

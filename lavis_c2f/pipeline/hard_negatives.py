@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.records import MomentRecord
+from lavis_c2f.pipeline.merge import stage1_lists
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ class HardNegativeMomentDataset(Dataset):
         built, e.g. by ``evaluate.py``, never needs them)."""
         stage1 = self._stage1() if callable(self._stage1) else self._stage1
         if stage1 is None:
-            from lavis_c2f.pipeline.merge import stage1_lists
-
             stage1 = stage1_lists(self.base.records, None, top_k=self.top_k, where="run.stage1_ranks")
         if len(stage1) != len(self.base.records):
             raise ValueError(f"{len(stage1)} stage-1 lists for {len(self.base.records)} records")

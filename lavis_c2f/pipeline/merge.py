@@ -20,6 +20,7 @@ written atomically.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import iter_jsonl, write_jsonl
+from lavis_c2f.data.readers import detect_format, read_annotations
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +103,6 @@ def read_annotation_rows(path: str, fmt: str = "auto", **reader_kwargs: Any) -> 
     (Charades-STA txt, TACoS json) are read into records and converted (``line`` is then the
     record's source line when known, else its position).
     """
-    from lavis_c2f.data.readers import detect_format, read_annotations
-
     path = str(path)
     if not os.path.isfile(path):
         raise DataFormatError("annotation file not found", path=path)
@@ -126,8 +126,6 @@ def read_annotation_rows(path: str, fmt: str = "auto", **reader_kwargs: Any) -> 
 
 def read_video_list(path: str) -> Set[str]:
     """Video ids from a text file (one per line) or a JSON list / ``{"vids": [...]}``."""
-    import json
-
     path = str(path)
     if not os.path.isfile(path):
         raise DataFormatError("video list not found", path=path)

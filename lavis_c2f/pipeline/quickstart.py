@@ -19,20 +19,32 @@ and registry paths from its YAML):
 It prints one table (stage-1 video recall, single-video moment retrieval in the GT video,
 video-corpus moment retrieval, and its bound with a perfect stage 1) and writes everything
 under one absolute run directory: ``corpus/``, ``runs/<step>/`` (configs, logs, checkpoints,
-results), ``merged/``, ``fusion.json``, ``quickstart.log``, ``summary.json``, ``table.txt``.
+results), ``merged/``, ``fusion.json``, ``progress.json``, ``quickstart.log``, ``summary.json``,
+``table.txt`` (:class:`~lavis_c2f.pipeline.quickstart_run.QuickstartRun`, the one reader and
+writer of that layout).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from lavis_c2f import launch
+from lavis_c2f.common.io import read_json, write_json
+from lavis_c2f.data.demo_corpus import make_demo_corpus
+from lavis_c2f.data.readers import read_annotations
+from lavis_c2f.evaluation._rows import load_rows
+from lavis_c2f.paths import PROJECT_ROOT
+from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates, tune_fusion
+from lavis_c2f.pipeline.merge import merge_stage1
+from lavis_c2f.pipeline.quickstart_run import QuickstartRun
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +63,6 @@ COLUMNS = [
 
 def project_yaml(name: str) -> str:
     """Absolute path of ``projects/c2f/<name>`` in the checkout (the quickstart runs from it)."""
-    from lavis_c2f.paths import PROJECT_ROOT
-
     path = PROJECT_ROOT / "projects" / "c2f" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the quickstart runs from a checkout of lavis-c2f "
@@ -61,10 +71,12 @@ def project_yaml(name: str) -> str:
 
 
 class _Steps:
-    """Step banners with elapsed times."""
+    """Step banners with elapsed times; each step is also recorded in the run's
+    ``progress.json`` (:meth:`QuickstartRun.write_progress`, read by the web demo)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, run: Optional[QuickstartRun] = None):
         self.total, self.i, self.t0 = total, 0, time.perf_counter()
+        self.run = run
         self.times: Dict[str, float] = {}
         self._start = None
         self._name = None
@@ -73,6 +85,8 @@ class _Steps:
         self.end()
         self.i += 1
         self._name, self._start = name, time.perf_counter()
+        if self.run is not None:
+            self.run.write_progress(self.i, self.total, name)
         print(f"[{self.i}/{self.total}] {name} ...", flush=True)
 
     def end(self) -> None:
@@ -98,9 +112,6 @@ def run_step(cfg_path: str, options: Sequence[str], log_file: Path, evaluate: bo
     """Train (or evaluate) one project YAML in this process, like ``train.py`` / ``evaluate.py``.
 
     Returns the run's summary (also written to ``<output_dir>/<job_id>/summary.json``)."""
-    from lavis_c2f import launch
-    from lavis_c2f.common.io import write_json
-
     args = argparse.Namespace(cfg_path=cfg_path, options=list(options))
     cfg, task, datasets, model, runner_cls = launch.build(args)
     _file_logging(log_file)
@@ -149,9 +160,6 @@ def chance_rows(records: Sequence[Any], vids: Sequence[str], durations: Dict[str
 def chance_metrics(ann_path: str, clip_length: float, k: int, draws: int = CHANCE_DRAWS, seed: int = 0
                    ) -> Dict[str, float]:
     """Mean metrics of :func:`chance_rows` over ``draws`` seeded draws (default fusion)."""
-    from lavis_c2f.data.readers import read_annotations
-    from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates
-
     records = read_annotations(ann_path, fmt="qvh")
     durations: Dict[str, float] = {}
     for r in records:
@@ -195,31 +203,22 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     """Run the quickstart (module docstring); returns the summary written to ``summary.json``.
 
     ``threads``: torch CPU threads (None or 0: torch's default)."""
-    import torch
-
-    from lavis_c2f.common.io import read_json, write_json
-    from lavis_c2f.data.demo_corpus import make_demo_corpus
-    from lavis_c2f.paths import resolve_path
-    from lavis_c2f.pipeline.fusion import tune_fusion
-    from lavis_c2f.pipeline.merge import merge_stage1
-    from lavis_c2f.evaluation._rows import load_rows
-
     cpu0 = time.process_time()
     if threads:
         torch.set_num_threads(int(threads))
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(resolve_path(out or os.path.join("c2f_quickstart", stamp)))
+    run = QuickstartRun.new(out)
+    run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = run_dir / "quickstart.log"
+    log_file = run.log
     _file_logging(log_file)
-    runs = run_dir / "runs"
+    runs = run.runs
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    steps = _Steps(9 if include_untrained else 8)
+    steps = _Steps(9 if include_untrained else 8, run)
     print(f"lavis-c2f quickstart: run directory {run_dir} (device {device}, {torch.get_num_threads()} CPU threads"
           + (f", load {load0:.1f}" if load0 is not None else "") + ")", flush=True)
 
     s1_yaml, c2f_yaml = project_yaml("demo_stage1.yaml"), project_yaml("demo_c2f.yaml")
-    corpus = run_dir / "corpus"
+    corpus = run.corpus
     common = [f"datasets.c2f_demo.data_root={corpus}", f"run.output_dir={runs}", f"run.device={device}"]
 
     steps.start("make the demo corpus")
@@ -240,11 +239,10 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     ranks = {s: Path(inf["output_dir"]) / "result" / f"{s}_best_ranks.jsonl" for s in SPLITS}
 
     steps.start("merge stage-1 results into stage-2 annotations")
-    from omegaconf import OmegaConf
 
     c2f_run = OmegaConf.load(c2f_yaml).run
     k = int(max(c2f_run.stage1_top_k, c2f_run.hard_negative_top_k))
-    merged = {s: run_dir / "merged" / f"{s}.jsonl" for s in SPLITS}
+    merged = {s: run.merged / f"{s}.jsonl" for s in SPLITS}
     for s in SPLITS:
         m = merge_stage1(str(ranks[s]), str(corpus / "annotations" / f"{s}.jsonl"), k, str(merged[s]))
         print(f"      {s}: GT video in the top-{k} for {m['gt_in_top_k']}% of {m['num_queries']} queries", flush=True)
@@ -261,12 +259,12 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     cand = Path(s2["output_dir"]) / "result" / f"val_{s2['best_epoch']}_candidates.jsonl"
     choice = tune_fusion(load_rows(str(cand)), form="product")
     choice["candidates"] = str(cand)
-    write_json(choice, run_dir / "fusion.json")
+    write_json(choice, run.fusion)
     print(f"      weight {choice['weight']:g} (val {choice['metric']} = {choice['value']})", flush=True)
 
     steps.start("corpus-level evaluation on test")
     ev = run_step(c2f_yaml, common + ann_opts + ["run.job_id=c2f_test", f"run.checkpoint={s2_ckpt}",
-                                                  f"run.fusion_file={run_dir / 'fusion.json'}", "run.test_splits=[test]"],
+                                                  f"run.fusion_file={run.fusion}", "run.test_splits=[test]"],
                   log_file, evaluate=True)
     trained = ev["test"]["test"]
 
@@ -309,7 +307,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
         f"a perfect stage 1 (stage 1 costs the difference); the rest is stage 2.",
     ]
     text = table + "\n\n" + "\n".join(notes)
-    (run_dir / "table.txt").write_text(text + "\n", encoding="utf-8")
+    run.table.write_text(text + "\n", encoding="utf-8")
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cpu = time.process_time() - cpu0
     summary = {"run_dir": str(run_dir), "seconds": round(steps.elapsed, 1), "cpu_seconds": round(cpu, 1),
@@ -320,19 +318,8 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
                "chance": chance, "untrained": untrained, "trained": trained,
                "stage1_baseline_mean_pooling": baseline,
                "checkpoints": {"stage1": str(s1_ckpt), "stage2": str(s2_ckpt)}}
-    write_json(summary, run_dir / "summary.json")
+    write_json(summary, run.summary)
     print("\n" + text)
     print(f"\nfinished in {steps.elapsed:.0f} s (process CPU time {cpu:.0f} s"
           + (f", load average {load1:.1f}" if load1 is not None else "") + f"); all outputs in {run_dir}", flush=True)
     return summary
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m lavis_c2f.pipeline.quickstart`` = ``lavis-c2f quickstart``."""
-    from lavis_c2f.cli import main as cli_main
-
-    return cli_main(["quickstart"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

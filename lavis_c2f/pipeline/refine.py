@@ -47,22 +47,27 @@ candidate row of a refined query gets a ``refine`` entry::
 
 :func:`refine_counts` sums them (the task's ``refine_*`` metrics and its summary line).
 
-This module imports neither torch nor the refiner at import time; :meth:`CorpusRefiner.build`
-does, when the switch is on.
+This module does not import the refiner (BLIP-2) at import time; :meth:`CorpusRefiner.build`
+and :func:`build_caption_refiner` do, when the switch is on. The coarse-to-fine engine
+(:mod:`lavis_c2f.pipeline.engine`) calls :meth:`CorpusRefiner.refine_query` for every caller:
+the corpus task, and the searches of :class:`lavis_c2f.predictor.C2FPredictor`
+(:meth:`CorpusRefiner.for_videos`, frames from the indexed video files).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.data.cfg import check_keys, to_plain
-from lavis_c2f.paths import PROJECT_ROOT, resolve_path
+from lavis_c2f.models.checkpoint import find_yaml, model_node_from
+from lavis_c2f.pipeline.fusion import fuse_candidates
+from lavis_c2f.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -162,51 +167,20 @@ class RefineOptions:
                 "frame_source": self.frame_source}
 
 
-def _existing(path: str, bases: Sequence[Optional[str]]) -> Optional[str]:
-    """The first ``base/path`` that exists (absolute ``path``: itself if it exists)."""
-    p = Path(os.path.expandvars(os.path.expanduser(str(path))))
-    if p.is_absolute():
-        return str(p) if p.exists() else None
-    for base in bases:
-        if base is None:
-            continue
-        q = Path(base) / p
-        if q.exists():
-            return str(q.resolve())
-    return None
-
-
 def load_refiner_config(config: Any, where: str = "run.refine.config") -> Dict[str, Any]:
     """The refiner's :meth:`CaptionRefiner.from_config` mapping from ``config`` (a mapping, or a
-    YAML file whose ``refiner:`` node, or whole content, holds it). A relative ``model:`` YAML
-    path is resolved against the working directory, the config file's folder, then the checkout."""
+    YAML file whose ``refiner:`` node, or whole content, holds it; found as every YAML is,
+    :func:`~lavis_c2f.models.checkpoint.find_yaml`). A relative ``model:`` YAML path is resolved
+    against the working directory, the config file's folder, then the checkout."""
     config = to_plain(config)
-    yaml_dir = None
-    if isinstance(config, (str, os.PathLike)):
-        from omegaconf import OmegaConf
-
-        path = _existing(str(config), [os.getcwd(), str(PROJECT_ROOT)])
-        if path is None or not os.path.isfile(path):
-            raise ConfigError(f"{where}: refiner YAML not found: {resolve_path(config)}")
-        try:
-            node = to_plain(OmegaConf.load(path))
-        except Exception as e:  # OmegaConf/yaml raise several types for bad files
-            raise ConfigError(f"{where}: cannot read {path}: {e}") from None
-        if isinstance(node, Mapping) and "refiner" in node:
-            node = node["refiner"]
-        if not isinstance(node, Mapping):
-            raise ConfigError(f"{where}: {path} holds no mapping (expected refiner keys or a 'refiner:' node)")
-        config, yaml_dir = dict(node), os.path.dirname(path)
-    elif isinstance(config, Mapping):
-        config = dict(config)
-    else:
+    if not isinstance(config, (str, os.PathLike, Mapping)):
         raise ConfigError(f"{where}: expected a refiner YAML path or mapping, got {config!r}")
-    model = config.get("model")
+    node, path = model_node_from(config, where, key="refiner")
+    model = node.get("model")
     if isinstance(model, (str, os.PathLike)):
-        found = _existing(str(model), [os.getcwd(), yaml_dir, str(PROJECT_ROOT)])
-        if found is not None:
-            config["model"] = found
-    return config
+        with contextlib.suppress(ConfigError):     # left as given: the refiner reports it
+            node["model"] = find_yaml(model, f"{where}.model", base=os.path.dirname(path) if path else None)
+    return node
 
 
 def check_refiner_config(config: Any, where: str = "run.refine.config") -> Dict[str, Any]:
@@ -218,6 +192,18 @@ def check_refiner_config(config: Any, where: str = "run.refine.config") -> Dict[
     if "model" not in d:
         raise ConfigError(f"{where}.model: missing (a model mapping or a model YAML path)")
     return d
+
+
+def build_caption_refiner(config: Any, device: Any = None, where: str = "run.refine.config"):
+    """A :class:`~lavis_c2f.models.refiner.hook.CaptionRefiner` from its config
+    (:func:`check_refiner_config`), on ``device`` unless the config names one. Imports the
+    refiner package (BLIP-2): call it only when stage 3 is on."""
+    from lavis_c2f.models.refiner.hook import CaptionRefiner
+
+    cfg = check_refiner_config(config, where)
+    if cfg.get("device") in (None, "", "auto") and device is not None:
+        cfg["device"] = str(device)
+    return CaptionRefiner.from_config(cfg)
 
 
 # =========================================================================== counters
@@ -273,16 +259,26 @@ class CorpusRefiner:
 
     Args:
         options: the validated ``run.refine`` block.
-        refiner: a ``CaptionRefiner`` (its ``refine`` and ``stats`` are used).
+        refiner: a ``CaptionRefiner`` (its ``refine``, and its ``stats`` when it has them, are used).
         frames: a ``FrameSource`` for ``folder`` / ``feature_image`` (None for ``video``).
+        videos: ``vid -> (video file, captions)`` for ``video`` when the files are not under
+            ``video_root`` (the videos of an index: :meth:`for_videos`).
     """
 
-    def __init__(self, options: RefineOptions, refiner: Any, frames: Any = None):
+    def __init__(self, options: RefineOptions, refiner: Any, frames: Any = None,
+                 videos: Optional[Callable[[str], Tuple[str, Any]]] = None):
         self.options = options
         self.refiner = refiner
         self.frames = frames
+        self.videos = videos
         self.video_root = resolve_path(options.video_root) if options.video_root else None
         self.captions_dir = resolve_path(options.captions_dir) if options.captions_dir else None
+
+    @classmethod
+    def for_videos(cls, refiner: Any, top_videos: int, videos: Callable[[str], Tuple[str, Any]]) -> "CorpusRefiner":
+        """Stage 3 of a search: the windows of the ``top_videos`` best videos of each query,
+        frames decoded from ``videos(vid) -> (video file, captions)``; no GT video."""
+        return cls(RefineOptions(enabled=True, top_videos=int(top_videos), gt_video=False), refiner, videos=videos)
 
     @classmethod
     def build(cls, options: RefineOptions, dataset: Any = None, device: Any = None) -> "CorpusRefiner":
@@ -290,13 +286,9 @@ class CorpusRefiner:
         the frame source (``feature_image`` defaults to ``dataset.video_stores[0]`` and
         ``dataset.clip_length``)."""
         from lavis_c2f.models.refiner.data import FeatureImageFrameSource, FolderFrameSource
-        from lavis_c2f.models.refiner.hook import CaptionRefiner
 
         options.check_paths()
-        cfg = check_refiner_config(options.config)
-        if cfg.get("device") in (None, "", "auto") and device is not None:
-            cfg["device"] = str(device)
-        refiner = CaptionRefiner.from_config(cfg)
+        refiner = build_caption_refiner(options.config, device)
         frames = None
         if options.frame_source == "folder":
             frames = FolderFrameSource(resolve_path(options.frames_root), fps=options.frames_fps)
@@ -318,7 +310,9 @@ class CorpusRefiner:
 
     # ------------------------------------------------------------------ one pair
     def _stats(self) -> Tuple[int, int, int, Counter]:
-        s = self.refiner.stats
+        s = getattr(self.refiner, "stats", None)
+        if s is None:                  # a duck-typed refiner without counters
+            return 0, 0, 0, Counter()
         return s.n_refined, s.n_fallback, s.n_dropped_windows, Counter(s.fallback_reasons)
 
     def _captions(self, vid: str) -> Any:
@@ -328,17 +322,24 @@ class CorpusRefiner:
         return path if os.path.isfile(path) else []
 
     def refine_pair(self, query: str, vid: str, duration: float, windows: Sequence[Sequence[float]],
-                    items: Optional[Sequence[str]] = None) -> Tuple[List[List[float]], Dict[str, Any]]:
+                    items: Optional[Sequence[str]] = None, video_path: Optional[str] = None, captions: Any = None
+                    ) -> Tuple[List[List[float]], Dict[str, Any]]:
         """Refined windows ``[[st, ed, score], ...]`` (seconds) of one (query, video) pair and the
         pair's counters (``n_refined``, ``n_fallback``, ``n_dropped_windows``,
         ``fallback_reasons``). A fallback returns ``windows`` unchanged. ``items``: the query's
-        items (CALCE), when its record carries them."""
+        items (CALCE), when its record carries them. ``video_path`` (with its ``captions``) names
+        the video file instead of the frame source of the options."""
         stage2 = [[float(x) for x in w[:3]] for w in windows]
+        if self.frames is None and video_path is None:
+            if self.videos is not None:
+                video_path, captions = self.videos(vid)
+            else:
+                video_path = os.path.join(self.video_root, f"{vid}{self.options.video_ext}")
+                captions = self._captions(vid)
         before = self._stats()
         if self.frames is None:
-            path = os.path.join(self.video_root, f"{vid}{self.options.video_ext}")
-            out = self.refiner.refine(query, float(duration), stage2, video_path=path,
-                                      captions=self._captions(vid), vid=vid, items=items)
+            out = self.refiner.refine(query, float(duration), stage2, video_path=video_path, captions=captions,
+                                      vid=vid, items=items)
         else:
             from lavis_c2f.models.refiner.prompt import refine_region
 
@@ -381,8 +382,6 @@ class CorpusRefiner:
         Returns:
             ``(candidates with refined windows, GT windows (refined when gt_video), refine entry)``.
         """
-        from lavis_c2f.pipeline.fusion import fuse_candidates
-
         fused = fuse_candidates(candidates, fusion)
         top = list(dict.fromkeys(m[0] for m in fused))[: self.options.top_videos]
         refined: Dict[str, List[List[float]]] = {}

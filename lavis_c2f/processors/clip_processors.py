@@ -37,6 +37,7 @@ from torchvision.transforms import functional as TF
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.data.tokenizers import get_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -137,8 +138,6 @@ class Clip4ClipTokenizer(BaseProcessor):
         super().__init__()
         if isinstance(max_words, bool) or int(max_words) < 2:
             raise ConfigError(f"c2f_clip4clip_tokenizer.max_words: expected an integer >= 2, got {max_words!r}")
-        from lavis_c2f.data.tokenizers import get_tokenizer
-
         self.bpe = get_tokenizer("clip")
         self.max_words = int(max_words)
 

@@ -44,10 +44,12 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
@@ -59,12 +61,8 @@ from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json
 from lavis_c2f.data.cfg import check_keys
-from lavis_c2f.models.checkpoint_utils import (
-    load_checkpoint_file,
-    load_model_weights,
-    model_state_for_checkpoint,
-    save_checkpoint,
-)
+from lavis_c2f.models.checkpoint import (load_checkpoint_file, load_model_weights, model_state_for_checkpoint,
+                                         save_checkpoint)
 from lavis_c2f.paths import resolve_path
 from lavis_c2f.runners.scalars import ScalarWriter
 from lavis_c2f.tasks.base import unwrap_model
@@ -93,9 +91,6 @@ class ContiguousShardSampler(Sampler):
 
 
 def _seed_worker(worker_id: int) -> None:  # numpy is not re-seeded by PyTorch in workers
-    import random
-
-    import numpy as np
 
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

@@ -1,6 +1,5 @@
 """User-facing search tools around :class:`lavis_c2f.predictor.C2FPredictor`.
 
-* :mod:`.zero_shot`: retrieval and grounding from a feature backbone alone (no checkpoint).
 * :mod:`.format`: clock times (``mm:ss``) and the result table.
 * :mod:`.plot`: the saliency plot of ``lavis-c2f search --plot``.
 * :mod:`.annotate`: fine-grained moment annotations from video-level captions.

@@ -16,7 +16,7 @@ mode without one); windows scoring at least ``min_score`` are kept (at most ``ma
 best first), overlapping kept windows are merged (QVHighlights windows do not overlap), and a
 sentence without any such window is dropped. Scores are the grounder's foreground
 probabilities in trained mode and in-video contrasts in [0, 1] in zero-shot mode
-(:mod:`lavis_c2f.search.zero_shot`).
+(:mod:`lavis_c2f.models.zero_shot`).
 
 Output: QVHighlights rows (readable by :func:`lavis_c2f.data.readers.read_annotations`),
 written atomically::
@@ -51,7 +51,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.errors import DataFormatError, VideoDecodeError
+from lavis_c2f.common.io import iter_jsonl, write_jsonl
+from lavis_c2f.video.probe import list_videos
+from lavis_c2f.video.extract import assign_vids
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +155,6 @@ class AnnotateSummary:
 
 def _video_lookup(video_dir: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
     """(vid -> path, other names (relative path, with and without extension, file name) -> paths)."""
-    from lavis_c2f.video.decode import list_videos
-    from lavis_c2f.video.extract import assign_vids
-
     root = os.path.abspath(video_dir)
     paths = list_videos(root)
     if not paths:
@@ -171,7 +171,6 @@ def _video_lookup(video_dir: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]
 def read_caption_rows(captions_path: str, video_dir: str, skip_missing: bool = False
                       ) -> Tuple[List[CaptionRow], int]:
     """Caption rows with their video file (module docstring); returns (rows, skipped)."""
-    from lavis_c2f.common.io import iter_jsonl
 
     by_vid, names = _video_lookup(video_dir)
     vid_of_path = {p: v for v, p in by_vid.items()}
@@ -213,9 +212,6 @@ def read_caption_rows(captions_path: str, video_dir: str, skip_missing: bool = F
 def annotate(predictor, video_dir: str, captions_path: str, out_path: str, *, min_score: float = 0.4,
              max_windows: int = 2, qid_start: int = 0, skip_missing: bool = False) -> AnnotateSummary:
     """Run the annotation (module docstring) and write ``out_path``; returns the summary."""
-    from lavis_c2f.common.io import write_jsonl
-    from lavis_c2f.video.decode import VideoDecodeError
-
     if int(max_windows) < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
     if not 0.0 <= float(min_score) <= 1.0:

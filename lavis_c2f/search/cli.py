@@ -15,7 +15,7 @@ Annotate videos from video-level captions (:mod:`lavis_c2f.search.annotate`)::
 
     lavis-c2f annotate VIDEO_DIR --captions captions.jsonl --out ann.jsonl [--min-score 0.4]
 
-Exit codes: 0 success, 1 error (message on stderr), 2 bad usage.
+Exit codes: 0 success, 1 error (one line on stderr, :func:`lavis_c2f.cli.main`), 2 bad usage.
 """
 from __future__ import annotations
 
@@ -23,52 +23,36 @@ import argparse
 import json
 import logging
 import os
-import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
-from lavis_c2f.video.cli import FEATURE_BACKBONE_CHOICES
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.io import write_json
+from lavis_c2f.pipeline.engine import SEARCH_DEFAULTS
+from lavis_c2f.pipeline.fusion import load_fusion_choice
+from lavis_c2f.predictor import C2FPredictor, index_backbone_name, is_demo_corpus
+from lavis_c2f.search.annotate import annotate
+from lavis_c2f.search.format import moments_table
+from lavis_c2f.search.plot import plot_saliency
+from lavis_c2f.video.cli import FEATURE_BACKBONE_CHOICES, backbone_options
+from lavis_c2f.video.extract import EXTRACT_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
 
 
-def _friendly(command: str, fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report user errors (bad files, mismatched checkpoints, undecodable videos) as one line."""
-    def run(args: argparse.Namespace) -> int:
-        from lavis_c2f.common.errors import user_error_types
-
-        try:
-            return fn(args)
-        except user_error_types() as e:
-            logger.debug("%s failed", command, exc_info=True)
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"lavis-c2f {command}: error: {msg}", file=sys.stderr)
-            return 1
-
-    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-    return run
-
-
 def _backbone_config(args: argparse.Namespace, backbone: str) -> Optional[Dict[str, Any]]:
     """The backbone options; None (the index's recorded settings: weights paths...) when an
     index built with this backbone is searched without weight options."""
-    from lavis_c2f.video.cli import backbone_options
-
     given = (args.clip_path, args.clip_model_type, getattr(args, "slowfast_path", None))
     index = getattr(args, "index", None)
-    if index and not any(given):
-        from lavis_c2f.predictor import index_backbone_name
-
-        if index_backbone_name(index) == backbone:
-            return None
+    if index and not any(given) and index_backbone_name(index) == backbone:
+        return None
     return backbone_options(backbone, *given)
 
 
 def _fusion(path: Optional[str]):
     if not path:
         return None
-    from lavis_c2f.pipeline.fusion import load_fusion_choice
-
     return load_fusion_choice(path)
 
 
@@ -83,9 +67,6 @@ def _quiet_predictor_log(args: argparse.Namespace) -> None:
 
 def build_search_predictor(args: argparse.Namespace):
     """The :class:`~lavis_c2f.predictor.C2FPredictor` of the ``search`` arguments."""
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.predictor import C2FPredictor, index_backbone_name, is_demo_corpus
-
     demo = args.demo_corpus or args.run_dir or (args.index and is_demo_corpus(args.index))
     if demo:
         if args.index and args.demo_corpus and os.path.abspath(args.index) != os.path.abspath(args.demo_corpus):
@@ -123,9 +104,6 @@ def build_search_predictor(args: argparse.Namespace):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from lavis_c2f.common.errors import ConfigError
-    from lavis_c2f.search.format import moments_table
-
     if args.top_k < 1 or args.stage1_top_k < 1:
         raise ConfigError("--top-k and --stage1-top-k must be >= 1")
     if args.refine and not args.refiner_cfg:
@@ -154,8 +132,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace, predictor, res) -> Optional[str]:
-    from lavis_c2f.search.plot import plot_saliency
-
     if not res:
         logger.warning("no moment found: no plot written")
         return None
@@ -168,17 +144,14 @@ def _plot(args: argparse.Namespace, predictor, res) -> Optional[str]:
     if elsewhere and not gt_here:
         title += f"; ground truth in {', '.join(elsewhere[:3])}"
     ylabel = "grounder saliency" if det.mode == "trained" else "text-clip cosine (smoothed)"
-    return plot_saliency(args.plot, det.saliency, det.clip_length, det.duration, det.windows, gt_windows=gt_here or None,
+    return plot_saliency(args.plot, det.saliency, det.clip_length, det.duration, det.windows,
+                         gt_windows=gt_here or None,
                          title=title, ylabel=ylabel)
 
 
 # ------------------------------------------------------------------------------ annotate
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from lavis_c2f.common.io import write_json
-    from lavis_c2f.predictor import C2FPredictor
-    from lavis_c2f.search.annotate import annotate
-
     _quiet_predictor_log(args)
     predictor = C2FPredictor.from_checkpoints(None, args.grounder_ckpt, args.backbone,
                                               _backbone_config(args, args.backbone), None, None,
@@ -220,8 +193,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     s.add_argument("index", nargs="?", metavar="INDEX",
                    help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
     s.add_argument("query", metavar="QUERY", help="the query text (quote it)")
-    s.add_argument("--top-k", type=int, default=10, help="moments listed (default 10)")
-    s.add_argument("--stage1-top-k", type=int, default=10, help="videos grounded by stage 2 (default 10)")
+    s.add_argument("--top-k", type=int, default=SEARCH_DEFAULTS["top_k"],
+                   help=f"moments listed (default {SEARCH_DEFAULTS['top_k']})")
+    s.add_argument("--stage1-top-k", type=int, default=SEARCH_DEFAULTS["stage1_top_k"],
+                   help=f"videos grounded by stage 2 (default {SEARCH_DEFAULTS['stage1_top_k']})")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")
     s.add_argument("--plot", default=None, metavar="OUT.png",
                    help="write the saliency curve of the top video with its windows (and ground truth if known)")
@@ -245,7 +220,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     s.add_argument("--splits", nargs="+", default=None, help="demo corpus: search only these splits")
     s.add_argument("--no-verify", action="store_true", help="skip the index's sha256 verification")
     _backbone_args(s, None)
-    s.set_defaults(func=_friendly("search", cmd_search))
+    s.set_defaults(func=cmd_search)
 
     a = subparsers.add_parser(
         "annotate", help="propose fine-grained moment annotations from video-level captions",
@@ -263,10 +238,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     a.add_argument("--qid-start", type=int, default=0, help="first qid (default 0)")
     a.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint (default: zero-shot)")
     a.add_argument("--grounder-cfg", default=None, help="grounder model YAML (when the checkpoint stores none)")
-    a.add_argument("--clip-length", type=float, default=2.0, help="seconds per clip (default 2)")
-    a.add_argument("--frames-per-clip", type=int, default=1, help="frames averaged per clip (default 1)")
+    a.add_argument("--clip-length", type=float, default=EXTRACT_DEFAULTS["clip_length"],
+                   help=f"seconds per clip (default {EXTRACT_DEFAULTS['clip_length']:g})")
+    a.add_argument("--frames-per-clip", type=int, default=EXTRACT_DEFAULTS["frames_per_clip"],
+                   help=f"frames averaged per clip (default {EXTRACT_DEFAULTS['frames_per_clip']})")
     a.add_argument("--decoder", choices=["auto", "decord", "pyav", "ffmpeg"], default="auto", help="decoding backend")
     a.add_argument("--skip-missing", action="store_true", help="skip captions of videos not in VIDEO_DIR")
     a.add_argument("--summary-json", default=None, help="also write the summary counts here")
     _backbone_args(a, "offline")
-    a.set_defaults(func=_friendly("annotate", cmd_annotate))
+    a.set_defaults(func=cmd_annotate)

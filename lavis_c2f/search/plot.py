@@ -10,6 +10,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lavis_c2f.common.clock import format_time
+from lavis_c2f.common.io import atomic_path
+
 
 def plot_saliency(path: "str | os.PathLike", saliency: Sequence[float], clip_length: float, duration: float,
                   windows: Sequence[Sequence[float]], gt_windows: Optional[Sequence[Sequence[float]]] = None,
@@ -28,9 +31,6 @@ def plot_saliency(path: "str | os.PathLike", saliency: Sequence[float], clip_len
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from lavis_c2f.common.io import atomic_path
-    from lavis_c2f.search.format import format_time
 
     sal = np.asarray(saliency, dtype=np.float64).reshape(-1)
     if sal.size == 0:

@@ -10,10 +10,9 @@ dataset's order (so distributed results equal single-process results).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from lavis.common.registry import registry
@@ -21,6 +20,7 @@ from lavis.tasks.base_task import BaseTask
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.progress import progress_bar
+from lavis_c2f.data.cfg import check_keys
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
 
 
+def dataset_clip_length(dataset) -> float:
+    """Seconds per clip of an evaluated dataset (from its dataset YAML; no fallback in code)."""
+    clip_length = getattr(dataset, "clip_length", None)
+    if not clip_length:
+        raise ConfigError(f"the evaluated dataset {type(dataset).__name__} has no clip_length (it comes from the "
+                          "dataset YAML, datasets.<name>.clip_length)")
+    return float(clip_length)
+
+
 def result_dir() -> str:
     """The result folder the runner registered (absolute), or the cwd outside a runner."""
     try:
@@ -64,11 +73,7 @@ class C2FTask(BaseTask):
 
     def __init__(self, **options: Any):
         super().__init__()
-        unknown = set(options) - set(self.TASK_OPTIONS)
-        if unknown:
-            raise ConfigError(f"{type(self).__name__}: unknown task option(s) {sorted(unknown)}; "
-                              f"known: {sorted(self.TASK_OPTIONS)}")
-        self.options = {**self.TASK_OPTIONS, **options}
+        self.options = {**self.TASK_OPTIONS, **check_keys(options, self.TASK_OPTIONS, f"{type(self).__name__} options")}
         self.show_progress = True
 
     @classmethod

@@ -35,7 +35,7 @@ stage-1 lists from ``stage1_ranks`` or ``stage1_result``).
 
 ``run:`` options (:attr:`CorpusMomentRetrievalTask.TASK_OPTIONS`):
 
-* ``stage1_ranks`` (null), ``stage1_top_k`` (10): see above.
+* ``stage1_ranks`` (null), ``stage1_top_k`` (10, ``lavis_c2f/configs/pipeline/search.yaml``): see above.
 * ``fusion`` ({form: product, weight: 1.0, s1_norm: zscore, max_moments: 100}) or
   ``fusion_file`` (the JSON of ``lavis-c2f tune-fusion``; wins over ``fusion``).
 * ``pair_batch_size`` (64): (query, video) pairs per forward pass.
@@ -89,12 +89,18 @@ from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
 from lavis_c2f.common.progress import progress_bar
-from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.data.cfg import to_plain
+from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.paths import resolve_path
-from lavis_c2f.pipeline.refine import RefineOptions
-from lavis_c2f.tasks.base import C2FTask, move_to_device, unwrap_model
-from lavis_c2f.tasks.base import result_dir as default_result_dir
+from lavis_c2f.pipeline.engine import SEARCH_DEFAULTS, CoarseToFine, Grounding, Query
+from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates, load_fusion_choice
+from lavis_c2f.pipeline.hard_negatives import HardNegativeMomentDataset
+from lavis_c2f.pipeline.merge import stage1_lists
+from lavis_c2f.pipeline.refine import (CorpusRefiner, RefineOptions, check_refiner_config, flat_refine_metrics,
+                                       refine_counts, summary_line)
+from lavis_c2f.pipeline.stages import RankedLists
+from lavis_c2f.tasks.base import (C2FTask, dataset_clip_length, move_to_device, result_dir as default_result_dir,
+                                  unwrap_model)
 from lavis_c2f.tasks.video_retrieval import shard_range
 
 logger = logging.getLogger(__name__)
@@ -106,7 +112,7 @@ class CorpusMomentRetrievalTask(C2FTask):
 
     TASK_OPTIONS = {
         "stage1_ranks": None,
-        "stage1_top_k": 10,
+        "stage1_top_k": SEARCH_DEFAULTS["stage1_top_k"],
         "fusion": None,
         "fusion_file": None,
         "pair_batch_size": 64,
@@ -121,8 +127,6 @@ class CorpusMomentRetrievalTask(C2FTask):
     }
 
     def __init__(self, **options: Any):
-        from lavis_c2f.pipeline.fusion import FusionConfig, load_fusion_choice
-
         super().__init__(**options)
         o = self.options
         for key in ("stage1_top_k", "pair_batch_size", "max_pred_windows", "hard_negative_top_k"):
@@ -150,8 +154,6 @@ class CorpusMomentRetrievalTask(C2FTask):
         # stage 3: validated here (pure); the refiner is imported and built on first use only
         self.refine = RefineOptions.from_mapping(to_plain(o["refine"]), where="run.refine")
         if self.refine.enabled:
-            from lavis_c2f.pipeline.refine import check_refiner_config
-
             check_refiner_config(self.refine.config)
         self._refiner = None
 
@@ -169,9 +171,6 @@ class CorpusMomentRetrievalTask(C2FTask):
     def build_datasets(self, cfg) -> Dict[str, Dict[str, Any]]:
         """As the base; checks the stage-2 dataset type, keeps the datasets and wraps the
         training split with hard negatives when ``hard_negative_ratio > 0``."""
-        from lavis_c2f.pipeline.hard_negatives import HardNegativeMomentDataset
-        from lavis_c2f.pipeline.merge import stage1_lists
-
         datasets = super().build_datasets(cfg)
         train_splits = list(cfg.run_cfg.get("train_splits", []) or [])
         ratio = float(self.options["hard_negative_ratio"])
@@ -217,8 +216,6 @@ class CorpusMomentRetrievalTask(C2FTask):
                    desc: str = "evaluate", **_: Any) -> Dict[str, Any]:
         """Ground every query of this rank's shard in its candidates; returns, on every rank,
         ``{"rows": candidate rows of all ranks in dataset order, "split"}``."""
-        from lavis_c2f.pipeline.merge import stage1_lists
-
         device = device or torch.device("cpu")
         dataset = dataset if dataset is not None else getattr(data_loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "records") or not hasattr(dataset, "labels"):
@@ -243,8 +240,6 @@ class CorpusMomentRetrievalTask(C2FTask):
         if not self.refine.enabled:
             return None
         if self._refiner is None:
-            from lavis_c2f.pipeline.refine import CorpusRefiner
-
             self._refiner = CorpusRefiner.build(self.refine, dataset, device)
             logger.info("stage 3 on: caption refiner on the %d best videos per query%s, frames: %s",
                         self.refine.top_videos, " (+ the GT video)" if self.refine.gt_video else "",
@@ -253,74 +248,40 @@ class CorpusMomentRetrievalTask(C2FTask):
 
     def _ground(self, model, dataset, records: Sequence[MomentRecord], stage1: List[List[List[Any]]],
                 device: torch.device, desc: str, split: Optional[str] = None) -> List[Dict[str, Any]]:
-        k = int(self.options["stage1_top_k"])
-        durations: Dict[str, float] = {}
-        for rec in records:
-            durations.setdefault(rec.vid, float(rec.duration))
+        """Candidate rows of this rank's shard of ``records``: the coarse-to-fine engine with the
+        given stage-1 lists and the dataset's batches of (query, video) pairs."""
         start, end = shard_range(len(records), c2f_dist.get_rank(), c2f_dist.get_world_size())
-        # (query index, vid) pairs of this shard, in order; per query: its pairs' vids
-        pairs: List[Tuple[int, str]] = []
-        for qi in range(start, end):
-            rec = records[qi]
-            vids = [str(v) for v, _ in stage1[qi][:k]]
-            if self.options["ground_truth_video"] and rec.relevant_windows and rec.vid not in vids:
-                vids.append(rec.vid)
-            pairs.extend((qi, v) for v in vids)
-        results: Dict[Tuple[int, str], Dict[str, Any]] = {}
-        pair_durations: Dict[int, Dict[str, float]] = {}   # query index -> vid -> seconds used
-        bs = int(self.options["pair_batch_size"])
-        qcache: Dict[int, torch.Tensor] = {}
         show = self.show_progress and c2f_dist.is_main_process()
-        for b0 in progress_bar(range(0, len(pairs), bs), desc=desc, enabled=show, unit="batch"):
-            chunk = pairs[b0:b0 + bs]
-            samples = []
-            for qi, vid in chunk:
-                if qi not in qcache:
-                    qcache.clear()
-                    qcache[qi] = dataset.text_features(records[qi].qid)
-                dur = float(records[qi].duration) if vid == records[qi].vid else durations.get(vid, math.inf)
-                samples.append(self.pair_sample(dataset, records[qi], vid, dur, qcache[qi]))
-            batch = move_to_device(dataset.collater(samples), device)
-            for (qi, vid), sample, pred in zip(chunk, samples, model.predict_batch(batch)):
-                results[(qi, vid)] = pred
-                pair_durations.setdefault(qi, {})[vid] = float(sample["duration"])
+        engine = CoarseToFine(RankedLists(stage1[start:end]), _DatasetPairs(self, model, dataset, records, device,
+                                                                            desc, show),
+                              self.fusion, stage1_top_k=int(self.options["stage1_top_k"]),
+                              ground_gt=bool(self.options["ground_truth_video"]))
+        queries = [Query(text=rec.query, qid=rec.qid, gt_vid=rec.vid if rec.relevant_windows else None,
+                         items=rec.items, record=rec) for rec in records[start:end]]
         refiner = self.corpus_refiner(dataset, device) if self.refine.applies_to(split) else None
         rows = []
-        for qi in progress_bar(range(start, end), desc=f"{desc} (stage 3)", enabled=show and refiner is not None,
-                               unit="query"):
-            rec = records[qi]
-            cands = []
-            for vid, s1 in stage1[qi][:k]:
-                pred = results[(qi, str(vid))]
-                cands.append([str(vid), float(s1), pred["pred_relevant_windows"]])
-            gt = results.get((qi, rec.vid)) if rec.relevant_windows else None
-            gt_windows = None if gt is None else gt["pred_relevant_windows"]
-            info = None
-            if refiner is not None:
-                cands, gt_windows, info = refiner.refine_query(
-                    rec.query, cands, pair_durations.get(qi, {}), self.fusion, gt_vid=rec.vid if gt is not None else None,
-                    gt_windows=gt_windows, items=rec.items)
+        for rec, res in zip(records[start:end], engine.run(queries, refiner=refiner,
+                                                           progress=f"{desc} (stage 3)" if show else None)):
+            gt = res.groundings.get(rec.vid) if rec.relevant_windows else None
             row = {
                 "qid": rec.qid, "query": rec.query, "gt_vid": rec.vid, "duration": rec.duration,
                 "relevant_windows": [[float(s), float(e)] for s, e in rec.relevant_windows],
                 "relevant_clip_ids": rec.relevant_clip_ids, "saliency_scores": rec.saliency_scores,
-                "stage1": [[str(v), float(s)] for v, s in stage1[qi]],
-                "candidates": cands,
-                "gt_windows": gt_windows,
-                "gt_saliency": None if gt is None else gt.get("pred_saliency_scores")}
-            if info is not None:
-                row["refine"] = info
+                "stage1": [[v, s] for v, s in res.stage1],
+                "candidates": res.candidates,
+                "gt_windows": res.gt_windows,
+                "gt_saliency": None if gt is None else gt.saliency}
+            if res.refine is not None:
+                row["refine"] = res.refine
             rows.append(row)
         return rows
 
     def after_evaluation(self, val_result, split_name: str, epoch, dataset=None,
                          result_dir: Optional[str] = None, **kwargs) -> Dict[str, Any]:
-        from lavis_c2f.pipeline.fusion import evaluate_candidates
-
         out_dir = result_dir or default_result_dir()
         tag = f"{split_name}_{epoch}"
         rows = val_result["rows"]
-        clip_length = float(getattr(dataset, "clip_length", 2.0))
+        clip_length = dataset_clip_length(dataset)
         flat, report, vcmr_rows = evaluate_candidates(
             rows, self.fusion, protocol=self.options["eval_protocol"], clip_length=clip_length,
             max_pred_windows=int(self.options["max_pred_windows"]))
@@ -336,8 +297,6 @@ class CorpusMomentRetrievalTask(C2FTask):
                        "eval_protocol": self.options["eval_protocol"], "metrics": flat, "files": files})
         refine_flat: Dict[str, Any] = {}
         if any(r.get("refine") is not None for r in rows):
-            from lavis_c2f.pipeline.refine import flat_refine_metrics, refine_counts, summary_line
-
             counts = refine_counts(rows)
             refine_flat = flat_refine_metrics(counts)
             report["refine"] = {**self.refine.describe(), **counts}
@@ -354,3 +313,37 @@ class CorpusMomentRetrievalTask(C2FTask):
         report["agg_metric"], report["agg_metrics"] = self.agg_metric, float(flat[self.agg_metric])
         write_json(report, f"{out_dir}/{tag}_metrics.json")
         return {**flat, "agg_metrics": float(flat[self.agg_metric]), "num_queries": len(rows)}
+
+
+class _DatasetPairs:
+    """Stage 2 of the engine on the task's dataset: (query, video) pairs as moment-retrieval
+    samples (:meth:`CorpusMomentRetrievalTask.pair_sample`), collated in batches of
+    ``pair_batch_size`` across queries and predicted by the grounder's ``predict_batch``. A
+    pair's duration is the GT video's annotated one, else the first annotation of that video."""
+
+    def __init__(self, task: "CorpusMomentRetrievalTask", model, dataset, records: Sequence[MomentRecord],
+                 device: torch.device, desc: str, show: bool):
+        self.task, self.model, self.dataset, self.device = task, model, dataset, device
+        self.desc, self.show = desc, show
+        self.durations: Dict[str, float] = {}
+        for rec in records:
+            self.durations.setdefault(rec.vid, float(rec.duration))
+
+    def ground(self, queries: Sequence[Query], pairs: Sequence[Tuple[int, str]]) -> List[Grounding]:
+        bs = int(self.task.options["pair_batch_size"])
+        out: List[Grounding] = []
+        qcache: Dict[int, torch.Tensor] = {}
+        for b0 in progress_bar(range(0, len(pairs), bs), desc=self.desc, enabled=self.show, unit="batch"):
+            samples = []
+            for qi, vid in pairs[b0:b0 + bs]:
+                rec = queries[qi].record
+                if qi not in qcache:
+                    qcache.clear()
+                    qcache[qi] = self.dataset.text_features(rec.qid)
+                dur = float(rec.duration) if vid == rec.vid else self.durations.get(vid, math.inf)
+                samples.append(self.task.pair_sample(self.dataset, rec, vid, dur, qcache[qi]))
+            batch = move_to_device(self.dataset.collater(samples), self.device)
+            for sample, pred in zip(samples, self.model.predict_batch(batch)):
+                out.append(Grounding(windows=pred["pred_relevant_windows"], saliency=pred.get("pred_saliency_scores"),
+                                     duration=float(sample["duration"])))
+        return out

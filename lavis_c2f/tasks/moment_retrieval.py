@@ -24,8 +24,8 @@ from lavis.common.registry import registry
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
-from lavis_c2f.tasks.base import C2FTask, unwrap_model
-from lavis_c2f.tasks.base import result_dir as default_result_dir
+from lavis_c2f.evaluation.qvh import eval_r1_miou, eval_submission
+from lavis_c2f.tasks.base import C2FTask, result_dir as default_result_dir, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +41,20 @@ def gt_rows_of(dataset) -> List[Dict[str, Any]]:
 
 
 def evaluate_predictions(preds: List[Dict[str, Any]], gt_rows: List[Dict[str, Any]], protocol: str,
-                         max_pred_windows: int = 10, clip_length: float = 2.0) -> Dict[str, Any]:
+                         max_pred_windows: int = 10, clip_length: Optional[float] = None) -> Dict[str, Any]:
     """Metrics of prediction rows against GT rows (``qvh`` or ``r1miou`` protocol).
 
-    Returns the full metrics dict (for ``qvh`` the official nested structure with ``brief``;
-    for ``r1miou`` a flat dict, also under ``brief``).
+    ``clip_length``: seconds per saliency clip of the dataset (its YAML's); None for datasets
+    without clips (the refiner's frames), which the official protocol then scores with its own
+    2 s clips. Returns the full metrics dict (for ``qvh`` the official nested structure with
+    ``brief``; for ``r1miou`` a flat dict, also under ``brief``).
     """
-    from lavis_c2f.evaluation import eval_r1_miou, eval_submission
-
     labelled = [g for g in gt_rows if g.get("relevant_windows")]
     if not labelled:
         return {"brief": {}, "note": "no ground-truth windows in this split"}
     if protocol == "qvh":
         return eval_submission(preds, labelled, match_number=False, max_pred_windows=max_pred_windows,
-                               clip_length=clip_length)
+                               **({} if clip_length is None else {"clip_length": clip_length}))
     if protocol == "r1miou":
         return eval_r1_miou(preds, labelled, match_number=False)
     raise ConfigError(f"run.eval_protocol: unknown protocol '{protocol}' (qvh or r1miou)")
@@ -80,7 +80,7 @@ class MomentRetrievalTask(C2FTask):
         tag = f"{split_name}_{epoch}"
         preds_path = write_jsonl(val_result, f"{out_dir}/{tag}_preds.jsonl")
         gt = gt_rows_of(dataset)
-        clip_length = float(getattr(dataset, "clip_length", 2.0))
+        clip_length = getattr(dataset, "clip_length", None)   # None: no clips (the refiner's frames)
         metrics = evaluate_predictions(val_result, gt, self.options["eval_protocol"],
                                        int(self.options["max_pred_windows"]), clip_length)
         write_json(metrics, f"{out_dir}/{tag}_metrics.json")

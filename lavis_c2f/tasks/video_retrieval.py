@@ -45,7 +45,7 @@ scores. (Without a bank, ``model.score`` would normalise each block by its own q
 results would change with ``query_block_size``.)
 
 Baseline. In the same run a training-free mean-pooling cosine baseline
-(:class:`~lavis_c2f.models.retriever.tmass.MeanPoolingBaseline`: sentence feature vs the mean
+(:class:`~lavis_c2f.models.retriever.baseline.MeanPoolingBaseline`: sentence feature vs the mean
 of the normalised clip features) is scored over the same queries and videos; its metrics are
 reported with a ``baseline_`` prefix. It needs equal text and video widths: set
 ``baseline_video_columns: [start, end]`` to use a slice of the video features (e.g. the CLIP
@@ -58,7 +58,9 @@ query: ``qid, query, ranked_vids [[vid, score], ...]``, docs/ARCHITECTURE.md) an
 
 ``run:`` options (:attr:`VideoRetrievalTask.TASK_OPTIONS`):
 
-* ``stage1_top_k`` (100): videos kept per query in the ranks file (also reported as t2v R@K).
+* ``stage1_top_k`` (100, ``ranks_top_k`` of ``lavis_c2f/configs/pipeline/search.yaml``): videos kept per
+  query in the ranks file (also reported as t2v R@K); the corpus task grounds the first
+  ``stage1_top_k`` (10) of them.
 * ``agg_metric`` (``t2v_rsum``): the value that selects the best epoch. ``t2v_rsum`` is
   t2v R@1 + R@5 + R@10 (the usual "rsum" of text-video retrieval): on small validation
   splits R@1 alone moves in coarse steps, the sum is a steadier selection signal. Any flat
@@ -84,9 +86,12 @@ from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import write_json, write_jsonl
 from lavis_c2f.common.progress import progress_bar
-from lavis_c2f.evaluation.retrieval import column_logsumexp, dual_softmax
-from lavis_c2f.tasks.base import C2FTask, move_to_device, unwrap_model
-from lavis_c2f.tasks.base import result_dir as default_result_dir
+from lavis_c2f.evaluation.retrieval import (RetrievalAccumulator, column_logsumexp, dual_softmax, rank_metrics,
+                                            topk_from_scores)
+from lavis_c2f.models.retriever.embeddings import VideoEmbedding
+from lavis_c2f.models.retriever.baseline import MeanPoolingBaseline
+from lavis_c2f.pipeline.engine import SEARCH_DEFAULTS
+from lavis_c2f.tasks.base import C2FTask, move_to_device, result_dir as default_result_dir, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +126,6 @@ class ShardedRetrievalMetrics:
     """
 
     def __init__(self, num_videos: int, ks: Sequence[int] = BASE_KS):
-        from lavis_c2f.evaluation.retrieval import RetrievalAccumulator
-
         self.num_videos = int(num_videos)
         self.ks = tuple(ks)
         self.acc = RetrievalAccumulator(self.num_videos, self.ks)
@@ -157,8 +160,6 @@ class ShardedRetrievalMetrics:
 
     def compute(self) -> Dict[str, Any]:
         """``{"t2v", "v2t", "num_videos_without_query", "num_queries"}`` over all ranks (collective)."""
-        from lavis_c2f.evaluation.retrieval import rank_metrics
-
         parts = c2f_dist.all_gather_objects((self.acc.t2v_ranks(), self.above, self.acc.num_queries,
                                              self.rows_v2t))
         t2v = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -179,7 +180,7 @@ class VideoRetrievalTask(C2FTask):
     """Stage-1 task (see the module docstring)."""
 
     TASK_OPTIONS = {
-        "stage1_top_k": 100,
+        "stage1_top_k": SEARCH_DEFAULTS["ranks_top_k"],
         "agg_metric": "t2v_rsum",
         "query_block_size": 256,
         "video_block_size": 256,
@@ -247,8 +248,6 @@ class VideoRetrievalTask(C2FTask):
     def encode_videos(self, model, dataset, device: torch.device):
         """All videos of ``dataset`` -> (the model's video embedding (``VideoEmbedding`` (V, F, D),
         ``UCoFiAVideo``, ...), baseline VideoEmbedding or None). Same blocks on every rank."""
-        from lavis_c2f.models.retriever.embeddings import VideoEmbedding
-
         blocks = _VideoBlocks(dataset, int(self.options["video_block_size"]))
         workers = int(self.options["video_loader_workers"])
         loader = (torch.utils.data.DataLoader(blocks, batch_size=None, num_workers=workers) if workers > 0
@@ -273,7 +272,6 @@ class VideoRetrievalTask(C2FTask):
     def _baseline(self):
         if not self.options["baseline"]:
             return None
-        from lavis_c2f.models.retriever.tmass import MeanPoolingBaseline
 
         return MeanPoolingBaseline()
 
@@ -403,8 +401,6 @@ class VideoRetrievalTask(C2FTask):
                 "num_videos": nv, "sinkhorn_bank": None if bias is None else self.options["sinkhorn_bank"]}
 
     def _rank_rows(self, batch: Dict[str, Any], sim: np.ndarray, vids: List[str]) -> List[Dict[str, Any]]:
-        from lavis_c2f.evaluation.retrieval import topk_from_scores
-
         top = topk_from_scores(sim, vids, self.top_k)
         return [{"qid": qid, "query": query, "ranked_vids": ranked}
                 for qid, query, ranked in zip(batch["qid"], batch["query"], top)]

@@ -14,7 +14,7 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from lavis.models.base_model import BaseModel
 
-from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.paths import config_path
 from lavis_c2f.tasks.base import C2FTask
 
@@ -65,10 +65,7 @@ class ToyRegressor(BaseModel):
 
     @classmethod
     def from_config(cls, cfg) -> "ToyRegressor":
-        allowed = {"arch", "model_type", "in_dim", "hidden_dim", "dropout"}
-        unknown = set(cfg.keys()) - allowed
-        if unknown:
-            raise ConfigError(f"model: unknown key(s) {sorted(unknown)}")
+        cfg = check_keys(cfg, {"arch", "model_type", "in_dim", "hidden_dim", "dropout"}, "model")
         return cls(in_dim=int(cfg.get("in_dim", 8)), hidden_dim=int(cfg.get("hidden_dim", 16)),
                    dropout=float(cfg.get("dropout", 0.1)))
 

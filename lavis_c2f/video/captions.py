@@ -29,7 +29,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+import srt
+import webvtt
+from webvtt.errors import MalformedFileError
+
 from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +152,6 @@ def parse_srt(text: str, path: str = "<string>", errors: str = "raise") -> SrtRe
     ``srt``'s cue pattern splits the text; anything between cues, and any block after the
     blank line that ends a cue's text (``srt`` appends such text to the cue), is a bad cue.
     """
-    import srt
-
     bad = _Problems(path, errors)
     text = _normalise(text)
 
@@ -177,9 +180,6 @@ def parse_srt(text: str, path: str = "<string>", errors: str = "raise") -> SrtRe
 def parse_vtt(text: str, path: str = "<string>", errors: str = "raise") -> SrtReadResult:
     """Parse WebVTT text with ``webvtt-py`` (module docstring). A cue whose timing line
     ``webvtt-py`` does not take, or whose times break the rules, is a bad cue."""
-    import webvtt
-    from webvtt.errors import MalformedFileError
-
     bad = _Problems(path, errors)
     text = _normalise(text)
     try:
@@ -262,8 +262,6 @@ def format_srt(captions: Iterable[Caption]) -> str:
 
 def write_srt(captions: Iterable[Caption], path: PathLike) -> str:
     """Write captions atomically; returns the path."""
-    from lavis_c2f.common.io import atomic_open
-
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(format_srt(captions))
     return os.fspath(path)
@@ -296,6 +294,12 @@ def sidecar_srt(video_path: PathLike) -> Optional[str]:
             if os.path.isfile(cand):
                 return cand
     return None
+
+
+def sidecar_captions(video_path: PathLike) -> Optional[List[Caption]]:
+    """Captions of the :func:`sidecar_srt` of a video (bad cues skipped), or None without one."""
+    srt = sidecar_srt(video_path)
+    return None if srt is None else read_srt(srt, errors="skip")
 
 
 def find_whisper_model(whisper_model: Optional[str] = None) -> Optional[str]:
@@ -392,4 +396,4 @@ def extract_captions(video_path: PathLike, out_srt: PathLike, backend: str = "au
 
 __all__ = ["Caption", "CaptionError", "SrtReadResult", "captions_in_window", "extract_captions",
            "find_whisper_model", "format_srt", "format_timestamp", "parse_srt", "parse_timing", "parse_vtt", "read_srt",
-           "read_srt_result", "sidecar_srt", "transcribe", "whisper_available", "write_srt"]
+           "read_srt_result", "sidecar_captions", "sidecar_srt", "transcribe", "whisper_available", "write_srt"]

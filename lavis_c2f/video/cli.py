@@ -1,8 +1,8 @@
-"""``lavis-c2f extract VIDEO_DIR --out DIR`` and ``lavis-c2f index videos VIDEO_DIR --out INDEX``.
+"""``lavis-c2f extract VIDEO_DIR --out DIR``, and the video options every command shares.
 
 ``register(subparsers)`` is called by :mod:`lavis_c2f.cli` (module listed in
-``COMMAND_MODULES``); it also adds ``videos`` under ``lavis-c2f index`` through
-:func:`lavis_c2f.index.cli.add_index_subcommand`.
+``COMMAND_MODULES``). :func:`add_video_arguments` and :func:`backbone_config` are the options of
+``extract``, ``index videos`` (:mod:`lavis_c2f.index.cli`), ``search`` and ``demo``.
 
 Exit codes of ``extract``: 0 when at least one video has features in ``--out`` after the run
 (extracted now or by an earlier run), 1 when none has (every file failed), 2 on bad usage.
@@ -13,6 +13,9 @@ import argparse
 import logging
 import sys
 from typing import Any, Dict, Optional
+
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.video.extract import EXTRACT_DEFAULTS, extract_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ def backbone_options(backbone: Optional[str], clip_path: Optional[str],
     ``search`` and ``demo``: ``--clip-path`` is required by the CLIP backbones and
     ``--slowfast-path`` by SlowFast (local weights, nothing is downloaded), each refused by
     backbones without that stream; ``--clip-model-type`` is clip_lavis's."""
-    from lavis_c2f.common.errors import ConfigError
-
     parts = str(backbone).split("+") if backbone else []
     clip = [p for p in parts if p in CLIP_PATH_KEYS]
     cfg: Dict[str, Any] = {}
@@ -56,7 +57,8 @@ def backbone_options(backbone: Optional[str], clip_path: Optional[str],
     return cfg
 
 
-def _backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
+def backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The backbone config of the :func:`add_video_arguments` options."""
     cfg = backbone_options(args.backbone, args.clip_path, getattr(args, "clip_model_type", None),
                            getattr(args, "slowfast_path", None))
     if args.device:
@@ -64,9 +66,11 @@ def _backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
     return cfg
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def add_video_arguments(p: argparse.ArgumentParser) -> None:
+    """VIDEO_DIR and the backbone and clip-sampling options (defaults: configs/video/extract.yaml)."""
+    d = EXTRACT_DEFAULTS
     p.add_argument("video_dir", metavar="VIDEO_DIR", help="folder of video files (searched recursively)")
-    p.add_argument("--backbone", choices=FEATURE_BACKBONE_CHOICES, default="offline",
+    p.add_argument("--backbone", choices=FEATURE_BACKBONE_CHOICES, default=d["backbone"],
                    help="frame encoder: offline (weak, packaged weights), clip_hf (transformers CLIP folder), "
                         "clip_lavis (LAVIS CLIP checkpoint), random (tests), slowfast (SlowFast R50 clip features as "
                         "in QVHighlights), or SlowFast and CLIP side by side (slowfast+clip_hf, ...)")
@@ -77,52 +81,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "or a .pyth)")
     p.add_argument("--clip-model-type", default=None,
                    help="clip_lavis: 'openai' (default) or an open_clip architecture name such as ViT-B-32")
-    p.add_argument("--clip-length", type=float, default=2.0, help="seconds per clip (default 2)")
-    p.add_argument("--frames-per-clip", type=int, default=1,
+    p.add_argument("--clip-length", type=float, default=d["clip_length"],
+                   help=f"seconds per clip (default {d['clip_length']:g})")
+    p.add_argument("--frames-per-clip", type=int, default=d["frames_per_clip"],
                    help="frames per clip, features averaged (1 = the centre frame)")
     p.add_argument("--batch-size", type=int, default=None, help="frames per encoder call")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes (0: decode in the main process)")
+    p.add_argument("--workers", type=int, default=d["workers"],
+                   help="decoding processes (0: decode in the main process)")
     p.add_argument("--device", default=None, help="torch device of the encoder (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from lavis_c2f.video.extract import extract_corpus
-
     res = extract_corpus(args.video_dir, args.out, backbone=args.backbone, clip_length=args.clip_length,
                          frames_per_clip=args.frames_per_clip, batch_size=args.batch_size, workers=args.workers,
                          store=args.store, batch_clips=args.batch_clips, decode_backend=args.decoder,
-                         backbone_config=_backbone_config(args), progress=not args.no_progress)
-    have = res.n_with_features
-    if have == 0:
+                         backbone_config=backbone_config(args), progress=not args.no_progress)
+    if res.n_with_features == 0:
         print("lavis-c2f extract: error: no video could be extracted", file=sys.stderr)
         return 1
     return 0
-
-
-def cmd_index_videos(args: argparse.Namespace) -> int:
-    from lavis_c2f.video.extract import index_videos
-
-    res, info = index_videos(args.video_dir, args.out, backbone=args.backbone,
-                             retriever_checkpoint=args.checkpoint, model_cfg=args.model_cfg,
-                             features_dir=args.features_dir, clip_length=args.clip_length,
-                             frames_per_clip=args.frames_per_clip, workers=args.workers, batch_size=args.batch_size,
-                             backbone_config=_backbone_config(args), overwrite=args.overwrite,
-                             progress=not args.no_progress)
-    print(f"indexed {info['videos']} videos into {args.out} ({len(res.summary.failed)} failed to extract)")
-    return 0
-
-
-def _configure_index_videos(p: argparse.ArgumentParser) -> None:
-    _add_common(p)
-    p.add_argument("--out", required=True, help="index folder to write")
-    p.add_argument("--features-dir", default=None, help="where features go (default: OUT.features; resumable)")
-    p.add_argument("--model-cfg", default="models/c2f_tmass_default.yaml",
-                   help="retriever model YAML (package-relative or a path)")
-    p.add_argument("--checkpoint", default=None,
-                   help="trained retriever checkpoint for this backbone (without: untrained, smoke test only)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
-    p.set_defaults(func=cmd_index_videos)
 
 
 def register(subparsers: "argparse._SubParsersAction") -> None:
@@ -131,17 +109,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
         description="Sample clip frames of every video under VIDEO_DIR, encode them, and write "
                     "OUT/clip_features/{vid}.npz['features'] + OUT/videos.jsonl. Reruns skip finished videos; "
                     "per-file errors are summarised at the end (exit 0 if any video has features).")
-    _add_common(p)
+    add_video_arguments(p)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--store", choices=["npz", "wds"], default="npz", help="feature store type")
-    p.add_argument("--batch-clips", type=int, default=64, help="clips decoded per batch (memory bound)")
-    p.add_argument("--decoder", choices=["auto", "decord", "pyav", "ffmpeg"], default="auto",
+    p.add_argument("--store", choices=["npz", "wds"], default=EXTRACT_DEFAULTS["store"], help="feature store type")
+    p.add_argument("--batch-clips", type=int, default=EXTRACT_DEFAULTS["batch_clips"],
+                   help="clips decoded per batch (memory bound)")
+    p.add_argument("--decoder", choices=["auto", "decord", "pyav", "ffmpeg"],
+                   default=EXTRACT_DEFAULTS["decode_backend"],
                    help="decoding backend (auto: decord, then PyAV, then the ffmpeg CLI)")
     p.set_defaults(func=cmd_extract)
-
-    from lavis_c2f.index import cli as index_cli
-
-    if not any(name == "videos" for name, _, _ in index_cli._EXTRA):
-        index_cli.add_index_subcommand(
-            "videos", _configure_index_videos, help="extract features of raw videos and build an index",
-            description="lavis-c2f extract + index build in one step (see 'lavis-c2f extract -h').")

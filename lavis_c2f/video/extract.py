@@ -45,13 +45,19 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.common.io import atomic_path, write_json, write_jsonl
-from lavis_c2f.video.decode import (DecodeSummary, VideoDecodeError, iter_clip_batches, list_videos, probe,
-                                    _require_video)
+from lavis_c2f.common.io import atomic_path, read_jsonl, write_json, write_jsonl
+from lavis_c2f.common.progress import progress_bar
+from lavis_c2f.data.cfg import yaml_defaults
+from lavis_c2f.data.features import WdsStore, save_npz_deterministic, write_wds_shards
+from lavis_c2f.video.backbones import resolve_backbone
+from lavis_c2f.video.decode import VideoDecodeError, iter_clip_batches
+from lavis_c2f.video.probe import DecodeSummary, list_videos, probe, require_video
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: defaults of extraction (clip sampling included): lavis_c2f/configs/video/extract.yaml
+EXTRACT_DEFAULTS = yaml_defaults("video/extract.yaml", "extract")
 FEATURES_DIR = "clip_features"
 DONE_DIR = ".done"
 STAGING_DIR = ".staging"
@@ -154,7 +160,7 @@ def _inline(task: Tuple[str, str], params: Dict[str, Any]) -> Iterator[Tuple[str
     vid, path = task
     try:
         info = probe(path)
-        _require_video(info)
+        require_video(info)
         yield ("info", vid, info.to_dict())
         used: List[str] = []
         offsets = params["sampler"].offsets(params["clip_length"], info.fps)  # the backbone's frames per clip
@@ -172,16 +178,6 @@ def _inline(task: Tuple[str, str], params: Dict[str, Any]) -> Iterator[Tuple[str
 # =========================================================================== main entry
 
 
-def _resolve_backbone(backbone: Any, backbone_config: Optional[Mapping[str, Any]]):
-    from lavis_c2f.video.backbones import FeatureBackbone, build_backbone
-
-    if isinstance(backbone, FeatureBackbone):
-        if backbone_config:
-            raise ConfigError("backbone_config is only used when the backbone is given by name")
-        return backbone
-    return build_backbone(str(backbone), config=backbone_config)
-
-
 def _read_marker(path: str) -> Optional[Dict[str, Any]]:
     try:
         with open(path, "r", encoding="utf-8") as f:
@@ -190,9 +186,12 @@ def _read_marker(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offline", clip_length: float = 2.0,
-                   frames_per_clip: int = 1, batch_size: Optional[int] = None, workers: int = 1,
-                   store: str = "npz", *, batch_clips: int = 64, decode_backend: str = "auto",
+def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = EXTRACT_DEFAULTS["backbone"],
+                   clip_length: float = EXTRACT_DEFAULTS["clip_length"],
+                   frames_per_clip: int = EXTRACT_DEFAULTS["frames_per_clip"], batch_size: Optional[int] = None,
+                   workers: int = EXTRACT_DEFAULTS["workers"], store: str = EXTRACT_DEFAULTS["store"], *,
+                   batch_clips: int = EXTRACT_DEFAULTS["batch_clips"],
+                   decode_backend: str = EXTRACT_DEFAULTS["decode_backend"],
                    backbone_config: Optional[Mapping[str, Any]] = None, videos: Optional[Sequence[PathLike]] = None,
                    size: Any = "auto", progress: bool = True, print_summary: bool = True,
                    wds_maxcount: int = 1000) -> ExtractResult:
@@ -226,124 +225,139 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = "offl
     paths = [os.path.abspath(os.fspath(p)) for p in videos] if videos is not None else list_videos(root)
     if not paths:
         raise FileNotFoundError(f"no video files found under {root}")
-    bb = _resolve_backbone(backbone, backbone_config)
+    bb = resolve_backbone(backbone, backbone_config)
     if batch_size is not None:
         bb.batch_size = int(batch_size)
-    desc = bb.describe()
-    out = os.path.abspath(os.fspath(out_dir))
-    feat_dir = os.path.join(out, FEATURES_DIR)
-    done_dir = os.path.join(out, DONE_DIR)
-    stage_dir = os.path.join(out, STAGING_DIR)
-    os.makedirs(done_dir, exist_ok=True)
-    if store == "npz":
-        os.makedirs(feat_dir, exist_ok=True)
-    else:
-        os.makedirs(stage_dir, exist_ok=True)
     params = {"clip_length": float(clip_length), "frames_per_clip": int(frames_per_clip),
               "size": bb.decode_size if size == "auto" else size, "batch_clips": int(batch_clips),
               "decode_backend": decode_backend, "sampler": bb.sampler(int(frames_per_clip))}
+    run = _Extraction(os.path.abspath(os.fspath(out_dir)), store, bb, params)
     vids = assign_vids(paths, root)
-    wds_keys = _wds_keys(feat_dir) if store == "wds" else set()
-
-    def feature_present(vid: str) -> bool:
-        if store == "npz":
-            return os.path.isfile(os.path.join(feat_dir, f"{vid}.npz"))
-        return vid in wds_keys or os.path.isfile(os.path.join(stage_dir, f"{vid}.npy"))
-
-    rows: Dict[str, Dict[str, Any]] = {}
-    summary = DecodeSummary()
-    todo: List[Tuple[str, str]] = []
-    for p in paths:
-        vid = vids[p]
-        m = _read_marker(os.path.join(done_dir, f"{vid}.json"))
-        try:
-            sig = _source_sig(p)
-        except OSError:
-            sig = None
-        if (m is not None and m.get("status") == "ok" and m.get("weights_id") == desc["weights_id"]
-                and float(m.get("clip_length", -1)) == float(clip_length)
-                and int(m.get("frames_per_clip", -1)) == int(frames_per_clip)
-                and m.get("source") == sig and feature_present(vid)):
-            rows[vid] = m
-            summary.skipped.append(p)
-            continue
-        todo.append((vid, p))
-    if summary.skipped:
-        logger.info("%d of %d videos already extracted with %s; skipped", len(summary.skipped), len(paths),
-                    desc["weights_id"])
-
-    bar = None
-    if progress and todo:
-        from lavis_c2f.common.progress import progress_bar
-
-        bar = progress_bar(total=len(todo), desc=f"extract ({desc['name']})", unit="video", leave=True)
-    pending: Dict[str, Dict[str, Any]] = {}
-    n_frames_encoded = 0
-    t_encode = 0.0
-    path_of = {v: p for v, p in todo}
-    try:
-        for kind, vid, payload in _decoded_messages(todo, params, int(workers)):
-            p = path_of[vid]
-            st = pending.setdefault(vid, {"feats": [], "info": None})
-            if kind == "info":
-                st["info"] = payload
-            elif kind == "batch":
-                if st.get("failed"):
-                    continue
-                start, frames = payload
-                try:
-                    te = time.time()
-                    st["feats"].append(bb.encode_clips(frames))
-                    t_encode += time.time() - te
-                    n_frames_encoded += int(frames.shape[0] * frames.shape[1])
-                except Exception as e:  # encoder failure on this video's frames
-                    st["failed"] = f"encoding failed: {type(e).__name__}: {e}"
-            else:
-                pending.pop(vid, None)
-                reason = payload if kind == "error" else st.get("failed")
-                info = st.get("info") or {}
-                row = {"vid": vid, "path": p, "duration": info.get("duration"), "n_clips": None,
-                       "fps": info.get("fps"), "backbone": desc["name"], "weights_id": desc["weights_id"],
-                       "clip_length": float(clip_length), "frames_per_clip": int(frames_per_clip)}
-                if reason is None:
-                    try:
-                        feats = np.concatenate(st["feats"], axis=0).astype(np.float32)
-                        _write_features(feats, vid, store, feat_dir, stage_dir)
-                        row.update({"n_clips": int(feats.shape[0]), "status": "ok", "error": None,
-                                    "decoder": payload.get("decoder"), "source": _source_sig(p)})
-                        _write_marker(row, done_dir)
-                        summary.ok.append(p)
-                    except (OSError, ValueError) as e:
-                        reason = f"cannot write features: {e}"
-                if reason is not None:
-                    row.update({"status": "failed", "error": reason})
-                    summary.failed[p] = reason
-                    with_marker = os.path.join(done_dir, f"{vid}.json")
-                    if os.path.exists(with_marker):
-                        os.remove(with_marker)  # an old result of other settings is stale now
-                    logger.warning("%s: %s", p, reason)
-                rows[vid] = row
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(failed=len(summary.failed), refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
+    todo = run.plan(paths, vids)
+    run.encode(todo, int(workers), progress)
     if store == "wds":
-        _pack_wds(feat_dir, stage_dir, maxcount=wds_maxcount)
-    ordered = [rows[vids[p]] for p in paths if vids[p] in rows]
-    _write_index_files(out, ordered, desc, params, store, summary)
+        _pack_wds(run.feat_dir, run.stage_dir, maxcount=wds_maxcount)
+    ordered = [run.rows[vids[p]] for p in paths if vids[p] in run.rows]
+    _write_index_files(run.out, ordered, run.desc, params, store, run.summary)
     dt = time.time() - t0
-    stats = {"frames_encoded": n_frames_encoded, "encode_seconds": round(t_encode, 3),
+    stats = {"frames_encoded": run.frames_encoded, "encode_seconds": round(run.encode_seconds, 3),
              "seconds": round(dt, 3)}
     if print_summary:
-        print(f"extract: {summary.format()}\nfeatures in {out} ({desc['weights_id']}, {dt:.1f} s)")
-    return ExtractResult(out_dir=out, rows=ordered, summary=summary, backbone=desc, seconds=dt, stats=stats)
+        print(f"extract: {run.summary.format()}\nfeatures in {run.out} ({run.desc['weights_id']}, {dt:.1f} s)")
+    return ExtractResult(out_dir=run.out, rows=ordered, summary=run.summary, backbone=run.desc, seconds=dt,
+                         stats=stats)
+
+
+class _Extraction:
+    """One run of :func:`extract_corpus`: the output folder's layout, the backbone, and what
+    happened to each video (``rows`` by vid, ``summary``, encoding counters)."""
+
+    def __init__(self, out: str, store: str, backbone: Any, params: Dict[str, Any]):
+        self.out, self.store, self.bb, self.params = out, store, backbone, params
+        self.desc = backbone.describe()
+        self.feat_dir = os.path.join(out, FEATURES_DIR)
+        self.done_dir = os.path.join(out, DONE_DIR)
+        self.stage_dir = os.path.join(out, STAGING_DIR)
+        os.makedirs(self.done_dir, exist_ok=True)
+        os.makedirs(self.feat_dir if store == "npz" else self.stage_dir, exist_ok=True)
+        self.wds_keys = _wds_keys(self.feat_dir) if store == "wds" else set()
+        self.rows: Dict[str, Dict[str, Any]] = {}
+        self.summary = DecodeSummary()
+        self.frames_encoded = 0
+        self.encode_seconds = 0.0
+
+    def feature_present(self, vid: str) -> bool:
+        if self.store == "npz":
+            return os.path.isfile(os.path.join(self.feat_dir, f"{vid}.npz"))
+        return vid in self.wds_keys or os.path.isfile(os.path.join(self.stage_dir, f"{vid}.npy"))
+
+    def plan(self, paths: Sequence[str], vids: Mapping[str, str]) -> List[Tuple[str, str]]:
+        """``(vid, path)`` of the videos to extract; finished ones (same encoder, sampling and
+        source file, features present) are kept as they are and counted as skipped."""
+        todo: List[Tuple[str, str]] = []
+        for p in paths:
+            vid = vids[p]
+            m = _read_marker(os.path.join(self.done_dir, f"{vid}.json"))
+            try:
+                sig = _source_sig(p)
+            except OSError:
+                sig = None
+            if (m is not None and m.get("status") == "ok" and m.get("weights_id") == self.desc["weights_id"]
+                    and float(m.get("clip_length", -1)) == self.params["clip_length"]
+                    and int(m.get("frames_per_clip", -1)) == self.params["frames_per_clip"]
+                    and m.get("source") == sig and self.feature_present(vid)):
+                self.rows[vid] = m
+                self.summary.skipped.append(p)
+                continue
+            todo.append((vid, p))
+        if self.summary.skipped:
+            logger.info("%d of %d videos already extracted with %s; skipped", len(self.summary.skipped), len(paths),
+                        self.desc["weights_id"])
+        return todo
+
+    def encode(self, todo: List[Tuple[str, str]], workers: int, progress: bool) -> None:
+        """Decode ``todo`` (in ``workers`` processes) and encode the clips here, writing each
+        video's features and done marker as soon as it is finished."""
+        bar = (progress_bar(total=len(todo), desc=f"extract ({self.desc['name']})", unit="video", leave=True)
+               if progress and todo else None)
+        pending: Dict[str, Dict[str, Any]] = {}
+        path_of = {v: p for v, p in todo}
+        try:
+            for kind, vid, payload in _decoded_messages(todo, self.params, workers):
+                st = pending.setdefault(vid, {"feats": [], "info": None})
+                if kind == "info":
+                    st["info"] = payload
+                elif kind == "batch":
+                    if not st.get("failed"):
+                        self._encode_batch(st, payload[1])
+                else:
+                    pending.pop(vid, None)
+                    self._finish(vid, path_of[vid], st, payload if kind == "error" else st.get("failed"),
+                                 payload if kind == "done" else {})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(failed=len(self.summary.failed), refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _encode_batch(self, st: Dict[str, Any], frames: np.ndarray) -> None:
+        try:
+            te = time.time()
+            st["feats"].append(self.bb.encode_clips(frames))
+            self.encode_seconds += time.time() - te
+            self.frames_encoded += int(frames.shape[0] * frames.shape[1])
+        except Exception as e:  # encoder failure on this video's frames
+            st["failed"] = f"encoding failed: {type(e).__name__}: {e}"
+
+    def _finish(self, vid: str, path: str, st: Dict[str, Any], reason: Optional[str], done: Mapping[str, Any]
+                ) -> None:
+        """Write a finished video's features and marker (or record why it failed)."""
+        info = st.get("info") or {}
+        row = {"vid": vid, "path": path, "duration": info.get("duration"), "n_clips": None,
+               "fps": info.get("fps"), "backbone": self.desc["name"], "weights_id": self.desc["weights_id"],
+               "clip_length": self.params["clip_length"], "frames_per_clip": self.params["frames_per_clip"]}
+        if reason is None:
+            try:
+                feats = np.concatenate(st["feats"], axis=0).astype(np.float32)
+                _write_features(feats, vid, self.store, self.feat_dir, self.stage_dir)
+                row.update({"n_clips": int(feats.shape[0]), "status": "ok", "error": None,
+                            "decoder": done.get("decoder"), "source": _source_sig(path)})
+                _write_marker(row, self.done_dir)
+                self.summary.ok.append(path)
+            except (OSError, ValueError) as e:
+                reason = f"cannot write features: {e}"
+        if reason is not None:
+            row.update({"status": "failed", "error": reason})
+            self.summary.failed[path] = reason
+            marker = os.path.join(self.done_dir, f"{vid}.json")
+            if os.path.exists(marker):
+                os.remove(marker)  # an old result of other settings is stale now
+            logger.warning("%s: %s", path, reason)
+        self.rows[vid] = row
 
 
 def _write_features(feats: np.ndarray, vid: str, store: str, feat_dir: str, stage_dir: str) -> None:
-    from lavis_c2f.data.features import save_npz_deterministic
-
     if feats.ndim != 2 or feats.shape[0] == 0:
         raise ValueError(f"features of {vid} have shape {feats.shape}")
     if store == "npz":
@@ -364,16 +378,12 @@ def _write_marker(row: Dict[str, Any], done_dir: str) -> None:
 def _wds_keys(feat_dir: str) -> set:
     if not os.path.isdir(feat_dir) or not any(n.endswith(".tar") for n in os.listdir(feat_dir)):
         return set()
-    from lavis_c2f.data.features import WdsStore
-
     with WdsStore(feat_dir) as s:
         return set(s.keys())
 
 
 def _pack_wds(feat_dir: str, stage_dir: str, maxcount: int) -> None:
     """Merge staged ``.npy`` files with the existing shards into a new shard folder."""
-    from lavis_c2f.data.features import WdsStore, write_wds_shards
-
     staged = sorted(n[:-4] for n in os.listdir(stage_dir) if n.endswith(".npy")) if os.path.isdir(stage_dir) else []
     if not staged:
         return
@@ -436,8 +446,6 @@ def _write_index_files(out: str, rows: List[Dict[str, Any]], desc: Dict[str, Any
 
 def read_videos_jsonl(out_dir: PathLike) -> List[Dict[str, Any]]:
     """Rows of ``OUT/videos.jsonl``."""
-    from lavis_c2f.common.io import read_jsonl
-
     return read_jsonl(os.path.join(os.fspath(out_dir), "videos.jsonl"))
 
 
@@ -445,10 +453,8 @@ def write_query_features(backbone: Any, queries: Iterable[Tuple[Any, str]], out_
     """Encode ``(qid, text)`` pairs into ``OUT/clip_text_features/qid{qid}.npz`` with
     ``last_hidden_state`` (T, Dt) and ``pooler_output`` (D,) (Moment-DETR's text layout);
     returns the written paths."""
-    from lavis_c2f.data.features import save_npz_deterministic
-
     qs = list(queries)
-    bb = _resolve_backbone(backbone, None)
+    bb = resolve_backbone(backbone)
     feats = bb.encode_text([t for _, t in qs])
     root = os.path.join(os.fspath(out_dir), "clip_text_features")
     os.makedirs(root, exist_ok=True)
@@ -459,90 +465,3 @@ def write_query_features(backbone: Any, queries: Iterable[Tuple[Any, str]], out_
             save_npz_deterministic(tmp, {"last_hidden_state": tf.tokens, "pooler_output": tf.pooled})
         paths.append(p)
     return paths
-
-
-# =========================================================================== videos -> index
-
-
-def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = "offline",
-                 retriever_checkpoint: Optional[str] = None, *, model_cfg: str = "models/c2f_tmass_default.yaml",
-                 features_dir: Optional[PathLike] = None, clip_length: float = 2.0, frames_per_clip: int = 1,
-                 workers: int = 1, batch_size: Optional[int] = None, backbone_config: Optional[Mapping[str, Any]] = None,
-                 overwrite: bool = False, frame_dtype: str = "float16", index_batch_size: int = 64,
-                 progress: bool = True) -> Tuple[ExtractResult, Dict[str, Any]]:
-    """Extract features of ``video_dir`` (resumable, into ``features_dir``, default
-    ``<out_index>.features``) and build a stage-1 :class:`~lavis_c2f.index.CorpusIndex` at
-    ``out_index`` with the T-MASS retriever of ``model_cfg`` (+ ``retriever_checkpoint``).
-
-    The retriever's input widths must equal the backbone's (``video_input_dim`` = ``dim``,
-    ``text_input_dim`` = ``dim``); without a checkpoint they are set from the backbone and the
-    retriever is untrained (a warning says so: rankings are then only a smoke test). Writes
-    ``<out_index>.c2f-video.json`` beside the index with the backbone id, so queries are
-    encoded with the same encoder. Returns (extraction result, index info).
-    """
-    from omegaconf import OmegaConf
-
-    import lavis_c2f.models.retriever  # noqa: F401  (registers c2f_tmass_retriever)
-    from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader, combine_video_streams
-    from lavis_c2f.index.corpus_index import CorpusIndex
-    from lavis_c2f.models.checkpoint_utils import load_model_weights
-    from lavis_c2f.paths import config_path, resolve_path
-    from lavis_c2f.registry_utils import get
-
-    out_index = os.path.abspath(os.fspath(out_index))
-    if os.path.exists(out_index) and not overwrite:
-        raise FileExistsError(f"{out_index} exists; pass overwrite=True (--overwrite) to replace it")
-    bb = _resolve_backbone(backbone, backbone_config)
-    feats_out = os.path.abspath(os.fspath(features_dir)) if features_dir else out_index + ".features"
-    res = extract_corpus(video_dir, feats_out, bb, clip_length=clip_length, frames_per_clip=frames_per_clip,
-                         batch_size=batch_size, workers=workers, store="npz", progress=progress)
-    ok = [r for r in res.rows if r.get("status") == "ok"]
-    if not ok:
-        raise RuntimeError(f"no video of {video_dir} could be extracted; nothing to index")
-    try:
-        cfg_file = config_path(model_cfg)
-    except FileNotFoundError:
-        cfg_file = resolve_path(model_cfg)
-        if not os.path.isfile(cfg_file):
-            raise
-    node = OmegaConf.load(cfg_file)
-    node = node.model if "model" in node else node
-    arch = node.get("arch", "c2f_tmass_retriever")
-    cls = get("model", arch)
-    # stage 1 sees the columns in the text space (all of them, but the CLIP stream of CLIP+SlowFast)
-    col_a, col_b = bb.text_columns
-    s1_dim = col_b - col_a
-    if retriever_checkpoint is None:
-        node.video_input_dim = s1_dim
-        node.text_input_dim = s1_dim
-        logger.warning("index_videos: no retriever checkpoint; the T-MASS retriever is UNTRAINED (inputs sized "
-                       "to the %s backbone, D=%d): rankings are a smoke test only", bb.name, s1_dim)
-    elif int(node.get("video_input_dim", s1_dim)) != s1_dim:
-        raise ConfigError(f"{cfg_file}: model.video_input_dim is {node.get('video_input_dim')} but the {bb.name} "
-                          f"backbone gives {s1_dim}-d features; use a retriever trained on this backbone")
-    model = cls.from_config(node)
-    if retriever_checkpoint is not None:
-        load_model_weights(model, resolve_path(retriever_checkpoint), strict=True)
-    model.eval()
-    store = NpzDirStore(os.path.join(feats_out, FEATURES_DIR))
-    loader = VideoFeatureLoader([store], normalize=True, max_len=None, use_tef=False)
-
-    def stage1_features(vid: str) -> np.ndarray:
-        return combine_video_streams([loader.raw(vid)[0][:, col_a:col_b]], normalize=True, use_tef=False)
-
-    vids = [r["vid"] for r in ok]
-    durations = {r["vid"]: r.get("duration") for r in ok}
-    index = CorpusIndex.for_model(model, frame_dtype=frame_dtype, work_dir=os.path.dirname(out_index))
-    index.add_features(vids, stage1_features, durations, batch_size=index_batch_size, progress=progress)
-    if os.path.exists(out_index) and overwrite:
-        shutil.rmtree(out_index) if os.path.isdir(out_index) else os.remove(out_index)
-    index.save(out_index)
-    info = index.info()
-    write_json({"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
-                "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
-                "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
-                "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
-                "videos": len(vids)},
-               out_index + ".c2f-video.json")
-    loader.close()
-    return res, info

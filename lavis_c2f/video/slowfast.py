@@ -18,7 +18,7 @@ the Caffe2 checkpoint ``SLOWFAST_8x8_R50.pkl``). Its recipe, reproduced here:
   ``--half_precision 1``).
 
 HERO cuts a video into ``ceil(duration / 2)`` clips; this package keeps its own clip count
-(:func:`lavis_c2f.video.decode.num_clips`, the CLIP stream's), which differs only by a final
+(:func:`lavis_c2f.video.probe.num_clips`, the CLIP stream's), which differs only by a final
 partial clip shorter than a second; grounders cut the streams to the shorter one anyway.
 
 The network is pytorchvideo's :func:`create_slowfast` (same architecture as PySlowFast's
@@ -28,6 +28,9 @@ three layouts it is distributed in and returns pytorchvideo's parameter names:
 * PySlowFast Caffe2 ``.pkl`` (``{"blobs": {name: ndarray}}``; unpickled with numpy types only);
 * PySlowFast ``.pyth`` (``{"model_state": {"s1.pathway0_stem.conv.weight": ...}}``);
 * pytorchvideo ``.pyth`` / state dict (``blocks.0.multipathway_blocks.0.conv.weight``...).
+
+:class:`HeroSlowFastSampling` is the recipe's frames per clip (what the decoder samples) and
+:class:`SlowFastBackbone` the registered ``c2f_feature_slowfast`` encoder built on all of it.
 """
 from __future__ import annotations
 
@@ -36,10 +39,16 @@ import math
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from lavis.common.registry import registry
+
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.video.backbone_base import (BackboneLoadError, FeatureBackbone, TextFeatures, file_sha256,
+                                           frames_to_tensor, resize_center_crop, weights_id_of)
 
 FEATURE_DIM = 2304
 
@@ -201,5 +210,143 @@ def slowfast_features(model: torch.nn.Module, pathways: List[torch.Tensor]) -> t
     return torch.cat([p.mean(dim=(2, 3, 4)) for p in x], dim=1)
 
 
-__all__ = ["FEATURE_DIM", "build_slowfast_r50", "caffe2_to_pyslowfast", "hero_frame_slots",
-           "load_slowfast_state_dict", "pack_pathways", "pyslowfast_to_pytorchvideo", "slowfast_features"]
+# =========================================================================== clip sampling (HERO)
+
+
+@dataclass(frozen=True)
+class HeroSlowFastSampling:
+    """HERO's SlowFast frames of a clip: slots ``n`` of a ``target_fps`` grid (see
+    :func:`lavis_c2f.video.slowfast.hero_frame_slots`), slot ``n`` sampled at ``(n + 0.5) /
+    target_fps`` s (the frame ffmpeg's ``fps`` filter shows there)."""
+
+    target_fps: int = 30
+    num_frames: int = 32
+    sampling_rate: int = 2
+
+    @property
+    def frames(self) -> int:
+        return int(self.num_frames)
+
+    def offsets(self, clip_length: float, fps: float) -> np.ndarray:
+        slots = hero_frame_slots(clip_length, fps, self.target_fps, self.num_frames, self.sampling_rate)
+        return (slots.astype(np.float64) + 0.5) / self.target_fps
+
+    explicit_offsets = offsets
+
+
+# =========================================================================== SlowFast
+
+
+@registry.register_model("c2f_feature_slowfast")
+class SlowFastBackbone(FeatureBackbone):
+    """SlowFast R50 8x8 clip features (2304-d) as in QVHighlights (see
+    :mod:`lavis_c2f.video.slowfast`); no text encoder.
+
+    Args:
+        slowfast_checkpoint: local weights (``.pkl`` Caffe2, PySlowFast or pytorchvideo
+            ``.pyth``); required unless ``random_init`` (tests: seeded random weights).
+        crop_size: shorter side and centre crop (HERO 224).
+        target_fps, num_frames, sampling_rate: frame sampling (HERO 30, 32, 2).
+        alpha: slow pathway stride (4).
+        mean, std: per-channel normalisation of ``x / 255`` (0.45, 0.225).
+        half_precision_output: round the features through float16, as HERO stores them.
+        batch_size: clips per forward pass.
+    """
+
+    name = "c2f_feature_slowfast"
+    CONFIG_KEYS = ("slowfast_checkpoint", "random_init", "crop_size", "target_fps", "num_frames", "sampling_rate",
+                   "alpha", "mean", "std", "half_precision_output", "batch_size", "device")
+    PRETRAINED_MODEL_CONFIG_DICT = {"default": "video/c2f_feature_slowfast.yaml"}
+
+    def __init__(self, slowfast_checkpoint: Optional[str] = None, random_init: Optional[int] = None,
+                 crop_size: int = 224, target_fps: int = 30, num_frames: int = 32, sampling_rate: int = 2,
+                 alpha: int = 4, mean: Sequence[float] = (0.45, 0.45, 0.45),
+                 std: Sequence[float] = (0.225, 0.225, 0.225), half_precision_output: bool = True,
+                 batch_size: int = 8, device: str = "cpu"):
+        super().__init__(batch_size=batch_size, device=device)
+        if int(num_frames) < int(alpha) or int(alpha) < 1 or int(crop_size) < 32:
+            raise ConfigError(f"{self.name}: need num_frames >= alpha >= 1 and crop_size >= 32, got num_frames="
+                              f"{num_frames}, alpha={alpha}, crop_size={crop_size}")
+        if slowfast_checkpoint:
+            path = os.path.abspath(os.path.expanduser(str(slowfast_checkpoint)))
+            if not os.path.isfile(path):
+                raise BackboneLoadError(f"SlowFast checkpoint not found: {path}")
+            model = build_slowfast_r50()
+            self._load(model, path)
+            source = file_sha256(path)
+        elif random_init is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(random_init))
+                model = build_slowfast_r50()
+            source = f"random:{int(random_init)}"
+        else:
+            raise ConfigError(f"{self.name}: slowfast_checkpoint is required (a local SlowFast R50 8x8 Kinetics-400 "
+                              "checkpoint: SLOWFAST_8x8_R50.pkl or .pyth; nothing is downloaded)")
+        self.model = model.eval().to(self._device)
+        self.crop_size, self.alpha = int(crop_size), int(alpha)
+        self._sampling = HeroSlowFastSampling(int(target_fps), int(num_frames), int(sampling_rate))
+        self.register_buffer("mean", torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1, 1),
+                             persistent=False)
+        self.mean, self.std = self.mean.to(self._device), self.std.to(self._device)
+        self.half_precision_output = bool(half_precision_output)
+        self.dim, self.text_dim = FEATURE_DIM, 0
+        self._weights_id = weights_id_of(self.name, [source, self.crop_size, self._sampling, self.alpha, tuple(mean),
+                                                     tuple(std), self.half_precision_output, "hero-v1"])
+
+    def _load(self, model: torch.nn.Module, path: str) -> None:
+        try:
+            sd = load_slowfast_state_dict(path)
+        except Exception as e:  # unpickling / format errors
+            raise BackboneLoadError(f"{path}: cannot read SlowFast weights: {e}") from None
+        own = model.state_dict()
+        optional = ("num_batches_tracked", "blocks.6.proj.")  # counters; the classifier is not used
+        missing = [k for k in own if k not in sd and not any(o in k for o in optional)]
+        unexpected = [k for k in sd if k not in own]
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                  if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise BackboneLoadError(f"{path}: not SlowFast R50 8x8 weights (missing {missing[:5]}, unexpected "
+                                    f"{unexpected[:5]}, shape mismatches {shapes[:3]})")
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+
+    @property
+    def decode_size(self) -> Optional[int]:
+        return self.crop_size
+
+    def sampler(self, frames_per_clip: int = 1) -> HeroSlowFastSampling:
+        return self._sampling
+
+    def encode_frames(self, frames):
+        raise ConfigError(f"{self.name} encodes clips of {self._sampling.num_frames} frames, not single frames")
+
+    @torch.no_grad()
+    def encode_clips(self, clips: np.ndarray) -> np.ndarray:
+        """(N, num_frames, H, W, 3) uint8 -> (N, 2304) float32."""
+        if clips.ndim != 5 or clips.shape[1] != self._sampling.num_frames or clips.shape[-1] != 3:
+            raise ValueError(f"clips must be (N, {self._sampling.num_frames}, H, W, 3), got {clips.shape}")
+        outs = []
+        for i in range(0, clips.shape[0], self.batch_size):
+            part = clips[i:i + self.batch_size]
+            n, f = part.shape[:2]
+            x = frames_to_tensor(part.reshape((n * f,) + part.shape[2:])).to(self._device)
+            x = resize_center_crop(x, self.crop_size)
+            x = x.reshape(n, f, 3, self.crop_size, self.crop_size).permute(0, 2, 1, 3, 4)
+            x = (x - self.mean) / (self.std + 1e-8)
+            feats = slowfast_features(self.model, pack_pathways(x, self.alpha)).float()
+            if self.half_precision_output:
+                feats = feats.half().float()
+            outs.append(feats.cpu())
+        if not outs:
+            return np.zeros((0, self.dim), np.float32)
+        return torch.cat(outs).numpy().astype(np.float32, copy=False)
+
+    def encode_text(self, queries: Sequence[str]) -> List[TextFeatures]:
+        raise ConfigError(f"{self.name} has no text encoder: combine it with CLIP for search "
+                          "(--backbone slowfast+clip_hf)")
+
+
+__all__ = ["FEATURE_DIM", "HeroSlowFastSampling", "SlowFastBackbone", "build_slowfast_r50", "caffe2_to_pyslowfast",
+           "hero_frame_slots", "load_slowfast_state_dict", "pack_pathways", "pyslowfast_to_pytorchvideo",
+           "slowfast_features"]

@@ -28,7 +28,7 @@ def backbone():
 @pytest.fixture(scope="session")
 def zs_index(video_dir, backbone, tmp_path_factory):
     """An index of the clips built without a retriever checkpoint (zero-shot searches)."""
-    from lavis_c2f.video.extract import index_videos
+    from lavis_c2f.index.build import index_videos
 
     out = tmp_path_factory.mktemp("zs") / "index"
     index_videos(video_dir, out, backbone=backbone, progress=False)

@@ -64,7 +64,7 @@ def save_tiny_retriever(out_dir: Path, seed: int = 0, **overrides: Any) -> Dict[
     import torch
     import yaml
 
-    from lavis_c2f.models.checkpoint_utils import save_checkpoint
+    from lavis_c2f.models.checkpoint import save_checkpoint
     from lavis_c2f.models.retriever import C2FTMassRetriever
 
     out_dir.mkdir(parents=True, exist_ok=True)

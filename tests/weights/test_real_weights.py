@@ -80,7 +80,8 @@ def check_extraction(bb, video_path: Path, out: Path) -> np.ndarray:
     """Extract ``video_path`` with ``bb`` into the Moment-DETR layout and check it; returns the
     stored (n_clips, D) features."""
     from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader
-    from lavis_c2f.video.decode import decode_clips, probe
+    from lavis_c2f.video.decode import decode_clips
+    from lavis_c2f.video.probe import probe
     from lavis_c2f.video.extract import extract_corpus
 
     res = extract_corpus(video_path.parent, out, bb, clip_length=CLIP_LENGTH, frames_per_clip=1, workers=0,
@@ -278,7 +279,7 @@ def check_one_refinement(refiner, video: Path, monkeypatch) -> None:
     """One ``refine`` call on the video: the raw generation either parses into windows inside
     the video (counted as refined) or falls back to the stage-2 windows (counted by reason)."""
     from lavis_c2f.models.refiner.parsing import parse_windows
-    from lavis_c2f.video.decode import probe
+    from lavis_c2f.video.probe import probe
 
     texts, confs = [], []
     generate = refiner.model.generate_text

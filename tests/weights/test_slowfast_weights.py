@@ -63,7 +63,7 @@ def extracted(slowfast, video, tmp_path_factory):
 
 
 def test_features_in_the_qvhighlights_layout(slowfast, video, extracted):
-    from lavis_c2f.video.decode import probe
+    from lavis_c2f.video.probe import probe
 
     row, feats = extracted
     n = probe(video).n_clips(2.0)

@@ -9,11 +9,12 @@ Public API:
     load_qd_detr_checkpoint(path)             official QD-DETR checkpoint -> QDDETR (eval)
     load_mesm_checkpoint(path)                official MESM checkpoint -> MESMQDDETR (eval)
     grounder_checkpoint_kind(ckpt)            which layout a loaded checkpoint has
+    load_grounder(path)                       any grounder checkpoint -> (model, postprocess)
     C2FQDDETR, C2FMESMQDDETR                  the registered LAVIS models
     GrounderPredictor                         windows of one query in one or many videos
 """
-from lavis_c2f.models.grounder.checkpoint import (CheckpointMismatchError,
-                                                  grounder_checkpoint_kind, load_mesm_checkpoint,
+from lavis_c2f.common.errors import CheckpointMismatchError
+from lavis_c2f.models.grounder.checkpoint import (grounder_checkpoint_kind, load_grounder, load_mesm_checkpoint,
                                                   load_official_grounder, load_qd_detr_checkpoint)
 from lavis_c2f.models.grounder.criterion import SetCriterion
 from lavis_c2f.models.grounder.lavis_models import C2FMESMQDDETR, C2FQDDETR
@@ -25,7 +26,7 @@ from lavis_c2f.models.grounder.predictor import GrounderPredictor
 
 __all__ = [
     "QDDETR", "MESMQDDETR", "HungarianMatcher", "SetCriterion", "MESMCriterion",
-    "PostProcessConfig", "postprocess_batch", "load_qd_detr_checkpoint", "load_mesm_checkpoint",
+    "PostProcessConfig", "postprocess_batch", "load_grounder", "load_qd_detr_checkpoint", "load_mesm_checkpoint",
     "load_official_grounder", "grounder_checkpoint_kind",
     "CheckpointMismatchError", "C2FQDDETR", "C2FMESMQDDETR", "GrounderPredictor",
 ]

@@ -9,15 +9,16 @@
   QD-DETR's, written by MESM's ``train.py`` without the frozen CLIP text tower), builds
   :class:`~.mesm.MESMQDDETR` from ``opt`` and loads the mapped weights strictly.
 * :func:`grounder_checkpoint_kind` tells which of these layouts a file holds.
-* :func:`save_grounder_checkpoint` / :func:`read_checkpoint` / :func:`load_state_strict`
-  handle **our** checkpoints ``{"format", "version", "arch", "model", "config", ...}``; the
-  resolved model config is stored with the weights. Files written by the LAVIS runner
+* :func:`save_grounder_checkpoint` / :func:`read_checkpoint` handle **our** checkpoints
+  ``{"format", "version", "arch", "model", "config", ...}``; the resolved model config is
+  stored with the weights. Files written by the LAVIS runner
   (``{"model", "optimizer", "config": <full run config>, "epoch", ...}``) are read too.
+* :func:`load_grounder` gives a ready grounder from a checkpoint of any of these kinds.
+* :func:`checkpoint_feature_streams` reads the order of the video feature streams a
+  checkpoint was trained on.
 
-Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``, which rejects the pickled
-``argparse.Namespace`` of official checkpoints; it is allow-listed with
-``torch.serialization.safe_globals``. Arbitrary pickles are only unpickled with
-``trusted=True``.
+Reading files and the strict-load rule are :mod:`lavis_c2f.models.checkpoint`'s
+(:func:`~lavis_c2f.models.checkpoint.torch_load`, :func:`~lavis_c2f.models.checkpoint.load_state_strict`).
 """
 from __future__ import annotations
 
@@ -30,79 +31,17 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from lavis_c2f.common.io import atomic_path
+from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.models.checkpoint import load_state_strict, model_node, save_checkpoint, torch_load
 from lavis_c2f.models.grounder.mesm import MESMQDDETR
 from lavis_c2f.models.grounder.model import QDDETR
+from lavis_c2f.models.grounder.postprocess import PostProcessConfig
+from lavis_c2f.registry_utils import get
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "lavis_c2f.grounder"
 VERSION = 1
-
-
-class CheckpointMismatchError(RuntimeError):
-    """Strict loading failed; the message lists missing, unexpected and mis-shaped keys.
-
-    Attributes ``missing``, ``unexpected`` and ``mismatched`` ((key, ckpt shape, model shape)).
-    """
-
-    def __init__(self, source: str, missing: List[str], unexpected: List[str],
-                 mismatched: List[Tuple[str, tuple, tuple]]):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"checkpoint {source} does not match the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        for key, got, want in mismatched:
-            lines.append(f"  shape mismatch for {key}: checkpoint {got}, model {want}")
-        super().__init__("\n".join(lines))
-
-
-def torch_load(path: str, map_location: Any = "cpu", trusted: bool = False) -> Any:
-    """``torch.load`` with ``argparse.Namespace`` allow-listed (weights-only unpickling).
-
-    A file needing other Python objects raises ``RuntimeError`` unless ``trusted=True``
-    (then it is unpickled fully: only do that for files you trust).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends
-        if not trusted:
-            raise RuntimeError(
-                f"cannot load {path} with weights_only=True ({type(err).__name__}: {err}). "
-                "If you trust this file, pass trusted=True to unpickle it fully.") from err
-        logger.warning("loading %s with weights_only=False (trusted=True)", path)
-        return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def load_state_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                      source: str = "<state_dict>", ignore_missing_frozen: bool = False,
-                      ignore_prefixes: Iterable[str] = ()) -> None:
-    """Load ``state_dict`` into ``module``, raising :class:`CheckpointMismatchError` that
-    lists every missing/unexpected/mis-shaped key.
-
-    Args:
-        ignore_missing_frozen: tolerate missing keys of parameters with
-            ``requires_grad=False`` (the LAVIS runner drops them when saving).
-        ignore_prefixes: tolerate missing keys starting with these prefixes (e.g. a frozen
-            text tower loaded from its own weights).
-    """
-    own = module.state_dict()
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-    prefixes = tuple(ignore_prefixes)
-    missing = [k for k in own if k not in state_dict
-               and not (ignore_missing_frozen and k in frozen)
-               and not (prefixes and k.startswith(prefixes))]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [(k, tuple(state_dict[k].shape), tuple(own[k].shape))
-                  for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-    module.load_state_dict(dict(state_dict), strict=False)
 
 
 # ---------------------------------------------------------------------- official checkpoints
@@ -388,8 +327,7 @@ def save_grounder_checkpoint(module: nn.Module, path: str, *, arch: str,
                                "model": state, "config": dict(config)}
     if extra:
         payload.update(dict(extra))
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_checkpoint(payload, path)
     return path
 
 
@@ -468,3 +406,44 @@ def checkpoint_feature_streams(path: str, names: Iterable[str], trusted: bool = 
                              f"index's streams {sorted(names)}")
         out.append(hit)
     return out
+
+
+# ---------------------------------------------------------------------- any grounder checkpoint
+GROUNDER_ARCHS = ("c2f_qd_detr", "c2f_mesm_qd_detr")
+
+
+def load_grounder(checkpoint: str, model_cfg: Any = None, device: Any = "cpu", trusted: bool = False
+                  ) -> Tuple[nn.Module, PostProcessConfig]:
+    """A stage-2 grounder in eval mode from a checkpoint of any supported kind: ours / the
+    runner's (config stored with the weights; rebuilt by the registered wrapper's
+    ``from_checkpoint``), an official QD-DETR or MESM one (told apart by
+    :func:`grounder_checkpoint_kind`, built by :func:`load_official_grounder`; user videos
+    have any length, so windows are clamped to the duration, not the official 150 s, and
+    duplicates are removed by NMS), or a bare state dict with ``model_cfg`` (a model YAML or
+    mapping, :func:`~lavis_c2f.models.checkpoint.model_node`).
+
+    Returns:
+        ``(model, postprocess settings)``.
+    """
+    path = os.fspath(checkpoint)
+    _state, config, kind = read_checkpoint(path, trusted=trusted)
+    if kind.startswith("official_"):
+        detr = load_official_grounder(path, trusted=trusted)
+        return detr.to(device).eval(), PostProcessConfig(nms_threshold=0.7)
+    if model_cfg is not None:
+        node = model_node(model_cfg, "grounder_cfg")
+        arch = node.get("arch", "c2f_qd_detr")
+    elif kind == "ours":
+        node = None
+        arch = config.get("arch") or "c2f_qd_detr"
+    else:
+        raise ConfigError(f"{path}: a bare state dict without a model config; pass grounder_cfg (the model YAML)")
+    if arch not in GROUNDER_ARCHS:
+        raise ConfigError(f"{path}: arch '{arch}' is not a stage-2 grounder (expected one of {GROUNDER_ARCHS})")
+    cls = get("model", arch)          # the registered wrapper (lavis_models imports this module)
+    if node is None:
+        model = cls.from_checkpoint(path, trusted=trusted)
+    else:
+        model = cls.from_config(node)
+        model.load_checkpoint(path, strict=True, trusted=trusted)
+    return model.to(device).eval(), model.postprocess

@@ -12,12 +12,12 @@ import argparse
 import logging
 from collections import Counter
 
+from lavis_c2f.models.grounder.vocab import count_tokens, read_queries, write_counts
+
 logger = logging.getLogger(__name__)
 
 
 def _run_vocab(args: argparse.Namespace) -> int:
-    from lavis_c2f.models.grounder.vocab import count_tokens, read_queries, write_counts
-
     total: Counter = Counter()
     n_queries = 0
     for path in args.ann:

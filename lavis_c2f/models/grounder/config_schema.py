@@ -1,8 +1,9 @@
 """Typed config schemas of the registered grounder models.
 
 ``from_config`` reads a LAVIS ``model:`` node only through :func:`resolve_config`, which
-rejects unknown keys (:class:`~lavis_c2f.common.errors.ConfigError` naming the key), checks
-types and fills defaults. LAVIS's own keys (``arch``, ``model_type``, ``load_finetuned``,
+rejects unknown keys (the package's one check, :func:`lavis_c2f.data.cfg.check_keys`: a
+:class:`~lavis_c2f.common.errors.ConfigError` naming the key and a close match), checks types
+and fills defaults. LAVIS's own keys (``arch``, ``model_type``, ``load_finetuned``,
 ``load_pretrained``, ``pretrained``, ``finetuned``) are accepted.
 """
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import LAVIS_KEYS, check_keys, to_plain as plain
 
 REQUIRED = object()
-LAVIS_KEYS = ("arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned")
 
 
 @dataclass(frozen=True)
@@ -112,16 +113,11 @@ TEXT_ENCODER_FIELDS: Dict[str, Field] = {
 
 
 def to_plain(cfg: Any) -> Dict[str, Any]:
-    """An OmegaConf node or mapping as a plain dict (resolving interpolations)."""
+    """A model config (OmegaConf node or mapping, :func:`lavis_c2f.data.cfg.to_plain`) as a plain
+    dict; None gives ``{}``."""
     if cfg is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf ships with LAVIS
-        pass
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"model config must be a mapping, got {type(cfg).__name__}")
     return dict(cfg)
@@ -163,12 +159,8 @@ def resolve_config(cfg: Any, fields: Mapping[str, Field], where: str = "model",
     Raises:
         ConfigError: naming an unknown key, a missing required key or a wrongly typed value.
     """
-    values = to_plain(cfg)
+    values = check_keys(cfg, set(fields) | set(ignore), where)
     out: Dict[str, Any] = {}
-    for key in values:
-        if key not in fields and key not in ignore:
-            raise ConfigError(f"unknown key '{where}.{key}'; known keys: "
-                              f"{', '.join(sorted(fields))}")
     for key, field in fields.items():
         if key in values:
             out[key] = _coerce(f"{where}.{key}", field, values[key])

@@ -25,10 +25,9 @@ from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.models.grounder.checkpoint import (CheckpointMismatchError, load_state_strict,
-                                                  mesm_kwargs_from_opt, qd_detr_kwargs_from_opt,
-                                                  read_checkpoint, save_grounder_checkpoint,
-                                                  torch_load)
+from lavis_c2f.models.checkpoint import frozen_keys, load_state_strict, torch_load
+from lavis_c2f.models.grounder.checkpoint import (mesm_kwargs_from_opt, qd_detr_kwargs_from_opt,
+                                                  read_checkpoint, save_grounder_checkpoint)
 from lavis_c2f.models.grounder.config_schema import (MESM_FIELDS, QD_DETR_FIELDS,
                                                      TEXT_ENCODER_FIELDS, resolve_config, to_plain)
 from lavis_c2f.models.grounder.criterion import SetCriterion
@@ -152,7 +151,7 @@ class C2FQDDETR(BaseModel):
         elif kind.startswith("official_"):
             other = "C2FMESMQDDETR" if kind == "official_mesm" else "C2FQDDETR"
             raise ValueError(f"{path}: an {kind} checkpoint; load it with {other}.from_checkpoint "
-                             "(or lavis_c2f.predictor.load_grounder, which routes by kind)")
+                             "(or lavis_c2f.models.grounder.load_grounder, which routes by kind)")
         elif config is None:
             raise ValueError(f"{path}: the checkpoint stores no model config; build the model "
                              "from its YAML and call load_checkpoint instead")
@@ -196,7 +195,7 @@ class C2FQDDETR(BaseModel):
 
         Args:
             url_or_filename: a local path (URLs are not fetched).
-            strict: raise :class:`CheckpointMismatchError` listing missing, unexpected and
+            strict: raise :class:`~lavis_c2f.common.errors.CheckpointMismatchError` listing missing, unexpected and
                 mis-shaped keys; with ``strict=False`` the matching keys are loaded and the
                 lists are returned.
         Returns:
@@ -206,19 +205,10 @@ class C2FQDDETR(BaseModel):
         own_keys = set(self.state_dict())
         if not any(k in own_keys for k in state) and any(f"detr.{k}" in own_keys for k in state):
             state = {f"detr.{k}": v for k, v in state.items()}  # official / bare QDDETR layout
-        try:
-            load_state_strict(self, state, source=url_or_filename, ignore_missing_frozen=True,
-                              ignore_prefixes=self.FROZEN_PREFIXES)
-            return {"kind": kind, "missing": [], "unexpected": [], "mismatched": []}
-        except CheckpointMismatchError as err:
-            if strict:
-                raise
-            own = self.state_dict()
-            ok = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-            self.load_state_dict(ok, strict=False)
-            logger.warning("%s", err)
-            return {"kind": kind, "missing": err.missing, "unexpected": err.unexpected,
-                    "mismatched": err.mismatched}
+        report = load_state_strict(self, state, source=url_or_filename, strict=strict,
+                                   allow_missing=frozen_keys(self, buffers=False),
+                                   allow_missing_prefixes=self.FROZEN_PREFIXES)
+        return {"kind": kind, **report}
 
     # ------------------------------------------------------------------ batches
     def _inputs(self, samples: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

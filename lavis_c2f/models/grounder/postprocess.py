@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.ops.spans import normalized_cxw_to_seconds, temporal_nms
 
 
@@ -71,12 +72,7 @@ class PostProcessConfig:
         """Build from a config mapping; unknown keys raise :class:`ConfigError` naming them."""
         if cfg is None:
             return cls()
-        known = {f.name for f in fields(cls)}
-        values = dict(cfg)
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"unknown key '{where}.{key}'; known keys: {sorted(known)}")
-        out = cls(**values)
+        out = cls(**check_keys(cfg, {f.name for f in fields(cls)}, where))
         out.validate(where)
         return out
 

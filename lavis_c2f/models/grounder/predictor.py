@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lavis_c2f.models.grounder.model import QDDETR
+from lavis_c2f.ops.vectors import l2_normalize, tef_columns
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess_sample
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -43,16 +44,6 @@ def _as_tensor(x: Any, name: str, ndim: int) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
-
-
-def _l2(x: torch.Tensor) -> torch.Tensor:
-    return x / (x.norm(dim=-1, keepdim=True) + 1e-5)
-
-
-def tef_columns(num_clips: int) -> torch.Tensor:
-    """(L, 2) temporal endpoint features ``[t / L, (t + 1) / L]``."""
-    st = torch.arange(num_clips, dtype=torch.float32) / num_clips
-    return torch.stack([st, st + 1.0 / num_clips], dim=1)
 
 
 class GrounderPredictor:
@@ -125,9 +116,9 @@ class GrounderPredictor:
                              f"are expected)")
         v = v[:self.max_v_l]
         if self.normalize:
-            v = torch.cat([_l2(part) for part in torch.split(v, dims, dim=1)], dim=1)
+            v = torch.cat([l2_normalize(part) for part in torch.split(v, dims, dim=1)], dim=1)
         if use_tef:
-            v = torch.cat([v, tef_columns(v.shape[0])], dim=1)
+            v = torch.cat([v, torch.from_numpy(tef_columns(v.shape[0]))], dim=1)
         return v
 
     def _query(self, query: Union[ArrayLike, str]) -> Dict[str, torch.Tensor]:
@@ -147,7 +138,7 @@ class GrounderPredictor:
             raise ValueError(f"query_features width {q.shape[1]} != the model's txt_dim "
                              f"{self.detr.txt_dim}")
         if self.normalize:
-            q = _l2(q)
+            q = l2_normalize(q)
         return {"src_txt": q[None], "src_txt_mask": torch.ones(1, q.shape[0])}
 
     @contextlib.contextmanager

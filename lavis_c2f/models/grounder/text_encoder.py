@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.models.checkpoint import load_state_strict, torch_load
 from lavis_c2f.models.grounder.vocab import get_tokenizer
 
 REPLACE_NONE, REPLACE_MASK, REPLACE_UNKNOWN = 0, 1, 2
@@ -87,7 +88,7 @@ class OpenAIClipTextTower(nn.Module):
         ``context_length`` / ``vocab_size`` entries are ignored as MESM ignores them)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CLIP text tower checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
         if not isinstance(state, Mapping) or "ln_final.weight" not in state:
@@ -99,10 +100,7 @@ class OpenAIClipTextTower(nn.Module):
             tower = cls(**cls.sizes_from_state_dict(state))
         except KeyError as err:
             raise ValueError(f"{path}: missing {err} in the CLIP text state dict") from None
-        try:  # strict: torch's message lists the missing / unexpected / mis-shaped keys
-            tower.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{path}: {err}") from None
+        load_state_strict(tower, {k: v.float() for k, v in state.items()}, source=path)
         return tower
 
     def forward(self, ids: torch.Tensor, replace_codes: Optional[torch.Tensor] = None,

@@ -18,16 +18,16 @@ from __future__ import annotations
 from lavis_c2f.models.refiner.calce import (build_calce_inputs, calce_generate, calce_teacher_forcing,
                                             collate_calce_inputs)
 from lavis_c2f.models.refiner.calce_text import calce_post_process
+from lavis_c2f.models.refiner.data import RefinerDatasetBuilder
 from lavis_c2f.models.refiner.model import C2FCaptionRefiner, load_calce_checkpoint
+from lavis_c2f.registry_utils import get as registry_get
 
-__all__ = ["C2FCaptionRefiner", "build_calce_inputs", "calce_generate", "calce_post_process",
+__all__ = ["C2FCaptionRefiner", "RefinerDatasetBuilder", "build_calce_inputs", "calce_generate", "calce_post_process",
            "calce_teacher_forcing", "collate_calce_inputs", "ensure_registered", "load_calce_checkpoint"]
 
 
 def ensure_registered() -> None:
-    """Register the refiner's model and builder with LAVIS (idempotent; imports LAVIS)."""
-    from lavis_c2f.models.refiner import data as _data  # noqa: F401
-    from lavis_c2f.models.refiner import model as _model  # noqa: F401
-
-
-ensure_registered()
+    """Make sure the refiner's model and builder are in LAVIS's registry (importing this package
+    registered them; a missing one raises naming it)."""
+    registry_get("model", C2FCaptionRefiner.ARCH)
+    registry_get("builder", RefinerDatasetBuilder.NAME)

@@ -60,15 +60,20 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomResizedCrop
 
+from lavis_c2f.common.dist import barrier, is_main_process
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import iter_jsonl
 from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.data.demo_corpus import default_demo_root, make_demo_corpus, read_corpus_meta
+from lavis_c2f.data.features import open_store
+from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.models.refiner.calce_text import calce_windows, read_srt_text
 from lavis_c2f.models.refiner.keyframes import select_key_frames, thumbnail_features, uniform_key_frames
 from lavis_c2f.models.refiner.prompt import refine_region, target_windows
 from lavis_c2f.models.refiner.srt import Caption, load_captions
-from lavis_c2f.paths import resolve_path
+from lavis_c2f.paths import config_path, resolve_path
+from lavis_c2f.video.decode import decode_clips
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +285,6 @@ class VideoFileFrameSource(FrameSource):
         if vid in self.cache:
             self.cache.move_to_end(vid)
             return self.cache[vid]
-        from lavis_c2f.video.decode import decode_clips
-
         path = self.path(vid)
         if not os.path.isfile(path):
             raise DataFormatError("video file not found", path=path)
@@ -361,8 +364,6 @@ class FeatureImageFrameSource(FrameSource):
     mapped to ``clip(128 + 48 z, 0, 255)`` and enlarged to ``image_size`` (nearest)."""
 
     def __init__(self, store: Any, clip_length: float, image_size: int = 224):
-        from lavis_c2f.data.features import open_store
-
         self.store = open_store(store)
         self.clip_length, self.size = float(clip_length), int(image_size)
 
@@ -674,8 +675,6 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
 
     @classmethod
     def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        from lavis_c2f.paths import config_path
-
         if type not in cls.DATASET_CONFIG_DICT:
             raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
                               f"{sorted(cls.DATASET_CONFIG_DICT)}")
@@ -693,8 +692,6 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
         demo = bool(d.get("demo_corpus", False))
         if root in (None, "", "null"):
             if demo:
-                from lavis_c2f.data.demo_corpus import default_demo_root
-
                 root = default_demo_root()
             else:
                 root = os.getcwd()
@@ -734,17 +731,12 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
     def _prepare(self) -> None:
         if not self.demo:
             return
-        from lavis_c2f.common.dist import barrier, is_main_process
-        from lavis_c2f.data.demo_corpus import make_demo_corpus, read_corpus_meta
-
         if read_corpus_meta(self.data_root) is None:
             if is_main_process():
                 make_demo_corpus(self.data_root)
             barrier()
 
     def build_datasets(self) -> Dict[str, RefinerDataset]:
-        from lavis_c2f.data.readers import read_annotations
-
         self._prepare()
         frames = make_frame_source(self.d["frames"], self.data_root, self.image_size, f"{self.where}.frames")
         cap = self.d.get("captions")

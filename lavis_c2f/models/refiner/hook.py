@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.models.checkpoint import model_node
 from lavis_c2f.models.refiner.calce import build_calce_inputs, calce_generate_output
 from lavis_c2f.models.refiner.calce_text import calce_windows, read_srt_text
 from lavis_c2f.models.refiner.data import (ArrayFrameSource, FrameProcessor, SamplerConfig,
@@ -98,18 +99,9 @@ class CaptionRefiner:
         video_fps, video_ext, captions_dir, device, cache_videos, items, n_frms}`` (unknown keys
         raise). The model class is the registered one of ``model.arch``."""
         d = check_keys(cfg, HOOK_KEYS, "refiner")
-        model_cfg = d.get("model")
-        if isinstance(model_cfg, str):
-            from omegaconf import OmegaConf
-
-            path = resolve_path(model_cfg)
-            if not os.path.isfile(path):
-                raise ConfigError(f"refiner.model: YAML not found: {path}")
-            node = OmegaConf.load(path)
-            model_cfg = node.get("model", node)
-        if model_cfg is None:
+        if d.get("model") is None:
             raise ConfigError("refiner.model: missing (a model mapping or a model YAML path)")
-        model_cfg = to_plain(model_cfg)
+        model_cfg = model_node(d["model"], "refiner.model")
         model = registry_get("model", str(model_cfg.get("arch", "c2f_caption_refiner"))).from_config(model_cfg)
         if d.get("checkpoint"):
             model.load_checkpoint(d["checkpoint"])

@@ -68,7 +68,9 @@ from transformers import BertTokenizer, T5Tokenizer, T5TokenizerFast
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys, to_plain
-from lavis_c2f.models.refiner import calce as calce_io
+from lavis_c2f.models.checkpoint import frozen_keys, load_state_strict, torch_load
+from lavis_c2f.models.refiner.calce import (build_calce_inputs, calce_generate_output, calce_teacher_forcing,
+                                            collate_calce_inputs)
 from lavis_c2f.models.refiner.calce_text import (TALK_KEYWORDS, annoying_replacement, calce_post_process,
                                                  calce_windows, find_annoying_numbers)
 from lavis_c2f.models.refiner.parsing import (ParseConfig, ParseResult, RefineStats, parse_windows,
@@ -197,10 +199,9 @@ def _require_file(path: Optional[str], key: str) -> str:
 
 
 def _torch_load(path: str, map_location: Any = "cpu") -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # older LAVIS checkpoints hold non-tensor objects (argparse, numpy)
-        return torch.load(path, map_location=map_location, weights_only=False)
+    """:func:`~lavis_c2f.models.checkpoint.torch_load` of a file named in the refiner's config
+    (trusted: LAVIS / CALCE checkpoints may hold numpy objects besides the tensors)."""
+    return torch_load(path, map_location=map_location, trusted=True)
 
 
 BERT_WEIGHTS = ("pytorch_model.bin", "model.safetensors")
@@ -529,27 +530,18 @@ class C2FCaptionRefiner(Blip2T5):
     def load_checkpoint(self, url_or_filename: str, strict: bool = True,
                         map_location: Any = "cpu") -> Dict[str, List[str]]:
         """Load a refiner checkpoint: ours (the runner's, trainable tensors) or CALCE's
-        ``checkpoint_best.pth`` (same layout). Every trainable parameter must be present and no
-        key may be unknown (``strict``: ConfigError listing them); frozen weights may be absent
-        (they come from the base files). Returns the key report ``{missing, unexpected}``."""
+        ``checkpoint_best.pth`` (same layout), by the package's strict-load rule
+        (:func:`~lavis_c2f.models.checkpoint.load_state_strict`): every trainable parameter must
+        be present and no key may be unknown or mis-shaped (``strict``:
+        :class:`~lavis_c2f.common.errors.CheckpointMismatchError` listing them); frozen weights
+        may be absent (they come from the base files). Returns the key report
+        ``{missing, unexpected, mismatched}``."""
         path = _require_file(url_or_filename, "finetuned")
         ckpt = _torch_load(path, map_location)
         state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, Mapping):
             raise ConfigError(f"model.finetuned: {path} holds no state dict")
-        own = self.state_dict()
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        unexpected = sorted(k for k in state if k not in own)
-        missing = sorted(k for k in trainable if k not in state)
-        shape_bad = sorted(k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape))
-        if strict and (unexpected or missing or shape_bad):
-            raise ConfigError(f"model.finetuned: {path} does not match the model: missing trainable "
-                              f"{missing[:8]}, unexpected {unexpected[:8]}, shape mismatch {shape_bad[:8]}")
-        self.load_state_dict({k: v for k, v in state.items() if k in own and k not in shape_bad}, strict=False)
-        if missing or unexpected:
-            logger.warning("checkpoint %s: %d trainable keys missing, %d unexpected", path, len(missing),
-                           len(unexpected))
-        return {"missing": missing, "unexpected": unexpected}
+        return load_state_strict(self, state, source=path, strict=strict, allow_missing=frozen_keys(self))
 
     # ------------------------------------------------------------------ shared
     def _autocast(self, dtype: Optional[torch.dtype]):
@@ -566,7 +558,7 @@ class C2FCaptionRefiner(Blip2T5):
         if self.variant == "calce":
             inputs = self.calce_inputs(samples)
             targets = [calce_windows(w) for w in samples["target_windows"]]
-            return {"loss": calce_io.calce_teacher_forcing(self, inputs, targets)["loss"]}
+            return {"loss": calce_teacher_forcing(self, inputs, targets)["loss"]}
         inputs, att, _ = self.build_inputs(samples)
         targets = self.t5_tokenizer(self.target_texts(samples), padding="longest", truncation=True,
                                     max_length=self.max_target_tokens, return_tensors="pt").to(inputs.device)
@@ -591,7 +583,7 @@ class C2FCaptionRefiner(Blip2T5):
             if seeds[i] is not None and not self.training:   # training keeps the runner's RNG stream
                 torch.manual_seed(int(seeds[i]))
             coarse = samples["coarse_windows"][i] if self.calce.stage == 2 else None
-            per.append(calce_io.build_calce_inputs(
+            per.append(build_calce_inputs(
                 self, samples["frames"][i], samples["timestamps"][i], float(samples["duration"][i]),
                 samples["query"][i], samples["items"][i], samples["srt_text"][i], coarse,
                 srt_path=srt_paths[i] or "<srt>"))
@@ -600,7 +592,7 @@ class C2FCaptionRefiner(Blip2T5):
             return {"input_ids": x["input_ids"][None], "inputs_embeds": x["inputs_embeds"][None],
                     "attention_mask": x["attention_mask"][None]}
         pad = self.t5_model.get_input_embeddings().weight[self.t5_tokenizer.pad_token_id]
-        return calce_io.collate_calce_inputs(per, self.t5_tokenizer.pad_token_id, pad)
+        return collate_calce_inputs(per, self.t5_tokenizer.pad_token_id, pad)
 
     # ------------------------------------------------------------------ interleaved variant
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -694,7 +686,7 @@ class C2FCaptionRefiner(Blip2T5):
         the returned sequence), one per sample."""
         g = {**self.generation_cfg, **overrides}
         if self.variant == "calce":
-            out = calce_io.calce_generate_output(self, self.calce_inputs(samples), int(g["num_beams"]),
+            out = calce_generate_output(self, self.calce_inputs(samples), int(g["num_beams"]),
                                                  int(g["max_new_tokens"]), int(g["min_length"]),
                                                  float(g["repetition_penalty"]), float(g["length_penalty"]))
         else:

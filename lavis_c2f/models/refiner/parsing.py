@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.ops.spans import interval_iou
 
 _NUM = r"[-+]?[0-9]+(?:\.[0-9]+)?"  # ASCII digits only (\d also matches other scripts)
 _PAIR = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
@@ -183,7 +184,7 @@ def windows_with_scores(refined: Sequence[Tuple[float, float]], top_score: float
             st, ed = float(w[0]), float(w[1])
             if not (math.isfinite(st) and math.isfinite(ed) and ed > st):
                 continue
-            if any(_iou((st, ed), (k[0], k[1])) >= iou_threshold for k in out + tail):
+            if any(interval_iou((st, ed), k) >= iou_threshold for k in out + tail):
                 continue
             tail.append([st, ed, 0.0])
         for j, w in enumerate(tail):
@@ -191,8 +192,3 @@ def windows_with_scores(refined: Sequence[Tuple[float, float]], top_score: float
         out.extend(tail)
     return out[:max_windows]
 
-
-def _iou(a: Tuple[float, float], b: Tuple[float, float]) -> float:
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = (a[1] - a[0]) + (b[1] - b[0]) - inter
-    return inter / union if union > 0 else 0.0

@@ -7,6 +7,7 @@ one (key mapping in :mod:`lavis_c2f.models.retriever.ucofia_checkpoint`).
 """
 from lavis_c2f.models.retriever.embeddings import (  # noqa: F401
     TextEmbedding, UCoFiAText, UCoFiAVideo, VideoEmbedding)
-from lavis_c2f.models.retriever.tmass import C2FTMassRetriever, MeanPoolingBaseline, load_tmass_checkpoint  # noqa: F401
+from lavis_c2f.models.retriever.baseline import MeanPoolingBaseline  # noqa: F401
+from lavis_c2f.models.retriever.tmass import C2FTMassRetriever, load_tmass_checkpoint  # noqa: F401
 from lavis_c2f.models.retriever.ucofia import (  # noqa: F401
     C2FUCoFiA, init_ucofia_from_clip, load_ucofia_checkpoint)

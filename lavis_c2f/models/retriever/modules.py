@@ -9,6 +9,9 @@
 * :func:`sinkhorn_log_scaling`, :func:`sinkhorn_normalize`, :func:`sinkhorn_video_bias` --
   Sinkhorn-Knopp normalisation of a (Q, V) similarity matrix.
 * :func:`symmetric_infonce` -- CLIP's symmetric cross-entropy with duplicate masking.
+* :func:`frame_selection_weights` -- T-MASS's reduction of L clips to at most ``num_frames``
+  frames (``uniform`` / ``segment_mean``); :func:`compact_valid` -- valid rows first, cut.
+* :func:`l2norm` -- the retrievers' L2 normalisation (:data:`RETRIEVER_L2_EPS`).
 
 Pairs. Scoring always works on a list of P (query, video) pairs. ``grid`` mode is the
 Cartesian product of Q queries and V videos (pair ``p = q * V + v``), computed with
@@ -26,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.ops.vectors import l2_normalize
+
 NEG_FILL = -1e9  # masked logits (finite, so an all-masked row never yields NaN)
+#: eps of the retrievers' L2 normalisation (:func:`l2norm`). T-MASS and UCoFiA (CLIP4Clip) divide by
+#: the norm itself (``x / x.norm(dim=-1, keepdim=True)``); the clamp only guards zero vectors (padding
+#: frames, masked words), so unit-scale embeddings are divided by exactly their norm. The features'
+#: ``x / (||x|| + 1e-5)`` of QD-DETR (:data:`lavis_c2f.ops.vectors.L2_EPS`) would shrink every
+#: embedding by ~1e-5 relative and move trained retrievers' scores and the official fixtures' parity.
+RETRIEVER_L2_EPS = 1e-8
 
 
 def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
@@ -39,9 +50,65 @@ def identity_init_(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
     return linear
 
 
-def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
-    """``x / max(||x||, eps)`` (zero vectors stay zero)."""
-    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """The retrievers' normalisation along the last axis: the package's one rule
+    (:func:`lavis_c2f.ops.vectors.l2_normalize` with ``clamp``), ``x / max(||x||, RETRIEVER_L2_EPS)``."""
+    return l2_normalize(x, RETRIEVER_L2_EPS, clamp=True)
+
+
+def compact_valid(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Move valid rows first (stable) and keep at most ``max_len``.
+    x (B, L, D), mask (B, L) -> (B, L', D), (B, L') with L' = min(max_len, max valid count, >= 1)."""
+    valid = mask > 0
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    n = int(valid.sum(1).max().item()) if valid.numel() else 0
+    keep = max(1, min(max_len, n))
+    order = order[:, :keep]
+    xs = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    ms = torch.gather(valid, 1, order).to(x.dtype)
+    return xs * ms.unsqueeze(-1), ms
+
+
+def frame_selection_weights(mask: torch.Tensor, num_frames: int, mode: str = "uniform"
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights that turn L clips into at most ``num_frames`` frames.
+
+    A video with ``n`` valid clips (in the order of their positions) keeps them all when
+    ``n <= num_frames``; otherwise frame j covers the clips ``[floor(j n / F), floor((j+1) n / F))``
+    and takes their centre clip ``floor((j + 0.5) n / F)`` (``uniform``) or their mean
+    (``segment_mean``).
+
+    Args:
+        mask: (B, L) 1 = valid clip.
+    Returns:
+        ``A`` (B, F', L) with ``frames = A @ clips`` and the frame mask (B, F') (valid first),
+        ``F' = min(num_frames, max n)`` (at least 1).
+    """
+    valid = mask > 0
+    b, l = valid.shape
+    n = valid.sum(1)                                                       # (B,)
+    rank = torch.cumsum(valid.long(), 1) - 1                               # compacted index of each clip
+    f_out = max(1, min(num_frames, int(n.max().item()) if b else 1))
+    j = torch.arange(f_out, device=mask.device).view(1, f_out, 1)          # (1, F', 1)
+    nn_ = n.view(b, 1, 1)
+    r = rank.view(b, 1, l)
+    big = nn_ > num_frames
+    if mode == "uniform":
+        centre = torch.div((2 * j + 1) * nn_, 2 * num_frames, rounding_mode="floor")
+        target = torch.where(big, centre, j)
+        sel = (r == target)
+    elif mode == "segment_mean":
+        start = torch.div(j * nn_, num_frames, rounding_mode="floor")
+        end = torch.div((j + 1) * nn_, num_frames, rounding_mode="floor")
+        seg = (r >= start) & (r < end)
+        sel = torch.where(big, seg, r == j)
+    else:
+        raise ValueError(f"frame_sampling must be 'uniform' or 'segment_mean', got {mode!r}")
+    sel = sel & valid.view(b, 1, l)
+    weights = sel.to(torch.float32)
+    count = weights.sum(-1, keepdim=True)
+    weights = weights / count.clamp_min(1.0)
+    return weights, (count.squeeze(-1) > 0).to(torch.float32)
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -16,11 +16,14 @@ reads every size from such a state dict (:func:`openai_clip_sizes`), builds the 
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
+
+from lavis_c2f.models.checkpoint import torch_load
 
 HEAD_WIDTH = 64  # OpenAI CLIP: heads = width // 64
 # keys a TorchScript ``ViT-B-32.pt`` state dict carries besides the weights
@@ -168,8 +171,6 @@ def load_openai_clip_state_dict(path: str, map_location: "str | torch.device" = 
     """The state dict of an OpenAI CLIP file: a TorchScript archive (``ViT-B-32.pt`` as
     released) or a ``torch.save``d state dict, as the official ``CLIP.get_config`` accepts.
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file."""
-    import os
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP weights not found: {path}")
     err: Optional[Exception] = None
@@ -178,8 +179,8 @@ def load_openai_clip_state_dict(path: str, map_location: "str | torch.device" = 
     except Exception as e:  # noqa: BLE001 - not TorchScript: try a plain state dict
         err = e
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        obj = torch_load(path, map_location=map_location)
+    except RuntimeError as e:  # re-raised naming both readings
         raise ValueError(f"{path}: neither a TorchScript CLIP archive ({type(err).__name__}) nor a state dict "
                          f"({type(e).__name__}: {e})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

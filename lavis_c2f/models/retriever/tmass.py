@@ -87,28 +87,22 @@ from lavis.models.base_model import BaseModel
 from torch import nn
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.data.cfg import check_keys, to_plain
+from lavis_c2f.data.cfg import to_plain
+from lavis_c2f.models.checkpoint import model_node
+from lavis_c2f.models.retriever.clip_towers import ClipTowers, build_clip_config, clip_config_from_path
 from lavis_c2f.models.retriever.embeddings import TextEmbedding, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
-    InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, duplicate_mask, frame_dots,
-    identity_init_, l2norm, masked_mean, model_fingerprint, radius_bin_index, sinkhorn_video_bias,
-    symmetric_infonce, two_way_isa)
+    InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, compact_valid, duplicate_mask,
+    frame_dots, frame_selection_weights, identity_init_, l2norm, masked_mean, model_fingerprint, radius_bin_index,
+    sinkhorn_video_bias, symmetric_infonce, two_way_isa)
+from lavis_c2f.models.retriever.tmass_config import (INFERENCE_KEYS, LEVELS, TMASS_DEFAULTS, hashed_config,
+                                                       hparams_from_config, validate_hparams)
 from lavis_c2f.models.retriever.tmass_checkpoint import (
     load_tmass_state_dict, read_tmass_checkpoint, tmass_dims)
-from lavis_c2f.paths import config_path
+from lavis_c2f.paths import config_path, resolve_path
 
 logger = logging.getLogger(__name__)
 
-LEVELS = ("video_sentence", "frame_sentence", "frame_word")
-LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
-# inference-only knobs: changing them needs no re-encoding (see ``configure_inference``)
-INFERENCE_KEYS = ("inference_mode", "num_trials", "trial_include_mean", "eval_seed", "inference_noise",
-                  "sinkhorn", "sinkhorn_iters", "sinkhorn_temperature", "score_block_size")
-_HASH_EXCLUDED = frozenset(INFERENCE_KEYS) | {"clip_path", "freeze_clip", "tmass_checkpoint"}
-# keys added after indexes were first built: at these values they are left out of the config
-# hash, so the fingerprint of a model without them is unchanged
-_HASH_OMITTED_DEFAULTS = {"clip_config": None, "logit_scale_source": "own", "mask_duplicate_videos": True}
-NOISE_MODES = ("shared", "per_pair")
 PER_PAIR_CHUNK = 256  # pairs whose (K, D) trial embeddings are materialised at once
 
 
@@ -143,61 +137,6 @@ class _PreparedVideo:
     mask: torch.Tensor                   # (V, F)
     bins: torch.Tensor                   # (V, num_frames) radius bin -> frame index
     has_frames: torch.Tensor             # (V,) float 1 if any valid frame
-
-
-def _compact(x: torch.Tensor, mask: torch.Tensor, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Move valid rows first (stable) and keep at most ``max_len``.
-    x (B, L, D), mask (B, L) -> (B, L', D), (B, L') with L' = min(max_len, max valid count, >= 1)."""
-    valid = mask > 0
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    n = int(valid.sum(1).max().item()) if valid.numel() else 0
-    keep = max(1, min(max_len, n))
-    order = order[:, :keep]
-    xs = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    ms = torch.gather(valid, 1, order).to(x.dtype)
-    return xs * ms.unsqueeze(-1), ms
-
-
-def frame_selection_weights(mask: torch.Tensor, num_frames: int, mode: str = "uniform"
-                            ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weights that turn L clips into at most ``num_frames`` frames.
-
-    A video with ``n`` valid clips (in the order of their positions) keeps them all when
-    ``n <= num_frames``; otherwise frame j covers the clips ``[floor(j n / F), floor((j+1) n / F))``
-    and takes their centre clip ``floor((j + 0.5) n / F)`` (``uniform``) or their mean
-    (``segment_mean``).
-
-    Args:
-        mask: (B, L) 1 = valid clip.
-    Returns:
-        ``A`` (B, F', L) with ``frames = A @ clips`` and the frame mask (B, F') (valid first),
-        ``F' = min(num_frames, max n)`` (at least 1).
-    """
-    valid = mask > 0
-    b, l = valid.shape
-    n = valid.sum(1)                                                       # (B,)
-    rank = torch.cumsum(valid.long(), 1) - 1                               # compacted index of each clip
-    f_out = max(1, min(num_frames, int(n.max().item()) if b else 1))
-    j = torch.arange(f_out, device=mask.device).view(1, f_out, 1)          # (1, F', 1)
-    nn_ = n.view(b, 1, 1)
-    r = rank.view(b, 1, l)
-    big = nn_ > num_frames
-    if mode == "uniform":
-        centre = torch.div((2 * j + 1) * nn_, 2 * num_frames, rounding_mode="floor")
-        target = torch.where(big, centre, j)
-        sel = (r == target)
-    elif mode == "segment_mean":
-        start = torch.div(j * nn_, num_frames, rounding_mode="floor")
-        end = torch.div((j + 1) * nn_, num_frames, rounding_mode="floor")
-        seg = (r >= start) & (r < end)
-        sel = torch.where(big, seg, r == j)
-    else:
-        raise ValueError(f"frame_sampling must be 'uniform' or 'segment_mean', got {mode!r}")
-    sel = sel & valid.view(b, 1, l)
-    weights = sel.to(torch.float32)
-    count = weights.sum(-1, keepdim=True)
-    weights = weights / count.clamp_min(1.0)
-    return weights, (count.squeeze(-1) > 0).to(torch.float32)
 
 
 @registry.register_model("c2f_tmass_retriever")
@@ -248,19 +187,9 @@ class C2FTMassRetriever(BaseModel):
         "official": config_path("models/c2f_tmass_official.yaml"),
     }
 
-    DEFAULTS: Dict[str, Any] = dict(
-        text_input_dim=512, video_input_dim=512, embed_dim=512, text_proj="linear", video_proj="linear",
-        num_frames=12, frame_sampling="uniform", num_heads=1, pool_dropout=0.3,
-        stochastic_prior="uniform", prior_std=1.0, radius_bias_init=0.0, support_loss_weight=0.8,
-        logit_scale_init=math.log(100.0), logit_scale_max=math.log(100.0),
-        inference_mode="trials", num_trials=20, trial_include_mean=False, eval_seed=0,
-        use_video_sentence=True, use_frame_sentence=False, use_frame_word=False,
-        weight_video_sentence=1.0, weight_frame_sentence=1.0, weight_frame_word=1.0,
-        isa_temperature=0.01, max_words=32, sinkhorn=False, sinkhorn_iters=4, sinkhorn_temperature=0.01,
-        score_block_size=4096, clip_path=None, freeze_clip=True, clip_config=None, logit_scale_source="own",
-        inference_noise="shared", tmass_checkpoint=None, mask_duplicate_videos=True,
-    )
-    _NULLABLE = ("clip_path", "clip_config", "tmass_checkpoint")
+    DEFAULTS: Dict[str, Any] = TMASS_DEFAULTS
+    #: config keys naming start-point weights that a checkpoint of ours replaces (models.checkpoint.load_model)
+    START_WEIGHTS_KEYS = ("tmass_checkpoint",)
 
     def __init__(self, *, text_input_dim: int = 512, video_input_dim: int = 512, embed_dim: int = 512,
                  text_proj: str = "linear", video_proj: str = "linear", num_frames: int = 12,
@@ -299,15 +228,12 @@ class C2FTMassRetriever(BaseModel):
             tmass_checkpoint=None if tmass_checkpoint in (None, "") else str(tmass_checkpoint),
             mask_duplicate_videos=bool(mask_duplicate_videos))
         h = self.hparams
-        self._validate(h)
+        validate_hparams(h)
         for k, v in h.items():
             setattr(self, k, v)
 
         self.clip = None
         if self.clip_path is not None or self.clip_config is not None:
-            from lavis_c2f.models.retriever.clip_towers import ClipTowers
-            from lavis_c2f.paths import resolve_path
-
             if self.clip_path is not None:
                 self.clip = ClipTowers.from_path(resolve_path(self.clip_path), freeze=self.freeze_clip)
                 src = "clip_path"
@@ -337,84 +263,14 @@ class C2FTMassRetriever(BaseModel):
         self._eps_cache: Dict[Tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ config
-    @staticmethod
-    def _validate(h: Mapping[str, Any]) -> None:
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"model.{key}: {msg} (got {h[key]!r})")
-
-        for key in ("text_input_dim", "video_input_dim", "embed_dim", "num_frames", "num_heads", "max_words",
-                    "score_block_size", "sinkhorn_iters"):
-            need(h[key] >= 1, key, "must be >= 1")
-        need(h["embed_dim"] % h["num_heads"] == 0, "num_heads", f"must divide embed_dim={h['embed_dim']}")
-        for key in ("text_proj", "video_proj"):
-            need(h[key] in ("linear", "none"), key, "must be 'linear' or 'none'")
-        need(h["text_proj"] == "linear" or h["text_input_dim"] == h["embed_dim"], "text_proj",
-             "'none' needs text_input_dim == embed_dim")
-        need(h["video_proj"] == "linear" or h["video_input_dim"] == h["embed_dim"], "video_proj",
-             "'none' needs video_input_dim == embed_dim")
-        need(h["frame_sampling"] in ("uniform", "segment_mean"), "frame_sampling",
-             "must be 'uniform' or 'segment_mean'")
-        need(h["stochastic_prior"] in StochasticText.PRIORS, "stochastic_prior", "must be 'uniform' or 'normal'")
-        need(h["prior_std"] > 0, "prior_std", "must be > 0")
-        need(0.0 <= h["pool_dropout"] < 1.0, "pool_dropout", "must be in [0, 1)")
-        need(h["support_loss_weight"] >= 0, "support_loss_weight", "must be >= 0")
-        need(h["inference_mode"] in ("trials", "deterministic"), "inference_mode",
-             "must be 'trials' or 'deterministic'")
-        need(h["num_trials"] >= 1, "num_trials", "must be >= 1")
-        need(h["isa_temperature"] > 0, "isa_temperature", "must be > 0")
-        need(h["sinkhorn_temperature"] > 0, "sinkhorn_temperature", "must be > 0")
-        need(h["logit_scale_init"] <= h["logit_scale_max"], "logit_scale_init", "must be <= logit_scale_max")
-        need(h["inference_noise"] in NOISE_MODES, "inference_noise", f"must be one of {NOISE_MODES}")
-        need(h["logit_scale_source"] in ("own", "clip"), "logit_scale_source", "must be 'own' or 'clip'")
-        need(h["clip_path"] is None or h["clip_config"] is None, "clip_config",
-             "give clip_path (pretrained folder) or clip_config (architecture), not both")
-        need(h["logit_scale_source"] == "own" or h["clip_path"] is not None or h["clip_config"] is not None,
-             "logit_scale_source", "'clip' needs a CLIP tower (clip_path or clip_config)")
-        levels = [lv for lv in LEVELS if h[f"use_{lv}"]]
-        need(bool(levels), "use_video_sentence", "at least one use_* level must be true")
-        for lv in levels:
-            need(h[f"weight_{lv}"] > 0, f"weight_{lv}", "must be > 0 for an enabled level")
-
     @classmethod
     def from_config(cls, cfg) -> "C2FTMassRetriever":
-        """Build from the ``model:`` section (a mapping / OmegaConf node). Unknown keys raise
-        :class:`ConfigError` naming them (:func:`~lavis_c2f.data.cfg.check_keys`); LAVIS's own
-        bookkeeping keys are ignored. ``tmass_checkpoint`` loads an official checkpoint's
-        weights into the built model."""
-        arch = cfg.get("arch", "c2f_tmass_retriever") if hasattr(cfg, "get") else "c2f_tmass_retriever"
-        d = check_keys(cfg, set(cls.DEFAULTS) | LAVIS_KEYS, f"model ({arch})")
-        kwargs = {}
-        for k, default in cls.DEFAULTS.items():
-            if k not in d:
-                continue
-            v = d[k]
-            try:
-                if v is None:
-                    if k not in cls._NULLABLE:
-                        raise ValueError("null is not allowed")
-                elif k == "clip_config":
-                    if not isinstance(v, Mapping):
-                        raise ValueError("expected a mapping of transformers CLIPConfig arguments")
-                    v = dict(v)
-                elif isinstance(default, bool):
-                    if not isinstance(v, bool):
-                        raise ValueError("expected true or false")
-                elif isinstance(default, int) and not isinstance(default, bool):
-                    if isinstance(v, bool) or float(v) != int(float(v)):
-                        raise ValueError("expected an integer")
-                    v = int(v)
-                elif isinstance(default, float):
-                    v = float(v)
-                else:
-                    v = str(v)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"model.{k}: invalid value {v!r}: {e}") from None
-            kwargs[k] = v
-        model = cls(**kwargs)
+        """Build from the ``model:`` section (a mapping / OmegaConf node), read by
+        :func:`~lavis_c2f.models.retriever.tmass_config.hparams_from_config` (unknown keys and
+        bad values raise :class:`ConfigError` naming them). ``tmass_checkpoint`` loads an
+        official checkpoint's weights into the built model."""
+        model = cls(**hparams_from_config(cfg))
         if model.tmass_checkpoint is not None:
-            from lavis_c2f.paths import resolve_path
-
             path = resolve_path(model.tmass_checkpoint)
             load_tmass_state_dict(model, read_tmass_checkpoint(path), source=path)
         return model
@@ -453,7 +309,7 @@ class C2FTMassRetriever(BaseModel):
         h = dict(self.hparams)
         for k, v in kwargs.items():
             h[k] = type(self.DEFAULTS[k])(v)
-        self._validate(h)
+        validate_hparams(h)
         self.hparams = h
         for k in kwargs:
             setattr(self, k, h[k])
@@ -468,9 +324,7 @@ class C2FTMassRetriever(BaseModel):
         """``{"arch", "config_hash", "weights_hash"}`` identifying what stored video embeddings
         depend on: every config key except :data:`INFERENCE_KEYS` / paths, and all weights (the
         corpus index refuses a model whose fingerprint differs)."""
-        cfg = {k: v for k, v in sorted(self.hparams.items())
-               if k not in _HASH_EXCLUDED and not (k in _HASH_OMITTED_DEFAULTS and v == _HASH_OMITTED_DEFAULTS[k])}
-        return model_fingerprint("c2f_tmass_retriever", cfg, self.state_dict())
+        return model_fingerprint("c2f_tmass_retriever", hashed_config(self.hparams), self.state_dict())
 
     # ------------------------------------------------------------------ encoders
     def _project(self, proj: Optional[nn.Linear], x: torch.Tensor) -> torch.Tensor:
@@ -511,7 +365,7 @@ class C2FTMassRetriever(BaseModel):
             src_txt_mask = src_txt_mask.to(dev, torch.float32)
             if tuple(src_txt_mask.shape) != tuple(src_txt.shape[:2]):
                 raise ValueError(f"src_txt_mask must be {tuple(src_txt.shape[:2])}, got {tuple(src_txt_mask.shape)}")
-            tok, tmask = _compact(src_txt, src_txt_mask, self.max_words)
+            tok, tmask = compact_valid(src_txt, src_txt_mask, self.max_words)
             tokens = self._project(self.text_projection, tok) * tmask.unsqueeze(-1)
             if txt_pooled is None:
                 txt_pooled = masked_mean(src_txt, src_txt_mask, dim=1)
@@ -1016,14 +870,9 @@ def load_tmass_checkpoint(path: "str | os.PathLike", clip_config: Optional[Mappi
         **options: model options overriding ``c2f_tmass_official.yaml`` (e.g. ``num_trials``,
             ``inference_noise``, ``stochastic_prior="normal", prior_std=3e-3`` for LSMDC).
     ``embed_dim`` and ``num_frames`` come from the weights. Missing/unexpected keys or widths
-    that do not match raise :class:`~lavis_c2f.models.checkpoint_utils.CheckpointMismatchError`
+    that do not match raise :class:`~lavis_c2f.models.checkpoint.CheckpointMismatchError`
     listing them; a file of another codebase raises ``DataFormatError`` naming it.
     """
-    from omegaconf import OmegaConf
-
-    from lavis_c2f.models.retriever.clip_towers import build_clip_config, clip_config_from_path
-    from lavis_c2f.paths import resolve_path
-
     path = os.fspath(path)
     if (clip_config is None) == (clip_path is None):
         raise ConfigError(f"load_tmass_checkpoint({path}): the file stores no CLIP architecture; pass exactly one of "
@@ -1035,43 +884,10 @@ def load_tmass_checkpoint(path: "str | os.PathLike", clip_config: Optional[Mappi
     if proj != d:
         raise ConfigError(f"{path}: the T-MASS modules are {d}-wide but the given CLIP architecture projects to "
                           f"{proj} (projection_dim): this checkpoint was trained with another CLIP")
-    node = dict(to_plain(OmegaConf.load(C2FTMassRetriever.PRETRAINED_MODEL_CONFIG_DICT["official"]).model))
+    node = model_node(C2FTMassRetriever.PRETRAINED_MODEL_CONFIG_DICT["official"], "c2f_tmass_official.yaml")
     node.update(text_input_dim=d, video_input_dim=d, embed_dim=d, num_frames=f, clip_path=None, clip_config=arch,
                 tmass_checkpoint=None)
     node.update(options)
     model = C2FTMassRetriever.from_config(node)
     load_tmass_state_dict(model, sd, source=path)
     return model.eval()
-
-
-class MeanPoolingBaseline:
-    """Training-free baseline: cosine between the sentence and the mean of the L2-normalised
-    frames (CLIP4Clip's "meanP" without fine-tuning). Works on raw features (text and video
-    widths must match) or on any :class:`TextEmbedding`/:class:`VideoEmbedding`."""
-
-    def encode_text(self, src_txt: Optional[torch.Tensor] = None, src_txt_mask: Optional[torch.Tensor] = None,
-                    txt_pooled: Optional[torch.Tensor] = None) -> TextEmbedding:
-        """txt_pooled (B, D) or the masked token mean of src_txt (B, Lt, D) -> TextEmbedding."""
-        if txt_pooled is None:
-            if src_txt is None:
-                raise ValueError("MeanPoolingBaseline.encode_text needs txt_pooled or src_txt")
-            m = torch.ones(src_txt.shape[:2]) if src_txt_mask is None else src_txt_mask
-            txt_pooled = masked_mean(src_txt.float(), m.float(), dim=1)
-        return TextEmbedding(txt_pooled.float())
-
-    def encode_video(self, src_vid: torch.Tensor, src_vid_mask: Optional[torch.Tensor] = None) -> VideoEmbedding:
-        """src_vid (B, Lv, D) -> VideoEmbedding with every clip as a frame."""
-        m = torch.ones(src_vid.shape[:2]) if src_vid_mask is None else src_vid_mask.float()
-        frames = src_vid.float() * m.unsqueeze(-1)
-        pooled = l2norm(masked_mean(l2norm(frames), m, dim=1))
-        return VideoEmbedding(frames, m, pooled)
-
-    def score(self, text_emb: TextEmbedding, video_emb: VideoEmbedding, block_size: int = 65536) -> torch.Tensor:
-        """(Q, V) cosine of the normalised sentence with the pooled video."""
-        if text_emb.dim != video_emb.dim:
-            raise ValueError(f"text width {text_emb.dim} != video width {video_emb.dim}")
-        q = l2norm(text_emb.sentence.float())
-        v = l2norm(video_emb.pooled.float())
-        if len(v) == 0:
-            return torch.empty(len(q), 0)
-        return torch.cat([q @ v[i:i + block_size].t() for i in range(0, len(v), block_size)], dim=1)

@@ -15,7 +15,7 @@ The official trainer (``github.com/Jiamian-Wang/T-MASS-text-video-retrieval``,
 =========================================  ==========================================
 
 Everything else that is missing or unexpected, and every shape mismatch, is an error listing
-the keys (:class:`~lavis_c2f.models.checkpoint_utils.CheckpointMismatchError`). The embedding
+the keys (:class:`~lavis_c2f.models.checkpoint.CheckpointMismatchError`). The embedding
 width ``D`` and frame count ``F`` come from ``stochastic.std_branch.linear_proj.weight`` (D, F);
 the CLIP architecture must be given (``clip_config`` or a local CLIP folder): the file does not
 record it. :func:`lavis_c2f.models.retriever.load_tmass_checkpoint` builds the model.
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lavis_c2f.common.errors import DataFormatError
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError, load_checkpoint_file, load_state_dict_strict
+from lavis_c2f.models.checkpoint import CheckpointMismatchError, load_checkpoint_file, load_state_strict
 
 RADIUS_KEY = "stochastic.std_branch.linear_proj.weight"
 DROPPED = ("stochastic.std_branch.learnable_scalar",)
@@ -104,4 +104,4 @@ def load_tmass_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tenso
     mapped = map_tmass_keys(state_dict)
     pos: List[str] = [k for k in own if k.endswith("embeddings.position_ids")]
     mapped = {k: v for k, v in mapped.items() if not (k.endswith("embeddings.position_ids") and k not in own)}
-    load_state_dict_strict(model, mapped, source=source, strict=True, allow_missing=pos)
+    load_state_strict(model, mapped, source=source, strict=True, allow_missing=pos)

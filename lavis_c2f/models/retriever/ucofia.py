@@ -57,8 +57,8 @@ from torch import nn
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.data.cfg import check_keys
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError, load_state_dict_strict
+from lavis_c2f.data.cfg import LAVIS_KEYS, check_keys
+from lavis_c2f.models.checkpoint import CheckpointMismatchError, load_state_strict
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
 from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo, VideoEmbedding
 from lavis_c2f.models.retriever.modules import (
@@ -69,11 +69,10 @@ from lavis_c2f.models.retriever.patch_tokens import PatchSelector, PatchShiftHoo
 from lavis_c2f.models.retriever.ucofia_checkpoint import (OFFICIAL_SHIFT_LAYERS, clip_init_state_dict,
                                                           official_state_dict, read_clip_file,
                                                           read_ucofia_checkpoint, shifted_blocks)
-from lavis_c2f.paths import config_path
+from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.processors.clip_processors import Clip4ClipTokenizer
 
 LEVELS = ("video_sentence", "sentence_frame", "pixel_word")
-LAVIS_KEYS = frozenset({"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"})
 # options that change no stored video embedding (an index may switch them)
 INFERENCE_KEYS = ("sk_norm", "sinkhorn_iters", "score_block_size", "mask_padded_words", "pixel_logit_scale",
                   "eval_pixel_weight")
@@ -235,8 +234,6 @@ class C2FUCoFiA(BaseModel):
         initialised from CLIP as the official trainer does. ``shift_attention`` chooses the
         attention weights of the shifted blocks (``pretrained`` | ``checkpoint``).
         """
-        from lavis_c2f.paths import resolve_path
-
         allowed = set(cls.OPTION_DEFAULTS) | LAVIS_KEYS | {"checkpoint", "clip_weights", "shift_attention",
                                                            "max_words", "max_frames", "temporal_layers", "topk"}
         d = check_keys(cfg, allowed, f"model ({cfg.get('arch', 'c2f_ucofia_retriever')})")
@@ -251,7 +248,7 @@ class C2FUCoFiA(BaseModel):
                                            shift_attention=str(d.get("shift_attention", "pretrained")), **options)
             bad = {k: (v, model.hparams[k]) for k, v in sizes.items() if model.hparams[k] != v}
             if bad:
-                raise ConfigError(f"model: the checkpoint's sizes differ from the config: "
+                raise ConfigError("model: the checkpoint's sizes differ from the config: "
                                   + ", ".join(f"{k}={v} (checkpoint {c})" for k, (v, c) in bad.items()))
             return model
         if d.get("shift_attention") not in (None, "pretrained"):
@@ -632,7 +629,7 @@ def load_ucofia_checkpoint(path: str, clip_weights: str, *, map_location: "str |
     state = official_state_dict(ckpt, clip_sd, shift, shift_attention, str(path), str(clip_weights))
     model = C2FUCoFiA(**sizes, shift_layers=shift, **options)
     buffers = [k for k in model.state_dict() if k.endswith("embeddings.position_ids")]
-    load_state_dict_strict(model, state, source=str(path), allow_missing=buffers)
+    load_state_strict(model, state, source=str(path), allow_missing=buffers)
     return model.eval()
 
 
@@ -649,5 +646,5 @@ def init_ucofia_from_clip(clip_weights: str, *, max_words: int, max_frames: int,
     clip_missing = [k for k in keep if k.startswith("clip.") and not k.endswith("position_ids")]
     if clip_missing:
         raise CheckpointMismatchError(str(clip_weights), clip_missing, [], [])
-    load_state_dict_strict(model, {**keep, **state}, source=str(clip_weights))
+    load_state_strict(model, {**keep, **state}, source=str(clip_weights))
     return model

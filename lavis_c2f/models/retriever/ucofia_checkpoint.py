@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
+from lavis_c2f.models.checkpoint import CheckpointMismatchError, torch_load
 from lavis_c2f.models.retriever.openai_clip import (OPENAI_META_KEYS, load_openai_clip_state_dict,
                                                     openai_block_to_transformers, openai_clip_sizes,
                                                     openai_to_transformers, strip_prefix)
@@ -68,8 +68,8 @@ def _read_official(path: str, map_location) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"UCoFiA checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        obj = torch_load(path, map_location=map_location)
+    except RuntimeError as e:  # re-raised as a data error naming the file
         raise DataFormatError(f"cannot read a torch state dict: {type(e).__name__}: {e}", path=path) from e
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj.get("config"), Mapping):
         raise DataFormatError("a checkpoint of this package, not the official trainer's pytorch_model.bin.N; "

@@ -86,7 +86,7 @@ def test_bad_params():
 
     with pytest.raises(ConfigError, match="distractor_rate"):
         DemoCorpusParams(distractor_rate=2.0)
-    with pytest.raises(ConfigError, match="unknown demo corpus parameter"):
+    with pytest.raises(ConfigError, match="demo corpus parameters: unknown key"):
         DemoCorpusParams.from_dict({"n_video": 3})
 
 

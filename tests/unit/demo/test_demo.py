@@ -17,6 +17,7 @@ from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.demo import cli as demo_cli
 from lavis_c2f.demo import sources as src
 from lavis_c2f.demo.messages import UserError, check_query, describe_error
+from lavis_c2f.pipeline.quickstart_run import QuickstartRun
 
 # =========================================================================== messages
 
@@ -74,47 +75,58 @@ def _fake_run(root, name: str, *, corpus: bool = True, ckpts: bool = True) -> st
     return run
 
 
+def _finished(run):
+    return QuickstartRun(run).finished_checkpoints()
+
+
+def _latest(root):
+    run = QuickstartRun.latest(root)
+    return None if run is None else str(run.path)
+
+
 def test_quickstart_checkpoints_of_finished_and_unfinished_runs(tmp_path):
     run = _fake_run(tmp_path, "done")
-    assert src.quickstart_checkpoints(run) == {"stage1": os.path.join(run, "stage1.pth"),
-                                               "stage2": os.path.join(run, "stage2.pth")}
-    assert src.quickstart_checkpoints(_fake_run(tmp_path, "no_corpus", corpus=False)) is None
-    assert src.quickstart_checkpoints(_fake_run(tmp_path, "ckpts_gone", ckpts=False)) is None
-    assert src.quickstart_checkpoints(str(tmp_path / "missing")) is None
+    assert _finished(run) == {"stage1": os.path.join(run, "stage1.pth"), "stage2": os.path.join(run, "stage2.pth")}
+    assert _finished(_fake_run(tmp_path, "no_corpus", corpus=False)) is None
+    assert _finished(_fake_run(tmp_path, "ckpts_gone", ckpts=False)) is None
+    assert _finished(str(tmp_path / "missing")) is None
     bad = _fake_run(tmp_path, "bad_summary")
     (tmp_path / "bad_summary" / "summary.json").write_text("[1, 2", encoding="utf-8")
-    assert src.quickstart_checkpoints(bad) is None
+    assert _finished(bad) is None
     (tmp_path / "bad_summary" / "summary.json").write_text("[1, 2]", encoding="utf-8")  # not an object
-    assert src.quickstart_checkpoints(bad) is None
+    assert _finished(bad) is None
 
 
 def test_find_quickstart_run_takes_the_latest_finished_run(tmp_path):
-    assert src.find_quickstart_run(str(tmp_path / "nothing_here")) is None
-    assert src.find_quickstart_run(str(tmp_path)) is None
+    assert _latest(str(tmp_path / "nothing_here")) is None
+    assert _latest(str(tmp_path)) is None
     old = _fake_run(tmp_path, "a_old")
     new = _fake_run(tmp_path, "b_new")
     unfinished = _fake_run(tmp_path, "c_unfinished", corpus=False)
     os.utime(os.path.join(old, "summary.json"), (1_000_000, 1_000_000))
     os.utime(os.path.join(new, "summary.json"), (2_000_000, 2_000_000))
     os.utime(os.path.join(unfinished, "summary.json"), (3_000_000, 3_000_000))
-    assert src.find_quickstart_run(str(tmp_path)) == new
+    assert _latest(str(tmp_path)) == new
     os.utime(os.path.join(old, "summary.json"), (4_000_000, 4_000_000))
-    assert src.find_quickstart_run(str(tmp_path)) == old
+    assert _latest(str(tmp_path)) == old
 
 
-def test_parse_quickstart_step_reads_the_quickstart_banners(capsys):
+def test_quickstart_steps_are_recorded_in_the_run_directory(tmp_path, capsys):
+    """The demo follows a running quickstart through RUN/progress.json, not its printed banners."""
     from lavis_c2f.pipeline.quickstart import _Steps
 
-    steps = _Steps(8)
+    run = QuickstartRun(tmp_path / "run")
+    run.path.mkdir()
+    assert run.progress() is None
+    steps = _Steps(8, run)
     steps.start("training stage 1 (T-MASS)")
+    assert run.progress() == (1, 8, "training stage 1 (T-MASS)")
     steps.start("tuning the fusion")
-    lines = capsys.readouterr().out.splitlines()   # two banners and the first step's elapsed time
-    assert len(lines) == 3
-    assert [s for s in map(src.parse_quickstart_step, lines) if s] == [(1, 8, "training stage 1 (T-MASS)"),
-                                                                      (2, 8, "tuning the fusion")]
-    assert src.parse_quickstart_step("  [3/9] eval\n") == (3, 9, "eval")
-    for other in ("epoch 1/5 loss 0.3", "[0/3] nothing", "[4/3] too far", "[a/b] x", ""):
-        assert src.parse_quickstart_step(other) is None, other
+    assert run.progress() == (2, 8, "tuning the fusion")
+    assert len(capsys.readouterr().out.splitlines()) == 3   # the banners are still printed for people
+    for bad in ('{"step": 0, "steps": 3, "name": "x"}', '{"step": 4, "steps": 3, "name": "x"}', "[1, 2]", "{"):
+        run.progress_file.write_text(bad, encoding="utf-8")
+        assert run.progress() is None, bad
 
 
 # =========================================================================== uploads and settings

@@ -70,7 +70,7 @@ def test_saliency_is_float16_rounded():
 
 def test_config_validation():
     assert PostProcessConfig.from_mapping({"max_ts_val": 150, "top_k": 3}).top_k == 3
-    with pytest.raises(ConfigError, match="model.postprocess.bogus"):
+    with pytest.raises(ConfigError, match=r"model\.postprocess: unknown key\(s\) 'bogus'"):
         PostProcessConfig.from_mapping({"bogus": 1}, "model.postprocess")
     with pytest.raises(ConfigError, match="nms_threshold"):
         PostProcessConfig.from_mapping({"nms_threshold": 2.0})

@@ -7,7 +7,7 @@ import torch
 
 from grounder_helpers import RAW_VID_DIM, TXT_DIM, make_batch, tiny_mesm_config, tiny_qd_config
 from lavis_c2f.models.grounder import C2FMESMQDDETR, C2FQDDETR, GrounderPredictor
-from lavis_c2f.models.grounder.predictor import tef_columns
+from lavis_c2f.ops.vectors import tef_columns
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_predict_matches_the_model_and_keeps_its_mode(model):
     v = torch.from_numpy(videos[0])
     samples = {"src_txt": (q / (q.norm(dim=1, keepdim=True) + 1e-5))[None],
                "src_txt_mask": torch.ones(1, 5),
-               "src_vid": torch.cat([v / (v.norm(dim=1, keepdim=True) + 1e-5), tef_columns(9)], 1)[None],
+               "src_vid": torch.cat([v / (v.norm(dim=1, keepdim=True) + 1e-5),
+                                     torch.from_numpy(tef_columns(9))], 1)[None],
                "src_vid_mask": torch.ones(1, 9), "qid": [0], "query": ["q"], "vid": ["v"],
                "duration": torch.tensor([18.0]), "clip_length": torch.tensor([2.0])}
     model.eval()

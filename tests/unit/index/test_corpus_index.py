@@ -153,7 +153,7 @@ def test_auto_policy_switches_to_ivf_when_the_corpus_grows():
     m = _model()
     feats = _features(30)
     probe = _build(m, feats)
-    n_vec = probe._num_vectors()                  # flat_max counts vectors (videos x valid segments)
+    n_vec = probe.store.num_vectors()                  # flat_max counts vectors (videos x valid segments)
     assert 30 < n_vec <= 90
     ix = _build(m, feats, ann={"flat_max": n_vec + 5, "ivf_nlist": 4})
     assert ix.ann_kind == "flat"
@@ -172,7 +172,7 @@ def test_hnsw_tombstones_are_filtered_and_trigger_rebuild():
     ix = CorpusIndex.build(m, list(feats), feats.__getitem__, batch_size=8, progress=False,
                            ann={"kind": "hnsw", "hnsw_m": 8}, rebuild_fraction=0.2)
     vids = [v for v in feats if len(feats[v]) >= 3]   # three valid segments each
-    dead = ix._num_vectors(np.array([ix._row_of[v] for v in vids[:2]]))
+    dead = ix.store.num_vectors(np.array([ix.store.row_of(v) for v in vids[:2]]))
     ix.remove(vids[:2])
     assert dead == 6 and ix.info()["ann"]["tombstones"] == 6
     q = _queries(m)
@@ -180,7 +180,7 @@ def test_hnsw_tombstones_are_filtered_and_trigger_rebuild():
     res = ix.search(q, k=30, m=30)
     assert all(len(r) == reachable and not {v for v, _ in r} & set(vids[:2]) for r in res)
     ix.remove(vids[2:10])  # well over 20% of the entries dead: rebuilt without them
-    assert ix.info()["ann"]["tombstones"] == 0 and ix.info()["ann"]["entries"] == ix._num_vectors()
+    assert ix.info()["ann"]["tombstones"] == 0 and ix.info()["ann"]["entries"] == ix.store.num_vectors()
 
 
 def _saved(tmp_path, m):
@@ -333,7 +333,7 @@ def test_parallel_pread_gather_matches_memory_map(tmp_path, io_threads):
     loaded.io_threads = io_threads
     rows = np.random.default_rng(0).permutation(80)[:70]
     got = loaded.gather(rows)
-    loaded._close_fds()               # the memory-map path gives the reference
+    loaded.store.close_fds()          # the memory-map path gives the reference
     want = loaded.gather(rows)
     assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
     loaded.close()

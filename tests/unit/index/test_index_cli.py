@@ -1,6 +1,5 @@
-"""``lavis-c2f index build|add|remove|info|search`` on a tiny npz feature store, and the
-extension hook used by other parts of the package."""
-import argparse
+"""``lavis-c2f index build|add|remove|info|search`` on a tiny npz feature store, and the list of
+index sub-commands the ``lavis-c2f index VIDEO_DIR`` shorthand relies on."""
 import json
 import os
 
@@ -91,7 +90,7 @@ def test_build_info_search_add_remove(corpus, capsys):
 
 def test_shards_and_checkpoint(corpus, capsys, tmp_path):
     from lavis_c2f.index.cli import load_retriever
-    from lavis_c2f.models.checkpoint_utils import save_checkpoint
+    from lavis_c2f.models.checkpoint import save_checkpoint
 
     model = load_retriever(corpus["cfg"])
     with torch.no_grad():
@@ -119,28 +118,12 @@ def test_shards_and_checkpoint(corpus, capsys, tmp_path):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_extension_hook_adds_index_subcommands(monkeypatch):
-    monkeypatch.setattr(index_cli, "_EXTRA", [])
-    monkeypatch.setattr(index_cli, "_STATE", {"subparsers": None, "added": set()})
-    calls = []
-
-    def configure(p: argparse.ArgumentParser):
-        p.add_argument("video_dir")
-        p.add_argument("--out", required=True)
-        p.set_defaults(func=lambda a: calls.append((a.video_dir, a.out)) or 0)
-
-    index_cli.add_index_subcommand("videos", configure, help="index raw videos")   # before the parser exists
+def test_index_subcommands_are_all_listed_for_the_shorthand():
+    """``lavis-c2f index VIDEO_DIR`` expands unless the word is a sub-command: the list is complete."""
     parser = cli.build_parser()
-    args = parser.parse_args(["index", "videos", "/v", "--out", "/o"])
-    assert args.func(args) == 0 and calls == [("/v", "/o")]
-
-    def late(p):
-        p.set_defaults(func=lambda a: 7)
-
-    index_cli.add_index_subcommand("late", late)                                   # after: added at once
-    assert parser.parse_args(["index", "late"]).func(None) == 7
-    with pytest.raises(ValueError, match="already exists"):
-        index_cli.add_index_subcommand("build", late)
+    index = next(a for a in parser._actions if a.dest == "command").choices["index"]
+    registered = set(next(a for a in index._actions if a.dest == "index_command").choices)
+    assert registered == set(index_cli.SUBCOMMANDS) and "videos" in registered
 
 
 def test_width_mismatches_are_clear_errors(corpus, capsys, tmp_path):

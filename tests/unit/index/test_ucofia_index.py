@@ -77,6 +77,6 @@ def test_prefilter_is_the_video_sentence_direction(corpus):
     pre = model.prefilter_query(q) @ model.prefilter_vectors(videos).t()
     scale = float(model.clip.logit_scale.detach().exp())
     torch.testing.assert_close(scale * pre, vs, rtol=1e-4, atol=1e-4)
-    assert ix._num_vectors() == len(vids)                   # one vector per video, the 2nd segment empty
+    assert ix.store.num_vectors() == len(vids)              # one vector per video, the 2nd segment empty
     top = [v for v, _ in ix.search(q[:1], k=1, m=1)[0]]
     assert top == [vids[int(torch.argmax(vs[0]))]]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lavis_c2f.datasets.moment_retrieval import saliency_labels_from_scores
-from lavis_c2f.ops.argsort import introsort_argsort
+from lavis_c2f.ops.argsort import introsort_argsort, scalar_sort_env
 
 REFERENCE = r"""
 import json, sys
@@ -26,13 +26,7 @@ print(json.dumps([np.argsort(np.asarray(a, dtype=np.float64)).tolist() for a in 
 
 def scalar_numpy_argsort(arrays, env):
     """``np.argsort`` of each array in a child NumPy with the SIMD sorts disabled."""
-    from numpy.core._multiarray_umath import __cpu_features__
-
-    simd = [name for name, on in __cpu_features__.items() if on and name.startswith("AVX512")]
-    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
-        simd += [name for name in ("AVX2",) if __cpu_features__.get(name)]
-    env = dict(env, NPY_DISABLE_CPU_FEATURES=" ".join(simd))
-    out = subprocess.run([sys.executable, "-c", REFERENCE], input=json.dumps(arrays), env=env,
+    out = subprocess.run([sys.executable, "-c", REFERENCE], input=json.dumps(arrays), env=scalar_sort_env(env),
                          capture_output=True, text=True, check=True)
     return [np.asarray(o) for o in json.loads(out.stdout)]
 

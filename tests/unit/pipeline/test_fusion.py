@@ -67,7 +67,7 @@ def test_fusion_config_validation():
         FusionConfig(form="sum", weight=1.5)
     with pytest.raises(ConfigError, match="weight"):
         FusionConfig(weight=-1.0)
-    with pytest.raises(ConfigError, match=r"run\.fusion: unknown key\(s\) \['alpha'\]"):
+    with pytest.raises(ConfigError, match=r"run\.fusion: unknown key\(s\) 'alpha'"):
         FusionConfig.from_mapping({"alpha": 1}, where="run.fusion")
     with pytest.raises(ConfigError, match=r"run\.fusion\.s1_norm"):
         FusionConfig.from_mapping({"s1_norm": "l2"}, where="run.fusion")

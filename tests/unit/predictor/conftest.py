@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def trained_index(video_dir, backbone, ckpts, tmp_path_factory):
     """An index built with the tiny trained retriever (recorded in INDEX.c2f-video.json)."""
-    from lavis_c2f.video.extract import index_videos
+    from lavis_c2f.index.build import index_videos
 
     out = tmp_path_factory.mktemp("tr") / "index"
     index_videos(video_dir, out, backbone=backbone, retriever_checkpoint=ckpts["retriever"],

@@ -10,7 +10,7 @@ import pytest
 def test_index_remembers_backbone_config_and_absolute_checkpoint(video_dir, ckpts, tmp_path, monkeypatch):
     from lavis_c2f.common.errors import ConfigError
     from lavis_c2f.predictor import C2FPredictor
-    from lavis_c2f.video.extract import index_videos
+    from lavis_c2f.index.build import index_videos
 
     out = tmp_path / "idx"
     # a relative checkpoint path, as a user types it

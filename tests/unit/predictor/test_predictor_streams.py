@@ -39,7 +39,7 @@ def _official_qd_detr(path, feat_dirs, seed=0, **opt_extra):
 
 @pytest.fixture(scope="module")
 def sf_index(video_dir, tmp_path_factory):
-    from lavis_c2f.video.extract import index_videos
+    from lavis_c2f.index.build import index_videos
 
     out = tmp_path_factory.mktemp("sf") / "index"
     index_videos(video_dir, out, backbone=BACKBONE, backbone_config=CFG, workers=0, progress=False)
@@ -88,16 +88,16 @@ def test_grounder_streams_follow_the_checkpoint(sf_index, tmp_path):
     got = p.predict("the screen turns blue", video, top_k=5)
     # the same grounder fed by hand with the columns in its order
     q = p.encode_query("the screen turns blue")
-    gp = GrounderPredictor(p.grounder, clip_length=2.0, postprocess=p._grounder_postprocess, stream_dims=[16, 2304])
+    gp = GrounderPredictor(p.grounder, clip_length=2.0, postprocess=p.stage2.postprocess, stream_dims=[16, 2304])
     feats = np.concatenate([video.features[:, 2304:], video.features[:, :2304]], axis=1)
     want = gp.predict(q.tokens, feats, video.duration)
     assert got.windows == [list(map(float, w)) for w in want["windows"]][:5]
     np.testing.assert_allclose(got.saliency, want["saliency"], rtol=1e-6)
     # stage 1 (zero-shot) scores the text stream only
-    from lavis_c2f.search import zero_shot as zs
+    from lavis_c2f.models import zero_shot as zs
 
     ranked = dict(p.stage1("the screen turns blue", k=3))
-    want = zs.video_scores(zs.l2_normalize(q.pooled), [video.features[:, 2304:]], p.zero_shot)[0]
+    want = zs.video_scores(q.pooled, [video.features[:, 2304:]], p.zero_shot)[0]  # normalises the text once
     assert ranked["redblue"] == pytest.approx(float(want), rel=1e-5)
 
 
@@ -108,7 +108,7 @@ def test_mesm_feat_files_and_explicit_streams(sf_index, tmp_path):
     mesm_like = _official_qd_detr(tmp_path / "mesm.ckpt", {"feat_files": ["data/slowfast.hdf5", "data/random.hdf5"]})
     assert checkpoint_feature_streams(mesm_like, ["random", "slowfast"]) == ["slowfast", "random"]
     p = C2FPredictor.from_checkpoints(grounder_ckpt=mesm_like, backbone=BACKBONE, index=sf_index, device="cpu")
-    assert p.grounder_streams == ["slowfast", "random"] and p._grounder_cols is None
+    assert p.grounder_streams == ["slowfast", "random"] and p.stage2.columns is None
     # a checkpoint that names a stream the index lacks: an error that says how to choose
     clip = _official_qd_detr(tmp_path / "clip.ckpt", {"v_feat_dirs": ["f/slowfast_features", "f/clip_features"]})
     with pytest.raises(ConfigError, match="clip_features.*--grounder-streams"):

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.models.checkpoint_utils import save_checkpoint
+from lavis_c2f.models.checkpoint import load_retriever, save_checkpoint
+from lavis_c2f.models.grounder import load_grounder
 from lavis_c2f.models.grounder.lavis_models import C2FQDDETR
 from lavis_c2f.models.grounder.predictor import GrounderPredictor
-from lavis_c2f.predictor import C2FPredictor, load_grounder, load_retriever
+from lavis_c2f.predictor import C2FPredictor
 from predictor_helpers import GROUNDER_CFG, OFFICIAL_MESM, OFFICIAL_QD, random_backbone, save_tiny_grounder, save_tiny_retriever
 
 
@@ -98,7 +99,7 @@ def test_grounder_dims_must_match_the_backbone(tmp_path, videos):
     no_tef = save_tiny_grounder(tmp_path / "n.pth", vid_dim=16)
     p = C2FPredictor.from_checkpoints(grounder_ckpt=no_tef, backbone="random", device="cpu")
     m = p.predict("gray", p.encode_video(videos["gray"]))
-    assert p._grounder_predictor(2.0).use_tef is False and m.mode == "trained" and len(m.saliency) == 3
+    assert p.stage2.predictor_for(2.0).use_tef is False and m.mode == "trained" and len(m.saliency) == 3
 
 
 def test_retriever_dims_must_match_the_backbone(tmp_path):
@@ -142,7 +143,7 @@ def test_official_qd_detr_checkpoint(videos):
         C2FPredictor.from_checkpoints(grounder_ckpt=OFFICIAL_QD, backbone="random", device="cpu")
     p = C2FPredictor.from_checkpoints(grounder_ckpt=OFFICIAL_QD, backbone="random",
                                       backbone_cfg={"dim": 512, "text_dim": 512}, device="cpu")
-    assert p.mode["stage2"] == "trained" and p._grounder_postprocess.max_ts_val is None
+    assert p.mode["stage2"] == "trained" and p.stage2.postprocess.max_ts_val is None
     v = p.encode_video(videos["redblue"])
     m = p.predict("a red screen", v, top_k=5)
     assert 1 <= len(m.windows) <= 5 and len(m.saliency) == v.n_clips
@@ -199,7 +200,7 @@ def test_mesm_grounder_checkpoint(tmp_path, videos):
     p = C2FPredictor.from_checkpoints(grounder_ckpt=path, backbone="random", device="cpu")
     assert "trained c2f_mesm_qd_detr" in p.describe_mode()
     q = "one two three four five six seven eight"  # 8 tokens: cut to max_q_l - 1 (SS token) = 5
-    assert p._grounder_query(p.encode_query(q)).shape == (5, 16)
+    assert p.stage2.query_input(p.encode_query(q)).shape == (5, 16)
     m = p.predict(q, p.encode_video(videos["pattern"]), top_k=3)
     assert 1 <= len(m.windows) <= 3 and len(m.saliency) == 6
 

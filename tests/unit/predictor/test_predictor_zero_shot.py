@@ -4,10 +4,10 @@ import logging
 import numpy as np
 import pytest
 
-from lavis_c2f import predictor as pred_mod
+from lavis_c2f.models import zero_shot as zs
+from lavis_c2f.pipeline import stages
 from lavis_c2f.pipeline.fusion import FusionConfig, fuse_candidates
 from lavis_c2f.predictor import C2FPredictor, EncodedVideo
-from lavis_c2f.search import zero_shot as zs
 from predictor_helpers import CHARADES
 
 
@@ -82,7 +82,7 @@ def test_search_top_k_and_stage1_top_k(predictor):
 
 def test_streaming_zero_shot_equals_the_in_memory_bank(zs_index, monkeypatch):
     a = C2FPredictor.from_checkpoints(index=zs_index, backbone="random", device="cpu").stage1("blue", k=3)
-    monkeypatch.setattr(pred_mod, "ZERO_SHOT_BANK_BYTES", 0)
+    monkeypatch.setattr(stages, "ZERO_SHOT_BANK_BYTES", 0)
     b = C2FPredictor.from_checkpoints(index=zs_index, backbone="random", device="cpu").stage1("blue", k=3)
     assert [v for v, _ in a] == [v for v, _ in b]
     np.testing.assert_allclose([s for _, s in a], [s for _, s in b], rtol=1e-5)

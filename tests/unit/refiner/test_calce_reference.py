@@ -57,7 +57,7 @@ def loaded(request, fx_dir, fx):
 
 def test_checkpoint_loads_with_clean_key_report(loaded, fx):
     stage, st, model, _ = loaded
-    assert model.load_report == {"missing": [], "unexpected": []}
+    assert model.load_report == {"missing": [], "unexpected": [], "mismatched": []}
     assert model.calce.stage == stage and not model.training
     assert model.annoying_table == st["annoying_numbers_replacement_dict"]
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)

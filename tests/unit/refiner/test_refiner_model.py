@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.errors import CheckpointMismatchError, ConfigError
 from lavis_c2f.models.refiner.srt import Caption
 from lavis_c2f.testing.tiny_refiner import build_tiny_refiner, tiny_refiner_config
 
@@ -201,11 +201,11 @@ def test_checkpoints_roundtrip(tiny_root, tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(dict(b.named_parameters())[n], p)
     torch.save({"model": {**a.trainable_state_dict(), "nonsense.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
-    with pytest.raises(ConfigError, match="unexpected"):
+    with pytest.raises(CheckpointMismatchError, match=r"bad\.pth.*\n  unexpected keys \(1\): nonsense\.weight"):
         b.load_checkpoint(str(tmp_path / "bad.pth"))
     partial = {k: v for k, v in a.trainable_state_dict().items() if "t5_proj" not in k}
     torch.save({"model": partial}, tmp_path / "partial.pth")
-    with pytest.raises(ConfigError, match="missing trainable"):
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(\d+\): t5_proj\."):
         b.load_checkpoint(str(tmp_path / "partial.pth"))
 
 

@@ -8,7 +8,7 @@ import torch
 from lavis_c2f.models.retriever.modules import (
     InteractiveSimilarityAggregation, StochasticText, TextConditionedPooling, duplicate_mask, masked_softmax,
     radius_bin_index, sinkhorn_log_scaling, sinkhorn_normalize, sinkhorn_video_bias, symmetric_infonce)
-from lavis_c2f.models.retriever.tmass import frame_selection_weights
+from lavis_c2f.models.retriever.modules import frame_selection_weights
 
 
 def _perturbed_pool(d=32, heads=4, seed=0):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lavis_c2f.common.errors import ConfigError, DataFormatError
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError, save_checkpoint
+from lavis_c2f.models.checkpoint import CheckpointMismatchError, save_checkpoint
 from lavis_c2f.models.retriever import C2FTMassRetriever, load_tmass_checkpoint
 
 ATOL = 1e-5

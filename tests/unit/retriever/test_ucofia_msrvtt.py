@@ -97,7 +97,7 @@ def test_two_training_steps_from_the_fixture_checkpoint(setup):
     assert torch.equal(sd["word_logit_weight"], start["word_logit_weight"])
     # the run's checkpoint loads strictly into the model the YAML builds from CLIP alone
     # (what evaluate.py --options run.checkpoint=... does)
-    from lavis_c2f.models.checkpoint_utils import load_model_weights
+    from lavis_c2f.models.checkpoint import load_model_weights
     from lavis_c2f.models.retriever import C2FUCoFiA
 
     fresh = C2FUCoFiA.from_config({**ckpt["config"]["model"], "checkpoint": None})

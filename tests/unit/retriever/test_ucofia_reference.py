@@ -11,7 +11,7 @@ import torch
 
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.evaluation.retrieval import retrieval_metrics
-from lavis_c2f.models.checkpoint_utils import CheckpointMismatchError
+from lavis_c2f.models.checkpoint import CheckpointMismatchError
 from lavis_c2f.models.retriever import C2FUCoFiA, load_ucofia_checkpoint
 from lavis_c2f.models.retriever.ucofia_checkpoint import _RENAME
 

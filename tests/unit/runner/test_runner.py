@@ -109,7 +109,7 @@ def test_distributed_gloo_train_and_eval_match_single_process(project, subproces
 
 def test_strict_weight_loading_reports_keys(tmp_path):
     import lavis_c2f.testing.toy as toy
-    from lavis_c2f.models.checkpoint_utils import (CheckpointMismatchError, load_model_weights,
+    from lavis_c2f.models.checkpoint import (CheckpointMismatchError, load_model_weights,
                                                    save_checkpoint)
 
     model = toy.ToyRegressor(in_dim=8, hidden_dim=16)
@@ -157,7 +157,7 @@ def test_boolean_job_id_is_a_config_error(project, subprocess_env):
 
 def test_trainable_only_checkpoints_load_without_frozen_weights(tmp_path):
     import lavis_c2f.testing.toy as toy
-    from lavis_c2f.models.checkpoint_utils import (CheckpointMismatchError, load_model_weights,
+    from lavis_c2f.models.checkpoint import (CheckpointMismatchError, load_model_weights,
                                                    model_state_for_checkpoint, save_checkpoint)
 
     class Partial(toy.ToyRegressor):

@@ -99,9 +99,7 @@ def test_plot_draws_the_ground_truth_of_the_top_video(demo, monkeypatch, tmp_pat
         seen.update(gt=gt_windows, title=title, n=len(saliency))
         return str(path)
 
-    import lavis_c2f.search.plot as plot_mod
-
-    monkeypatch.setattr(plot_mod, "plot_saliency", fake_plot)
+    monkeypatch.setattr(search_cli, "plot_saliency", fake_plot)
 
     class Args:
         plot = str(tmp_path / "x.png")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.video.backbone_base import read_safetensors, resize_center_crop
 from lavis_c2f.video.backbones import (BackboneLoadError, HFClipBackbone, LavisClipBackbone, OfflineBackbone,
-                                       RandomBackbone, TextFeatures, backbone_key, build_backbone,
-                                       read_safetensors, resize_center_crop)
+                                       RandomBackbone, TextFeatures, backbone_key, build_backbone)
 
 
 def _frames(n=3, h=40, w=60, seed=0):

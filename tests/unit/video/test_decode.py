@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lavis_c2f.video.decode import (ClipFrames, DecodeSummary, VideoDecodeError, decode_all_frames, decode_clips,
-                                    decode_many, decord_available, ffmpeg_available, iter_clip_batches, num_clips,
-                                    output_size, probe, probe_many, sample_times, select_frames)
+from lavis_c2f.video.decode import (ClipFrames, VideoDecodeError, decode_all_frames, decode_clips, decode_many,
+                                    decord_available, ffmpeg_available, iter_clip_batches, output_size, sample_times,
+                                    select_frames)
+from lavis_c2f.video.probe import DecodeSummary, num_clips, probe, probe_many
 
 from conftest import CHARADES_FEATS, ffmpeg_fps_frames, read_ids
 

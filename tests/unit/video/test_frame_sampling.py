@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from lavis_c2f.video.decode import VideoDecodeError, decode_frames, probe
+from lavis_c2f.video.decode import VideoDecodeError, decode_frames
+from lavis_c2f.video.probe import probe
 from lavis_c2f.video.frame_sampling import FrameSampling, fps_frame_indices, tmass_frame_indices
 
 from conftest import read_ids

@@ -1,8 +1,8 @@
 """Zero-shot retrieval and grounding from a feature backbone alone (no trained checkpoint).
 
-Used by :class:`lavis_c2f.predictor.C2FPredictor` when no trained retriever / grounder is
-configured (the usual first run on one's own videos). It relies only on the backbone's joint
-text-image space (CLIP, or the offline encoder's MiniLM space): the query's pooled text
+The zero-shot stages of the coarse-to-fine engine (:mod:`lavis_c2f.pipeline.stages`), used
+when no trained retriever / grounder is configured (the usual first run on one's own videos).
+It relies only on the backbone's joint text-image space (CLIP, or the offline encoder's MiniLM space): the query's pooled text
 embedding ``t`` (D,) and the per-clip features ``f_1..f_L`` (L, D) of a video.
 
 Stage 1 (video score). The similarity curve ``s_c = cos(t, f_c)``; a video scores
@@ -24,7 +24,7 @@ Scores are therefore **not** probabilities: stage-1 scores are cosines (their sc
 the backbone) and stage-2 scores are in-video contrasts. The fusion of the pipeline normalises
 stage-1 scores per query (z-score by default), so the two combine as in trained mode.
 
-Pure numpy.
+Numpy, with the package's one L2 normalisation and NMS (:mod:`lavis_c2f.ops`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.ops.spans import nms_rows
+from lavis_c2f.ops.vectors import l2_normalize
 
 VIDEO_SCORES = ("max", "topk_mean")
 
@@ -78,11 +81,7 @@ class ZeroShotConfig:
     @classmethod
     def from_mapping(cls, d: Optional[Mapping[str, Any]], where: str = "zero_shot") -> "ZeroShotConfig":
         """From a config mapping (unknown keys raise :class:`ConfigError` naming them)."""
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        d = check_keys(d, cls.__dataclass_fields__, where)
         if "levels" in d:
             d["levels"] = tuple(d["levels"])
         return cls(**d)
@@ -91,12 +90,6 @@ class ZeroShotConfig:
         out = asdict(self)
         out["levels"] = list(self.levels)
         return out
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` divided by their L2 norm (+1e-8), float32."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8)
 
 
 def similarity_curve(text_pooled: np.ndarray, clip_features: np.ndarray) -> np.ndarray:
@@ -140,24 +133,6 @@ def _runs(mask: np.ndarray) -> List[Tuple[int, int]]:
     m = np.concatenate([[False], np.asarray(mask, bool), [False]])
     d = np.diff(m.astype(np.int8))
     return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
-
-
-def nms_rows(rows: List[List[float]], threshold: float, max_keep: int) -> List[List[float]]:
-    """Greedy NMS on ``[st, ed, score]`` rows sorted best first."""
-    kept: List[List[float]] = []
-    for r in rows:
-        ok = True
-        for k in kept:
-            inter = max(0.0, min(r[1], k[1]) - max(r[0], k[0]))
-            union = (r[1] - r[0]) + (k[1] - k[0]) - inter
-            if union > 0 and inter / union >= threshold:
-                ok = False
-                break
-        if ok:
-            kept.append(r)
-            if len(kept) >= max_keep:
-                break
-    return kept
 
 
 def propose_windows(saliency: np.ndarray, clip_length: float, duration: float,
@@ -221,5 +196,5 @@ def video_scores(text_pooled: np.ndarray, features: Sequence[np.ndarray],
     return out
 
 
-__all__ = ["VIDEO_SCORES", "ZeroShotConfig", "ground", "l2_normalize", "nms_rows", "propose_windows", "similarity_curve", "smooth",
-           "video_score", "video_scores"]
+__all__ = ["VIDEO_SCORES", "ZeroShotConfig", "ground", "propose_windows", "similarity_curve", "smooth", "video_score",
+           "video_scores"]

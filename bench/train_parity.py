@@ -1,0 +1,886 @@
+"""Our QD-DETR training against the official QD-DETR code: one step side by side, and trained side by side.
+
+**Step check** (``--step-check``): one batch of real training items is built with the official
+``StartEndDataset`` of the user's checkout and the same items with our dataset, and printed
+side by side: input features, span labels, hard saliency positive/negative, easy saliency
+positive/negative, all-clip scores. Deterministic labels must be identical (span labels to
+1e-6). The easy positive/negative clips are random draws in both codes (Python ``random``
+there, a seeded NumPy generator here), so they are compared **by distribution**: over
+``--draws`` draws per item (seeds 0..N-1 on both sides) both codes must draw from exactly the
+same set of clips, uniformly (the frequencies are printed); a random subset of windows (items
+with more than ``max_windows`` windows) is compared the same way. Then both models start from
+the same weights (the official model's initialisation, copied into ours), get the same batch
+(ours with the official draw of the random labels), and run one training forward and
+backward, with the official dropout masks replayed in ours (same sites, same rates; the
+official code lays tensors out sequence-first, ours batch-first, so the masks are transposed
+into our layout). Every loss term, the weighted total and every parameter gradient are
+compared; the exit status is non-zero when a label differs or a loss or gradient differs by
+more than 1e-5 relative (``|ours - official| / max(|official|, 1e-6)``; per gradient tensor
+``max |diff| / max(max |official|, 1e-6)``). The last line reads
+``step-check: labels identical, max loss diff X, max grad diff Y``.
+
+**Train parity** (``--train``): the official ``qd_detr/train.py`` and our ``train.py`` train on
+the same data (the demo corpus by default, Moment-DETR layout) with the same recipe (sizes,
+batch size, epochs, learning rate, weight decay, clipping, model selection on val every 5
+epochs by MR-full-mAP) for each seed; both best checkpoints are evaluated on the test split
+with the official QVHighlights metrics, each in two ways: batch-independently (the official
+code at evaluation batch size 1, ours with ``eval_t2v_mask_mode: correct``) and with the
+official evaluation batching (batch ``eval_bsz`` with the batch-mixing T2V mask: the official
+code as it ships, ours with ``eval_t2v_mask_mode: official``). Train samples/s count the
+training epochs only. Rows: the official code, ours with the official recipe (the defaults),
+ours with the corrected T2V mask, ours with the old stable tie-breaking.
+
+Conditions: every training process runs with one intra-op thread and no data-loader workers;
+both sides are measured in the same invocation. The official processes run with NumPy's SIMD
+sorts disabled (``NPY_DISABLE_CPU_FEATURES``; see ``lavis_c2f/ops/argsort.py``) so that their
+``np.argsort`` orders tied clips as the NumPy the official code pinned; the step check checks
+that. The official code runs unmodified, with the device shims listed in
+``bench/official_runtime.py`` (printed by every run).
+
+    python bench/train_parity.py --official-qd-detr DIR --step-check [--corpus DIR]
+    python bench/train_parity.py --official-qd-detr DIR --train [--seeds 0 1 2] [--epochs 10]
+        [--official-python PY] [--jobs 2] [--json OUT]
+    python bench/train_parity.py make-qvh-sample --annotations ../shared/data/qvhighlights --out DIR
+
+``--corpus`` takes a demo corpus (``lavis-c2f make-demo-corpus``) or a QVHighlights-layout
+folder (``highlight_{train,val,test}_release.jsonl``, ``features/{slowfast,clip}_features``,
+``features/clip_text_features``); the default is the demo corpus in the cache, generated when
+missing. ``make-qvh-sample`` writes a small QVHighlights-layout folder from real annotations
+and generated (random) features.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+for _p in (ROOT, BENCH):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import official_runtime  # noqa: E402
+
+TOL = 1e-5
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- data layouts
+
+
+@dataclass
+class Corpus:
+    """A Moment-DETR-layout folder: annotation files and ``.npz`` feature folders (absolute paths)."""
+
+    root: str
+    layout: str                    # "demo" | "qvh"
+    annotations: Dict[str, str]    # split -> jsonl
+    video_dirs: List[str]          # concatenated in order ({vid}.npz['features'])
+    text_dir: str                  # qid{qid}.npz['last_hidden_state']
+
+    def widths(self) -> Tuple[int, int]:
+        """(video feature width without TEF, text feature width) read from the first files."""
+        with open(self.annotations["train"]) as f:
+            row = json.loads(f.readline())
+        v = sum(int(np.load(os.path.join(d, f"{row['vid']}.npz"))["features"].shape[1])
+                for d in self.video_dirs)
+        t = int(np.load(os.path.join(self.text_dir, f"qid{row['qid']}.npz"))["last_hidden_state"].shape[1])
+        return v, t
+
+
+def detect_corpus(root: str) -> Corpus:
+    """The layout of ``root``: a demo corpus (``corpus.json``) or a QVHighlights folder."""
+    root = os.path.abspath(root)
+    if os.path.isfile(os.path.join(root, "corpus.json")):
+        ann = {s: os.path.join(root, "annotations", f"{s}.jsonl") for s in SPLITS}
+        corpus = Corpus(root, "demo", ann, [os.path.join(root, "clip_features")],
+                        os.path.join(root, "clip_text_features"))
+    elif os.path.isfile(os.path.join(root, "highlight_train_release.jsonl")):
+        ann = {s: os.path.join(root, f"highlight_{s}_release.jsonl") for s in SPLITS}
+        streams = [os.path.join(root, "features", f"{s}_features") for s in ("slowfast", "clip")]
+        corpus = Corpus(root, "qvh", ann, [d for d in streams if os.path.isdir(d)],
+                        os.path.join(root, "features", "clip_text_features"))
+    else:
+        raise SystemExit(f"--corpus {root}: neither a demo corpus (corpus.json) nor a QVHighlights-layout "
+                         "folder (highlight_train_release.jsonl)")
+    missing = [p for p in [corpus.annotations["train"], corpus.text_dir] + corpus.video_dirs
+               if not os.path.exists(p)]
+    if missing or not corpus.video_dirs:
+        raise SystemExit(f"--corpus {root}: missing {missing or 'video feature folders'}")
+    corpus.annotations = {s: p for s, p in corpus.annotations.items() if os.path.isfile(p)}
+    return corpus
+
+
+def default_demo_corpus() -> str:
+    from lavis_c2f.data.demo_corpus import default_demo_root, make_demo_corpus
+
+    root = default_demo_root()
+    make_demo_corpus(root)  # a no-op when it is there
+    return root
+
+
+def make_qvh_sample(annotations: str, out: str, n_train: int = 64, n_val: int = 32, seed: int = 0,
+                    streams: Sequence[Tuple[str, int]] = (("slowfast", 2304), ("clip", 512)),
+                    text_dim: int = 512, clip_length: float = 2.0) -> Corpus:
+    """A small QVHighlights-layout folder: real annotation rows, generated features.
+
+    Rows: of each split, alternately the next full-length (150 s) video's query and the next
+    shorter video's query, so that batches mix video lengths (padding) as real batches do.
+    Video features: ``ceil(duration / clip_length)`` clips of seeded Gaussian noise per stream;
+    text features: ``len(query.split()) + 2`` token rows (CLIP adds start/end tokens).
+    """
+    out = os.path.abspath(out)
+    feat = {name: os.path.join(out, "features", f"{name}_features") for name, _ in streams}
+    text_dir = os.path.join(out, "features", "clip_text_features")
+    for d in list(feat.values()) + [text_dir]:
+        os.makedirs(d, exist_ok=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        with open(os.path.join(annotations, f"highlight_{split}_release.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        full = [r for r in rows if r["duration"] >= 150]
+        short = [r for r in rows if r["duration"] < 150]
+        picked: List[Dict[str, Any]] = []
+        for a, b in zip(full, short):
+            picked += [a, b]
+        picked = picked[:n]
+        with open(os.path.join(out, f"highlight_{split}_release.jsonl"), "w") as f:
+            for r in picked:
+                f.write(json.dumps(r) + "\n")
+        for r in picked:
+            rng = np.random.default_rng([seed, zlib.crc32(r["vid"].encode())])
+            n_clips = int(math.ceil(r["duration"] / clip_length))
+            for name, dim in streams:
+                path = os.path.join(feat[name], f"{r['vid']}.npz")
+                if not os.path.exists(path):
+                    np.savez(path, features=rng.standard_normal((n_clips, dim)).astype(np.float32))
+            trng = np.random.default_rng([seed, int(r["qid"])])
+            n_tok = len(r["query"].split()) + 2
+            np.savez(os.path.join(text_dir, f"qid{r['qid']}.npz"),
+                     last_hidden_state=trng.standard_normal((n_tok, text_dim)).astype(np.float32),
+                     pooler_output=trng.standard_normal(text_dim).astype(np.float32))
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("QVHighlights-layout sample written by bench/train_parity.py make-qvh-sample: annotation rows "
+                f"from {annotations} (CC BY-NC-SA 4.0), features are seeded random numbers (seed {seed}).\n")
+    return detect_corpus(out)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class Recipe:
+    """One training recipe, given to both codes (official option names in comments).
+
+    ``hidden_dim`` must be 256: the official decoder's anchor sine embedding is hard-wired to
+    128 channels per coordinate (``gen_sineembed_for_position``). The defaults are the official
+    defaults except a smaller FFN and encoder, a short schedule with more, smaller batches, less
+    input dropout and a heavier saliency loss (as our demo projects), so that a CPU budget of
+    15 epochs learns something on the demo corpus.
+    """
+
+    hidden_dim: int = 256         # --hidden_dim
+    nheads: int = 8               # --nheads
+    dim_feedforward: int = 256    # --dim_feedforward (official 1024)
+    enc_layers: int = 1           # --enc_layers (official 2; also the T2V layers)
+    dec_layers: int = 2           # --dec_layers
+    num_queries: int = 10         # --num_queries
+    dropout: float = 0.1          # --dropout
+    input_dropout: float = 0.1    # --input_dropout (official 0.5)
+    lw_saliency: float = 4.0      # --lw_saliency (official 1)
+    lr: float = 5e-4              # --lr (official 1e-4 over 200 epochs)
+    wd: float = 1e-4              # --wd
+    lr_drop: int = 12             # --lr_drop (StepLR step size; ours run.lr_drop)
+    grad_clip: float = 0.1        # --grad_clip
+    bsz: int = 8                  # --bsz (official 32; more steps in a short schedule)
+    eval_bsz: int = 100           # --eval_bsz
+    epochs: int = 15              # --n_epoch (validation every 5 epochs in the official code)
+    max_q_l: int = 32
+    max_v_l: int = 75
+    clip_length: int = 2
+    max_windows: int = 5
+
+    def check(self) -> None:
+        if self.hidden_dim != 256:
+            raise SystemExit("--hidden-dim: the official QD-DETR decoder only works with 256")
+        if self.epochs % 5:
+            raise SystemExit("--epochs must be a multiple of 5 (the official code validates every 5 epochs)")
+
+
+def official_argv(recipe: Recipe, corpus: Corpus, seed: int, results_root: str) -> List[str]:
+    """The official ``qd_detr/train.py`` command line for ``recipe`` on ``corpus``."""
+    v_dim, t_dim = corpus.widths()
+    r = recipe
+    return ["--dset_name", "hl", "--ctx_mode", "video_tef", "--train_path", corpus.annotations["train"],
+            "--eval_path", corpus.annotations["val"], "--eval_split_name", "val",
+            "--v_feat_dirs", *corpus.video_dirs, "--v_feat_dim", str(v_dim), "--t_feat_dir", corpus.text_dir,
+            "--t_feat_dim", str(t_dim), "--results_root", results_root, "--exp_id", f"seed{seed}",
+            "--seed", str(seed), "--device", "-1", "--num_workers", "0", "--no_pin_memory",
+            "--hidden_dim", str(r.hidden_dim), "--nheads", str(r.nheads),
+            "--dim_feedforward", str(r.dim_feedforward), "--enc_layers", str(r.enc_layers),
+            "--dec_layers", str(r.dec_layers), "--num_queries", str(r.num_queries),
+            "--dropout", str(r.dropout), "--input_dropout", str(r.input_dropout),
+            "--lw_saliency", str(r.lw_saliency), "--lr", str(r.lr), "--wd", str(r.wd),
+            "--lr_drop", str(r.lr_drop), "--grad_clip", str(r.grad_clip), "--bsz", str(r.bsz),
+            "--eval_bsz", str(r.eval_bsz), "--n_epoch", str(r.epochs), "--max_es_cnt", "-1",
+            "--max_q_l", str(r.max_q_l), "--max_v_l", str(r.max_v_l),
+            "--clip_length", str(r.clip_length), "--max_windows", str(r.max_windows)]
+
+
+# our variants: name -> (model overrides, dataset overrides)
+VARIANTS: Dict[str, Tuple[Dict[str, Any], Dict[str, Any]]] = {
+    "official recipe (defaults)": ({}, {}),
+    "corrected T2V mask": ({"t2v_mask_mode": "correct"}, {}),
+    "stable tie-breaking (old)": ({}, {"saliency_tie_break": "stable"}),
+}
+
+
+def our_model_config(recipe: Recipe, corpus: Corpus, **overrides: Any) -> Dict[str, Any]:
+    """Our ``c2f_qd_detr`` model node for ``recipe`` (official recipe defaults, official
+    post-processing: clamp to 150 s, no NMS, all windows)."""
+    v_dim, t_dim = corpus.widths()
+    r = recipe
+    cfg = {"arch": "c2f_qd_detr", "model_type": "demo", "txt_dim": t_dim, "vid_dim": v_dim + 2,
+           "hidden_dim": r.hidden_dim, "nheads": r.nheads, "dim_feedforward": r.dim_feedforward,
+           "enc_layers": r.enc_layers, "dec_layers": r.dec_layers, "num_queries": r.num_queries,
+           "dropout": r.dropout, "input_dropout": r.input_dropout, "lw_saliency": r.lw_saliency,
+           "max_q_l": r.max_q_l, "max_v_l": r.max_v_l, "t2v_mask_mode": "official",
+           "eval_t2v_mask_mode": "correct", "neg_sampling": "roll", "train_neg_pass": True,
+           "postprocess": {"max_ts_val": 150.0, "nms_threshold": None, "max_after_nms": 10,
+                           "top_k": None}}
+    cfg.update(overrides)
+    return cfg
+
+
+def our_dataset_config(recipe: Recipe, corpus: Corpus, seed: int, **overrides: Any) -> Dict[str, Any]:
+    """A ``c2f_qvh`` dataset node reading ``corpus`` (the builder of every QVHighlights-layout set)."""
+    ann = {s: {"path": p, "format": "qvh", "require_windows": s == "train"}
+           for s, p in corpus.annotations.items()}
+    d = {"dataset_type": "moment_retrieval", "data_root": corpus.root, "annotations": ann,
+         "reader": {"tolerance": 1.0, "clamp": False, "swap_reversed": False, "on_error": "raise"},
+         "video_features": [{"type": "npz", "path": p, "field": "features", "cache_size": 4096}
+                            for p in corpus.video_dirs],
+         "text_features": {"type": "npz", "path": corpus.text_dir, "field": "last_hidden_state",
+                           "pooled_field": "pooler_output", "qid_format": "qid{qid}", "cache_size": 8192},
+         "clip_length": float(recipe.clip_length), "max_v_l": recipe.max_v_l, "max_q_l": recipe.max_q_l,
+         "max_windows": recipe.max_windows, "use_tef": True, "normalize": True, "seed": seed,
+         "saliency_max_n": 1, "saliency_tie_break": "official"}
+    d.update(overrides)
+    return d
+
+
+def our_project(recipe: Recipe, corpus: Corpus, seed: int, output_dir: str, variant: str) -> Dict[str, Any]:
+    """The project YAML of one of our runs (``VARIANTS``)."""
+    model_over, data_over = VARIANTS[variant]
+    r = recipe
+    return {"model": our_model_config(recipe, corpus, **model_over),
+            "datasets": {"c2f_qvh": our_dataset_config(recipe, corpus, seed, **data_over)},
+            "run": {"task": "c2f_moment_retrieval", "runner": "c2f_runner", "eval_protocol": "qvh",
+                    "agg_metric": "MR-full-mAP", "device": "cpu", "seed": seed, "output_dir": output_dir,
+                    "max_epoch": r.epochs, "init_lr": r.lr, "lr_sched": "c2f_step_lr", "lr_drop": r.lr_drop,
+                    "lr_gamma": 0.1, "weight_decay": r.wd, "weight_decay_scope": "all", "drop_last": False,
+                    "grad_clip": r.grad_clip, "batch_size_train": r.bsz, "batch_size_eval": r.eval_bsz,
+                    "num_workers": 0, "train_splits": ["train"], "valid_splits": ["val"], "val_interval": 5,
+                    "test_splits": ["test"], "progress": False}}
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def rel_diff(ours: float, official: float) -> float:
+    """``|ours - official| / max(|official|, 1e-6)``."""
+    return abs(float(ours) - float(official)) / max(abs(float(official)), 1e-6)
+
+
+def grad_differences(ours: Dict[str, Optional[torch.Tensor]], official: Dict[str, Optional[torch.Tensor]],
+                     floor: float = 1e-4) -> Tuple[float, List[Tuple[str, float, float, float]]]:
+    """Per parameter tensor ``max |ours - official| / max(max |official|, floor * G)``, where G is
+    the largest official gradient entry of the model (the floor keeps float32 noise in gradients
+    that vanish analytically, e.g. a key bias under softmax, from counting as a difference).
+
+    A gradient present on one side only counts as inf unless it is all zeros. Returns the
+    largest value and ``(name, value, max |diff|, max |official|)`` rows, largest first.
+    """
+    scales = [float(g.abs().max()) for g in official.values() if g is not None and g.numel()]
+    big = max(scales) if scales else 0.0
+    rows = []
+    for name, a in ours.items():
+        b = official.get(name)
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            present = a if a is not None else b
+            d = 0.0 if float(present.abs().max()) == 0.0 else math.inf
+            rows.append((name, d, math.inf, 0.0))
+            continue
+        diff, scale = float((a - b).abs().max()), float(b.abs().max())
+        rows.append((name, diff / max(scale, floor * big, 1e-12), diff, scale))
+    rows.sort(key=lambda r: -r[1])
+    return (rows[0][1] if rows else 0.0), rows
+
+
+def draw_support(draw: Callable[[int], Sequence[Any]], n_draws: int) -> Dict[Any, int]:
+    """How often each value came out of ``draw(k)`` for k = 0..n_draws-1 (a draw may return
+    several values: each counts)."""
+    counts: Dict[Any, int] = {}
+    for k in range(n_draws):
+        for v in draw(k):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+def same_distribution(ours: Dict[Any, int], official: Dict[Any, int]) -> Tuple[bool, str]:
+    """Both sides draw uniformly from the same set: equal supports (the frequencies are reported,
+    with their largest deviation from uniform on each side)."""
+    if set(ours) != set(official):
+        only_o = sorted(set(official) - set(ours), key=str)
+        only_u = sorted(set(ours) - set(official), key=str)
+        return False, f"supports differ: official only {only_o[:6]}, ours only {only_u[:6]}"
+
+    def spread(c: Dict[Any, int]) -> float:
+        n = sum(c.values())
+        return max(abs(v / n - 1 / len(c)) for v in c.values()) * len(c) if c else 0.0
+
+    return True, (f"{len(ours)} values, max |freq/uniform - 1|: official {spread(official):.2f}, "
+                  f"ours {spread(ours):.2f}")
+
+
+class DropoutReplay:
+    """Records the official dropout masks and replays them in our model.
+
+    Official sites: ``nn.Dropout`` modules (input projections: batch-first (B, L, D);
+    inside ``transformer``: sequence-first (L, B, D)) and the attention-weight dropout of
+    ``qd_detr/attention.py`` and of torch's ``nn.MultiheadAttention`` ((B*H, Lq, Lk)). Ours are batch-first ((B, L, D), attention
+    (B, H, Lq, Lk)). :meth:`record` installs a dropout that draws ``rand >= p`` and keeps the
+    mask with the layout of its site; :meth:`replay` installs one that takes the next mask,
+    puts it in our layout and checks its shape.
+    """
+
+    def __init__(self) -> None:
+        self.masks: List[Tuple[str, torch.Tensor, float]] = []
+        self.used = 0
+        self._undo: List[Callable[[], None]] = []
+
+    @staticmethod
+    def apply(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+        return x * mask.to(x.dtype) / (1.0 - p)
+
+    @staticmethod
+    def to_ours(layout: str, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """An official mask in our layout (``layout``: batch_first | seq_first | heads)."""
+        if layout == "seq_first":
+            mask = mask.transpose(0, 1)
+        elif layout == "heads":
+            mask = mask.reshape(shape)
+        if tuple(mask.shape) != tuple(shape):
+            raise RuntimeError(f"dropout site mismatch: official mask {tuple(mask.shape)} ({layout}) "
+                               f"for our tensor {tuple(shape)}")
+        return mask
+
+    def _patch(self, obj: Any, name: str, fn: Callable) -> None:
+        old = getattr(obj, name)
+        setattr(obj, name, fn)
+        self._undo.append(lambda: setattr(obj, name, old))
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def record(self, official_model: torch.nn.Module, attention_module: Any) -> None:
+        import torch.nn.functional as F
+
+        in_transformer = {id(m) for m in official_model.transformer.modules()}
+        for module in official_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                layout = "seq_first" if id(module) in in_transformer else "batch_first"
+                self._patch(module, "forward", self._recorder(layout, lambda m=module: m.p, lambda m=module: m.training))
+        original = F.dropout
+
+        def attention_dropout(x, p=0.5, training=True, inplace=False):
+            if not training or p == 0:
+                return original(x, p, training, inplace)
+            return self._draw("heads", x, p)
+
+        self._patch(attention_module, "dropout", attention_dropout)  # qd_detr/attention.py
+        self._patch(F, "dropout", attention_dropout)  # inside torch's nn.MultiheadAttention
+
+    def _recorder(self, layout: str, p_of: Callable[[], float], training_of: Callable[[], bool]):
+        def forward(x):
+            p = p_of()
+            if not training_of() or p == 0:
+                return x
+            return self._draw(layout, x, p)
+        return forward
+
+    def _draw(self, layout: str, x: torch.Tensor, p: float) -> torch.Tensor:
+        mask = torch.rand(x.shape) >= p
+        self.masks.append((layout, mask, p))
+        return self.apply(x, mask, p)
+
+    def replay(self) -> None:
+        import torch.nn.functional as F
+
+        original = F.dropout
+
+        def dropout(x, p=0.5, training=True, inplace=False):
+            if not training or p == 0:
+                return original(x, p, training, inplace)
+            if self.used >= len(self.masks):
+                raise RuntimeError("our model draws more dropout masks than the official one")
+            layout, mask, p_off = self.masks[self.used]
+            self.used += 1
+            if abs(p_off - p) > 1e-12:
+                raise RuntimeError(f"dropout rate mismatch at site {self.used}: official {p_off}, ours {p}")
+            return self.apply(x, self.to_ours(layout, mask, x.shape), p)
+
+        self._patch(F, "dropout", dropout)
+
+
+# --------------------------------------------------------------------------- step check
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+def _row(label: str, official: Any, ours: Any, ok: bool) -> str:
+    return f"  {label:<22} official {_fmt(official):<34} ours {_fmt(ours):<34} {'' if ok else '<< DIFFERS'}"
+
+
+def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_size: int, seed: int,
+                       n_draws: int, tie_break: str = "official") -> int:
+    """The QD-DETR step check (module doc); ``tie_break`` is our dataset's
+    ``saliency_tie_break`` (``stable`` shows what the check reports for the old order).
+    Returns the exit status."""
+    import random
+
+    official_runtime.install_shims(official_dir)
+    from qd_detr import attention as official_attention
+    from qd_detr.config import BaseOptions
+    from qd_detr.model import build_model
+    from qd_detr.start_end_dataset import StartEndDataset, prepare_batch_inputs, start_end_collate
+
+    from lavis_c2f.datasets.builders import QVHighlightsBuilder
+    from lavis_c2f.models.grounder.lavis_models import C2FQDDETR
+    from lavis_c2f.ops.argsort import introsort_argsort
+
+    probe = [1.0] * 17
+    scalar = np.argsort(np.asarray(probe)).tolist() == introsort_argsort(probe).tolist()
+    print(f"NPY_DISABLE_CPU_FEATURES={os.environ.get('NPY_DISABLE_CPU_FEATURES', '')!r}: np.argsort "
+          f"{'orders ties as the scalar introsort (as the official NumPy 1.17)' if scalar else 'uses a SIMD sort'}")
+    if not scalar:
+        print("step-check: np.argsort does not use NumPy's scalar introsort here: the official labels "
+              "would follow this CPU's SIMD tie order")
+        return 1
+
+    opts = BaseOptions()
+    opts.initialize()
+    opt = opts.parser.parse_args(official_argv(recipe, corpus, seed, tempfile.gettempdir()))
+    opt.device, opt.use_tef, opt.use_video = torch.device("cpu"), True, True
+    opt.v_feat_dim += 2  # what BaseOptions.parse adds for the TEF columns
+
+    off_ds = StartEndDataset(
+        dset_name="hl", data_path=corpus.annotations["train"], v_feat_dirs=corpus.video_dirs,
+        q_feat_dir=corpus.text_dir, q_feat_type="last_hidden_state", max_q_l=recipe.max_q_l,
+        max_v_l=recipe.max_v_l, ctx_mode="video_tef", clip_len=recipe.clip_length,
+        max_windows=recipe.max_windows, span_loss_type="l1", txt_drop_ratio=0)
+    builder = QVHighlightsBuilder(dict(our_dataset_config(recipe, corpus, seed, saliency_tie_break=tie_break),
+                                       splits=["train"]))
+    our_ds = builder.build_datasets()["train"]
+    n = min(batch_size, len(off_ds), len(our_ds))
+    if [str(off_ds.data[i]["qid"]) for i in range(n)] != [str(our_ds.records[i].qid) for i in range(n)]:
+        print("step-check: the two datasets list the training queries in different orders")
+        return 1
+
+    random.seed(seed)
+    off_items = [off_ds[i] for i in range(n)]
+    off_meta, off_batch = start_end_collate(off_items)
+    off_inputs, off_targets = prepare_batch_inputs(off_batch, torch.device("cpu"))
+    our_items = [our_ds[i] for i in range(n)]
+    ours = our_ds.collater(our_items)
+
+    print(f"\n== labels: {n} training items of {corpus.annotations['train']} ==")
+    failures: List[str] = []
+    for key_o, key_u in (("src_vid", "src_vid"), ("src_vid_mask", "src_vid_mask"),
+                         ("src_txt", "src_txt"), ("src_txt_mask", "src_txt_mask")):
+        a, b = off_inputs[key_o], ours[key_u]
+        d = math.inf if a.shape != b.shape else float((a - b).abs().max())
+        ok = d <= 1e-6
+        print(f"  input {key_u:<16} shapes {tuple(a.shape)} / {tuple(b.shape)}, max |diff| {d:.2e}"
+              f"{'' if ok else '  << DIFFERS'}")
+        if not ok:
+            failures.append(f"input {key_u}")
+
+    random_windows: List[int] = []
+    for i in range(n):
+        meta, rec = off_meta[i], our_ds.records[i]
+        ctx_l = int(off_inputs["src_vid_mask"][i].sum())
+        print(f" item {i} qid {meta['qid']} vid {meta['vid']} clips {ctx_l} windows {len(meta['relevant_windows'])}")
+        o_sp, u_sp = off_targets["span_labels"][i]["spans"], ours["span_labels"][i]
+        if len(meta["relevant_windows"]) > recipe.max_windows:
+            random_windows.append(i)
+            ok = o_sp.shape == u_sp.shape
+            print(_row("span labels (random)", f"{tuple(o_sp.shape)} subset", f"{tuple(u_sp.shape)} subset", ok))
+        else:
+            ok = o_sp.shape == u_sp.shape and float((o_sp - u_sp).abs().max()) <= 1e-6
+            print(_row("span labels (cx, w)", o_sp, u_sp, ok))
+        if not ok:
+            failures.append(f"item {i} span labels")
+        for name, col, key in (("hard positive", 0, "saliency_pos_labels"), ("hard negative", 0, "saliency_neg_labels")):
+            a, b = int(off_targets[key][i, col]), int(ours[key][i, col])
+            print(_row(name, a, b, a == b))
+            if a != b:
+                failures.append(f"item {i} {name}")
+        a_all = off_targets["saliency_all_labels"][i, :ctx_l]
+        b_all = ours["saliency_all_labels"][i, :ctx_l]
+        ok = torch.equal(a_all, b_all.to(a_all.dtype))
+        nz = [(j, int(a_all[j])) for j in torch.nonzero(a_all).flatten().tolist()]
+        print(f"  {'all-clip scores':<22} {'equal' if ok else 'DIFFER'} over {ctx_l} clips (non-zero: "
+              f"{len(nz)}, e.g. {nz[:4]})")
+        if not ok:
+            failures.append(f"item {i} all-clip scores")
+        # random labels: distributions over n_draws draws on each side
+        row = off_ds.data[i]
+
+        def off_draw(k: int) -> List[Tuple[str, int]]:
+            random.seed(k)
+            pos, neg, _ = off_ds.get_saliency_labels_all(row["relevant_clip_ids"], row["saliency_scores"], ctx_l)
+            return [("easy positive", int(pos[1])), ("easy negative", int(neg[1]))]
+
+        def our_draw(k: int) -> List[Tuple[str, int]]:
+            our_ds.set_epoch(k)
+            lab = our_ds.labels(rec, ctx_l, our_ds.rng_for(i))
+            return [("easy positive", int(lab["saliency_pos_labels"][1])),
+                    ("easy negative", int(lab["saliency_neg_labels"][1]))]
+
+        off_counts, our_counts = draw_support(off_draw, n_draws), draw_support(our_draw, n_draws)
+        for col, name in ((1, "easy positive"), (1, "easy negative")):
+            key = "saliency_pos_labels" if name == "easy positive" else "saliency_neg_labels"
+            ok, why = same_distribution({v: c for (kind, v), c in our_counts.items() if kind == name},
+                                        {v: c for (kind, v), c in off_counts.items() if kind == name})
+            print(f"  {name:<22} this batch: official {int(off_targets[key][i, col])}, ours {int(ours[key][i, col])}; "
+                  f"{n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
+            if not ok:
+                failures.append(f"item {i} {name} distribution")
+        if i in random_windows:
+            windows = [tuple(w) for w in row["relevant_windows"]]
+
+            def off_win(k: int) -> List[Tuple[float, float]]:
+                random.seed(k)
+                return [tuple(round(x, 4) for x in w) for w in
+                        off_ds.get_span_labels(list(windows), ctx_l).tolist()]
+
+            def our_win(k: int) -> List[Tuple[float, float]]:
+                our_ds.set_epoch(k)
+                return [tuple(round(x, 4) for x in w) for w in
+                        our_ds.labels(rec, ctx_l, our_ds.rng_for(i))["span_labels"].tolist()]
+
+            ok, why = same_distribution(draw_support(our_win, n_draws), draw_support(off_win, n_draws))
+            print(f"  {'kept windows':<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
+            if not ok:
+                failures.append(f"item {i} window subset distribution")
+    our_ds.set_epoch(0)
+
+    # ---- one training step from the same weights, on the same batch
+    torch.manual_seed(seed)
+    off_model, off_crit = build_model(opt)
+    model = C2FQDDETR.from_config(our_model_config(recipe, corpus))
+    model.detr.load_state_dict(off_model.state_dict(), strict=True)  # same key layout
+    batch = dict(ours)
+    batch["saliency_pos_labels"] = ours["saliency_pos_labels"].clone()
+    batch["saliency_neg_labels"] = ours["saliency_neg_labels"].clone()
+    batch["saliency_pos_labels"][:, 1] = off_targets["saliency_pos_labels"][:, 1]
+    batch["saliency_neg_labels"][:, 1] = off_targets["saliency_neg_labels"][:, 1]
+    batch["span_labels"] = [off_targets["span_labels"][i]["spans"] if i in random_windows else s
+                            for i, s in enumerate(ours["span_labels"])]
+    off_model.train()
+    off_crit.train()
+    model.train()
+    replay = DropoutReplay()
+    try:
+        replay.record(off_model, official_attention)
+        off_out = off_model(**off_inputs)
+        replay.restore()
+        off_losses = off_crit(off_out, off_targets)
+        w = off_crit.weight_dict
+        off_total = sum(off_losses[k] * w[k] for k in off_losses if k in w)
+        off_total.backward()
+        replay.replay()
+        our_losses = model(batch)
+    finally:
+        replay.restore()
+    our_losses["loss"].backward()
+    print(f"\n== one training step (batch {n}, official initialisation with seed {seed}; dropout: {replay.used} "
+          f"of {len(replay.masks)} official masks replayed, the rest belong to the official negative-pair "
+          "pass's decoder, whose outputs the official code discards) ==")
+    max_loss = 0.0
+    keys = [k for k in off_losses if k in our_losses]
+    for k in keys + ["weighted total"]:
+        a = float((off_total if k == "weighted total" else off_losses[k]).detach())
+        b = float((our_losses["loss"] if k == "weighted total" else our_losses[k]).detach())
+        d = rel_diff(b, a)
+        max_loss = max(max_loss, d)
+        print(f"  {k:<22} official {a:>12.6f}   ours {b:>12.6f}   rel diff {d:.2e}{'' if d <= TOL else '  << DIFFERS'}")
+    off_params = dict(off_model.named_parameters())
+    ours_grads = {name: p.grad for name, p in model.detr.named_parameters()}
+    off_grads = {name: off_params[name].grad for name in ours_grads}
+    max_grad, table = grad_differences(ours_grads, off_grads)
+    print(f"  gradients: {sum(g is not None for g in ours_grads.values())} parameter tensors; largest differences "
+          "(max |ours - official| / max(max |official|, 1e-4 x the largest official gradient entry)):")
+    for name, d, diff, scale in table[:5]:
+        print(f"    {name:<52} rel {d:.2e}  (max |diff| {diff:.2e}, max |official| {scale:.2e})")
+    if failures:
+        print(f"\nlabels that differ: {failures}")
+    status = 0 if not failures and max_loss <= TOL and max_grad <= TOL else 1
+    labels = "labels identical" if not failures else f"labels DIFFER ({len(failures)})"
+    print(f"step-check: {labels}, max loss diff {max_loss:.2e}, max grad diff {max_grad:.2e}")
+    return status
+
+
+# --------------------------------------------------------------------------- train parity
+
+
+def train_ours(config_path: str, eval_bsz: int, out_json: str) -> None:
+    """Our side of one training run (run in a child process): ``train.py`` as a user runs it, with
+    the training epochs timed, then the best checkpoint also evaluated with the official
+    evaluation batching."""
+    from lavis_c2f.launch import build, parse_args
+
+    torch.set_num_threads(1)
+    cfg, task, datasets, model, runner_cls = build(parse_args(["--cfg-path", config_path], "train parity"))
+    runner = runner_cls(cfg=cfg, task=task, model=model, datasets=datasets, job_id="run")
+    seconds = [0.0]
+    original = task.train_epoch
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        seconds[0] += time.perf_counter() - t0
+        return out
+
+    task.train_epoch = timed
+    summary = runner.train()
+    correct = summary["test"]["test"]
+    runner.unwrapped_model.config["eval_t2v_mask_mode"] = "official"
+    runner.run_cfg.batch_size_eval = eval_bsz
+    batched = runner.evaluate(cur_epoch="best")["test"]
+    keep = lambda m: {k: float(v) for k, v in m.items() if k.startswith(("MR-", "HL-")) and v is not None}  # noqa: E731
+    n_train = len(datasets["c2f_qvh"]["train"]) if "c2f_qvh" in datasets else None
+    epochs = int(cfg.run_cfg.max_epoch)
+    with open(out_json, "w") as f:
+        json.dump({"train_seconds": seconds[0], "train_samples": (n_train or 0) * epochs, "epochs": epochs,
+                   "best_epoch": summary["best_epoch"], "test": {"1": keep(correct), str(eval_bsz): keep(batched)}},
+                  f, indent=1)
+
+
+@dataclass
+class Job:
+    code: str       # "official QD-DETR" | "ours QD-DETR"
+    variant: str
+    seed: int
+    cmd: List[str]
+    env: Dict[str, str]
+    out_json: str
+    log: str
+    result: Optional[Dict[str, Any]] = None
+    seconds: float = 0.0
+
+
+def run_jobs(jobs: List[Job], parallel: int) -> None:
+    """Run the jobs, ``parallel`` at a time; each job's output goes to its log file."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            log = open(job.log, "w")
+            running.append((job, subprocess.Popen(job.cmd, env=job.env, stdout=log, stderr=subprocess.STDOUT,
+                                                  cwd=ROOT), log, time.time()))
+            print(f"  started {job.code} / {job.variant} / seed {job.seed}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            job, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            job.seconds = time.time() - t0
+            if proc.returncode == 0 and os.path.isfile(job.out_json):
+                with open(job.out_json) as f:
+                    job.result = json.load(f)
+                print(f"  done {job.code} / {job.variant} / seed {job.seed} in {job.seconds:.0f} s", flush=True)
+            else:
+                print(f"  FAILED {job.code} / {job.variant} / seed {job.seed} (exit {proc.returncode}); "
+                      f"log: {job.log}", flush=True)
+
+
+METRICS = (("MR-full-R1@0.5", "R1@0.5"), ("MR-full-R1@0.7", "R1@0.7"), ("MR-full-mAP", "mAP"))
+
+
+def mean_sd(values: Sequence[float]) -> str:
+    """``mean ± sample standard deviation`` (``mean`` alone for one value)."""
+    if not values:
+        return "-"
+    m = float(np.mean(values))
+    return f"{m:.2f} ± {float(np.std(values, ddof=1)):.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def parity_table(jobs: List[Job], eval_bsz: int) -> Tuple[str, List[Dict[str, Any]]]:
+    """The markdown table of the module doc and its rows as dicts (means over seeds)."""
+    groups: Dict[Tuple[str, str], List[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.code, job.variant), []).append(job)
+    head = ("| code | recipe | seeds | " + " | ".join(f"{s} (B-indep.)" for _, s in METRICS) + " | "
+            + " | ".join(f"{s} (official batching)" for _, s in METRICS) + " | train samples/s |")
+    lines = [head, "|" + "---|" * (3 + 2 * len(METRICS) + 1)]
+    rows = []
+    for (code, variant), group in groups.items():
+        done = [j.result for j in group if j.result]
+        cells = []
+        row: Dict[str, Any] = {"code": code, "variant": variant, "seeds": [j.seed for j in group if j.result]}
+        for bsz in ("1", str(eval_bsz)):
+            for key, short in METRICS:
+                vals = [r["test"][bsz][key] for r in done if bsz in r["test"]]
+                cells.append(mean_sd(vals))
+                row[f"{short}@{'indep' if bsz == '1' else 'batched'}"] = vals
+        speeds = [r["train_samples"] / r["train_seconds"] for r in done if r["train_seconds"] > 0]
+        row["samples_per_s"] = speeds
+        lines.append(f"| {code} | {variant} | {len(done)}/{len(group)} | " + " | ".join(cells)
+                     + f" | {mean_sd(speeds)} |")
+        rows.append(row)
+    return "\n".join(lines), rows
+
+
+def train_parity(official_dir: str, corpus: Corpus, recipe: Recipe, seeds: Sequence[int], official_python: str,
+                 parallel: int, work: str, variants: Sequence[str]) -> Tuple[str, List[Dict[str, Any]]]:
+    import yaml
+
+    os.makedirs(work, exist_ok=True)
+    base_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+                    TOKENIZERS_PARALLELISM="false")
+    from lavis_c2f.ops.argsort import scalar_sort_env
+
+    off_env = scalar_sort_env(base_env)
+    jobs: List[Job] = []
+    for seed in seeds:
+        d = os.path.join(work, f"official_seed{seed}")
+        os.makedirs(d, exist_ok=True)
+        out = os.path.join(d, "result.json")
+        cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train", official_dir,
+               corpus.annotations["test"], f"1,{recipe.eval_bsz}", out, "--",
+               *official_argv(recipe, corpus, seed, os.path.join(d, "results"))]
+        jobs.append(Job("official QD-DETR", "official defaults", seed, cmd, off_env, out, os.path.join(d, "log.txt")))
+        for variant in variants:
+            tag = variant.split(" (")[0].replace(" ", "_").replace("-", "_")
+            d = os.path.join(work, f"ours_{tag}_seed{seed}")
+            os.makedirs(d, exist_ok=True)
+            cfg_path = os.path.join(d, "project.yaml")
+            with open(cfg_path, "w") as f:
+                yaml.safe_dump(our_project(recipe, corpus, seed, os.path.join(d, "output"), variant), f)
+            out = os.path.join(d, "result.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "_ours-train", cfg_path, str(recipe.eval_bsz), out]
+            jobs.append(Job("ours QD-DETR", variant, seed, cmd, dict(base_env, PYTHONPATH=ROOT), out,
+                            os.path.join(d, "log.txt")))
+    order = ["official defaults"] + list(variants)
+    jobs.sort(key=lambda j: (order.index(j.variant), j.seed))  # the headline rows first
+    print(f"train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
+    run_jobs(jobs, parallel)
+    return parity_table(jobs, recipe.eval_bsz)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _reexec_with_scalar_sort() -> None:
+    """Restart this process with NumPy's SIMD sorts disabled (needed before NumPy is used)."""
+    from lavis_c2f.ops.argsort import scalar_sort_env
+
+    env = scalar_sort_env(os.environ)
+    if env.get("NPY_DISABLE_CPU_FEATURES") and os.environ.get("NPY_DISABLE_CPU_FEATURES") is None:
+        env.setdefault("OMP_NUM_THREADS", "1")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_ours-train"]:
+        train_ours(argv[1], int(argv[2]), argv[3])
+        return 0
+    if argv[:1] == ["make-qvh-sample"]:
+        p = argparse.ArgumentParser(prog="train_parity.py make-qvh-sample")
+        p.add_argument("--annotations", required=True, help="folder with highlight_{train,val}_release.jsonl")
+        p.add_argument("--out", required=True)
+        p.add_argument("--n-train", type=int, default=64)
+        p.add_argument("--n-val", type=int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+        a = p.parse_args(argv[1:])
+        c = make_qvh_sample(a.annotations, a.out, a.n_train, a.n_val, a.seed)
+        print(f"QVHighlights-layout sample written to {c.root} (streams {[os.path.basename(d) for d in c.video_dirs]})")
+        return 0
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official-qd-detr", required=True, metavar="DIR", help="a checkout of the official QD-DETR code")
+    p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
+    p.add_argument("--step-check", action="store_true")
+    p.add_argument("--train", action="store_true", help="the three-seed train-parity table")
+    p.add_argument("--batch-size", type=int, default=32, help="step check batch")
+    p.add_argument("--draws", type=int, default=2000, help="draws per item for the random labels")
+    p.add_argument("--seed", type=int, default=0, help="step check seed")
+    p.add_argument("--our-tie-break", default="official", choices=["official", "stable"],
+                   help="step check: our saliency_tie_break (stable = the old order, to see it reported)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--official-python", default=sys.executable,
+                   help="interpreter with the official code's dependencies (sklearn, tqdm)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (each uses one thread)")
+    p.add_argument("--work", default=None, help="folder for the runs (default: a new temporary folder)")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    if not (a.step_check or a.train):
+        p.error("nothing to do: give --step-check and/or --train")
+    if a.step_check:
+        _reexec_with_scalar_sort()
+    official = os.path.abspath(a.official_qd_detr)
+    if not os.path.isfile(os.path.join(official, "qd_detr", "start_end_dataset.py")):
+        p.error(f"--official-qd-detr {official}: no qd_detr/start_end_dataset.py there")
+    recipe = Recipe() if a.epochs is None else Recipe(epochs=a.epochs)
+    recipe.check()
+    corpus = detect_corpus(a.corpus or default_demo_corpus())
+    print(f"corpus: {corpus.root} ({corpus.layout} layout); official code: {official}")
+    print("official code shims (bench/official_runtime.py): " + "; ".join(official_runtime.SHIMS))
+    status = 0
+    report: Dict[str, Any] = {"recipe": asdict(recipe), "corpus": corpus.root}
+    if a.step_check:
+        status = step_check_qd_detr(official, corpus, recipe, a.batch_size, a.seed, a.draws,
+                                    a.our_tie_break)
+    if a.train:
+        work = a.work or tempfile.mkdtemp(prefix="train_parity_")
+        table, rows = train_parity(official, corpus, recipe, a.seeds, a.official_python, a.jobs, work, a.variants)
+        print(f"\nrecipe: {asdict(recipe)}\n\n{table}")
+        report["train"] = rows
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
