@@ -45,6 +45,20 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
+    if rep.when == "call" and rep.failed:
+        # CI keeps only the terminal: put what the app said into the failure report itself
+        for name in ("demo_server", "empty_demo_server"):
+            server = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if server and Path(server["log"]).is_file():
+                text = Path(server["log"]).read_text(encoding="utf-8", errors="replace")
+                rep.sections.append((f"demo server log ({name}, last 6000 characters)", text[-6000:]))
+        for name in ("page", "empty_page"):
+            pg = item.funcargs.get(name) if hasattr(item, "funcargs") else None
+            if pg is not None:
+                try:
+                    rep.sections.append(("page text at the failure", pg.locator("body").inner_text(timeout=5_000)[-4000:]))
+                except Exception as e:  # the page itself may be what broke
+                    rep.sections.append(("page text at the failure", f"unavailable: {type(e).__name__}: {e}"))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -15,6 +15,7 @@ import pytest
 sync_api = pytest.importorskip("playwright.sync_api", reason="the PyPI package 'playwright' is not installed "
                                                             "(pip install playwright; no 'playwright install')")
 expect = sync_api.expect
+PlaywrightTimeoutError = sync_api.TimeoutError
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -35,6 +36,19 @@ def _idle(page, timeout: float = 120_000) -> None:
     """Wait until the script run ends: no "running" status widget, no placeholder skeletons."""
     page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
                            " && !document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=timeout)
+
+
+def _click_until_started(page, button, started: "re.Pattern[str]", tries: int = 3) -> None:
+    """Click ``button`` until the page shows ``started``: a click that lands while Streamlit
+    redraws the widget after an upload is dropped, and the run never starts."""
+    for attempt in range(tries):
+        button.click()
+        try:
+            page.get_by_text(started).first.wait_for(timeout=30_000)
+            return
+        except PlaywrightTimeoutError:
+            if attempt == tries - 1:
+                raise
 
 
 def _window_text(row) -> str:
@@ -143,7 +157,8 @@ def test_index_uploaded_videos_then_search_and_play(page, artifacts, clips):
     for name in ("red.mp4", "blue.mp4"):   # uploaded before the click
         page.locator(".st-key-index_files").get_by_text(name).wait_for()
     _idle(page)
-    page.locator(".st-key-build_index button").click()
+    _click_until_started(page, page.locator(".st-key-build_index button"),
+                         re.compile(r"starting \.\.\.|loading the \w+ backbone|decoding and encoding|Indexed 2 videos"))
     page.get_by_text("Indexed 2 videos").wait_for(timeout=240_000)
     page.get_by_text("Index of videos").wait_for()
     page.get_by_text("stage 1: ZERO-SHOT").wait_for()   # no retriever checkpoint: labelled zero-shot

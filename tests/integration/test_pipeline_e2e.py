@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,28 +246,40 @@ def test_killed_training_resumes_to_the_same_result(work, merged, stage2):
 
 
 def test_killed_evaluation_leaves_no_result_files(work, merged, stage2):
-    # a large pair count keeps the grounding phase long enough to be interrupted
+    """SIGKILL in the middle of the grounding phase: no result file, not even a temporary one.
+
+    The kill is timed by the run's own progress lines (one per pair batch with
+    ``C2F_PROGRESS_INTERVAL=0``), not by a sleep: the first line with a finished batch of the
+    grounding bar proves the evaluation is inside the phase that writes results at its end, on a
+    fast machine as on a slow one (579 pair batches here)."""
     opts = _common(work, "kill") + S2_MODEL + [f"datasets.c2f_demo.annotations.train.path={merged['train']}",
                                                "run.stage1_ranks=null", "run.stage1_top_k=5", "run.pair_batch_size=1",
-                                               "run.test_splits=[train]"]
+                                               "run.test_splits=[train]", "run.progress=true"]
     cmd = ["bash", str(SCRIPTS / "eval_c2f.sh"), str(PROJECTS / "demo_c2f.yaml"), str(stage2 / "checkpoint_best.pth"),
            *opts]
     out = work / "runs" / "ev_killed"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(JOB_ID="ev_killed"),
-                            cwd=str(REPO), start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not (out / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.0)
-        assert proc.poll() is None, "the evaluation ended before it could be interrupted"
-    finally:
-        if proc.poll() is None:
-            _kill_hard(proc)
-        proc.wait()
+    log = work / "ev_killed.log"
+    grounding = re.compile(r"eval train:.*\b([1-9][0-9]*)/([0-9]+) \[")
+    with open(log, "w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True,
+                                env=_env(JOB_ID="ev_killed", C2F_PROGRESS_INTERVAL=0))
+        try:
+            deadline = time.time() + 300
+            seen = None
+            while seen is None and proc.poll() is None and time.time() < deadline:
+                seen = grounding.search(log.read_text(encoding="utf-8", errors="replace"))
+                time.sleep(0.05)
+            alive = proc.poll() is None
+        finally:
+            if proc.poll() is None:
+                _kill_hard(proc)
+            proc.wait()
+    tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+    assert seen is not None, f"no grounding progress line within 300 s:\n{tail}"
+    assert alive and int(seen.group(1)) < int(seen.group(2)), f"the evaluation ended before it could be interrupted:\n{tail}"
     result = out / "result"
     assert result.is_dir()
-    assert sorted(p.name for p in result.iterdir()) == []   # nothing written, not even temporary files
+    assert sorted(p.name for p in result.iterdir()) == [], tail   # nothing written, not even temporary files
 
 
 def test_quickstart_command_small(tmp_path):
