@@ -430,7 +430,7 @@ def our_train_step(model, batch: Dict[str, Any], neg: bool = True) -> Callable[[
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
         for v in out.values():
-            float(v)
+            float(v.detach())
 
     return step
 
