@@ -2,24 +2,17 @@
 (tiny sizes; the official code is never imported here)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from bench_helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def gb():
-    spec = importlib.util.spec_from_file_location("bench_grounder", ROOT / "bench" / "grounder.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_grounder"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("grounder.py", "bench_grounder")
 
 
 def _busy(seconds: float) -> None:
