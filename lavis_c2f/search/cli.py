@@ -218,7 +218,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
+                   help="index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
+                        "(#COLLECTION, default c2f_index); or a demo corpus folder")
     s.add_argument("query", metavar="QUERY", help="the query text (quote it)")
     s.add_argument("--top-k", type=int, default=SEARCH_DEFAULTS["top_k"],
                    help=f"moments listed (default {SEARCH_DEFAULTS['top_k']})")
