@@ -177,8 +177,9 @@ class C2FPredictor:
         runner's or an official QD-DETR / MESM one (None: zero-shot stage 2); ``backbone`` is a
         name (``offline`` | ``clip_hf`` | ``clip_lavis`` | ``random`` | ``slowfast``, or streams
         joined by ``+`` such as ``slowfast+clip_hf``; configured by ``backbone_cfg`` over the
-        index's settings) or a built backbone; ``index`` a folder of ``lavis-c2f index videos``
-        (needed by :meth:`search`); ``retriever_cfg`` / ``grounder_cfg`` model YAMLs for
+        index's settings) or a built backbone; ``index`` the locator of a ``lavis-c2f index videos``
+        index (needed by :meth:`search`): a folder (FAISS) or a Milvus ``*.db`` path /
+        ``http(s)://`` URI with ``#COLLECTION`` (:mod:`lavis_c2f.index.locator`); ``retriever_cfg`` / ``grounder_cfg`` model YAMLs for
         checkpoints that store none; clip sampling defaults to the index's; ``ann`` an
         annotation file of the indexed videos (ground truth for plots); ``trusted`` allows full
         unpickling of checkpoints (only for files you trust); ``grounder_streams`` the feature

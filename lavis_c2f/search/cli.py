@@ -275,7 +275,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
+                   help="index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
+                        "(#COLLECTION, default c2f_index); or a demo corpus folder")
     s.add_argument("query", nargs="?", metavar="QUERY", help="the query text (quote it)")
     s.add_argument("--queries-file", default=None, metavar="FILE",
                    help="search every query of FILE (UTF-8, one query per line, blank lines skipped) in batches: "
