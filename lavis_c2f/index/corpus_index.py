@@ -80,10 +80,10 @@ import torch
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.ann import AnnConfig
+from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.prefilter import Prefilter
 from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, rows_embedding, sha256_file
 from lavis_c2f.models.retriever.modules import sinkhorn_video_bias
-from lavis_c2f.ops.batching import GEMM_MIN_ROWS, padded_index
 from lavis_c2f.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -533,32 +533,18 @@ class CorpusIndex:
         return results
 
     def _rerank_many(self, text_emb, cands: Sequence[np.ndarray], k: int) -> List[List[Tuple[str, float]]]:
-        """Exact scores of each query's candidate rows (``cands[q]``), the ``k`` best per query.
-
-        Each query is scored on its own, with the same shapes whether it is searched alone or
-        in a batch, so its result never depends on the other queries: T-MASS scores the pairs
-        ``(q, candidate)`` (``score_pairs``) with the query and the pairs padded to
-        :data:`~lavis_c2f.ops.batching.GEMM_MIN_ROWS` rows (:mod:`lavis_c2f.ops.batching`), other
-        models (UCoFiA) the (1, m) grid (``score``). Blocks of several queries were measured no
-        faster (the exact score costs the same per pair; bench/stage1_search.py) and BLAS's
-        small-matrix kernels round differently with the block's size.
-        """
-        model = self.model
+        """Exact scores of each query's candidate rows (``cands[q]``), the ``k`` best per query;
+        each query on its own (:func:`~lavis_c2f.index.exact.score_candidates`: identical alone and
+        in a batch). Blocks of several queries were measured no faster (the exact score costs the
+        same per pair; bench/stage1_search.py) and BLAS's small-matrix kernels round differently
+        with the block's size."""
         out: List[List[Tuple[str, float]]] = []
-        pairs = hasattr(model, "score_pairs")
         for q, rows in enumerate(cands):
             if not len(rows):
                 out.append([])
                 continue
-            emb, bias = self.gather(rows), self._bias_for(rows)
-            if pairs:
-                pad = padded_index(len(rows))                   # batch-independent rounding (ops/batching)
-                vi = torch.from_numpy(pad)
-                scores = model.score_pairs(text_emb[np.full(GEMM_MIN_ROWS, q)], emb, torch.zeros_like(vi), vi,
-                                           video_bias=bias, block_size=len(pad))[:len(rows)]
-            else:
-                scores = model.score(text_emb[q], emb, video_bias=bias)[0]
-            out.append(self._top(rows, scores.cpu().double().numpy(), k))
+            out.append(self._top(rows, score_candidates(self.model, text_emb, q, self.gather(rows),
+                                                        self._bias_for(rows)), k))
         return out
 
     def _top(self, rows: np.ndarray, scores: np.ndarray, k: int) -> List[Tuple[str, float]]:
