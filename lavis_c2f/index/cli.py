@@ -461,7 +461,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     b.add_argument("--flat-max", type=int, default=None,
                    help="most pre-filter vectors (videos x segments) given a flat index (60000)")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N), power of two)")
-    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/32, >= 16)")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: configs/index/ann.yaml, nlist/4 in [16, 512])")
     b.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
                    help="IVF vector codec (auto: sq8 above 1e6 vectors)")
     b.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree")

@@ -80,6 +80,7 @@ import torch
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.ann import AnnConfig
+from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.prefilter import Prefilter
 from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, rows_embedding, sha256_file
 from lavis_c2f.models.retriever.modules import sinkhorn_video_bias
@@ -493,13 +494,18 @@ class CorpusIndex:
         """Exact scores of each query's candidate videos; the ``k`` best ``(vid, score)`` per
         query, best first (ties: earlier row first)."""
         self._require_model()
-        return [self._rerank(text_emb[q], np.asarray([self.store.row_of(v) for v in cand], np.int64), k)
-                for q, cand in enumerate(candidates)]
+        if len(candidates) != len(text_emb):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(text_emb)} queries")
+        rows = [np.asarray([self.store.row_of(v) for v in cand], np.int64) for cand in candidates]
+        return self._rerank_many(text_emb, rows, k)
 
     def search(self, text_emb, k: int = 10, m: Optional[int] = None, nprobe: Optional[int] = None,
                timings: Optional[Dict[str, float]] = None) -> List[List[Tuple[str, float]]]:
         """Top-k videos per query: FAISS pre-filter of ``m`` candidates (default
         ``max(256, 4 k)``), exact re-scoring with the model, best first.
+
+        A batch of Q queries is searched in one FAISS call, then each query's candidates are
+        re-ranked (:meth:`_rerank_many`); every query's result is identical to searching it alone.
 
         Args:
             text_emb: :class:`TextEmbedding` (Q queries) from the attached model.
@@ -520,20 +526,31 @@ class CorpusIndex:
         m = max(int(k), int(m if m is not None else max(256, 4 * k)))
         cands = self._candidate_rows(text_emb, m, nprobe)
         t1 = time.perf_counter()
-        results = [self._rerank(text_emb[q], rows, k) for q, rows in enumerate(cands)]
+        results = self._rerank_many(text_emb, cands, k)
         if timings is not None:
             timings["prefilter_s"] = timings.get("prefilter_s", 0.0) + (t1 - t0)
             timings["rerank_s"] = timings.get("rerank_s", 0.0) + (time.perf_counter() - t1)
         return results
 
-    def _rerank(self, text_one, rows: np.ndarray, k: int) -> List[Tuple[str, float]]:
-        if len(rows) == 0:
-            return []
-        emb = self.gather(rows)
-        scores = self.model.score(text_one, emb, video_bias=self._bias_for(rows))[0].cpu()
-        kk = min(k, len(rows))
-        order = np.lexsort((rows, -scores.double().numpy()))[:kk]   # score desc, then row asc
-        return [(self.store.vid_of(rows[i]), float(scores[i])) for i in order]
+    def _rerank_many(self, text_emb, cands: Sequence[np.ndarray], k: int) -> List[List[Tuple[str, float]]]:
+        """Exact scores of each query's candidate rows (``cands[q]``), the ``k`` best per query;
+        each query on its own (:func:`~lavis_c2f.index.exact.score_candidates`: identical alone and
+        in a batch). Blocks of several queries were measured no faster (the exact score costs the
+        same per pair; bench/stage1_search.py) and BLAS's small-matrix kernels round differently
+        with the block's size."""
+        out: List[List[Tuple[str, float]]] = []
+        for q, rows in enumerate(cands):
+            if not len(rows):
+                out.append([])
+                continue
+            out.append(self._top(rows, score_candidates(self.model, text_emb, q, self.gather(rows),
+                                                        self._bias_for(rows)), k))
+        return out
+
+    def _top(self, rows: np.ndarray, scores: np.ndarray, k: int) -> List[Tuple[str, float]]:
+        """The ``k`` best ``(vid, score)`` of ``rows`` (score desc, then row asc)."""
+        order = np.lexsort((rows, -scores))[:min(k, len(rows))]
+        return [(self.store.vid_of(rows[i]), float(np.float32(scores[i]))) for i in order]
 
     def search_exhaustive(self, text_emb, k: int = 10, block_videos: int = 4096) -> List[List[Tuple[str, float]]]:
         """Exact top-k of every query against every alive video (the re-ranking baseline)."""

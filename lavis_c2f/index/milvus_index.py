@@ -56,6 +56,7 @@ from lavis_c2f.common.errors import ConfigError, IndexUnavailableError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.corpus_index import (IndexMismatchError, _stored_rows_per_video, check_model, encode_features,
                                           model_info_of, stored_rows)
+from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.store import IndexFormatError, rows_embedding
 from lavis_c2f.version import __version__
 
@@ -496,7 +497,7 @@ class MilvusIndex:
                 continue
             emb = self._embedding([rows[v] for v in cand])
             bias = torch.zeros(len(cand), len(model.levels)) if getattr(model, "sinkhorn", False) else None
-            scores = model.score(text_emb[q], emb, video_bias=bias)[0].cpu().double().numpy()
+            scores = score_candidates(model, text_emb, q, emb, bias)
             order = sorted(range(len(cand)), key=lambda i: (-scores[i], cand[i]))[: min(int(k), len(cand))]
             out.append([(cand[i], float(scores[i])) for i in order])
         return out
