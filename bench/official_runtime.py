@@ -85,6 +85,57 @@ def install_shims(official_dir: str) -> None:
         sys.modules["torch.utils.tensorboard"] = stub
 
 
+MESM_SHIMS = (
+    "Tensor.to / Module.to with a CUDA device are no-ops without CUDA (MESM.CLIP_encode_text moves "
+    "the text tower and the token ids to 'cuda' whenever they are on the CPU)",
+    "the official CLIP text tower runs in float32 (convert_weights is skipped and its dtype is "
+    "float32; the official code casts it to fp16, which on a GPU is fast and on a CPU is slow and "
+    "rounds the word features at 1e-3, so the two codes could not be compared at 1e-5); our tower "
+    "always runs in float32",
+    "NLTK_DATA points at the bench's nltk_data folder (the averaged-perceptron tagger data written "
+    "from the model our package uses), so nltk.pos_tag in MESM's tokenizer runs offline",
+)
+
+
+def install_mesm_shims(official_dir: str, tagger_dir: str) -> None:
+    """:func:`install_shims` plus :data:`MESM_SHIMS` (before the official code is imported)."""
+    os.environ["NLTK_DATA"] = os.path.abspath(tagger_dir)
+    import nltk  # the official tokenizer's dependency; an nltk imported earlier read NLTK_DATA already
+
+    if os.path.abspath(tagger_dir) not in nltk.data.path:
+        nltk.data.path.insert(0, os.path.abspath(tagger_dir))
+    install_shims(official_dir)
+    if torch.cuda.is_available():
+        return
+
+    def is_cuda(args: Any, kwargs: Any) -> bool:
+        dev = kwargs.get("device", args[0] if args else None)
+        return (isinstance(dev, str) and dev.startswith("cuda")) or (
+            isinstance(dev, torch.device) and dev.type == "cuda")
+
+    tensor_to, module_to = torch.Tensor.to, torch.nn.Module.to
+
+    def t_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self if is_cuda(args, kwargs) else tensor_to(self, *args, **kwargs)
+
+    def m_to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        return self if is_cuda(args, kwargs) else module_to(self, *args, **kwargs)
+
+    torch.Tensor.to = t_to  # type: ignore[method-assign]
+    torch.nn.Module.to = m_to  # type: ignore[method-assign]
+    import model.text_encoder as text_encoder
+    import runner
+
+    text_encoder.CLIPTextEncoder.dtype = property(lambda self: torch.float32)  # type: ignore[assignment]
+    runner.convert_weights = lambda model: None
+
+
+def without_text_encoder(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The official checkpoint's ``model`` entry: every key containing ``text_encoder`` dropped
+    (``state_dict_without_module``)."""
+    return {k: v for k, v in state.items() if "text_encoder" not in k}
+
+
 def install_eval_shims() -> None:
     """The evaluation shims of the module doc (after ``install_shims``)."""
     import standalone_eval.eval as official_eval

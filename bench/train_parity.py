@@ -365,11 +365,16 @@ class DropoutReplay:
     (B, H, Lq, Lk)). :meth:`record` installs a dropout that draws ``rand >= p`` and keeps the
     mask with the layout of its site; :meth:`replay` installs one that takes the next mask,
     puts it in our layout and checks its shape.
+
+    ``crop_padding``: the official tensors may be longer than ours along a sequence (MESM pads
+    every text to ``max_words_l``, ours to the longest text of the batch); the mask is then cut
+    to our extent (the positions cut are padding, which no valid output reads).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, crop_padding: bool = False) -> None:
         self.masks: List[Tuple[str, torch.Tensor, float]] = []
         self.used = 0
+        self.crop_padding = crop_padding
         self._undo: List[Callable[[], None]] = []
 
     @staticmethod
@@ -377,12 +382,19 @@ class DropoutReplay:
         return x * mask.to(x.dtype) / (1.0 - p)
 
     @staticmethod
-    def to_ours(layout: str, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """An official mask in our layout (``layout``: batch_first | seq_first | heads)."""
+    def to_ours(layout: str, mask: torch.Tensor, shape: torch.Size, crop_padding: bool = False) -> torch.Tensor:
+        """An official mask in our layout (``layout``: batch_first | seq_first | heads), cut to
+        ``shape`` when ``crop_padding`` (class doc)."""
         if layout == "seq_first":
             mask = mask.transpose(0, 1)
         elif layout == "heads":
-            mask = mask.reshape(shape)
+            if crop_padding and len(shape) == 4 and mask.dim() == 3 and mask.shape[0] == shape[0] * shape[1]:
+                mask = mask.reshape(shape[0], shape[1], *mask.shape[1:])
+            else:
+                mask = mask.reshape(shape)
+        if (crop_padding and mask.dim() == len(shape) and tuple(mask.shape) != tuple(shape)
+                and all(m >= s for m, s in zip(mask.shape, shape))):
+            mask = mask[tuple(slice(0, s) for s in shape)]
         if tuple(mask.shape) != tuple(shape):
             raise RuntimeError(f"dropout site mismatch: official mask {tuple(mask.shape)} ({layout}) "
                                f"for our tensor {tuple(shape)}")
@@ -397,10 +409,13 @@ class DropoutReplay:
         while self._undo:
             self._undo.pop()()
 
-    def record(self, official_model: torch.nn.Module, attention_module: Any) -> None:
+    def record(self, official_model: torch.nn.Module, attention_module: Any,
+               seq_first: Sequence[str] = ("transformer",)) -> None:
+        """Record the masks of ``official_model``; ``seq_first``: its submodules whose tensors
+        are sequence-first (QD-DETR: the transformer; MESM also its T2V-style encoders)."""
         import torch.nn.functional as F
 
-        in_transformer = {id(m) for m in official_model.transformer.modules()}
+        in_transformer = {id(m) for name in seq_first for m in getattr(official_model, name).modules()}
         for module in official_model.modules():
             if isinstance(module, torch.nn.Dropout):
                 layout = "seq_first" if id(module) in in_transformer else "batch_first"
@@ -442,7 +457,7 @@ class DropoutReplay:
             self.used += 1
             if abs(p_off - p) > 1e-12:
                 raise RuntimeError(f"dropout rate mismatch at site {self.used}: official {p_off}, ours {p}")
-            return self.apply(x, self.to_ours(layout, mask, x.shape), p)
+            return self.apply(x, self.to_ours(layout, mask, x.shape, self.crop_padding), p)
 
         self._patch(F, "dropout", dropout)
 
@@ -836,7 +851,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--official-qd-detr", required=True, metavar="DIR", help="a checkout of the official QD-DETR code")
+    p.add_argument("--official-qd-detr", metavar="DIR", help="a checkout of the official QD-DETR code")
+    p.add_argument("--official-mesm", metavar="DIR", help="a checkout of the official MESM code")
+    p.add_argument("--mesm-layout", default=None, metavar="DIR",
+                   help="where the corpus is written in MESM's layout (default: a folder of the corpus name "
+                        "under the system temp folder; files already there are reused)")
+    p.add_argument("--items", type=int, default=4, help="MESM step check: training items (videos)")
+    p.add_argument("--no-dropout", action="store_true",
+                   help="MESM step check without dropout (diagnosis: computation vs dropout sites)")
     p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
     p.add_argument("--step-check", action="store_true")
     p.add_argument("--train", action="store_true", help="the three-seed train-parity table")
@@ -856,18 +878,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if not (a.step_check or a.train):
         p.error("nothing to do: give --step-check and/or --train")
+    if not (a.official_qd_detr or a.official_mesm):
+        p.error("give --official-qd-detr DIR and/or --official-mesm DIR")
     if a.step_check:
         _reexec_with_scalar_sort()
-    official = os.path.abspath(a.official_qd_detr)
-    if not os.path.isfile(os.path.join(official, "qd_detr", "start_end_dataset.py")):
-        p.error(f"--official-qd-detr {official}: no qd_detr/start_end_dataset.py there")
     recipe = Recipe() if a.epochs is None else Recipe(epochs=a.epochs)
     recipe.check()
     corpus = detect_corpus(a.corpus or default_demo_corpus())
-    print(f"corpus: {corpus.root} ({corpus.layout} layout); official code: {official}")
-    print("official code shims (bench/official_runtime.py): " + "; ".join(official_runtime.SHIMS))
     status = 0
     report: Dict[str, Any] = {"recipe": asdict(recipe), "corpus": corpus.root}
+    if a.official_mesm:
+        status = max(status, _mesm_main(a, p, corpus, report))
+    if not a.official_qd_detr:
+        return _write_report(a.json, report, status)
+    official = os.path.abspath(a.official_qd_detr)
+    if not os.path.isfile(os.path.join(official, "qd_detr", "start_end_dataset.py")):
+        p.error(f"--official-qd-detr {official}: no qd_detr/start_end_dataset.py there")
+    print(f"corpus: {corpus.root} ({corpus.layout} layout); official code: {official}")
+    print("official code shims (bench/official_runtime.py): " + "; ".join(official_runtime.SHIMS))
     if a.step_check:
         status = step_check_qd_detr(official, corpus, recipe, a.batch_size, a.seed, a.draws,
                                     a.our_tie_break)
@@ -876,9 +904,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         table, rows = train_parity(official, corpus, recipe, a.seeds, a.official_python, a.jobs, work, a.variants)
         print(f"\nrecipe: {asdict(recipe)}\n\n{table}")
         report["train"] = rows
-    if a.json:
-        with open(a.json, "w") as f:
+    return _write_report(a.json, report, status)
+
+
+def _write_report(path: Optional[str], report: Dict[str, Any], status: int) -> int:
+    if path:
+        with open(path, "w") as f:
             json.dump(report, f, indent=1)
+    return status
+
+
+def _mesm_main(a: argparse.Namespace, p: argparse.ArgumentParser, corpus: Corpus, report: Dict[str, Any]) -> int:
+    """The ``--official-mesm`` part of :func:`main`."""
+    import parity_mesm
+
+    official = os.path.abspath(a.official_mesm)
+    if not os.path.isfile(os.path.join(official, "dataset", "qvhighlights.py")):
+        p.error(f"--official-mesm {official}: no dataset/qvhighlights.py there")
+    recipe = parity_mesm.MesmRecipe() if a.epochs is None else parity_mesm.MesmRecipe(epochs=a.epochs)
+    recipe.check()
+    where = a.mesm_layout or os.path.join(tempfile.gettempdir(), "train_parity_mesm",
+                                          os.path.basename(os.path.normpath(corpus.root)))
+    layout = parity_mesm.write_mesm_layout(corpus, where, recipe.tower_width, recipe.tower_layers)
+    print(f"corpus: {corpus.root} ({corpus.layout} layout), in MESM's layout at {layout.root}; official MESM: {official}")
+    print("official code shims (bench/official_runtime.py): "
+          + "; ".join(official_runtime.SHIMS[:3] + official_runtime.MESM_SHIMS))
+    status = 0
+    report["mesm_recipe"] = asdict(recipe)
+    if a.step_check:
+        status = parity_mesm.step_check_mesm(official, layout, recipe, a.items, a.seed, a.draws, not a.no_dropout)
+    if a.train:
+        work = a.work or tempfile.mkdtemp(prefix="train_parity_mesm_")
+        table, rows = parity_mesm.train_parity_mesm(official, layout, recipe, a.seeds, a.official_python,
+                                                    a.jobs, work)
+        print(f"\nMESM recipe: {asdict(recipe)}\n\n{table}")
+        report["mesm_train"] = rows
     return status
 
 
