@@ -622,3 +622,60 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
         labels += f", step setup DIFFERS ({'; '.join(step_failures)})"
     print(f"step-check: {labels}, max loss diff {max_loss:.2e}, max grad diff {max_grad:.2e}")
     return status
+
+
+# --------------------------------------------------------------------------- train parity
+
+#: our model config for the evaluation with the official batching (the official evaluation's items
+#: group the queries of a video: SS groups over the item, official T2V mask, batches of items)
+OFFICIAL_EVAL = {"eval_t2v_mask_mode": "official", "predict_with_groups": True}
+
+
+def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, seeds: Sequence[int],
+                      official_python: str, parallel: int, work: str) -> Tuple[str, List[Dict[str, Any]]]:
+    """Official MESM vs ours, one run per seed and side (``parallel`` at a time, one thread
+    each), both evaluated on the test split; returns the table and its rows (:func:`parity_table`).
+
+    Columns: *B-indep.*: ours as it evaluates by default (correct T2V mask, each query its own
+    sentence group: no prediction depends on the batch); the official code cannot evaluate that
+    way (its negative pass needs a second video in the batch). *Official batching*: both as the
+    official evaluation runs (items grouped by video, ``eval_bsz`` items per batch, official T2V
+    mask; the official loader also shuffles the items).
+    """
+    import sys
+
+    import yaml
+
+    from lavis_c2f.ops.argsort import scalar_sort_env
+    from train_parity import BENCH, Job, parity_table, run_jobs
+
+    if not layout.test_ann_path:
+        raise SystemExit(f"{layout.root}: the corpus has no test split to evaluate on")
+    os.makedirs(work, exist_ok=True)
+    base_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+                    TOKENIZERS_PARALLELISM="false")
+    jobs: List[Job] = []
+    for seed in seeds:
+        d = os.path.join(work, f"official_mesm_seed{seed}")
+        os.makedirs(d, exist_ok=True)
+        out = os.path.join(d, "result.json")
+        cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train-mesm", official_dir,
+               layout.tagger_dir, layout.test_ann_path, out, "--",
+               *official_mesm_argv(recipe, layout, seed, os.path.join(d, "results"))]
+        jobs.append(Job("official MESM", "official code", seed, cmd, scalar_sort_env(base_env), out,
+                        os.path.join(d, "log.txt")))
+        d = os.path.join(work, f"ours_mesm_seed{seed}")
+        os.makedirs(d, exist_ok=True)
+        project = our_mesm_project(recipe, layout, seed, os.path.join(d, "output"))
+        project["datasets"]["c2f_qvh"]["group_splits"] = ["train", "test"]
+        cfg_path = os.path.join(d, "project.yaml")
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump(project, f)
+        out = os.path.join(d, "result.json")
+        cmd = [sys.executable, os.path.join(BENCH, "train_parity.py"), "_ours-train", cfg_path,
+               str(recipe.eval_bsz), out, json.dumps(OFFICIAL_EVAL)]
+        jobs.append(Job("ours MESM", "official recipe (defaults)", seed, cmd,
+                        dict(base_env, PYTHONPATH=os.path.dirname(BENCH)), out, os.path.join(d, "log.txt")))
+    print(f"MESM train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
+    run_jobs(jobs, parallel)
+    return parity_table(jobs, recipe.eval_bsz)

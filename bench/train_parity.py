@@ -672,10 +672,12 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
 # --------------------------------------------------------------------------- train parity
 
 
-def train_ours(config_path: str, eval_bsz: int, out_json: str) -> None:
+def train_ours(config_path: str, eval_bsz: int, out_json: str, official_eval: Optional[Dict[str, Any]] = None
+               ) -> None:
     """Our side of one training run (run in a child process): ``train.py`` as a user runs it, with
     the training epochs timed, then the best checkpoint also evaluated with the official
-    evaluation batching."""
+    evaluation batching (``official_eval``: model config entries set for that evaluation; default
+    the official T2V mask)."""
     from lavis_c2f.launch import build, parse_args
 
     torch.set_num_threads(1)
@@ -693,11 +695,12 @@ def train_ours(config_path: str, eval_bsz: int, out_json: str) -> None:
     task.train_epoch = timed
     summary = runner.train()
     correct = summary["test"]["test"]
-    runner.unwrapped_model.config["eval_t2v_mask_mode"] = "official"
+    runner.unwrapped_model.config.update(official_eval or {"eval_t2v_mask_mode": "official"})
     runner.run_cfg.batch_size_eval = eval_bsz
     batched = runner.evaluate(cur_epoch="best")["test"]
     keep = lambda m: {k: float(v) for k, v in m.items() if k.startswith(("MR-", "HL-")) and v is not None}  # noqa: E731
-    n_train = len(datasets["c2f_qvh"]["train"]) if "c2f_qvh" in datasets else None
+    train_set = datasets["c2f_qvh"]["train"] if "c2f_qvh" in datasets else None
+    n_train = len(getattr(train_set, "records", train_set)) if train_set is not None else None  # queries
     epochs = int(cfg.run_cfg.max_epoch)
     with open(out_json, "w") as f:
         json.dump({"train_seconds": seconds[0], "train_samples": (n_train or 0) * epochs, "epochs": epochs,
@@ -835,7 +838,7 @@ def _reexec_with_scalar_sort() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_ours-train"]:
-        train_ours(argv[1], int(argv[2]), argv[3])
+        train_ours(argv[1], int(argv[2]), argv[3], json.loads(argv[4]) if len(argv) > 4 else None)
         return 0
     if argv[:1] == ["make-qvh-sample"]:
         p = argparse.ArgumentParser(prog="train_parity.py make-qvh-sample")
