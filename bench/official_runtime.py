@@ -162,7 +162,7 @@ def install_eval_shims() -> None:
 
 
 def _brief(metrics: Dict[str, Any]) -> Dict[str, float]:
-    return {k: float(v) for k, v in metrics["brief"].items()}
+    return {k: float(v) for k, v in metrics["brief"].items() if v is not None}  # MESM: None for an empty range
 
 
 def train_and_test(official_dir: str, argv: List[str], test_path: str, eval_batch_sizes: List[int],

@@ -222,7 +222,7 @@ class MesmRecipe(Recipe):
     depth for the CPU, MESM's official loss weights, and a small random text tower.
     ``bsz`` counts items (videos), as MESM's loader does."""
 
-    bsz: int = 3                  # --batch_size (items; official 12)
+    bsz: int = 4                  # --batch_size (items; official 12)
     t2v_layers: int = 1           # --t2v_layers (official 2)
     num_recfw_layers: int = 1     # --num_recfw_layers (official 2)
     num_recss_layers: int = 1     # --num_recss_layers (official 4)
@@ -626,6 +626,12 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
 
 # --------------------------------------------------------------------------- train parity
 
+
+def count_items(annotations: str) -> int:
+    """MESM's training items in a QVHighlights-layout file: distinct YouTube ids."""
+    with open(annotations) as f:
+        return len({json.loads(line)["vid"].rsplit("_", 2)[0] for line in f if line.strip()})
+
 #: our model config for the evaluation with the official batching (the official evaluation's items
 #: group the queries of a video: SS groups over the item, official T2V mask, batches of items)
 OFFICIAL_EVAL = {"eval_t2v_mask_mode": "official", "predict_with_groups": True}
@@ -651,6 +657,11 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
 
     if not layout.test_ann_path:
         raise SystemExit(f"{layout.root}: the corpus has no test split to evaluate on")
+    n_items = count_items(layout.split_file("train"))
+    if n_items % recipe.bsz == 1:
+        raise SystemExit(f"{n_items} training items (videos) in batches of {recipe.bsz} leave a last batch of one "
+                         "item, on which the official MESM code raises (its negative pass needs a second video; "
+                         "its loader keeps the last partial batch): choose another --mesm-bsz")
     os.makedirs(work, exist_ok=True)
     base_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
                     TOKENIZERS_PARALLELISM="false")

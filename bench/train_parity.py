@@ -860,6 +860,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="where the corpus is written in MESM's layout (default: a folder of the corpus name "
                         "under the system temp folder; files already there are reused)")
     p.add_argument("--items", type=int, default=4, help="MESM step check: training items (videos)")
+    p.add_argument("--mesm-bsz", type=int, default=None, help="MESM training batch in items (default: MesmRecipe)")
     p.add_argument("--no-dropout", action="store_true",
                    help="MESM step check without dropout (diagnosis: computation vs dropout sites)")
     p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
@@ -924,7 +925,7 @@ def _mesm_main(a: argparse.Namespace, p: argparse.ArgumentParser, corpus: Corpus
     official = os.path.abspath(a.official_mesm)
     if not os.path.isfile(os.path.join(official, "dataset", "qvhighlights.py")):
         p.error(f"--official-mesm {official}: no dataset/qvhighlights.py there")
-    recipe = parity_mesm.MesmRecipe() if a.epochs is None else parity_mesm.MesmRecipe(epochs=a.epochs)
+    recipe = parity_mesm.MesmRecipe(**{k: v for k, v in (("epochs", a.epochs), ("bsz", a.mesm_bsz)) if v is not None})
     recipe.check()
     where = a.mesm_layout or os.path.join(tempfile.gettempdir(), "train_parity_mesm",
                                           os.path.basename(os.path.normpath(corpus.root)))
