@@ -355,10 +355,11 @@ def _crop(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n_items: int, seed: int,
-                    n_draws: int, dropout: bool = True) -> int:
+                    n_draws: int, dropout: bool = True, our_model: Optional[Dict[str, Any]] = None) -> int:
     """The MESM step check (module doc); ``dropout=False`` runs the step without any dropout (a
-    diagnosis: tells a computation difference from a dropout-site difference). Returns the exit
-    status."""
+    diagnosis: tells a computation difference from a dropout-site difference); ``our_model``:
+    entries set in our model config (e.g. ``ss_group_video: own`` to see what the check reports
+    for a variant). Returns the exit status."""
     import functools
     import sys
 
@@ -389,7 +390,9 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
         return 1
 
     torch.manual_seed(seed)
-    model = C2FMESMQDDETR.from_config(model_type_merged(our_mesm_model_config(recipe, layout)))
+    model = C2FMESMQDDETR.from_config(model_type_merged(our_mesm_model_config(recipe, layout, **(our_model or {}))))
+    if our_model:
+        print(f"our model config changed for this check: {our_model}")
     random.seed(seed)
     off_items = [off_ds[i] for i in range(n)]
     off_batch = collate_qvh(off_items)

@@ -1,4 +1,9 @@
-"""Our QD-DETR training against the official QD-DETR code: one step side by side, and trained side by side.
+"""Our QD-DETR and MESM training against the official QD-DETR and MESM code: one step side by side, and
+trained side by side.
+
+The MESM side (``--official-mesm DIR``; ``bench/parity_mesm.py``, docs/parity.md) does the same
+with the official MESM code on the corpus written in MESM's layout; what follows describes the
+QD-DETR side.
 
 **Step check** (``--step-check``): one batch of real training items is built with the official
 ``StartEndDataset`` of the user's checkout and the same items with our dataset, and printed
@@ -41,6 +46,8 @@ that. The official code runs unmodified, with the device shims listed in
     python bench/train_parity.py --official-qd-detr DIR --train [--seeds 0 1 2] [--epochs 10]
         [--official-python PY] [--jobs 2] [--json OUT]
     python bench/train_parity.py make-qvh-sample --annotations ../shared/data/qvhighlights --out DIR
+    python bench/train_parity.py --official-mesm DIR --step-check [--corpus DIR] [--items 4] [--mesm-layout DIR]
+    python bench/train_parity.py --official-mesm DIR --train [--seeds 0 1 2] [--official-python PY] [--jobs 2]
 
 ``--corpus`` takes a demo corpus (``lavis-c2f make-demo-corpus``) or a QVHighlights-layout
 folder (``highlight_{train,val,test}_release.jsonl``, ``features/{slowfast,clip}_features``,
@@ -861,6 +868,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "under the system temp folder; files already there are reused)")
     p.add_argument("--items", type=int, default=4, help="MESM step check: training items (videos)")
     p.add_argument("--mesm-bsz", type=int, default=None, help="MESM training batch in items (default: MesmRecipe)")
+    p.add_argument("--our-model", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="MESM step check: set these entries of our model config (YAML values), e.g. "
+                        "ss_group_video=own, to see what the check reports for a variant")
     p.add_argument("--no-dropout", action="store_true",
                    help="MESM step check without dropout (diagnosis: computation vs dropout sites)")
     p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
@@ -936,7 +946,14 @@ def _mesm_main(a: argparse.Namespace, p: argparse.ArgumentParser, corpus: Corpus
     status = 0
     report["mesm_recipe"] = asdict(recipe)
     if a.step_check:
-        status = parity_mesm.step_check_mesm(official, layout, recipe, a.items, a.seed, a.draws, not a.no_dropout)
+        import yaml
+
+        bad = [kv for kv in a.our_model if "=" not in kv]
+        if bad:
+            p.error(f"--our-model takes KEY=VALUE, got {bad}")
+        our_model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.our_model)}
+        status = parity_mesm.step_check_mesm(official, layout, recipe, a.items, a.seed, a.draws, not a.no_dropout,
+                                             our_model)
     if a.train:
         work = a.work or tempfile.mkdtemp(prefix="train_parity_mesm_")
         table, rows = parity_mesm.train_parity_mesm(official, layout, recipe, a.seeds, a.official_python,
