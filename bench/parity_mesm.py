@@ -34,7 +34,6 @@ import math
 import os
 import random
 import tempfile
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,8 +41,8 @@ import numpy as np
 import torch
 
 import official_runtime
-from train_parity import (TOL, Corpus, DropoutReplay, Recipe, _row, draw_support, grad_differences, rel_diff,
-                          same_distribution)
+from train_parity import (TOL, Corpus, DropoutReplay, Recipe, compare_item_labels, compare_random_labels,
+                          our_run_config, print_gradients, print_losses)
 
 LAVIS_BPE = os.path.join("lavis", "models", "clip_models", "bpe_simple_vocab_16e6.txt.gz")
 
@@ -309,13 +308,7 @@ def our_mesm_project(r: MesmRecipe, layout: MesmLayout, seed: int, output_dir: s
     """The project YAML of our MESM run with recipe ``r``."""
     return {"model": our_mesm_model_config(r, layout),
             "datasets": {"c2f_qvh": our_mesm_dataset_config(r, layout, seed)},
-            "run": {"task": "c2f_moment_retrieval", "runner": "c2f_runner", "eval_protocol": "qvh",
-                    "agg_metric": "MR-full-mAP", "device": "cpu", "seed": seed, "output_dir": output_dir,
-                    "max_epoch": r.epochs, "init_lr": r.lr, "lr_sched": "c2f_step_lr", "lr_drop": r.lr_drop,
-                    "lr_gamma": 0.1, "weight_decay": r.wd, "weight_decay_scope": "all", "drop_last": False,
-                    "grad_clip": r.grad_clip, "batch_size_train": r.bsz, "batch_size_eval": r.eval_bsz,
-                    "num_workers": 0, "train_splits": ["train"], "valid_splits": ["val"], "val_interval": 5,
-                    "test_splits": ["test"], "progress": False}}
+            "run": our_run_config(r, seed, output_dir)}
 
 
 # --------------------------------------------------------------------------- step check
@@ -442,22 +435,13 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
         rec = our_ds.records[rec_idx]
         ctx_l = int(ours["src_vid_mask"][q].sum())
         print(f" query {q} qid {rec.qid} vid {rec.vid} (item {item}) clips {ctx_l} windows {len(rec.relevant_windows)}")
-        o_sp, u_sp = off_spans[q], ours["span_labels"][q]
-        if len(rec.relevant_windows) > recipe.max_windows:
+        bad, is_random = compare_item_labels(
+            f"query {q}", off_spans[q], ours["span_labels"][q], len(rec.relevant_windows), recipe.max_windows,
+            [(name, int(off_batch[key][q, 0]), int(ours[our_key][q, 0])) for name, key, our_key in
+             (("hard positive", "pos_idx", "saliency_pos_labels"), ("hard negative", "neg_idx", "saliency_neg_labels"))])
+        failures += bad
+        if is_random:
             random_windows.append(q)
-            ok = o_sp.shape == u_sp.shape
-            print(_row("span labels (random)", f"{tuple(o_sp.shape)} subset", f"{tuple(u_sp.shape)} subset", ok))
-        else:
-            ok = o_sp.shape == u_sp.shape and float((o_sp - u_sp).abs().max()) <= 1e-6
-            print(_row("span labels (cx, w)", o_sp, u_sp, ok))
-        if not ok:
-            failures.append(f"query {q} span labels")
-        for name, key in (("hard positive", "pos_idx"), ("hard negative", "neg_idx")):
-            our_key = "saliency_pos_labels" if key == "pos_idx" else "saliency_neg_labels"
-            x, y = int(off_batch[key][q, 0]), int(ours[our_key][q, 0])
-            print(_row(name, x, y, x == y))
-            if x != y:
-                failures.append(f"query {q} {name}")
         for name, x, y in (("all-clip scores", off_batch["saliency_label"][q, :ctx_l].float(),
                             ours["saliency_all_labels"][q, :ctx_l].float()),
                            ("clip_mask", off_batch["clip_mask"][q, :ctx_l], ours["clip_mask"][q, :ctx_l])):
@@ -480,29 +464,20 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
             return [("easy positive", int(lab["saliency_pos_labels"][1])),
                     ("easy negative", int(lab["saliency_neg_labels"][1]))]
 
-        off_counts, our_counts = draw_support(off_draw, n_draws), draw_support(our_draw, n_draws)
-        for name in ("easy positive", "easy negative"):
-            ok, why = same_distribution({v: c for (kind, v), c in our_counts.items() if kind == name},
-                                        {v: c for (kind, v), c in off_counts.items() if kind == name})
-            print(f"  {name:<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
-            if not ok:
-                failures.append(f"query {q} {name} distribution")
-        if q in random_windows:
-            windows = [list(w) for w in meta["relevant_windows"][k]]
+        windows = [list(w) for w in meta["relevant_windows"][k]]
 
-            def off_win(s: int, windows=windows, ctx_l=ctx_l) -> List[Tuple[float, ...]]:
-                random.seed(s)
-                return [tuple(round(x, 4) for x in w) for w in off_ds.get_span_labels(list(windows), ctx_l)[1].tolist()]
+        def off_win(s: int, windows=windows, ctx_l=ctx_l) -> List[Tuple[float, ...]]:
+            random.seed(s)
+            return [tuple(round(x, 4) for x in w) for w in off_ds.get_span_labels(list(windows), ctx_l)[1].tolist()]
 
-            def our_win(s: int, rec=rec, rec_idx=rec_idx, ctx_l=ctx_l) -> List[Tuple[float, ...]]:
-                our_ds.set_epoch(s)
-                return [tuple(round(x, 4) for x in w) for w in
-                        our_ds.base.labels(rec, ctx_l, our_ds.base.rng_for(rec_idx))["span_labels"].tolist()]
+        def our_win(s: int, rec=rec, rec_idx=rec_idx, ctx_l=ctx_l) -> List[Tuple[float, ...]]:
+            our_ds.set_epoch(s)
+            return [tuple(round(x, 4) for x in w) for w in
+                    our_ds.base.labels(rec, ctx_l, our_ds.base.rng_for(rec_idx))["span_labels"].tolist()]
 
-            ok, why = same_distribution(draw_support(our_win, n_draws), draw_support(off_win, n_draws))
-            print(f"  {'kept windows':<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
-            if not ok:
-                failures.append(f"query {q} window subset distribution")
+        random_rows = (off_win, our_win) if q in random_windows else (None, None)
+        failures += [f"query {q} {name}" for name in compare_random_labels(off_draw, our_draw, n_draws, None,
+                                                                           *random_rows)]
     our_ds.set_epoch(0)
 
     # ---- one training step from the same weights, on the same batch
@@ -589,14 +564,8 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
     step_failures: List[str] = []
     if replay.used != len(replay.masks):
         step_failures.append(f"dropout sites: ours used {replay.used} of {len(replay.masks)} official masks")
-    max_loss = 0.0
-    keys = [k for k in off_losses if k in our_losses and k in off_crit.weight_dict]
-    for k in keys + ["weighted total"]:
-        x = float((off_total if k == "weighted total" else off_losses[k]).detach())
-        y = float((our_losses["loss"] if k == "weighted total" else our_losses[k]).detach())
-        dd = rel_diff(y, x)
-        max_loss = max(max_loss, dd)
-        print(f"  {k:<22} official {x:>12.6f}   ours {y:>12.6f}   rel diff {dd:.2e}{'' if dd <= TOL else '  << DIFFERS'}")
+    max_loss = print_losses([k for k in off_losses if k in our_losses and k in off_crit.weight_dict], off_losses,
+                            off_total, our_losses)
     missing_terms = [k for k in off_crit.weight_dict if k not in our_losses]
     if missing_terms:
         step_failures.append(f"loss terms missing on our side: {missing_terms}")
@@ -609,12 +578,8 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
                   if (off_grads.get(k) if k in off_grads else ours_grads.get(k)) is not None)
     if only:
         step_failures.append(f"trainable parameters differ: {only[:6]}")
-    max_grad, table = grad_differences(ours_grads, {k: off_grads.get(k) for k in ours_grads})
-    print(f"  gradients: {sum(g is not None for g in ours_grads.values())} parameter tensors with a gradient "
-          f"(of {len(ours_grads)} trainable); largest differences (max |ours - official| / max(max |official|, "
-          "1e-4 x the largest official gradient entry)):")
-    for name, dd, diff, scale in table[:5]:
-        print(f"    {name:<52} rel {dd:.2e}  (max |diff| {diff:.2e}, max |official| {scale:.2e})")
+    max_grad = print_gradients(ours_grads, {k: off_grads.get(k) for k in ours_grads},
+                               f" with a gradient (of {len(ours_grads)} trainable)")
     failures += step_failures
     if failures:
         print(f"\ndiffers: {failures}")
@@ -655,8 +620,7 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
 
     import yaml
 
-    from lavis_c2f.ops.argsort import scalar_sort_env
-    from train_parity import BENCH, Job, parity_table, run_jobs
+    from train_parity import BENCH, Job, job_envs, job_paths, parity_table, run_jobs
 
     if not layout.test_ann_path:
         raise SystemExit(f"{layout.root}: the corpus has no test split to evaluate on")
@@ -666,30 +630,23 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
                          "item, on which the official MESM code raises (its negative pass needs a second video; "
                          "its loader keeps the last partial batch): choose another --mesm-bsz")
     os.makedirs(work, exist_ok=True)
-    base_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-                    TOKENIZERS_PARALLELISM="false")
+    our_env, off_env = job_envs()
     jobs: List[Job] = []
     for seed in seeds:
-        d = os.path.join(work, f"official_mesm_seed{seed}")
-        os.makedirs(d, exist_ok=True)
-        out = os.path.join(d, "result.json")
+        d, out, log = job_paths(work, f"official_mesm_seed{seed}")
         cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train-mesm", official_dir,
                layout.tagger_dir, layout.test_ann_path, out, "--",
                *official_mesm_argv(recipe, layout, seed, os.path.join(d, "results"))]
-        jobs.append(Job("official MESM", "official code", seed, cmd, scalar_sort_env(base_env), out,
-                        os.path.join(d, "log.txt")))
-        d = os.path.join(work, f"ours_mesm_seed{seed}")
-        os.makedirs(d, exist_ok=True)
+        jobs.append(Job("official MESM", "official code", seed, cmd, off_env, out, log))
+        d, out, log = job_paths(work, f"ours_mesm_seed{seed}")
         project = our_mesm_project(recipe, layout, seed, os.path.join(d, "output"))
         project["datasets"]["c2f_qvh"]["group_splits"] = ["train", "test"]
         cfg_path = os.path.join(d, "project.yaml")
         with open(cfg_path, "w") as f:
             yaml.safe_dump(project, f)
-        out = os.path.join(d, "result.json")
         cmd = [sys.executable, os.path.join(BENCH, "train_parity.py"), "_ours-train", cfg_path,
                str(recipe.eval_bsz), out, json.dumps(OFFICIAL_EVAL)]
-        jobs.append(Job("ours MESM", "official recipe (defaults)", seed, cmd,
-                        dict(base_env, PYTHONPATH=os.path.dirname(BENCH)), out, os.path.join(d, "log.txt")))
+        jobs.append(Job("ours MESM", "official recipe (defaults)", seed, cmd, our_env, out, log))
     print(f"MESM train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
     run_jobs(jobs, parallel)
     return parity_table(jobs, recipe.eval_bsz)

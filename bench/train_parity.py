@@ -290,16 +290,21 @@ def our_dataset_config(recipe: Recipe, corpus: Corpus, seed: int, **overrides: A
 def our_project(recipe: Recipe, corpus: Corpus, seed: int, output_dir: str, variant: str) -> Dict[str, Any]:
     """The project YAML of one of our runs (``VARIANTS``)."""
     model_over, data_over = VARIANTS[variant]
-    r = recipe
     return {"model": our_model_config(recipe, corpus, **model_over),
             "datasets": {"c2f_qvh": our_dataset_config(recipe, corpus, seed, **data_over)},
-            "run": {"task": "c2f_moment_retrieval", "runner": "c2f_runner", "eval_protocol": "qvh",
-                    "agg_metric": "MR-full-mAP", "device": "cpu", "seed": seed, "output_dir": output_dir,
-                    "max_epoch": r.epochs, "init_lr": r.lr, "lr_sched": "c2f_step_lr", "lr_drop": r.lr_drop,
-                    "lr_gamma": 0.1, "weight_decay": r.wd, "weight_decay_scope": "all", "drop_last": False,
-                    "grad_clip": r.grad_clip, "batch_size_train": r.bsz, "batch_size_eval": r.eval_bsz,
-                    "num_workers": 0, "train_splits": ["train"], "valid_splits": ["val"], "val_interval": 5,
-                    "test_splits": ["test"], "progress": False}}
+            "run": our_run_config(recipe, seed, output_dir)}
+
+
+def our_run_config(r: Recipe, seed: int, output_dir: str) -> Dict[str, Any]:
+    """The ``run`` node of our runs: the recipe's schedule, the official conventions (weight decay
+    on every parameter, last partial batch kept), validation every 5 epochs."""
+    return {"task": "c2f_moment_retrieval", "runner": "c2f_runner", "eval_protocol": "qvh",
+            "agg_metric": "MR-full-mAP", "device": "cpu", "seed": seed, "output_dir": output_dir,
+            "max_epoch": r.epochs, "init_lr": r.lr, "lr_sched": "c2f_step_lr", "lr_drop": r.lr_drop,
+            "lr_gamma": 0.1, "weight_decay": r.wd, "weight_decay_scope": "all", "drop_last": False,
+            "grad_clip": r.grad_clip, "batch_size_train": r.bsz, "batch_size_eval": r.eval_bsz,
+            "num_workers": 0, "train_splits": ["train"], "valid_splits": ["val"], "val_interval": 5,
+            "test_splits": ["test"], "progress": False}
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -486,6 +491,61 @@ def _row(label: str, official: Any, ours: Any, ok: bool) -> str:
     return f"  {label:<22} official {_fmt(official):<34} ours {_fmt(ours):<34} {'' if ok else '<< DIFFERS'}"
 
 
+def compare_span_labels(official: torch.Tensor, ours: torch.Tensor, n_windows: int, max_windows: int
+                        ) -> Tuple[bool, bool]:
+    """Print one item's span labels side by side; returns (ok, random): with more than
+    ``max_windows`` windows both codes keep a random subset (only the shapes must agree here;
+    :func:`compare_random_labels` compares the subsets), else equal to 1e-6."""
+    if n_windows > max_windows:
+        ok = official.shape == ours.shape
+        print(_row("span labels (random)", f"{tuple(official.shape)} subset", f"{tuple(ours.shape)} subset", ok))
+        return ok, True
+    ok = official.shape == ours.shape and float((official - ours).abs().max()) <= 1e-6
+    print(_row("span labels (cx, w)", official, ours, ok))
+    return ok, False
+
+
+def compare_item_labels(tag: str, official_spans: torch.Tensor, our_spans: torch.Tensor, n_windows: int,
+                        max_windows: int, hard: Sequence[Tuple[str, int, int]]) -> Tuple[List[str], bool]:
+    """One item's span labels (:func:`compare_span_labels`) and hard saliency labels (``(name,
+    official, ours)``, exact), printed; returns (what differs, prefixed with ``tag``; whether the
+    span labels are a random subset)."""
+    ok, is_random = compare_span_labels(official_spans, our_spans, n_windows, max_windows)
+    failures = [] if ok else [f"{tag} span labels"]
+    for name, a, b in hard:
+        print(_row(name, a, b, a == b))
+        if a != b:
+            failures.append(f"{tag} {name}")
+    return failures, is_random
+
+
+Draw = Callable[[int], Sequence[Any]]
+
+
+def compare_random_labels(off_draw: Draw, our_draw: Draw, n_draws: int,
+                          this_batch: Optional[Dict[str, Tuple[int, int]]] = None,
+                          off_windows: Optional[Draw] = None, our_windows: Optional[Draw] = None) -> List[str]:
+    """One item's random labels by distribution (:func:`same_distribution` over ``n_draws`` seeded
+    draws per side): easy positive/negative (``*_draw(k)`` returns ``[("easy positive", clip),
+    ("easy negative", clip)]``) and, when given, the kept windows. Prints a row each; returns the
+    names that differ."""
+    off_counts, our_counts = draw_support(off_draw, n_draws), draw_support(our_draw, n_draws)
+    failures = []
+    for name in ("easy positive", "easy negative"):
+        ok, why = same_distribution({v: c for (kind, v), c in our_counts.items() if kind == name},
+                                    {v: c for (kind, v), c in off_counts.items() if kind == name})
+        now = "" if this_batch is None else f"this batch: official {this_batch[name][0]}, ours {this_batch[name][1]}; "
+        print(f"  {name:<22} {now}{n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
+        if not ok:
+            failures.append(f"{name} distribution")
+    if off_windows is not None and our_windows is not None:
+        ok, why = same_distribution(draw_support(our_windows, n_draws), draw_support(off_windows, n_draws))
+        print(f"  {'kept windows':<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
+        if not ok:
+            failures.append("window subset distribution")
+    return failures
+
+
 def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_size: int, seed: int,
                        n_draws: int, tie_break: str = "official") -> int:
     """The QD-DETR step check (module doc); ``tie_break`` is our dataset's
@@ -555,21 +615,13 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
         meta, rec = off_meta[i], our_ds.records[i]
         ctx_l = int(off_inputs["src_vid_mask"][i].sum())
         print(f" item {i} qid {meta['qid']} vid {meta['vid']} clips {ctx_l} windows {len(meta['relevant_windows'])}")
-        o_sp, u_sp = off_targets["span_labels"][i]["spans"], ours["span_labels"][i]
-        if len(meta["relevant_windows"]) > recipe.max_windows:
+        bad, is_random = compare_item_labels(
+            f"item {i}", off_targets["span_labels"][i]["spans"], ours["span_labels"][i], len(meta["relevant_windows"]),
+            recipe.max_windows, [(name, int(off_targets[key][i, 0]), int(ours[key][i, 0])) for name, key in
+                                 (("hard positive", "saliency_pos_labels"), ("hard negative", "saliency_neg_labels"))])
+        failures += bad
+        if is_random:
             random_windows.append(i)
-            ok = o_sp.shape == u_sp.shape
-            print(_row("span labels (random)", f"{tuple(o_sp.shape)} subset", f"{tuple(u_sp.shape)} subset", ok))
-        else:
-            ok = o_sp.shape == u_sp.shape and float((o_sp - u_sp).abs().max()) <= 1e-6
-            print(_row("span labels (cx, w)", o_sp, u_sp, ok))
-        if not ok:
-            failures.append(f"item {i} span labels")
-        for name, col, key in (("hard positive", 0, "saliency_pos_labels"), ("hard negative", 0, "saliency_neg_labels")):
-            a, b = int(off_targets[key][i, col]), int(ours[key][i, col])
-            print(_row(name, a, b, a == b))
-            if a != b:
-                failures.append(f"item {i} {name}")
         a_all = off_targets["saliency_all_labels"][i, :ctx_l]
         b_all = ours["saliency_all_labels"][i, :ctx_l]
         ok = torch.equal(a_all, b_all.to(a_all.dtype))
@@ -592,32 +644,24 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
             return [("easy positive", int(lab["saliency_pos_labels"][1])),
                     ("easy negative", int(lab["saliency_neg_labels"][1]))]
 
-        off_counts, our_counts = draw_support(off_draw, n_draws), draw_support(our_draw, n_draws)
-        for col, name in ((1, "easy positive"), (1, "easy negative")):
-            key = "saliency_pos_labels" if name == "easy positive" else "saliency_neg_labels"
-            ok, why = same_distribution({v: c for (kind, v), c in our_counts.items() if kind == name},
-                                        {v: c for (kind, v), c in off_counts.items() if kind == name})
-            print(f"  {name:<22} this batch: official {int(off_targets[key][i, col])}, ours {int(ours[key][i, col])}; "
-                  f"{n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
-            if not ok:
-                failures.append(f"item {i} {name} distribution")
-        if i in random_windows:
-            windows = [tuple(w) for w in row["relevant_windows"]]
+        windows = [tuple(w) for w in row["relevant_windows"]]
 
-            def off_win(k: int) -> List[Tuple[float, float]]:
-                random.seed(k)
-                return [tuple(round(x, 4) for x in w) for w in
-                        off_ds.get_span_labels(list(windows), ctx_l).tolist()]
+        def off_win(k: int) -> List[Tuple[float, float]]:
+            random.seed(k)
+            return [tuple(round(x, 4) for x in w) for w in
+                    off_ds.get_span_labels(list(windows), ctx_l).tolist()]
 
-            def our_win(k: int) -> List[Tuple[float, float]]:
-                our_ds.set_epoch(k)
-                return [tuple(round(x, 4) for x in w) for w in
-                        our_ds.labels(rec, ctx_l, our_ds.rng_for(i))["span_labels"].tolist()]
+        def our_win(k: int) -> List[Tuple[float, float]]:
+            our_ds.set_epoch(k)
+            return [tuple(round(x, 4) for x in w) for w in
+                    our_ds.labels(rec, ctx_l, our_ds.rng_for(i))["span_labels"].tolist()]
 
-            ok, why = same_distribution(draw_support(our_win, n_draws), draw_support(off_win, n_draws))
-            print(f"  {'kept windows':<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
-            if not ok:
-                failures.append(f"item {i} window subset distribution")
+        this_batch = {name: (int(off_targets[key][i, 1]), int(ours[key][i, 1]))
+                      for name, key in (("easy positive", "saliency_pos_labels"),
+                                        ("easy negative", "saliency_neg_labels"))}
+        random_rows = (off_win, our_win) if i in random_windows else (None, None)
+        failures += [f"item {i} {name}" for name in compare_random_labels(off_draw, our_draw, n_draws, this_batch,
+                                                                          *random_rows)]
     our_ds.set_epoch(0)
 
     # ---- one training step from the same weights, on the same batch
@@ -652,28 +696,42 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
     print(f"\n== one training step (batch {n}, official initialisation with seed {seed}; dropout: {replay.used} "
           f"of {len(replay.masks)} official masks replayed, the rest belong to the official negative-pair "
           "pass's decoder, whose outputs the official code discards) ==")
-    max_loss = 0.0
-    keys = [k for k in off_losses if k in our_losses]
-    for k in keys + ["weighted total"]:
-        a = float((off_total if k == "weighted total" else off_losses[k]).detach())
-        b = float((our_losses["loss"] if k == "weighted total" else our_losses[k]).detach())
-        d = rel_diff(b, a)
-        max_loss = max(max_loss, d)
-        print(f"  {k:<22} official {a:>12.6f}   ours {b:>12.6f}   rel diff {d:.2e}{'' if d <= TOL else '  << DIFFERS'}")
+    max_loss = print_losses([k for k in off_losses if k in our_losses], off_losses, off_total, our_losses)
     off_params = dict(off_model.named_parameters())
     ours_grads = {name: p.grad for name, p in model.detr.named_parameters()}
-    off_grads = {name: off_params[name].grad for name in ours_grads}
-    max_grad, table = grad_differences(ours_grads, off_grads)
-    print(f"  gradients: {sum(g is not None for g in ours_grads.values())} parameter tensors; largest differences "
-          "(max |ours - official| / max(max |official|, 1e-4 x the largest official gradient entry)):")
-    for name, d, diff, scale in table[:5]:
-        print(f"    {name:<52} rel {d:.2e}  (max |diff| {diff:.2e}, max |official| {scale:.2e})")
+    max_grad = print_gradients(ours_grads, {name: off_params[name].grad for name in ours_grads}, "")
     if failures:
         print(f"\nlabels that differ: {failures}")
     status = 0 if not failures and max_loss <= TOL and max_grad <= TOL else 1
     labels = "labels identical" if not failures else f"labels DIFFER ({len(failures)})"
     print(f"step-check: {labels}, max loss diff {max_loss:.2e}, max grad diff {max_grad:.2e}")
     return status
+
+
+def print_losses(keys: Sequence[str], official: Dict[str, torch.Tensor], official_total: torch.Tensor,
+                 ours: Dict[str, torch.Tensor]) -> float:
+    """Print the loss terms ``keys`` and the weighted total (ours: ``ours["loss"]``) side by side;
+    returns the largest relative difference."""
+    worst = 0.0
+    for k in list(keys) + ["weighted total"]:
+        a = float((official_total if k == "weighted total" else official[k]).detach())
+        b = float((ours["loss"] if k == "weighted total" else ours[k]).detach())
+        d = rel_diff(b, a)
+        worst = max(worst, d)
+        print(f"  {k:<22} official {a:>12.6f}   ours {b:>12.6f}   rel diff {d:.2e}{'' if d <= TOL else '  << DIFFERS'}")
+    return worst
+
+
+def print_gradients(ours: Dict[str, Optional[torch.Tensor]], official: Dict[str, Optional[torch.Tensor]],
+                    note: str) -> float:
+    """Print the largest per-tensor gradient differences (:func:`grad_differences`); returns the
+    largest."""
+    worst, table = grad_differences(ours, official)
+    print(f"  gradients: {sum(g is not None for g in ours.values())} parameter tensors{note}; largest differences "
+          "(max |ours - official| / max(max |official|, 1e-4 x the largest official gradient entry)):")
+    for name, d, diff, scale in table[:5]:
+        print(f"    {name:<52} rel {d:.2e}  (max |diff| {diff:.2e}, max |official| {scale:.2e})")
+    return worst
 
 
 # --------------------------------------------------------------------------- train parity
@@ -792,36 +850,44 @@ def parity_table(jobs: List[Job], eval_bsz: int) -> Tuple[str, List[Dict[str, An
     return "\n".join(lines), rows
 
 
+def job_envs() -> Tuple[Dict[str, str], Dict[str, str]]:
+    """Environments of the training processes: ours (one thread, this checkout first on the path)
+    and the official code's (one thread, NumPy's scalar sorts: :func:`lavis_c2f.ops.argsort.scalar_sort_env`)."""
+    from lavis_c2f.ops.argsort import scalar_sort_env
+
+    base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+                TOKENIZERS_PARALLELISM="false")
+    return dict(base, PYTHONPATH=ROOT), scalar_sort_env(base)
+
+
+def job_paths(work: str, name: str) -> Tuple[str, str, str]:
+    """(folder, result JSON, log) of one run under ``work`` (the folder is created)."""
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    return d, os.path.join(d, "result.json"), os.path.join(d, "log.txt")
+
+
 def train_parity(official_dir: str, corpus: Corpus, recipe: Recipe, seeds: Sequence[int], official_python: str,
                  parallel: int, work: str, variants: Sequence[str]) -> Tuple[str, List[Dict[str, Any]]]:
     import yaml
 
     os.makedirs(work, exist_ok=True)
-    base_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-                    TOKENIZERS_PARALLELISM="false")
-    from lavis_c2f.ops.argsort import scalar_sort_env
-
-    off_env = scalar_sort_env(base_env)
+    base_env, off_env = job_envs()
     jobs: List[Job] = []
     for seed in seeds:
-        d = os.path.join(work, f"official_seed{seed}")
-        os.makedirs(d, exist_ok=True)
-        out = os.path.join(d, "result.json")
+        d, out, log = job_paths(work, f"official_seed{seed}")
         cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train", official_dir,
                corpus.annotations["test"], f"1,{recipe.eval_bsz}", out, "--",
                *official_argv(recipe, corpus, seed, os.path.join(d, "results"))]
-        jobs.append(Job("official QD-DETR", "official defaults", seed, cmd, off_env, out, os.path.join(d, "log.txt")))
+        jobs.append(Job("official QD-DETR", "official defaults", seed, cmd, off_env, out, log))
         for variant in variants:
             tag = variant.split(" (")[0].replace(" ", "_").replace("-", "_")
-            d = os.path.join(work, f"ours_{tag}_seed{seed}")
-            os.makedirs(d, exist_ok=True)
+            d, out, log = job_paths(work, f"ours_{tag}_seed{seed}")
             cfg_path = os.path.join(d, "project.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(our_project(recipe, corpus, seed, os.path.join(d, "output"), variant), f)
-            out = os.path.join(d, "result.json")
             cmd = [sys.executable, os.path.abspath(__file__), "_ours-train", cfg_path, str(recipe.eval_bsz), out]
-            jobs.append(Job("ours QD-DETR", variant, seed, cmd, dict(base_env, PYTHONPATH=ROOT), out,
-                            os.path.join(d, "log.txt")))
+            jobs.append(Job("ours QD-DETR", variant, seed, cmd, base_env, out, log))
     order = ["official defaults"] + list(variants)
     jobs.sort(key=lambda j: (order.index(j.variant), j.seed))  # the headline rows first
     print(f"train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
