@@ -532,6 +532,7 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
     try:
         replay.record(off_model, official_attention, seq_first=("transformer", "t2v_encoder", "enhance_encoder",
                                                                "ss_reconstructor"))
+        np.random.seed(seed)  # the official _mask_words draws from NumPy's global generator
         off_out = off_model(**off_batch, dataset_name="qvhighlights", is_training=True)
         replay.restore()
         off_losses, off_total = off_crit(off_out, off_batch, is_training=True)
