@@ -339,6 +339,26 @@ def official_mesm_dataset(opt: Any, split: str, recfw: bool) -> Any:
         vocab_size=opt.vocab_size, max_windows=opt.max_windows, max_gather_size=opt.max_gather_size)
 
 
+INIT_MIN_NUMEL, INIT_TOL = 4096, 0.1
+
+
+def init_differences(official: Dict[str, torch.Tensor], ours: Dict[str, torch.Tensor]
+                     ) -> List[Tuple[str, float, float]]:
+    """Weight tensors (at least :data:`INIT_MIN_NUMEL` values, in both) whose initial standard
+    deviation differs by more than :data:`INIT_TOL` relative: ``(name, official std, our std)``.
+    The step itself starts both from the official weights, so this is where a different
+    initialisation scheme shows (e.g. Xavier where the official code keeps PyTorch's default)."""
+    rows = []
+    for name, a in official.items():
+        b = ours.get(name)
+        if b is None or a.numel() < INIT_MIN_NUMEL or a.shape != b.shape or not a.dtype.is_floating_point:
+            continue
+        sa, sb = float(a.float().std()), float(b.float().std())
+        if abs(sa - sb) > INIT_TOL * max(sa, sb):
+            rows.append((name, sa, sb))
+    return rows
+
+
 def _crop(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` (B, L, ...) cut or zero-padded to ``width`` along dim 1."""
     if x.shape[1] >= width:
@@ -485,8 +505,14 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
     torch.manual_seed(seed)
     off_model = official_runner.build_model(opt)
     off_crit = official_runner.build_criterion(opt)
-    missing = model.detr.load_state_dict(map_mesm_state_dict(official_runtime.without_text_encoder(
-        off_model.state_dict())), strict=False)
+    off_state = map_mesm_state_dict(official_runtime.without_text_encoder(off_model.state_dict()))
+    init_rows = init_differences(off_state, model.detr.state_dict())
+    print(f"\n== initialisation: {len(init_rows)} weight tensors of >= {INIT_MIN_NUMEL} values whose standard "
+          f"deviation differs by more than {INIT_TOL:.0%} between a fresh official model and ours ==")
+    for name, a, b in init_rows:
+        print(f"  {name:<56} std official {a:.4f}, ours {b:.4f}  << DIFFERS")
+    failures += [f"initialisation of {name}" for name, _, _ in init_rows]
+    missing = model.detr.load_state_dict(off_state, strict=False)
     bad_keys = [k for k in missing.missing_keys if not k.startswith("text_encoder.")] + list(missing.unexpected_keys)
     if bad_keys:
         print(f"step-check: the official weights do not map onto ours: {bad_keys[:8]}")

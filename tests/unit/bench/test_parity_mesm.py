@@ -159,3 +159,13 @@ def test_official_checkpoint_model_drops_the_text_tower(pm):
 
     state = {"text_encoder.token_embedding.weight": 1, "input_vid_proj.0.weight": 2, "a.text_encoder_x": 3}
     assert official_runtime.without_text_encoder(state) == {"input_vid_proj.0.weight": 2}
+
+
+def test_init_differences_flag_another_scheme(pm):
+    torch.manual_seed(0)
+    default = torch.nn.Linear(256, 256).weight.detach()
+    xavier = torch.nn.init.xavier_uniform_(torch.empty(256, 256))
+    rows = pm.init_differences({"a": default, "b": default, "small": torch.ones(3, 3), "only_official": default},
+                               {"a": default.clone(), "b": xavier, "small": torch.zeros(3, 3)})
+    assert [r[0] for r in rows] == ["b"]
+    assert rows[0][1] == pytest.approx(256 ** -0.5 / 3 ** 0.5, rel=0.05) and rows[0][2] == pytest.approx(0.0625, rel=0.05)
