@@ -39,6 +39,9 @@ setup(
         "tensorboard",      # run.tensorboard (on by default): torch.utils.tensorboard writes the events
         "srt",              # SRT subtitles (lavis_c2f.video.captions)
         "webvtt-py",        # WebVTT subtitles
+        "fastapi>=0.115",   # `lavis-c2f serve` (the HTTP search service) ...
+        "fastapi-offline",  # ... its OpenAPI page without a CDN (Swagger UI files in the package)
+        "uvicorn",          # ... and its server
         "peft==0.6.2",  # the refiner's LoRA, named as CALCE's checkpoints (works with transformers 4.26)
     ],
     extras_require={

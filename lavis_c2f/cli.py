@@ -25,6 +25,7 @@ from lavis_c2f.index import cli as index_cli
 from lavis_c2f.models.grounder import cli as grounder_cli
 from lavis_c2f.pipeline import cli as pipeline_cli
 from lavis_c2f.search import cli as search_cli
+from lavis_c2f.serve import cli as serve_cli
 from lavis_c2f.video import cli as video_cli
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ COMMAND_MODULES = (
     pipeline_cli,        # merge-stage1, tune-fusion, quickstart
     evaluation_cli,      # eval
     demo_cli,            # demo (web app)
+    serve_cli,           # serve (HTTP search service)
 )
 
 

@@ -412,8 +412,14 @@ class C2FPredictor:
 
     def stage1(self, query: str, k: Optional[int] = None) -> List[Tuple[str, float]]:
         """Stage 1 alone: the ``k`` best videos of the index ``[(vid, score), ...]``."""
+        return self.stage1_batch([query], k)[0]
+
+    def stage1_batch(self, queries: Sequence[str], k: Optional[int] = None) -> List[List[Tuple[str, float]]]:
+        """Stage 1 alone for a batch of queries (one ``rank`` call): per query its ``k`` best
+        videos ``[(vid, score), ...]``."""
         engine = self._require_engine()
-        return engine.stage1.rank([self.encode_query(query)], int(k or self.stage1_top_k))[0]
+        k = int(k or self.stage1_top_k)
+        return [list(r[:k]) for r in engine.stage1.rank([self.encode_query(q) for q in queries], k)]
 
     def search(self, query: str, top_k: Optional[int] = None, stage1_top_k: Optional[int] = None,
                refine: Optional[bool] = None) -> SearchResults:
@@ -421,17 +427,23 @@ class C2FPredictor:
         context), grounding its ``stage1_top_k`` best videos (default :attr:`stage1_top_k`);
         ``refine`` runs stage 3 on the best :attr:`refine_videos` videos (default: when a
         refiner is configured)."""
+        return self.search_batch([query], top_k, stage1_top_k, refine)[0]
+
+    def search_batch(self, queries: Sequence[str], top_k: Optional[int] = None, stage1_top_k: Optional[int] = None,
+                     refine: Optional[bool] = None) -> List[SearchResults]:
+        """:meth:`search` of several queries in one run of the engine (each stage once for the
+        batch); the timings are the batch's."""
         top_k = int(SEARCH_DEFAULTS["top_k"] if top_k is None else top_k)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         t0 = time.perf_counter()
         engine = self._require_engine()
-        q = self.encode_query(query)
+        qs = [self.encode_query(q) for q in queries]
         timings = {"encode_query_s": time.perf_counter() - t0}
-        res = engine.run([q], int(stage1_top_k or self.stage1_top_k), refiner=self._corpus_refiner(refine),
-                         timings=timings)[0]
+        res = engine.run(qs, int(stage1_top_k or self.stage1_top_k), refiner=self._corpus_refiner(refine),
+                         timings=timings)
         timings["total_s"] = time.perf_counter() - t0
-        return SearchResults.of(res, self.corpus, self.mode, timings, top_k)
+        return [SearchResults.of(r, self.corpus, self.mode, dict(timings), top_k) for r in res]
 
     def ground_truth(self, query: str) -> List[Tuple[str, List[List[float]]]]:
         """Annotated ``[(vid, windows), ...]`` of a query of the corpus (exact text match), if any."""

@@ -10,7 +10,7 @@ import datetime
 import logging
 import os
 import random
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +105,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def init_from_env(device: Optional[str] = None, timeout_s: int = 1800) -> torch.device:
+    """The device of this process (:func:`resolve_device`, ``cuda:LOCAL_RANK`` under
+    ``torch.distributed.run`` on GPUs) with the process group started when the launcher's
+    environment asks for one (``WORLD_SIZE`` > 1): the commands that split their work by rank
+    (``lavis-c2f extract``, ``lavis-c2f index videos``) call it first."""
+    dev = resolve_device(device, fallback=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed(dev, timeout_s=timeout_s)
+    return dev
+
+
+def rank_items(items: Sequence[Any], rank: Optional[int] = None, world: Optional[int] = None) -> List[Any]:
+    """This rank's share of ``items``: every ``world``-th item from position ``rank``
+    (round robin, so ranks get similar mixes of a sorted list); all of them in one process."""
+    rank = get_rank() if rank is None else int(rank)
+    world = get_world_size() if world is None else int(world)
+    return list(items[rank::world])
 
 
 def seed_everything(seed: int) -> None:

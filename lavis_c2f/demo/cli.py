@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from typing import List
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.net import check_port
 from lavis_c2f.demo.sources import APP_PATH_OPTIONS, add_app_arguments, parse_quickstart_args
 from lavis_c2f.index.corpora import sidecar_path
 from lavis_c2f.pipeline.quickstart_run import QuickstartRun
@@ -95,14 +95,7 @@ def check_args(args: argparse.Namespace) -> None:
     backbone_options(args.backbone, args.clip_path)   # --clip-path with a CLIP backbone, and only then
     if getattr(args, "quickstart_args", None):
         parse_quickstart_args(args.quickstart_args)
-    if not 1 <= int(args.port) <= 65535:
-        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((args.host, int(args.port)))
-        except OSError as e:
-            raise ConfigError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} (choose another --port)") \
-                from None
+    check_port(args.host, args.port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

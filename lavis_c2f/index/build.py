@@ -5,18 +5,32 @@ Extraction (:func:`lavis_c2f.video.extract.extract_corpus`, resumable) writes th
 encodes them into a :class:`~lavis_c2f.index.corpus_index.CorpusIndex`; the sidecar
 ``INDEX.c2f-video.json`` (:mod:`lavis_c2f.index.corpora`) records the backbone, the features
 folder, the clip sampling and the retriever, so queries are later encoded like the videos were.
+
+Across processes (``python -m torch.distributed.run --nproc_per_node N -m lavis_c2f.cli index
+videos ...``): the extraction is split by rank (:mod:`lavis_c2f.video.extract`); then the
+videos are cut into the batches of a one-process build (``index_batch_size``), rank ``r`` of
+``w`` encodes every ``w``-th batch and writes it to ``INDEX.parts/batch-B.npz`` (the rows the
+index stores, :meth:`CorpusIndex.video_rows`, with a key of the retriever and the features),
+and rank 0 appends the parts in batch order (:meth:`CorpusIndex.add_row_batches`), saves the
+index and the sidecar and removes the parts. Same batches, same rows: the index equals a
+one-process build's. An interrupted run resumes: finished videos are not extracted again and
+parts whose key matches are not encoded again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.common.io import write_json
+from lavis_c2f.common import dist as c2f_dist
+from lavis_c2f.common.errors import ConfigError, DataFormatError
+from lavis_c2f.common.io import atomic_path, write_json
+from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader, combine_video_streams
 from lavis_c2f.index.corpora import sidecar_path
 from lavis_c2f.index.corpus_index import CorpusIndex
@@ -28,6 +42,8 @@ from lavis_c2f.video.extract import EXTRACT_DEFAULTS, FEATURES_DIR, ExtractResul
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: ``INDEX.parts/batch-B.npz``: the encoded batches of a build across processes (removed once merged)
+PARTS_SUFFIX = ".parts"
 
 
 def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRACT_DEFAULTS["backbone"],
@@ -48,6 +64,8 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRA
     ``<out_index>.c2f-video.json`` beside the index. Returns (extraction result, index info).
     """
     out_index = os.path.abspath(os.fspath(out_index))
+    if int(index_batch_size) < 1:
+        raise ConfigError(f"index_batch_size must be >= 1, got {index_batch_size}")
     if os.path.exists(out_index) and not overwrite:
         raise FileExistsError(f"{out_index} exists; pass overwrite=True (--overwrite) to replace it")
     bb = resolve_backbone(backbone, backbone_config)
@@ -66,23 +84,93 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRA
     def stage1_features(vid: str) -> np.ndarray:
         return combine_video_streams([loader.raw(vid)[0][:, col_a:col_b]], normalize=True, use_tef=False)
 
+    rank, world = c2f_dist.get_rank(), c2f_dist.get_world_size()
     try:
         vids = [r["vid"] for r in ok]
+        durations = {r["vid"]: r.get("duration") for r in ok}
         index = CorpusIndex.for_model(model, frame_dtype=frame_dtype, work_dir=os.path.dirname(out_index))
-        index.add_features(vids, stage1_features, {r["vid"]: r.get("duration") for r in ok},
-                           batch_size=index_batch_size, progress=progress)
-        if os.path.exists(out_index) and overwrite:
-            shutil.rmtree(out_index) if os.path.isdir(out_index) else os.remove(out_index)
-        index.save(out_index)
-        info = index.info()
-        write_json({"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
-                    "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
-                    "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
-                    "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
-                    "videos": len(vids)}, sidecar_path(out_index))
+        if world > 1:
+            batches = _encode_parts(index, ok, stage1_features, (col_a, col_b), out_index + PARTS_SUFFIX,
+                                    index_batch_size, progress)
+            if rank == 0:
+                index.add_row_batches(_read_part(out_index + PARTS_SUFFIX, b, chunk, durations)
+                                      for b, chunk in enumerate(batches))
+        else:
+            index.add_features(vids, stage1_features, durations, batch_size=index_batch_size, progress=progress)
+        info: Dict[str, Any] = {}
+        if rank == 0:
+            if os.path.exists(out_index) and overwrite:
+                shutil.rmtree(out_index) if os.path.isdir(out_index) else os.remove(out_index)
+            index.save(out_index)
+            info = index.info()
+            write_json({"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
+                        "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
+                        "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
+                        "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
+                        "videos": len(vids)}, sidecar_path(out_index))
+            shutil.rmtree(out_index + PARTS_SUFFIX, ignore_errors=True)
+        info = c2f_dist.broadcast_object(info)
     finally:
         loader.close()
     return res, info
+
+
+def _part_key(rows: Sequence[Mapping[str, Any]], model: Any, columns: Tuple[int, int]) -> str:
+    """What a part's rows depend on: the retriever, the stage-1 columns and, per video, the
+    features (encoder, sampling, source file, clip count)."""
+    fp = model.fingerprint()
+    what = [fp.get("config_hash"), fp.get("weights_hash"), list(columns)]
+    what += [[r["vid"], r.get("weights_id"), r.get("clip_length"), r.get("frames_per_clip"), r.get("source"),
+              r.get("n_clips"), r.get("duration")] for r in rows]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _part_path(parts_dir: str, b: int) -> str:
+    return os.path.join(parts_dir, f"batch-{b:06d}.npz")
+
+
+def _encode_parts(index: CorpusIndex, ok: Sequence[Mapping[str, Any]], load: Callable[[str], np.ndarray],
+                  columns: Tuple[int, int], parts_dir: str, batch_size: int, progress: bool) -> List[List[str]]:
+    """Across processes: the videos in batches of ``batch_size`` (the batches of a one-process
+    build), every ``world``-th batch encoded by this rank into ``parts_dir/batch-B.npz`` (a
+    part whose key matches, left by an interrupted run, is kept); returns the batches once
+    every rank is done."""
+    batches = [list(ok[s:s + batch_size]) for s in range(0, len(ok), batch_size)]
+    os.makedirs(parts_dir, exist_ok=True)
+    mine = c2f_dist.rank_items(range(len(batches)))
+    it: Iterable[int] = mine
+    if progress:
+        it = progress_bar(mine, desc=f"index: encode videos rank {c2f_dist.get_rank()}/{c2f_dist.get_world_size()}",
+                          unit="batch", leave=True)
+    for b in it:
+        rows, path = batches[b], _part_path(parts_dir, b)
+        key = _part_key(rows, index.model, columns)
+        if _read_key(path) == key:
+            continue
+        frames, lengths, pre = index.video_rows(index.encode_features([r["vid"] for r in rows], load))
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), vids=np.array([r["vid"] for r in rows]), frames=frames,
+                         lengths=lengths, prefilter=pre)
+    c2f_dist.barrier()
+    return [[r["vid"] for r in rows] for rows in batches]
+
+
+def _read_key(path: str) -> Optional[str]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["key"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _read_part(parts_dir: str, b: int, vids: Sequence[str], durations: Mapping[str, Any]):
+    """``(vids, frames, lengths, prefilter, durations)`` of part ``b`` (:meth:`CorpusIndex.add_rows`)."""
+    path = _part_path(parts_dir, b)
+    with np.load(path, allow_pickle=False) as z:
+        if [str(v) for v in z["vids"]] != list(vids):
+            raise DataFormatError(f"holds other videos than batch {b}; remove {parts_dir} and rerun", path=path)
+        return list(vids), z["frames"], z["lengths"], z["prefilter"], [durations.get(v) for v in vids]
 
 
 def _retriever_for(bb: Any, dim: int, model_cfg: Any, checkpoint: Optional[str]) -> Tuple[Any, Optional[str]]:

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import write_jsonl
 from lavis_c2f.data.features import VideoFeatureLoader, l2_normalize, open_store
@@ -32,7 +33,7 @@ from lavis_c2f.index.corpus_index import CorpusIndex, search_shards
 from lavis_c2f.models.checkpoint import load_retriever as load_model_retriever
 from lavis_c2f.models.retriever.embeddings import TextEmbedding
 from lavis_c2f.paths import resolve_path
-from lavis_c2f.video.cli import add_video_arguments, backbone_config
+from lavis_c2f.video.cli import add_video_arguments, start_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -332,9 +333,10 @@ def cmd_videos(args: argparse.Namespace) -> int:
                              retriever_checkpoint=args.checkpoint, model_cfg=args.model_cfg,
                              features_dir=args.features_dir, clip_length=args.clip_length,
                              frames_per_clip=args.frames_per_clip, workers=args.workers, batch_size=args.batch_size,
-                             backbone_config=backbone_config(args), overwrite=args.overwrite,
-                             progress=not args.no_progress)
-    print(f"indexed {info['videos']} videos into {args.out} ({len(res.summary.failed)} failed to extract)")
+                             backbone_config=start_ranks(args), overwrite=args.overwrite,
+                             index_batch_size=args.index_batch_size, progress=not args.no_progress)
+    if c2f_dist.is_main_process():
+        print(f"indexed {info['videos']} videos into {args.out} ({len(res.summary.failed)} failed to extract)")
     return 0
 
 
@@ -446,4 +448,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     v.add_argument("--checkpoint", default=None,
                    help="trained retriever checkpoint for this backbone (without: untrained, smoke test only)")
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out index")
+    v.add_argument("--index-batch-size", type=int, default=64,
+                   help="videos per retriever call (default 64); across processes each rank encodes whole batches, "
+                        "so keep it when comparing with a one-process build")
     v.set_defaults(func=cmd_videos)

@@ -251,11 +251,7 @@ class CorpusIndex:
         n = len(vids)
         if len(video_emb) != n:
             raise ValueError(f"{n} vids but {len(video_emb)} embedded videos")
-        model_emb, video_emb = video_emb, _to_stored(self.model, video_emb)
-        if video_emb.dim != self.dim:
-            raise IndexMismatchError(f"embeddings are {video_emb.dim}-d but the index is {self.dim}-d")
-        if video_emb.frames.shape[1] > self.max_frames:
-            raise IndexMismatchError(f"embeddings have {video_emb.frames.shape[1]} frames, index max {self.max_frames}")
+        stored = self.video_rows(video_emb, prefilter) if n else None   # checked before anything is removed
         if len(set(vids)) != n:
             dup = next(v for i, v in enumerate(vids) if v in vids[:i])
             raise ValueError(f"video id {dup!r} appears twice in one add()")
@@ -267,9 +263,21 @@ class CorpusIndex:
             self.remove(dup)
         if durations is not None and len(durations) != n:
             raise ValueError(f"{n} vids but {len(durations)} durations")
-        if n == 0:
+        if stored is None:
             return
-        sv = self.segments_per_video
+        self.add_rows(vids, *stored, durations, update_ann=update_ann)
+
+    def video_rows(self, video_emb, prefilter: Optional[np.ndarray] = None
+                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the index stores of V encoded videos: ``frames`` (sum of lengths, D) float32,
+        their valid frames back to back (the model's video terms), ``lengths`` (V,) int32 and
+        the pre-filter vectors (V, S, D) float32 (``prefilter`` as in :meth:`add`)."""
+        model_emb, video_emb = video_emb, _to_stored(self.model, video_emb)
+        if video_emb.dim != self.dim:
+            raise IndexMismatchError(f"embeddings are {video_emb.dim}-d but the index is {self.dim}-d")
+        if video_emb.frames.shape[1] > self.max_frames:
+            raise IndexMismatchError(f"embeddings have {video_emb.frames.shape[1]} frames, index max {self.max_frames}")
+        n, sv = len(video_emb), self.segments_per_video
         if prefilter is None:
             prefilter, _ = self._require_model().prefilter_segment_vectors(model_emb, sv)
         pre = prefilter.detach().cpu().float().numpy() if torch.is_tensor(prefilter) else np.asarray(prefilter, np.float32)
@@ -282,46 +290,74 @@ class CorpusIndex:
         if not torch.equal(mask, torch.arange(mask.shape[1])[None, :] < torch.from_numpy(lengths)[:, None].long()):
             raise ValueError("video_emb.mask must mark a prefix of valid frames per video (as the encoders do)")
         frames = video_emb.frames.detach().cpu().float()[mask].numpy()   # valid frames, row-major = per video
-        rows = self.store.append(vids, frames, lengths, pre, durations)
+        return frames, lengths, pre
+
+    def add_rows(self, vids: Sequence[str], frames: np.ndarray, lengths: np.ndarray, prefilter: np.ndarray,
+                 durations: Optional[Sequence[Optional[float]]] = None, update_ann: bool = True) -> None:
+        """Append videos new to the index given what it stores of them (:meth:`video_rows`):
+        :meth:`add` after encoding, and the merge of rows encoded elsewhere (the parts of a
+        build across processes, :mod:`lavis_c2f.index.build`)."""
+        vids = [str(v) for v in vids]
+        dup = [v for v in vids if v in self.store]
+        if dup:
+            raise ValueError(f"{len(dup)} video id(s) already indexed (e.g. {dup[0]!r})")
+        rows = self.store.append(vids, frames, lengths, prefilter, durations)
+        n = len(vids)
         if self._bias is not None:
             self._bias = np.concatenate([self._bias, np.zeros((n, self._bias.shape[1]), np.float32)])
             logger.warning("added videos get zero Sinkhorn bias; recompute it with compute_video_bias()")
         if update_ann:
             self.prefilter.extend(self.store, rows)
 
+    def encode_features(self, vids: Sequence[str], load_features: Callable[[str], np.ndarray]):
+        """The attached model's :class:`VideoEmbedding` of one batch of videos given a feature
+        loader (``vid -> (L, Dv)``), zero-padded to the batch's longest."""
+        model = self._require_model()
+        feats = [np.asarray(load_features(v), dtype=np.float32) for v in vids]
+        for v, f in zip(vids, feats):
+            if f.ndim != 2:
+                raise DataFormatError(f"features must be (clips, dim), got shape {f.shape}", field=v)
+        lmax = max(1, max(f.shape[0] for f in feats))
+        x = np.zeros((len(vids), lmax, feats[0].shape[1]), np.float32)
+        m = np.zeros((len(vids), lmax), np.float32)
+        for i, f in enumerate(feats):
+            x[i, : f.shape[0]] = f
+            m[i, : f.shape[0]] = 1.0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return model.encode_video(torch.from_numpy(x), torch.from_numpy(m))
+        finally:
+            model.train(was_training)
+
     def add_features(self, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
                      durations: Optional[Mapping[str, float]] = None, batch_size: int = 64,
                      progress: bool = True) -> None:
-        """Encode and add videos given a feature loader (``vid -> (L, Dv)``); the FAISS index is
-        (re)built or extended once at the end."""
-        model = self._require_model()
+        """Encode and add videos given a feature loader (``vid -> (L, Dv)``) in batches of
+        ``batch_size``; the FAISS index is (re)built or extended once at the end."""
+        self._require_model()
         vids = [str(v) for v in vids]
-        first_new = self.num_rows
         it: Iterable = range(0, len(vids), batch_size)
         if progress:
             it = progress_bar(it, total=(len(vids) + batch_size - 1) // batch_size, desc="index: encode videos",
                               unit="batch", leave=True)
-        was_training = model.training
-        model.eval()
-        try:
+
+        def batches():
             for s in it:
                 chunk = vids[s:s + batch_size]
-                feats = [np.asarray(load_features(v), dtype=np.float32) for v in chunk]
-                for v, f in zip(chunk, feats):
-                    if f.ndim != 2:
-                        raise DataFormatError(f"features must be (clips, dim), got shape {f.shape}", field=v)
-                lmax = max(1, max(f.shape[0] for f in feats))
-                x = np.zeros((len(chunk), lmax, feats[0].shape[1]), np.float32)
-                m = np.zeros((len(chunk), lmax), np.float32)
-                for i, f in enumerate(feats):
-                    x[i, : f.shape[0]] = f
-                    m[i, : f.shape[0]] = 1.0
-                with torch.no_grad():
-                    emb = model.encode_video(torch.from_numpy(x), torch.from_numpy(m))
-                durs = None if durations is None else [durations.get(v) for v in chunk]
-                self.add(chunk, emb, durs, update_ann=False)
-        finally:
-            model.train(was_training)
+                emb = self.encode_features(chunk, load_features)
+                yield chunk, *self.video_rows(emb), (None if durations is None else [durations.get(v) for v in chunk])
+
+        self.add_row_batches(batches())
+
+    def add_row_batches(self, batches: Iterable[Tuple[Sequence[str], np.ndarray, np.ndarray, np.ndarray,
+                                                      Optional[Sequence[Optional[float]]]]]) -> None:
+        """:meth:`add_rows` of each ``(vids, frames, lengths, prefilter, durations)`` batch in
+        order; the FAISS index is (re)built or extended once at the end (a bulk build)."""
+        first_new = self.num_rows
+        for vids, frames, lengths, pre, durs in batches:
+            self.add_rows(vids, frames, lengths, pre, durs, update_ann=False)
         if self.num_rows > first_new:
             self.prefilter.extend(self.store, np.arange(first_new, self.num_rows, dtype=np.int64))
 

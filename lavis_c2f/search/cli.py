@@ -180,26 +180,11 @@ def _backbone_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
     p.add_argument("--trusted", action="store_true", help="allow full unpickling of checkpoints you trust")
 
 
-def register(subparsers: "argparse._SubParsersAction") -> None:
-    s = subparsers.add_parser(
-        "search", help="search moments in an index of videos (or the demo corpus) with a typed query",
-        description="Stage 1 (retrieval of the best videos), stage 2 (moments in each), optional stage 3 "
-                    "(refinement), fused into one ranked list. Trained checkpoints are used when given (or recorded "
-                    "in the index); otherwise a clearly-labelled ZERO-SHOT mode scores text-clip cosines of the "
-                    "backbone.",
-        epilog="examples:\n  lavis-c2f search INDEX \"a man opens the fridge\" --plot top.png\n"
-               "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
-    s.add_argument("query", metavar="QUERY", help="the query text (quote it)")
-    s.add_argument("--top-k", type=int, default=SEARCH_DEFAULTS["top_k"],
-                   help=f"moments listed (default {SEARCH_DEFAULTS['top_k']})")
+def add_corpus_arguments(s: argparse.ArgumentParser) -> None:
+    """What is searched and with which models: the options of ``search`` that ``lavis-c2f serve``
+    shares (read by :func:`build_search_predictor`); INDEX is the caller's."""
     s.add_argument("--stage1-top-k", type=int, default=SEARCH_DEFAULTS["stage1_top_k"],
                    help=f"videos grounded by stage 2 (default {SEARCH_DEFAULTS['stage1_top_k']})")
-    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    s.add_argument("--plot", default=None, metavar="OUT.png",
-                   help="write the saliency curve of the top video with its windows (and ground truth if known)")
     s.add_argument("--retriever-ckpt", default=None, help="trained T-MASS checkpoint (default: the index's, if any)")
     s.add_argument("--grounder-ckpt", default=None, help="trained grounder checkpoint (ours or official QD-DETR)")
     s.add_argument("--grounder-streams", nargs="+", default=None, metavar="STREAM",
@@ -220,6 +205,27 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     s.add_argument("--splits", nargs="+", default=None, help="demo corpus: search only these splits")
     s.add_argument("--no-verify", action="store_true", help="skip the index's sha256 verification")
     _backbone_args(s, None)
+
+
+def register(subparsers: "argparse._SubParsersAction") -> None:
+    s = subparsers.add_parser(
+        "search", help="search moments in an index of videos (or the demo corpus) with a typed query",
+        description="Stage 1 (retrieval of the best videos), stage 2 (moments in each), optional stage 3 "
+                    "(refinement), fused into one ranked list. Trained checkpoints are used when given (or recorded "
+                    "in the index); otherwise a clearly-labelled ZERO-SHOT mode scores text-clip cosines of the "
+                    "backbone.",
+        epilog="examples:\n  lavis-c2f search INDEX \"a man opens the fridge\" --plot top.png\n"
+               "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("index", nargs="?", metavar="INDEX",
+                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
+    s.add_argument("query", metavar="QUERY", help="the query text (quote it)")
+    s.add_argument("--top-k", type=int, default=SEARCH_DEFAULTS["top_k"],
+                   help=f"moments listed (default {SEARCH_DEFAULTS['top_k']})")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    s.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="write the saliency curve of the top video with its windows (and ground truth if known)")
+    add_corpus_arguments(s)
     s.set_defaults(func=cmd_search)
 
     a = subparsers.add_parser(

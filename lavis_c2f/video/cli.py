@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Dict, Optional
 
+from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.video.extract import EXTRACT_DEFAULTS, extract_corpus
 
@@ -66,6 +68,16 @@ def backbone_config(args: argparse.Namespace) -> Dict[str, Any]:
     return cfg
 
 
+def start_ranks(args: argparse.Namespace) -> Dict[str, Any]:
+    """The backbone config of the options, after starting the process group when the command
+    runs under ``torch.distributed.run`` (then each rank's encoder runs on its own device:
+    ``cuda:LOCAL_RANK`` on GPUs, else the CPU, unless ``--device`` says otherwise)."""
+    cfg = backbone_config(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cfg["device"] = str(c2f_dist.init_from_env(args.device, timeout_s=int(EXTRACT_DEFAULTS["dist_timeout_s"])))
+    return cfg
+
+
 def add_video_arguments(p: argparse.ArgumentParser) -> None:
     """VIDEO_DIR and the backbone and clip-sampling options (defaults: configs/video/extract.yaml)."""
     d = EXTRACT_DEFAULTS
@@ -96,7 +108,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     res = extract_corpus(args.video_dir, args.out, backbone=args.backbone, clip_length=args.clip_length,
                          frames_per_clip=args.frames_per_clip, batch_size=args.batch_size, workers=args.workers,
                          store=args.store, batch_clips=args.batch_clips, decode_backend=args.decoder,
-                         backbone_config=backbone_config(args), progress=not args.no_progress)
+                         backbone_config=start_ranks(args), progress=not args.no_progress)
     if res.n_with_features == 0:
         print("lavis-c2f extract: error: no video could be extracted", file=sys.stderr)
         return 1

@@ -21,6 +21,15 @@ videos in flight. Failed videos are retried by the next run. With ``store="wds"`
 videos are staged as ``OUT/.staging/{vid}.npy`` and packed into shards at the end of every
 run (existing shards are merged in; the folder is replaced atomically).
 
+Across processes (``python -m torch.distributed.run --nproc_per_node N -m lavis_c2f.cli extract
+...``, on one or several nodes; the process group started by the caller,
+:func:`lavis_c2f.common.dist.init_from_env`): rank ``r`` of ``w`` extracts every ``w``-th video
+of the sorted list from position ``r``, and writes their features and done markers itself
+(each video's files are its own, so ranks never write the same file); the ranks then gather
+what each did, and rank 0 writes ``videos.jsonl`` and ``extract.json`` (and packs the ``wds``
+shards) as one process would have. The output equals a one-process run's, and an interrupted
+sharded run resumes like any other (with any process count: the done markers are per video).
+
 Decoding runs in ``workers`` processes (0: in the main process), overlapped with encoding in
 the main process; memory is bounded by ``batch_clips`` clips per message and a queue of
 ``2 * workers`` messages.
@@ -32,6 +41,7 @@ from an earlier run), 1 otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -44,6 +54,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import atomic_path, read_jsonl, write_json, write_jsonl
 from lavis_c2f.common.progress import progress_bar
@@ -232,17 +243,26 @@ def extract_corpus(video_dir: PathLike, out_dir: PathLike, backbone: Any = EXTRA
               "size": bb.decode_size if size == "auto" else size, "batch_clips": int(batch_clips),
               "decode_backend": decode_backend, "sampler": bb.sampler(int(frames_per_clip))}
     run = _Extraction(os.path.abspath(os.fspath(out_dir)), store, bb, params)
-    vids = assign_vids(paths, root)
-    todo = run.plan(paths, vids)
+    vids = assign_vids(paths, root)            # over the whole list: every rank names the videos alike
+    rank, world = c2f_dist.get_rank(), c2f_dist.get_world_size()
+    if world > 1 and len({*c2f_dist.all_gather_objects(hashlib.sha1("\n".join(paths).encode()).hexdigest())}) > 1:
+        raise ConfigError(f"the ranks see different video lists under {root}: put the videos on a filesystem every "
+                          "node sees at the same path")
+    todo = run.plan(c2f_dist.rank_items(paths), vids)
     run.encode(todo, int(workers), progress)
-    if store == "wds":
-        _pack_wds(run.feat_dir, run.stage_dir, maxcount=wds_maxcount)
+    if world > 1:
+        run.merge(c2f_dist.all_gather_objects(run.state()), paths)
+    if rank == 0:
+        if store == "wds":
+            _pack_wds(run.feat_dir, run.stage_dir, maxcount=wds_maxcount)
+        _write_index_files(run.out, [run.rows[vids[p]] for p in paths if vids[p] in run.rows], run.desc, params,
+                           store, run.summary)
+    c2f_dist.barrier()                         # the others return once rank 0 has written the listing
     ordered = [run.rows[vids[p]] for p in paths if vids[p] in run.rows]
-    _write_index_files(run.out, ordered, run.desc, params, store, run.summary)
     dt = time.time() - t0
     stats = {"frames_encoded": run.frames_encoded, "encode_seconds": round(run.encode_seconds, 3),
              "seconds": round(dt, 3)}
-    if print_summary:
+    if print_summary and rank == 0:
         print(f"extract: {run.summary.format()}\nfeatures in {run.out} ({run.desc['weights_id']}, {dt:.1f} s)")
     return ExtractResult(out_dir=run.out, rows=ordered, summary=run.summary, backbone=run.desc, seconds=dt,
                          stats=stats)
@@ -265,6 +285,32 @@ class _Extraction:
         self.summary = DecodeSummary()
         self.frames_encoded = 0
         self.encode_seconds = 0.0
+
+    def state(self) -> Dict[str, Any]:
+        """What this process did (rows, summary, counters): gathered from every rank."""
+        return {"rows": self.rows, "summary": self.summary.to_dict(), "frames": self.frames_encoded,
+                "encode_seconds": self.encode_seconds}
+
+    def merge(self, states: Sequence[Mapping[str, Any]], paths: Sequence[str]) -> None:
+        """Take the :meth:`state` of every rank: the rows and counters of all, and the summary
+        in input order (what one process would have reported)."""
+        status: Dict[str, Tuple[str, Optional[str]]] = {}
+        self.rows, self.frames_encoded, self.encode_seconds = {}, 0, 0.0
+        for st in states:
+            self.rows.update(st["rows"])
+            self.frames_encoded += int(st["frames"])
+            self.encode_seconds += float(st["encode_seconds"])
+            summ = st["summary"]
+            status.update({p: ("ok", None) for p in summ["ok"]})
+            status.update({p: ("skipped", None) for p in summ["skipped"]})
+            status.update({p: ("failed", r) for p, r in summ["failed"].items()})
+        self.summary = DecodeSummary()
+        for p in paths:
+            kind, reason = status.get(p, (None, None))
+            if kind == "failed":
+                self.summary.failed[p] = str(reason)
+            elif kind is not None:
+                getattr(self.summary, kind).append(p)
 
     def feature_present(self, vid: str) -> bool:
         if self.store == "npz":
@@ -298,7 +344,9 @@ class _Extraction:
     def encode(self, todo: List[Tuple[str, str]], workers: int, progress: bool) -> None:
         """Decode ``todo`` (in ``workers`` processes) and encode the clips here, writing each
         video's features and done marker as soon as it is finished."""
-        bar = (progress_bar(total=len(todo), desc=f"extract ({self.desc['name']})", unit="video", leave=True)
+        world = c2f_dist.get_world_size()
+        where = f" rank {c2f_dist.get_rank()}/{world}" if world > 1 else ""
+        bar = (progress_bar(total=len(todo), desc=f"extract ({self.desc['name']}){where}", unit="video", leave=True)
                if progress and todo else None)
         pending: Dict[str, Dict[str, Any]] = {}
         path_of = {v: p for v, p in todo}

@@ -13,7 +13,7 @@ Losses (unweighted values are returned; :meth:`SetCriterion.weighted_total` appl
     - rank-contrastive: for each score level r = 1..11, a supervised-contrastive term over
       the clips of [true pair ‖ negative pair] whose summed saliency is >= r
       (temperature 0.5, padded clips at -1e3), summed over r and divided by 12
-      (``rank_divisor``);
+      (``rank_divisor``); the clip softmax is computed once and every level at once;
     - negative pair: ``sum_t softplus(s_neg[t]) * mask[t]`` (= -log(1 - sigmoid)), mean over B.
 * aux losses ``loss_span_i`` / ``loss_giou_i`` / ``loss_label_i`` for decoder layer i (re-matched).
 
@@ -180,18 +180,19 @@ class SetCriterion(nn.Module):
             labels = torch.cat([labels, torch.zeros_like(labels)], dim=1)
             mask = torch.cat([mask, mask * neg_valid[:, None]], dim=1)
         scores = mask * scores + (1.0 - mask) * -1e3
-        total = scores.new_zeros(())
-        for level in range(1, self.rank_levels + 1):
-            pos = (labels >= level).to(scores.dtype)
-            if pos.sum() == 0:
-                continue
-            has_pos = (pos.sum(1) > 0).to(scores.dtype)
-            logits = scores / self.rank_tau
-            logits = logits - logits.max(dim=1, keepdim=True)[0]
-            log_prob = logits - torch.log(torch.exp(logits).sum(1, keepdim=True) + 1e-6)
-            mean_pos = (pos * log_prob * mask).sum(1) / (pos.sum(1) + 1e-6)
-            total = total + (-mean_pos * has_pos).mean()
-        return total / self.rank_divisor
+        # the softmax over clips does not depend on the level: computed once, then every level
+        # r = 1..R at once (the official loop recomputes it per level)
+        logits = scores / self.rank_tau
+        logits = logits - logits.max(dim=1, keepdim=True)[0]
+        log_prob = logits - torch.log(torch.exp(logits).sum(1, keepdim=True) + 1e-6)
+        levels = torch.arange(1, self.rank_levels + 1, device=scores.device, dtype=labels.dtype)
+        pos = (labels[None] >= levels[:, None, None]).to(scores.dtype)  # (R, B, L)
+        counts = pos.sum(2)  # (R, B)
+        mean_pos = (pos * (log_prob * mask)[None]).sum(2) / (counts + 1e-6)
+        per_level = (-mean_pos * (counts > 0).to(scores.dtype)).mean(1)  # (R,)
+        # a level with no positive clip in the batch is skipped (contributes 0)
+        present = (counts.sum(1) > 0).to(scores.dtype)
+        return (per_level * present).sum() / self.rank_divisor
 
     # ------------------------------------------------------------------ forward
     def forward(self, outputs: Dict[str, Any], targets: Dict[str, Any]) -> Dict[str, torch.Tensor]:

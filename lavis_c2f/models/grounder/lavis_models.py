@@ -317,6 +317,7 @@ class C2FMESMQDDETR(C2FQDDETR):
         super().__init__(**kwargs)
         self.vocab = vocab
         self.detr: MESMQDDETR
+        self._fw_cache: Dict[Any, Any] = {}
 
     @classmethod
     def config_from_official_opt(cls, opt: Any, state_dict: Mapping[str, torch.Tensor]
@@ -417,16 +418,43 @@ class C2FMESMQDDETR(C2FQDDETR):
              "txt_ids": None, "tokens": None}
         return x
 
+    #: queries whose word-reconstruction targets are kept (:meth:`_fw_sample`)
+    FW_CACHE_SIZE = 1 << 16
+
     def _fw_targets(self, samples: Mapping[str, Any], text: Dict[str, Any], length: int):
         """(labels (B, Lt) with -100 = none, mask weights (B, Lt), unknown (B, Lt) bool,
         aligned (B,) bool)."""
-        vocab = self.vocab
         bsz = text["src_txt_mask"].shape[0]
         labels = torch.full((bsz, length), -100, dtype=torch.long)
         weights = torch.zeros(bsz, length)
         unknown = torch.zeros(bsz, length, dtype=torch.bool)
         aligned = torch.zeros(bsz, dtype=torch.bool)
         n_valid = text["src_txt_mask"].sum(1).long().tolist()
+        queries = list(samples.get("query", []))
+        for i in range(bsz):
+            tokens = None if text["tokens"] is None else tuple(text["tokens"][i])
+            if tokens is None and not queries:
+                raise KeyError("word reconstruction needs the batch's 'query' texts")
+            target = self._fw_sample(queries[i] if queries else None, tokens, n_valid[i])
+            if target is None:
+                continue
+            lab, w, unk = target
+            labels[i, :len(lab)] = torch.tensor(lab)
+            weights[i, :len(w)] = torch.tensor(w)
+            unknown[i, :len(unk)] = torch.tensor(unk, dtype=torch.bool)
+            aligned[i] = True
+        return labels, weights, unknown, aligned
+
+    def _fw_sample(self, query: Optional[str], tokens: Optional[tuple], n_valid: int):
+        """(labels, masking weights, unknown flags) of one query's ``n_valid`` feature rows, or
+        None when the query has fewer tokens than rows (see the class doc). Tokenising and POS
+        tagging run once per query: the result is kept (up to :attr:`FW_CACHE_SIZE` queries;
+        the vocabulary and tokenizer settings are fixed when the model is built)."""
+        cache = self._fw_cache
+        key = (query, tokens, n_valid)
+        if key in cache:
+            return cache[key]
+        vocab = self.vocab
         tok = get_tokenizer(vocab.tokenizer)
         start, end = getattr(tok, "start_token", None), getattr(tok, "end_token", None)
         # features with start/end rows but a tokenizer without special tokens (whitespace):
@@ -434,33 +462,26 @@ class C2FMESMQDDETR(C2FQDDETR):
         wrap = start is None and bool(self.config["fw_text_special_tokens"])
         if wrap:
             start, end = "<start>", "<end>"
-        queries = list(samples.get("query", []))
-        pos = self.config["fw_word_weights"] == "pos"
-        tagger = get_pos_tagger(self.config["pos_tagger"]) if pos else None
-        for i in range(bsz):
-            if text["tokens"] is not None:
-                tokens = text["tokens"][i]
-            else:
-                if not queries:
-                    raise KeyError("word reconstruction needs the batch's 'query' texts")
-                tokens = tok.tokenize(queries[i])
-                if vocab.tokenizer == "clip" and not self.config["fw_text_special_tokens"]:
-                    tokens = tokens[1:-1]
-                elif wrap:
-                    tokens = [start] + list(tokens) + [end]
-            if len(tokens) < n_valid[i]:
-                continue
-            tokens = tokens[:n_valid[i]]
+        if tokens is None:
+            tokens = tok.tokenize(query)
+            if vocab.tokenizer == "clip" and not self.config["fw_text_special_tokens"]:
+                tokens = tokens[1:-1]
+            elif wrap:
+                tokens = [start] + list(tokens) + [end]
+        result = None
+        if len(tokens) >= n_valid:
+            tokens = list(tokens)[:n_valid]
             lab, w, unk = vocab.encode(tokens, start, end)
-            if tagger is not None:
-                if not queries:
+            if self.config["fw_word_weights"] == "pos":
+                if query is None:
                     raise KeyError("POS weights need the batch's 'query' texts")
-                w = pos_token_weights(queries[i], tokens, tok, tagger, start, end)
-            labels[i, :len(lab)] = torch.tensor(lab)
-            weights[i, :len(w)] = torch.tensor(w)
-            unknown[i, :len(unk)] = torch.tensor(unk, dtype=torch.bool)
-            aligned[i] = True
-        return labels, weights, unknown, aligned
+                w = pos_token_weights(query, tokens, tok, get_pos_tagger(self.config["pos_tagger"]),
+                                      start, end)
+            result = (list(lab), list(w), list(unk))
+        if len(cache) >= self.FW_CACHE_SIZE:
+            cache.clear()
+        cache[key] = result
+        return result
 
     def _detr_kwargs(self, samples: Mapping[str, Any], text: Dict[str, Any]) -> Dict[str, Any]:
         dev = self.device

@@ -4,7 +4,9 @@ Cost of assigning prediction q to ground truth g (both normalised (cx, w)):
 
     C[q, g] = cost_span * |span_q - span_g|_1 - cost_giou * gIoU(q, g) - cost_class * p_fg(q)
 
-with ``p_fg = softmax(logits)[..., 0]`` (index 0 = foreground). Each sample is solved with
+with ``p_fg = softmax(logits)[..., 0]`` (index 0 = foreground). The costs of the whole batch
+come out of one computation (every prediction against every ground-truth window of the batch,
+as the official matcher computes them), then each sample's block is solved with
 ``scipy.optimize.linear_sum_assignment``; a sample without ground truth gets empty indices.
 """
 from __future__ import annotations
@@ -21,10 +23,11 @@ MatchIndices = List[Tuple[torch.Tensor, torch.Tensor]]
 
 def matching_cost(pred_logits: torch.Tensor, pred_spans: torch.Tensor, gt_spans: torch.Tensor,
                   cost_class: float, cost_span: float, cost_giou: float) -> torch.Tensor:
-    """Cost matrix of one sample.
+    """Cost matrix of predictions against ground-truth windows.
 
     Args:
-        pred_logits: (Q, 2); pred_spans: (Q, 2) (cx, w); gt_spans: (N, 2) (cx, w).
+        pred_logits: (Q, 2); pred_spans: (Q, 2) (cx, w); gt_spans: (N, 2) (cx, w). Q may be
+            a whole batch's B·Q predictions and N every window of the batch.
     Returns:
         (Q, N) float tensor.
     """
@@ -62,19 +65,23 @@ class HungarianMatcher(torch.nn.Module):
             ``pred_idx`` sorted ascending.
         """
         logits, spans = outputs["pred_logits"], outputs["pred_spans"]
-        if len(gt_spans) != logits.shape[0]:
-            raise ValueError(f"{len(gt_spans)} ground-truth entries for a batch of "
-                             f"{logits.shape[0]}")
+        bsz, n_queries = logits.shape[:2]
+        if len(gt_spans) != bsz:
+            raise ValueError(f"{len(gt_spans)} ground-truth entries for a batch of {bsz}")
+        sizes = [int(gt.shape[0]) if gt.numel() else 0 for gt in gt_spans]
+        empty = torch.zeros(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in sizes]
+        targets = torch.cat([gt.reshape(-1, 2).to(spans.device) for gt, n in zip(gt_spans, sizes) if n])
+        cost = matching_cost(logits.flatten(0, 1), spans.flatten(0, 1), targets, self.cost_class,
+                             self.cost_span, self.cost_giou)
+        blocks = cost.view(bsz, n_queries, -1).cpu().split(sizes, dim=-1)
         indices: MatchIndices = []
-        for b, gt in enumerate(gt_spans):
-            gt = gt.to(spans.device)
-            if gt.numel() == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
+        for b, n in enumerate(sizes):
+            if n == 0:
                 indices.append((empty, empty.clone()))
                 continue
-            cost = matching_cost(logits[b], spans[b], gt, self.cost_class, self.cost_span,
-                                 self.cost_giou)
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            rows, cols = linear_sum_assignment(blocks[b][b].numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64),
                             torch.as_tensor(cols, dtype=torch.int64)))
         return indices

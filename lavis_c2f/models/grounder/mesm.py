@@ -51,7 +51,7 @@ from lavis_c2f.models.grounder.criterion import SetCriterion
 from lavis_c2f.models.grounder.model import LinearLayer, QDDETR, negative_text_index
 from lavis_c2f.models.grounder.text_encoder import (REPLACE_MASK, REPLACE_UNKNOWN,
                                                     RuntimeTextEncoder)
-from lavis_c2f.models.grounder.transformer import LayerStack, T2VEncoderLayer
+from lavis_c2f.models.grounder.transformer import LayerStack, T2VEncoderLayer, t2v_bias
 from lavis_c2f.ops.spans import generalized_temporal_iou, span_cxw_to_xx
 
 
@@ -232,8 +232,9 @@ class MESMQDDETR(QDDETR):
 
     # ------------------------------------------------------------------ pieces
     def _enhance(self, vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode):
+        bias = t2v_bias(vid_pad, txt_pad, self.transformer.nhead, mask_mode, vid.dtype)
         for layer in self.enhance_encoder.layers:
-            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
+            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode, bias=bias)
         return vid
 
     def _group_video(self, vid: torch.Tensor, vid_pad: torch.Tensor, groups: List[List[int]]
@@ -279,8 +280,9 @@ class MESMQDDETR(QDDETR):
         is_own[rows, own] = True
         seq = torch.where(is_own[..., None], self.ss_mask_token.expand_as(seq), seq)
         gvid, gpad = self._group_video(vid, vid_pad, groups)
+        bias = t2v_bias(seq_pad, gpad, self.transformer.nhead, mask_mode, seq.dtype)
         for layer in self.ss_reconstructor.layers:
-            seq = layer(seq, gvid, None, None, seq_pad, gpad, mask_mode)
+            seq = layer(seq, gvid, None, None, seq_pad, gpad, mask_mode, bias=bias)
         recon = F.normalize(seq[rows, own], dim=-1)
         return recon, self.ss_output_sent_proj(recon)
 
@@ -317,9 +319,10 @@ class MESMQDDETR(QDDETR):
             clip_pos[i, :len(idx)] = pos_vid[i, idx]
             clip_pad[i, :len(idx)] = False
         txt_pad = ~words_mask.bool()
+        bias = t2v_bias(txt_pad, clip_pad, self.transformer.nhead, mask_mode, query.dtype)
         for layer in self.enhance_encoder.layers:
             query = layer(query, clips, pos_txt, clip_pos, txt_pad, clip_pad, mask_mode,
-                          use_alt_ffn=not self.fw_share_ffn)
+                          use_alt_ffn=not self.fw_share_ffn, bias=bias)
         return {"fw_logits": self.output_txt_proj(query), "fw_masked": masked,
                 "fw_has_clips": counts > 0}
 

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from lavis_c2f.models.grounder.attention import (PackedMultiheadAttention,
-                                                 ProjectionFreeMultiheadAttention)
+                                                 ProjectionFreeMultiheadAttention, attention_bias)
 from lavis_c2f.models.grounder.position_encoding import anchor_sine_embedding
+from lavis_c2f.models.grounder.prelu import PReLU
 
 T2V_MASK_MODES = ("official", "correct")
 
@@ -85,6 +86,13 @@ def cross_padding_mask(query_pad: torch.Tensor, key_pad: torch.Tensor, num_heads
     return per_sample[source]  # (B, H, Lq, Lk)
 
 
+def t2v_bias(query_pad: torch.Tensor, key_pad: torch.Tensor, num_heads: int, mode: str,
+             dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """Additive attention bias of a T2V layer stack: the key padding mask plus
+    :func:`cross_padding_mask` (see :func:`~.attention.attention_bias`); shapes as there."""
+    return attention_bias(key_pad, cross_padding_mask(query_pad, key_pad, num_heads, mode), dtype)
+
+
 class T2VEncoderLayer(nn.Module):
     """Cross-modal layer: queries (video clips) attend to keys (text tokens), post-norm.
 
@@ -111,7 +119,7 @@ class T2VEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.activation = nn.PReLU()
+        self.activation = PReLU()
         self.has_alt_ffn = alt_ffn
         if alt_ffn:
             self.linear1_1 = nn.Linear(d_model, dim_feedforward)
@@ -122,7 +130,7 @@ class T2VEncoderLayer(nn.Module):
     def forward(self, queries: torch.Tensor, keys: torch.Tensor,
                 query_pos: Optional[torch.Tensor], key_pos: Optional[torch.Tensor],
                 query_pad: torch.Tensor, key_pad: torch.Tensor, mask_mode: str = "correct",
-                use_alt_ffn: bool = False) -> torch.Tensor:
+                use_alt_ffn: bool = False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Args:
             queries: (B, Lq, D); keys: (B, Lk, D) (also the values).
@@ -130,13 +138,16 @@ class T2VEncoderLayer(nn.Module):
             query_pad / key_pad: (B, Lq) / (B, Lk) bool, True = padding.
             mask_mode: see :func:`cross_padding_mask`.
             use_alt_ffn: use the second FFN (requires ``alt_ffn=True``).
+            bias: the stack's :func:`t2v_bias` when the caller computed it once for all
+                layers (then the pads and ``mask_mode`` are not read again).
         Returns:
             (B, Lq, D) updated queries.
         """
         q = queries if query_pos is None else queries + query_pos
         k = keys if key_pos is None else keys + key_pos
-        extra = cross_padding_mask(query_pad, key_pad, self.nhead, mask_mode)
-        attn = self.self_attn(q, k, keys, key_padding_mask=key_pad, attn_mask=extra)
+        if bias is None:
+            bias = t2v_bias(query_pad, key_pad, self.nhead, mask_mode, q.dtype)
+        attn = self.self_attn(q, k, keys, bias)
         a = queries + self.dropout1(attn)
         if use_alt_ffn:
             if not self.has_alt_ffn:
@@ -160,12 +171,14 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.activation = nn.PReLU()
+        self.activation = PReLU()
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """x, pos (B, L, D); pad (B, L) bool True = padding -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, bias: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+        """x, pos (B, L, D); bias: the key padding's :func:`~.attention.attention_bias` (or
+        None) -> (B, L, D)."""
         qk = x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x, key_padding_mask=pad)))
+        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x, bias)))
         h = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.norm2(x + self.dropout2(h))
 
@@ -214,7 +227,7 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.activation = nn.PReLU()
+        self.activation = PReLU()
 
     def _per_head_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(B, L, D), (B, L, D) -> (B, L, 2D) with each head's halves side by side."""
@@ -223,15 +236,17 @@ class DecoderLayer(nn.Module):
         return torch.cat([a.reshape(bsz, length, h, dim // h), b.reshape(bsz, length, h, dim // h)],
                          dim=-1).reshape(bsz, length, 2 * dim)
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor,
-                pos: torch.Tensor, query_pos: torch.Tensor,
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, memory_bias: Optional[torch.Tensor],
+                k_pos: torch.Tensor, query_pos: torch.Tensor,
                 query_sine: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            tgt: (B, Q, D) decoder state; memory: (B, Lv, D) video memory.
-            memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D) video positions.
-            query_pos: (B, Q, D) ``ref_point_head`` output; query_sine: (B, Q, D) modulated
-                anchor sine code.
+            tgt: (B or 1, Q, D) decoder state (one row shared by the batch when it does not
+                depend on the sample); memory: (B, Lv, D) video memory.
+            memory_bias: the memory padding's :func:`~.attention.attention_bias` (or None);
+            k_pos: (B, Lv, D) ``ca_kpos_proj`` of the video positions (:meth:`key_positions`).
+            query_pos: (B or 1, Q, D) ``ref_point_head`` output; query_sine: (B or 1, Q, D)
+                modulated anchor sine code.
         Returns:
             (B, Q, D).
         """
@@ -241,17 +256,28 @@ class DecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, v)))
 
         q_content = self.ca_qcontent_proj(tgt)
-        k_content = self.ca_kcontent_proj(memory)
-        v = self.ca_v_proj(memory)
-        k_pos = self.ca_kpos_proj(pos)
         if self.is_first:
             q_content = q_content + self.ca_qpos_proj(query_pos)
+        q_sine = self.ca_qpos_sine_proj(query_sine)
+        bsz = memory.shape[0]
+        if tgt.shape[0] != bsz:  # a shared query side meets the batch here
+            tgt, q_content, q_sine = (t.expand(bsz, -1, -1) for t in (tgt, q_content, q_sine))
+        k_content = self.ca_kcontent_proj(memory)
+        v = self.ca_v_proj(memory)
+        if self.is_first:
             k_content = k_content + k_pos
-        q = self._per_head_concat(q_content, self.ca_qpos_sine_proj(query_sine))
+        q = self._per_head_concat(q_content, q_sine)
         k = self._per_head_concat(k_content, k_pos)
-        tgt = self.norm2(tgt + self.dropout2(self.cross_attn(q, k, v, key_padding_mask=memory_pad)))
+        tgt = self.norm2(tgt + self.dropout2(self.cross_attn(q, k, v, memory_bias)))
         h = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(h))
+
+    def key_positions(self, pos: torch.Tensor, inverse: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """``ca_kpos_proj`` of the video positions: ``pos`` (B, Lv, D), or (U, Lv, D) distinct
+        rows with ``inverse`` (B,) the row of each sample -> (B, Lv, D)."""
+        k_pos = self.ca_kpos_proj(pos)
+        return k_pos if inverse is None else k_pos[inverse]
 
 
 class LayerStack(nn.Module):
@@ -292,19 +318,35 @@ class AnchorDecoder(nn.Module):
                 anchors_unsigmoid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            memory: (B, Lv, D); memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D).
+            memory: (B, Lv, D); memory_pad: (B, Lv) bool True = padding; pos: (B, Lv, D) the
+                video positions, a function of the padding row (the masked sine code), so
+                samples with the same padding share their key-position projections.
             anchors_unsigmoid: (Q, 2) learned anchors before the sigmoid.
         Returns:
             hs: (n_layers, B, Q, D), each layer's output after the shared ``norm``;
             references: (n_layers, B, Q, 2), the anchor each layer started from (the first
             is ``sigmoid(anchors)``, later ones carry gradients through ``bbox_embed``).
         """
-        bsz = memory.shape[0]
-        ref = anchors_unsigmoid.sigmoid()[None].expand(bsz, -1, -1)
-        tgt = memory.new_zeros(bsz, anchors_unsigmoid.shape[0], self.d_model)
-        references: List[torch.Tensor] = [ref]
+        bsz, n_queries = memory.shape[0], anchors_unsigmoid.shape[0]
+        # the first layer's queries depend on no sample (zero state, learned anchors): without
+        # dropout (outside training) they are computed once and shared by the batch
+        q_bsz = bsz if self.training else 1
+        ref = anchors_unsigmoid.sigmoid()[None].expand(q_bsz, -1, -1)
+        tgt = memory.new_zeros(q_bsz, n_queries, self.d_model)
+        references: List[torch.Tensor] = [ref.expand(bsz, -1, -1)]
         outputs: List[torch.Tensor] = []
         last = len(self.layers) - 1
+        memory_bias = attention_bias(memory_pad, None, memory.dtype)
+        # the positions are a function of the padding row: their projections are computed once
+        # per distinct padding row (any sample with that row stands for it)
+        pos_rows, inverse = pos, None
+        if bsz > 1:
+            rows, inverse = torch.unique(memory_pad, dim=0, return_inverse=True)
+            if rows.shape[0] < bsz:
+                sample_of = torch.empty(rows.shape[0], dtype=torch.long, device=pos.device)
+                pos_rows = pos[sample_of.scatter_(0, inverse, torch.arange(bsz, device=pos.device))]
+            else:
+                inverse = None
         for i, layer in enumerate(self.layers):
             sine = anchor_sine_embedding(ref, self.d_model)
             query_pos = self.ref_point_head(sine)
@@ -312,11 +354,12 @@ class AnchorDecoder(nn.Module):
                 sine = sine * self.query_scale(tgt)
             width_mod = self.ref_anchor_head(tgt).sigmoid()[..., 0] / ref[..., 1]
             sine = sine * width_mod[..., None]
-            tgt = layer(tgt, memory, memory_pad, pos, query_pos, sine)
-            new_ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid()
+            tgt = layer(tgt, memory, memory_bias, layer.key_positions(pos_rows, inverse),
+                        query_pos, sine)
             if i < last:
+                new_ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid()
                 references.append(new_ref)
-            ref = new_ref.detach()
+                ref = new_ref.detach()
             outputs.append(self.norm(tgt))
         return torch.stack(outputs), torch.stack(references)
 
@@ -353,8 +396,9 @@ class QDTransformer(nn.Module):
                       pos_txt: Optional[torch.Tensor], vid_pad: torch.Tensor,
                       txt_pad: torch.Tensor, mask_mode: str) -> torch.Tensor:
         """Run the T2V layers: vid (B, Lv, D) attends to txt (B, Lt, D) -> (B, Lv, D)."""
+        bias = t2v_bias(vid_pad, txt_pad, self.nhead, mask_mode, vid.dtype)
         for layer in self.t2v_encoder.layers:
-            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
+            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode, bias=bias)
         return vid
 
     def encode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
@@ -374,9 +418,9 @@ class QDTransformer(nn.Module):
         x = torch.cat([global_token.expand(bsz, 1, -1), vid], dim=1)
         pos = torch.cat([global_pos.expand(bsz, 1, -1), pos_vid], dim=1)
         first = (vid_pad.new_ones if global_masked else vid_pad.new_zeros)(bsz, 1)
-        pad = torch.cat([first, vid_pad], dim=1)
+        bias = attention_bias(torch.cat([first, vid_pad], dim=1), None, x.dtype)
         for layer in self.encoder.layers:
-            x = layer(x, pos, pad)
+            x = layer(x, pos, bias)
         return x[:, 1:], x[:, 0]
 
     def encode_decode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
@@ -386,7 +430,8 @@ class QDTransformer(nn.Module):
         """Encoder over [global, video] (:meth:`encode`) then the decoder.
 
         Args:
-            anchors_unsigmoid: (Q, 2); the others as :meth:`encode`.
+            anchors_unsigmoid: (Q, 2); the others as :meth:`encode` (``pos_vid`` must be the
+                position code of ``vid_pad``, see :meth:`AnchorDecoder.forward`).
         Returns:
             hs (n_dec, B, Q, D), references (n_dec, B, Q, 2), video memory (B, Lv, D),
             global memory (B, D).

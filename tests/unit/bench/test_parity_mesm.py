@@ -3,7 +3,6 @@ both codes, our side built from it, padding-cropped dropout replay. The official
 imported here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,24 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from bench_helpers import ROOT, load_bench
 
 
 @pytest.fixture(scope="module")
 def pm():
-    if str(ROOT / "bench") not in sys.path:
+    if str(ROOT / "bench") not in sys.path:  # parity_mesm imports its sibling scripts
         sys.path.insert(0, str(ROOT / "bench"))
-    _load("official_runtime")
-    _load("train_parity")
-    return _load("parity_mesm")
+    load_bench("official_runtime.py", "official_runtime")
+    load_bench("train_parity.py", "train_parity")
+    return load_bench("parity_mesm.py", "parity_mesm")
 
 
 def _demo_corpus(root: Path) -> Path:

@@ -5,26 +5,20 @@ with the official layouts (sequence-first tensors, (B*H, Lq, Lk) attention weigh
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
+from bench_helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("train_parity", ROOT / "bench" / "train_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_parity"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_parity.py", "train_parity")
 
 
 def _qvh_rows():

@@ -151,3 +151,113 @@ def test_label_loss_weights_background_by_eos_coef():
     losses = crit(out, {"span_labels": [torch.tensor([[0.5, 0.2]])]})
     # one foreground query (weight 1) + one background query (weight 0.1), CE = log 2 each
     assert losses["loss_label"].item() == pytest.approx((1.0 + 0.1) * torch.log(torch.tensor(2.0)).item() / 2)
+
+
+# --------------------------------------------------------------------------- reference path
+def _reference_matches(out, gts, costs=(4.0, 10.0, 1.0)):
+    """One sample at a time, as the criterion matched before the batched cost matrix."""
+    from scipy.optimize import linear_sum_assignment
+
+    res = []
+    for b, gt in enumerate(gts):
+        if gt.numel() == 0:
+            res.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+            continue
+        cost = matching_cost(out["pred_logits"][b].detach(), out["pred_spans"][b].detach(), gt, *costs)
+        rows, cols = linear_sum_assignment(cost.numpy())
+        res.append((torch.as_tensor(rows), torch.as_tensor(cols)))
+    return res
+
+
+def _reference_rank(scores, neg, labels, mask, tau=0.5, levels=11, divisor=12.0):
+    """The official level loop: for r = 1..11 a supervised-contrastive term over the clips of
+    [true pair || negative pair] whose label is >= r, levels without positives skipped."""
+    scores = torch.cat([scores, neg], 1)
+    labels = torch.cat([labels, torch.zeros_like(labels)], 1)
+    mask = mask.repeat(1, 2)
+    scores = mask * scores + (1.0 - mask) * -1e3
+    total = 0.0
+    for r in range(1, levels + 1):
+        pos = labels >= r
+        if pos.sum() == 0:
+            continue
+        logits = scores / tau
+        logits = logits - logits.max(dim=1, keepdim=True)[0]
+        log_prob = logits - torch.log(torch.exp(logits).sum(1, keepdim=True) + 1e-6)
+        mean_pos = (pos * log_prob * mask).sum(1) / (pos.sum(1) + 1e-6)
+        total = total + (-mean_pos * (pos.sum(1) > 0)).mean()
+    return total / divisor
+
+
+def _reference_losses(out, targets):
+    """QD-DETR's losses written the straightforward way (per-sample matching, level loop)."""
+    import torch.nn.functional as F
+
+    from lavis_c2f.ops.spans import generalized_temporal_iou
+
+    def set_losses(head, gts):
+        idx = _reference_matches(head, gts)
+        b_idx = torch.cat([torch.full_like(s, i) for i, (s, _) in enumerate(idx)])
+        s_idx = torch.cat([s for s, _ in idx])
+        src = head["pred_spans"][b_idx, s_idx]
+        tgt = torch.cat([g[j] for g, (_, j) in zip(gts, idx)])
+        giou = torch.diag(generalized_temporal_iou(span_cxw_to_xx(src), span_cxw_to_xx(tgt)))
+        classes = torch.ones(head["pred_logits"].shape[:2], dtype=torch.long)
+        classes[b_idx, s_idx] = 0
+        ce = F.cross_entropy(head["pred_logits"].transpose(1, 2), classes,
+                             torch.tensor([1.0, 0.1]), reduction="none")
+        return {"loss_span": F.l1_loss(src, tgt, reduction="none").mean(),
+                "loss_giou": (1 - giou).mean(), "loss_label": ce.mean()}
+
+    gts = targets["span_labels"]
+    losses = set_losses(out, gts)
+    for i, aux in enumerate(out["aux_outputs"]):
+        losses.update({f"{k}_{i}": v for k, v in set_losses(aux, gts).items()})
+    s, neg, mask = out["saliency_scores"], out["saliency_scores_neg"], out["video_mask"]
+    neg_pair = (-torch.log(1.0 - torch.sigmoid(neg)) * mask).sum(1).mean()
+    rank = _reference_rank(s, neg, targets["saliency_all_labels"], mask)
+    pos_i, neg_i = targets["saliency_pos_labels"], targets["saliency_neg_labels"]
+    rows = torch.arange(len(s))
+    pos_s = torch.stack([s[rows, pos_i[:, c]] for c in range(pos_i.shape[1])], 1)
+    neg_s = torch.stack([s[rows, neg_i[:, c]] for c in range(neg_i.shape[1])], 1)
+    margin = torch.clamp(0.2 + neg_s - pos_s, min=0).sum() / (len(s) * pos_i.shape[1]) * 2
+    losses["loss_saliency"] = margin + rank + neg_pair
+    return losses
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_criterion_equals_reference_path_losses_and_gradients(seed):
+    """The batched matcher and the all-levels-at-once rank-contrastive term give the losses and
+    gradients of the per-sample / per-level reference path (training curves unchanged)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    bsz, q, lv = 8, 10, 75
+    out = _outputs(bsz, q, lv, seed=seed)
+    mask = torch.ones(bsz, lv)
+    mask[1, 60:] = 0
+    mask[5, 30:] = 0
+    out["video_mask"] = mask
+    gts, labels = [], torch.zeros(bsz, lv)
+    for b in range(bsz):
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        xx = torch.sort(torch.rand(n, 2, generator=g) * 0.5, dim=1)[0] + torch.tensor([0.0, 0.05])
+        gts.append(span_xx_to_cxw(xx))
+        a = int(torch.randint(0, 25, (1,), generator=g))
+        labels[b, a:a + 6] = torch.randint(0, 13, (6,), generator=g).float()
+    targets = {"span_labels": gts, "saliency_all_labels": labels,
+               "saliency_pos_labels": torch.randint(0, 25, (bsz, 2), generator=g),
+               "saliency_neg_labels": torch.randint(0, 25, (bsz, 2), generator=g)}
+    leaves = [out["pred_logits"], out["pred_spans"], out["aux_outputs"][0]["pred_logits"],
+              out["aux_outputs"][0]["pred_spans"], out["saliency_scores"], out["saliency_scores_neg"]]
+    crit = SetCriterion(matcher=HungarianMatcher(), aux_layers=1)
+    ours = crit(out, targets)
+    grads = torch.autograd.grad(crit.weighted_total(ours), leaves)
+    ref = _reference_losses(out, targets)
+    ref_total = sum(ref[k] * w for k, w in crit.weight_dict.items())
+    ref_grads = torch.autograd.grad(ref_total, leaves)
+    for k in crit.weight_dict:
+        torch.testing.assert_close(ours[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the matches themselves are those of the per-sample reference
+    for (r0, c0), (r1, c1) in zip(crit.matcher(out, gts), _reference_matches(out, gts)):
+        assert r0.tolist() == r1.tolist() and c0.tolist() == c1.tolist()
