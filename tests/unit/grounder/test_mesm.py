@@ -219,7 +219,7 @@ def test_initialisation_follows_mesm():
     """MESM resets its enhancement encoder with Xavier but leaves its sentence reconstructor at
     PyTorch's defaults (linear layers U(+-1/sqrt(fan_in)); attention in-projection Xavier)."""
     torch.manual_seed(0)
-    detr = C2FMESMQDDETR.from_config(tiny_mesm_config(dim_feedforward=256)).detr
+    detr = C2FMESMQDDETR.from_config(tiny_mesm_config(dim_feedforward=256)).detr.requires_grad_(False)
     ss, fw = detr.ss_reconstructor.layers[0], detr.enhance_encoder.layers[0]
     for linear in (ss.linear1, ss.linear2, ss.self_attn.out_proj):
         bound = linear.weight.shape[1] ** -0.5
