@@ -20,8 +20,9 @@ Our side reads the same annotation and HDF5 files (``c2f_qvh`` with ``group_by: 
 video each) from the official ``QVHighlightsDataset`` and from ours, item by item: video inputs,
 token ids, POS masking weights, unknown flags, word labels, span labels, hard saliency labels,
 all-clip scores, ``clip_mask`` (exact); the easy saliency positive/negative and window subsets
-are random in both codes and compared by distribution (``draws`` seeded draws per query). Then
-one training step from the same weights (the official initialisation copied into ours), our
+are random in both codes and compared by distribution (``draws`` seeded draws per query). The
+initial spread of every large weight tensor of a fresh official model and of ours is compared
+(:func:`init_differences`). Then one training step from the same weights (the official initialisation copied into ours), our
 batch with the official draws of the random labels, the official negative pairing
 (``sample_outclass_neg``) and masked words (``_mask_words``) fed to ours, dropout on with the
 official masks replayed in ours (input dropout 0 in this check, see :data:`STEP_NOTES`). Every
