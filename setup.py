@@ -50,6 +50,9 @@ setup(
         "demo": ["streamlit>=1.40"],
         # the c2f_feature_slowfast backbone (SlowFast R50 from pytorchvideo's model builders)
         "slowfast": ["pytorchvideo==0.1.5"],
+        # the Milvus backend of the stage-1 index (`--out corpus.db` / `http://host:19530`);
+        # pyarrow 26 needs numpy>=2 at import and milvus-lite imports pyarrow
+        "milvus": ["pymilvus>=3.0,<4", "milvus-lite>=3.2,<4", "pyarrow>=15,<26"],
         "dev": ["pytest", "playwright"],
     },
     entry_points={"console_scripts": ["lavis-c2f=lavis_c2f.cli:main"]},

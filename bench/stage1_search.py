@@ -8,6 +8,10 @@ T-MASS retriever (CLIP ViT-B/32 widths: 512-d features, 12 frames per video), wr
 * build time (encode + write + FAISS build, data generation excluded) and the pre-filter kind;
 * ms per query of pre-filter + re-rank (``m`` candidates), split into the two parts, and the
   process CPU time per query (less sensitive to other jobs on a shared host);
+* queries per second one at a time (``qps_single``: every query searched alone) and in one
+  batched call (``qps_batched``: ``--batch`` queries, 256, in one ``CorpusIndex.search``), their
+  ratio, and whether the batched results are identical to the one-at-a-time ones (same videos,
+  same order, bit-equal scores);
 * ms per query of exhaustive exact scoring (every video), measured in the same run, and
   the speed-up ratio; at sizes above ``--exhaustive-batch-from`` the exhaustive pass scores
   all sample queries in one sweep over the corpus and reports the amortised time per query;
@@ -25,12 +29,19 @@ describes one event of one video (``0.6 topic + 0.5 detail`` + noise) plus a con
 matching event; the pre-filter's mean pooling dilutes it among the other events, so the
 two rankings are correlated but not identical.
 
+End to end (``--e2e-at N``, default 1e5): one query through the coarse-to-fine engine
+(:class:`~lavis_c2f.pipeline.engine.CoarseToFine`: T-MASS stage 1 on this index, then a
+randomly initialised QD-DETR at the official QVHighlights CLIP sizes grounding its top 10 videos,
+each 75 clips of 512-d features (150 s at 2 s clips, generated per video and kept in memory),
+fusion), timed per query (median, split into stage 1 and stage 2) and for the same queries in
+one batched engine call.
+
 Model: the default T-MASS configuration (20 trials, uniform prior) with its identity
 initialisation perturbed by small seeded noise, and ``radius_bias_init = -4`` so that the
 stochastic radius is moderate for unit-norm inputs (an untrained radius of ~1 would swamp
 unit-norm features; training shrinks it the same way).
 
-    python bench/stage1_search.py --n-videos 1000 10000 100000 1000000 [--json OUT]
+    python bench/stage1_search.py --n-videos 1000 10000 100000 1000000 [--json OUT] [--threads 1]
 """
 from __future__ import annotations
 
@@ -169,7 +180,8 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
     from lavis_c2f.index import AnnConfig, CorpusIndex
 
     corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
-    ann = AnnConfig(ivf_nprobe=args.nprobe, ivf_codec=args.ivf_codec)
+    ann = AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec))
+                               if v is not None})
     os.makedirs(workdir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"stage1_bench_{n}_", dir=workdir)
     try:
@@ -216,7 +228,14 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
             pre.append(tm["prefilter_s"])
             rer.append(tm["rerank_s"])
             ranked.append(res)
+        # the same queries in one batched call
+        nb = min(nq, args.batch)
+        c0, t0 = time.process_time(), time.perf_counter()
+        batched = index.search(text[:nb], k=10, m=m)
+        batch_s, batch_cpu = time.perf_counter() - t0, time.process_time() - c0
+        identical = all(batched[i] == ranked[i] for i in range(nb))
         rss_search, anon_search = rss_gib(), anon_rss_gib()
+        e2e = run_e2e(index, model, corpus, args) if n == args.e2e_at else None
         # exhaustive baseline
         n_exh = min(nq, args.exhaustive_queries if n < args.exhaustive_batch_from else args.exhaustive_queries_big)
         exh_ms = None
@@ -249,6 +268,9 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
             "exhaustive_ms_per_query": exh_ms, "exhaustive_mode": exh_mode, "exhaustive_queries": n_exh,
             "speedup_vs_exhaustive": (exh_ms / (1000 * statistics.median(lat))) if exh_ms else None,
             "recall_at_10": recall, "queries": nq,
+            "qps_single": nq / sum(lat), "qps_batched": nb / batch_s, "batched_queries": nb,
+            "batched_speedup": (nb / batch_s) / (nq / sum(lat)), "batched_identical": identical,
+            "cpu_ms_per_query_batched": 1000 * batch_cpu / nb, "e2e": e2e,
             "rss_gib_after_search": rss_search, "anon_rss_gib_after_search": anon_search,
             "peak_rss_gib": peak_rss_gib(), "index_gib": size_b / 2 ** 30,
         }
@@ -260,13 +282,66 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class SyntheticClips:
+    """``encoded(vid)``: 75 clips of D-d features per video (QVHighlights' 150 s at 2 s clips),
+    seeded by the video id and kept in memory once generated (as page-cached feature files)."""
+
+    def __init__(self, n_clips: int = 75, clip_length: float = 2.0, dim: int = D):
+        self.n_clips, self.clip_length, self.dim = n_clips, clip_length, dim
+        self._cache: Dict[str, Any] = {}
+
+    def encoded(self, vid: str):
+        from lavis_c2f.video.encoded import EncodedVideo
+
+        if vid not in self._cache:
+            rng = np.random.default_rng([7, int(vid[3:])])
+            feats = rng.standard_normal((self.n_clips, self.dim)).astype(np.float32)
+            self._cache[vid] = EncodedVideo(vid, feats, self.n_clips * self.clip_length, self.clip_length,
+                                            "synthetic")
+        return self._cache[vid]
+
+
+def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
+    """One query through the engine (stage 1 on ``index`` + QD-DETR in its top 10), per query
+    and batched (module docstring)."""
+    from lavis_c2f.models.grounder import C2FQDDETR
+    from lavis_c2f.pipeline.engine import CoarseToFine, Query
+    from lavis_c2f.pipeline.fusion import FusionConfig
+    from lavis_c2f.pipeline.stages import FeatureGrounder, IndexStage1
+
+    torch.manual_seed(args.seed)
+    grounder = C2FQDDETR.from_pretrained("qvh_clip").eval()
+    engine = CoarseToFine(IndexStage1(index, model), FeatureGrounder(grounder, None, [D], corpus=SyntheticClips()),
+                          FusionConfig(), stage1_top_k=10)
+    rng = np.random.default_rng([args.seed, 3])
+    pooled = corpus.queries()[: args.e2e_queries]
+    queries = [Query(f"query {i}", tokens=rng.standard_normal((12, D)).astype(np.float32), pooled=p)
+               for i, p in enumerate(pooled)]
+    engine.run(queries, 10)                               # warm-up: grounded videos' features generated
+    total, s1, s2 = [], [], []
+    for q in queries:
+        tm: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        engine.run([q], 10, timings=tm)
+        total.append(time.perf_counter() - t0)
+        s1.append(tm["stage1_s"])
+        s2.append(tm["stage2_s"])
+    t0 = time.perf_counter()
+    engine.run(queries, 10)
+    batch_s = time.perf_counter() - t0
+    return {"queries": len(queries), "videos_grounded": 10, "clips_per_video": 75,
+            "ms_per_query": 1000 * statistics.median(total), "stage1_ms": 1000 * statistics.median(s1),
+            "stage2_ms": 1000 * statistics.median(s2), "ms_per_query_batched": 1000 * batch_s / len(queries)}
+
+
 def fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
     head = ("N", "build s", "pre-filter", "m", "ms/query", "(pre + rerank)", "CPU ms/q", "exhaustive ms/q", "speed-up",
-            "recall@10", "RSS GiB", "anon GiB", "peak GiB", "index GiB")
+            "recall@10", "qps single", "qps batched", "batched/single", "identical", "RSS GiB", "anon GiB",
+            "peak GiB", "index GiB")
     lines = [head]
     for r in rows:
         ap = r["ann_params"]
@@ -276,7 +351,9 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
                       f"{r['prefilter_ms']:.1f} + {r['rerank_ms']:.1f}", f"{r['cpu_ms_per_query']:.1f}",
                       fmt(r["exhaustive_ms_per_query"], ".1f"),
                       fmt(r["speedup_vs_exhaustive"], ".0f") + ("x" if r["speedup_vs_exhaustive"] else ""),
-                      fmt(r["recall_at_10"], ".3f"), f"{r['rss_gib_after_search']:.2f}",
+                      fmt(r["recall_at_10"], ".3f"), f"{r['qps_single']:.1f}", f"{r['qps_batched']:.1f}",
+                      f"{r['batched_speedup']:.2f}x", "yes" if r["batched_identical"] else "NO",
+                      f"{r['rss_gib_after_search']:.2f}",
                       f"{r['anon_rss_gib_after_search']:.2f}", f"{r['peak_rss_gib']:.2f}",
                       f"{r['index_gib']:.3f}"))
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
@@ -287,7 +364,14 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         print(f"N={r['n_videos']:,}: exhaustive {r['exhaustive_mode']} ({r['exhaustive_queries']} queries); "
               f"recall over them; latency median of {r['queries']} single-query searches "
-              f"(mean {r['ms_per_query_mean']:.1f} ms)")
+              f"(mean {r['ms_per_query_mean']:.1f} ms); batched: {r['batched_queries']} queries in one call, "
+              f"{r['cpu_ms_per_query_batched']:.1f} CPU ms/query")
+        e = r.get("e2e")
+        if e:
+            print(f"N={r['n_videos']:,} end to end (stage 1 + QD-DETR in the top {e['videos_grounded']} videos of "
+                  f"{e['clips_per_video']} clips + fusion): {e['ms_per_query']:.1f} ms per query (stage 1 "
+                  f"{e['stage1_ms']:.1f} + stage 2 {e['stage2_ms']:.1f}), median of {e['queries']}; the same "
+                  f"{e['queries']} queries in one engine call: {e['ms_per_query_batched']:.1f} ms per query")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -295,10 +379,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-videos", type=int, nargs="+", default=[1000, 10000, 100000])
     p.add_argument("--json", default=None, help="write one row per N here")
-    p.add_argument("--queries", type=int, default=30, help="queries timed per N")
+    p.add_argument("--queries", type=int, default=256, help="queries per N (single-query timing, one batched call)")
     p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
-    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default="auto")
+    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
+                   help="IVF codes (default: configs/index/ann.yaml)")
     p.add_argument("--segments", type=int, default=3, help="pre-filter vectors per video")
     p.add_argument("--exhaustive-queries", type=int, default=20, help="queries with exhaustive scoring (N small)")
     p.add_argument("--exhaustive-queries-big", type=int, default=5,
@@ -306,6 +391,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--exhaustive-batch-from", type=int, default=500000)
     p.add_argument("--exhaustive-max", type=int, default=10 ** 7, help="skip exhaustive scoring above this N")
     p.add_argument("--exhaustive-block", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=256, help="queries searched in one batched call")
+    p.add_argument("--e2e-at", type=int, default=100000,
+                   help="N whose index also times the end-to-end engine (stage 1 + grounding of the top 10)")
+    p.add_argument("--e2e-queries", type=int, default=20, help="queries of the end-to-end timing")
     p.add_argument("--encode-batch", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@
                                       index="INDEX")                             # trained mode
     for m in p.search("a man opens the fridge", top_k=10):
         print(m.vid, m.start, m.end, m.score)
+    p.search_many(["a man opens the fridge", "a dog runs"], top_k=10)   # batched, same results
 
     video = p.encode_video("clip.mp4")              # features + duration (+ captions of clip.srt)
     moments = p.predict("a man opens the fridge", video, top_k=5)
@@ -176,8 +177,9 @@ class C2FPredictor:
         runner's or an official QD-DETR / MESM one (None: zero-shot stage 2); ``backbone`` is a
         name (``offline`` | ``clip_hf`` | ``clip_lavis`` | ``random`` | ``slowfast``, or streams
         joined by ``+`` such as ``slowfast+clip_hf``; configured by ``backbone_cfg`` over the
-        index's settings) or a built backbone; ``index`` a folder of ``lavis-c2f index videos``
-        (needed by :meth:`search`); ``retriever_cfg`` / ``grounder_cfg`` model YAMLs for
+        index's settings) or a built backbone; ``index`` the locator of a ``lavis-c2f index videos``
+        index (needed by :meth:`search`): a folder (FAISS) or a Milvus ``*.db`` path /
+        ``http(s)://`` URI with ``#COLLECTION`` (:mod:`lavis_c2f.index.locator`); ``retriever_cfg`` / ``grounder_cfg`` model YAMLs for
         checkpoints that store none; clip sampling defaults to the index's; ``ann`` an
         annotation file of the indexed videos (ground truth for plots); ``trusted`` allows full
         unpickling of checkpoints (only for files you trust); ``grounder_streams`` the feature
@@ -444,6 +446,34 @@ class C2FPredictor:
                          timings=timings)
         timings["total_s"] = time.perf_counter() - t0
         return [SearchResults.of(r, self.corpus, self.mode, dict(timings), top_k) for r in res]
+
+    def search_many(self, queries: Sequence[str], top_k: Optional[int] = None, stage1_top_k: Optional[int] = None,
+                    refine: Optional[bool] = None, batch_size: int = 256) -> List[SearchResults]:
+        """:meth:`search` of many queries, one :class:`SearchResults` per query in order, equal to
+        searching them one by one: the queries go through the engine ``batch_size`` at a time,
+        so stage 1 searches the index with the whole batch (one FAISS call, re-ranking in blocks
+        of queries) and stage 2 grounds all (query, video) pairs of the batch in batched calls.
+        Each result's ``timings`` are its batch's (``batch_queries`` says how many shared them)."""
+        top_k = int(SEARCH_DEFAULTS["top_k"] if top_k is None else top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if isinstance(queries, str):
+            raise TypeError("search_many takes a list of query strings (use search for one)")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        engine = self._require_engine()
+        refiner = self._corpus_refiner(refine)
+        k = int(stage1_top_k or self.stage1_top_k)
+        out: List[SearchResults] = []
+        for b0 in range(0, len(queries), int(batch_size)):
+            t0 = time.perf_counter()
+            batch = [self.encode_query(q) for q in queries[b0:b0 + int(batch_size)]]
+            timings: Dict[str, float] = {"encode_query_s": time.perf_counter() - t0}
+            results = engine.run(batch, k, refiner=refiner, timings=timings)
+            timings["total_s"] = time.perf_counter() - t0
+            timings["batch_queries"] = float(len(batch))
+            out.extend(SearchResults.of(res, self.corpus, self.mode, dict(timings), top_k) for res in results)
+        return out
 
     def ground_truth(self, query: str) -> List[Tuple[str, List[List[float]]]]:
         """Annotated ``[(vid, windows), ...]`` of a query of the corpus (exact text match), if any."""

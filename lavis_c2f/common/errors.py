@@ -68,11 +68,16 @@ class VideoDecodeError(RuntimeError):
         return (type(self), (self.path, self.reason))
 
 
+class IndexUnavailableError(ConnectionError):
+    """A remote index store (a Milvus server) cannot be reached or stopped answering; the message
+    names the store (its URI) and the time waited."""
+
+
 #: What the package raises for bad input: files, options, queries (``ValueError``, ``KeyError``
 #: and their subclasses such as :class:`ConfigError`, :class:`DataFormatError` and the index's
-#: ``IndexMismatchError``), missing or unreadable paths, mismatched checkpoints, undecodable videos.
+#: ``IndexMismatchError``), missing or unreadable paths, mismatched checkpoints, undecodable videos, an unreachable index store.
 USER_ERRORS: Tuple[type, ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
-                                 PermissionError, VideoDecodeError, CheckpointMismatchError)
+                                 PermissionError, VideoDecodeError, CheckpointMismatchError, IndexUnavailableError)
 
 
 def user_message(exc: BaseException) -> Optional[str]:
@@ -86,5 +91,5 @@ def user_message(exc: BaseException) -> Optional[str]:
     return str(exc) or type(exc).__name__
 
 
-__all__: List[str] = ["CheckpointMismatchError", "ConfigError", "DataFormatError", "USER_ERRORS", "VideoDecodeError",
-                      "user_message"]
+__all__: List[str] = ["CheckpointMismatchError", "ConfigError", "DataFormatError", "IndexUnavailableError", "USER_ERRORS",
+                      "VideoDecodeError", "user_message"]

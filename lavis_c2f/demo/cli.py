@@ -23,6 +23,7 @@ from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.net import check_port
 from lavis_c2f.demo.sources import APP_PATH_OPTIONS, add_app_arguments, parse_quickstart_args
 from lavis_c2f.index.corpora import sidecar_path
+from lavis_c2f.index.locator import backend_of
 from lavis_c2f.pipeline.quickstart_run import QuickstartRun
 from lavis_c2f.video.cli import backbone_options
 
@@ -72,7 +73,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.index and args.run_dir:
         raise ConfigError("give --index (your videos) or --run-dir (the demo corpus), not both; the app can switch "
                           "to an index built from uploaded videos later")
-    if args.index:
+    if args.index and backend_of(args.index) != "milvus":   # a Milvus locator is checked when it opens
         idx = os.path.abspath(os.path.expanduser(args.index))
         if os.path.isfile(os.path.join(idx, "corpus.json")):
             raise ConfigError(f"{idx} is a demo corpus: use --run-dir RUN (a quickstart run directory) instead")

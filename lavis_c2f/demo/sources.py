@@ -39,6 +39,7 @@ from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.io import atomic_path
 from lavis_c2f.demo.messages import UserError
 from lavis_c2f.index.build import index_videos
+from lavis_c2f.index.locator import backend_of, locator_text
 from lavis_c2f.ops.spans import interval_iou
 from lavis_c2f.paths import cache_root, resolve_path
 from lavis_c2f.pipeline import cli as pipeline_cli
@@ -102,7 +103,8 @@ APP_PATH_OPTIONS = ("index", "run_dir", "clip_path", "retriever_ckpt", "grounder
 def add_app_arguments(p: argparse.ArgumentParser) -> None:
     """The app's own options: ``lavis-c2f demo`` offers them (with ``--port``, ``--host``, ...)
     and passes them to the app script, which parses them with :func:`app_arg_parser`."""
-    p.add_argument("--index", default=None, help="index folder of 'lavis-c2f index videos' (your videos)")
+    p.add_argument("--index", default=None, help="index of 'lavis-c2f index videos' (your videos): a folder, or a "
+                                                  "Milvus *.db path / http(s):// URI with #COLLECTION")
     p.add_argument("--run-dir", default=None, metavar="RUN", help="a 'lavis-c2f quickstart' run directory")
     p.add_argument("--backbone", choices=BACKBONE_CHOICES, default=None,
                    help="video/text encoder for uploaded videos and indexes built in the app (default: the index's, "
@@ -157,7 +159,8 @@ def settings_from_argv(argv: Sequence[str]) -> DemoSettings:
     def absolute(p: Optional[str]) -> Optional[str]:
         return resolve_path(p) if p else None
 
-    return DemoSettings(index=absolute(a.index), run_dir=absolute(a.run_dir), backbone=a.backbone,
+    index = locator_text(a.index) if a.index and backend_of(a.index) == "milvus" else absolute(a.index)
+    return DemoSettings(index=index, run_dir=absolute(a.run_dir), backbone=a.backbone,
                         clip_path=absolute(a.clip_path), retriever_ckpt=absolute(a.retriever_ckpt),
                         grounder_ckpt=absolute(a.grounder_ckpt), device=a.device or "auto",
                         workdir=absolute(a.workdir) or default_workdir(),

@@ -1,25 +1,34 @@
 """FAISS pre-filter of the corpus index (inner product on L2-normalised vectors).
 
-The kind is chosen from the corpus size unless forced (:class:`AnnConfig`):
+The kind is chosen from the corpus size unless forced (:class:`AnnConfig`; every default
+below is written in ``lavis_c2f/configs/index/ann.yaml``):
 
 N counts indexed *vectors* (the corpus index stores ``prefilter_segments`` vectors per video).
 
 * ``flat`` -- exact ``IndexFlatIP`` inside an ``IndexIDMap2`` for ``N <= flat_max``
   (default 60 000: a single-query flat scan reads N x D x 4 bytes, about 120 MB at
   60 000 x 512, ~15 ms on two cores here; at 3e5 vectors it would be ~75 ms);
-* ``ivf`` -- ``IndexIVFFlat`` beyond that, or ``IndexIVFScalarQuantizer`` 8-bit
-  (4x less memory, near-identical inner products on unit vectors) above ``ivf_sq8_from``
-  vectors (1e6) or with ``ivf_codec: sq8``. ``nlist`` defaults to the power of two nearest
+* ``ivf`` -- ``IndexIVFScalarQuantizer`` 8-bit beyond that (``ivf_sq8_from``: 4x less
+  memory and a faster scan than float codes, near-identical inner products on unit vectors),
+  or ``IndexIVFFlat`` with ``ivf_codec: flat`` (or below ``ivf_sq8_from``). ``nlist`` defaults to the power of two nearest
   ``4 * sqrt(N)``, clamped to [64, ``ivf_nlist_max`` = 4096] (k-means cost grows with nlist^2);
   the coarse quantizer is trained (``ivf_kmeans_iters`` = 10 iterations) on
   ``min(N, ivf_train_per_list * nlist)`` vectors (40 per list, FAISS's minimum) sampled with
-  ``seed``; ``nprobe`` defaults to ``max(16, nlist // 16)`` (about 6% of the lists);
+  ``seed``; ``nprobe`` defaults to ``nlist // ivf_nprobe_div`` clamped to
+  [``ivf_nprobe_min``, ``ivf_nprobe_max``] (a quarter of the lists, at most 512: text queries
+  have low inner products with the video vectors, so their neighbours spread over many lists;
+  the scan cost bounds it at 1e6 videos; measurements in the YAML);
 * ``hnsw`` -- ``IndexHNSWFlat`` (``hnsw_m``, ``efConstruction``, ``efSearch``), only when
   asked for (building it for 1e6 x 512 takes long on two cores). HNSW cannot delete: removed
   ids stay in the graph as tombstones, filtered at search time and dropped at the next
   rebuild.
 
 Ids are the corpus index's int64 row numbers.
+
+Searches are batch-independent: FAISS computes the distances of 20 or more queries (flat
+index, IVF coarse quantizer) with BLAS, whose rounding differs from its one-query kernel, so
+:meth:`AnnIndex.search` keeps FAISS on its own kernels (a batch of queries gives exactly what
+each query gives alone; the scans still run in parallel over the queries).
 """
 from __future__ import annotations
 
@@ -32,30 +41,40 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from lavis_c2f.common.errors import ConfigError
-from lavis_c2f.data.cfg import check_keys
+from lavis_c2f.data.cfg import check_keys, yaml_defaults
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
+#: FAISS's ``distance_compute_blas_threshold`` while searching: never BLAS (batch-independent results)
+NO_BLAS_ROWS = 1 << 30
+
+
+#: defaults of :class:`AnnConfig`: lavis_c2f/configs/index/ann.yaml
+ANN_DEFAULTS = yaml_defaults("index/ann.yaml", "ann")
 
 
 @dataclass
 class AnnConfig:
-    """Pre-filter settings (all overridable; see the module docstring for the defaults)."""
+    """Pre-filter settings (all overridable; defaults in ``configs/index/ann.yaml``, see the
+    module docstring)."""
 
-    kind: str = "auto"
-    flat_max: int = 60000
-    ivf_nlist: Optional[int] = None
-    ivf_nprobe: Optional[int] = None
-    ivf_codec: str = "auto"
-    ivf_sq8_from: int = 1000000
-    ivf_train_per_list: int = 40
-    ivf_nlist_max: int = 4096
-    ivf_kmeans_iters: int = 10
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
-    seed: int = 0
+    kind: str = ANN_DEFAULTS["kind"]
+    flat_max: int = ANN_DEFAULTS["flat_max"]
+    ivf_nlist: Optional[int] = ANN_DEFAULTS["ivf_nlist"]
+    ivf_nprobe: Optional[int] = ANN_DEFAULTS["ivf_nprobe"]
+    ivf_nprobe_div: int = ANN_DEFAULTS["ivf_nprobe_div"]
+    ivf_nprobe_min: int = ANN_DEFAULTS["ivf_nprobe_min"]
+    ivf_nprobe_max: int = ANN_DEFAULTS["ivf_nprobe_max"]
+    ivf_codec: str = ANN_DEFAULTS["ivf_codec"]
+    ivf_sq8_from: int = ANN_DEFAULTS["ivf_sq8_from"]
+    ivf_train_per_list: int = ANN_DEFAULTS["ivf_train_per_list"]
+    ivf_nlist_max: int = ANN_DEFAULTS["ivf_nlist_max"]
+    ivf_kmeans_iters: int = ANN_DEFAULTS["ivf_kmeans_iters"]
+    hnsw_m: int = ANN_DEFAULTS["hnsw_m"]
+    hnsw_ef_construction: int = ANN_DEFAULTS["hnsw_ef_construction"]
+    hnsw_ef_search: int = ANN_DEFAULTS["hnsw_ef_search"]
+    seed: int = ANN_DEFAULTS["seed"]
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -63,6 +82,7 @@ class AnnConfig:
         if self.ivf_codec not in ("auto", "flat", "sq8"):
             raise ConfigError(f"ann.ivf_codec must be 'auto', 'flat' or 'sq8', got {self.ivf_codec!r}")
         for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "ivf_nlist_max", "ivf_kmeans_iters",
+                     "ivf_nprobe_div", "ivf_nprobe_min", "ivf_nprobe_max",
                      "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -97,7 +117,8 @@ class AnnConfig:
     def nprobe_for(self, nlist: int) -> int:
         if self.ivf_nprobe is not None:
             return min(int(self.ivf_nprobe), nlist)
-        return min(nlist, max(16, nlist // 16))
+        want = min(int(self.ivf_nprobe_max), nlist // int(self.ivf_nprobe_div))
+        return min(nlist, max(int(self.ivf_nprobe_min), want))
 
 
 def _faiss():
@@ -216,6 +237,11 @@ class AnnIndex:
         k = int(min(k, max(self.ntotal, 0)))
         if k <= 0 or q == 0:
             return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
+        # FAISS computes flat / coarse-quantizer distances of 20+ queries with BLAS, whose rounding
+        # differs from its per-query kernel: searching a batch must give what each query gives alone
+        faiss = _faiss()
+        if faiss.cvar.distance_compute_blas_threshold <= q:
+            faiss.cvar.distance_compute_blas_threshold = NO_BLAS_ROWS
         scores, ids = self.index.search(queries, k)
         return scores, ids
 

@@ -15,6 +15,12 @@ and rank 0 appends the parts in batch order (:meth:`CorpusIndex.add_row_batches`
 index and the sidecar and removes the parts. Same batches, same rows: the index equals a
 one-process build's. An interrupted run resumes: finished videos are not extracted again and
 parts whose key matches are not encoded again.
+
+``--out`` may name a Milvus collection (``corpus.db[#COLLECTION]`` or ``http(s)://host:port#COLLECTION``,
+:mod:`lavis_c2f.index.milvus_index`): the rows are upserted there by video id (rank 0), the
+sidecar goes into the collection's manifest (``corpus``), and ``--features-dir`` (required for a
+server URI) names the stage-2 feature store every serving node reads. An existing collection of
+the same model is resumed (``--overwrite`` drops it first).
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader, combine_video_streams
 from lavis_c2f.index.corpora import sidecar_path
 from lavis_c2f.index.corpus_index import CorpusIndex
+from lavis_c2f.index.locator import backend_of, locator_text
+from lavis_c2f.index.milvus_index import MilvusIndex
 from lavis_c2f.models.checkpoint import load_retriever, model_node_from
 from lavis_c2f.paths import resolve_path
 from lavis_c2f.video.backbones import resolve_backbone
@@ -63,13 +71,20 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRA
     retriever is untrained (a warning says so: rankings are then only a smoke test). Writes
     ``<out_index>.c2f-video.json`` beside the index. Returns (extraction result, index info).
     """
-    out_index = os.path.abspath(os.fspath(out_index))
+    milvus = backend_of(out_index) == "milvus"
+    out_index = locator_text(out_index)
     if int(index_batch_size) < 1:
         raise ConfigError(f"index_batch_size must be >= 1, got {index_batch_size}")
-    if os.path.exists(out_index) and not overwrite:
+    if not milvus and os.path.exists(out_index) and not overwrite:
         raise FileExistsError(f"{out_index} exists; pass overwrite=True (--overwrite) to replace it")
+    local = out_index.split("#", 1)[0]                 # where files beside the index go
+    if milvus and local.startswith(("http://", "https://")):
+        if not features_dir:
+            raise ConfigError(f"--out {out_index} is a Milvus server: give --features-dir (a path every serving "
+                              "node reads the stage-2 clip features from)")
+        local = os.path.join(os.path.abspath(os.fspath(features_dir)), "index")
     bb = resolve_backbone(backbone, backbone_config)
-    feats_out = os.path.abspath(os.fspath(features_dir)) if features_dir else out_index + ".features"
+    feats_out = os.path.abspath(os.fspath(features_dir)) if features_dir else local + ".features"
     res = extract_corpus(video_dir, feats_out, bb, clip_length=clip_length, frames_per_clip=frames_per_clip,
                          batch_size=batch_size, workers=workers, store="npz", progress=progress)
     ok = [r for r in res.rows if r.get("status") == "ok"]
@@ -88,27 +103,40 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRA
     try:
         vids = [r["vid"] for r in ok]
         durations = {r["vid"]: r.get("duration") for r in ok}
-        index = CorpusIndex.for_model(model, frame_dtype=frame_dtype, work_dir=os.path.dirname(out_index))
+        sources = {r["vid"]: r.get("path") for r in ok}
+        encoder = CorpusIndex.for_model(model, frame_dtype=frame_dtype, work_dir=os.path.dirname(local))
+        # the index written: the FAISS one itself, or (rank 0) the Milvus collection, created or resumed
+        index: Any = encoder
+        if milvus and rank == 0:
+            index = MilvusIndex.create(out_index, model, frame_dtype=frame_dtype, overwrite=overwrite)
         if world > 1:
-            batches = _encode_parts(index, ok, stage1_features, (col_a, col_b), out_index + PARTS_SUFFIX,
+            batches = _encode_parts(encoder, ok, stage1_features, (col_a, col_b), local + PARTS_SUFFIX,
                                     index_batch_size, progress)
             if rank == 0:
-                index.add_row_batches(_read_part(out_index + PARTS_SUFFIX, b, chunk, durations)
-                                      for b, chunk in enumerate(batches))
+                parts = (_read_part(local + PARTS_SUFFIX, b, chunk, durations) for b, chunk in enumerate(batches))
+                index.add_row_batches(parts, sources=sources) if milvus else index.add_row_batches(parts)
+        elif milvus:
+            index.add_features(vids, stage1_features, durations, batch_size=index_batch_size, progress=progress,
+                               sources=sources)
         else:
             index.add_features(vids, stage1_features, durations, batch_size=index_batch_size, progress=progress)
         info: Dict[str, Any] = {}
         if rank == 0:
-            if os.path.exists(out_index) and overwrite:
-                shutil.rmtree(out_index) if os.path.isdir(out_index) else os.remove(out_index)
-            index.save(out_index)
+            corpus = {"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
+                      "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
+                      "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
+                      "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
+                      "videos": len(vids)}
+            if milvus:
+                index.set_corpus(corpus)        # the sidecar lives in the collection's manifest
+                index.save()
+            else:
+                if os.path.exists(out_index) and overwrite:
+                    shutil.rmtree(out_index) if os.path.isdir(out_index) else os.remove(out_index)
+                index.save(out_index)
+                write_json(corpus, sidecar_path(out_index))
             info = index.info()
-            write_json({"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
-                        "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
-                        "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
-                        "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
-                        "videos": len(vids)}, sidecar_path(out_index))
-            shutil.rmtree(out_index + PARTS_SUFFIX, ignore_errors=True)
+            shutil.rmtree(local + PARTS_SUFFIX, ignore_errors=True)
         info = c2f_dist.broadcast_object(info)
     finally:
         loader.close()

@@ -30,6 +30,8 @@ from lavis_c2f.data.readers import detect_format, read_annotations
 from lavis_c2f.index.ann import AnnConfig
 from lavis_c2f.index.build import index_videos
 from lavis_c2f.index.corpus_index import CorpusIndex, search_shards
+from lavis_c2f.index.locator import backend_of, locator_text, open_index
+from lavis_c2f.index.milvus_index import MilvusIndex
 from lavis_c2f.models.checkpoint import load_retriever as load_model_retriever
 from lavis_c2f.models.retriever.embeddings import TextEmbedding
 from lavis_c2f.paths import resolve_path
@@ -134,6 +136,26 @@ def _ann_config(args, base: Optional[Dict[str, Any]] = None):
     return AnnConfig.from_dict(d)
 
 
+def _milvus_ann(args, n_videos: int) -> Dict[str, Any]:
+    """The Milvus pre-filter of the build options: ``--ann-type`` flat | hnsw | ivf (auto: flat up
+    to ``--flat-max`` pre-filter vectors, else HNSW), ``--hnsw-m``, ``--nlist``, ``--nprobe``."""
+    kind = args.ann_type or "auto"
+    if kind == "auto":
+        flat_max = args.flat_max if args.flat_max is not None else AnnConfig().flat_max
+        kind = "flat" if n_videos * args.prefilter_segments <= flat_max else "hnsw"
+    if args.ivf_codec not in (None, "auto", "flat"):
+        raise ConfigError(f"--ivf-codec {args.ivf_codec} is FAISS-only (Milvus IVF here is IVF_FLAT)")
+    params: Dict[str, Any] = {}
+    search: Dict[str, Any] = {}
+    if kind == "hnsw" and args.hnsw_m is not None:
+        params["M"] = int(args.hnsw_m)
+    if kind == "ivf" and args.nlist is not None:
+        params["nlist"] = int(args.nlist)
+    if kind == "ivf" and args.nprobe is not None:
+        search["nprobe"] = int(args.nprobe)
+    return {"kind": kind, "params": params, "search_params": search}
+
+
 def _durations_for(vids, durations, stores, clip_length):
     out = {}
     for v in vids:
@@ -210,9 +232,28 @@ def _encode_queries(model, field_dicts: Sequence[Dict[str, Any]], names: Sequenc
 
 # ------------------------------------------------------------------------------ commands
 
+def _backend(args: argparse.Namespace, locator: str) -> str:
+    """The backend of ``--out`` / INDEX, checked against ``--backend`` when given."""
+    found = backend_of(locator)
+    want = getattr(args, "backend", None)
+    if want and want != found:
+        raise ConfigError(f"--backend {want} but {locator!r} names a {found} index (FAISS: a folder; Milvus: a "
+                          "*.db path or an http(s):// URI, with --collection or #COLLECTION)")
+    return found
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
+    """Encode the feature store(s) into a new FAISS folder, or into a Milvus collection (created,
+    dropped first with ``--overwrite``, or resumed: rows are upserted by video id, so a re-run
+    adds nothing twice)."""
+    milvus = _backend(args, args.out) == "milvus"
+    if milvus and args.sinkhorn_bank:
+        raise ConfigError("--sinkhorn-bank is not supported by the Milvus backend yet (per-video Sinkhorn biases "
+                          "are stored by the FAISS backend only)")
+    if not milvus and args.collection:
+        raise ConfigError("--collection is for a Milvus --out (a *.db path or an http(s):// URI)")
+    out = locator_text(args.out, args.collection)
+    if not milvus and os.path.exists(out) and not args.overwrite:
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it (or use 'index add')")
     model = load_retriever(args.model_cfg, args.checkpoint)
     stores, loader = _open_video_loader(args.features, args.field, not args.no_normalize)
@@ -223,42 +264,48 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise ConfigError("no videos to index (check --features / --ann / --shard / --limit)")
         durs = _durations_for(vids, durations, stores, args.clip_length)
         _check_width(loader, vids[0], model)
-        index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
-                                      work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
+        if milvus:
+            index = MilvusIndex.create(out, model, ann=_milvus_ann(args, len(vids)),
+                                       prefilter_segments=args.prefilter_segments, frame_dtype=args.frame_dtype,
+                                       overwrite=args.overwrite, timeout=args.timeout)
+        else:
+            index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
+                                          work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
         index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
         bank = _sinkhorn_bank(args, model)
         if bank is not None:
             index.compute_video_bias(bank, progress=not args.no_progress)
-        index.save(out)
+        index.save(None if milvus else out)
     finally:
         loader.close()
     info = index.info()
-    print(f"indexed {info['videos']} videos into {out} ({info['ann']['kind']} pre-filter, "
-          f"{info['size_bytes'] / 1e6:.1f} MB)")
+    where = (f"{info['videos']} in the collection" if milvus else f"{info['size_bytes'] / 1e6:.1f} MB")
+    print(f"indexed {len(vids)} videos into {out} ({info['ann']['kind']} pre-filter, {where})")
     return 0
 
 
 def cmd_add(args: argparse.Namespace) -> int:
     model = load_retriever(args.model_cfg, args.checkpoint)
-    index = CorpusIndex.load(args.index, model=model, verify=not args.no_verify,
-                             work_dir=os.path.dirname(os.path.abspath(args.index)))
+    milvus = backend_of(args.index) == "milvus"
+    index = open_index(args.index, model, verify=not args.no_verify, collection=args.collection,
+                       work_dir=None if milvus else os.path.dirname(os.path.abspath(args.index)), timeout=args.timeout)
     stores, loader = _open_video_loader(args.features, args.field, not args.no_normalize)
     try:
         durations, ann_vids = _durations(args, stores)
         vids = _select_vids(args, stores, ann_vids)
+        present = index.present(vids) if milvus else {v for v in vids if v in index}
         if args.replace:
-            present = [v for v in vids if v in index]
-            index.remove(present)
+            if not milvus:   # Milvus upserts replace rows by video id
+                index.remove(sorted(present))
         else:
-            skipped = sum(1 for v in vids if v in index)
-            if skipped:
-                logger.info("%d videos are already indexed; skipped (use --replace to re-encode)", skipped)
-            vids = [v for v in vids if v not in index]
+            if present:
+                logger.info("%d videos are already indexed; skipped (use --replace to re-encode)", len(present))
+            vids = [v for v in vids if v not in present]
         if vids:
             _check_width(loader, vids[0], model)
             index.add_features(vids, loader.load, _durations_for(vids, durations, stores, args.clip_length),
                                batch_size=args.batch_size, progress=not args.no_progress)
-            index.save(index.path)
+            index.save(None if milvus else index.path)
     finally:
         loader.close()
     print(f"added {len(vids)} videos; {len(index)} videos in {index.path}")
@@ -266,19 +313,34 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    index = CorpusIndex.load(args.index, verify=not args.no_verify)  # no model needed: stored vectors
+    milvus = backend_of(args.index) == "milvus"
+    if milvus and args.compact:
+        raise ConfigError("--compact is for a FAISS index folder (Milvus compacts its segments itself)")
+    index = open_index(args.index, verify=not args.no_verify, collection=args.collection,
+                       timeout=args.timeout)  # no model needed: stored vectors
     n = index.remove(args.vids, missing_ok=args.missing_ok)
     if args.compact:
         index.compact(work_dir=os.path.dirname(index.path))
-    index.save(index.path)
+    index.save(None if milvus else index.path)
     print(f"removed {n} videos; {len(index)} videos left in {index.path}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = CorpusIndex.load(args.index, verify=not args.no_verify).info()
+    info = open_index(args.index, verify=not args.no_verify, collection=args.collection, timeout=args.timeout).info()
     if args.json:
         print(json.dumps(info, indent=1))
+        return 0
+    if info.get("backend") == "milvus":
+        ann = info["ann"] or {}
+        print(f"index      {info['path']} (Milvus collection {info['collection']})")
+        print(f"format     {info['format']} v{info['version']}")
+        print(f"videos     {info['videos']}")
+        print(f"dims       D={info['dim']}, frames<={info['max_frames']}, {info['frame_dtype']} precision, "
+              f"{info['prefilter_segments']} pre-filter vectors/video")
+        print(f"pre-filter {ann.get('kind')} ({', '.join(f'{k}={v}' for k, v in ann.items() if k != 'kind')})")
+        print(f"model      {info['model']['arch']} config {str(info['model']['config_hash'])[:12]} "
+              f"weights {str(info['model']['weights_hash'])[:12]}")
         return 0
     ann = info["ann"] or {}
     params = ", ".join(f"{k}={v}" for k, v in ann.items() if k != "kind")
@@ -297,10 +359,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     model = load_retriever(args.model_cfg, args.checkpoint)
-    indexes = [CorpusIndex.load(p, model=model, verify=not args.no_verify) for p in args.index]
+    indexes = [open_index(p, model, verify=not args.no_verify, collection=args.collection, timeout=args.timeout)
+               for p in args.index]
     if args.nprobe is not None:
         for ix in indexes:
-            if ix.ann_kind is not None:
+            if isinstance(ix, MilvusIndex):
+                ix.search_params["nprobe"] = int(args.nprobe)
+            elif ix.ann_kind is not None:
                 ix.prefilter.set_nprobe(args.nprobe)
     fields, names = [], []
     for p in args.query_features:
@@ -358,6 +423,13 @@ def _common_features(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", default=None,
+                   help="Milvus collection of a *.db / http(s):// locator (default c2f_index; or LOCATOR#COLLECTION)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds a Milvus store may take to answer before it counts as unreachable (default 10)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-cfg", required=True, help="retriever model YAML")
     p.add_argument("--checkpoint", default=None, help="trained retriever checkpoint (.pth)")
@@ -375,7 +447,12 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                                    "index folder atomically.")
     _common_features(b)
     _model_args(b)
-    b.add_argument("--out", required=True, help="index folder to write")
+    b.add_argument("--out", required=True, metavar="LOCATOR",
+                   help="index to write: a folder (FAISS), or a *.db path / http(s):// URI (Milvus; an existing "
+                        "collection is resumed: rows are upserted by video id)")
+    b.add_argument("--backend", choices=["faiss", "milvus"], default=None,
+                   help="check that --out names this backend (default: from --out)")
+    _store_args(b)
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--shard", default=None, metavar="I/N",
                    help="index only the videos with sha1(vid) %% N == I (one shard of a big corpus)")
@@ -384,7 +461,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     b.add_argument("--flat-max", type=int, default=None,
                    help="most pre-filter vectors (videos x segments) given a flat index (60000)")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N), power of two)")
-    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default nlist/32, >= 16)")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: configs/index/ann.yaml, nlist/4 in [16, 512])")
     b.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
                    help="IVF vector codec (auto: sq8 above 1e6 vectors)")
     b.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree")
@@ -402,7 +479,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     a = sub.add_parser("add", help="encode more videos into an existing index",
                        description="Add the videos of the feature store(s) that are not indexed yet (or all with "
                                    "--replace); the index is rewritten atomically.")
-    a.add_argument("index", metavar="DIR")
+    a.add_argument("index", metavar="LOCATOR", help="index folder (FAISS) or *.db / http(s):// URI (Milvus)")
+    _store_args(a)
     _common_features(a)
     _model_args(a)
     a.add_argument("--replace", action="store_true", help="re-encode videos that are already indexed")
@@ -410,15 +488,17 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     a.set_defaults(func=cmd_add, shard=None)
 
     r = sub.add_parser("remove", help="remove videos from an index")
-    r.add_argument("index", metavar="DIR")
+    r.add_argument("index", metavar="LOCATOR", help="index folder (FAISS) or *.db / http(s):// URI (Milvus)")
     r.add_argument("vids", nargs="+", metavar="VID")
+    _store_args(r)
     r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not indexed")
     r.add_argument("--compact", action="store_true", help="rewrite the frame files without removed videos")
     r.add_argument("--no-verify", action="store_true", help="skip sha256 verification on load")
     r.set_defaults(func=cmd_remove)
 
     i = sub.add_parser("info", help="counts, dims, pre-filter type, format version, size on disk")
-    i.add_argument("index", metavar="DIR")
+    i.add_argument("index", metavar="LOCATOR", help="index folder (FAISS) or *.db / http(s):// URI (Milvus)")
+    _store_args(i)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     i.set_defaults(func=cmd_info)
@@ -427,7 +507,9 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                        description="Rank the indexed videos for queries given as feature files (Moment-DETR "
                                    "qid*.npz with 'last_hidden_state' and 'pooler_output', or 'src_txt' / "
                                    "'txt_pooled'). Several DIRs are shards; their top-k lists are merged.")
-    s.add_argument("index", nargs="+", metavar="DIR")
+    s.add_argument("index", nargs="+", metavar="LOCATOR",
+                   help="index folder(s) (FAISS) or *.db / http(s):// URI(s) (Milvus)")
+    _store_args(s)
     s.add_argument("--query-features", nargs="+", required=True, metavar="NPZ")
     _model_args(s)
     s.add_argument("-k", type=int, default=10, help="results per query")
@@ -441,7 +523,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     v = sub.add_parser("videos", help="extract features of raw videos and build an index",
                        description="lavis-c2f extract + index build in one step (see 'lavis-c2f extract -h').")
     add_video_arguments(v)
-    v.add_argument("--out", required=True, help="index folder to write")
+    v.add_argument("--out", required=True, metavar="LOCATOR",
+                   help="index to write: a folder (FAISS), or a Milvus *.db path / http(s):// URI (with #COLLECTION)")
     v.add_argument("--features-dir", default=None, help="where features go (default: OUT.features; resumable)")
     v.add_argument("--model-cfg", default="models/c2f_tmass_default.yaml",
                    help="retriever model YAML (package-relative or a path)")

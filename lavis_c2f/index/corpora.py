@@ -36,6 +36,7 @@ from lavis_c2f.data import demo_corpus as dc
 from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader
 from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.index.corpus_index import CorpusIndex, IndexMismatchError
+from lavis_c2f.index.locator import backend_of, locator_text, open_index
 from lavis_c2f.video.backbones import short_backbone_name
 from lavis_c2f.video.captions import sidecar_captions
 from lavis_c2f.video.encoded import EncodedVideo
@@ -57,11 +58,15 @@ def sidecar_path(index: PathLike) -> str:
 
 def index_backbone_name(index: PathLike) -> Optional[str]:
     """Short name (``offline``, ``clip_hf``, ``slowfast+clip_hf``, ...) of the backbone an index
-    of videos was built with, read from its sidecar; None when there is no readable sidecar."""
+    of videos was built with, read from its sidecar (a Milvus index: its manifest's ``corpus``);
+    None when there is no readable sidecar."""
     try:
-        with open(sidecar_path(index), "r", encoding="utf-8") as f:
-            name = json.load(f)["backbone"]["name"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if backend_of(index) == "milvus":
+            name = (open_index(index).manifest.get("corpus") or {})["backbone"]["name"]
+        else:
+            with open(sidecar_path(index), "r", encoding="utf-8") as f:
+                name = json.load(f)["backbone"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):   # includes an unreachable / missing store
         return None
     return short_backbone_name(name)
 
@@ -150,16 +155,30 @@ class VideoIndexCorpus(Corpus):
     """An index of videos (module docstring).
 
     Args:
-        index_dir: the index folder.
+        index_dir: the index locator (:mod:`lavis_c2f.index.locator`): a FAISS index folder with
+            its sidecar beside it, or a Milvus ``*.db`` / ``http(s)://`` locator whose manifest
+            holds the sidecar (``corpus``).
         ann: optional QVHighlights annotation file (ground truth shown by ``--plot``).
-        verify: check the index files' sha256 on load.
+        verify: check the index files' sha256 on load (FAISS).
+        collection: the Milvus collection when the locator names none.
     """
 
     kind = "video index"
 
-    def __init__(self, index_dir: PathLike, ann: Optional[PathLike] = None, verify: bool = True):
+    def __init__(self, index_dir: PathLike, ann: Optional[PathLike] = None, verify: bool = True,
+                 collection: Optional[str] = None):
         super().__init__()
-        self.path_dir = os.path.abspath(os.fspath(index_dir))
+        self.path_dir = locator_text(index_dir, collection)
+        if backend_of(index_dir) == "milvus":
+            index = open_index(self.path_dir)
+            sidecar = f"{self.path_dir} (manifest)"
+            if not index.manifest.get("corpus"):
+                raise DataFormatError("the Milvus index records no corpus (built by 'index build', not 'index "
+                                      "videos'): search needs an index built from videos ('lavis-c2f index videos "
+                                      "VIDEO_DIR --out corpus.db')", path=sidecar, field="corpus")
+            self.sidecar = dict(index.manifest["corpus"])
+            self._init_from_sidecar(sidecar, index, ann)
+            return
         sidecar = sidecar_path(self.path_dir)
         if not os.path.isdir(self.path_dir):
             raise FileNotFoundError(f"index folder not found: {self.path_dir}")
@@ -168,6 +187,10 @@ class VideoIndexCorpus(Corpus):
                                   "from videos ('lavis-c2f index videos VIDEO_DIR --out INDEX') or a demo corpus "
                                   "(--demo-corpus)", path=sidecar)
         self.sidecar = read_json(sidecar)
+        self._init_from_sidecar(sidecar, CorpusIndex.load(self.path_dir, verify=verify), ann)
+
+    def _init_from_sidecar(self, sidecar: str, index, ann: Optional[PathLike]) -> None:
+        """The corpus of the sidecar ``self.sidecar`` (read from ``sidecar``) over ``index``."""
         try:
             bb = dict(self.sidecar["backbone"])
             self.weights_id, self.backbone_name = str(bb["weights_id"]), str(bb.get("name", ""))
@@ -188,7 +211,7 @@ class VideoIndexCorpus(Corpus):
         rows = read_videos_jsonl(self.features_dir)
         self._rows = {r["vid"]: r for r in rows if r.get("status") == "ok" and r.get("weights_id") == self.weights_id}
         self.store = NpzDirStore(os.path.join(self.features_dir, FEATURES_DIR), field="features")
-        self.index = CorpusIndex.load(self.path_dir, verify=verify)
+        self.index = index
         self._vids = [v for v in self.index.vids if v in self._rows]
         missing = [v for v in self.index.vids if v not in self._rows]
         if missing:
@@ -200,7 +223,7 @@ class VideoIndexCorpus(Corpus):
     def _resolve_ckpt(p: Optional[str], sidecar: str) -> Optional[str]:
         if not p:
             return None
-        for cand in (p, os.path.join(os.path.dirname(sidecar), p)):
+        for cand in (p, os.path.join(os.path.dirname(sidecar.split("#", 1)[0]), p)):
             if os.path.isfile(cand):
                 return os.path.abspath(cand)
         raise DataFormatError(f"the retriever checkpoint the index was built with is missing: {p}", path=sidecar,
@@ -236,7 +259,9 @@ class VideoIndexCorpus(Corpus):
     def _annotation_files(self) -> List[str]:
         return [self.ann] if self.ann else []
 
-    def index_for(self, retriever) -> CorpusIndex:
+    def index_for(self, retriever):
+        """The FAISS or Milvus index (a :class:`~lavis_c2f.index.base.StageOneIndex`) with
+        ``retriever`` attached."""
         if self._index_model is not retriever:
             try:
                 self.index.attach(retriever)

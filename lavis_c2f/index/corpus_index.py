@@ -80,8 +80,9 @@ import torch
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.ann import AnnConfig
+from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.prefilter import Prefilter
-from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, sha256_file
+from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, rows_embedding, sha256_file
 from lavis_c2f.models.retriever.modules import sinkhorn_video_bias
 from lavis_c2f.version import __version__
 
@@ -112,6 +113,85 @@ def _to_stored(model, video_emb):
     frames, and unpacks what :meth:`CorpusIndex.gather` reads with ``from_index_rows(rows,
     mask)``; other models store their frames as they are."""
     return model.to_index_rows(video_emb) if model is not None and hasattr(model, "to_index_rows") else video_emb
+
+
+def check_model(model, model_info: Mapping[str, Any], dim: int, max_frames: int, where: str) -> None:
+    """Raise :class:`IndexMismatchError` naming the field when ``model`` is not the one an index
+    was built with (``model.config_hash`` / ``model.weights_hash`` of ``model_info``) or its widths
+    differ (``dim``, ``max_frames``); ``where`` names the index (file or collection). Switches a
+    model configured with ``per_pair`` inference noise to ``shared`` (re-ranking needs a pair's
+    score to be independent of the candidate set)."""
+    fp = model.fingerprint()
+    for key in ("config_hash", "weights_hash"):
+        if fp.get(key) != model_info.get(key):
+            raise IndexMismatchError(
+                f"{where}: model.{key} is {model_info.get(key)!r} but the given model has {fp.get(key)!r}: "
+                "the index was built with another model configuration or checkpoint; rebuild it")
+    if int(model.embed_dim) != int(dim) or _stored_rows_per_video(model) != int(max_frames):
+        raise IndexMismatchError(f"{where}: index dims (D={dim}, frames={max_frames}) differ from the "
+                                 f"model's (D={model.embed_dim}, frames={_stored_rows_per_video(model)})")
+    if getattr(model, "inference_noise", "shared") == "per_pair":
+        logger.warning("the corpus index scores with inference_noise 'shared' (the model was configured with "
+                       "'per_pair', which is for whole-matrix evaluation)")
+        model.configure_inference(inference_noise="shared")
+
+
+def model_info_of(model) -> Dict[str, Any]:
+    """What an index records of its retriever: the :meth:`fingerprint` plus ``config``."""
+    info = dict(model.fingerprint())
+    info["config"] = dict(model.hparams)
+    return info
+
+
+def stored_rows(model, video_emb, dim: int, max_frames: int, segments: int,
+                prefilter: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What an index stores of V encoded videos: ``frames`` (sum of lengths, D) float32, their
+    valid frames back to back (the model's video terms, :func:`_to_stored`), ``lengths`` (V,)
+    int32 and the pre-filter vectors (V, S, D) float32 (``prefilter`` as in
+    :meth:`CorpusIndex.add`; default ``model.prefilter_segment_vectors(video_emb, S)``)."""
+    model_emb, video_emb = video_emb, _to_stored(model, video_emb)
+    if video_emb.dim != dim:
+        raise IndexMismatchError(f"embeddings are {video_emb.dim}-d but the index is {dim}-d")
+    if video_emb.frames.shape[1] > max_frames:
+        raise IndexMismatchError(f"embeddings have {video_emb.frames.shape[1]} frames, index max {max_frames}")
+    n, sv = len(video_emb), int(segments)
+    if prefilter is None:
+        if model is None:
+            raise RuntimeError("no model attached to the index: pass model= to load() or call attach(model)")
+        prefilter, _ = model.prefilter_segment_vectors(model_emb, sv)
+    pre = prefilter.detach().cpu().float().numpy() if torch.is_tensor(prefilter) else np.asarray(prefilter, np.float32)
+    if pre.ndim == 2 and sv == 1:
+        pre = pre[:, None, :]
+    if pre.shape != (n, sv, dim):
+        raise ValueError(f"prefilter must be ({n}, {sv}, {dim}), got {pre.shape}")
+    lengths = video_emb.lengths.cpu().numpy().astype(np.int32)
+    mask = video_emb.mask.detach().cpu() > 0
+    if not torch.equal(mask, torch.arange(mask.shape[1])[None, :] < torch.from_numpy(lengths)[:, None].long()):
+        raise ValueError("video_emb.mask must mark a prefix of valid frames per video (as the encoders do)")
+    frames = video_emb.frames.detach().cpu().float()[mask].numpy()   # valid frames, row-major = per video
+    return frames, lengths, pre
+
+
+def encode_features(model, vids: Sequence[str], load_features: Callable[[str], np.ndarray]):
+    """``model``'s :class:`VideoEmbedding` of one batch of videos given a feature loader
+    (``vid -> (L, Dv)``), zero-padded to the batch's longest (eval mode, no gradients)."""
+    feats = [np.asarray(load_features(v), dtype=np.float32) for v in vids]
+    for v, f in zip(vids, feats):
+        if f.ndim != 2:
+            raise DataFormatError(f"features must be (clips, dim), got shape {f.shape}", field=v)
+    lmax = max(1, max(f.shape[0] for f in feats))
+    x = np.zeros((len(vids), lmax, feats[0].shape[1]), np.float32)
+    m = np.zeros((len(vids), lmax), np.float32)
+    for i, f in enumerate(feats):
+        x[i, : f.shape[0]] = f
+        m[i, : f.shape[0]] = 1.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model.encode_video(torch.from_numpy(x), torch.from_numpy(m))
+    finally:
+        model.train(was_training)
 
 
 class CorpusIndex:
@@ -149,9 +229,7 @@ class CorpusIndex:
     def for_model(cls, model, **kwargs: Any) -> "CorpusIndex":
         """An empty index matching ``model`` (a :class:`C2FTMassRetriever`, or any retriever with
         the video-terms hook, see :func:`_stored_rows_per_video`)."""
-        info = dict(model.fingerprint())
-        info["config"] = dict(model.hparams)
-        return cls(int(model.embed_dim), _stored_rows_per_video(model), info, model=model, **kwargs)
+        return cls(int(model.embed_dim), _stored_rows_per_video(model), model_info_of(model), model=model, **kwargs)
 
     @classmethod
     def build(cls, model, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
@@ -172,21 +250,8 @@ class CorpusIndex:
 
     def attach(self, model) -> "CorpusIndex":
         """Use ``model`` for queries and re-ranking; its fingerprint and width must match."""
-        fp = model.fingerprint()
-        where = f"{os.path.join(self.path, MANIFEST) if self.path else 'index'}"
-        for key in ("config_hash", "weights_hash"):
-            if fp.get(key) != self.model_info.get(key):
-                raise IndexMismatchError(
-                    f"{where}: model.{key} is {self.model_info.get(key)!r} but the given model has {fp.get(key)!r}: "
-                    "the index was built with another model configuration or checkpoint; rebuild it")
-        if int(model.embed_dim) != self.dim or _stored_rows_per_video(model) != self.max_frames:
-            raise IndexMismatchError(f"{where}: index dims (D={self.dim}, frames={self.max_frames}) differ from the "
-                                     f"model's (D={model.embed_dim}, frames={_stored_rows_per_video(model)})")
-        if getattr(model, "inference_noise", "shared") == "per_pair":
-            # candidate re-ranking needs a pair's score to be independent of the candidate set
-            logger.warning("the corpus index scores with inference_noise 'shared' (the model was configured with "
-                           "'per_pair', which is for whole-matrix evaluation)")
-            model.configure_inference(inference_noise="shared")
+        check_model(model, self.model_info, self.dim, self.max_frames,
+                    f"{os.path.join(self.path, MANIFEST) if self.path else 'index'}")
         self.model = model
         return self
 
@@ -269,28 +334,8 @@ class CorpusIndex:
 
     def video_rows(self, video_emb, prefilter: Optional[np.ndarray] = None
                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What the index stores of V encoded videos: ``frames`` (sum of lengths, D) float32,
-        their valid frames back to back (the model's video terms), ``lengths`` (V,) int32 and
-        the pre-filter vectors (V, S, D) float32 (``prefilter`` as in :meth:`add`)."""
-        model_emb, video_emb = video_emb, _to_stored(self.model, video_emb)
-        if video_emb.dim != self.dim:
-            raise IndexMismatchError(f"embeddings are {video_emb.dim}-d but the index is {self.dim}-d")
-        if video_emb.frames.shape[1] > self.max_frames:
-            raise IndexMismatchError(f"embeddings have {video_emb.frames.shape[1]} frames, index max {self.max_frames}")
-        n, sv = len(video_emb), self.segments_per_video
-        if prefilter is None:
-            prefilter, _ = self._require_model().prefilter_segment_vectors(model_emb, sv)
-        pre = prefilter.detach().cpu().float().numpy() if torch.is_tensor(prefilter) else np.asarray(prefilter, np.float32)
-        if pre.ndim == 2 and sv == 1:
-            pre = pre[:, None, :]
-        if pre.shape != (n, sv, self.dim):
-            raise ValueError(f"prefilter must be ({n}, {sv}, {self.dim}), got {pre.shape}")
-        lengths = video_emb.lengths.cpu().numpy().astype(np.int32)
-        mask = video_emb.mask.detach().cpu() > 0
-        if not torch.equal(mask, torch.arange(mask.shape[1])[None, :] < torch.from_numpy(lengths)[:, None].long()):
-            raise ValueError("video_emb.mask must mark a prefix of valid frames per video (as the encoders do)")
-        frames = video_emb.frames.detach().cpu().float()[mask].numpy()   # valid frames, row-major = per video
-        return frames, lengths, pre
+        """What the index stores of V encoded videos (:func:`stored_rows` with the attached model)."""
+        return stored_rows(self.model, video_emb, self.dim, self.max_frames, self.segments_per_video, prefilter)
 
     def add_rows(self, vids: Sequence[str], frames: np.ndarray, lengths: np.ndarray, prefilter: np.ndarray,
                  durations: Optional[Sequence[Optional[float]]] = None, update_ann: bool = True) -> None:
@@ -310,26 +355,8 @@ class CorpusIndex:
             self.prefilter.extend(self.store, rows)
 
     def encode_features(self, vids: Sequence[str], load_features: Callable[[str], np.ndarray]):
-        """The attached model's :class:`VideoEmbedding` of one batch of videos given a feature
-        loader (``vid -> (L, Dv)``), zero-padded to the batch's longest."""
-        model = self._require_model()
-        feats = [np.asarray(load_features(v), dtype=np.float32) for v in vids]
-        for v, f in zip(vids, feats):
-            if f.ndim != 2:
-                raise DataFormatError(f"features must be (clips, dim), got shape {f.shape}", field=v)
-        lmax = max(1, max(f.shape[0] for f in feats))
-        x = np.zeros((len(vids), lmax, feats[0].shape[1]), np.float32)
-        m = np.zeros((len(vids), lmax), np.float32)
-        for i, f in enumerate(feats):
-            x[i, : f.shape[0]] = f
-            m[i, : f.shape[0]] = 1.0
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return model.encode_video(torch.from_numpy(x), torch.from_numpy(m))
-        finally:
-            model.train(was_training)
+        """The attached model's :class:`VideoEmbedding` of one batch (:func:`encode_features`)."""
+        return encode_features(self._require_model(), vids, load_features)
 
     def add_features(self, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
                      durations: Optional[Mapping[str, float]] = None, batch_size: int = 64,
@@ -384,9 +411,7 @@ class CorpusIndex:
         """The model's video embedding of the given rows (in that order), read from the segments:
         the stored frames as a :class:`VideoEmbedding`, or what a model with the video-terms hook
         unpacks from its stored rows (``from_index_rows(rows (m, F, D), mask (m, F))``)."""
-        if self.model is not None and hasattr(self.model, "from_index_rows"):
-            return self.model.from_index_rows(*self.store.gather_rows(rows))
-        return self.store.gather(rows)
+        return rows_embedding(self.model, *self.store.gather_rows(rows))
 
     def embeddings(self, vids: Sequence[str]):
         """The video embedding of the given video ids (:meth:`gather`)."""
@@ -469,13 +494,18 @@ class CorpusIndex:
         """Exact scores of each query's candidate videos; the ``k`` best ``(vid, score)`` per
         query, best first (ties: earlier row first)."""
         self._require_model()
-        return [self._rerank(text_emb[q], np.asarray([self.store.row_of(v) for v in cand], np.int64), k)
-                for q, cand in enumerate(candidates)]
+        if len(candidates) != len(text_emb):
+            raise ValueError(f"{len(candidates)} candidate lists for {len(text_emb)} queries")
+        rows = [np.asarray([self.store.row_of(v) for v in cand], np.int64) for cand in candidates]
+        return self._rerank_many(text_emb, rows, k)
 
     def search(self, text_emb, k: int = 10, m: Optional[int] = None, nprobe: Optional[int] = None,
                timings: Optional[Dict[str, float]] = None) -> List[List[Tuple[str, float]]]:
         """Top-k videos per query: FAISS pre-filter of ``m`` candidates (default
         ``max(256, 4 k)``), exact re-scoring with the model, best first.
+
+        A batch of Q queries is searched in one FAISS call, then each query's candidates are
+        re-ranked (:meth:`_rerank_many`); every query's result is identical to searching it alone.
 
         Args:
             text_emb: :class:`TextEmbedding` (Q queries) from the attached model.
@@ -496,20 +526,31 @@ class CorpusIndex:
         m = max(int(k), int(m if m is not None else max(256, 4 * k)))
         cands = self._candidate_rows(text_emb, m, nprobe)
         t1 = time.perf_counter()
-        results = [self._rerank(text_emb[q], rows, k) for q, rows in enumerate(cands)]
+        results = self._rerank_many(text_emb, cands, k)
         if timings is not None:
             timings["prefilter_s"] = timings.get("prefilter_s", 0.0) + (t1 - t0)
             timings["rerank_s"] = timings.get("rerank_s", 0.0) + (time.perf_counter() - t1)
         return results
 
-    def _rerank(self, text_one, rows: np.ndarray, k: int) -> List[Tuple[str, float]]:
-        if len(rows) == 0:
-            return []
-        emb = self.gather(rows)
-        scores = self.model.score(text_one, emb, video_bias=self._bias_for(rows))[0].cpu()
-        kk = min(k, len(rows))
-        order = np.lexsort((rows, -scores.double().numpy()))[:kk]   # score desc, then row asc
-        return [(self.store.vid_of(rows[i]), float(scores[i])) for i in order]
+    def _rerank_many(self, text_emb, cands: Sequence[np.ndarray], k: int) -> List[List[Tuple[str, float]]]:
+        """Exact scores of each query's candidate rows (``cands[q]``), the ``k`` best per query;
+        each query on its own (:func:`~lavis_c2f.index.exact.score_candidates`: identical alone and
+        in a batch). Blocks of several queries were measured no faster (the exact score costs the
+        same per pair; bench/stage1_search.py) and BLAS's small-matrix kernels round differently
+        with the block's size."""
+        out: List[List[Tuple[str, float]]] = []
+        for q, rows in enumerate(cands):
+            if not len(rows):
+                out.append([])
+                continue
+            out.append(self._top(rows, score_candidates(self.model, text_emb, q, self.gather(rows),
+                                                        self._bias_for(rows)), k))
+        return out
+
+    def _top(self, rows: np.ndarray, scores: np.ndarray, k: int) -> List[Tuple[str, float]]:
+        """The ``k`` best ``(vid, score)`` of ``rows`` (score desc, then row asc)."""
+        order = np.lexsort((rows, -scores))[:min(k, len(rows))]
+        return [(self.store.vid_of(rows[i]), float(np.float32(scores[i]))) for i in order]
 
     def search_exhaustive(self, text_emb, k: int = 10, block_videos: int = 4096) -> List[List[Tuple[str, float]]]:
         """Exact top-k of every query against every alive video (the re-ranking baseline)."""
@@ -703,4 +744,5 @@ def search_shards(indexes: Sequence[CorpusIndex], text_emb, k: int = 10, m: Opti
     return out
 
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CorpusIndex", "IndexFormatError", "IndexMismatchError", "search_shards"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CorpusIndex", "IndexFormatError", "IndexMismatchError", "check_model",
+           "encode_features", "model_info_of", "search_shards", "stored_rows"]

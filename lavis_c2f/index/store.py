@@ -49,6 +49,16 @@ class IndexFormatError(DataFormatError):
     """A corrupt, truncated, unknown-version or inconsistent index file (names the file)."""
 
 
+def rows_embedding(model, rows: torch.Tensor, mask: torch.Tensor):
+    """What a re-ranker scores from stored rows ``(m, F, D)`` with their ``(m, F)`` mask: a model
+    with the video-terms hook unpacks them (``model.from_index_rows(rows, mask)``); otherwise a
+    :class:`VideoEmbedding` of the frames with ``pooled`` = the normalised mean of the normalised
+    valid frames (the retriever's own ``l2norm`` / ``masked_mean``, so it pools like the model)."""
+    if model is not None and hasattr(model, "from_index_rows"):
+        return model.from_index_rows(rows, mask)
+    return VideoEmbedding(rows, mask, l2norm(masked_mean(l2norm(rows), mask, dim=1)))
+
+
 # =========================================================================== files
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
@@ -424,9 +434,7 @@ class FrameStore:
         """:class:`VideoEmbedding` of the given rows (in that order): frames (m, F, D) padded with
         zeros, mask, and the normalised mean of the normalised frames as ``pooled`` (the
         retriever's own ``l2norm`` / ``masked_mean``, so it pools like the model)."""
-        out, mask_t = self.gather_rows(rows)
-        pooled = l2norm(masked_mean(l2norm(out), mask_t, dim=1))
-        return VideoEmbedding(out, mask_t, pooled)
+        return rows_embedding(None, *self.gather_rows(rows))
 
     def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int) -> np.ndarray:
         """(n, f, D) stored-dtype frames of n videos (``lengths`` valid rows from frame
@@ -600,4 +608,5 @@ class FrameStore:
                 self._pool.shutdown(wait=False)
 
 
-__all__ = ["FRAME_DTYPES", "FrameStore", "IndexFormatError", "file_entry", "link_or_copy", "sha256_file"]
+__all__ = ["FRAME_DTYPES", "FrameStore", "IndexFormatError", "file_entry", "link_or_copy", "rows_embedding",
+           "sha256_file"]

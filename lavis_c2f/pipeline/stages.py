@@ -14,8 +14,8 @@ Stage 1 (``rank``):
 Stage 2 (``ground``), over the videos of a :class:`~lavis_c2f.index.corpora.Corpus`:
 
 * :class:`FeatureGrounder`: a trained QD-DETR / MESM grounder
-  (:class:`~lavis_c2f.models.grounder.predictor.GrounderPredictor`, the videos of a query in
-  one batched call), fed the feature streams it was trained on in its order
+  (:class:`~lavis_c2f.models.grounder.predictor.GrounderPredictor`, every (query, video) pair
+  of the engine's batch in batched calls, queries padded like videos), fed the feature streams it was trained on in its order
   (:func:`select_streams`: e.g. CLIP then SlowFast for MESM on a SlowFast+CLIP index).
   Videos longer than the grounder's ``max_v_l`` clips are covered by overlapping chunks of ``max_v_l`` clips (stride half of it); the chunks' windows are shifted
   to the video's time, merged by NMS, and the saliency is averaged where chunks overlap. Empty
@@ -39,6 +39,7 @@ from lavis_c2f.index.corpora import Corpus
 from lavis_c2f.models import zero_shot as zs
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig
 from lavis_c2f.models.grounder.predictor import GrounderPredictor
+from lavis_c2f.ops.batching import padded_index
 from lavis_c2f.ops.spans import nms_rows
 from lavis_c2f.ops.vectors import l2_normalize
 from lavis_c2f.pipeline.engine import Grounding, Query, Ranked
@@ -135,8 +136,12 @@ class IndexStage1:
 
     def encode(self, queries: Sequence[Query]):
         """The retriever's ``TextEmbedding`` of the batch: L2-normalised pooled embeddings, and
-        the token features (padded, masked) when their width is the retriever's input width."""
+        the token features (padded, masked) when their width is the retriever's input width.
+        A batch is encoded as at least :data:`~lavis_c2f.ops.batching.GEMM_MIN_ROWS` rows (the last
+        query repeated), so a query's embedding is the same alone and in a batch."""
         r = self.retriever
+        n = len(queries)
+        queries = [queries[i] for i in padded_index(n)]
         width = int(r.text_input_dim)
         use_tokens = all(q.tokens is not None and q.tokens.shape[-1] == width for q in queries)
         tok = mask = None
@@ -149,7 +154,7 @@ class IndexStage1:
                 mask[i, : q.tokens.shape[0]] = 1.0
         pooled = torch.from_numpy(np.stack([l2_normalize(q.pooled) for q in queries]))
         with torch.no_grad():
-            return r.encode_text(tok, mask, pooled)
+            return r.encode_text(tok, mask, pooled)[:n]
 
     def rank(self, queries: Sequence[Query], k: int) -> List[Ranked]:
         if not queries:
@@ -278,26 +283,37 @@ class FeatureGrounder:
         return q.tokens[: max(1, limit)]
 
     def ground(self, queries: Sequence[Query], pairs: Sequence[Tuple[int, str]]) -> List[Grounding]:
-        return _per_pair(queries, pairs, self.corpus, self.ground_videos)
+        """Every (query, video) pair of the batch in batched grounder calls (all queries together)."""
+        if self.corpus is None:
+            raise ConfigError("grounding videos by id needs a corpus (an index of videos or the demo corpus)")
+        return self._ground_pairs([queries[qi] for qi, _ in pairs], [self.corpus.encoded(vid) for _, vid in pairs])
 
     def ground_videos(self, q: Query, videos: Sequence[EncodedVideo]) -> List[Grounding]:
-        """Groundings of one query in several videos (grouped by clip length, batched)."""
+        """Groundings of one query in several videos (batched)."""
+        return self._ground_pairs([q] * len(videos), videos)
+
+    def _ground_pairs(self, queries: Sequence[Query], videos: Sequence[EncodedVideo]) -> List[Grounding]:
+        """Grounding of ``queries[i]`` in ``videos[i]`` for every i (grouped by clip length)."""
         res: List[Optional[Grounding]] = [None] * len(videos)
         by_cl: Dict[float, List[int]] = {}
         for i, v in enumerate(videos):
             by_cl.setdefault(float(v.clip_length), []).append(i)
         for cl, idx in by_cl.items():
             feats = [videos[i].features if self.columns is None else videos[i].features[:, self.columns] for i in idx]
-            for i, g in zip(idx, self._ground_chunked(q, [videos[i] for i in idx], feats, cl)):
+            for i, g in zip(idx, self._ground_chunked([queries[i] for i in idx], [videos[i] for i in idx], feats, cl)):
                 res[i] = g
         return res  # type: ignore[return-value]
 
-    def _ground_chunked(self, q: Query, videos: Sequence[EncodedVideo], features: Sequence[np.ndarray],
-                        clip_length: float) -> List[Grounding]:
+    def _ground_chunked(self, queries: Sequence[Query], videos: Sequence[EncodedVideo],
+                        features: Sequence[np.ndarray], clip_length: float) -> List[Grounding]:
         gp = self.predictor_for(clip_length)
         max_len = int(gp.max_v_l)
-        chunks, durs, owner = [], [], []
+        inputs: Dict[int, Any] = {}
+        chunks, durs, owner, chunk_q = [], [], [], []
         for vi, v in enumerate(videos):
+            q = queries[vi]
+            if id(q) not in inputs:                        # one prepared input per query object
+                inputs[id(q)] = self.query_input(q)
             n = features[vi].shape[0]
             if n == 0:
                 raise ValueError("a video has no clips")
@@ -312,14 +328,18 @@ class FeatureGrounder:
                 chunks.append(part)
                 durs.append(max(1e-3, min(part.shape[0] * clip_length, v.duration - s * clip_length)))
                 owner.append((vi, s))
-        preds = gp.predict_many(self.query_input(q), chunks, durs)
+                chunk_q.append(inputs[id(q)])
+        preds = gp.predict_pairs(chunk_q, chunks, durs)
         nms = gp.postprocess.nms_threshold if gp.postprocess.nms_threshold is not None else CHUNK_NMS
+        parts_of: Dict[int, List[Tuple[int, Dict[str, List]]]] = {}
+        for (o, s), p in zip(owner, preds):
+            parts_of.setdefault(o, []).append((s, p))
         out = []
         for vi, v in enumerate(videos):
             n, duration = features[vi].shape[0], v.duration
             sal_sum, sal_cnt = np.zeros(n, np.float64), np.zeros(n, np.float64)
             rows: List[List[float]] = []
-            parts = [(s, p) for (o, s), p in zip(owner, preds) if o == vi]
+            parts = parts_of[vi]
             for s, p in parts:
                 off = s * clip_length
                 rows.extend([min(a + off, duration), min(b + off, duration), float(sc)] for a, b, sc in p["windows"])

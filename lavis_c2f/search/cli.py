@@ -5,6 +5,7 @@ Search an index built from videos::
     lavis-c2f index videos VIDEO_DIR --out INDEX            # once (zero-shot without --checkpoint)
     lavis-c2f search INDEX "a man opens the fridge" [--top-k 10] [--json] [--plot top.png]
     lavis-c2f search INDEX "..." --grounder-ckpt qd_detr.pth [--retriever-ckpt tmass.pth]
+    lavis-c2f search INDEX --queries-file queries.txt --json     # one query per line -> one JSON line each
 
 Search the embedded demo corpus with the checkpoints of ``lavis-c2f quickstart --out RUN``::
 
@@ -23,9 +24,10 @@ import argparse
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
-from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import write_json
 from lavis_c2f.pipeline.engine import SEARCH_DEFAULTS
 from lavis_c2f.pipeline.fusion import load_fusion_choice
@@ -103,13 +105,47 @@ def build_search_predictor(args: argparse.Namespace):
                                          grounder_streams=args.grounder_streams)
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def read_queries_file(path: str) -> List[Tuple[int, str]]:
+    """``(line number, query)`` of every non-blank line of a UTF-8 text file (one query per
+    line; white space collapsed). A missing, unreadable or empty file raises
+    :class:`DataFormatError` naming it."""
+    if not os.path.isfile(path):
+        raise DataFormatError("queries file not found", path=path)
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"cannot read the queries file: {e}", path=path) from None
+    out = [(i, " ".join(line.split())) for i, line in enumerate(lines, start=1) if line.strip()]
+    if not out:
+        raise DataFormatError("the queries file has no query (one query per line expected)", path=path)
+    return out
+
+
+def _search_args(args: argparse.Namespace) -> None:
+    """Checks of the search options. Without ``--queries-file`` a lone positional argument is
+    the query (as with ``--run-dir RUN "..."``); with it, the index."""
+    if args.query is None and not args.queries_file:
+        args.index, args.query = None, args.index
+    if args.queries_file and args.query is not None:
+        raise ConfigError("give either QUERY or --queries-file, not both")
+    if not args.queries_file and args.query is None:
+        raise ConfigError("search needs QUERY (quoted) or --queries-file FILE (one query per line)")
+    if args.queries_file and args.plot:
+        raise ConfigError("--plot draws one query's top video: not with --queries-file")
     if args.top_k < 1 or args.stage1_top_k < 1:
         raise ConfigError("--top-k and --stage1-top-k must be >= 1")
     if args.refine and not args.refiner_cfg:
         raise ConfigError("--refine needs --refiner-cfg YAML (the stage-3 refiner: model, checkpoint, sampler...)")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    _search_args(args)
+    queries = read_queries_file(args.queries_file) if args.queries_file else None
     _quiet_predictor_log(args)
     predictor = build_search_predictor(args)
+    if queries is not None:
+        return _search_many(args, predictor, queries)
     res = predictor.search(args.query, top_k=args.top_k, refine=bool(args.refine))
     plot_path = _plot(args, predictor, res) if args.plot else None
     if args.json:
@@ -128,6 +164,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(moments_table([m.to_dict() for m in res]))
     if plot_path:
         print(f"saliency plot of {res[0].vid} written to {plot_path}")
+    return 0
+
+
+def _search_many(args: argparse.Namespace, predictor, queries: List[Tuple[int, str]]) -> int:
+    """``--queries-file``: every query through :meth:`C2FPredictor.search_many` (batched); one
+    JSON line per query with ``--json`` (its ``line`` in the file added), else a table each."""
+    t0 = time.perf_counter()
+    results = predictor.search_many([q for _, q in queries], top_k=args.top_k, refine=bool(args.refine))
+    total = time.perf_counter() - t0
+    if args.json:
+        for (line, _), res in zip(queries, results):
+            print(json.dumps({"line": line, **res.to_dict()}))
+        return 0
+    n = len(predictor.corpus.vids)
+    print(f"mode: {predictor.describe_mode()}")
+    print(f"{len(queries)} queries from {args.queries_file} ({n} videos searched, {total:.2f} s, "
+          f"{1000 * total / len(queries):.1f} ms per query)")
+    for (line, _), res in zip(queries, results):
+        print(f'\nline {line}: "{res.query}"  ({len(res.stage1)} grounded)')
+        print(moments_table([m.to_dict() for m in res]) if res else "no moment found")
     return 0
 
 
@@ -215,11 +271,17 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                     "in the index); otherwise a clearly-labelled ZERO-SHOT mode scores text-clip cosines of the "
                     "backbone.",
         epilog="examples:\n  lavis-c2f search INDEX \"a man opens the fridge\" --plot top.png\n"
+               "  lavis-c2f search INDEX --queries-file queries.txt --json\n"
                "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
-    s.add_argument("query", metavar="QUERY", help="the query text (quote it)")
+                   help="index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
+                        "(#COLLECTION, default c2f_index); or a demo corpus folder")
+    s.add_argument("query", nargs="?", metavar="QUERY", help="the query text (quote it)")
+    s.add_argument("--queries-file", default=None, metavar="FILE",
+                   help="search every query of FILE (UTF-8, one query per line, blank lines skipped) in batches: "
+                        "stage 1 and the grounding of all (query, video) pairs batched; with --json one JSON line "
+                        "per query")
     s.add_argument("--top-k", type=int, default=SEARCH_DEFAULTS["top_k"],
                    help=f"moments listed (default {SEARCH_DEFAULTS['top_k']})")
     s.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -69,7 +69,8 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                "-d '{\"query\": \"a man opens the fridge\", \"top_k\": 5}'",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index folder of 'lavis-c2f index videos' (or a demo corpus folder)")
+                   help="index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
+                        "(#COLLECTION, default c2f_index); or a demo corpus folder")
     p.add_argument("--host", default=SERVE_DEFAULTS["host"],
                    help=f"address to listen on (default {SERVE_DEFAULTS['host']}: this machine only)")
     p.add_argument("--port", type=int, default=SERVE_DEFAULTS["port"], help=f"port (default {SERVE_DEFAULTS['port']})")

@@ -4,6 +4,7 @@
     predictor.predict(query_features, video_features, duration)
         -> {"windows": [[st, ed, score], ...], "saliency": [...]}        # seconds
     predictor.predict_many(query_features, [video_features, ...], [duration, ...])
+    predictor.predict_pairs([query, query, other_query], [video, ...], [duration, ...])
 
 Inputs are raw per-item arrays (``numpy`` or ``torch``): query token features (Lt, Dt) (or
 the query text for a MESM model with a runtime text encoder) and clip features (Lv, Dv)
@@ -60,7 +61,7 @@ class GrounderPredictor:
         stream_dims: widths of the concatenated video streams (each normalised separately);
             None = one stream.
         max_v_l: cut videos to this many clips; None = the model's ``max_v_l``.
-        batch_size: videos per forward pass in :meth:`predict_many`.
+        batch_size: (query, video) pairs per forward pass in :meth:`predict_many` / :meth:`predict_pairs`.
         t2v_mask_mode: T2V mask used for prediction (default ``"correct"``, see module doc).
         device: run there (default: the model's device).
     """
@@ -172,23 +173,54 @@ class GrounderPredictor:
         """
         if isinstance(videos, (np.ndarray, torch.Tensor)):
             raise TypeError("videos must be a sequence of (Lv, Dv) arrays, one per video")
-        if len(videos) != len(durations):
-            raise ValueError(f"{len(videos)} videos but {len(durations)} durations")
+        return self.predict_pairs([query_features] * len(videos), videos, durations)
+
+    def predict_pairs(self, queries: Sequence[Union[ArrayLike, str]], videos: Sequence[ArrayLike],
+                      durations: Sequence[float]) -> List[Dict[str, List]]:
+        """:meth:`predict` for (query, video) pairs of many queries, batched: pair ``i`` is
+        ``queries[i]`` in ``videos[i]`` (repeat the same query object for its videos: it is
+        prepared once). Query tokens are padded and masked within a batch like videos, so a
+        pair's windows do not depend on the pairs batched with it (up to float rounding).
+
+        Returns one ``{"windows", "saliency"}`` dict per pair, in input order.
+        """
+        if isinstance(videos, (np.ndarray, torch.Tensor)):
+            raise TypeError("videos must be a sequence of (Lv, Dv) arrays, one per pair")
+        if not (len(queries) == len(videos) == len(durations)):
+            raise ValueError(f"{len(queries)} queries, {len(videos)} videos and {len(durations)} durations: "
+                             "one of each per pair")
         if len(videos) == 0:
             return []
         for i, d in enumerate(durations):
             if not (isinstance(d, (int, float, np.floating, np.integer)) and np.isfinite(d) and d > 0):
                 raise ValueError(f"durations[{i}] must be a positive number, got {d!r}")
-        query = self._query(query_features)
+        prepared_q: Dict[int, Dict[str, torch.Tensor]] = {}
+        for q in queries:
+            if id(q) not in prepared_q:
+                prepared_q[id(q)] = self._query(q)
+        qs = [prepared_q[id(q)] for q in queries]
         prepared = [self._video(v, i) for i, v in enumerate(videos)]
         results: List[Dict[str, List]] = []
         with self._eval():
             for start in range(0, len(prepared), self.batch_size):
-                chunk = prepared[start:start + self.batch_size]
-                results.extend(self._run(query, chunk, durations[start:start + len(chunk)]))
+                end = start + self.batch_size
+                results.extend(self._run(qs[start:end], prepared[start:end], durations[start:end]))
         return results
 
-    def _run(self, query: Dict[str, torch.Tensor], videos: List[torch.Tensor],
+    @staticmethod
+    def _stack_queries(queries: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """One query dict per pair -> the batch's (B, Lt[, Dt]) tensors, right-padded (mask 0)."""
+        if all(q is queries[0] for q in queries):
+            return {k: t.expand(len(queries), *t.shape[1:]) for k, t in queries[0].items()}
+        length = max(int(q["src_txt_mask"].shape[1]) for q in queries)
+        out = {}
+        for k in queries[0]:
+            parts = [q[k] for q in queries]
+            pad = [length - p.shape[1] for p in parts]
+            out[k] = torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, n)) for p, n in zip(parts, pad)])
+        return out
+
+    def _run(self, queries: Sequence[Dict[str, torch.Tensor]], videos: List[torch.Tensor],
              durations: Sequence[float]) -> List[Dict[str, List]]:
         bsz, length = len(videos), max(v.shape[0] for v in videos)
         src_vid = torch.zeros(bsz, length, videos[0].shape[1])
@@ -197,7 +229,7 @@ class GrounderPredictor:
             src_vid[i, :v.shape[0]] = v
             src_vid_mask[i, :v.shape[0]] = 1.0
         dev = self.device
-        kwargs: Dict[str, Any] = {k: t.expand(bsz, *t.shape[1:]).to(dev) for k, t in query.items()}
+        kwargs: Dict[str, Any] = {k: t.to(dev) for k, t in self._stack_queries(queries).items()}
         kwargs.setdefault("src_txt", None)
         out = self.detr(src_vid=src_vid.to(dev), src_vid_mask=src_vid_mask.to(dev),
                         compute_neg=False, t2v_mask_mode=self.t2v_mask_mode,

@@ -143,6 +143,15 @@ def model_fingerprint(arch: str, config: Dict[str, Any], state_dict: Dict[str, t
 # ----------------------------------------------------------------------------------------
 # pair helpers
 
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` along dim 0, or ``x`` itself when ``idx`` is ``0 .. len(x) - 1`` (the pairs of
+    one query with each of its candidates: no copy of the (V, F, D) frames)."""
+    n = x.shape[0]
+    if idx.numel() == n and bool(torch.equal(idx, torch.arange(n, device=idx.device))):
+        return x
+    return x[idx]
+
+
 def frame_dots(x: torch.Tensor, frames: torch.Tensor, qi: Optional[torch.Tensor],
                vi: Optional[torch.Tensor]) -> torch.Tensor:
     """Dot products of query-side vectors with every frame of the paired video.
@@ -156,7 +165,7 @@ def frame_dots(x: torch.Tensor, frames: torch.Tensor, qi: Optional[torch.Tensor]
         v, f, _ = frames.shape
         out = frames.reshape(v * f, d) @ x.reshape(q * a, d).t()               # (V*F, Q*A)
         return out.view(v, f, q, a).permute(2, 0, 3, 1).reshape(q * v, a, f)
-    return torch.bmm(x[qi], frames[vi].transpose(1, 2))
+    return torch.bmm(x[qi], take_rows(frames, vi).transpose(1, 2))
 
 
 def frame_mix(weights: torch.Tensor, frames: torch.Tensor, num_queries: int,
@@ -172,7 +181,7 @@ def frame_mix(weights: torch.Tensor, frames: torch.Tensor, num_queries: int,
         w = weights.reshape(q, v, a, f).permute(1, 0, 2, 3).reshape(v, q * a, f)
         out = torch.bmm(w, frames)                                                  # (V, Q*A, D)
         return out.view(v, q, a, d).permute(1, 0, 2, 3).reshape(q * v, a, d)
-    return torch.bmm(weights, frames[vi])
+    return torch.bmm(weights, take_rows(frames, vi))
 
 
 def per_head_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -159,6 +159,9 @@ def test_settings_from_argv_makes_paths_absolute(tmp_path, monkeypatch):
     assert s.quickstart_root == str(tmp_path / src.QUICKSTART_DIR)
     assert (s.backbone, s.device, s.run_dir) == ("random", "cpu", None)
     assert src.settings_from_argv([]).workdir == src.default_workdir()
+    # Milvus locators: a *.db path is made absolute with its collection, a server URI is kept
+    assert src.settings_from_argv(["--index", "c.db#videos"]).index == f"{tmp_path}/c.db#videos"
+    assert src.settings_from_argv(["--index", "http://h:19530#v"]).index == "http://h:19530#v"
     with pytest.raises(SystemExit):
         src.settings_from_argv(["--backbone", "resnet"])
 

@@ -125,3 +125,26 @@ def test_parts_are_reused_when_their_key_matches_and_merge_like_one_build(zs_ind
     _same_index(Path(merged.save(str(tmp_path / "merged"))), Path(direct.save(str(tmp_path / "direct"))))
     with pytest.raises(DataFormatError, match="holds other videos than batch 1"):
         build._read_part(str(parts), 1, vids[:1], durs)
+
+
+@pytest.mark.slow
+def test_two_ranks_into_a_milvus_collection_equal_one_faiss_build(five_videos, tmp_path):
+    """``index videos --out corpus.db#videos`` on 2 ranks: rank 0 upserts the merged parts into
+    milvus-lite; the stored rows equal a one-process FAISS build's; the sidecar is in the manifest."""
+    pytest.importorskip("milvus_lite")
+    from lavis_c2f.index.locator import open_index
+
+    common = ["--backbone", "random", "--workers", "0", "--no-progress"]
+    one = tmp_path / "one" / "index"
+    _run(["index", "videos", five_videos, "--out", one, *common, *BATCH])
+    db = tmp_path / "mv" / "corpus.db"
+    r = _run(["index", "videos", five_videos, "--out", f"{db}#videos", "--features-dir", str(one) + ".features",
+              *common, *BATCH], nproc=2)
+    assert r.stdout.count("indexed 5 videos") == 1
+    fx, mx = CorpusIndex.load(str(one)), open_index(f"{db}#videos")
+    assert mx.vids == sorted(fx.vids)
+    ea, eb = fx.store.gather([fx.store.row_of(v) for v in mx.vids]), mx.embeddings(mx.vids)
+    assert np.array_equal(ea.frames.numpy(), eb.frames.numpy()) and np.array_equal(ea.mask.numpy(), eb.mask.numpy())
+    side = json.loads(Path(str(one) + ".c2f-video.json").read_text())
+    assert mx.manifest["corpus"] == side
+    assert not Path(str(db) + ".parts").exists() and mx.source(mx.vids[0]).endswith(".mp4")

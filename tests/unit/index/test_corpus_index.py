@@ -297,8 +297,10 @@ def test_ann_config_validation_and_defaults():
     cfg = AnnConfig()
     assert cfg.choose_kind(100) == "flat" and cfg.choose_kind(10 ** 6) == "ivf"
     assert cfg.nlist_for(3 * 10 ** 5) == 2048 and cfg.nlist_for(3 * 10 ** 6) == 4096
-    assert cfg.nprobe_for(4096) == 256 and cfg.nprobe_for(64) == 16
-    assert cfg.codec_for(3 * 10 ** 5) == "flat" and cfg.codec_for(3 * 10 ** 6) == "sq8"
+    assert cfg.nprobe_for(4096) == 512 and cfg.nprobe_for(64) == 16 and cfg.nprobe_for(2048) == 512
+    assert cfg.nprobe_for(1024) == 256 and AnnConfig(ivf_nprobe=7).nprobe_for(4096) == 7
+    assert cfg.codec_for(3 * 10 ** 5) == "sq8" and cfg.codec_for(3 * 10 ** 6) == "sq8"   # configs/index/ann.yaml
+    assert AnnConfig(ivf_sq8_from=10 ** 6).codec_for(3 * 10 ** 5) == "flat"
     from lavis_c2f.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kind"):

@@ -80,3 +80,21 @@ def test_prefilter_is_the_video_sentence_direction(corpus):
     assert ix.store.num_vectors() == len(vids)              # one vector per video, the 2nd segment empty
     top = [v for v, _ in ix.search(q[:1], k=1, m=1)[0]]
     assert top == [vids[int(torch.argmax(vs[0]))]]
+
+
+def test_milvus_backend_stores_the_video_terms_and_scores_alike(corpus, tmp_path):
+    """UCoFiA's frames + patch tokens go through the same video-terms hook into a Milvus
+    collection (one FLOAT_VECTOR of the stored rows); without stored SK-norm biases both backends
+    score with zero bias and give the same ranking."""
+    pytest.importorskip("milvus_lite")
+    from lavis_c2f.index.milvus_index import MilvusIndex
+
+    model, videos, vids = corpus
+    fx = CorpusIndex.for_model(model)
+    fx.add(vids, videos)
+    mx = MilvusIndex.create(f"{tmp_path}/u.db#ucofia", model)
+    mx.add(vids, videos)
+    assert mx.max_frames == fx.max_frames == 2 + F * (1 + K)
+    q = random_texts(3, seed=9)
+    same(fx.search(q, k=6, m=len(vids)), mx.search(q, k=6, m=len(vids)))
+    assert fx.candidates(q, 10) == mx.candidates(q, 10)

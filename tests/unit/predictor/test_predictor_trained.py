@@ -74,13 +74,13 @@ def test_long_videos_are_grounded_in_overlapping_chunks(predictor, videos):
 
 def test_search_grounds_the_top_videos_in_one_call(predictor, monkeypatch):
     calls = []
-    orig = GrounderPredictor.predict_many
+    orig = GrounderPredictor.predict_pairs
 
-    def spy(self, q, vids, durs):
+    def spy(self, qs, vids, durs):
         calls.append(len(vids))
-        return orig(self, q, vids, durs)
+        return orig(self, qs, vids, durs)
 
-    monkeypatch.setattr(GrounderPredictor, "predict_many", spy)
+    monkeypatch.setattr(GrounderPredictor, "predict_pairs", spy)
     res = predictor.search("a red screen", top_k=5)
     assert len(calls) == 1 and calls[0] >= len(res.stage1) == 3
     assert 1 <= len(res) <= 5 and all(m.stage2_score is not None for m in res)

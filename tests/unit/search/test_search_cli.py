@@ -172,3 +172,43 @@ def test_refine_with_a_refiner_yaml(cli, zs_index, tmp_path):
     # without --refine the refiner is not even built
     code, out, err = cli("search", zs_index, "a red screen", "--refiner-cfg", tmp_path / "refiner.yaml", "--json")
     assert code == 0 and json.loads(out)["mode"]["stage3"] == "off"
+
+
+def test_queries_file_json_lines_equal_single_searches(cli, zs_index, tmp_path):
+    qfile = tmp_path / "queries.txt"
+    qfile.write_text("a red screen\n\n  a   gray screen \nblack\n", encoding="utf-8")
+    code, out, err = cli("search", zs_index, "--queries-file", qfile, "--json", "--top-k", "3")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [d["line"] for d in lines] == [1, 3, 4]
+    assert [d["query"] for d in lines] == ["a red screen", "a gray screen", "black"]
+    for d in lines:
+        code, one, err = cli("search", zs_index, d["query"], "--json", "--top-k", "3")
+        assert code == 0, err
+        single = json.loads(one)
+        assert d["stage1"] == single["stage1"]
+        assert [(m["vid"], m["start"], m["end"]) for m in d["moments"]] == \
+            [(m["vid"], m["start"], m["end"]) for m in single["moments"]]
+        np.testing.assert_allclose([m["score"] for m in d["moments"]], [m["score"] for m in single["moments"]],
+                                   rtol=1e-6)
+    code, out, err = cli("search", zs_index, "--queries-file", qfile, "--top-k", "2")
+    assert code == 0, err
+    assert "3 queries from" in out and 'line 3: "a gray screen"' in out
+
+
+@pytest.mark.parametrize("content, message", [(None, "queries file not found"),
+                                              ("\n  \n", "the queries file has no query")])
+def test_queries_file_errors_name_the_file(cli, zs_index, tmp_path, content, message):
+    qfile = tmp_path / "q.txt"
+    if content is not None:
+        qfile.write_text(content, encoding="utf-8")
+    code, out, err = cli("search", zs_index, "--queries-file", qfile)
+    assert code == 1 and out == ""
+    assert str(qfile) in err and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_queries_file_and_query_are_exclusive(cli, zs_index, tmp_path):
+    qfile = tmp_path / "q.txt"
+    qfile.write_text("x\n", encoding="utf-8")
+    code, _, err = cli("search", zs_index, "a query", "--queries-file", qfile)
+    assert code == 1 and "either QUERY or --queries-file" in err
