@@ -85,6 +85,57 @@ def install_shims(official_dir: str) -> None:
         sys.modules["torch.utils.tensorboard"] = stub
 
 
+MESM_SHIMS = (
+    "Tensor.to / Module.to with a CUDA device are no-ops without CUDA (MESM.CLIP_encode_text moves "
+    "the text tower and the token ids to 'cuda' whenever they are on the CPU)",
+    "the official CLIP text tower runs in float32 (convert_weights is skipped and its dtype is "
+    "float32; the official code casts it to fp16, which on a GPU is fast and on a CPU is slow and "
+    "rounds the word features at 1e-3, so the two codes could not be compared at 1e-5); our tower "
+    "always runs in float32",
+    "NLTK_DATA points at the bench's nltk_data folder (the averaged-perceptron tagger data written "
+    "from the model our package uses), so nltk.pos_tag in MESM's tokenizer runs offline",
+)
+
+
+def install_mesm_shims(official_dir: str, tagger_dir: str) -> None:
+    """:func:`install_shims` plus :data:`MESM_SHIMS` (before the official code is imported)."""
+    os.environ["NLTK_DATA"] = os.path.abspath(tagger_dir)
+    import nltk  # the official tokenizer's dependency; an nltk imported earlier read NLTK_DATA already
+
+    if os.path.abspath(tagger_dir) not in nltk.data.path:
+        nltk.data.path.insert(0, os.path.abspath(tagger_dir))
+    install_shims(official_dir)
+    if torch.cuda.is_available():
+        return
+
+    def is_cuda(args: Any, kwargs: Any) -> bool:
+        dev = kwargs.get("device", args[0] if args else None)
+        return (isinstance(dev, str) and dev.startswith("cuda")) or (
+            isinstance(dev, torch.device) and dev.type == "cuda")
+
+    tensor_to, module_to = torch.Tensor.to, torch.nn.Module.to
+
+    def t_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self if is_cuda(args, kwargs) else tensor_to(self, *args, **kwargs)
+
+    def m_to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        return self if is_cuda(args, kwargs) else module_to(self, *args, **kwargs)
+
+    torch.Tensor.to = t_to  # type: ignore[method-assign]
+    torch.nn.Module.to = m_to  # type: ignore[method-assign]
+    import model.text_encoder as text_encoder
+    import runner
+
+    text_encoder.CLIPTextEncoder.dtype = property(lambda self: torch.float32)  # type: ignore[assignment]
+    runner.convert_weights = lambda model: None
+
+
+def without_text_encoder(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The official checkpoint's ``model`` entry: every key containing ``text_encoder`` dropped
+    (``state_dict_without_module``)."""
+    return {k: v for k, v in state.items() if "text_encoder" not in k}
+
+
 def install_eval_shims() -> None:
     """The evaluation shims of the module doc (after ``install_shims``)."""
     import standalone_eval.eval as official_eval
@@ -111,7 +162,7 @@ def install_eval_shims() -> None:
 
 
 def _brief(metrics: Dict[str, Any]) -> Dict[str, float]:
-    return {k: float(v) for k, v in metrics["brief"].items()}
+    return {k: float(v) for k, v in metrics["brief"].items() if v is not None}  # MESM: None for an empty range
 
 
 def train_and_test(official_dir: str, argv: List[str], test_path: str, eval_batch_sizes: List[int],
@@ -167,11 +218,88 @@ def train_and_test(official_dir: str, argv: List[str], test_path: str, eval_batc
         json.dump(summary, f, indent=1)
 
 
+def train_and_test_mesm(official_dir: str, tagger_dir: str, argv: List[str], test_ann_path: str,
+                        out_json: str) -> None:
+    """Train with the official MESM ``train.py`` (``argv`` = its command line, QVHighlights
+    options), then evaluate its best checkpoint (``model_val_best.ckpt``, selected on val by
+    MR-full-mAP every ``--eval_epoch_interval`` epochs) on ``test_ann_path/highlight_val_release.jsonl``
+    with the official ``eval_epoch``, as the official evaluation runs: items grouped by video,
+    ``--eval_batch_size`` items per batch, the loader shuffled (MESM's reader keeps labels for a
+    split named val only; its evaluation at batch size 1 raises, the negative pass having no other
+    video to pair with).
+
+    Writes ``{train_seconds, train_samples, epochs, ckpt, test: {eval_batch_size: brief metrics}}``.
+    """
+    install_mesm_shims(official_dir, tagger_dir)
+    os.chdir(official_dir)  # BaseOptions.parse copies model/*.py by relative path
+    import eval as official_eval
+    import train as official_train
+    from dataset import QVHighlightsDataset, collate_qvh
+    from torch.utils.data import DataLoader
+    from utils import merge_state_dict_with_module
+
+    compute_ap = official_eval.compute_mr_ap
+
+    def mr_ap(*args: Any, **kwargs: Any) -> Any:
+        kwargs["num_workers"] = 1
+        return compute_ap(*args, **kwargs)
+
+    official_eval.compute_mr_ap = mr_ap
+    seconds = [0.0]
+    original_epoch = official_train.train_epoch
+
+    def timed_epoch(*args: Any, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        original_epoch(*args, **kwargs)
+        seconds[0] += time.perf_counter() - t0
+
+    official_train.train_epoch = timed_epoch
+    options = official_train.BaseOptions
+    parsed: Dict[str, Any] = {}
+    parse = options.parse
+
+    def keep_opt(self: Any) -> Any:
+        parsed["opt"] = parse(self)
+        return parsed["opt"]
+
+    options.parse = keep_opt
+    sys.argv = ["train.py"] + list(argv)
+    official_train.train()
+    opt = parsed["opt"]
+    best = opt.ckpt_filepath.replace(".ckpt", "_val_best.ckpt")
+    with open(os.path.join(opt.ann_path, "highlight_train_release.jsonl")) as f:
+        n_train = sum(1 for line in f if line.strip())
+    ckpt = torch.load(best, map_location="cpu")
+    model = official_train.build_model(ckpt["opt"])
+    model.load_state_dict(merge_state_dict_with_module(ckpt["model"], model.text_encoder.state_dict(),
+                                                       "text_encoder"))
+    test_set = QVHighlightsDataset(
+        ann_path=test_ann_path, feat_files=opt.feat_files, split="val", use_tef=opt.use_tef, clip_len=opt.clip_len,
+        max_words_l=opt.max_words_l, max_video_l=opt.max_video_l, tokenizer_type=opt.tokenizer_type,
+        load_vocab_pkl=opt.load_vocab_pkl, bpe_path=opt.bpe_path, vocab=None, normalize_video=opt.normalize_video,
+        contra_samples=opt.contra_samples, recfw=False, vocab_size=opt.vocab_size, max_windows=opt.max_windows,
+        max_gather_size=opt.max_gather_size)
+    loader = DataLoader(test_set, collate_fn=collate_qvh, batch_size=opt.eval_batch_size, num_workers=0,
+                        shuffle=True)
+    with torch.no_grad():
+        metrics, _, _, _ = official_eval.eval_epoch(model, loader, opt, "test_preds.jsonl")
+    epochs = int(opt.n_epoch)
+    summary = {"train_seconds": seconds[0], "train_samples": n_train * epochs, "epochs": epochs,
+               "best_epoch": int(ckpt["epoch"]), "ckpt": best, "test": {str(opt.eval_batch_size): _brief(metrics)}}
+    with open(out_json, "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 def main(argv: List[str]) -> int:
-    """``python official_runtime.py train OFFICIAL_DIR TEST_JSONL BSZ[,BSZ] OUT_JSON -- ARGV...``"""
-    if len(argv) < 6 or argv[0] != "train" or argv[5] != "--":
+    """``python official_runtime.py train OFFICIAL_DIR TEST_JSONL BSZ[,BSZ] OUT_JSON -- ARGV...`` (QD-DETR) or
+    ``python official_runtime.py train-mesm OFFICIAL_DIR NLTK_DATA TEST_ANN_DIR OUT_JSON -- ARGV...`` (MESM)"""
+    if len(argv) < 6 or argv[0] not in ("train", "train-mesm") or argv[5] != "--":
         print(main.__doc__, file=sys.stderr)
         return 2
+    if argv[0] == "train-mesm":
+        _, official_dir, tagger_dir, test_dir, out_json, _sep, *rest = argv
+        train_and_test_mesm(official_dir, tagger_dir, rest, test_dir, out_json)
+        return 0
     _, official_dir, test_path, sizes, out_json, _sep, *rest = argv
     train_and_test(official_dir, rest, test_path, [int(s) for s in sizes.split(",")], out_json)
     return 0

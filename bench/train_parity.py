@@ -1,4 +1,9 @@
-"""Our QD-DETR training against the official QD-DETR code: one step side by side, and trained side by side.
+"""Our QD-DETR and MESM training against the official QD-DETR and MESM code: one step side by side, and
+trained side by side.
+
+The MESM side (``--official-mesm DIR``; ``bench/parity_mesm.py``, docs/parity.md) does the same
+with the official MESM code on the corpus written in MESM's layout; what follows describes the
+QD-DETR side.
 
 **Step check** (``--step-check``): one batch of real training items is built with the official
 ``StartEndDataset`` of the user's checkout and the same items with our dataset, and printed
@@ -41,6 +46,8 @@ that. The official code runs unmodified, with the device shims listed in
     python bench/train_parity.py --official-qd-detr DIR --train [--seeds 0 1 2] [--epochs 10]
         [--official-python PY] [--jobs 2] [--json OUT]
     python bench/train_parity.py make-qvh-sample --annotations ../shared/data/qvhighlights --out DIR
+    python bench/train_parity.py --official-mesm DIR --step-check [--corpus DIR] [--items 4] [--mesm-layout DIR]
+    python bench/train_parity.py --official-mesm DIR --train [--seeds 0 1 2] [--official-python PY] [--jobs 2]
 
 ``--corpus`` takes a demo corpus (``lavis-c2f make-demo-corpus``) or a QVHighlights-layout
 folder (``highlight_{train,val,test}_release.jsonl``, ``features/{slowfast,clip}_features``,
@@ -283,16 +290,21 @@ def our_dataset_config(recipe: Recipe, corpus: Corpus, seed: int, **overrides: A
 def our_project(recipe: Recipe, corpus: Corpus, seed: int, output_dir: str, variant: str) -> Dict[str, Any]:
     """The project YAML of one of our runs (``VARIANTS``)."""
     model_over, data_over = VARIANTS[variant]
-    r = recipe
     return {"model": our_model_config(recipe, corpus, **model_over),
             "datasets": {"c2f_qvh": our_dataset_config(recipe, corpus, seed, **data_over)},
-            "run": {"task": "c2f_moment_retrieval", "runner": "c2f_runner", "eval_protocol": "qvh",
-                    "agg_metric": "MR-full-mAP", "device": "cpu", "seed": seed, "output_dir": output_dir,
-                    "max_epoch": r.epochs, "init_lr": r.lr, "lr_sched": "c2f_step_lr", "lr_drop": r.lr_drop,
-                    "lr_gamma": 0.1, "weight_decay": r.wd, "weight_decay_scope": "all", "drop_last": False,
-                    "grad_clip": r.grad_clip, "batch_size_train": r.bsz, "batch_size_eval": r.eval_bsz,
-                    "num_workers": 0, "train_splits": ["train"], "valid_splits": ["val"], "val_interval": 5,
-                    "test_splits": ["test"], "progress": False}}
+            "run": our_run_config(recipe, seed, output_dir)}
+
+
+def our_run_config(r: Recipe, seed: int, output_dir: str) -> Dict[str, Any]:
+    """The ``run`` node of our runs: the recipe's schedule, the official conventions (weight decay
+    on every parameter, last partial batch kept), validation every 5 epochs."""
+    return {"task": "c2f_moment_retrieval", "runner": "c2f_runner", "eval_protocol": "qvh",
+            "agg_metric": "MR-full-mAP", "device": "cpu", "seed": seed, "output_dir": output_dir,
+            "max_epoch": r.epochs, "init_lr": r.lr, "lr_sched": "c2f_step_lr", "lr_drop": r.lr_drop,
+            "lr_gamma": 0.1, "weight_decay": r.wd, "weight_decay_scope": "all", "drop_last": False,
+            "grad_clip": r.grad_clip, "batch_size_train": r.bsz, "batch_size_eval": r.eval_bsz,
+            "num_workers": 0, "train_splits": ["train"], "valid_splits": ["val"], "val_interval": 5,
+            "test_splits": ["test"], "progress": False}
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -365,11 +377,16 @@ class DropoutReplay:
     (B, H, Lq, Lk)). :meth:`record` installs a dropout that draws ``rand >= p`` and keeps the
     mask with the layout of its site; :meth:`replay` installs one that takes the next mask,
     puts it in our layout and checks its shape.
+
+    ``crop_padding``: the official tensors may be longer than ours along a sequence (MESM pads
+    every text to ``max_words_l``, ours to the longest text of the batch); the mask is then cut
+    to our extent (the positions cut are padding, which no valid output reads).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, crop_padding: bool = False) -> None:
         self.masks: List[Tuple[str, torch.Tensor, float]] = []
         self.used = 0
+        self.crop_padding = crop_padding
         self._undo: List[Callable[[], None]] = []
 
     @staticmethod
@@ -377,12 +394,19 @@ class DropoutReplay:
         return x * mask.to(x.dtype) / (1.0 - p)
 
     @staticmethod
-    def to_ours(layout: str, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """An official mask in our layout (``layout``: batch_first | seq_first | heads)."""
+    def to_ours(layout: str, mask: torch.Tensor, shape: torch.Size, crop_padding: bool = False) -> torch.Tensor:
+        """An official mask in our layout (``layout``: batch_first | seq_first | heads), cut to
+        ``shape`` when ``crop_padding`` (class doc)."""
         if layout == "seq_first":
             mask = mask.transpose(0, 1)
         elif layout == "heads":
-            mask = mask.reshape(shape)
+            if crop_padding and len(shape) == 4 and mask.dim() == 3 and mask.shape[0] == shape[0] * shape[1]:
+                mask = mask.reshape(shape[0], shape[1], *mask.shape[1:])
+            else:
+                mask = mask.reshape(shape)
+        if (crop_padding and mask.dim() == len(shape) and tuple(mask.shape) != tuple(shape)
+                and all(m >= s for m, s in zip(mask.shape, shape))):
+            mask = mask[tuple(slice(0, s) for s in shape)]
         if tuple(mask.shape) != tuple(shape):
             raise RuntimeError(f"dropout site mismatch: official mask {tuple(mask.shape)} ({layout}) "
                                f"for our tensor {tuple(shape)}")
@@ -397,10 +421,13 @@ class DropoutReplay:
         while self._undo:
             self._undo.pop()()
 
-    def record(self, official_model: torch.nn.Module, attention_module: Any) -> None:
+    def record(self, official_model: torch.nn.Module, attention_module: Any,
+               seq_first: Sequence[str] = ("transformer",)) -> None:
+        """Record the masks of ``official_model``; ``seq_first``: its submodules whose tensors
+        are sequence-first (QD-DETR: the transformer; MESM also its T2V-style encoders)."""
         import torch.nn.functional as F
 
-        in_transformer = {id(m) for m in official_model.transformer.modules()}
+        in_transformer = {id(m) for name in seq_first for m in getattr(official_model, name).modules()}
         for module in official_model.modules():
             if isinstance(module, torch.nn.Dropout):
                 layout = "seq_first" if id(module) in in_transformer else "batch_first"
@@ -442,7 +469,7 @@ class DropoutReplay:
             self.used += 1
             if abs(p_off - p) > 1e-12:
                 raise RuntimeError(f"dropout rate mismatch at site {self.used}: official {p_off}, ours {p}")
-            return self.apply(x, self.to_ours(layout, mask, x.shape), p)
+            return self.apply(x, self.to_ours(layout, mask, x.shape, self.crop_padding), p)
 
         self._patch(F, "dropout", dropout)
 
@@ -462,6 +489,61 @@ def _fmt(v: Any) -> str:
 
 def _row(label: str, official: Any, ours: Any, ok: bool) -> str:
     return f"  {label:<22} official {_fmt(official):<34} ours {_fmt(ours):<34} {'' if ok else '<< DIFFERS'}"
+
+
+def compare_span_labels(official: torch.Tensor, ours: torch.Tensor, n_windows: int, max_windows: int
+                        ) -> Tuple[bool, bool]:
+    """Print one item's span labels side by side; returns (ok, random): with more than
+    ``max_windows`` windows both codes keep a random subset (only the shapes must agree here;
+    :func:`compare_random_labels` compares the subsets), else equal to 1e-6."""
+    if n_windows > max_windows:
+        ok = official.shape == ours.shape
+        print(_row("span labels (random)", f"{tuple(official.shape)} subset", f"{tuple(ours.shape)} subset", ok))
+        return ok, True
+    ok = official.shape == ours.shape and float((official - ours).abs().max()) <= 1e-6
+    print(_row("span labels (cx, w)", official, ours, ok))
+    return ok, False
+
+
+def compare_item_labels(tag: str, official_spans: torch.Tensor, our_spans: torch.Tensor, n_windows: int,
+                        max_windows: int, hard: Sequence[Tuple[str, int, int]]) -> Tuple[List[str], bool]:
+    """One item's span labels (:func:`compare_span_labels`) and hard saliency labels (``(name,
+    official, ours)``, exact), printed; returns (what differs, prefixed with ``tag``; whether the
+    span labels are a random subset)."""
+    ok, is_random = compare_span_labels(official_spans, our_spans, n_windows, max_windows)
+    failures = [] if ok else [f"{tag} span labels"]
+    for name, a, b in hard:
+        print(_row(name, a, b, a == b))
+        if a != b:
+            failures.append(f"{tag} {name}")
+    return failures, is_random
+
+
+Draw = Callable[[int], Sequence[Any]]
+
+
+def compare_random_labels(off_draw: Draw, our_draw: Draw, n_draws: int,
+                          this_batch: Optional[Dict[str, Tuple[int, int]]] = None,
+                          off_windows: Optional[Draw] = None, our_windows: Optional[Draw] = None) -> List[str]:
+    """One item's random labels by distribution (:func:`same_distribution` over ``n_draws`` seeded
+    draws per side): easy positive/negative (``*_draw(k)`` returns ``[("easy positive", clip),
+    ("easy negative", clip)]``) and, when given, the kept windows. Prints a row each; returns the
+    names that differ."""
+    off_counts, our_counts = draw_support(off_draw, n_draws), draw_support(our_draw, n_draws)
+    failures = []
+    for name in ("easy positive", "easy negative"):
+        ok, why = same_distribution({v: c for (kind, v), c in our_counts.items() if kind == name},
+                                    {v: c for (kind, v), c in off_counts.items() if kind == name})
+        now = "" if this_batch is None else f"this batch: official {this_batch[name][0]}, ours {this_batch[name][1]}; "
+        print(f"  {name:<22} {now}{n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
+        if not ok:
+            failures.append(f"{name} distribution")
+    if off_windows is not None and our_windows is not None:
+        ok, why = same_distribution(draw_support(our_windows, n_draws), draw_support(off_windows, n_draws))
+        print(f"  {'kept windows':<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
+        if not ok:
+            failures.append("window subset distribution")
+    return failures
 
 
 def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_size: int, seed: int,
@@ -533,21 +615,13 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
         meta, rec = off_meta[i], our_ds.records[i]
         ctx_l = int(off_inputs["src_vid_mask"][i].sum())
         print(f" item {i} qid {meta['qid']} vid {meta['vid']} clips {ctx_l} windows {len(meta['relevant_windows'])}")
-        o_sp, u_sp = off_targets["span_labels"][i]["spans"], ours["span_labels"][i]
-        if len(meta["relevant_windows"]) > recipe.max_windows:
+        bad, is_random = compare_item_labels(
+            f"item {i}", off_targets["span_labels"][i]["spans"], ours["span_labels"][i], len(meta["relevant_windows"]),
+            recipe.max_windows, [(name, int(off_targets[key][i, 0]), int(ours[key][i, 0])) for name, key in
+                                 (("hard positive", "saliency_pos_labels"), ("hard negative", "saliency_neg_labels"))])
+        failures += bad
+        if is_random:
             random_windows.append(i)
-            ok = o_sp.shape == u_sp.shape
-            print(_row("span labels (random)", f"{tuple(o_sp.shape)} subset", f"{tuple(u_sp.shape)} subset", ok))
-        else:
-            ok = o_sp.shape == u_sp.shape and float((o_sp - u_sp).abs().max()) <= 1e-6
-            print(_row("span labels (cx, w)", o_sp, u_sp, ok))
-        if not ok:
-            failures.append(f"item {i} span labels")
-        for name, col, key in (("hard positive", 0, "saliency_pos_labels"), ("hard negative", 0, "saliency_neg_labels")):
-            a, b = int(off_targets[key][i, col]), int(ours[key][i, col])
-            print(_row(name, a, b, a == b))
-            if a != b:
-                failures.append(f"item {i} {name}")
         a_all = off_targets["saliency_all_labels"][i, :ctx_l]
         b_all = ours["saliency_all_labels"][i, :ctx_l]
         ok = torch.equal(a_all, b_all.to(a_all.dtype))
@@ -570,32 +644,24 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
             return [("easy positive", int(lab["saliency_pos_labels"][1])),
                     ("easy negative", int(lab["saliency_neg_labels"][1]))]
 
-        off_counts, our_counts = draw_support(off_draw, n_draws), draw_support(our_draw, n_draws)
-        for col, name in ((1, "easy positive"), (1, "easy negative")):
-            key = "saliency_pos_labels" if name == "easy positive" else "saliency_neg_labels"
-            ok, why = same_distribution({v: c for (kind, v), c in our_counts.items() if kind == name},
-                                        {v: c for (kind, v), c in off_counts.items() if kind == name})
-            print(f"  {name:<22} this batch: official {int(off_targets[key][i, col])}, ours {int(ours[key][i, col])}; "
-                  f"{n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
-            if not ok:
-                failures.append(f"item {i} {name} distribution")
-        if i in random_windows:
-            windows = [tuple(w) for w in row["relevant_windows"]]
+        windows = [tuple(w) for w in row["relevant_windows"]]
 
-            def off_win(k: int) -> List[Tuple[float, float]]:
-                random.seed(k)
-                return [tuple(round(x, 4) for x in w) for w in
-                        off_ds.get_span_labels(list(windows), ctx_l).tolist()]
+        def off_win(k: int) -> List[Tuple[float, float]]:
+            random.seed(k)
+            return [tuple(round(x, 4) for x in w) for w in
+                    off_ds.get_span_labels(list(windows), ctx_l).tolist()]
 
-            def our_win(k: int) -> List[Tuple[float, float]]:
-                our_ds.set_epoch(k)
-                return [tuple(round(x, 4) for x in w) for w in
-                        our_ds.labels(rec, ctx_l, our_ds.rng_for(i))["span_labels"].tolist()]
+        def our_win(k: int) -> List[Tuple[float, float]]:
+            our_ds.set_epoch(k)
+            return [tuple(round(x, 4) for x in w) for w in
+                    our_ds.labels(rec, ctx_l, our_ds.rng_for(i))["span_labels"].tolist()]
 
-            ok, why = same_distribution(draw_support(our_win, n_draws), draw_support(off_win, n_draws))
-            print(f"  {'kept windows':<22} {n_draws} draws each: {'same distribution' if ok else 'DIFFERENT'} ({why})")
-            if not ok:
-                failures.append(f"item {i} window subset distribution")
+        this_batch = {name: (int(off_targets[key][i, 1]), int(ours[key][i, 1]))
+                      for name, key in (("easy positive", "saliency_pos_labels"),
+                                        ("easy negative", "saliency_neg_labels"))}
+        random_rows = (off_win, our_win) if i in random_windows else (None, None)
+        failures += [f"item {i} {name}" for name in compare_random_labels(off_draw, our_draw, n_draws, this_batch,
+                                                                          *random_rows)]
     our_ds.set_epoch(0)
 
     # ---- one training step from the same weights, on the same batch
@@ -630,22 +696,10 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
     print(f"\n== one training step (batch {n}, official initialisation with seed {seed}; dropout: {replay.used} "
           f"of {len(replay.masks)} official masks replayed, the rest belong to the official negative-pair "
           "pass's decoder, whose outputs the official code discards) ==")
-    max_loss = 0.0
-    keys = [k for k in off_losses if k in our_losses]
-    for k in keys + ["weighted total"]:
-        a = float((off_total if k == "weighted total" else off_losses[k]).detach())
-        b = float((our_losses["loss"] if k == "weighted total" else our_losses[k]).detach())
-        d = rel_diff(b, a)
-        max_loss = max(max_loss, d)
-        print(f"  {k:<22} official {a:>12.6f}   ours {b:>12.6f}   rel diff {d:.2e}{'' if d <= TOL else '  << DIFFERS'}")
+    max_loss = print_losses([k for k in off_losses if k in our_losses], off_losses, off_total, our_losses)
     off_params = dict(off_model.named_parameters())
     ours_grads = {name: p.grad for name, p in model.detr.named_parameters()}
-    off_grads = {name: off_params[name].grad for name in ours_grads}
-    max_grad, table = grad_differences(ours_grads, off_grads)
-    print(f"  gradients: {sum(g is not None for g in ours_grads.values())} parameter tensors; largest differences "
-          "(max |ours - official| / max(max |official|, 1e-4 x the largest official gradient entry)):")
-    for name, d, diff, scale in table[:5]:
-        print(f"    {name:<52} rel {d:.2e}  (max |diff| {diff:.2e}, max |official| {scale:.2e})")
+    max_grad = print_gradients(ours_grads, {name: off_params[name].grad for name in ours_grads}, "")
     if failures:
         print(f"\nlabels that differ: {failures}")
     status = 0 if not failures and max_loss <= TOL and max_grad <= TOL else 1
@@ -654,13 +708,41 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
     return status
 
 
+def print_losses(keys: Sequence[str], official: Dict[str, torch.Tensor], official_total: torch.Tensor,
+                 ours: Dict[str, torch.Tensor]) -> float:
+    """Print the loss terms ``keys`` and the weighted total (ours: ``ours["loss"]``) side by side;
+    returns the largest relative difference."""
+    worst = 0.0
+    for k in list(keys) + ["weighted total"]:
+        a = float((official_total if k == "weighted total" else official[k]).detach())
+        b = float((ours["loss"] if k == "weighted total" else ours[k]).detach())
+        d = rel_diff(b, a)
+        worst = max(worst, d)
+        print(f"  {k:<22} official {a:>12.6f}   ours {b:>12.6f}   rel diff {d:.2e}{'' if d <= TOL else '  << DIFFERS'}")
+    return worst
+
+
+def print_gradients(ours: Dict[str, Optional[torch.Tensor]], official: Dict[str, Optional[torch.Tensor]],
+                    note: str) -> float:
+    """Print the largest per-tensor gradient differences (:func:`grad_differences`); returns the
+    largest."""
+    worst, table = grad_differences(ours, official)
+    print(f"  gradients: {sum(g is not None for g in ours.values())} parameter tensors{note}; largest differences "
+          "(max |ours - official| / max(max |official|, 1e-4 x the largest official gradient entry)):")
+    for name, d, diff, scale in table[:5]:
+        print(f"    {name:<52} rel {d:.2e}  (max |diff| {diff:.2e}, max |official| {scale:.2e})")
+    return worst
+
+
 # --------------------------------------------------------------------------- train parity
 
 
-def train_ours(config_path: str, eval_bsz: int, out_json: str) -> None:
+def train_ours(config_path: str, eval_bsz: int, out_json: str, official_eval: Optional[Dict[str, Any]] = None
+               ) -> None:
     """Our side of one training run (run in a child process): ``train.py`` as a user runs it, with
     the training epochs timed, then the best checkpoint also evaluated with the official
-    evaluation batching."""
+    evaluation batching (``official_eval``: model config entries set for that evaluation; default
+    the official T2V mask)."""
     from lavis_c2f.launch import build, parse_args
 
     torch.set_num_threads(1)
@@ -678,11 +760,12 @@ def train_ours(config_path: str, eval_bsz: int, out_json: str) -> None:
     task.train_epoch = timed
     summary = runner.train()
     correct = summary["test"]["test"]
-    runner.unwrapped_model.config["eval_t2v_mask_mode"] = "official"
+    runner.unwrapped_model.config.update(official_eval or {"eval_t2v_mask_mode": "official"})
     runner.run_cfg.batch_size_eval = eval_bsz
     batched = runner.evaluate(cur_epoch="best")["test"]
     keep = lambda m: {k: float(v) for k, v in m.items() if k.startswith(("MR-", "HL-")) and v is not None}  # noqa: E731
-    n_train = len(datasets["c2f_qvh"]["train"]) if "c2f_qvh" in datasets else None
+    train_set = datasets["c2f_qvh"]["train"] if "c2f_qvh" in datasets else None
+    n_train = len(getattr(train_set, "records", train_set)) if train_set is not None else None  # queries
     epochs = int(cfg.run_cfg.max_epoch)
     with open(out_json, "w") as f:
         json.dump({"train_seconds": seconds[0], "train_samples": (n_train or 0) * epochs, "epochs": epochs,
@@ -767,36 +850,44 @@ def parity_table(jobs: List[Job], eval_bsz: int) -> Tuple[str, List[Dict[str, An
     return "\n".join(lines), rows
 
 
+def job_envs() -> Tuple[Dict[str, str], Dict[str, str]]:
+    """Environments of the training processes: ours (one thread, this checkout first on the path)
+    and the official code's (one thread, NumPy's scalar sorts: :func:`lavis_c2f.ops.argsort.scalar_sort_env`)."""
+    from lavis_c2f.ops.argsort import scalar_sort_env
+
+    base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+                TOKENIZERS_PARALLELISM="false")
+    return dict(base, PYTHONPATH=ROOT), scalar_sort_env(base)
+
+
+def job_paths(work: str, name: str) -> Tuple[str, str, str]:
+    """(folder, result JSON, log) of one run under ``work`` (the folder is created)."""
+    d = os.path.join(work, name)
+    os.makedirs(d, exist_ok=True)
+    return d, os.path.join(d, "result.json"), os.path.join(d, "log.txt")
+
+
 def train_parity(official_dir: str, corpus: Corpus, recipe: Recipe, seeds: Sequence[int], official_python: str,
                  parallel: int, work: str, variants: Sequence[str]) -> Tuple[str, List[Dict[str, Any]]]:
     import yaml
 
     os.makedirs(work, exist_ok=True)
-    base_env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-                    TOKENIZERS_PARALLELISM="false")
-    from lavis_c2f.ops.argsort import scalar_sort_env
-
-    off_env = scalar_sort_env(base_env)
+    base_env, off_env = job_envs()
     jobs: List[Job] = []
     for seed in seeds:
-        d = os.path.join(work, f"official_seed{seed}")
-        os.makedirs(d, exist_ok=True)
-        out = os.path.join(d, "result.json")
+        d, out, log = job_paths(work, f"official_seed{seed}")
         cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train", official_dir,
                corpus.annotations["test"], f"1,{recipe.eval_bsz}", out, "--",
                *official_argv(recipe, corpus, seed, os.path.join(d, "results"))]
-        jobs.append(Job("official QD-DETR", "official defaults", seed, cmd, off_env, out, os.path.join(d, "log.txt")))
+        jobs.append(Job("official QD-DETR", "official defaults", seed, cmd, off_env, out, log))
         for variant in variants:
             tag = variant.split(" (")[0].replace(" ", "_").replace("-", "_")
-            d = os.path.join(work, f"ours_{tag}_seed{seed}")
-            os.makedirs(d, exist_ok=True)
+            d, out, log = job_paths(work, f"ours_{tag}_seed{seed}")
             cfg_path = os.path.join(d, "project.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(our_project(recipe, corpus, seed, os.path.join(d, "output"), variant), f)
-            out = os.path.join(d, "result.json")
             cmd = [sys.executable, os.path.abspath(__file__), "_ours-train", cfg_path, str(recipe.eval_bsz), out]
-            jobs.append(Job("ours QD-DETR", variant, seed, cmd, dict(base_env, PYTHONPATH=ROOT), out,
-                            os.path.join(d, "log.txt")))
+            jobs.append(Job("ours QD-DETR", variant, seed, cmd, base_env, out, log))
     order = ["official defaults"] + list(variants)
     jobs.sort(key=lambda j: (order.index(j.variant), j.seed))  # the headline rows first
     print(f"train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
@@ -820,7 +911,7 @@ def _reexec_with_scalar_sort() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_ours-train"]:
-        train_ours(argv[1], int(argv[2]), argv[3])
+        train_ours(argv[1], int(argv[2]), argv[3], json.loads(argv[4]) if len(argv) > 4 else None)
         return 0
     if argv[:1] == ["make-qvh-sample"]:
         p = argparse.ArgumentParser(prog="train_parity.py make-qvh-sample")
@@ -836,7 +927,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--official-qd-detr", required=True, metavar="DIR", help="a checkout of the official QD-DETR code")
+    p.add_argument("--official-qd-detr", metavar="DIR", help="a checkout of the official QD-DETR code")
+    p.add_argument("--official-mesm", metavar="DIR", help="a checkout of the official MESM code")
+    p.add_argument("--mesm-layout", default=None, metavar="DIR",
+                   help="where the corpus is written in MESM's layout (default: a folder of the corpus name "
+                        "under the system temp folder; files already there are reused)")
+    p.add_argument("--items", type=int, default=4, help="MESM step check: training items (videos)")
+    p.add_argument("--mesm-bsz", type=int, default=None, help="MESM training batch in items (default: MesmRecipe)")
+    p.add_argument("--our-model", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="MESM step check: set these entries of our model config (YAML values), e.g. "
+                        "ss_group_video=own, to see what the check reports for a variant")
+    p.add_argument("--no-dropout", action="store_true",
+                   help="MESM step check without dropout (diagnosis: computation vs dropout sites)")
     p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
     p.add_argument("--step-check", action="store_true")
     p.add_argument("--train", action="store_true", help="the three-seed train-parity table")
@@ -856,18 +958,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if not (a.step_check or a.train):
         p.error("nothing to do: give --step-check and/or --train")
+    if not (a.official_qd_detr or a.official_mesm):
+        p.error("give --official-qd-detr DIR and/or --official-mesm DIR")
     if a.step_check:
         _reexec_with_scalar_sort()
-    official = os.path.abspath(a.official_qd_detr)
-    if not os.path.isfile(os.path.join(official, "qd_detr", "start_end_dataset.py")):
-        p.error(f"--official-qd-detr {official}: no qd_detr/start_end_dataset.py there")
     recipe = Recipe() if a.epochs is None else Recipe(epochs=a.epochs)
     recipe.check()
     corpus = detect_corpus(a.corpus or default_demo_corpus())
-    print(f"corpus: {corpus.root} ({corpus.layout} layout); official code: {official}")
-    print("official code shims (bench/official_runtime.py): " + "; ".join(official_runtime.SHIMS))
     status = 0
     report: Dict[str, Any] = {"recipe": asdict(recipe), "corpus": corpus.root}
+    if a.official_mesm:
+        status = max(status, _mesm_main(a, p, corpus, report))
+    if not a.official_qd_detr:
+        return _write_report(a.json, report, status)
+    official = os.path.abspath(a.official_qd_detr)
+    if not os.path.isfile(os.path.join(official, "qd_detr", "start_end_dataset.py")):
+        p.error(f"--official-qd-detr {official}: no qd_detr/start_end_dataset.py there")
+    print(f"corpus: {corpus.root} ({corpus.layout} layout); official code: {official}")
+    print("official code shims (bench/official_runtime.py): " + "; ".join(official_runtime.SHIMS))
     if a.step_check:
         status = step_check_qd_detr(official, corpus, recipe, a.batch_size, a.seed, a.draws,
                                     a.our_tie_break)
@@ -876,9 +984,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         table, rows = train_parity(official, corpus, recipe, a.seeds, a.official_python, a.jobs, work, a.variants)
         print(f"\nrecipe: {asdict(recipe)}\n\n{table}")
         report["train"] = rows
-    if a.json:
-        with open(a.json, "w") as f:
+    return _write_report(a.json, report, status)
+
+
+def _write_report(path: Optional[str], report: Dict[str, Any], status: int) -> int:
+    if path:
+        with open(path, "w") as f:
             json.dump(report, f, indent=1)
+    return status
+
+
+def _mesm_main(a: argparse.Namespace, p: argparse.ArgumentParser, corpus: Corpus, report: Dict[str, Any]) -> int:
+    """The ``--official-mesm`` part of :func:`main`."""
+    import parity_mesm
+
+    official = os.path.abspath(a.official_mesm)
+    if not os.path.isfile(os.path.join(official, "dataset", "qvhighlights.py")):
+        p.error(f"--official-mesm {official}: no dataset/qvhighlights.py there")
+    recipe = parity_mesm.MesmRecipe(**{k: v for k, v in (("epochs", a.epochs), ("bsz", a.mesm_bsz)) if v is not None})
+    recipe.check()
+    where = a.mesm_layout or os.path.join(tempfile.gettempdir(), "train_parity_mesm",
+                                          os.path.basename(os.path.normpath(corpus.root)))
+    layout = parity_mesm.write_mesm_layout(corpus, where, recipe.tower_width, recipe.tower_layers)
+    print(f"corpus: {corpus.root} ({corpus.layout} layout), in MESM's layout at {layout.root}; official MESM: {official}")
+    print("official code shims (bench/official_runtime.py): "
+          + "; ".join(official_runtime.SHIMS[:3] + official_runtime.MESM_SHIMS))
+    status = 0
+    report["mesm_recipe"] = asdict(recipe)
+    if a.step_check:
+        import yaml
+
+        bad = [kv for kv in a.our_model if "=" not in kv]
+        if bad:
+            p.error(f"--our-model takes KEY=VALUE, got {bad}")
+        our_model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.our_model)}
+        status = parity_mesm.step_check_mesm(official, layout, recipe, a.items, a.seed, a.draws, not a.no_dropout,
+                                             our_model)
+    if a.train:
+        work = a.work or tempfile.mkdtemp(prefix="train_parity_mesm_")
+        table, rows = parity_mesm.train_parity_mesm(official, layout, recipe, a.seeds, a.official_python,
+                                                    a.jobs, work)
+        print(f"\nMESM recipe: {asdict(recipe)}\n\n{table}")
+        report["mesm_train"] = rows
     return status
 
 

@@ -225,9 +225,10 @@ class MESMQDDETR(QDDETR):
             self.ss_output_sent_proj = nn.Sequential(LinearLayer(d, d, input_dropout, relu=True),
                                                      LinearLayer(d, d, input_dropout, relu=False))
             self.ss_output_sent_proj.requires_grad_(False)
-            for p in self.ss_reconstructor.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+            # no Xavier reset here: MESM builds its reconstructor's layers directly (no
+            # _reset_parameters), so they keep PyTorch's default initialisation (attention
+            # in-projection Xavier, the linear layers U(+-1/sqrt(fan_in))), unlike the
+            # enhancement encoder and the QD-DETR transformer
 
     # ------------------------------------------------------------------ pieces
     def _enhance(self, vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode):

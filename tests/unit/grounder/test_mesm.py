@@ -213,3 +213,18 @@ def test_segment_sentence_loss_prefers_aligned_features():
     assert good < bad
     none = crit.loss_rec_ss(dict(aligned, ss_valid=torch.zeros(3, dtype=torch.bool)), moments, None)
     assert none["loss_rec_ss"].item() == 0.0
+
+
+def test_initialisation_follows_mesm():
+    """MESM resets its enhancement encoder with Xavier but leaves its sentence reconstructor at
+    PyTorch's defaults (linear layers U(+-1/sqrt(fan_in)); attention in-projection Xavier)."""
+    torch.manual_seed(0)
+    detr = C2FMESMQDDETR.from_config(tiny_mesm_config(dim_feedforward=256)).detr.requires_grad_(False)
+    ss, fw = detr.ss_reconstructor.layers[0], detr.enhance_encoder.layers[0]
+    for linear in (ss.linear1, ss.linear2, ss.self_attn.out_proj):
+        bound = linear.weight.shape[1] ** -0.5
+        assert float(linear.weight.abs().max()) <= bound
+        assert float(linear.weight.abs().max()) > 0.9 * bound
+    xavier = (6.0 / sum(fw.linear2.weight.shape)) ** 0.5  # (32, 256): wider than U(+-1/16)
+    assert fw.linear2.weight.shape[1] ** -0.5 < float(fw.linear2.weight.abs().max()) <= xavier
+    assert float(ss.self_attn.in_proj_weight.abs().max()) <= (6.0 / sum(ss.self_attn.in_proj_weight.shape)) ** 0.5

@@ -90,7 +90,10 @@ def test_two_stages_train_with_falling_loss(tmp_path, subprocess_env):
                   if stage == 1 else [sys.executable])
         out = subprocess.run(launch + [str(REPO / "train.py"), "--cfg-path", str(cfg)], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        # every rank's error lines first: the launcher's tail shows only the rank that noticed the crash
+        errors = "\n".join(ln for ln in out.stderr.splitlines()
+                            if "Error" in ln or "Killed" in ln or "signal" in ln.lower())[-4000:]
+        assert out.returncode == 0, errors + "\n--- tail ---\n" + out.stdout[-2000:] + out.stderr[-4000:]
         run_dir = tmp_path / f"stage{stage}" / "calce"
         losses = train_losses(run_dir)
         assert len(losses) == 4 and losses[-1] < losses[0], losses
