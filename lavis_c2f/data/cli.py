@@ -18,18 +18,19 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _param_overrides(pairs: Optional[List[str]]) -> Dict[str, Any]:
+def parse_param_overrides(pairs: Optional[List[str]], option: str = "--param") -> Dict[str, Any]:
+    """``KEY=VALUE`` strings (VALUE as JSON, else the string) -> a dict of demo corpus parameters."""
     out: Dict[str, Any] = {}
     for p in pairs or []:
         if "=" not in p:
-            raise ConfigError(f"--param expects KEY=VALUE, got {p!r}")
+            raise ConfigError(f"{option} expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
         out[k.strip()] = _parse_value(v.strip())
     return out
 
 
 def cmd_make_demo_corpus(args: argparse.Namespace) -> int:
-    overrides = _param_overrides(args.param)
+    overrides = parse_param_overrides(args.param)
     for name in ("seed", "n_videos", "video_dim", "text_dim"):
         v = getattr(args, name)
         if v is not None:

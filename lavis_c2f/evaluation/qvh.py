@@ -46,9 +46,10 @@ Deviations where the official code has no defined behaviour (it would crash):
 * Duplicate qids, windows with end < start and non-finite numbers raise
   :class:`DataFormatError` naming the file and line.
 * When several GT windows tie on IoU with a prediction in the mAP matching, the official
-  code matches them in the order of numpy's default (unstable) ``argsort()[::-1]``, which
-  depends on the numpy build and CPU; the same numpy call is made here on rows of the same
-  length, so both agree on any given machine.
+  code matches them in the order of numpy's default (unstable) ``argsort()[::-1]``; its pinned
+  NumPy sorts with the scalar introsort, whose order is reproduced here on every CPU
+  (:func:`lavis_c2f.ops.argsort.introsort_argsort_rows`; NumPy >= 1.25's own ``argsort``
+  orders ties differently on CPUs with AVX-512).
 
 Extras (with ``extras=True``; every official key and value is unchanged):
 ``brief["MR-full-R1@0.3"]``, ``brief["MR-full-mIoU"]`` (mean over queries of the IoU of the
@@ -71,6 +72,7 @@ from lavis_c2f.common.io import write_json
 from lavis_c2f.evaluation._rows import (QidMismatchError, RowChecker, _has_bool, iou_cross, iou_max_over_gt, iou_paired,
                                         load_rows, match_qids, pct, row_origin, thr_key)
 from lavis_c2f.evaluation.vcmr import evaluate_files as vcmr_files
+from lavis_c2f.ops.argsort import introsort_argsort_rows
 
 logger = logging.getLogger(__name__)
 
@@ -216,13 +218,14 @@ def detection_ap(pred_windows: Sequence[np.ndarray], gt_windows: Sequence[np.nda
     iou = np.where(gvalid[:, None, :], iou, -np.inf)            # padding never matches
     num_p, num_g, num_t = pw.shape[1], gw.shape[1], len(thr)
     # GT windows by descending IoU. The official code orders them with numpy's default
-    # ``argsort()[::-1]`` on the query's own M windows; the order of tied IoUs depends on
-    # numpy's sort for that row length (and CPU), so the same call is made here on rows of
-    # the same length M (grouping queries by M), never on padded rows.
+    # ``argsort()[::-1]`` on the query's own M windows, under its pinned NumPy (scalar
+    # introsort); NumPy >= 1.25 orders ties by CPU (AVX-512 or not), so the scalar order is
+    # computed here on every CPU (ops/argsort.py), on rows of the query's own length M
+    # (grouping queries by M), never on padded rows.
     order = np.broadcast_to(np.arange(num_g), iou.shape).copy()
     for m in np.unique(n_gt).astype(int):
         rows = np.nonzero(n_gt == m)[0]
-        order[rows, :, :m] = np.argsort(iou[rows, :, :m], axis=-1)[..., ::-1]
+        order[rows, :, :m] = introsort_argsort_rows(iou[rows, :, :m])[..., ::-1]
     iou_sorted = np.take_along_axis(iou, order, axis=-1)
     locked = np.zeros((q_count, num_t, num_g), dtype=bool)      # GT already matched
     tp = np.zeros((q_count, num_t, num_p), dtype=bool)

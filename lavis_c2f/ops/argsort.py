@@ -145,3 +145,25 @@ def introsort_argsort(values: Sequence[float]) -> np.ndarray:
         pl = stack.pop()
         cdepth = depths.pop()
     return np.asarray(idx, dtype=np.int64)
+
+
+def introsort_argsort_rows(values: np.ndarray) -> np.ndarray:
+    """:func:`introsort_argsort` along the last axis of ``values`` (..., N).
+
+    NumPy's scalar introsort insertion-sorts a range of at most ``SMALL_QUICKSORT + 1`` = 16
+    elements, which keeps ties in index order: rows that short are one vectorised stable argsort
+    (NaN last, as NumPy's comparison puts it). Longer rows go through :func:`introsort_argsort`
+    one by one (they must be free of NaN).
+
+    Returns:
+        int64 indices of the shape of ``values``.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    n = arr.shape[-1] if arr.ndim else 0
+    if n <= SMALL_QUICKSORT + 1:
+        return np.argsort(arr, axis=-1, kind="stable")
+    if np.isnan(arr).any():
+        raise ValueError("introsort_argsort_rows: rows longer than 16 must not hold NaN")
+    flat = arr.reshape(-1, n)
+    out = np.stack([introsort_argsort(row) for row in flat]) if len(flat) else np.zeros((0, n), dtype=np.int64)
+    return out.reshape(arr.shape)

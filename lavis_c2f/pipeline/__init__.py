@@ -12,6 +12,8 @@
   imports the refiner only when on).
 * :mod:`.quickstart`: the whole chain on the embedded demo corpus (``lavis-c2f quickstart``);
   :mod:`.quickstart_run`: the layout of its run directory, read and written there only.
+* :mod:`.expected`: the figures ``bench/reproducibility.py`` measured for the demo jobs (the
+  quickstart prints their range; the README shows them).
 * :mod:`.cli`: the sub-commands.
 
 :mod:`.quickstart` and :mod:`.cli` are commands (they run the LAVIS entry points of

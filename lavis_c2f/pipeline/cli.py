@@ -5,10 +5,13 @@ Registered by :mod:`lavis_c2f.cli` (``python -m lavis_c2f.cli COMMAND`` = ``lavi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import List
 
-from lavis_c2f.common.errors import DataFormatError
+from lavis_c2f.common.errors import ConfigError, DataFormatError
 from lavis_c2f.common.io import write_json
+from lavis_c2f.data.cli import parse_param_overrides
+from lavis_c2f.data.demo_corpus import DemoCorpusParams
 from lavis_c2f.evaluation._rows import load_rows
 from lavis_c2f.pipeline.fusion import tune_fusion
 from lavis_c2f.pipeline.merge import merge_stage1, read_video_list
@@ -47,9 +50,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     t = subparsers.add_parser(
         "tune-fusion", help="grid-search the stage-1/stage-2 fusion weight on validation candidates",
         description="Evaluate VCMR for each weight of the grid on a <split>_<epoch>_candidates.jsonl written by "
-                    "the c2f_corpus_moment_retrieval task (use the validation split), pick the best by --metric "
-                    "(ties: R@5 then R@10 at the same IoU, then the smaller weight) and write the choice to --out "
-                    "(JSON; give it to the task as run.fusion_file).")
+                    "the c2f_corpus_moment_retrieval task (use the validation split), score each weight by the mean "
+                    "of VCMR R@K (--recall-ks) at the IoU of --metric, averaged with its --smooth neighbours on the "
+                    "grid, pick the best (ties: the smaller weight) and write the choice to --out (JSON; give it to "
+                    "the task as run.fusion_file).")
     t.add_argument("--candidates", required=True, help="candidates jsonl of the validation split")
     t.add_argument("--out", required=True, help="output JSON (form, weight, s1_norm, grid)")
     t.add_argument("--form", default="product", choices=("product", "sum", "stage1"))
@@ -57,7 +61,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="comma-separated grid (default: 0,0.25,0.5,1,2,4,8 for product; 0,0.1,...,1 for sum)")
     t.add_argument("--s1-norm", default="zscore", choices=("zscore", "minmax", "rank"))
     t.add_argument("--max-moments", type=int, default=100)
-    t.add_argument("--metric", default="VCMR-R@1-IoU@0.5")
+    t.add_argument("--metric", default="VCMR-R@1-IoU@0.5", help="reported metric; its IoU is the score's IoU")
+    t.add_argument("--recall-ks", type=lambda x: [int(v) for v in _floats(x)], default=[1, 5, 10],
+                   help="comma-separated K of the VCMR R@K averaged into a weight's score (default 1,5,10)")
+    t.add_argument("--smooth", type=int, default=1,
+                   help="grid neighbours on each side averaged into a weight's score (default 1; --smooth 0 "
+                        "--recall-ks 1 is the plain best R@1, which jumps between equally good weights with noise: "
+                        "docs/reproducibility.md)")
     t.set_defaults(func=cmd_tune_fusion)
 
     q = subparsers.add_parser(
@@ -70,10 +80,16 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     q.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the demo models are small, and one thread avoids OpenMP "
                         "contention on a busy machine and keeps the numbers reproducible; 0 = torch's default)")
-    q.add_argument("--stage1-epochs", type=int, default=None, help="override the stage-1 epochs of the demo YAML")
-    q.add_argument("--stage2-epochs", type=int, default=None, help="override the stage-2 epochs of the demo YAML")
+    q.add_argument("--stage1-epochs", type=int, default=None,
+                   help="override the stage-1 epochs of the demo YAML (its lr milestones scaled alike)")
+    q.add_argument("--stage2-epochs", type=int, default=None,
+                   help="override the stage-2 epochs of the demo YAML (its lr milestones scaled alike)")
     q.add_argument("--n-videos", type=int, default=None, help="demo corpus size (default: the corpus default)")
+    q.add_argument("--corpus-param", action="append", metavar="KEY=VALUE", default=None,
+                   help="any other demo corpus parameter, VALUE as JSON (as make-demo-corpus --param; repeatable)")
     q.add_argument("--skip-untrained", action="store_true", help="leave out the untrained-model row")
+    q.add_argument("--seed", type=int, default=None,
+                   help="run.seed of both stages (default: the YAMLs' seed; the README's expected range covers seeds)")
     q.set_defaults(func=cmd_quickstart)
 
 
@@ -92,12 +108,13 @@ def cmd_tune_fusion(args: argparse.Namespace) -> int:
     rows = load_rows(args.candidates)
     _check_candidate_rows(rows)
     res = tune_fusion(rows, form=args.form, weights=args.weights, s1_norm=args.s1_norm,
-                      max_moments=args.max_moments, metric=args.metric)
+                      max_moments=args.max_moments, metric=args.metric, smooth=args.smooth,
+                      recall_ks=args.recall_ks)
     res["candidates"] = str(args.candidates)
     write_json(res, args.out)
     for g in res["grid"]:
         mark = "  <- best" if g["weight"] == res["weight"] else ""
-        print(f"weight {g['weight']:g}: {args.metric} = {g['metrics'][args.metric]}{mark}")
+        print(f"weight {g['weight']:g}: {args.metric} = {g['metrics'][args.metric]} (score {g['score']:g}){mark}")
     print(f"wrote {args.out}: form={res['form']} weight={res['weight']:g} s1_norm={res['s1_norm']}")
     return 0
 
@@ -124,7 +141,13 @@ def _check_candidate_rows(rows) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    corpus_params = parse_param_overrides(args.corpus_param, option="--corpus-param")
+    known = sorted(f.name for f in dataclasses.fields(DemoCorpusParams))
+    unknown = sorted(set(corpus_params) - set(known))
+    if unknown:
+        raise ConfigError(f"--corpus-param: unknown demo corpus parameter(s) {unknown}; known: {known}")
     run_quickstart(out=args.out, device=args.device, threads=args.threads, stage1_epochs=args.stage1_epochs,
                    stage2_epochs=args.stage2_epochs, n_videos=args.n_videos,
-                   include_untrained=not args.skip_untrained)
+                   include_untrained=not args.skip_untrained, seed=args.seed,
+                   corpus_params=corpus_params)
     return 0

@@ -42,6 +42,7 @@ from lavis_c2f.data.demo_corpus import make_demo_corpus
 from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.evaluation._rows import load_rows
 from lavis_c2f.paths import PROJECT_ROOT
+from lavis_c2f.pipeline.expected import expected_path, load_expected
 from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates, tune_fusion
 from lavis_c2f.pipeline.merge import merge_stage1
 from lavis_c2f.pipeline.quickstart_run import QuickstartRun
@@ -197,12 +198,58 @@ def format_table(rows: Sequence[tuple]) -> str:
     return "\n".join(out)
 
 
+def epoch_options(cfg_path: str, epochs: Optional[int]) -> List[str]:
+    """``--options`` that train ``cfg_path`` for ``epochs`` epochs with the same lr schedule shape:
+    ``run.max_epoch`` and, when the YAML has ``run.lr_milestones``, each milestone scaled by
+    ``epochs / max_epoch`` (rounded, at least 1). None: no options."""
+    if not epochs:
+        return []
+    run = OmegaConf.load(cfg_path).run
+    opts = [f"run.max_epoch={int(epochs)}"]
+    milestones = list(run.get("lr_milestones") or [])
+    if milestones:
+        scale = int(epochs) / int(run.max_epoch)
+        opts.append("run.lr_milestones=[" + ",".join(str(max(1, round(int(m) * scale))) for m in milestones) + "]")
+    return opts
+
+
+def expected_lines(trained: Dict[str, Any], applies: bool) -> tuple:
+    """Table rows and note lines comparing ``trained`` with the README's expected range
+    (:mod:`lavis_c2f.pipeline.expected`, job ``quickstart``).
+
+    Returns ``(rows, lines, checks)``: two table rows (low and high end of the range), the
+    note lines, and ``{key: {value, lo, hi, inside}}`` for ``summary.json``; no rows and one
+    line when the range does not apply (non-default corpus size or epochs) or is missing."""
+    if not applies:
+        return [], ["expected range (README): not shown, it holds for the default corpus and epochs only."], {}
+    exp = load_expected("quickstart") if os.path.isfile(expected_path()) else None
+    if exp is None or not exp.figures:
+        return [], ["expected range (README): none recorded (run bench/reproducibility.py --write-expected)."], {}
+    checks = exp.check(trained)
+    rows = [("expected low (README)", {k: st.lo for k, st in exp.figures.items()}),
+            ("expected high (README)", {k: st.hi for k, st in exp.figures.items()})]
+    names = {key: header for header, key in COLUMNS}
+    outside = [f"{names.get(k, k)} {v:.1f} (expected {st.lo:.1f}-{st.hi:.1f})" for k, v, st, ok in checks if not ok]
+    m = exp.measured
+    source = (f"mean -/+ max(2 sd, 1) of {len(exp.runs)} runs of bench/reproducibility.py"
+              + (f", {m['date']}" if m.get("date") else "") + (f", {m['machine']}" if m.get("machine") else ""))
+    if outside:
+        lines = [f"OUTSIDE the README's expected range ({source}): " + "; ".join(outside) + "."]
+    else:
+        lines = [f"every trained figure ({len(checks)}) is inside the README's expected range ({source})."]
+    return rows, lines, {k: {"value": v, "lo": st.lo, "hi": st.hi, "inside": ok} for k, v, st, ok in checks}
+
+
 def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Optional[int] = 1,
                    stage1_epochs: Optional[int] = None, stage2_epochs: Optional[int] = None,
-                   n_videos: Optional[int] = None, include_untrained: bool = True) -> Dict[str, Any]:
+                   n_videos: Optional[int] = None, include_untrained: bool = True,
+                   seed: Optional[int] = None, corpus_params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run the quickstart (module docstring); returns the summary written to ``summary.json``.
 
-    ``threads``: torch CPU threads (None or 0: torch's default)."""
+    ``threads``: torch CPU threads (None or 0: torch's default). ``seed``: ``run.seed`` of
+    both stages (None: the YAMLs' seed). ``stage1_epochs`` / ``stage2_epochs``: override the
+    YAMLs' epochs, lr milestones scaled alike (:func:`epoch_options`). ``corpus_params``:
+    :class:`~lavis_c2f.data.demo_corpus.DemoCorpusParams` overrides (``n_videos`` too)."""
     cpu0 = time.process_time()
     if threads:
         torch.set_num_threads(int(threads))
@@ -220,16 +267,18 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     s1_yaml, c2f_yaml = project_yaml("demo_stage1.yaml"), project_yaml("demo_c2f.yaml")
     corpus = run.corpus
     common = [f"datasets.c2f_demo.data_root={corpus}", f"run.output_dir={runs}", f"run.device={device}"]
+    if seed is not None:
+        common.append(f"run.seed={int(seed)}")
 
     steps.start("make the demo corpus")
-    meta = make_demo_corpus(str(corpus), **({"n_videos": int(n_videos)} if n_videos else {}))
+    corpus_kw = {**dict(corpus_params or {}), **({"n_videos": int(n_videos)} if n_videos else {})}
+    meta = make_demo_corpus(str(corpus), **corpus_kw)
     sizes = {s: (len(meta["splits"][s]["vids"]), meta["splits"][s]["n_queries"]) for s in SPLITS}
     print("      " + ", ".join(f"{s}: {v} videos / {q} queries" for s, (v, q) in sizes.items()), flush=True)
 
     steps.start("train stage 1 (T-MASS retriever)")
     s1_opts = common + ["run.job_id=stage1", "run.test_splits=[]"]
-    if stage1_epochs:
-        s1_opts.append(f"run.max_epoch={int(stage1_epochs)}")
+    s1_opts += epoch_options(s1_yaml, stage1_epochs)
     s1 = run_step(s1_yaml, s1_opts, log_file)
     s1_ckpt = Path(s1["output_dir"]) / "checkpoint_best.pth"
 
@@ -250,8 +299,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
 
     steps.start("train stage 2 (QD-DETR) on retrieved videos")
     s2_opts = common + ann_opts + ["run.job_id=stage2", "run.test_splits=[]"]
-    if stage2_epochs:
-        s2_opts.append(f"run.max_epoch={int(stage2_epochs)}")
+    s2_opts += epoch_options(c2f_yaml, stage2_epochs)
     s2 = run_step(c2f_yaml, s2_opts, log_file)
     s2_ckpt = Path(s2["output_dir"]) / "checkpoint_best.pth"
 
@@ -292,7 +340,8 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     if untrained is not None:
         rows.append(("untrained models", untrained))
     rows.append(("trained (this run)", trained))
-    table = format_table(rows)
+    exp_rows, exp_lines, exp_checks = expected_lines(trained, applies=not (n_videos or stage1_epochs or stage2_epochs or corpus_params))
+    table = format_table(rows + exp_rows)
     n_test_videos, n_test_queries = sizes["test"]
     notes = [
         f"test split: {n_test_queries} queries over {n_test_videos} videos; stage 2 grounds each query in its "
@@ -306,7 +355,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
         f"loss analysis: VCMR R1@.5 {trained.get('VCMR-R@1-IoU@0.5')} vs {trained.get('oracle-VCMR-R@1-IoU@0.5')} with "
         f"a perfect stage 1 (stage 1 costs the difference); the rest is stage 2.",
     ]
-    text = table + "\n\n" + "\n".join(notes)
+    text = table + "\n\n" + "\n".join(exp_lines + notes)
     run.table.write_text(text + "\n", encoding="utf-8")
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     cpu = time.process_time() - cpu0
@@ -315,7 +364,8 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
                "load_start": load0, "load_end": load1, "threads": torch.get_num_threads(), "device": device,
                "corpus": {s: {"videos": v, "queries": q} for s, (v, q) in sizes.items()},
                "fusion": {k2: choice[k2] for k2 in ("form", "weight", "s1_norm", "metric", "value")},
-               "chance": chance, "untrained": untrained, "trained": trained,
+               "seed": seed, "corpus_params": dict(corpus_params or {}), "chance": chance, "untrained": untrained,
+               "trained": trained, "expected": exp_checks,
                "stage1_baseline_mean_pooling": baseline,
                "checkpoints": {"stage1": str(s1_ckpt), "stage2": str(s2_ckpt)}}
     write_json(summary, run.summary)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lavis_c2f.datasets.moment_retrieval import saliency_labels_from_scores
-from lavis_c2f.ops.argsort import introsort_argsort, scalar_sort_env
+from lavis_c2f.ops.argsort import introsort_argsort, introsort_argsort_rows, scalar_sort_env
 
 REFERENCE = r"""
 import json, sys
@@ -64,6 +64,21 @@ def test_known_orders():
         [3, 4, 0, 17, 16, 15, 14, 13, 12, 11, 9, 18, 8, 7, 6, 5, 2, 1, 10, 19]
     assert introsort_argsort([]).tolist() == [] and introsort_argsort([3.0]).tolist() == [0]
     assert sorted(introsort_argsort([2, 1, 2, 0]).tolist()) == [0, 1, 2, 3]
+
+
+def test_rows_match_scalar_numpy_short_and_long(subprocess_env):
+    rng = np.random.default_rng(3)
+    for n in (1, 3, 16, 17, 30):
+        rows = rng.integers(0, 3, size=(2, 5, n)).astype(float)          # tie-heavy, batched
+        if n <= 16:
+            rows[0, 0, 0] = np.nan                                        # NaN sorts last, as NumPy
+        expected = scalar_numpy_argsort(rows.reshape(-1, n).tolist(), subprocess_env)
+        got = introsort_argsort_rows(rows)
+        assert got.shape == rows.shape and got.dtype == np.int64
+        np.testing.assert_array_equal(got.reshape(-1, n), np.stack(expected), err_msg=f"n={n}")
+    with pytest.raises(ValueError, match="NaN"):
+        introsort_argsort_rows(np.full((2, 17), np.nan))
+    assert introsort_argsort_rows(np.zeros((0, 20))).shape == (0, 20)
 
 
 # --------------------------------------------------------------------- saliency labels, tie cases

@@ -137,7 +137,7 @@ def test_tune_fusion_picks_best_weight_and_file_roundtrip(tmp_path):
         _row(1, "g1", [[0, 4]], [["g1", 2.0, [[0, 4, 0.8]]], ["x", 1.0, [[0, 4, 0.9]]]], [[0, 4, 0.8]]),
         _row(2, "g2", [[0, 4]], [["g2", 3.0, [[0, 4, 0.3]]], ["y", 1.0, [[0, 4, 0.95]]]], [[0, 4, 0.3]]),
     ]
-    res = tune_fusion(rows, form="product", weights=[4.0, 0.0, 1.0])
+    res = tune_fusion(rows, form="product", weights=[4.0, 0.0, 1.0], smooth=0)
     assert [g["weight"] for g in res["grid"]] == [0.0, 1.0, 4.0]            # sorted
     by_w = {g["weight"]: g["metrics"]["VCMR-R@1-IoU@0.5"] for g in res["grid"]}
     assert by_w == {0.0: 0.0, 1.0: 100.0, 4.0: 100.0}
@@ -154,6 +154,58 @@ def test_tune_fusion_picks_best_weight_and_file_roundtrip(tmp_path):
         load_fusion_choice(str(bad))
     with pytest.raises(ConfigError, match="unknown metric"):
         tune_fusion(rows, weights=[0.0], metric="VCMR-R@3-IoU@0.5")
+    with pytest.raises(ConfigError, match="smooth"):
+        tune_fusion(rows, weights=[0.0], smooth=-1)
+
+
+def test_tune_fusion_smoothing_passes_over_a_lone_spike():
+    # two candidates per query with zscore(s1) = (+1, -1): with product fusion the second video's
+    # window overtakes the first one's at a per-query threshold weight t (s2 ratio e^(2t))
+    def gt_first_above(qid, t):      # the GT video is stage-1's first: right for w > t
+        s2_x = 0.5
+        return _row(qid, "g", [[0, 4]], [["g", 2.0, [[0, 4, s2_x * math.exp(-2 * t)]]], ["x", 1.0, [[0, 4, s2_x]]]],
+                    [[0, 4, s2_x * math.exp(-2 * t)]])
+
+    def gt_second_below(qid, t):     # the GT video is stage-1's second: right for w < t
+        s2_g = 0.5
+        return _row(qid, "g", [[0, 4]], [["x", 2.0, [[0, 4, s2_g * math.exp(-2 * t)]]], ["g", 1.0, [[0, 4, s2_g]]]],
+                    [[0, 4, s2_g]])
+
+    rows = [gt_first_above(1, 0.1), gt_first_above(2, 0.1), gt_second_below(3, 0.3), gt_second_below(4, 3.0),
+            gt_second_below(5, 3.0)]
+    grid = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+    plain = tune_fusion(rows, weights=grid, smooth=0, recall_ks=(1,))
+    by_w = {g["weight"]: g["metrics"]["VCMR-R@1-IoU@0.5"] for g in plain["grid"]}
+    assert by_w == {0.0: 60.0, 0.25: 100.0, 0.5: 80.0, 1.0: 80.0, 2.0: 80.0, 4.0: 40.0}
+    assert plain["weight"] == 0.25                                            # the lone spike
+    smoothed = tune_fusion(rows, weights=grid, recall_ks=(1,))                # smooth=1 by default
+    scores = {g["weight"]: g["score"] for g in smoothed["grid"]}
+    assert scores[0.5] == pytest.approx((100 + 80 + 80) / 3, abs=1e-3)
+    assert scores[0.0] == pytest.approx((60 + 100) / 2, abs=1e-3)            # the window is clipped at the ends
+    assert smoothed["smooth"] == 1 and smoothed["weight"] == 0.5 and smoothed["value"] == 80.0
+    # the default score also averages R@5 and R@10 (both 100 here: two candidates per query)
+    default = tune_fusion(rows, weights=grid)
+    assert default["recall_ks"] == [1, 5, 10] and default["weight"] == 0.5
+    assert {g["weight"]: g["score"] for g in default["grid"]}[0.5] == pytest.approx((260 / 3 + 200) / 3, abs=1e-3)
+
+
+def test_tune_fusion_recall_ks_keep_r10():
+    # q1: the GT video is stage-1's last of 12 but the grounder's favourite: inside the top 10 of
+    # the fused list for w = 0.5, last for w = 8. q2: the GT video is stage-1's first but the
+    # grounder prefers the other one: found first only for w = 8. R@1 alone picks 8 and loses
+    # R@10; the default score (mean of R@1, R@5, R@10) keeps 0.5.
+    q1 = _row(1, "g", [[0, 4]], [["x%d" % i, 20.0 - i, [[0, 4, 0.3]]] for i in range(11)]
+              + [["g", 5.0, [[0, 4, 0.99]]]], [[0, 4, 0.99]])
+    q2 = _row(2, "g", [[0, 4]], [["g", 2.0, [[0, 4, 0.3]]], ["x", 1.0, [[0, 4, 0.95]]]], [[0, 4, 0.3]])
+    rows = [q1, q2]
+    plain = tune_fusion(rows, weights=[0.5, 8.0], smooth=0, recall_ks=(1,))
+    default = tune_fusion(rows, weights=[0.5, 8.0], smooth=0)
+    m = {g["weight"]: g["metrics"] for g in default["grid"]}
+    assert m[0.5]["VCMR-R@1-IoU@0.5"] == 0.0 and m[8.0]["VCMR-R@1-IoU@0.5"] == 50.0
+    assert m[0.5]["VCMR-R@10-IoU@0.5"] == 100.0 and m[8.0]["VCMR-R@10-IoU@0.5"] == 50.0
+    assert plain["weight"] == 8.0 and default["weight"] == 0.5
+    with pytest.raises(ConfigError, match="recall_ks"):
+        tune_fusion(rows, weights=[0.5], recall_ks=())
 
 
 def test_fuse_rows_keeps_query_order():
