@@ -51,10 +51,10 @@ def _heapsort(v: Sequence[float], idx: List[int], lo: int, n: int) -> None:
     def put(k: int, val: int) -> None:
         idx[lo + k - 1] = val
 
-    for start in range(n >> 1, 0, -1):
-        tmp, i, j = get(start), start, start << 1
-        while j <= n:
-            if j < n and v[get(j)] < v[get(j + 1)]:
+    def sift_down(i: int, tmp: int, end: int) -> None:
+        j = i << 1
+        while j <= end:
+            if j < end and v[get(j)] < v[get(j + 1)]:
                 j += 1
             if v[tmp] < v[get(j)]:
                 put(i, get(j))
@@ -62,20 +62,14 @@ def _heapsort(v: Sequence[float], idx: List[int], lo: int, n: int) -> None:
             else:
                 break
         put(i, tmp)
+
+    for start in range(n >> 1, 0, -1):
+        sift_down(start, get(start), n)
     while n > 1:
         tmp = get(n)
         put(n, get(1))
         n -= 1
-        i, j = 1, 2
-        while j <= n:
-            if j < n and v[get(j)] < v[get(j + 1)]:
-                j += 1
-            if v[tmp] < v[get(j)]:
-                put(i, get(j))
-                i, j = j, j + j
-            else:
-                break
-        put(i, tmp)
+        sift_down(1, tmp, n)
 
 
 def introsort_argsort(values: Sequence[float]) -> np.ndarray:

@@ -236,6 +236,11 @@ def _backbone_args(p: argparse.ArgumentParser, default: Optional[str]) -> None:
     p.add_argument("--trusted", action="store_true", help="allow full unpickling of checkpoints you trust")
 
 
+#: help of the INDEX argument of every command that searches (search, serve)
+INDEX_HELP = ("index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
+              "(#COLLECTION, default c2f_index); or a demo corpus folder")
+
+
 def add_corpus_arguments(s: argparse.ArgumentParser) -> None:
     """What is searched and with which models: the options of ``search`` that ``lavis-c2f serve``
     shares (read by :func:`build_search_predictor`); INDEX is the caller's."""
@@ -274,9 +279,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                "  lavis-c2f search INDEX --queries-file queries.txt --json\n"
                "  lavis-c2f search --run-dir c2f_quickstart/RUN \"a chef washes the bucket in the garage\" --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
-                        "(#COLLECTION, default c2f_index); or a demo corpus folder")
+    s.add_argument("index", nargs="?", metavar="INDEX", help=INDEX_HELP)
     s.add_argument("query", nargs="?", metavar="QUERY", help="the query text (quote it)")
     s.add_argument("--queries-file", default=None, metavar="FILE",
                    help="search every query of FILE (UTF-8, one query per line, blank lines skipped) in batches: "

@@ -20,7 +20,7 @@ import uvicorn
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.common.net import check_port
 from lavis_c2f.pipeline.quickstart_run import DEFAULT_ROOT, QuickstartRun
-from lavis_c2f.search.cli import add_corpus_arguments, build_search_predictor
+from lavis_c2f.search.cli import INDEX_HELP, add_corpus_arguments, build_search_predictor
 from lavis_c2f.serve.app import create_app
 from lavis_c2f.serve.schemas import SERVE_DEFAULTS
 
@@ -68,9 +68,7 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                "  curl -s localhost:8000/search -H 'content-type: application/json' "
                "-d '{\"query\": \"a man opens the fridge\", \"top_k\": 5}'",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", nargs="?", metavar="INDEX",
-                   help="index of 'lavis-c2f index videos': a folder (FAISS), or a Milvus *.db path / http(s):// URI "
-                        "(#COLLECTION, default c2f_index); or a demo corpus folder")
+    p.add_argument("index", nargs="?", metavar="INDEX", help=INDEX_HELP)
     p.add_argument("--host", default=SERVE_DEFAULTS["host"],
                    help=f"address to listen on (default {SERVE_DEFAULTS['host']}: this machine only)")
     p.add_argument("--port", type=int, default=SERVE_DEFAULTS["port"], help=f"port (default {SERVE_DEFAULTS['port']})")

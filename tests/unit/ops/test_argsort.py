@@ -117,3 +117,17 @@ def test_stable_tie_break_is_the_documented_variant():
     assert pos[0] == 19 and neg[0] == 0
     with pytest.raises(ValueError, match="tie_break"):
         saliency_labels_from_scores(rel, scores, ctx_l, np.random.default_rng(0), tie_break="random")
+
+
+def test_heapsort_fallback_equals_numpy_aheapsort_with_ties():
+    """The depth-limit fallback on its own: NumPy's ``kind='heapsort'`` argsort is its scalar
+    ``aheapsort_`` on every CPU, so the tie order must match it exactly."""
+    from lavis_c2f.ops.argsort import _heapsort
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        v = rng.integers(0, 5, n).astype(float).tolist()
+        idx = list(range(n))
+        _heapsort(v, idx, 0, n)
+        assert idx == np.argsort(np.array(v), kind="heapsort").tolist(), v
