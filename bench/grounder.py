@@ -42,8 +42,6 @@ import types
 from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # the official loops wrap batches in tqdm
-
 import numpy as np
 import torch
 
