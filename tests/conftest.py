@@ -27,6 +27,19 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_fixture(shared_dir):
+    """``reference_fixture(name, *files)``: the folder ``../shared/fixtures/<name>`` of an official
+    code's recorded outputs; skips the test, naming the missing files, when any of ``files`` is absent."""
+    def get(name: str, *files: str) -> Path:
+        d = shared_dir / "fixtures" / name
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            pytest.skip(f"{name} fixture incomplete in {d}: missing {', '.join(missing)}")
+        return d
+    return get
+
+
+@pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
 

@@ -22,11 +22,8 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ref_dir(shared_dir):
-    path = shared_dir / "fixtures" / "mesm_reference"
-    if not (path / "mesm_reference.pt").is_file() or not (path / "mesm_model_best.ckpt").is_file():
-        pytest.skip(f"MESM reference fixture missing: {path}")
-    return path
+def ref_dir(reference_fixture):
+    return reference_fixture("mesm_reference", "mesm_reference.pt", "mesm_model_best.ckpt")
 
 
 @pytest.fixture(scope="module")

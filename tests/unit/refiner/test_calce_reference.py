@@ -18,11 +18,8 @@ from lavis_c2f.models.refiner.calce_text import calce_subtitles, moment_str_to_l
 
 
 @pytest.fixture(scope="module")
-def fx_dir(shared_dir):
-    d = shared_dir / "fixtures" / "calce_reference"
-    if not (d / "calce_reference.pt").is_file():
-        pytest.skip(f"CALCE reference fixture not found in {d}")
-    return d
+def fx_dir(reference_fixture):
+    return reference_fixture("calce_reference", "calce_reference.pt")
 
 
 @pytest.fixture(scope="module")

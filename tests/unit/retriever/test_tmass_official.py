@@ -13,11 +13,8 @@ ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def ref_dir(shared_dir):
-    d = shared_dir / "fixtures" / "tmass_reference"
-    if not (d / "tmass_reference.pt").is_file():
-        pytest.skip(f"T-MASS fixture missing: {d}")
-    return d
+def ref_dir(reference_fixture):
+    return reference_fixture("tmass_reference", "tmass_reference.pt")
 
 
 @pytest.fixture(scope="module")

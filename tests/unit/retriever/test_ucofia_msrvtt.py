@@ -18,10 +18,8 @@ PROJECT = str(Path(__file__).resolve().parents[3] / "projects" / "c2f" / "msrvtt
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shared_dir):
-    ref = shared_dir / "fixtures" / "ucofia_reference"
-    if not (ref / "pytorch_model.bin.0").is_file():
-        pytest.skip(f"UCoFiA reference fixture not found in {ref}")
+def setup(tmp_path_factory, reference_fixture):
+    ref = reference_fixture("ucofia_reference", "pytorch_model.bin.0")
     root = tmp_path_factory.mktemp("msrvtt_ucofia")
     write_msrvtt_corpus(root, ["video0", "video1"], ["video7", "video8", "video9"])
     opts = [f"model.checkpoint={ref / 'pytorch_model.bin.0'}", f"model.clip_weights={ref / 'clip_pretrained.pt'}",

@@ -26,11 +26,8 @@ def close(ours, ref, rel=1e-5):
 
 
 @pytest.fixture(scope="module")
-def ref_dir(shared_dir):
-    d = shared_dir / "fixtures" / "ucofia_reference"
-    if not (d / "ucofia_reference.pt").is_file():
-        pytest.skip(f"UCoFiA reference fixture not found in {d}")
-    return d
+def ref_dir(reference_fixture):
+    return reference_fixture("ucofia_reference", "ucofia_reference.pt")
 
 
 @pytest.fixture(scope="module")
