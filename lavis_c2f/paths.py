@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
+
+from lavis_c2f.common.errors import ConfigError
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,6 +38,14 @@ def config_path(rel: PathLike) -> str:
         raise FileNotFoundError(f"config file '{rel}' not found (looked for {out})")
     return str(out)
 
+
+
+def table_config_path(owner: str, table: Mapping[str, str], type: str = "default") -> str:  # noqa: A002
+    """Absolute path of the YAML named ``table[type]`` (a LAVIS ``*_CONFIG_DICT``), or a
+    :class:`~lavis_c2f.common.errors.ConfigError` naming ``owner`` and the known types."""
+    if type not in table:
+        raise ConfigError(f"{owner}: unknown dataset config type {type!r}; known: {sorted(table)}")
+    return config_path(table[type])
 
 def resolve_path(path: PathLike, base: Optional[PathLike] = None) -> str:
     """Expand ``~`` and ``$VARS`` and make ``path`` absolute (relative to ``base`` or cwd)."""

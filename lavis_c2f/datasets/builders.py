@@ -65,7 +65,7 @@ from lavis_c2f.data.readers import DEFAULT_TOLERANCE, FORMATS, RecordList, detec
 from lavis_c2f.datasets.moment_retrieval import (GROUP_BY, LABEL_STYLES, TIE_BREAKS,
                                                  GroupedMomentDataset, MomentRetrievalDataset)
 from lavis_c2f.datasets.video_retrieval import VideoRetrievalDataset
-from lavis_c2f.paths import config_path, resolve_path
+from lavis_c2f.paths import resolve_path, table_config_path
 from lavis_c2f.processors.feature_processors import TextFeatureProcessor, VideoFeatureProcessor
 
 DATASET_TYPES = ("moment_retrieval", "video_retrieval")
@@ -259,10 +259,7 @@ class C2FBuilderBase(BaseDatasetBuilder):
 
     @classmethod
     def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        if type not in cls.DATASET_CONFIG_DICT:
-            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
-                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
-        return config_path(cls.DATASET_CONFIG_DICT[type])
+        return table_config_path(cls.NAME, cls.DATASET_CONFIG_DICT, type)
 
     @classmethod
     def read_config(cls, cfg: Any) -> Any:

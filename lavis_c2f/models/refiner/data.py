@@ -72,7 +72,7 @@ from lavis_c2f.models.refiner.calce_text import calce_windows, read_srt_text
 from lavis_c2f.models.refiner.keyframes import select_key_frames, thumbnail_features, uniform_key_frames
 from lavis_c2f.models.refiner.prompt import refine_region, target_windows
 from lavis_c2f.models.refiner.srt import Caption, load_captions
-from lavis_c2f.paths import config_path, resolve_path
+from lavis_c2f.paths import resolve_path, table_config_path
 from lavis_c2f.video.decode import decode_clips
 
 logger = logging.getLogger(__name__)
@@ -675,10 +675,7 @@ class RefinerDatasetBuilder(BaseDatasetBuilder):
 
     @classmethod
     def default_config_path(cls, type: str = "default") -> str:  # noqa: A002 - LAVIS signature
-        if type not in cls.DATASET_CONFIG_DICT:
-            raise ConfigError(f"{cls.NAME}: unknown dataset config type {type!r}; known: "
-                              f"{sorted(cls.DATASET_CONFIG_DICT)}")
-        return config_path(cls.DATASET_CONFIG_DICT[type])
+        return table_config_path(cls.NAME, cls.DATASET_CONFIG_DICT, type)
 
     def __init__(self, cfg: Any = None):  # noqa: D401 - LAVIS signature
         # BaseDatasetBuilder.__init__ expects LAVIS's build_info: not called on purpose.
