@@ -55,6 +55,7 @@ T = TypeVar("T")
 _ERRORS = {422: {"model": ErrorOut, "description": "bad request: the message names the field"},
            500: {"model": ErrorOut, "description": "internal error (logged by the server with the request id)"},
            503: {"model": ErrorOut, "description": "the index store (a Milvus server) does not answer; retry later"}}
+_RETRY_AFTER = {"Retry-After": str(SERVE_DEFAULTS["store_retry_after_s"])}   # headers of a 503
 
 
 class InternalError(Exception):
@@ -139,7 +140,7 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
     async def _store_down(request: Request, exc: IndexUnavailableError) -> JSONResponse:
         logger.warning("%s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"error": "index store unavailable", "message": str(exc)}, status_code=503,
-                            headers={"Retry-After": str(SERVE_DEFAULTS["store_retry_after_s"])})
+                            headers=_RETRY_AFTER)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:   # outside guarded(): a bug here
@@ -160,7 +161,7 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
             corpus.refresh()
         except IndexUnavailableError as e:
             return JSONResponse({**out, "status": "store unavailable", "videos": len(corpus.vids), "message": str(e)},
-                                status_code=503, headers={"Retry-After": str(SERVE_DEFAULTS["store_retry_after_s"])})
+                                status_code=503, headers=_RETRY_AFTER)
         return {**out, "videos": len(corpus.vids)}
 
     @app.post("/search", response_model=SearchResponse, responses=_ERRORS,
