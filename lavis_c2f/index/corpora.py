@@ -225,7 +225,7 @@ class VideoIndexCorpus(Corpus):
         self._live = backend_of(self.path_dir) == "milvus"
         self._refresh_lock = threading.Lock()
         self._count = len(index) if self._live else None
-        self._vids = self._listed(self.index.vids)
+        self._vids: Optional[List[str]] = self._listed(self.index.vids)
         self.ann = os.fspath(ann) if ann else None
 
     def _read_rows(self) -> bool:
@@ -255,9 +255,9 @@ class VideoIndexCorpus(Corpus):
         """Catch up with ``index add`` / ``index remove`` / a resumed ``index videos`` that another
         process made on a live Milvus collection (a FAISS index is read once: False). Cheap: one
         count of the collection's rows and a ``stat`` of ``videos.jsonl``; when either changed,
-        the features' rows are read again and the videos listed again. Whether anything changed.
-        Searches always ask the store, so this only keeps :attr:`vids` and the per-video rows
-        current (docs/serve.md, "Consistency")."""
+        the features' rows are read again and :attr:`vids` is listed again when next asked.
+        Whether anything changed. Searches always ask the store, so this only keeps :attr:`vids`
+        and the per-video rows current (docs/serve.md, "Consistency")."""
         if not self._live:
             return False
         with self._refresh_lock:
@@ -265,9 +265,8 @@ class VideoIndexCorpus(Corpus):
             rows_changed = self._read_rows()
             if count == self._count and not rows_changed:
                 return False
-            self._vids = self._listed(self.index.vids)
-            self._count = count
-        logger.info("corpus %s changed: %d videos", self.path_dir, len(self._vids))
+            self._vids, self._count = None, count
+        logger.info("corpus %s changed: %d rows in the store", self.path_dir, count)
         return True
 
     def _row(self, vid: str) -> Dict[str, Any]:
@@ -293,7 +292,11 @@ class VideoIndexCorpus(Corpus):
 
     @property
     def vids(self) -> List[str]:
-        return list(self._vids)
+        """The indexed videos that have features (listed from the store again after a change)."""
+        with self._refresh_lock:
+            if self._vids is None:
+                self._vids = self._listed(self.index.vids)
+            return list(self._vids)
 
     def __contains__(self, vid: object) -> bool:
         return isinstance(vid, str) and (vid in self._rows or (self._read_rows() and vid in self._rows)) \
