@@ -75,8 +75,8 @@ _ANN_DEFAULTS = {"flat": {}, "hnsw": {"M": 16, "efConstruction": 200}, "ivf": {"
 _SEARCH_DEFAULTS = {"flat": {}, "hnsw": {"ef": 512}, "ivf": {"nprobe": 32}}
 #: gRPC channel options of the client: no keepalive pings on an idle connection (pymilvus pings every
 #: 10 s by default, and a ``milvus-lite server``, a plain gRPC server, answers pings without calls more
-#: often than every 5 min with GOAWAY "too_many_pings", after which the client's connection stays
-#: broken); a dead store is detected by each call's timeout instead
+#: often than every 5 min with GOAWAY "too_many_pings", after which pymilvus' recovery of the
+#: connection can fail and leave the client unable to connect); each call's timeout detects a dead store
 _GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _UPSERT_ROWS = 256          # rows per upsert call (F x D floats each)

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -80,7 +79,8 @@ class MilvusLiteServer:
         deadline = time.time() + wait_s
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"milvus-lite server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-2000:]}")
+                pytest.fail(f"milvus-lite server exited with {self.proc.returncode}:\n"
+                            f"{self.log_path.read_text()[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
@@ -153,14 +153,15 @@ def cluster(videos, backbone, ckpts, tmp_path_factory):
     for spec in EXTRA:
         _clip(vdir, *spec)
     store = MilvusLiteServer(root / "milvus-data", root / "milvus.log")
-    store.start()
-    loc = f"{store.uri}#{COLLECTION}"
-    features = root / "features"
-    build = dict(backbone=backbone, retriever_checkpoint=ckpts["retriever"], model_cfg=ckpts["retriever_yaml"],
-                 features_dir=str(features), progress=False)
-    index_videos(vdir, loc, **build)
-    replicas = [Replica(n, loc, ckpts["grounder"], root) for n in ("a", "b")]
+    replicas = []
     try:
+        store.start()
+        loc = f"{store.uri}#{COLLECTION}"
+        features = root / "features"
+        build = dict(backbone=backbone, retriever_checkpoint=ckpts["retriever"], model_cfg=ckpts["retriever_yaml"],
+                     features_dir=str(features), progress=False)
+        index_videos(vdir, loc, **build)
+        replicas = [Replica(n, loc, ckpts["grounder"], root) for n in ("a", "b")]
         for r in replicas:
             r.wait_ready()
         yield {"store": store, "loc": loc, "replicas": replicas, "root": root, "vdir": vdir, "build": build,
