@@ -73,31 +73,16 @@ class MilvusLiteServer:
                     "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = None
 
-    def start(self, wait_s: float = 60) -> None:
+    def start(self) -> None:
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + wait_s
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"milvus-lite server exited with {self.proc.returncode}:\n"
-                            f"{self.log_path.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"milvus-lite server did not listen within {wait_s} s")
-                time.sleep(0.2)
+        _wait_until(lambda: _listening(self.port), self.proc, "milvus-lite server", self.log_path, 60)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)     # a hung (SIGSTOP) server must run to stop
+            _stop(self.proc)
 
 
 class Replica:
@@ -114,28 +99,49 @@ class Replica:
                  "--backbone", "random", "--device", "cpu", "--port", str(self.port), "--no-access-log",
                  "--index-timeout", str(INDEX_TIMEOUT_S)], stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, wait_s: float = 180) -> None:
-        deadline = time.time() + wait_s
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"replica {self.name} exited with {self.proc.returncode}:\n"
-                            f"{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"replica {self.name} did not answer /health within {wait_s} s")
-            time.sleep(0.3)
+    def wait_ready(self) -> None:
+        _wait_until(lambda: _healthy(self.url), self.proc, f"replica {self.name}", self.log_path, 180)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        _stop(self.proc)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _wait_until(ready, proc, name: str, log: Path, wait_s: float) -> None:
+    """Poll ``ready()``; fail naming ``name`` (with its log's tail) when ``proc`` exits or
+    ``wait_s`` seconds pass first."""
+    deadline = time.time() + wait_s
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"{name} was not ready within {wait_s} s")
+        time.sleep(0.3)
+
+
+def _stop(proc) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
