@@ -170,8 +170,8 @@ class C2FPredictor:
                          zero_shot: Any = None, stage1_top_k: Optional[int] = None, clip_length: Optional[float] = None,
                          frames_per_clip: Optional[int] = None, ann: Optional[PathLike] = None,
                          verify_index: bool = True, trusted: bool = False, refine_videos: Optional[int] = None,
-                         decode_backend: str = "auto", grounder_streams: Optional[Sequence[str]] = None
-                         ) -> "C2FPredictor":
+                         decode_backend: str = "auto", grounder_streams: Optional[Sequence[str]] = None,
+                         index_timeout: Optional[float] = None) -> "C2FPredictor":
         """A predictor for video files (and an index of them): ``retriever_ckpt`` defaults to the
         one the index was built with (else zero-shot stage 1); ``grounder_ckpt`` is ours, the
         runner's or an official QD-DETR / MESM one (None: zero-shot stage 2); ``backbone`` is a
@@ -185,13 +185,15 @@ class C2FPredictor:
         unpickling of checkpoints (only for files you trust); ``grounder_streams`` the feature
         streams the grounder reads in its input order (e.g. ``["clip", "slowfast"]`` for MESM
         on a ``slowfast+clip_hf`` index; default: the order its checkpoint records, official
-        ``v_feat_dirs`` / ``feat_files``, else the index's)."""
+        ``v_feat_dirs`` / ``feat_files``, else the index's); ``index_timeout`` the seconds a Milvus
+        store may take to answer (None: the index's default)."""
         dev = resolve_device(device)
         corpus = None
         if index is not None:
             if is_demo_corpus(index):
                 raise ConfigError(f"{index} is a demo corpus: use C2FPredictor.for_demo_corpus (CLI: --demo-corpus)")
-            corpus = VideoIndexCorpus(index, ann=ann, verify=verify_index)
+            corpus = VideoIndexCorpus(index, ann=ann, verify=verify_index,
+                                      **({} if index_timeout is None else {"timeout": float(index_timeout)}))
         built = isinstance(backbone, FeatureBackbone)
         if not built and corpus is not None and corpus.backbone_name == backbone_key(str(backbone)):
             # the index's own encoder settings (clip_path, crop size...), updated with the given ones

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,6 +38,7 @@ from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader
 from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.index.corpus_index import CorpusIndex, IndexMismatchError
 from lavis_c2f.index.locator import backend_of, locator_text, open_index
+from lavis_c2f.index.milvus_index import DEFAULT_TIMEOUT_S
 from lavis_c2f.video.backbones import short_backbone_name
 from lavis_c2f.video.captions import sidecar_captions
 from lavis_c2f.video.encoded import EncodedVideo
@@ -119,6 +121,11 @@ class Corpus:
     def captions(self, vid: str) -> Optional[List[Any]]:
         return None
 
+    def refresh(self) -> bool:
+        """Catch up with changes made to the corpus by another process; whether anything
+        changed (a corpus read once: never)."""
+        return False
+
     def __contains__(self, vid: object) -> bool:
         return vid in set(self.vids)
 
@@ -161,16 +168,18 @@ class VideoIndexCorpus(Corpus):
         ann: optional QVHighlights annotation file (ground truth shown by ``--plot``).
         verify: check the index files' sha256 on load (FAISS).
         collection: the Milvus collection when the locator names none.
+        timeout: seconds a Milvus store may take to answer (each call; an unreachable store
+            raises :class:`~lavis_c2f.common.errors.IndexUnavailableError` naming it).
     """
 
     kind = "video index"
 
     def __init__(self, index_dir: PathLike, ann: Optional[PathLike] = None, verify: bool = True,
-                 collection: Optional[str] = None):
+                 collection: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT_S):
         super().__init__()
         self.path_dir = locator_text(index_dir, collection)
         if backend_of(index_dir) == "milvus":
-            index = open_index(self.path_dir)
+            index = open_index(self.path_dir, timeout=timeout)
             sidecar = f"{self.path_dir} (manifest)"
             if not index.manifest.get("corpus"):
                 raise DataFormatError("the Milvus index records no corpus (built by 'index build', not 'index "
@@ -208,16 +217,68 @@ class VideoIndexCorpus(Corpus):
         self.model_cfg = self.sidecar.get("model_cfg")
         self.backbone_config = dict(self.sidecar.get("backbone_config") or {})
         self.retriever_checkpoint = self._resolve_ckpt(self.sidecar.get("retriever_checkpoint"), sidecar)
-        rows = read_videos_jsonl(self.features_dir)
-        self._rows = {r["vid"]: r for r in rows if r.get("status") == "ok" and r.get("weights_id") == self.weights_id}
+        self._rows: Dict[str, Dict[str, Any]] = {}
+        self._rows_stamp: Optional[Tuple[int, int]] = None
+        self._read_rows()
         self.store = NpzDirStore(os.path.join(self.features_dir, FEATURES_DIR), field="features")
         self.index = index
-        self._vids = [v for v in self.index.vids if v in self._rows]
-        missing = [v for v in self.index.vids if v not in self._rows]
+        self._live = backend_of(self.path_dir) == "milvus"
+        self._refresh_lock = threading.Lock()
+        self._count = len(index) if self._live else None
+        self._vids: Optional[List[str]] = self._listed(self.index.vids)
+        self.ann = os.fspath(ann) if ann else None
+
+    def _read_rows(self) -> bool:
+        """(Re-)read ``FEATURES/videos.jsonl`` (the extracted videos) when its mtime or size
+        changed; whether it was read."""
+        try:
+            st = os.stat(os.path.join(self.features_dir, "videos.jsonl"))
+            stamp: Optional[Tuple[int, int]] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if self._rows_stamp is not None and stamp in (None, self._rows_stamp):
+            return False
+        rows = read_videos_jsonl(self.features_dir)
+        self._rows = {r["vid"]: r for r in rows if r.get("status") == "ok" and r.get("weights_id") == self.weights_id}
+        self._rows_stamp = stamp
+        return True
+
+    def _listed(self, vids: Sequence[str]) -> List[str]:
+        """The indexed ``vids`` that have features (the others are skipped, with a warning)."""
+        missing = [v for v in vids if v not in self._rows]
         if missing:
             logger.warning("%d indexed videos have no features of %s in %s (e.g. %s); they are skipped",
                            len(missing), self.weights_id, self.features_dir, missing[0])
-        self.ann = os.fspath(ann) if ann else None
+        return [v for v in vids if v in self._rows]
+
+    def refresh(self) -> bool:
+        """Catch up with ``index add`` / ``index remove`` / a resumed ``index videos`` that another
+        process made on a live Milvus collection (a FAISS index is read once: False). Cheap: one
+        count of the collection's rows and a ``stat`` of ``videos.jsonl``; when either changed,
+        the features' rows are read again and :attr:`vids` is listed again when next asked.
+        Whether anything changed. Searches always ask the store, so this only keeps :attr:`vids`
+        and the per-video rows current (docs/serve.md, "Consistency")."""
+        if not self._live:
+            return False
+        with self._refresh_lock:
+            count = len(self.index)
+            rows_changed = self._read_rows()
+            if count == self._count and not rows_changed:
+                return False
+            self._vids, self._count = None, count
+        logger.info("corpus %s changed: %d rows in the store", self.path_dir, count)
+        return True
+
+    def _row(self, vid: str) -> Dict[str, Any]:
+        """The ``videos.jsonl`` row of ``vid``, read again once on a miss (a video added since);
+        ``KeyError`` naming the video and the features folder."""
+        row = self._rows.get(vid)
+        if row is None and self._read_rows():
+            row = self._rows.get(vid)
+        if row is None:
+            raise KeyError(f"video {vid!r} has no features of {self.weights_id} in {self.features_dir} (add videos "
+                           "with 'lavis-c2f index videos', which extracts them there)")
+        return row
 
     @staticmethod
     def _resolve_ckpt(p: Optional[str], sidecar: str) -> Optional[str]:
@@ -231,26 +292,31 @@ class VideoIndexCorpus(Corpus):
 
     @property
     def vids(self) -> List[str]:
-        return list(self._vids)
+        """The indexed videos that have features (listed from the store again after a change)."""
+        with self._refresh_lock:
+            if self._vids is None:
+                self._vids = self._listed(self.index.vids)
+            return list(self._vids)
 
     def __contains__(self, vid: object) -> bool:
-        return vid in self._rows and vid in self.index
+        return isinstance(vid, str) and (vid in self._rows or (self._read_rows() and vid in self._rows)) \
+            and vid in self.index
 
     def features(self, vid: str) -> np.ndarray:
         return np.asarray(self.store.get(vid), dtype=np.float32)
 
     def duration(self, vid: str) -> float:
-        d = self._rows[vid].get("duration")
+        d = self._row(vid).get("duration")
         if d is None or not d > 0:
             d = self.index.duration(vid) or (self.n_clips(vid) or 1) * self.clip_length
         return float(d)
 
     def n_clips(self, vid: str) -> Optional[int]:
-        n = self._rows[vid].get("n_clips")
+        n = self._row(vid).get("n_clips")
         return None if n is None else int(n)
 
     def path(self, vid: str) -> Optional[str]:
-        return self._rows[vid].get("path")
+        return self._row(vid).get("path")
 
     def captions(self, vid: str) -> Optional[List[Any]]:
         p = self.path(vid)

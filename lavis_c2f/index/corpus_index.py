@@ -80,6 +80,7 @@ import torch
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.ann import AnnConfig
+from lavis_c2f.index.base import IndexMismatchError, StageOneBase, check_model, stored_rows_per_video
 from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.prefilter import Prefilter
 from lavis_c2f.index.store import FRAME_DTYPES, FrameStore, IndexFormatError, file_entry, rows_embedding, sha256_file
@@ -96,44 +97,12 @@ _SINKHORN_SETTINGS = ("sinkhorn_temperature", "sinkhorn_iters", "inference_mode"
                       "eval_seed")
 
 
-class IndexMismatchError(ValueError):
-    """The index was built with another model (fingerprint) or other dimensions."""
-
-
-def _stored_rows_per_video(model) -> int:
-    """Rows of width D the index stores per video: the model's ``index_rows_per_video`` (a
-    retriever whose video embedding is more than frames, e.g. UCoFiA's patch tokens) or its
-    ``num_frames``."""
-    return int(getattr(model, "index_rows_per_video", model.num_frames))
-
-
 def _to_stored(model, video_emb):
     """The video-terms hook: a model with ``to_index_rows(video_emb)`` packs its embedding into a
     :class:`VideoEmbedding` of (V, rows, D) (a prefix of valid rows) that the index stores as
     frames, and unpacks what :meth:`CorpusIndex.gather` reads with ``from_index_rows(rows,
     mask)``; other models store their frames as they are."""
     return model.to_index_rows(video_emb) if model is not None and hasattr(model, "to_index_rows") else video_emb
-
-
-def check_model(model, model_info: Mapping[str, Any], dim: int, max_frames: int, where: str) -> None:
-    """Raise :class:`IndexMismatchError` naming the field when ``model`` is not the one an index
-    was built with (``model.config_hash`` / ``model.weights_hash`` of ``model_info``) or its widths
-    differ (``dim``, ``max_frames``); ``where`` names the index (file or collection). Switches a
-    model configured with ``per_pair`` inference noise to ``shared`` (re-ranking needs a pair's
-    score to be independent of the candidate set)."""
-    fp = model.fingerprint()
-    for key in ("config_hash", "weights_hash"):
-        if fp.get(key) != model_info.get(key):
-            raise IndexMismatchError(
-                f"{where}: model.{key} is {model_info.get(key)!r} but the given model has {fp.get(key)!r}: "
-                "the index was built with another model configuration or checkpoint; rebuild it")
-    if int(model.embed_dim) != int(dim) or _stored_rows_per_video(model) != int(max_frames):
-        raise IndexMismatchError(f"{where}: index dims (D={dim}, frames={max_frames}) differ from the "
-                                 f"model's (D={model.embed_dim}, frames={_stored_rows_per_video(model)})")
-    if getattr(model, "inference_noise", "shared") == "per_pair":
-        logger.warning("the corpus index scores with inference_noise 'shared' (the model was configured with "
-                       "'per_pair', which is for whole-matrix evaluation)")
-        model.configure_inference(inference_noise="shared")
 
 
 def model_info_of(model) -> Dict[str, Any]:
@@ -194,7 +163,7 @@ def encode_features(model, vids: Sequence[str], load_features: Callable[[str], n
         model.train(was_training)
 
 
-class CorpusIndex:
+class CorpusIndex(StageOneBase):
     """Video corpus index for stage-1 search (see the module docstring).
 
     Args:
@@ -228,8 +197,8 @@ class CorpusIndex:
     @classmethod
     def for_model(cls, model, **kwargs: Any) -> "CorpusIndex":
         """An empty index matching ``model`` (a :class:`C2FTMassRetriever`, or any retriever with
-        the video-terms hook, see :func:`_stored_rows_per_video`)."""
-        return cls(int(model.embed_dim), _stored_rows_per_video(model), model_info_of(model), model=model, **kwargs)
+        the video-terms hook, see :func:`stored_rows_per_video`)."""
+        return cls(int(model.embed_dim), stored_rows_per_video(model), model_info_of(model), model=model, **kwargs)
 
     @classmethod
     def build(cls, model, vids: Sequence[str], load_features: Callable[[str], np.ndarray],
@@ -248,17 +217,8 @@ class CorpusIndex:
         index.add_features(vids, load_features, durations, batch_size=batch_size, progress=progress)
         return index
 
-    def attach(self, model) -> "CorpusIndex":
-        """Use ``model`` for queries and re-ranking; its fingerprint and width must match."""
-        check_model(model, self.model_info, self.dim, self.max_frames,
-                    f"{os.path.join(self.path, MANIFEST) if self.path else 'index'}")
-        self.model = model
-        return self
-
-    def _require_model(self):
-        if self.model is None:
-            raise RuntimeError("no model attached to the index: pass model= to load() or call attach(model)")
-        return self.model
+    def _manifest_name(self) -> str:
+        return os.path.join(self.path, MANIFEST) if self.path else "index"
 
     # ================================================================== properties
     dim = property(lambda self: self.store.dim)

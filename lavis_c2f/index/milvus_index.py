@@ -54,8 +54,8 @@ import torch
 
 from lavis_c2f.common.errors import ConfigError, IndexUnavailableError
 from lavis_c2f.common.progress import progress_bar
-from lavis_c2f.index.corpus_index import (IndexMismatchError, _stored_rows_per_video, check_model, encode_features,
-                                          model_info_of, stored_rows)
+from lavis_c2f.index.base import IndexMismatchError, StageOneBase, stored_rows_per_video
+from lavis_c2f.index.corpus_index import encode_features, model_info_of, stored_rows
 from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.store import IndexFormatError, rows_embedding
 from lavis_c2f.version import __version__
@@ -73,6 +73,11 @@ DEFAULT_TIMEOUT_S = 10.0
 ANN_KINDS = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
 _ANN_DEFAULTS = {"flat": {}, "hnsw": {"M": 16, "efConstruction": 200}, "ivf": {"nlist": 1024}}
 _SEARCH_DEFAULTS = {"flat": {}, "hnsw": {"ef": 512}, "ivf": {"nprobe": 32}}
+#: gRPC channel options of the client: no keepalive pings on an idle connection (pymilvus pings every
+#: 10 s by default, and a ``milvus-lite server``, a plain gRPC server, answers pings without calls more
+#: often than every 5 min with GOAWAY "too_many_pings", after which pymilvus' recovery of the
+#: connection can fail and leave the client unable to connect); each call's timeout detects a dead store
+_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _UPSERT_ROWS = 256          # rows per upsert call (F x D floats each)
 _GET_IDS = 256              # ids per get call of the re-ranker
@@ -149,7 +154,7 @@ def connect(loc: MilvusLocator, timeout: float = DEFAULT_TIMEOUT_S, create: bool
             os.makedirs(os.path.dirname(loc.uri), exist_ok=True)
     t0 = time.monotonic()
     try:
-        return MilvusClient(uri=loc.uri, timeout=float(timeout))
+        return MilvusClient(uri=loc.uri, timeout=float(timeout), grpc_options=dict(_GRPC_OPTIONS))
     except Exception as e:  # noqa: BLE001 - pymilvus raises MilvusException / grpc errors / lock errors
         raise IndexUnavailableError(f"Milvus store {loc.uri} is unreachable (gave up after "
                                     f"{time.monotonic() - t0:.1f} s, timeout {timeout:g} s): "
@@ -162,7 +167,7 @@ def _short(e: BaseException) -> str:
 
 
 # =========================================================================== the index
-class MilvusIndex:
+class MilvusIndex(StageOneBase):
     """Video corpus index in a Milvus collection (module docstring). Open one with
     :meth:`open` (an existing collection) or :meth:`create` (a new or resumed build).
 
@@ -237,7 +242,7 @@ class MilvusIndex:
                       corpus: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "lavis_c2f_version": __version__,
                 "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "model": model_info_of(model), "dim": int(model.embed_dim), "max_frames": _stored_rows_per_video(model),
+                "model": model_info_of(model), "dim": int(model.embed_dim), "max_frames": stored_rows_per_video(model),
                 "prefilter_segments": int(segments), "frame_dtype": frame_dtype, "ann": ann,
                 "corpus": dict(corpus) if corpus is not None else None}
 
@@ -258,16 +263,8 @@ class MilvusIndex:
         _call(loc, client.load_collection, loc.collection)
         return cls(client, loc, man, model=model, timeout=timeout)
 
-    def attach(self, model) -> "MilvusIndex":
-        """Use ``model`` for queries and re-ranking; its fingerprint and widths must match."""
-        check_model(model, self.model_info, self.dim, self.max_frames, f"{self.locator} (manifest)")
-        self.model = model
-        return self
-
-    def _require_model(self):
-        if self.model is None:
-            raise RuntimeError("no model attached to the index: pass model= to open() or call attach(model)")
-        return self.model
+    def _manifest_name(self) -> str:
+        return f"{self.locator} (manifest)"
 
     def set_corpus(self, corpus: Mapping[str, Any]) -> None:
         """Record what the front ends need to search the videos (the sidecar of ``index videos``:
@@ -275,19 +272,36 @@ class MilvusIndex:
         self.manifest["corpus"] = dict(corpus)
         _write_manifest(self.client, self.locator, self.manifest)
 
+    def _ask(self, fn, *args, **kwargs):
+        """One read of the store (``fn`` a client method), bounded by :attr:`timeout` seconds
+        (:class:`IndexUnavailableError` naming the URI when the store does not answer). A
+        collection the server no longer holds loaded (it restarted) is loaded again and the call
+        retried once, so a replica recovers from a store restart by itself."""
+        kwargs.setdefault("timeout", self.timeout)
+        try:
+            return _call(self.locator, fn, *args, **kwargs)
+        except IndexUnavailableError:
+            raise
+        except Exception as e:  # noqa: BLE001 - pymilvus' MilvusException
+            if not _not_loaded(e):
+                raise
+        logger.warning("index: the store released %s (restarted?); loading it again", self.locator)
+        _call(self.locator, self.client.load_collection, self.locator.collection, timeout=self.timeout)
+        return _call(self.locator, fn, *args, **kwargs)
+
     # ------------------------------------------------------------------ rows
     def __len__(self) -> int:
-        res = _call(self.locator, self.client.query, self.locator.collection, filter="", output_fields=["count(*)"])
+        res = self._ask(self.client.query, self.locator.collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     @property
     def vids(self) -> List[str]:
         """Every stored video id (sorted)."""
         if len(self) <= MAX_TOPK:      # one query (a query's limit is bounded like a search's)
-            rows = _call(self.locator, self.client.query, self.locator.collection, filter="", output_fields=["vid"],
+            rows = self._ask(self.client.query, self.locator.collection, filter="", output_fields=["vid"],
                          limit=MAX_TOPK)
             return sorted(str(r["vid"]) for r in rows)
-        it = _call(self.locator, self.client.query_iterator, self.locator.collection, batch_size=4096, filter="",
+        it = self._ask(self.client.query_iterator, self.locator.collection, batch_size=4096, filter="",
                    output_fields=["vid"])
         out: List[str] = []
         try:
@@ -304,7 +318,7 @@ class MilvusIndex:
         out: Dict[str, Dict[str, Any]] = {}
         for s in range(0, len(vids), _GET_IDS):
             chunk = list(vids[s:s + _GET_IDS])
-            for r in _call(self.locator, self.client.get, self.locator.collection, ids=chunk,
+            for r in self._ask(self.client.get, self.locator.collection, ids=chunk,
                            output_fields=["vid", *fields]):
                 out[str(r["vid"])] = r
         return out
@@ -446,7 +460,7 @@ class MilvusIndex:
         best: List[Dict[str, float]] = [{} for _ in range(nq)]
         params = {"metric_type": "IP", "params": dict(self.search_params)}
         for s in range(self.segments_per_video):
-            hits = _call(self.locator, self.client.search, self.locator.collection, data=qv.tolist(),
+            hits = self._ask(self.client.search, self.locator.collection, data=qv.tolist(),
                          anns_field=f"pre_{s}", limit=m, filter=f"valid_{s} == true", output_fields=["vid"],
                          search_params=params)
             for q, row in enumerate(hits):
@@ -550,8 +564,17 @@ def _call(loc: MilvusLocator, fn, *args, **kwargs):
     except Exception as e:  # noqa: BLE001 - classify pymilvus / grpc errors
         text = f"{type(e).__name__} {_short(e)}".lower()
         if any(w in text for w in ("unavailable", "connect", "deadline", "timeout", "timed out", "closed channel")):
-            raise IndexUnavailableError(f"Milvus store {loc.uri} stopped answering: {_short(e)}") from None
+            raise IndexUnavailableError(f"Milvus store {loc.uri} stopped answering"
+                                        + (f" (timeout {kwargs['timeout']:g} s)" if kwargs.get("timeout") else "")
+                                        + f": {_short(e)}") from None
         raise
+
+
+def _not_loaded(e: BaseException) -> bool:
+    """Whether a store error says the collection is not loaded (code 101: a restarted server
+    holds its collections released until ``load_collection``)."""
+    text = _short(e).lower()
+    return getattr(e, "code", None) == 101 or "released" in text or "not loaded" in text
 
 
 def _ann_spec(ann: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

@@ -102,7 +102,7 @@ def build_search_predictor(args: argparse.Namespace):
                                          grounder_cfg=args.grounder_cfg, fusion=_fusion(args.fusion),
                                          zero_shot=zero, stage1_top_k=args.stage1_top_k, ann=args.ann,
                                          verify_index=not args.no_verify, trusted=args.trusted,
-                                         grounder_streams=args.grounder_streams)
+                                         grounder_streams=args.grounder_streams, index_timeout=args.index_timeout)
 
 
 def read_queries_file(path: str) -> List[Tuple[int, str]]:
@@ -265,6 +265,9 @@ def add_corpus_arguments(s: argparse.ArgumentParser) -> None:
                    help="a 'lavis-c2f quickstart' run directory: its checkpoints, fusion and corpus")
     s.add_argument("--splits", nargs="+", default=None, help="demo corpus: search only these splits")
     s.add_argument("--no-verify", action="store_true", help="skip the index's sha256 verification")
+    s.add_argument("--index-timeout", type=float, default=None, metavar="SECONDS",
+                   help="seconds a Milvus store (http://...) may take to answer before the search fails with a "
+                        "message naming it (default 10; 'serve' then answers 503)")
     _backbone_args(s, None)
 
 

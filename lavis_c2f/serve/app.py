@@ -20,8 +20,16 @@ Errors are JSON ``{"error", "message", ...}`` (:class:`~lavis_c2f.serve.schemas.
 * 422 for a bad request (invalid JSON, an empty query, an unknown field, ``top_k`` out of
   range, ``refine`` without a refiner); ``message`` names each field (``top_k: ...``);
 * 404 for an unknown video or path;
+* 503 while the index store (a Milvus server shared by several replicas) does not answer within
+  the index's timeout (:class:`~lavis_c2f.common.errors.IndexUnavailableError`): the message
+  names the store, with a ``Retry-After`` header; ``/health`` then answers 503 too. The next
+  request tries the store again, so the service recovers by itself when the store is back;
 * 500 for an internal error: logged with its traceback and a request id, and the body has the
   id but no traceback.
+
+Before each search the corpus catches up with writes that other processes made to a live
+store (:meth:`~lavis_c2f.index.corpora.Corpus.refresh`: ``index add`` / ``index remove`` on a
+Milvus collection), so no restart is needed (docs/serve.md, "Consistency").
 """
 from __future__ import annotations
 
@@ -37,14 +45,17 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lavis_c2f.serve.schemas import ErrorOut, HealthOut, SearchRequest, SearchResponse, VideoOut
+from lavis_c2f.common.errors import IndexUnavailableError
+from lavis_c2f.serve.schemas import SERVE_DEFAULTS, ErrorOut, HealthOut, SearchRequest, SearchResponse, VideoOut
 from lavis_c2f.version import __version__
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ERRORS = {422: {"model": ErrorOut, "description": "bad request: the message names the field"},
-           500: {"model": ErrorOut, "description": "internal error (logged by the server with the request id)"}}
+           500: {"model": ErrorOut, "description": "internal error (logged by the server with the request id)"},
+           503: {"model": ErrorOut, "description": "the index store (a Milvus server) does not answer; retry later"}}
+_RETRY_AFTER = {"Retry-After": str(SERVE_DEFAULTS["store_retry_after_s"])}   # headers of a 503
 
 
 class InternalError(Exception):
@@ -95,11 +106,15 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
     app.state.predictor = predictor
 
     def guarded(what: str, fn: Callable[[], T]) -> T:
-        """``fn()`` under the engine lock; an exception is logged with a request id and
-        becomes :class:`InternalError` (500 without traceback)."""
+        """``fn()`` under the engine lock, after the corpus caught up with other processes'
+        writes; an unreachable store propagates (503), any other exception is logged with a
+        request id and becomes :class:`InternalError` (500 without traceback)."""
         try:
             with lock:
+                corpus.refresh()
                 return fn()
+        except IndexUnavailableError:
+            raise
         except Exception:
             rid = uuid.uuid4().hex[:12]
             logger.exception("%s failed (request id %s)", what, rid)
@@ -121,6 +136,12 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
                              "message": f"the server failed to answer; its log has the details (request id "
                                         f"{exc.request_id})"}, status_code=500)
 
+    @app.exception_handler(IndexUnavailableError)
+    async def _store_down(request: Request, exc: IndexUnavailableError) -> JSONResponse:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": "index store unavailable", "message": str(exc)}, status_code=503,
+                            headers=_RETRY_AFTER)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:   # outside guarded(): a bug here
         rid = uuid.uuid4().hex[:12]
@@ -131,10 +152,17 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
     def _root() -> RedirectResponse:
         return RedirectResponse("/docs")
 
-    @app.get("/health", response_model=HealthOut, summary="whether the service is up, and what it searches")
-    def health() -> Dict[str, Any]:
-        return {"status": "ok", "videos": len(corpus.vids), "corpus": source or corpus.kind,
-                "mode": predictor.mode, "mode_description": predictor.describe_mode(), "version": __version__}
+    @app.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}},
+             summary="whether the service and its index store are up, and what it searches")
+    def health() -> Any:
+        out = {"status": "ok", "corpus": source or corpus.kind, "mode": predictor.mode,
+               "mode_description": predictor.describe_mode(), "version": __version__}
+        try:
+            corpus.refresh()
+        except IndexUnavailableError as e:
+            return JSONResponse({**out, "status": "store unavailable", "videos": len(corpus.vids), "message": str(e)},
+                                status_code=503, headers=_RETRY_AFTER)
+        return {**out, "videos": len(corpus.vids)}
 
     @app.post("/search", response_model=SearchResponse, responses=_ERRORS,
               summary="moments of one query or a list of queries, best first")

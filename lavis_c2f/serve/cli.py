@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import uvicorn
 
@@ -42,6 +43,14 @@ def resolve_source(args: argparse.Namespace) -> str:
     return f"demo corpus {args.demo_corpus}" if args.demo_corpus else f"index {args.index}"
 
 
+def quiet_store_client(verbose: bool) -> None:
+    """Without ``-v``, keep pymilvus' own log (a traceback per failed call to a Milvus store) out
+    of the service's log: the service logs one line per request that the store failed (503)."""
+    if not verbose and "pymilvus" in sys.modules:
+        for name in ("pymilvus", "pymilvus.milvus_client"):   # the loggers pymilvus configures on import
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.stage1_top_k < 1:
         raise ConfigError("--stage1-top-k must be >= 1")
@@ -50,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_port(args.host, args.port)
     source = resolve_source(args)
     predictor = build_search_predictor(args)
+    quiet_store_client(args.verbose)
     app = create_app(predictor, source=source)
     logger.info("serving %s (%d videos; %s) on http://%s:%d (OpenAPI page: /docs)", source,
                 len(predictor.corpus.vids), predictor.describe_mode(), args.host, args.port)

@@ -102,7 +102,9 @@ class VideoOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    """``GET /health``."""
+    """``GET /health``: ``status`` ``ok`` (200), or ``store unavailable`` (503: the index store,
+    a Milvus server, does not answer; ``message`` says which and why, ``videos`` is the last
+    count seen)."""
 
     status: str
     videos: int
@@ -110,6 +112,7 @@ class HealthOut(BaseModel):
     mode: Dict[str, str]
     mode_description: str
     version: str
+    message: Optional[str] = None
 
 
 class ErrorOut(BaseModel):

@@ -138,6 +138,37 @@ def test_internal_error_is_500_without_traceback_and_logged(predictor, monkeypat
     assert rec and rec[0].exc_info and "secret internal detail" in str(rec[0].exc_info[1])
 
 
+def test_unreachable_store_is_503_naming_it(predictor, monkeypatch):
+    """An index store that does not answer (IndexUnavailableError, e.g. a stopped Milvus server)
+    gives 503 naming the store, with Retry-After, on /search, /health and /videos; the next
+    request tries again (the real store: test_serve_replicas_milvus.py)."""
+    from lavis_c2f.common.errors import IndexUnavailableError
+
+    app = create_app(predictor)
+    down = {"on": True}
+    msg = "Milvus store http://10.0.0.7:19530 stopped answering (timeout 3 s): Deadline Exceeded"
+
+    def refresh():
+        if down["on"]:
+            raise IndexUnavailableError(msg)
+        return False
+
+    monkeypatch.setattr(predictor.corpus, "refresh", refresh)
+    vid = predictor.corpus.vids[0]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for r in (c.post("/search", json={"query": "a red screen"}),
+                  c.post("/search", json={"query": "a red screen", "ground": False}), c.get(f"/videos/{vid}")):
+            assert r.status_code == 503, r.text
+            assert r.json() == {"error": "index store unavailable", "message": msg}
+            assert r.headers["retry-after"] == str(SERVE_DEFAULTS["store_retry_after_s"])
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "store unavailable" and h.json()["message"] == msg
+        assert h.json()["videos"] == len(predictor.corpus.vids)
+        down["on"] = False
+        assert c.post("/search", json={"query": "a red screen"}).status_code == 200
+        assert c.get("/health").json()["status"] == "ok"
+
+
 def test_app_needs_a_corpus(ckpts):
     p = C2FPredictor.from_checkpoints(grounder_ckpt=ckpts["grounder"], backbone="random", device="cpu")
     with pytest.raises(ValueError, match="needs a predictor with a corpus"):
