@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.ops.linear import Linear, linear
+
 #: score-tensor size (B * H * Lq * Lk) from which the fused kernel is used without dropout
 FUSED_MIN_SCORES = 1 << 20
 
@@ -106,7 +108,11 @@ class PackedMultiheadAttention(nn.Module):
         embed_dim: D.
         num_heads: H (D divisible by H).
         dropout: dropout on attention weights.
+    The input products run on the kernel named by ``linear_kernel``
+    (:func:`lavis_c2f.ops.linear.set_linear_kernel`).
     """
+
+    linear_kernel = "torch"
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -117,7 +123,7 @@ class PackedMultiheadAttention(nn.Module):
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -126,12 +132,13 @@ class PackedMultiheadAttention(nn.Module):
         """query (B, Lq, D), key/value (B, Lk, D); ``bias`` as in :func:`attend` -> (B, Lq, D)."""
         d = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
+        kernel = self.linear_kernel
         if query is key:  # self-attention with q = k: one product for both
-            q, k = F.linear(query, w[:2 * d], b[:2 * d]).split(d, dim=-1)
+            q, k = linear(query, w[:2 * d], b[:2 * d], kernel).split(d, dim=-1)
         else:
-            q = F.linear(query, w[:d], b[:d])
-            k = F.linear(key, w[d:2 * d], b[d:2 * d])
-        v = F.linear(value, w[2 * d:], b[2 * d:])
+            q = linear(query, w[:d], b[:d], kernel)
+            k = linear(key, w[d:2 * d], b[d:2 * d], kernel)
+        v = linear(value, w[2 * d:], b[2 * d:], kernel)
         out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training)
         return self.out_proj(out)
 
@@ -154,7 +161,7 @@ class ProjectionFreeMultiheadAttention(nn.Module):
             raise ValueError(f"qk_dim {qk_dim} and v_dim {v_dim} must be divisible by "
                              f"num_heads {num_heads}")
         self.qk_dim, self.v_dim, self.num_heads, self.dropout = qk_dim, v_dim, num_heads, dropout
-        self.out_proj = nn.Linear(v_dim, v_dim)
+        self.out_proj = Linear(v_dim, v_dim)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
