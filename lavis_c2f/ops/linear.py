@@ -11,8 +11,9 @@ CPUs the two are about even. Same float32 arithmetic, another summation order: r
 from torch's by float32 rounding (about 1e-6 relative).
 
 Kernels (``kernel`` argument): ``"torch"`` (``F.linear``, always) or ``"onednn"``: oneDNN for
-float32 CPU tensors of at least :data:`ONEDNN_MIN_ROWS` rows and :data:`ONEDNN_MIN_COLS`
-output columns (below that its fixed cost per call, about 10 us, outweighs the gain), else
+float32 CPU products of at least :data:`ONEDNN_MIN_MACS` multiply-adds (rows x in x out)
+and :data:`ONEDNN_MIN_COLS` output columns (below that its fixed cost per call, about 10 us,
+outweighs the gain: measured crossovers 16 rows at 256 -> 256, 4 rows at 256 -> 1024), else
 ``F.linear``. Where oneDNN is missing (:func:`onednn_available`) ``"onednn"`` runs ``F.linear``
 (:func:`set_linear_kernel` warns once).
 """
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 LINEAR_KERNELS = ("torch", "onednn")
-#: fewest rows (product of the leading dims) and output columns a product needs to run on oneDNN
-ONEDNN_MIN_ROWS = 64
+#: fewest multiply-adds and output columns a product needs to run on oneDNN
+ONEDNN_MIN_MACS = 1 << 20
 ONEDNN_MIN_COLS = 16
 
 
@@ -47,7 +48,7 @@ def _on_onednn(a: torch.Tensor, w: torch.Tensor) -> bool:
     """``a`` (..., K) times ``w`` (N, K)^T is worth running on oneDNN."""
     return (_ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32
             and w.dtype == torch.float32 and w.shape[0] >= ONEDNN_MIN_COLS
-            and a.numel() >= ONEDNN_MIN_ROWS * a.shape[-1] > 0)
+            and a.numel() * w.shape[0] >= ONEDNN_MIN_MACS)
 
 
 def _product(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
