@@ -83,11 +83,13 @@ import official_runtime  # noqa: E402
 
 TOL = 1e-5
 #: our model config of the step checks unless ``--our-model`` says otherwise: the official code's
-#: float32 products (torch's BLAS), so that both sides round alike and an activation input within
-#: float32 rounding of 0 (PReLU, ReLU) falls on the same side of its kink in both; oneDNN's products
-#: (our default, lavis_c2f/ops/linear.py) differ by rounding, which can flip such an input and
-#: move that one unit's gradient (docs/parity.md)
-STEP_CHECK_MODEL: Dict[str, Any] = {"linear_kernel": "torch"}
+#: kernels. Float32 products on torch's BLAS, so that both sides round alike and an activation
+#: input within float32 rounding of 0 (PReLU, ReLU) falls on the same side of its kink in both
+#: (oneDNN's products, our default, lavis_c2f/ops/linear.py, differ by rounding, which can flip
+#: such an input and move that one unit's gradient; docs/parity.md); dropout through
+#: ``F.dropout``, where the recorded official masks are replayed (our default draws its masks
+#: from raw bits, lavis_c2f/ops/dropout.py)
+STEP_CHECK_MODEL: Dict[str, Any] = {"linear_kernel": "torch", "dropout_kernel": "torch"}
 SPLITS = ("train", "val", "test")
 
 

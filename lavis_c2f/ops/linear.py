@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.ops.kernels import set_module_attribute
+
 LINEAR_KERNELS = ("torch", "onednn")
 #: fewest multiply-adds and output columns a product needs to run on oneDNN
 ONEDNN_MIN_MACS = 1 << 20
@@ -124,9 +126,4 @@ def set_linear_kernel(module: nn.Module, kernel: str) -> int:
         warnings.warn("linear_kernel 'onednn': this torch build has no oneDNN linear operator; "
                       "using torch's", RuntimeWarning, stacklevel=2)
         kernel = "torch"
-    n = 0
-    for sub in module.modules():
-        if hasattr(sub, "linear_kernel"):
-            sub.linear_kernel = kernel
-            n += 1
-    return n
+    return set_module_attribute(module, "linear_kernel", kernel)

@@ -18,8 +18,8 @@ bit-for-bit the softmax of its open keys; a row whose keys are all blocked gives
 (finite) distribution instead of NaN.
 
 Kernels (:func:`attend`): with attention dropout active (training) the explicit path (scores,
-softmax, ``F.dropout`` on the weights: the official dropout site, so a recorded official mask
-can be replayed), else torch's fused ``scaled_dot_product_attention`` when the score tensor
+softmax, dropout on the weights: the official dropout site, so that with ``dropout_kernel``
+"torch" (``F.dropout``) a recorded official mask can be replayed), else torch's fused ``scaled_dot_product_attention`` when the score tensor
 would hold at least :data:`FUSED_MIN_SCORES` values (it never materialises them; at 100 videos
 of 75 clips the encoder attention runs about 2x faster), else the explicit path (fewer
 launches for small tensors). The two agree to float32 rounding (about 1e-6).
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lavis_c2f.ops.dropout import dropout as drop
 from lavis_c2f.ops.linear import Linear, linear
 
 #: score-tensor size (B * H * Lq * Lk) from which the fused kernel is used without dropout
@@ -65,7 +66,7 @@ def attention_bias(key_padding_mask: Optional[torch.Tensor] = None,
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
            bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-           training: bool = False) -> torch.Tensor:
+           training: bool = False, dropout_kernel: str = "torch") -> torch.Tensor:
     """Scaled dot-product attention over already projected inputs.
 
     Args:
@@ -74,7 +75,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
         v: (B, Lk, Dv) values.
         num_heads: H; Dqk and Dv must be divisible by H. Scaling is ``(Dqk / H) ** -0.5``.
         bias: additive bias broadcastable to (B, H, Lq, Lk) (:func:`attention_bias`).
-        dropout_p: dropout on the attention weights (only when ``training``).
+        dropout_p: dropout on the attention weights (only when ``training``), drawn with
+            ``dropout_kernel`` (:mod:`lavis_c2f.ops.dropout`).
     Returns:
         (B, Lq, Dv).
     """
@@ -94,7 +96,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
             scores = scores + bias
         weights = torch.softmax(scores, dim=-1)
         if dropout:
-            weights = F.dropout(weights, p=dropout_p, training=True)
+            weights = drop(weights, dropout_p, True, dropout_kernel)
         out = torch.matmul(weights, vh)  # (B, H, Lq, head_v)
     return out.transpose(1, 2).reshape(bsz, len_q, dim_v)
 
@@ -109,10 +111,12 @@ class PackedMultiheadAttention(nn.Module):
         num_heads: H (D divisible by H).
         dropout: dropout on attention weights.
     The input products run on the kernel named by ``linear_kernel``
-    (:func:`lavis_c2f.ops.linear.set_linear_kernel`).
+    (:func:`lavis_c2f.ops.linear.set_linear_kernel`), the weight dropout on ``dropout_kernel``
+    (:func:`lavis_c2f.ops.dropout.set_dropout_kernel`).
     """
 
     linear_kernel = "torch"
+    dropout_kernel = "torch"
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -139,7 +143,8 @@ class PackedMultiheadAttention(nn.Module):
             q = linear(query, w[:d], b[:d], kernel)
             k = linear(key, w[d:2 * d], b[d:2 * d], kernel)
         v = linear(value, w[2 * d:], b[2 * d:], kernel)
-        out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training)
+        out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training,
+                     self.dropout_kernel)
         return self.out_proj(out)
 
 
@@ -150,8 +155,10 @@ class ProjectionFreeMultiheadAttention(nn.Module):
         qk_dim: width of queries and keys (e.g. 2·D in the decoder cross-attention).
         num_heads: H.
         v_dim: width of values and of the output.
-        dropout: dropout on attention weights.
+        dropout: dropout on attention weights (drawn with ``dropout_kernel``).
     """
+
+    dropout_kernel = "torch"
 
     def __init__(self, qk_dim: int, num_heads: int, v_dim: Optional[int] = None,
                  dropout: float = 0.0):
@@ -167,5 +174,6 @@ class ProjectionFreeMultiheadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """query (B, Lq, qk_dim), key (B, Lk, qk_dim), value (B, Lk, v_dim) -> (B, Lq, v_dim)."""
-        out = attend(query, key, value, self.num_heads, bias, self.dropout, self.training)
+        out = attend(query, key, value, self.num_heads, bias, self.dropout, self.training,
+                     self.dropout_kernel)
         return self.out_proj(out)

@@ -40,6 +40,7 @@ from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess
 from lavis_c2f.models.grounder.text_encoder import RuntimeTextEncoder
 from lavis_c2f.models.grounder.vocab import ReconstructionVocab, get_tokenizer
 from lavis_c2f.paths import config_path, resolve_path
+from lavis_c2f.ops.dropout import set_dropout_kernel
 from lavis_c2f.ops.linear import set_linear_kernel
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class C2FQDDETR(BaseModel):
         except ValueError as err:
             raise ConfigError(f"invalid model config: {err}") from err
         set_linear_kernel(detr, c["linear_kernel"])
+        set_dropout_kernel(detr, c["dropout_kernel"])
         criterion = SetCriterion(**_criterion_kwargs(c))
         return cls(detr=detr, criterion=criterion, postprocess=postprocess,
                    config=dict(c, arch=cls.ARCH))
@@ -404,6 +406,7 @@ class C2FMESMQDDETR(C2FQDDETR):
         except ValueError as err:
             raise ConfigError(f"invalid model config: {err}") from err
         set_linear_kernel(detr, c["linear_kernel"])
+        set_dropout_kernel(detr, c["dropout_kernel"])
         return cls(detr=detr, criterion=criterion, postprocess=postprocess,
                    config=dict(c, arch=cls.ARCH), vocab=vocab)
 

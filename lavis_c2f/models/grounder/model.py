@@ -32,6 +32,7 @@ from lavis_c2f.models.grounder.position_encoding import (LearnedTextPositionEmbe
                                                          MaskedSinePositionEmbedding)
 from lavis_c2f.models.grounder.transformer import (MLP, T2V_MASK_MODES, QDTransformer,
                                                    inverse_sigmoid)
+from lavis_c2f.ops.dropout import Dropout
 from lavis_c2f.ops.linear import Linear
 
 NEG_SAMPLING_MODES = ("roll", "other_video")
@@ -49,7 +50,7 @@ class LinearLayer(nn.Module):
         super().__init__()
         self.relu = relu
         self.LayerNorm = nn.LayerNorm(in_dim)
-        self.net = nn.Sequential(nn.Dropout(dropout), Linear(in_dim, out_dim))
+        self.net = nn.Sequential(Dropout(dropout), Linear(in_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) -> (..., out_dim)."""

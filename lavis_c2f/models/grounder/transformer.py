@@ -28,6 +28,7 @@ from lavis_c2f.models.grounder.attention import (PackedMultiheadAttention,
                                                  ProjectionFreeMultiheadAttention, attention_bias)
 from lavis_c2f.models.grounder.position_encoding import anchor_sine_embedding
 from lavis_c2f.models.grounder.prelu import PReLU
+from lavis_c2f.ops.dropout import Dropout
 from lavis_c2f.ops.linear import Linear
 
 T2V_MASK_MODES = ("official", "correct")
@@ -114,12 +115,12 @@ class T2VEncoderLayer(nn.Module):
         self.nhead = nhead
         self.self_attn = PackedMultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.activation = PReLU()
         self.has_alt_ffn = alt_ffn
         if alt_ffn:
@@ -166,12 +167,12 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = PackedMultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.activation = PReLU()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, bias: Optional[torch.Tensor]
@@ -210,7 +211,7 @@ class DecoderLayer(nn.Module):
         self.sa_v_proj = Linear(d_model, d_model)
         self.self_attn = ProjectionFreeMultiheadAttention(d_model, nhead, d_model, dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
 
         self.ca_qcontent_proj = Linear(d_model, d_model)
         if is_first:
@@ -222,12 +223,12 @@ class DecoderLayer(nn.Module):
         self.cross_attn = ProjectionFreeMultiheadAttention(2 * d_model, nhead, d_model, dropout)
 
         self.linear1 = Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = Linear(dim_feedforward, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.activation = PReLU()
 
     def _per_head_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
