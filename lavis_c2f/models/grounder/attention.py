@@ -19,10 +19,12 @@ bit-for-bit the softmax of its open keys; a row whose keys are all blocked gives
 
 Kernels (:func:`attend`): with attention dropout active (training) the explicit path (scores,
 softmax, dropout on the weights: the official dropout site, so that with ``dropout_kernel``
-"torch" (``F.dropout``) a recorded official mask can be replayed), else torch's fused ``scaled_dot_product_attention`` when the score tensor
-would hold at least :data:`FUSED_MIN_SCORES` values (it never materialises them; at 100 videos
-of 75 clips the encoder attention runs about 2x faster), else the explicit path (fewer
-launches for small tensors). The two agree to float32 rounding (about 1e-6).
+"torch" (``F.dropout``) a recorded official mask can be replayed), else torch's fused
+``scaled_dot_product_attention`` when the score tensor would hold at least
+:data:`FUSED_MIN_SCORES` values (it never materialises them; at 100 videos of 75 clips the
+encoder attention runs about 2x faster), else the explicit path (fewer launches for small
+tensors). The two agree to float32 rounding (about 1e-6). The input and output products run on
+:func:`lavis_c2f.ops.linear.linear` (kernel ``linear_kernel``).
 """
 from __future__ import annotations
 
@@ -110,6 +112,7 @@ class PackedMultiheadAttention(nn.Module):
         embed_dim: D.
         num_heads: H (D divisible by H).
         dropout: dropout on attention weights.
+
     The input products run on the kernel named by ``linear_kernel``
     (:func:`lavis_c2f.ops.linear.set_linear_kernel`), the weight dropout on ``dropout_kernel``
     (:func:`lavis_c2f.ops.dropout.set_dropout_kernel`).

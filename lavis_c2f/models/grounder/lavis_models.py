@@ -39,9 +39,9 @@ from lavis_c2f.models.grounder.pos_weights import get_pos_tagger, pos_token_weig
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess_batch
 from lavis_c2f.models.grounder.text_encoder import RuntimeTextEncoder
 from lavis_c2f.models.grounder.vocab import ReconstructionVocab, get_tokenizer
-from lavis_c2f.paths import config_path, resolve_path
 from lavis_c2f.ops.dropout import set_dropout_kernel
 from lavis_c2f.ops.linear import set_linear_kernel
+from lavis_c2f.paths import config_path, resolve_path
 
 logger = logging.getLogger(__name__)
 

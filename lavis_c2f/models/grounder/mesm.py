@@ -52,8 +52,8 @@ from lavis_c2f.models.grounder.model import LinearLayer, QDDETR, negative_text_i
 from lavis_c2f.models.grounder.text_encoder import (REPLACE_MASK, REPLACE_UNKNOWN,
                                                     RuntimeTextEncoder)
 from lavis_c2f.models.grounder.transformer import LayerStack, T2VEncoderLayer, t2v_bias
-from lavis_c2f.ops.spans import generalized_temporal_iou, span_cxw_to_xx
 from lavis_c2f.ops.linear import Linear
+from lavis_c2f.ops.spans import generalized_temporal_iou, span_cxw_to_xx
 
 
 # ---------------------------------------------------------------------- target helpers
