@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -394,17 +395,22 @@ class OfficialMESM:
 
 
 # --------------------------------------------------------------------------- ours
-def build_ours(arch: str, device: torch.device, counts_path: str, num_word_classes: Optional[int] = None):
+def build_ours(arch: str, device: torch.device, counts_path: str, num_word_classes: Optional[int] = None,
+               overrides: Optional[Dict[str, Any]] = None):
     """The registered model of ``arch`` from its shipped QVHighlights CLIP YAML (MESM: the
-    bench's whitespace vocabulary, words without start/end rows, as MESM's word-feature path)."""
+    bench's whitespace vocabulary, words without start/end rows, as MESM's word-feature path),
+    with ``overrides`` set in its model node (e.g. ``linear_kernel: torch``)."""
     from omegaconf import OmegaConf
 
     from lavis_c2f.models.grounder import C2FMESMQDDETR, C2FQDDETR
 
+    cls = C2FQDDETR if arch == "qd_detr" else C2FMESMQDDETR
+    node = OmegaConf.load(cls.default_config_path("qvh_clip")).model
+    for key, value in (overrides or {}).items():
+        node[key] = value
     if arch == "qd_detr":
-        model = C2FQDDETR.from_pretrained("qvh_clip")
+        model = C2FQDDETR.from_config(node)
     else:
-        node = OmegaConf.load(C2FMESMQDDETR.default_config_path("qvh_clip")).model
         node.vocab_counts = counts_path
         node.fw_tokenizer = "whitespace"
         node.fw_text_special_tokens = False
@@ -570,11 +576,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                     help="wall: elapsed seconds (default); cpu: this process's CPU seconds "
                          "(steadier on a host shared with other jobs; use with --threads 1)")
+    ap.add_argument("--our-model", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="set these entries of our models' config (YAML values), e.g. "
+                         "linear_kernel=torch dropout_kernel=torch: the official code's kernels")
     ap.add_argument("--data-share", type=int, default=0, metavar="EPOCHS",
                     help="also train the demo projects for EPOCHS epochs (>= 2) and report the "
                          "share of step time spent waiting for data")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
+    bad = [kv for kv in args.our_model if "=" not in kv]
+    if bad:
+        ap.error(f"--our-model takes KEY=VALUE, got {bad}")
+    our_model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.our_model)}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -605,7 +618,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             official = (OfficialQDDETR if arch == "qd_detr" else OfficialMESM)(
                 official_src[arch], device, shims)
         ours = build_ours(arch, device, counts_path,
-                          None if official is None or arch == "qd_detr" else official.num_word_classes)
+                          None if official is None or arch == "qd_detr" else official.num_word_classes,
+                          our_model)
         sides = [("ours", True)] + ([("ours", False)] if official is None else [])
         for side, neg in sides:
             key = (arch, side if official is not None else ("ours" if neg else "ours-no-neg"))
@@ -634,6 +648,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"clock={args.clock} clips={args.clips} train_batch={args.train_batch} top-K batch={args.topk}; "
           f"{load_before} (before), {load_after} (after); best of "
           f"{args.train_steps}/{args.repeats}/{args.repeats_topk} round-robin runs")
+    kernels = {k: ours.config.get(k) for k in ("linear_kernel", "dropout_kernel")}
+    print(f"ours: {kernels}" + (f", config set: {our_model}" if our_model else ""))
     cols = ["model", "side", "train samples/s", "infer ms/pair B=1", f"infer ms/pair B={args.topk}"]
     metric_keys = ["train_samples_per_s", "infer_ms_per_pair_b1", f"infer_ms_per_pair_b{args.topk}"]
     rows: List[Dict[str, Any]] = []

@@ -77,10 +77,19 @@ for _p in (ROOT, BENCH):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import official_runtime  # noqa: E402
 
 TOL = 1e-5
+#: our model config of the step checks unless ``--our-model`` says otherwise: the official code's
+#: kernels. Float32 products on torch's BLAS, so that both sides round alike and an activation
+#: input within float32 rounding of 0 (PReLU, ReLU) falls on the same side of its kink in both
+#: (oneDNN's products, our default, lavis_c2f/ops/linear.py, differ by rounding, which can flip
+#: such an input and move that one unit's gradient; docs/parity.md); dropout through
+#: ``F.dropout``, where the recorded official masks are replayed (our default draws its masks
+#: from raw bits, lavis_c2f/ops/dropout.py)
+STEP_CHECK_MODEL: Dict[str, Any] = {"linear_kernel": "torch", "dropout_kernel": "torch"}
 SPLITS = ("train", "val", "test")
 
 
@@ -547,9 +556,11 @@ def compare_random_labels(off_draw: Draw, our_draw: Draw, n_draws: int,
 
 
 def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_size: int, seed: int,
-                       n_draws: int, tie_break: str = "official") -> int:
+                       n_draws: int, tie_break: str = "official",
+                       our_model: Optional[Dict[str, Any]] = None) -> int:
     """The QD-DETR step check (module doc); ``tie_break`` is our dataset's
-    ``saliency_tie_break`` (``stable`` shows what the check reports for the old order).
+    ``saliency_tie_break`` (``stable`` shows what the check reports for the old order);
+    ``our_model``: entries set in our model config (:data:`STEP_CHECK_MODEL` by default).
     Returns the exit status."""
     import random
 
@@ -667,7 +678,9 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
     # ---- one training step from the same weights, on the same batch
     torch.manual_seed(seed)
     off_model, off_crit = build_model(opt)
-    model = C2FQDDETR.from_config(our_model_config(recipe, corpus))
+    our_model = STEP_CHECK_MODEL if our_model is None else our_model
+    print(f"our model config set for this check: {our_model}")
+    model = C2FQDDETR.from_config(our_model_config(recipe, corpus, **our_model))
     model.detr.load_state_dict(off_model.state_dict(), strict=True)  # same key layout
     batch = dict(ours)
     batch["saliency_pos_labels"] = ours["saliency_pos_labels"].clone()
@@ -935,8 +948,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--items", type=int, default=4, help="MESM step check: training items (videos)")
     p.add_argument("--mesm-bsz", type=int, default=None, help="MESM training batch in items (default: MesmRecipe)")
     p.add_argument("--our-model", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="MESM step check: set these entries of our model config (YAML values), e.g. "
-                        "ss_group_video=own, to see what the check reports for a variant")
+                   help="step check: set these entries of our model config (YAML values), e.g. "
+                        "ss_group_video=own or linear_kernel=onednn, to see what the check reports "
+                        "for a variant (the check's own default: " + ", ".join(
+                            f"{k}={v}" for k, v in STEP_CHECK_MODEL.items()) + ")")
     p.add_argument("--no-dropout", action="store_true",
                    help="MESM step check without dropout (diagnosis: computation vs dropout sites)")
     p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
@@ -962,6 +977,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("give --official-qd-detr DIR and/or --official-mesm DIR")
     if a.step_check:
         _reexec_with_scalar_sort()
+    bad = [kv for kv in a.our_model if "=" not in kv]
+    if bad:
+        p.error(f"--our-model takes KEY=VALUE, got {bad}")
+    a.our_model = dict(STEP_CHECK_MODEL, **{k: yaml.safe_load(v) for k, v in
+                                            (kv.split("=", 1) for kv in a.our_model)})
     recipe = Recipe() if a.epochs is None else Recipe(epochs=a.epochs)
     recipe.check()
     corpus = detect_corpus(a.corpus or default_demo_corpus())
@@ -978,7 +998,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("official code shims (bench/official_runtime.py): " + "; ".join(official_runtime.SHIMS))
     if a.step_check:
         status = step_check_qd_detr(official, corpus, recipe, a.batch_size, a.seed, a.draws,
-                                    a.our_tie_break)
+                                    a.our_tie_break, a.our_model)
     if a.train:
         work = a.work or tempfile.mkdtemp(prefix="train_parity_")
         table, rows = train_parity(official, corpus, recipe, a.seeds, a.official_python, a.jobs, work, a.variants)
@@ -1012,14 +1032,8 @@ def _mesm_main(a: argparse.Namespace, p: argparse.ArgumentParser, corpus: Corpus
     status = 0
     report["mesm_recipe"] = asdict(recipe)
     if a.step_check:
-        import yaml
-
-        bad = [kv for kv in a.our_model if "=" not in kv]
-        if bad:
-            p.error(f"--our-model takes KEY=VALUE, got {bad}")
-        our_model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.our_model)}
         status = parity_mesm.step_check_mesm(official, layout, recipe, a.items, a.seed, a.draws, not a.no_dropout,
-                                             our_model)
+                                             a.our_model)
     if a.train:
         work = a.work or tempfile.mkdtemp(prefix="train_parity_mesm_")
         table, rows = parity_mesm.train_parity_mesm(official, layout, recipe, a.seeds, a.official_python,

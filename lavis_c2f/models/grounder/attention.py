@@ -18,11 +18,13 @@ bit-for-bit the softmax of its open keys; a row whose keys are all blocked gives
 (finite) distribution instead of NaN.
 
 Kernels (:func:`attend`): with attention dropout active (training) the explicit path (scores,
-softmax, ``F.dropout`` on the weights: the official dropout site, so a recorded official mask
-can be replayed), else torch's fused ``scaled_dot_product_attention`` when the score tensor
-would hold at least :data:`FUSED_MIN_SCORES` values (it never materialises them; at 100 videos
-of 75 clips the encoder attention runs about 2x faster), else the explicit path (fewer
-launches for small tensors). The two agree to float32 rounding (about 1e-6).
+softmax, dropout on the weights: the official dropout site, so that with ``dropout_kernel``
+"torch" (``F.dropout``) a recorded official mask can be replayed), else torch's fused
+``scaled_dot_product_attention`` when the score tensor would hold at least
+:data:`FUSED_MIN_SCORES` values (it never materialises them; at 100 videos of 75 clips the
+encoder attention runs about 2x faster), else the explicit path (fewer launches for small
+tensors). The two agree to float32 rounding (about 1e-6). The input and output products run on
+:func:`lavis_c2f.ops.linear.linear` (kernel ``linear_kernel``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lavis_c2f.ops.dropout import dropout as drop
+from lavis_c2f.ops.linear import Linear, linear
 
 #: score-tensor size (B * H * Lq * Lk) from which the fused kernel is used without dropout
 FUSED_MIN_SCORES = 1 << 20
@@ -63,7 +68,7 @@ def attention_bias(key_padding_mask: Optional[torch.Tensor] = None,
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
            bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-           training: bool = False) -> torch.Tensor:
+           training: bool = False, dropout_kernel: str = "torch") -> torch.Tensor:
     """Scaled dot-product attention over already projected inputs.
 
     Args:
@@ -72,7 +77,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
         v: (B, Lk, Dv) values.
         num_heads: H; Dqk and Dv must be divisible by H. Scaling is ``(Dqk / H) ** -0.5``.
         bias: additive bias broadcastable to (B, H, Lq, Lk) (:func:`attention_bias`).
-        dropout_p: dropout on the attention weights (only when ``training``).
+        dropout_p: dropout on the attention weights (only when ``training``), drawn with
+            ``dropout_kernel`` (:mod:`lavis_c2f.ops.dropout`).
     Returns:
         (B, Lq, Dv).
     """
@@ -92,7 +98,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
             scores = scores + bias
         weights = torch.softmax(scores, dim=-1)
         if dropout:
-            weights = F.dropout(weights, p=dropout_p, training=True)
+            weights = drop(weights, dropout_p, True, dropout_kernel)
         out = torch.matmul(weights, vh)  # (B, H, Lq, head_v)
     return out.transpose(1, 2).reshape(bsz, len_q, dim_v)
 
@@ -106,7 +112,14 @@ class PackedMultiheadAttention(nn.Module):
         embed_dim: D.
         num_heads: H (D divisible by H).
         dropout: dropout on attention weights.
+
+    The input products run on the kernel named by ``linear_kernel``
+    (:func:`lavis_c2f.ops.linear.set_linear_kernel`), the weight dropout on ``dropout_kernel``
+    (:func:`lavis_c2f.ops.dropout.set_dropout_kernel`).
     """
+
+    linear_kernel = "torch"
+    dropout_kernel = "torch"
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -117,7 +130,7 @@ class PackedMultiheadAttention(nn.Module):
         self.dropout = dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
@@ -126,13 +139,15 @@ class PackedMultiheadAttention(nn.Module):
         """query (B, Lq, D), key/value (B, Lk, D); ``bias`` as in :func:`attend` -> (B, Lq, D)."""
         d = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
+        kernel = self.linear_kernel
         if query is key:  # self-attention with q = k: one product for both
-            q, k = F.linear(query, w[:2 * d], b[:2 * d]).split(d, dim=-1)
+            q, k = linear(query, w[:2 * d], b[:2 * d], kernel).split(d, dim=-1)
         else:
-            q = F.linear(query, w[:d], b[:d])
-            k = F.linear(key, w[d:2 * d], b[d:2 * d])
-        v = F.linear(value, w[2 * d:], b[2 * d:])
-        out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training)
+            q = linear(query, w[:d], b[:d], kernel)
+            k = linear(key, w[d:2 * d], b[d:2 * d], kernel)
+        v = linear(value, w[2 * d:], b[2 * d:], kernel)
+        out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training,
+                     self.dropout_kernel)
         return self.out_proj(out)
 
 
@@ -143,8 +158,10 @@ class ProjectionFreeMultiheadAttention(nn.Module):
         qk_dim: width of queries and keys (e.g. 2·D in the decoder cross-attention).
         num_heads: H.
         v_dim: width of values and of the output.
-        dropout: dropout on attention weights.
+        dropout: dropout on attention weights (drawn with ``dropout_kernel``).
     """
+
+    dropout_kernel = "torch"
 
     def __init__(self, qk_dim: int, num_heads: int, v_dim: Optional[int] = None,
                  dropout: float = 0.0):
@@ -154,11 +171,12 @@ class ProjectionFreeMultiheadAttention(nn.Module):
             raise ValueError(f"qk_dim {qk_dim} and v_dim {v_dim} must be divisible by "
                              f"num_heads {num_heads}")
         self.qk_dim, self.v_dim, self.num_heads, self.dropout = qk_dim, v_dim, num_heads, dropout
-        self.out_proj = nn.Linear(v_dim, v_dim)
+        self.out_proj = Linear(v_dim, v_dim)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """query (B, Lq, qk_dim), key (B, Lk, qk_dim), value (B, Lk, v_dim) -> (B, Lq, v_dim)."""
-        out = attend(query, key, value, self.num_heads, bias, self.dropout, self.training)
+        out = attend(query, key, value, self.num_heads, bias, self.dropout, self.training,
+                     self.dropout_kernel)
         return self.out_proj(out)

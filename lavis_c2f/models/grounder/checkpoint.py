@@ -36,6 +36,7 @@ from lavis_c2f.models.checkpoint import load_state_strict, model_node, save_chec
 from lavis_c2f.models.grounder.mesm import MESMQDDETR
 from lavis_c2f.models.grounder.model import QDDETR
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig
+from lavis_c2f.ops.linear import set_linear_kernel
 from lavis_c2f.registry_utils import get
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def qd_detr_kwargs_from_opt(opt: Any, state_dict: Optional[Mapping[str, torch.Te
 
 def load_qd_detr_checkpoint(path: str, map_location: Any = "cpu", *,
                             t2v_mask_mode: str = "official", trusted: bool = False,
-                            opt: Any = None) -> QDDETR:
+                            opt: Any = None, linear_kernel: str = "onednn") -> QDDETR:
     """Build and load an official QD-DETR checkpoint, strictly, in eval mode.
 
     Args:
@@ -117,6 +118,7 @@ def load_qd_detr_checkpoint(path: str, map_location: Any = "cpu", *,
             ``"correct"`` (batch-independent; identical at batch size 1).
         trusted: allow full unpickling if the file holds more than tensors and a Namespace.
         opt: options to use instead of the ones stored in the file.
+        linear_kernel: kernel of the float32 CPU products (:mod:`lavis_c2f.ops.linear`).
     Returns:
         :class:`QDDETR` in eval mode.
     Raises:
@@ -140,6 +142,7 @@ def load_qd_detr_checkpoint(path: str, map_location: Any = "cpu", *,
     kwargs = qd_detr_kwargs_from_opt(opt, state_dict)
     model = QDDETR(**kwargs, t2v_mask_mode=t2v_mask_mode, neg_sampling="roll")
     load_state_strict(model, state_dict, source=path)
+    set_linear_kernel(model, linear_kernel)
     return model.eval()
 
 
@@ -262,7 +265,7 @@ def grounder_checkpoint_kind(ckpt: Any) -> str:
 
 
 def load_mesm_checkpoint(path: str, map_location: Any = "cpu", *, trusted: bool = False,
-                         opt: Any = None) -> MESMQDDETR:
+                         opt: Any = None, linear_kernel: str = "onednn") -> MESMQDDETR:
     """Build and load an official MESM checkpoint, strictly, in eval mode.
 
     Args:
@@ -272,6 +275,7 @@ def load_mesm_checkpoint(path: str, map_location: Any = "cpu", *, trusted: bool 
         map_location: passed to ``torch.load``.
         trusted: allow full unpickling if the file holds more than tensors and a Namespace.
         opt: options to use instead of the ones stored in the file.
+        linear_kernel: kernel of the float32 CPU products (:mod:`lavis_c2f.ops.linear`).
     Returns:
         :class:`~.mesm.MESMQDDETR` in eval mode (official T2V mask).
     Raises:
@@ -290,6 +294,7 @@ def load_mesm_checkpoint(path: str, map_location: Any = "cpu", *, trusted: bool 
     kwargs = mesm_kwargs_from_opt(opt, ckpt["model"])
     model = MESMQDDETR(**kwargs)
     load_state_strict(model, map_mesm_state_dict(ckpt["model"], kwargs["rec_fw"]), source=path)
+    set_linear_kernel(model, linear_kernel)
     return model.eval()
 
 

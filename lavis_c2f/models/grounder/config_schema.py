@@ -50,6 +50,10 @@ QD_DETR_FIELDS: Dict[str, Field] = {
                                                     "(MESM: true, QD-DETR: false)"),
     "train_neg_pass": Field("bool", True, doc="run the negative-pair pass in training (false: "
                                               "ablation without the negative-pair saliency terms)"),
+    "linear_kernel": Field("str", "onednn", choices=("torch", "onednn"),
+                           doc="kernel of the float32 CPU products (lavis_c2f/ops/linear.py)"),
+    "dropout_kernel": Field("str", "bits", choices=("torch", "bits"),
+                            doc="how CPU dropout masks are drawn (lavis_c2f/ops/dropout.py)"),
     # matcher
     "set_cost_class": Field("float", 4.0), "set_cost_span": Field("float", 10.0),
     "set_cost_giou": Field("float", 1.0),

@@ -39,6 +39,8 @@ from lavis_c2f.models.grounder.pos_weights import get_pos_tagger, pos_token_weig
 from lavis_c2f.models.grounder.postprocess import PostProcessConfig, postprocess_batch
 from lavis_c2f.models.grounder.text_encoder import RuntimeTextEncoder
 from lavis_c2f.models.grounder.vocab import ReconstructionVocab, get_tokenizer
+from lavis_c2f.ops.dropout import set_dropout_kernel
+from lavis_c2f.ops.linear import set_linear_kernel
 from lavis_c2f.paths import config_path, resolve_path
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class C2FQDDETR(BaseModel):
             detr = QDDETR(**{k: c[k] for k in _MODEL_KEYS})
         except ValueError as err:
             raise ConfigError(f"invalid model config: {err}") from err
+        set_linear_kernel(detr, c["linear_kernel"])
+        set_dropout_kernel(detr, c["dropout_kernel"])
         criterion = SetCriterion(**_criterion_kwargs(c))
         return cls(detr=detr, criterion=criterion, postprocess=postprocess,
                    config=dict(c, arch=cls.ARCH))
@@ -401,6 +405,8 @@ class C2FMESMQDDETR(C2FQDDETR):
                                       **_criterion_kwargs(c))
         except ValueError as err:
             raise ConfigError(f"invalid model config: {err}") from err
+        set_linear_kernel(detr, c["linear_kernel"])
+        set_dropout_kernel(detr, c["dropout_kernel"])
         return cls(detr=detr, criterion=criterion, postprocess=postprocess,
                    config=dict(c, arch=cls.ARCH), vocab=vocab)
 

@@ -52,6 +52,7 @@ from lavis_c2f.models.grounder.model import LinearLayer, QDDETR, negative_text_i
 from lavis_c2f.models.grounder.text_encoder import (REPLACE_MASK, REPLACE_UNKNOWN,
                                                     RuntimeTextEncoder)
 from lavis_c2f.models.grounder.transformer import LayerStack, T2VEncoderLayer, t2v_bias
+from lavis_c2f.ops.linear import Linear
 from lavis_c2f.ops.spans import generalized_temporal_iou, span_cxw_to_xx
 
 
@@ -211,7 +212,7 @@ class MESMQDDETR(QDDETR):
             self.fw_mask_token = nn.Parameter(torch.zeros(self.txt_dim))
             self.fw_unknown_token = nn.Parameter(torch.zeros(self.txt_dim))
             self.output_txt_proj = nn.Sequential(
-                LinearLayer(d, d, input_dropout, relu=True), nn.Linear(d, num_word_classes))
+                LinearLayer(d, d, input_dropout, relu=True), Linear(d, num_word_classes))
             for p in self.enhance_encoder.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)

@@ -32,6 +32,8 @@ from lavis_c2f.models.grounder.position_encoding import (LearnedTextPositionEmbe
                                                          MaskedSinePositionEmbedding)
 from lavis_c2f.models.grounder.transformer import (MLP, T2V_MASK_MODES, QDTransformer,
                                                    inverse_sigmoid)
+from lavis_c2f.ops.dropout import Dropout
+from lavis_c2f.ops.linear import Linear
 
 NEG_SAMPLING_MODES = ("roll", "other_video")
 
@@ -48,7 +50,7 @@ class LinearLayer(nn.Module):
         super().__init__()
         self.relu = relu
         self.LayerNorm = nn.LayerNorm(in_dim)
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+        self.net = nn.Sequential(Dropout(dropout), Linear(in_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) -> (..., out_dim)."""
@@ -182,17 +184,17 @@ class QDDETR(nn.Module):
             # not wait for their gradients
             self.txt_position_embed.requires_grad_(False)
         self.span_embed = MLP(hidden_dim, hidden_dim, 2, 3)
-        self.class_embed = nn.Linear(hidden_dim, 2)
+        self.class_embed = Linear(hidden_dim, 2)
         self.query_embed = nn.Embedding(num_queries, 2)
         self.input_txt_proj = input_projection(txt_dim, hidden_dim, n_input_proj, input_dropout)
         self.input_vid_proj = input_projection(vid_dim + aud_dim, hidden_dim, n_input_proj,
                                                input_dropout)
         if contrastive_align_loss:
-            self.contrastive_align_projection_query = nn.Linear(hidden_dim, contrastive_hdim)
-            self.contrastive_align_projection_txt = nn.Linear(hidden_dim, contrastive_hdim)
-            self.contrastive_align_projection_vid = nn.Linear(hidden_dim, contrastive_hdim)
-        self.saliency_proj1 = nn.Linear(hidden_dim, hidden_dim)
-        self.saliency_proj2 = nn.Linear(hidden_dim, hidden_dim)
+            self.contrastive_align_projection_query = Linear(hidden_dim, contrastive_hdim)
+            self.contrastive_align_projection_txt = Linear(hidden_dim, contrastive_hdim)
+            self.contrastive_align_projection_vid = Linear(hidden_dim, contrastive_hdim)
+        self.saliency_proj1 = Linear(hidden_dim, hidden_dim)
+        self.saliency_proj2 = Linear(hidden_dim, hidden_dim)
         self.global_rep_token = nn.Parameter(torch.randn(hidden_dim))
         self.global_rep_pos = nn.Parameter(torch.randn(hidden_dim))
 

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from lavis_c2f.ops.dropout import Dropout
+
 
 def _frequencies(num_feats: int, temperature: float, device: torch.device) -> torch.Tensor:
     """(num_feats,) divisors ``temperature ** (2 * (i // 2) / num_feats)`` for i = 0..num_feats-1."""
@@ -80,7 +82,7 @@ class LearnedTextPositionEmbedding(nn.Module):
         super().__init__()
         self.position_embeddings = nn.Embedding(max_len, hidden_dim)
         self.LayerNorm = nn.LayerNorm(hidden_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, Lt, D) -> (B, Lt, D). Raises ``ValueError`` when Lt exceeds ``max_len``."""

@@ -28,6 +28,8 @@ from lavis_c2f.models.grounder.attention import (PackedMultiheadAttention,
                                                  ProjectionFreeMultiheadAttention, attention_bias)
 from lavis_c2f.models.grounder.position_encoding import anchor_sine_embedding
 from lavis_c2f.models.grounder.prelu import PReLU
+from lavis_c2f.ops.dropout import Dropout
+from lavis_c2f.ops.linear import Linear
 
 T2V_MASK_MODES = ("official", "correct")
 
@@ -49,7 +51,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., input_dim) -> (..., output_dim)."""
@@ -112,18 +114,18 @@ class T2VEncoderLayer(nn.Module):
         super().__init__()
         self.nhead = nhead
         self.self_attn = PackedMultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = Linear(d_model, dim_feedforward)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.activation = PReLU()
         self.has_alt_ffn = alt_ffn
         if alt_ffn:
-            self.linear1_1 = nn.Linear(d_model, dim_feedforward)
-            self.linear2_1 = nn.Linear(dim_feedforward, d_model)
+            self.linear1_1 = Linear(d_model, dim_feedforward)
+            self.linear2_1 = Linear(dim_feedforward, d_model)
             self.norm1_1 = nn.LayerNorm(d_model)
             self.norm2_1 = nn.LayerNorm(d_model)
 
@@ -164,13 +166,13 @@ class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
         self.self_attn = PackedMultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = Linear(d_model, dim_feedforward)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.activation = PReLU()
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, bias: Optional[torch.Tensor]
@@ -202,31 +204,31 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.nhead = nhead
         self.is_first = is_first
-        self.sa_qcontent_proj = nn.Linear(d_model, d_model)
-        self.sa_qpos_proj = nn.Linear(d_model, d_model)
-        self.sa_kcontent_proj = nn.Linear(d_model, d_model)
-        self.sa_kpos_proj = nn.Linear(d_model, d_model)
-        self.sa_v_proj = nn.Linear(d_model, d_model)
+        self.sa_qcontent_proj = Linear(d_model, d_model)
+        self.sa_qpos_proj = Linear(d_model, d_model)
+        self.sa_kcontent_proj = Linear(d_model, d_model)
+        self.sa_kpos_proj = Linear(d_model, d_model)
+        self.sa_v_proj = Linear(d_model, d_model)
         self.self_attn = ProjectionFreeMultiheadAttention(d_model, nhead, d_model, dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
 
-        self.ca_qcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_qcontent_proj = Linear(d_model, d_model)
         if is_first:
-            self.ca_qpos_proj = nn.Linear(d_model, d_model)
-        self.ca_kcontent_proj = nn.Linear(d_model, d_model)
-        self.ca_kpos_proj = nn.Linear(d_model, d_model)
-        self.ca_v_proj = nn.Linear(d_model, d_model)
-        self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
+            self.ca_qpos_proj = Linear(d_model, d_model)
+        self.ca_kcontent_proj = Linear(d_model, d_model)
+        self.ca_kpos_proj = Linear(d_model, d_model)
+        self.ca_v_proj = Linear(d_model, d_model)
+        self.ca_qpos_sine_proj = Linear(d_model, d_model)
         self.cross_attn = ProjectionFreeMultiheadAttention(2 * d_model, nhead, d_model, dropout)
 
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = Linear(d_model, dim_feedforward)
+        self.dropout = Dropout(dropout)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.activation = PReLU()
 
     def _per_head_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,17 @@ def torch_threads():
     torch.set_num_threads(n)  # main() sets --threads for the whole process
 
 
-def test_ours_alone_writes_measurements_per_side(gb, tmp_path, torch_threads):
+def test_ours_alone_writes_measurements_per_side(gb, tmp_path, torch_threads, capsys):
     out = tmp_path / "grounder.json"
     rc = gb.main(["--models", "qd_detr", "--clips", "20", "--train-batch", "2", "--topk", "3",
                   "--train-steps", "1", "--repeats", "1", "--repeats-topk", "1", "--threads", "1",
-                  "--clock", "cpu", "--json", str(out)])
+                  "--clock", "cpu", "--our-model", "linear_kernel=torch", "--json", str(out)])
     assert rc == 0
+    assert "ours: {'linear_kernel': 'torch', 'dropout_kernel': 'bits'}, config set: " \
+           "{'linear_kernel': 'torch'}" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["settings"]["clock"] == "cpu" and data["threads"] == 1
+    assert data["settings"]["our_model"] == ["linear_kernel=torch"]
     assert data["rows"] == [] and data["data_share"] == []  # no official code, no --data-share
     sides = {m["side"]: m for m in data["measured"]}
     assert set(sides) == {"ours", "ours-no-neg"}
@@ -58,3 +61,5 @@ def test_ours_alone_writes_measurements_per_side(gb, tmp_path, torch_threads):
 def test_unknown_model_is_refused(gb):
     with pytest.raises(SystemExit, match="unknown model 'detr'"):
         gb.main(["--models", "detr"])
+    with pytest.raises(SystemExit):  # argparse: --our-model takes KEY=VALUE
+        gb.main(["--models", "qd_detr", "--our-model", "linear_kernel"])

@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-from grounder_helpers import make_batch, tiny_qd_config
+from grounder_helpers import assert_rows_close, make_batch, tiny_mesm_config, tiny_qd_config
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.models.grounder import C2FMESMQDDETR, C2FQDDETR, CheckpointMismatchError
+from lavis_c2f.ops.linear import onednn_available
 
 
 def test_registered_and_config_paths_are_absolute():
@@ -39,6 +40,35 @@ def test_lavis_load_model_builds_in_eval_mode():
     model = load_model("c2f_qd_detr", "demo", is_eval=True)
     assert isinstance(model, C2FQDDETR) and not model.training
     assert model.postprocess.top_k == 5 and model.postprocess.nms_threshold == 0.7
+
+
+@pytest.mark.parametrize("cls,cfg", [(C2FQDDETR, tiny_qd_config), (C2FMESMQDDETR, tiny_mesm_config)])
+def test_kernel_keys_reach_every_layer(cls, cfg):
+    """``linear_kernel`` / ``dropout_kernel`` are set on every product and dropout site (the
+    attention modules included); the kernels change rounding only, not the outputs' meaning."""
+    torch.manual_seed(0)
+    fast = cls.from_config(cfg(hidden_dim=64, dim_feedforward=256))
+    torch.manual_seed(0)
+    plain = cls.from_config(cfg(hidden_dim=64, dim_feedforward=256, linear_kernel="torch",
+                                dropout_kernel="torch"))
+    kernels = {(type(m).__name__, getattr(m, "linear_kernel", None), getattr(m, "dropout_kernel", None))
+               for m in fast.detr.modules() if hasattr(m, "linear_kernel") or hasattr(m, "dropout_kernel")}
+    expect_linear = "onednn" if onednn_available() else "torch"
+    assert {k[0] for k in kernels} >= {"Linear", "Dropout", "PackedMultiheadAttention",
+                                       "ProjectionFreeMultiheadAttention"}
+    assert {k[1] for k in kernels} - {None} == {expect_linear}
+    assert {k[2] for k in kernels} - {None} == {"bits"}
+    assert all(getattr(m, "linear_kernel", "torch") == "torch" and getattr(m, "dropout_kernel", "torch") == "torch"
+               for m in plain.detr.modules())
+    batch = make_batch([40, 33], [6, 4], [[[2.0, 10.0]], [[0.0, 4.0]]])
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():
+        a, b = fast.detr(**fast._inputs(batch)), plain.detr(**plain._inputs(batch))
+    for key in ("pred_logits", "pred_spans", "saliency_scores"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="linear_kernel"):
+        cls.from_config(cfg(linear_kernel="mkl"))
 
 
 def test_from_config_rejects_unknown_and_bad_keys():
@@ -162,7 +192,7 @@ def test_official_checkpoint_through_the_wrapper(shared_dir):
                    vid=[m["vid"] for m in metas],
                    duration=torch.tensor([float(m["duration"]) for m in metas]),
                    clip_length=torch.full((3,), 2.0))
-    assert model.predict_batch(samples) == fx["postprocessed"]
+    assert_rows_close(model.predict_batch(samples), fx["postprocessed"])
     # the same weights also load into a model built from our YAML with matching widths
     ours = C2FQDDETR.from_pretrained("qvh_clip")
     assert ours.load_checkpoint(str(ref_dir / "qd_detr_clip_model_best.ckpt"))["kind"] == "official_qd_detr"

@@ -7,10 +7,13 @@ import json
 import pytest
 import torch
 
+from grounder_helpers import assert_rows_close
+
 from lavis_c2f.models.grounder import (CheckpointMismatchError, PostProcessConfig, QDDETR,
                                        load_qd_detr_checkpoint, postprocess_batch)
 from lavis_c2f.models.grounder.checkpoint import qd_detr_kwargs_from_opt
 from lavis_c2f.models.grounder.postprocess import rank_windows
+from lavis_c2f.ops.linear import LINEAR_KERNELS
 
 ATOL = 1e-5
 
@@ -76,8 +79,11 @@ def test_no_negative_pass_in_eval_unless_requested(official_ckpt, fixture):
     assert "saliency_scores_neg" in _run(model, fixture["inputs"])
 
 
-def test_postprocessing_reproduces_official_rows(fixture, official_ckpt):
-    model = load_qd_detr_checkpoint(official_ckpt)
+@pytest.mark.parametrize("kernel", LINEAR_KERNELS)
+def test_postprocessing_reproduces_official_rows(fixture, official_ckpt, kernel):
+    """torch's products (the official code's) give the official rows exactly; oneDNN's (other
+    float32 rounding) give them up to one rounding step of the post-processing."""
+    model = load_qd_detr_checkpoint(official_ckpt, linear_kernel=kernel)
     out = _run(model, fixture["inputs"])
     metas = fixture["meta"]["query_metas"]
     pp = fixture["postprocessing"]
@@ -87,7 +93,10 @@ def test_postprocessing_reproduces_official_rows(fixture, official_ckpt):
                              durations=[m["duration"] for m in metas],
                              clip_lengths=[pp["clip_length"]] * len(metas),
                              config=PostProcessConfig.official())
-    assert rows == fixture["postprocessed"]
+    if kernel == "torch":
+        assert rows == fixture["postprocessed"]
+    else:
+        assert_rows_close(rows, fixture["postprocessed"])
 
 
 def test_ranking_step_on_reference_outputs_is_exact(fixture):

@@ -1,0 +1,129 @@
+"""Linear layers whose float32 CPU products may run on oneDNN instead of the BLAS of torch.
+
+``y = x W^T + b``; backward ``dL/dx = g W``, ``dL/dW = g^T x``, ``dL/db = sum_rows g``.
+
+Why: torch computes a float32 ``F.linear`` on CPU with MKL's ``sgemm``. MKL picks its kernels
+by CPU vendor, and on AMD processors it does not use AVX-512 even where the core has it; oneDNN
+(shipped inside torch, ``torch.ops.mkldnn._linear_pointwise``) picks them by CPU features. On
+the 2-core AMD EPYC (Zen 5) host of this project oneDNN runs the grounder's products (75..7500
+rows, 256..1024 wide) at about 230-250 GFLOP/s on one thread against MKL's 85-115. On Intel
+CPUs the two are about even. Same float32 arithmetic, another summation order: results differ
+from torch's by float32 rounding (about 1e-6 relative).
+
+Kernels (``kernel`` argument): ``"torch"`` (``F.linear``, always) or ``"onednn"``: oneDNN for
+float32 CPU products of at least :data:`ONEDNN_MIN_MACS` multiply-adds (rows x in x out)
+and :data:`ONEDNN_MIN_COLS` output columns (below that its fixed cost per call, about 10 us,
+outweighs the gain: measured crossovers 16 rows at 256 -> 256, 4 rows at 256 -> 1024), else
+``F.linear``. Where oneDNN is missing (:func:`onednn_available`) ``"onednn"`` runs ``F.linear``
+(:func:`set_linear_kernel` warns once).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lavis_c2f.ops.kernels import set_module_attribute
+
+LINEAR_KERNELS = ("torch", "onednn")
+#: fewest multiply-adds and output columns a product needs to run on oneDNN
+ONEDNN_MIN_MACS = 1 << 20
+ONEDNN_MIN_COLS = 16
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN and its linear operator."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = onednn_available()
+
+
+def _on_onednn(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """``a`` (..., K) times ``w`` (N, K)^T is worth running on oneDNN."""
+    return (_ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32
+            and w.dtype == torch.float32 and w.shape[0] >= ONEDNN_MIN_COLS
+            and a.numel() * w.shape[0] >= ONEDNN_MIN_MACS)
+
+
+def _product(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """``a`` (..., K) @ ``w`` (N, K)^T + ``b`` (N,) on oneDNN when worth it, else torch."""
+    if _on_onednn(a, w):
+        return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+    return F.linear(a, w, b)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Autograd of :func:`linear` with ``kernel="onednn"`` (the three products of a linear
+    layer, each on oneDNN when worth it)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # noqa: D102
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # g (M, N) @ W (N, K)
+            grad_x = _product(g, weight.t(), None).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # g^T (N, M) @ x (M, K)
+            grad_w = _product(g.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           kernel: str = "torch") -> torch.Tensor:
+    """``x`` (..., K) @ ``weight`` (N, K)^T + ``bias`` (N,) -> (..., N) with ``kernel`` (see
+    the module doc); differentiable in all three inputs."""
+    if kernel == "torch" or not _on_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _product(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``torch.nn.Linear`` (same parameters and state-dict keys) whose product runs on the
+    kernel named by its ``linear_kernel`` attribute (:func:`set_linear_kernel`; ``"torch"``
+    after construction)."""
+
+    linear_kernel = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features)."""
+        return linear(x, self.weight, self.bias, self.linear_kernel)
+
+
+def set_linear_kernel(module: nn.Module, kernel: str) -> int:
+    """Set ``linear_kernel`` on every sub-module of ``module`` that has one (:class:`Linear`,
+    and layers that call :func:`linear` themselves).
+
+    Args:
+        module: the model.
+        kernel: one of :data:`LINEAR_KERNELS`; ``"onednn"`` where oneDNN is missing warns and
+            sets ``"torch"``.
+    Returns:
+        the number of sub-modules set.
+    """
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"unknown linear kernel '{kernel}', expected one of {LINEAR_KERNELS}")
+    if kernel == "onednn" and not _ONEDNN:
+        warnings.warn("linear_kernel 'onednn': this torch build has no oneDNN linear operator; "
+                      "using torch's", RuntimeWarning, stacklevel=2)
+        kernel = "torch"
+    return set_module_attribute(module, "linear_kernel", kernel)
