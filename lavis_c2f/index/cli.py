@@ -247,9 +247,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     dropped first with ``--overwrite``, or resumed: rows are upserted by video id, so a re-run
     adds nothing twice)."""
     milvus = _backend(args, args.out) == "milvus"
-    if milvus and args.sinkhorn_bank:
-        raise ConfigError("--sinkhorn-bank is not supported by the Milvus backend yet (per-video Sinkhorn biases "
-                          "are stored by the FAISS backend only)")
     if not milvus and args.collection:
         raise ConfigError("--collection is for a Milvus --out (a *.db path or an http(s):// URI)")
     out = locator_text(args.out, args.collection)

@@ -34,8 +34,15 @@ model (or whose vector fields have other widths than the manifest) raises
 not in Milvus: the manifest's ``corpus.features_dir`` names the feature store (a path every
 serving node mounts), as the sidecar of a FAISS index does.
 
-Per-video Sinkhorn biases are not stored yet: a retriever with ``sinkhorn: true`` scores with
-zero bias, as a FAISS index built without ``--sinkhorn-bank`` does.
+Per-video Sinkhorn (UCoFiA SK-norm) biases, computed once over a query bank and the whole
+corpus (:meth:`MilvusIndex.compute_video_bias`, ``index build --sinkhorn-bank``, the numbers of
+:func:`~lavis_c2f.index.corpus_index.video_bias_of` as the FAISS backend stores them), live in the
+companion collection ``COLLECTION_c2f_bias`` (``vid`` primary key, ``bias``
+FLOAT_VECTOR(max(L, 2)) holding the L per-level values; float32, so both backends score the same
+numbers); the manifest's ``video_bias`` records the levels and the inference settings they were
+computed with (another setting at query time is an :class:`IndexMismatchError`). A video without
+a bias row (added later, or re-upserted, which drops its row) scores with zero bias, as in the
+FAISS backend; without stored biases a retriever with ``sinkhorn: true`` scores with zero bias.
 """
 from __future__ import annotations
 
@@ -54,8 +61,8 @@ import torch
 
 from lavis_c2f.common.errors import ConfigError, IndexUnavailableError
 from lavis_c2f.common.progress import progress_bar
-from lavis_c2f.index.corpus_index import (IndexMismatchError, _stored_rows_per_video, check_model, encode_features,
-                                          model_info_of, stored_rows)
+from lavis_c2f.index.corpus_index import (IndexMismatchError, _stored_rows_per_video, check_bias_settings, check_model,
+                                          encode_features, model_info_of, stored_rows, video_bias_of)
 from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.store import IndexFormatError, rows_embedding
 from lavis_c2f.version import __version__
@@ -66,6 +73,7 @@ FORMAT_NAME = "lavis_c2f.milvus_index"
 FORMAT_VERSION = 1
 DEFAULT_COLLECTION = "c2f_index"
 MANIFEST_SUFFIX = "_c2f_manifest"
+BIAS_SUFFIX = "_c2f_bias"
 #: Milvus' largest ``limit`` of one search (``m`` candidates per query are capped to it)
 MAX_TOPK = 16384
 #: seconds a connection attempt (and each call) may take before the store counts as unreachable
@@ -213,7 +221,7 @@ class MilvusIndex:
         client = connect(loc, timeout, create=True)
         exists = _call(loc, client.has_collection, loc.collection)
         if exists and overwrite:
-            for name in (loc.collection, loc.collection + MANIFEST_SUFFIX):
+            for name in (loc.collection, loc.collection + MANIFEST_SUFFIX, loc.collection + BIAS_SUFFIX):
                 if _call(loc, client.has_collection, name):
                     _call(loc, client.drop_collection, name)
             exists = False
@@ -256,6 +264,11 @@ class MilvusIndex:
         man = _read_manifest(client, loc)
         _check_schema(client, loc, man)
         _call(loc, client.load_collection, loc.collection)
+        if man.get("video_bias"):
+            if not _call(loc, client.has_collection, loc.collection + BIAS_SUFFIX):
+                raise IndexFormatError(f"the manifest records Sinkhorn biases but collection "
+                                       f"{loc.collection + BIAS_SUFFIX!r} is missing", path=loc.uri, field="video_bias")
+            _call(loc, client.load_collection, loc.collection + BIAS_SUFFIX)
         return cls(client, loc, man, model=model, timeout=timeout)
 
     def attach(self, model) -> "MilvusIndex":
@@ -372,6 +385,10 @@ class MilvusIndex:
                 row[f"valid_{s}"] = bool(np.abs(pre[i, s]).sum() > 0)
                 row[f"pre_{s}"] = np.ascontiguousarray(pre[i, s])
             rows.append(row)
+        if self.manifest.get("video_bias"):       # their stored bias was computed from other rows
+            self._delete(self._bias_collection, vids)
+            logger.warning("index: %d upserted videos get zero Sinkhorn bias; recompute it with compute_video_bias()",
+                           n)
         for s in range(0, n, _UPSERT_ROWS):
             _call(self.locator, self.client.upsert, self.locator.collection, rows[s:s + _UPSERT_ROWS])
 
@@ -417,9 +434,82 @@ class MilvusIndex:
             raise KeyError(f"video id {missing[0]!r} is not in the index {self.locator}"
                            + (f" ({len(missing)} unknown ids)" if len(missing) > 1 else ""))
         present = [v for v in vids if v in have]
-        for s in range(0, len(present), 1024):
-            _call(self.locator, self.client.delete, self.locator.collection, ids=present[s:s + 1024])
+        self._delete(self.locator.collection, present)
+        if self.manifest.get("video_bias"):
+            self._delete(self._bias_collection, present)
         return len(present)
+
+    def _delete(self, collection: str, vids: Sequence[str]) -> None:
+        for s in range(0, len(vids), 1024):
+            _call(self.locator, self.client.delete, collection, ids=list(vids[s:s + 1024]))
+
+    # ------------------------------------------------------------------ Sinkhorn biases
+    @property
+    def _bias_collection(self) -> str:
+        return self.locator.collection + BIAS_SUFFIX
+
+    def set_video_bias(self, bias: np.ndarray, settings: Mapping[str, Any], vids: Optional[Sequence[str]] = None
+                       ) -> None:
+        """Store per-video, per-level Sinkhorn log scalings ((V, L) float32, rows in ``vids``
+        order, default :attr:`vids`) with the model's :meth:`inference_settings` they were
+        computed with (as :meth:`CorpusIndex.set_video_bias`; videos not listed get 0). The
+        previous biases are replaced as a whole."""
+        model = self._require_model()
+        vids = self.vids if vids is None else [str(v) for v in vids]
+        bias = np.asarray(bias, np.float32)
+        nl = len(model.levels)
+        if bias.shape != (len(vids), nl):
+            raise ValueError(f"bias must be ({len(vids)}, {nl}), got {bias.shape}")
+        missing = sorted(set(vids) - self.present(vids))
+        if missing:
+            raise KeyError(f"video id {missing[0]!r} is not in the index {self.locator}")
+        _create_bias_collection(self.client, self.locator, max(nl, 2))
+        width = max(nl, 2)                          # Milvus vectors have at least 2 values
+        padded = np.zeros((len(vids), width), np.float32)
+        padded[:, :nl] = bias
+        rows = [{"vid": v, "bias": padded[i]} for i, v in enumerate(vids)]
+        for s in range(0, len(rows), 4096):
+            _call(self.locator, self.client.upsert, self._bias_collection, rows[s:s + 4096])
+        _call(self.locator, self.client.flush, self._bias_collection)
+        self.manifest["video_bias"] = {"levels": list(model.levels), "settings": dict(settings)}
+        _write_manifest(self.client, self.locator, self.manifest)
+
+    def compute_video_bias(self, bank_text_emb, block_videos: int = 2048, progress: bool = False) -> np.ndarray:
+        """UCoFiA's inference bias over a query bank x every stored video
+        (:func:`~lavis_c2f.index.corpus_index.video_bias_of`, the FAISS backend's numbers), read
+        back from the collection in blocks of ``block_videos``; stored and returned ((V, L),
+        :attr:`vids` order)."""
+        model = self._require_model()
+        vids = self.vids
+        blocks: Iterable = (self.embeddings(vids[s:s + block_videos]) for s in range(0, len(vids), block_videos))
+        if progress:
+            blocks = progress_bar(blocks, total=(len(vids) + block_videos - 1) // block_videos,
+                                  desc="index: bank scores", unit="block", leave=True)
+        bias = video_bias_of(model, bank_text_emb, blocks)
+        self.set_video_bias(bias, model.inference_settings(), vids)
+        return bias
+
+    def _bias_for(self, vids: Sequence[str]) -> Optional[torch.Tensor]:
+        """(V, L) Sinkhorn biases of ``vids`` for the model's score (0 for a video without a
+        stored row), zeros without stored biases, None when the model's Sinkhorn is off."""
+        model = self.model
+        if not getattr(model, "sinkhorn", False):
+            return None
+        nl = len(model.levels)
+        out = torch.zeros(len(vids), nl)
+        info = self.manifest.get("video_bias")
+        if not info:
+            return out
+        check_bias_settings(model, info)
+        got: Dict[str, Any] = {}
+        for s in range(0, len(vids), _GET_IDS):
+            for r in _call(self.locator, self.client.get, self._bias_collection, ids=list(vids[s:s + _GET_IDS]),
+                           output_fields=["vid", "bias"]):
+                got[str(r["vid"])] = r["bias"]
+        for i, v in enumerate(vids):
+            if v in got:
+                out[i] = torch.as_tensor(np.asarray(got[v], np.float32)[:nl])
+        return out
 
     def save(self, path: Optional[str] = None) -> str:
         """Make the written rows durable (flush) and record the counts in the manifest; returns
@@ -496,7 +586,7 @@ class MilvusIndex:
                 out.append([])
                 continue
             emb = self._embedding([rows[v] for v in cand])
-            bias = torch.zeros(len(cand), len(model.levels)) if getattr(model, "sinkhorn", False) else None
+            bias = self._bias_for(cand)
             scores = score_candidates(model, text_emb, q, emb, bias)
             order = sorted(range(len(cand)), key=lambda i: (-scores[i], cand[i]))[: min(int(k), len(cand))]
             out.append([(cand[i], float(scores[i])) for i in order])
@@ -531,7 +621,7 @@ class MilvusIndex:
                 "frame_dtype": self.frame_dtype, "prefilter_segments": self.segments_per_video,
                 "ann": {"kind": self.ann["kind"], **self.ann.get("params", {}), **self.search_params},
                 "model": {k: self.model_info.get(k) for k in ("arch", "config_hash", "weights_hash")},
-                "video_bias": None}
+                "video_bias": (self.manifest.get("video_bias") or {}).get("levels")}
 
     def close(self) -> None:
         """Close the client (milvus-lite: releases the file for other processes)."""
@@ -597,6 +687,20 @@ def _create_collection(client, loc: MilvusLocator, man: Mapping[str, Any]) -> No
         _call(loc, client.drop_collection, name)
     _call(loc, client.create_collection, name, schema=mschema, index_params=mip)
     _write_manifest(client, loc, man)
+
+
+def _create_bias_collection(client, loc: MilvusLocator, width: int) -> None:
+    """(Re)create ``COLLECTION_c2f_bias``: ``vid`` primary key, ``bias`` FLOAT_VECTOR(width)."""
+    from pymilvus import DataType, MilvusClient  # heavy optional dependency
+    name = loc.collection + BIAS_SUFFIX
+    if _call(loc, client.has_collection, name):
+        _call(loc, client.drop_collection, name)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("vid", DataType.VARCHAR, is_primary=True, max_length=_MAX_VID)
+    schema.add_field("bias", DataType.FLOAT_VECTOR, dim=int(width))
+    ip = client.prepare_index_params()
+    ip.add_index(field_name="bias", index_type="FLAT", metric_type="IP")
+    _call(loc, client.create_collection, name, schema=schema, index_params=ip)
 
 
 def _write_manifest(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:

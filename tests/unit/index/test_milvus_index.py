@@ -218,3 +218,47 @@ def test_cli_build_rerun_info_search_remove(built, tmp_path, capsys):
     assert "'nope' is not in the index" in capsys.readouterr().err
     assert cli.main(["index", "build", *common, "--out", fdir + "2", "--backend", "milvus"]) == 1
     assert "names a faiss index" in capsys.readouterr().err
+
+
+def test_sinkhorn_biases_are_stored_and_score_as_faiss(tmp_path):
+    """UCoFiA-style per-video Sinkhorn biases (``--sinkhorn-bank``) in the Milvus bias collection:
+    the same numbers as the FAISS index's, the same ranked videos and scores, kept on reopening,
+    dropped (zero) for a re-upserted video and checked against the model's settings."""
+    from lavis_c2f.models.retriever import TextEmbedding
+
+    m = _model(sinkhorn=True, use_frame_sentence=True, sinkhorn_temperature=0.05)
+    feats = {v: f for v, f in _features(80, seed=3).items() if len(f)}
+    fx = CorpusIndex.build(m, list(feats), feats.__getitem__, _durations(feats), batch_size=32, progress=False)
+    loc = f"{tmp_path}/sk.db#sk"
+    mx = MilvusIndex.create(loc, m)
+    mx.add_features(list(feats), feats.__getitem__, _durations(feats), batch_size=32, progress=False)
+    bank = TextEmbedding(torch.randn(11, 8, generator=torch.Generator().manual_seed(9)))
+    bf = fx.compute_video_bias(bank, block_videos=7)
+    bm = mx.compute_video_bias(bank, block_videos=9)
+    assert bm.shape == (len(feats), 2) and fx.vids == mx.vids
+    np.testing.assert_allclose(bm, bf, rtol=1e-6, atol=1e-6)
+    mx.save()
+    q = _queries(m)
+    want = fx.search(q, k=8, m=len(feats))
+    zero = CorpusIndex.build(m, list(feats), feats.__getitem__, _durations(feats), batch_size=32, progress=False)
+    assert [r[0] for r in zero.search(q, k=8, m=len(feats))] != [r[0] for r in want]  # the bias matters here
+    mx.close()
+    back = open_index(loc, m)
+    assert back.info()["video_bias"] == ["video_sentence", "frame_sentence"]
+    for n_cand in (len(feats), 20):
+        for ra, rb in zip(fx.search(q, k=8, m=n_cand), back.search(q, k=8, m=n_cand)):
+            assert [v for v, _ in rb] == [v for v, _ in ra]
+            np.testing.assert_allclose([s for _, s in rb], [s for _, s in ra], rtol=1e-5, atol=1e-6)
+    # a re-upserted video scores with zero bias, as one re-added to the FAISS index
+    v0 = back.vids[0]
+    back.add_features([v0], feats.__getitem__, progress=False)
+    fx.remove([v0])
+    fx.add_features([v0], feats.__getitem__, progress=False)
+    for ra, rb in zip(fx.search(q, k=8, m=len(feats)), back.search(q, k=8, m=len(feats))):
+        assert [v for v, _ in ra] == [v for v, _ in rb]
+    assert float(back._bias_for([v0]).abs().sum()) == 0.0
+    m.configure_inference(sinkhorn_temperature=0.1)
+    with pytest.raises(IndexMismatchError, match="sinkhorn_temperature"):
+        back.search(q, k=4)
+    m.configure_inference(sinkhorn_temperature=0.05)
+    back.close()
