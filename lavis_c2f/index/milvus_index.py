@@ -511,12 +511,16 @@ class MilvusIndex:
                 out[i] = torch.as_tensor(np.asarray(got[v], np.float32)[:nl])
         return out
 
+    def flush(self) -> None:
+        """Make the rows this client wrote durable (each writer of a parallel build flushes its own)."""
+        _call(self.locator, self.client.flush, self.locator.collection)
+
     def save(self, path: Optional[str] = None) -> str:
         """Make the written rows durable (flush) and record the counts in the manifest; returns
         the locator (``path`` must be None or this locator: a collection does not move)."""
         if path is not None and str(parse_milvus_locator(path, self.locator.collection)) != str(self.locator):
             raise ConfigError(f"a Milvus index is saved where it lives ({self.locator}), not to {path}")
-        _call(self.locator, self.client.flush, self.locator.collection)
+        self.flush()
         self.manifest["counts"] = {"videos": len(self)}
         _write_manifest(self.client, self.locator, self.manifest)
         return str(self.locator)
