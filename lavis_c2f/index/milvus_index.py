@@ -14,16 +14,22 @@ supports: milvus-lite has ``FLOAT_VECTOR`` only, no float16 and no array-of-vect
     n_frames   INT32, valid stored rows F_v <= F
     valid_s    BOOL, pre-filter segment s holds a vector (s < S)
     pre_s      FLOAT_VECTOR(D), pre-filter vector of segment s (indexed: FLAT / HNSW / IVF_FLAT, IP)
-    frames     FLOAT_VECTOR(F x D), the F_v valid frames row-major then zeros (FLAT index; read
-               back by id for the exact re-ranking, never searched)
+    frames_c   VARCHAR(65535), c < C: the F_v valid stored rows (F_v, D) row-major as float16
+               (``frame_dtype``; float32 on request) bytes, base64, cut into C fields of at most
+               65532 characters (C = 1 for 12 x 512 float16 rows); read back by id for the exact
+               re-ranking, never searched, so kept out of any vector index
 
 With S pre-filter vectors per video (``prefilter_segments``, 1..3: Milvus allows 4 vector fields
 per collection by default) a video's pre-filter score is its best segment, as in the FAISS
 backend: each ``pre_s`` is searched for the top ``m`` among its valid rows and the hits are
 merged per video. The union of the per-segment top ``m`` holds the top ``m`` videos by best
 segment, so with an exact (FLAT) pre-filter the candidates are the FAISS flat index's. Vectors
-and frames are rounded to float16 precision before they are stored when ``frame_dtype`` is
-``float16`` (the FAISS default), so both backends score the same numbers.
+are rounded to float16 precision and frames stored as float16 when ``frame_dtype`` is ``float16``
+(the FAISS default), so both backends score the same numbers. Why bytes, not a vector field:
+milvus-lite has no FLOAT16_VECTOR, and a FLOAT_VECTOR(F x D) of the frames (format version 1)
+is held in memory twice as float32 (column and its required FLAT index) and sent as lists of
+Python floats; as float16 text the frames take 1/3 of the memory and read back several times
+faster (bench/index_backends.py).
 
 The manifest (format, version, the retriever's fingerprint and config, widths, clip length and
 the corpus sidecar of ``index videos``, build options) is one JSON row of the companion
@@ -46,6 +52,7 @@ FAISS backend; without stored biases a retriever with ``sinkhorn: true`` scores 
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import logging
@@ -70,7 +77,7 @@ from lavis_c2f.version import __version__
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "lavis_c2f.milvus_index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_COLLECTION = "c2f_index"
 MANIFEST_SUFFIX = "_c2f_manifest"
 BIAS_SUFFIX = "_c2f_bias"
@@ -87,6 +94,7 @@ _GET_IDS = 256              # ids per get call of the re-ranker
 _MAX_SOURCE = 4096
 _MAX_VID = 512
 _MAX_MANIFEST = 65535
+_FRAME_CHARS = 65532        # base64 characters per frames_c field (a multiple of 4, <= VARCHAR's 65535)
 
 
 # =========================================================================== locators
@@ -247,6 +255,7 @@ class MilvusIndex:
                 "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "model": model_info_of(model), "dim": int(model.embed_dim), "max_frames": _stored_rows_per_video(model),
                 "prefilter_segments": int(segments), "frame_dtype": frame_dtype, "ann": ann,
+                "frame_fields": frame_fields(_stored_rows_per_video(model) * int(model.embed_dim), frame_dtype),
                 "corpus": dict(corpus) if corpus is not None else None}
 
     @classmethod
@@ -369,18 +378,19 @@ class MilvusIndex:
         bad = next((v for v in vids if not v or len(v.encode()) > _MAX_VID), None)
         if bad is not None:
             raise ValueError(f"video id {bad!r} is empty or longer than {_MAX_VID} bytes")
-        if self.frame_dtype == "float16":            # the FAISS default's precision: same scores
-            frames = frames.astype(np.float16).astype(np.float32)
+        frames = frames.astype(self.frame_dtype)     # float16: the FAISS default's precision, same scores
         pre = pre.astype(np.float16).astype(np.float32)
         offs = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        nf = int(self.manifest["frame_fields"])
         rows = []
         for i, v in enumerate(vids):
-            flat = np.zeros(f * d, np.float32)
-            flat[: lengths[i] * d] = frames[offs[i]:offs[i] + lengths[i]].reshape(-1)
+            text = base64.b64encode(np.ascontiguousarray(frames[offs[i]:offs[i] + lengths[i]]).tobytes()).decode()
             dur = None if durations is None else durations[i]
             src = "" if sources is None or sources[i] is None else str(sources[i])[:_MAX_SOURCE]
             row = {"vid": v, "duration": -1.0 if dur is None or not dur >= 0 else float(dur), "source": src,
-                   "n_frames": int(lengths[i]), "frames": flat}
+                   "n_frames": int(lengths[i])}
+            for c in range(nf):
+                row[f"frames_{c}"] = text[c * _FRAME_CHARS:(c + 1) * _FRAME_CHARS]
             for s in range(sv):
                 row[f"valid_{s}"] = bool(np.abs(pre[i, s]).sum() > 0)
                 row[f"pre_{s}"] = np.ascontiguousarray(pre[i, s])
@@ -552,14 +562,15 @@ class MilvusIndex:
 
     def _gather(self, vids: Sequence[str]) -> Dict[str, np.ndarray]:
         """vid -> its valid stored rows (F_v, D) float32; ``KeyError`` naming an unknown id."""
-        got = self._get(list(dict.fromkeys(vids)), ["n_frames", "frames"])
+        fields = [f"frames_{c}" for c in range(int(self.manifest["frame_fields"]))]
+        got = self._get(list(dict.fromkeys(vids)), ["n_frames", *fields])
         out = {}
         for v in vids:
             if v not in got:
                 raise KeyError(f"video id {v!r} is not in the index {self.locator}")
             r = got[v]
-            n = int(r["n_frames"])
-            out[v] = np.asarray(r["frames"], np.float32).reshape(self.max_frames, self.dim)[:n]
+            raw = base64.b64decode("".join(r[c] for c in fields))
+            out[v] = np.frombuffer(raw, self.frame_dtype).reshape(int(r["n_frames"]), self.dim).astype(np.float32)
         return out
 
     def embeddings(self, vids: Sequence[str]):
@@ -648,6 +659,12 @@ def _call(loc: MilvusLocator, fn, *args, **kwargs):
         raise
 
 
+def frame_fields(values: int, frame_dtype: str) -> int:
+    """How many ``frames_c`` VARCHAR fields hold ``values`` stored numbers of ``frame_dtype`` as base64."""
+    n_bytes = int(values) * np.dtype(frame_dtype).itemsize
+    return max(1, -(-(4 * -(-n_bytes // 3)) // _FRAME_CHARS))
+
+
 def _ann_spec(ann: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """``{"kind", "params", "search_params"}`` with the defaults of the kind filled in."""
     ann = dict(ann or {})
@@ -672,13 +689,13 @@ def _create_collection(client, loc: MilvusLocator, man: Mapping[str, Any]) -> No
     for s in range(sv):
         schema.add_field(f"valid_{s}", DataType.BOOL)
         schema.add_field(f"pre_{s}", DataType.FLOAT_VECTOR, dim=d)
-    schema.add_field("frames", DataType.FLOAT_VECTOR, dim=f * d)
+    for c in range(int(man["frame_fields"])):
+        schema.add_field(f"frames_{c}", DataType.VARCHAR, max_length=65535)
     ip = client.prepare_index_params()
     ann = man["ann"]
     for s in range(sv):   # build parameters only take effect nested as params={"params": {...}}
         ip.add_index(field_name=f"pre_{s}", index_type=ANN_KINDS[ann["kind"]], metric_type="IP",
                      params={"params": dict(ann["params"])})
-    ip.add_index(field_name="frames", index_type="FLAT", metric_type="IP")
     _call(loc, client.create_collection, loc.collection, schema=schema, index_params=ip)
     mschema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     mschema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -734,7 +751,7 @@ def _read_manifest(client, loc: MilvusLocator) -> Dict[str, Any]:
     if man.get("version") != FORMAT_VERSION:
         raise IndexFormatError(f"index format version {man.get('version')!r} is not supported (this code reads "
                                f"version {FORMAT_VERSION})", path=where, field="version")
-    for key in ("dim", "max_frames", "prefilter_segments", "frame_dtype", "ann", "model"):
+    for key in ("dim", "max_frames", "prefilter_segments", "frame_dtype", "frame_fields", "ann", "model"):
         if key not in man:
             raise IndexFormatError("manifest lacks a field", path=where, field=key)
     return man
@@ -745,7 +762,7 @@ def _check_schema(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:
     desc = _call(loc, client.describe_collection, loc.collection)
     dims = {f["name"]: int(f.get("params", {}).get("dim", 0)) for f in desc.get("fields", [])}
     d, f, sv = int(man["dim"]), int(man["max_frames"]), int(man["prefilter_segments"])
-    want = {**{f"pre_{s}": d for s in range(sv)}, "frames": f * d}
+    want = {f"pre_{s}": d for s in range(sv)}
     for name, w in want.items():
         if name not in dims:
             raise IndexFormatError(f"vector field missing from collection {loc.collection!r}", path=loc.uri,
@@ -753,6 +770,11 @@ def _check_schema(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:
         if dims[name] != w:
             raise IndexFormatError(f"collection {loc.collection!r} stores {dims[name]}-d vectors but the manifest "
                                    f"(D={d}, frames={f}) needs {w}", path=loc.uri, field=name)
+    for c in range(int(man["frame_fields"])):
+        if f"frames_{c}" not in dims:
+            raise IndexFormatError(f"field missing from collection {loc.collection!r} (the manifest's frames of "
+                                   f"{f} x {d} {man['frame_dtype']} values take {man['frame_fields']} fields)",
+                                   path=loc.uri, field=f"frames_{c}")
 
 
 __all__ = ["DEFAULT_COLLECTION", "FORMAT_NAME", "FORMAT_VERSION", "MAX_TOPK", "MilvusIndex", "MilvusLocator", "connect",

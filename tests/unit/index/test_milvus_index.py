@@ -262,3 +262,26 @@ def test_sinkhorn_biases_are_stored_and_score_as_faiss(tmp_path):
         back.search(q, k=4)
     m.configure_inference(sinkhorn_temperature=0.05)
     back.close()
+
+
+@pytest.mark.parametrize("frame_dtype", ["float16", "float32"])
+def test_frames_are_compact_text_split_over_fields(tmp_path, monkeypatch, frame_dtype):
+    """The stored rows go into ``frames_c`` VARCHAR fields (float16 / float32 bytes, base64, only
+    the valid rows); rows longer than one field are cut over several and read back whole."""
+    from lavis_c2f.index import milvus_index
+
+    monkeypatch.setattr(milvus_index, "_FRAME_CHARS", 16)         # 4 x 8 float16 values: 88 characters
+    m = _model()
+    feats = _features(30, seed=5)
+    mx = MilvusIndex.create(f"{tmp_path}/f.db#f", m, frame_dtype=frame_dtype)
+    want_fields = -(-(4 * -(-4 * 8 * np.dtype(frame_dtype).itemsize // 3)) // 16)
+    assert mx.manifest["frame_fields"] == want_fields > 1
+    mx.add_features(list(feats), feats.__getitem__, progress=False)
+    fx = CorpusIndex.build(m, list(feats), feats.__getitem__, batch_size=64, progress=False, frame_dtype=frame_dtype)
+    ea, eb = fx.embeddings(list(feats)), mx.embeddings(list(feats))
+    assert torch.equal(ea.mask, eb.mask) and torch.equal(ea.frames, eb.frames)
+    row = mx.client.get("f", ids=["vid00001"], output_fields=["*"])[0]
+    assert all(isinstance(row[f"frames_{c}"], str) for c in range(want_fields))
+    q = _queries(m)
+    assert [[v for v, _ in r] for r in fx.search(q, k=5, m=30)] == [[v for v, _ in r] for r in mx.search(q, k=5, m=30)]
+    mx.close()
