@@ -309,6 +309,7 @@ def _build_milvus(args: argparse.Namespace, out: str, model, vids: List[str], lo
         return ix.info()
 
     info = finish_ranks(index, after)
+    index.close()
     if c2f_dist.is_main_process():
         enc, skip = sum(e for e, _ in done), sum(s for _, s in done)
         ranks = f" by {len(done)} ranks" if len(done) > 1 else ""

@@ -88,6 +88,11 @@ DEFAULT_TIMEOUT_S = 10.0
 ANN_KINDS = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT"}
 _ANN_DEFAULTS = {"flat": {}, "hnsw": {"M": 16, "efConstruction": 200}, "ivf": {"nlist": 1024}}
 _SEARCH_DEFAULTS = {"flat": {}, "hnsw": {"ef": 512}, "ivf": {"nprobe": 32}}
+#: gRPC channel options of the client: no keepalive pings on an idle connection (pymilvus pings every
+#: 10 s by default, and a ``milvus-lite server``, a plain gRPC server, answers pings without calls more
+#: often than every 5 min with GOAWAY "too_many_pings", after which the client's connection stays
+#: broken); a dead store is detected by each call's timeout instead
+_GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _UPSERT_ROWS = 256          # rows per upsert call (F x D floats each)
 _GET_IDS = 256              # ids per get call of the re-ranker
@@ -165,7 +170,7 @@ def connect(loc: MilvusLocator, timeout: float = DEFAULT_TIMEOUT_S, create: bool
             os.makedirs(os.path.dirname(loc.uri), exist_ok=True)
     t0 = time.monotonic()
     try:
-        return MilvusClient(uri=loc.uri, timeout=float(timeout))
+        return MilvusClient(uri=loc.uri, timeout=float(timeout), grpc_options=dict(_GRPC_OPTIONS))
     except Exception as e:  # noqa: BLE001 - pymilvus raises MilvusException / grpc errors / lock errors
         raise IndexUnavailableError(f"Milvus store {loc.uri} is unreachable (gave up after "
                                     f"{time.monotonic() - t0:.1f} s, timeout {timeout:g} s): "

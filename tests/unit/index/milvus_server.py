@@ -37,7 +37,8 @@ def milvus_lite_server(data_dir, startup_s: float = 60.0):
             if proc.poll() is not None:
                 raise RuntimeError(f"milvus-lite server exited with {proc.returncode}; see {log.name}")
             try:
-                client = MilvusClient(uri=uri, timeout=2.0)
+                client = MilvusClient(uri=uri, timeout=2.0, grpc_options={"grpc.keepalive_time_ms": 300_000,
+                                                                          "grpc.keepalive_permit_without_calls": 0})
                 client.list_collections()
                 client.close()
                 break
