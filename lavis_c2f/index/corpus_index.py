@@ -192,6 +192,14 @@ def video_bias_of(model, bank_text_emb, blocks: Iterable[Any]) -> np.ndarray:
     return bias.astype(np.float32)
 
 
+def video_bias_array(model, bias, n_videos: int) -> np.ndarray:
+    """``bias`` as (n_videos, L) float32 for ``model``'s L score levels (``ValueError`` otherwise)."""
+    bias = np.asarray(bias, np.float32)
+    if bias.shape != (n_videos, len(model.levels)):
+        raise ValueError(f"bias must be ({n_videos}, {len(model.levels)}), got {bias.shape}")
+    return bias
+
+
 def check_bias_settings(model, info: Mapping[str, Any]) -> None:
     """Stored Sinkhorn biases (``info``: ``{"levels", "settings"}``) fit ``model``'s current
     levels and :meth:`inference_settings`; :class:`IndexMismatchError` naming what differs."""
@@ -455,10 +463,8 @@ class CorpusIndex:
         computed with. Rows not listed get 0."""
         model = self._require_model()
         vids = self.vids if vids is None else [str(v) for v in vids]
-        bias = np.asarray(bias, np.float32)
+        bias = video_bias_array(model, bias, len(vids))
         nl = len(model.levels)
-        if bias.shape != (len(vids), nl):
-            raise ValueError(f"bias must be ({len(vids)}, {nl}), got {bias.shape}")
         full = np.zeros((self.num_rows, nl), np.float32)
         full[[self.store.row_of(v) for v in vids]] = bias
         self._bias = full

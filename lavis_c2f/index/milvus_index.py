@@ -69,7 +69,8 @@ import torch
 from lavis_c2f.common.errors import ConfigError, IndexUnavailableError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.corpus_index import (IndexMismatchError, _stored_rows_per_video, check_bias_settings, check_model,
-                                          encode_features, model_info_of, stored_rows, video_bias_of)
+                                          encode_features, model_info_of, stored_rows, video_bias_array,
+                                          video_bias_of)
 from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.store import IndexFormatError, rows_embedding
 from lavis_c2f.version import __version__
@@ -471,10 +472,8 @@ class MilvusIndex:
         previous biases are replaced as a whole."""
         model = self._require_model()
         vids = self.vids if vids is None else [str(v) for v in vids]
-        bias = np.asarray(bias, np.float32)
+        bias = video_bias_array(model, bias, len(vids))
         nl = len(model.levels)
-        if bias.shape != (len(vids), nl):
-            raise ValueError(f"bias must be ({len(vids)}, {nl}), got {bias.shape}")
         missing = sorted(set(vids) - self.present(vids))
         if missing:
             raise KeyError(f"video id {missing[0]!r} is not in the index {self.locator}")
