@@ -285,3 +285,38 @@ def test_frames_are_compact_text_split_over_fields(tmp_path, monkeypatch, frame_
     q = _queries(m)
     assert [[v for v, _ in r] for r in fx.search(q, k=5, m=30)] == [[v for v, _ in r] for r in mx.search(q, k=5, m=30)]
     mx.close()
+
+
+def test_cli_build_with_a_sinkhorn_bank_scores_as_faiss(tmp_path, capsys):
+    """``index build --sinkhorn-bank`` into a FAISS folder and a Milvus collection: both store the
+    biases, and ``index search`` ranks alike."""
+    import yaml
+
+    rng = np.random.default_rng(1)
+    feats, bank = tmp_path / "clip_features", tmp_path / "bank"
+    feats.mkdir()
+    bank.mkdir()
+    for i in range(30):
+        np.savez(feats / f"v{i}.npz", features=rng.standard_normal((int(rng.integers(3, 10)), D_IN)).astype(np.float32))
+    for i in range(9):
+        np.savez(bank / f"qid{i}.npz", last_hidden_state=rng.standard_normal((5, D_IN)).astype(np.float32),
+                 pooler_output=rng.standard_normal(D_IN).astype(np.float32))
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {
+        "arch": "c2f_tmass_retriever", "text_input_dim": D_IN, "video_input_dim": D_IN, "embed_dim": 8,
+        "num_frames": 4, "num_heads": 1, "num_trials": 3, "pool_dropout": 0.0, "sinkhorn": True,
+        "use_frame_sentence": True, "sinkhorn_temperature": 0.05}}))
+    common = ["--features", str(feats), "--model-cfg", str(cfg), "--no-progress", "--sinkhorn-bank", str(bank)]
+    db, fdir = str(tmp_path / "sk.db"), str(tmp_path / "faiss")
+    outs = []
+    for loc in (fdir, db):
+        assert cli.main(["index", "build", *common, "--out", loc]) == 0
+        capsys.readouterr()
+        assert cli.main(["index", "info", loc, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["video_bias"] == ["video_sentence", "frame_sentence"]
+        assert cli.main(["index", "search", loc, "--query-features", str(bank / "qid0.npz"), "--model-cfg", str(cfg),
+                         "-k", "8", "-m", "30"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert [v for v, _ in outs[0]["ranked_vids"]] == [v for v, _ in outs[1]["ranked_vids"]]
+    np.testing.assert_allclose([s for _, s in outs[0]["ranked_vids"]], [s for _, s in outs[1]["ranked_vids"]],
+                               rtol=1e-5, atol=1e-6)
