@@ -17,10 +17,13 @@ one-process build's. An interrupted run resumes: finished videos are not extract
 parts whose key matches are not encoded again.
 
 ``--out`` may name a Milvus collection (``corpus.db[#COLLECTION]`` or ``http(s)://host:port#COLLECTION``,
-:mod:`lavis_c2f.index.milvus_index`): the rows are upserted there by video id (rank 0), the
-sidecar goes into the collection's manifest (``corpus``), and ``--features-dir`` (required for a
-server URI) names the stage-2 feature store every serving node reads. An existing collection of
-the same model is resumed (``--overwrite`` drops it first).
+:mod:`lavis_c2f.index.milvus_index`): the rows are upserted there by video id, the sidecar goes
+into the collection's manifest (``corpus``), and ``--features-dir`` (required for a server URI)
+names the stage-2 feature store every serving node reads. An existing collection of the same
+model is resumed (``--overwrite`` drops it first). Across ranks, an embedded ``corpus.db`` (one
+process per data folder) is filled by rank 0 from the parts; a server is filled by every rank
+with its own batches, no parts (:mod:`lavis_c2f.index.milvus_ingest`; batches already stored are
+skipped on a re-run).
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ from lavis_c2f.data.features import NpzDirStore, VideoFeatureLoader, combine_vid
 from lavis_c2f.index.corpora import sidecar_path
 from lavis_c2f.index.corpus_index import CorpusIndex
 from lavis_c2f.index.locator import backend_of, locator_text
-from lavis_c2f.index.milvus_index import MilvusIndex
+from lavis_c2f.index.milvus_index import DEFAULT_TIMEOUT_S, MilvusIndex, parse_milvus_locator
+from lavis_c2f.index.milvus_ingest import finish_ranks, open_for_ranks, upsert_rank_batches
 from lavis_c2f.models.checkpoint import load_retriever, model_node_from
 from lavis_c2f.paths import resolve_path
 from lavis_c2f.video.backbones import resolve_backbone
@@ -104,6 +108,20 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRA
         vids = [r["vid"] for r in ok]
         durations = {r["vid"]: r.get("duration") for r in ok}
         sources = {r["vid"]: r.get("path") for r in ok}
+        corpus = {"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
+                  "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
+                  "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
+                  "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
+                  "videos": len(vids)}
+        if milvus and world > 1 and not parse_milvus_locator(out_index).embedded:
+            # a server: every rank upserts its own batches (lavis_c2f.index.milvus_ingest)
+            index = open_for_ranks(parse_milvus_locator(out_index), model, lambda: MilvusIndex.create(
+                out_index, model, frame_dtype=frame_dtype, overwrite=overwrite), DEFAULT_TIMEOUT_S)
+            upsert_rank_batches(index, vids, stage1_features, durations, sources, batch_size=index_batch_size,
+                                progress=progress)
+            info = finish_ranks(index, lambda ix: (ix.set_corpus(corpus), ix.info())[1])
+            index.close()
+            return res, info
         encoder = CorpusIndex.for_model(model, frame_dtype=frame_dtype, work_dir=os.path.dirname(local))
         # the index written: the FAISS one itself, or (rank 0) the Milvus collection, created or resumed
         index: Any = encoder
@@ -122,11 +140,6 @@ def index_videos(video_dir: PathLike, out_index: PathLike, backbone: Any = EXTRA
             index.add_features(vids, stage1_features, durations, batch_size=index_batch_size, progress=progress)
         info: Dict[str, Any] = {}
         if rank == 0:
-            corpus = {"backbone": res.backbone, "features_dir": feats_out, "clip_length": float(clip_length),
-                      "frames_per_clip": int(frames_per_clip), "model_cfg": cfg_file,
-                      "backbone_config": {k: v for k, v in dict(backbone_config or {}).items() if k != "device"},
-                      "retriever_checkpoint": resolve_path(retriever_checkpoint) if retriever_checkpoint else None,
-                      "videos": len(vids)}
             if milvus:
                 index.set_corpus(corpus)        # the sidecar lives in the collection's manifest
                 index.save()

@@ -31,11 +31,13 @@ from lavis_c2f.index.ann import AnnConfig
 from lavis_c2f.index.build import index_videos
 from lavis_c2f.index.corpus_index import CorpusIndex, search_shards
 from lavis_c2f.index.locator import backend_of, locator_text, open_index
-from lavis_c2f.index.milvus_index import MilvusIndex
+from lavis_c2f.index.milvus_index import MilvusIndex, parse_milvus_locator
+from lavis_c2f.index.milvus_ingest import check_ranks_can_share, finish_ranks, open_for_ranks, upsert_rank_batches
 from lavis_c2f.models.checkpoint import load_retriever as load_model_retriever
 from lavis_c2f.models.retriever.embeddings import TextEmbedding
 from lavis_c2f.paths import resolve_path
 from lavis_c2f.video.cli import add_video_arguments, start_ranks
+from lavis_c2f.video.extract import EXTRACT_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -245,13 +247,18 @@ def _backend(args: argparse.Namespace, locator: str) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     """Encode the feature store(s) into a new FAISS folder, or into a Milvus collection (created,
     dropped first with ``--overwrite``, or resumed: rows are upserted by video id, so a re-run
-    adds nothing twice)."""
+    adds nothing twice, and batches already stored are skipped), by one process or, for a
+    Milvus server, by each rank of ``torch.distributed.run`` (:mod:`lavis_c2f.index.milvus_ingest`)."""
     milvus = _backend(args, args.out) == "milvus"
-    if milvus and args.sinkhorn_bank:
-        raise ConfigError("--sinkhorn-bank is not supported by the Milvus backend yet (per-video Sinkhorn biases "
-                          "are stored by the FAISS backend only)")
     if not milvus and args.collection:
         raise ConfigError("--collection is for a Milvus --out (a *.db path or an http(s):// URI)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if milvus:
+        check_ranks_can_share(parse_milvus_locator(args.out, args.collection), world)
+    elif world > 1:
+        raise ConfigError(f"index build runs in one process for a FAISS folder ({world} ranks given): fill a Milvus "
+                          "server collection across ranks (--out http://HOST:PORT#COLLECTION), or build one FAISS "
+                          "index per machine with --shard I/N")
     out = locator_text(args.out, args.collection)
     if not milvus and os.path.exists(out) and not args.overwrite:
         raise ConfigError(f"--out {out} exists; pass --overwrite to replace it (or use 'index add')")
@@ -265,22 +272,49 @@ def cmd_build(args: argparse.Namespace) -> int:
         durs = _durations_for(vids, durations, stores, args.clip_length)
         _check_width(loader, vids[0], model)
         if milvus:
-            index = MilvusIndex.create(out, model, ann=_milvus_ann(args, len(vids)),
-                                       prefilter_segments=args.prefilter_segments, frame_dtype=args.frame_dtype,
-                                       overwrite=args.overwrite, timeout=args.timeout)
-        else:
-            index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
-                                          work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
+            return _build_milvus(args, out, model, vids, loader, durs)
+        index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
+                                      work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
         index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
         bank = _sinkhorn_bank(args, model)
         if bank is not None:
             index.compute_video_bias(bank, progress=not args.no_progress)
-        index.save(None if milvus else out)
+        index.save(out)
     finally:
         loader.close()
     info = index.info()
-    where = (f"{info['videos']} in the collection" if milvus else f"{info['size_bytes'] / 1e6:.1f} MB")
-    print(f"indexed {len(vids)} videos into {out} ({info['ann']['kind']} pre-filter, {where})")
+    print(f"indexed {len(vids)} videos into {out} ({info['ann']['kind']} pre-filter, {info['size_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def _build_milvus(args: argparse.Namespace, out: str, model, vids: List[str], loader, durs) -> int:
+    """``index build`` into a Milvus collection, by one process or by each rank of
+    ``torch.distributed.run`` (:mod:`lavis_c2f.index.milvus_ingest`): rank 0 creates or resumes
+    the collection, every rank upserts its batches not stored yet, rank 0 adds the Sinkhorn
+    biases and the manifest counts."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        c2f_dist.init_from_env("cpu", timeout_s=int(EXTRACT_DEFAULTS["dist_timeout_s"]))  # gloo: barriers only
+    loc = parse_milvus_locator(out)
+    index = open_for_ranks(loc, model, lambda: MilvusIndex.create(
+        loc, model, ann=_milvus_ann(args, len(vids)), prefilter_segments=args.prefilter_segments,
+        frame_dtype=args.frame_dtype, overwrite=args.overwrite, timeout=args.timeout), args.timeout)
+    encoded, skipped = upsert_rank_batches(index, vids, loader.load, durs, batch_size=args.batch_size,
+                                           progress=not args.no_progress)
+    done = c2f_dist.all_gather_objects((encoded, skipped))
+
+    def after(ix: MilvusIndex) -> Dict[str, Any]:
+        bank = _sinkhorn_bank(args, model)
+        if bank is not None:
+            ix.compute_video_bias(bank, progress=not args.no_progress)
+        return ix.info()
+
+    info = finish_ranks(index, after)
+    index.close()
+    if c2f_dist.is_main_process():
+        enc, skip = sum(e for e, _ in done), sum(s for _, s in done)
+        ranks = f" by {len(done)} ranks" if len(done) > 1 else ""
+        print(f"indexed {len(vids)} videos into {out}{ranks} ({info['ann']['kind']} pre-filter, {info['videos']} in "
+              f"the collection; {enc} encoded, {skip} already stored)")
     return 0
 
 

@@ -141,6 +141,44 @@ def stored_rows(model, video_emb, dim: int, max_frames: int, segments: int,
     return frames, lengths, pre
 
 
+def video_bias_of(model, bank_text_emb, blocks: Iterable[Any]) -> np.ndarray:
+    """Per-video, per-level Sinkhorn log scalings (V, L) float32 of UCoFiA's inference: the
+    scores of a query bank (Q queries) x every video (``blocks``: the videos' embeddings in
+    order, any block sizes) per level ``l``, ``b_l = log r`` with ``r`` the video-side scaling
+    of Sinkhorn over ``exp(S_l / tau)`` (Q, V) (the model's own ``video_bias_from_levels`` when
+    it has one). Both index backends store what this returns, so they score alike."""
+    raw: Dict[str, List[torch.Tensor]] = {lv: [] for lv in model.levels}
+    for emb in blocks:
+        _, lv = model.score(bank_text_emb, emb, return_levels=True)
+        for k in raw:
+            raw[k].append(lv[k].cpu())
+    if hasattr(model, "video_bias_from_levels"):      # the model's own SK-norm (UCoFiA)
+        bias = model.video_bias_from_levels({k: torch.cat(v, 1) for k, v in raw.items()}).cpu().numpy()
+    else:
+        cols = [sinkhorn_video_bias(torch.cat(raw[k], 1), model.sinkhorn_temperature, model.sinkhorn_iters)
+                for k in model.levels]
+        bias = torch.stack(cols, 1).numpy()
+    return bias.astype(np.float32)
+
+
+def video_bias_array(model, bias, n_videos: int) -> np.ndarray:
+    """``bias`` as (n_videos, L) float32 for ``model``'s L score levels (``ValueError`` otherwise)."""
+    bias = np.asarray(bias, np.float32)
+    if bias.shape != (n_videos, len(model.levels)):
+        raise ValueError(f"bias must be ({n_videos}, {len(model.levels)}), got {bias.shape}")
+    return bias
+
+
+def check_bias_settings(model, info: Mapping[str, Any]) -> None:
+    """Stored Sinkhorn biases (``info``: ``{"levels", "settings"}``) fit ``model``'s current
+    levels and :meth:`inference_settings`; :class:`IndexMismatchError` naming what differs."""
+    cur = model.inference_settings()
+    diff = [k for k in _SINKHORN_SETTINGS if info.get("settings", {}).get(k) != cur.get(k)]
+    if diff or info.get("levels") != list(model.levels):
+        raise IndexMismatchError(f"the stored Sinkhorn video biases were computed with other settings "
+                                 f"({', '.join(diff) or 'levels'}); recompute them with compute_video_bias()")
+
+
 def encode_features(model, vids: Sequence[str], load_features: Callable[[str], np.ndarray]):
     """``model``'s :class:`VideoEmbedding` of one batch of videos given a feature loader
     (``vid -> (L, Dv)``), zero-padded to the batch's longest (eval mode, no gradients)."""
@@ -385,10 +423,8 @@ class CorpusIndex(StageOneBase):
         computed with. Rows not listed get 0."""
         model = self._require_model()
         vids = self.vids if vids is None else [str(v) for v in vids]
-        bias = np.asarray(bias, np.float32)
+        bias = video_bias_array(model, bias, len(vids))
         nl = len(model.levels)
-        if bias.shape != (len(vids), nl):
-            raise ValueError(f"bias must be ({len(vids)}, {nl}), got {bias.shape}")
         full = np.zeros((self.num_rows, nl), np.float32)
         full[[self.store.row_of(v) for v in vids]] = bias
         self._bias = full
@@ -396,26 +432,15 @@ class CorpusIndex(StageOneBase):
 
     def compute_video_bias(self, bank_text_emb, block_videos: int = 8192, progress: bool = False) -> np.ndarray:
         """UCoFiA's inference bias: Sinkhorn over a query bank (e.g. training queries) x every
-        alive video, per level; stored in the index and returned ((alive V, L), row order).
-        Memory: bank size x V x 4 bytes per level."""
+        alive video, per level (:func:`video_bias_of`); stored in the index and returned
+        ((alive V, L), row order). Memory: bank size x V x 4 bytes per level."""
         model = self._require_model()
         rows = self.store.alive_rows()
-        raw = {lv: [] for lv in model.levels}
-        it: Iterable = range(0, len(rows), block_videos)
+        blocks = (self.gather(rows[s:s + block_videos]) for s in range(0, len(rows), block_videos))
         if progress:
-            it = progress_bar(it, desc="index: bank scores", unit="block", leave=True)
-        for s in it:
-            emb = self.gather(rows[s:s + block_videos])
-            _, lv = model.score(bank_text_emb, emb, return_levels=True)
-            for k in raw:
-                raw[k].append(lv[k].cpu())
-        if hasattr(model, "video_bias_from_levels"):      # the model's own SK-norm (UCoFiA)
-            bias = model.video_bias_from_levels({k: torch.cat(v, 1) for k, v in raw.items()}).cpu().numpy()
-        else:
-            cols = [sinkhorn_video_bias(torch.cat(raw[k], 1), model.sinkhorn_temperature, model.sinkhorn_iters)
-                    for k in model.levels]
-            bias = torch.stack(cols, 1).numpy()
-        bias = bias.astype(np.float32)
+            blocks = progress_bar(blocks, total=(len(rows) + block_videos - 1) // block_videos,
+                                  desc="index: bank scores", unit="block", leave=True)
+        bias = video_bias_of(model, bank_text_emb, blocks)
         self.set_video_bias(bias, model.inference_settings(), [self.store.vid_of(r) for r in rows])
         return bias
 
@@ -428,12 +453,7 @@ class CorpusIndex(StageOneBase):
             return None
         if self._bias is None:
             return torch.zeros(len(rows), len(model.levels))
-        info = self._bias_info or {}
-        cur = model.inference_settings()
-        diff = [k for k in _SINKHORN_SETTINGS if info.get("settings", {}).get(k) != cur.get(k)]
-        if diff or info.get("levels") != list(model.levels):
-            raise IndexMismatchError(f"the stored Sinkhorn video biases were computed with other settings "
-                                     f"({', '.join(diff) or 'levels'}); recompute them with compute_video_bias()")
+        check_bias_settings(model, self._bias_info or {})
         return torch.from_numpy(self._bias[rows])
 
     # ================================================================== search

@@ -14,16 +14,22 @@ supports: milvus-lite has ``FLOAT_VECTOR`` only, no float16 and no array-of-vect
     n_frames   INT32, valid stored rows F_v <= F
     valid_s    BOOL, pre-filter segment s holds a vector (s < S)
     pre_s      FLOAT_VECTOR(D), pre-filter vector of segment s (indexed: FLAT / HNSW / IVF_FLAT, IP)
-    frames     FLOAT_VECTOR(F x D), the F_v valid frames row-major then zeros (FLAT index; read
-               back by id for the exact re-ranking, never searched)
+    frames_c   VARCHAR(65535), c < C: the F_v valid stored rows (F_v, D) row-major as float16
+               (``frame_dtype``; float32 on request) bytes, base64, cut into C fields of at most
+               65532 characters (C = 1 for 12 x 512 float16 rows); read back by id for the exact
+               re-ranking, never searched, so kept out of any vector index
 
 With S pre-filter vectors per video (``prefilter_segments``, 1..3: Milvus allows 4 vector fields
 per collection by default) a video's pre-filter score is its best segment, as in the FAISS
 backend: each ``pre_s`` is searched for the top ``m`` among its valid rows and the hits are
 merged per video. The union of the per-segment top ``m`` holds the top ``m`` videos by best
 segment, so with an exact (FLAT) pre-filter the candidates are the FAISS flat index's. Vectors
-and frames are rounded to float16 precision before they are stored when ``frame_dtype`` is
-``float16`` (the FAISS default), so both backends score the same numbers.
+are rounded to float16 precision and frames stored as float16 when ``frame_dtype`` is ``float16``
+(the FAISS default), so both backends score the same numbers. Why bytes, not a vector field:
+milvus-lite has no FLOAT16_VECTOR, and a FLOAT_VECTOR(F x D) of the frames (format version 1)
+is held in memory twice as float32 (column and its required FLAT index) and sent as lists of
+Python floats; as float16 text the frames take 1/3 of the memory and read back several times
+faster (bench/index_backends.py).
 
 The manifest (format, version, the retriever's fingerprint and config, widths, clip length and
 the corpus sidecar of ``index videos``, build options) is one JSON row of the companion
@@ -34,11 +40,19 @@ model (or whose vector fields have other widths than the manifest) raises
 not in Milvus: the manifest's ``corpus.features_dir`` names the feature store (a path every
 serving node mounts), as the sidecar of a FAISS index does.
 
-Per-video Sinkhorn biases are not stored yet: a retriever with ``sinkhorn: true`` scores with
-zero bias, as a FAISS index built without ``--sinkhorn-bank`` does.
+Per-video Sinkhorn (UCoFiA SK-norm) biases, computed once over a query bank and the whole
+corpus (:meth:`MilvusIndex.compute_video_bias`, ``index build --sinkhorn-bank``, the numbers of
+:func:`~lavis_c2f.index.corpus_index.video_bias_of` as the FAISS backend stores them), live in the
+companion collection ``COLLECTION_c2f_bias`` (``vid`` primary key, ``bias``
+FLOAT_VECTOR(max(L, 2)) holding the L per-level values; float32, so both backends score the same
+numbers); the manifest's ``video_bias`` records the levels and the inference settings they were
+computed with (another setting at query time is an :class:`IndexMismatchError`). A video without
+a bias row (added later, or re-upserted, which drops its row) scores with zero bias, as in the
+FAISS backend; without stored biases a retriever with ``sinkhorn: true`` scores with zero bias.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import logging
@@ -55,7 +69,8 @@ import torch
 from lavis_c2f.common.errors import ConfigError, IndexUnavailableError
 from lavis_c2f.common.progress import progress_bar
 from lavis_c2f.index.base import IndexMismatchError, StageOneBase, stored_rows_per_video
-from lavis_c2f.index.corpus_index import encode_features, model_info_of, stored_rows
+from lavis_c2f.index.corpus_index import (check_bias_settings, encode_features, model_info_of, stored_rows,
+                                          video_bias_array, video_bias_of)
 from lavis_c2f.index.exact import score_candidates
 from lavis_c2f.index.store import IndexFormatError, rows_embedding
 from lavis_c2f.version import __version__
@@ -63,9 +78,10 @@ from lavis_c2f.version import __version__
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "lavis_c2f.milvus_index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_COLLECTION = "c2f_index"
 MANIFEST_SUFFIX = "_c2f_manifest"
+BIAS_SUFFIX = "_c2f_bias"
 #: Milvus' largest ``limit`` of one search (``m`` candidates per query are capped to it)
 MAX_TOPK = 16384
 #: seconds a connection attempt (and each call) may take before the store counts as unreachable
@@ -84,6 +100,7 @@ _GET_IDS = 256              # ids per get call of the re-ranker
 _MAX_SOURCE = 4096
 _MAX_VID = 512
 _MAX_MANIFEST = 65535
+_FRAME_CHARS = 65532        # base64 characters per frames_c field (a multiple of 4, <= VARCHAR's 65535)
 
 
 # =========================================================================== locators
@@ -218,7 +235,7 @@ class MilvusIndex(StageOneBase):
         client = connect(loc, timeout, create=True)
         exists = _call(loc, client.has_collection, loc.collection)
         if exists and overwrite:
-            for name in (loc.collection, loc.collection + MANIFEST_SUFFIX):
+            for name in (loc.collection, loc.collection + MANIFEST_SUFFIX, loc.collection + BIAS_SUFFIX):
                 if _call(loc, client.has_collection, name):
                     _call(loc, client.drop_collection, name)
             exists = False
@@ -244,6 +261,7 @@ class MilvusIndex(StageOneBase):
                 "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "model": model_info_of(model), "dim": int(model.embed_dim), "max_frames": stored_rows_per_video(model),
                 "prefilter_segments": int(segments), "frame_dtype": frame_dtype, "ann": ann,
+                "frame_fields": frame_fields(stored_rows_per_video(model) * int(model.embed_dim), frame_dtype),
                 "corpus": dict(corpus) if corpus is not None else None}
 
     @classmethod
@@ -261,6 +279,11 @@ class MilvusIndex(StageOneBase):
         man = _read_manifest(client, loc)
         _check_schema(client, loc, man)
         _call(loc, client.load_collection, loc.collection)
+        if man.get("video_bias"):
+            if not _call(loc, client.has_collection, loc.collection + BIAS_SUFFIX):
+                raise IndexFormatError(f"the manifest records Sinkhorn biases but collection "
+                                       f"{loc.collection + BIAS_SUFFIX!r} is missing", path=loc.uri, field="video_bias")
+            _call(loc, client.load_collection, loc.collection + BIAS_SUFFIX)
         return cls(client, loc, man, model=model, timeout=timeout)
 
     def _manifest_name(self) -> str:
@@ -276,7 +299,8 @@ class MilvusIndex(StageOneBase):
         """One read of the store (``fn`` a client method), bounded by :attr:`timeout` seconds
         (:class:`IndexUnavailableError` naming the URI when the store does not answer). A
         collection the server no longer holds loaded (it restarted) is loaded again and the call
-        retried once, so a replica recovers from a store restart by itself."""
+        retried once (the collection ``fn`` reads: its first argument), so a replica recovers from a
+        store restart by itself."""
         kwargs.setdefault("timeout", self.timeout)
         try:
             return _call(self.locator, fn, *args, **kwargs)
@@ -285,8 +309,9 @@ class MilvusIndex(StageOneBase):
         except Exception as e:  # noqa: BLE001 - pymilvus' MilvusException
             if not _not_loaded(e):
                 raise
-        logger.warning("index: the store released %s (restarted?); loading it again", self.locator)
-        _call(self.locator, self.client.load_collection, self.locator.collection, timeout=self.timeout)
+        collection = args[0] if args else self.locator.collection   # every read names its collection first
+        logger.warning("index: the store released %s (restarted?); loading %s again", self.locator, collection)
+        _call(self.locator, self.client.load_collection, collection, timeout=self.timeout)
         return _call(self.locator, fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ rows
@@ -370,22 +395,27 @@ class MilvusIndex(StageOneBase):
         bad = next((v for v in vids if not v or len(v.encode()) > _MAX_VID), None)
         if bad is not None:
             raise ValueError(f"video id {bad!r} is empty or longer than {_MAX_VID} bytes")
-        if self.frame_dtype == "float16":            # the FAISS default's precision: same scores
-            frames = frames.astype(np.float16).astype(np.float32)
+        frames = frames.astype(self.frame_dtype)     # float16: the FAISS default's precision, same scores
         pre = pre.astype(np.float16).astype(np.float32)
         offs = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        nf = int(self.manifest["frame_fields"])
         rows = []
         for i, v in enumerate(vids):
-            flat = np.zeros(f * d, np.float32)
-            flat[: lengths[i] * d] = frames[offs[i]:offs[i] + lengths[i]].reshape(-1)
+            text = base64.b64encode(np.ascontiguousarray(frames[offs[i]:offs[i] + lengths[i]]).tobytes()).decode()
             dur = None if durations is None else durations[i]
             src = "" if sources is None or sources[i] is None else str(sources[i])[:_MAX_SOURCE]
             row = {"vid": v, "duration": -1.0 if dur is None or not dur >= 0 else float(dur), "source": src,
-                   "n_frames": int(lengths[i]), "frames": flat}
+                   "n_frames": int(lengths[i])}
+            for c in range(nf):
+                row[f"frames_{c}"] = text[c * _FRAME_CHARS:(c + 1) * _FRAME_CHARS]
             for s in range(sv):
                 row[f"valid_{s}"] = bool(np.abs(pre[i, s]).sum() > 0)
                 row[f"pre_{s}"] = np.ascontiguousarray(pre[i, s])
             rows.append(row)
+        if self.manifest.get("video_bias"):       # their stored bias was computed from other rows
+            self._delete(self._bias_collection, vids)
+            logger.warning("index: %d upserted videos get zero Sinkhorn bias; recompute it with compute_video_bias()",
+                           n)
         for s in range(0, n, _UPSERT_ROWS):
             _call(self.locator, self.client.upsert, self.locator.collection, rows[s:s + _UPSERT_ROWS])
 
@@ -431,16 +461,91 @@ class MilvusIndex(StageOneBase):
             raise KeyError(f"video id {missing[0]!r} is not in the index {self.locator}"
                            + (f" ({len(missing)} unknown ids)" if len(missing) > 1 else ""))
         present = [v for v in vids if v in have]
-        for s in range(0, len(present), 1024):
-            _call(self.locator, self.client.delete, self.locator.collection, ids=present[s:s + 1024])
+        self._delete(self.locator.collection, present)
+        if self.manifest.get("video_bias"):
+            self._delete(self._bias_collection, present)
         return len(present)
+
+    def _delete(self, collection: str, vids: Sequence[str]) -> None:
+        for s in range(0, len(vids), 1024):
+            _call(self.locator, self.client.delete, collection, ids=list(vids[s:s + 1024]))
+
+    # ------------------------------------------------------------------ Sinkhorn biases
+    @property
+    def _bias_collection(self) -> str:
+        return self.locator.collection + BIAS_SUFFIX
+
+    def set_video_bias(self, bias: np.ndarray, settings: Mapping[str, Any], vids: Optional[Sequence[str]] = None
+                       ) -> None:
+        """Store per-video, per-level Sinkhorn log scalings ((V, L) float32, rows in ``vids``
+        order, default :attr:`vids`) with the model's :meth:`inference_settings` they were
+        computed with (as :meth:`CorpusIndex.set_video_bias`; videos not listed get 0). The
+        previous biases are replaced as a whole."""
+        model = self._require_model()
+        vids = self.vids if vids is None else [str(v) for v in vids]
+        bias = video_bias_array(model, bias, len(vids))
+        nl = len(model.levels)
+        missing = sorted(set(vids) - self.present(vids))
+        if missing:
+            raise KeyError(f"video id {missing[0]!r} is not in the index {self.locator}")
+        _create_bias_collection(self.client, self.locator, max(nl, 2))
+        width = max(nl, 2)                          # Milvus vectors have at least 2 values
+        padded = np.zeros((len(vids), width), np.float32)
+        padded[:, :nl] = bias
+        rows = [{"vid": v, "bias": padded[i]} for i, v in enumerate(vids)]
+        for s in range(0, len(rows), 4096):
+            _call(self.locator, self.client.upsert, self._bias_collection, rows[s:s + 4096])
+        _call(self.locator, self.client.flush, self._bias_collection)
+        self.manifest["video_bias"] = {"levels": list(model.levels), "settings": dict(settings)}
+        _write_manifest(self.client, self.locator, self.manifest)
+
+    def compute_video_bias(self, bank_text_emb, block_videos: int = 2048, progress: bool = False) -> np.ndarray:
+        """UCoFiA's inference bias over a query bank x every stored video
+        (:func:`~lavis_c2f.index.corpus_index.video_bias_of`, the FAISS backend's numbers), read
+        back from the collection in blocks of ``block_videos``; stored and returned ((V, L),
+        :attr:`vids` order)."""
+        model = self._require_model()
+        vids = self.vids
+        blocks: Iterable = (self.embeddings(vids[s:s + block_videos]) for s in range(0, len(vids), block_videos))
+        if progress:
+            blocks = progress_bar(blocks, total=(len(vids) + block_videos - 1) // block_videos,
+                                  desc="index: bank scores", unit="block", leave=True)
+        bias = video_bias_of(model, bank_text_emb, blocks)
+        self.set_video_bias(bias, model.inference_settings(), vids)
+        return bias
+
+    def _bias_for(self, vids: Sequence[str]) -> Optional[torch.Tensor]:
+        """(V, L) Sinkhorn biases of ``vids`` for the model's score (0 for a video without a
+        stored row), zeros without stored biases, None when the model's Sinkhorn is off."""
+        model = self.model
+        if not getattr(model, "sinkhorn", False):
+            return None
+        nl = len(model.levels)
+        out = torch.zeros(len(vids), nl)
+        info = self.manifest.get("video_bias")
+        if not info:
+            return out
+        check_bias_settings(model, info)
+        got: Dict[str, Any] = {}
+        for s in range(0, len(vids), _GET_IDS):
+            for r in self._ask(self.client.get, self._bias_collection, ids=list(vids[s:s + _GET_IDS]),
+                               output_fields=["vid", "bias"]):
+                got[str(r["vid"])] = r["bias"]
+        for i, v in enumerate(vids):
+            if v in got:
+                out[i] = torch.as_tensor(np.asarray(got[v], np.float32)[:nl])
+        return out
+
+    def flush(self) -> None:
+        """Make the rows this client wrote durable (each writer of a parallel build flushes its own)."""
+        _call(self.locator, self.client.flush, self.locator.collection)
 
     def save(self, path: Optional[str] = None) -> str:
         """Make the written rows durable (flush) and record the counts in the manifest; returns
         the locator (``path`` must be None or this locator: a collection does not move)."""
         if path is not None and str(parse_milvus_locator(path, self.locator.collection)) != str(self.locator):
             raise ConfigError(f"a Milvus index is saved where it lives ({self.locator}), not to {path}")
-        _call(self.locator, self.client.flush, self.locator.collection)
+        self.flush()
         self.manifest["counts"] = {"videos": len(self)}
         _write_manifest(self.client, self.locator, self.manifest)
         return str(self.locator)
@@ -472,14 +577,15 @@ class MilvusIndex(StageOneBase):
 
     def _gather(self, vids: Sequence[str]) -> Dict[str, np.ndarray]:
         """vid -> its valid stored rows (F_v, D) float32; ``KeyError`` naming an unknown id."""
-        got = self._get(list(dict.fromkeys(vids)), ["n_frames", "frames"])
+        fields = [f"frames_{c}" for c in range(int(self.manifest["frame_fields"]))]
+        got = self._get(list(dict.fromkeys(vids)), ["n_frames", *fields])
         out = {}
         for v in vids:
             if v not in got:
                 raise KeyError(f"video id {v!r} is not in the index {self.locator}")
             r = got[v]
-            n = int(r["n_frames"])
-            out[v] = np.asarray(r["frames"], np.float32).reshape(self.max_frames, self.dim)[:n]
+            raw = base64.b64decode("".join(r[c] for c in fields))
+            out[v] = np.frombuffer(raw, self.frame_dtype).reshape(int(r["n_frames"]), self.dim).astype(np.float32)
         return out
 
     def embeddings(self, vids: Sequence[str]):
@@ -510,7 +616,7 @@ class MilvusIndex(StageOneBase):
                 out.append([])
                 continue
             emb = self._embedding([rows[v] for v in cand])
-            bias = torch.zeros(len(cand), len(model.levels)) if getattr(model, "sinkhorn", False) else None
+            bias = self._bias_for(cand)
             scores = score_candidates(model, text_emb, q, emb, bias)
             order = sorted(range(len(cand)), key=lambda i: (-scores[i], cand[i]))[: min(int(k), len(cand))]
             out.append([(cand[i], float(scores[i])) for i in order])
@@ -545,7 +651,7 @@ class MilvusIndex(StageOneBase):
                 "frame_dtype": self.frame_dtype, "prefilter_segments": self.segments_per_video,
                 "ann": {"kind": self.ann["kind"], **self.ann.get("params", {}), **self.search_params},
                 "model": {k: self.model_info.get(k) for k in ("arch", "config_hash", "weights_hash")},
-                "video_bias": None}
+                "video_bias": (self.manifest.get("video_bias") or {}).get("levels")}
 
     def close(self) -> None:
         """Close the client (milvus-lite: releases the file for other processes)."""
@@ -577,6 +683,12 @@ def _not_loaded(e: BaseException) -> bool:
     return getattr(e, "code", None) == 101 or "released" in text or "not loaded" in text
 
 
+def frame_fields(values: int, frame_dtype: str) -> int:
+    """How many ``frames_c`` VARCHAR fields hold ``values`` stored numbers of ``frame_dtype`` as base64."""
+    n_bytes = int(values) * np.dtype(frame_dtype).itemsize
+    return max(1, -(-(4 * -(-n_bytes // 3)) // _FRAME_CHARS))
+
+
 def _ann_spec(ann: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """``{"kind", "params", "search_params"}`` with the defaults of the kind filled in."""
     ann = dict(ann or {})
@@ -601,13 +713,13 @@ def _create_collection(client, loc: MilvusLocator, man: Mapping[str, Any]) -> No
     for s in range(sv):
         schema.add_field(f"valid_{s}", DataType.BOOL)
         schema.add_field(f"pre_{s}", DataType.FLOAT_VECTOR, dim=d)
-    schema.add_field("frames", DataType.FLOAT_VECTOR, dim=f * d)
+    for c in range(int(man["frame_fields"])):
+        schema.add_field(f"frames_{c}", DataType.VARCHAR, max_length=65535)
     ip = client.prepare_index_params()
     ann = man["ann"]
     for s in range(sv):   # build parameters only take effect nested as params={"params": {...}}
         ip.add_index(field_name=f"pre_{s}", index_type=ANN_KINDS[ann["kind"]], metric_type="IP",
                      params={"params": dict(ann["params"])})
-    ip.add_index(field_name="frames", index_type="FLAT", metric_type="IP")
     _call(loc, client.create_collection, loc.collection, schema=schema, index_params=ip)
     mschema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     mschema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -620,6 +732,20 @@ def _create_collection(client, loc: MilvusLocator, man: Mapping[str, Any]) -> No
         _call(loc, client.drop_collection, name)
     _call(loc, client.create_collection, name, schema=mschema, index_params=mip)
     _write_manifest(client, loc, man)
+
+
+def _create_bias_collection(client, loc: MilvusLocator, width: int) -> None:
+    """(Re)create ``COLLECTION_c2f_bias``: ``vid`` primary key, ``bias`` FLOAT_VECTOR(width)."""
+    from pymilvus import DataType, MilvusClient  # heavy optional dependency
+    name = loc.collection + BIAS_SUFFIX
+    if _call(loc, client.has_collection, name):
+        _call(loc, client.drop_collection, name)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("vid", DataType.VARCHAR, is_primary=True, max_length=_MAX_VID)
+    schema.add_field("bias", DataType.FLOAT_VECTOR, dim=int(width))
+    ip = client.prepare_index_params()
+    ip.add_index(field_name="bias", index_type="FLAT", metric_type="IP")
+    _call(loc, client.create_collection, name, schema=schema, index_params=ip)
 
 
 def _write_manifest(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:
@@ -649,7 +775,7 @@ def _read_manifest(client, loc: MilvusLocator) -> Dict[str, Any]:
     if man.get("version") != FORMAT_VERSION:
         raise IndexFormatError(f"index format version {man.get('version')!r} is not supported (this code reads "
                                f"version {FORMAT_VERSION})", path=where, field="version")
-    for key in ("dim", "max_frames", "prefilter_segments", "frame_dtype", "ann", "model"):
+    for key in ("dim", "max_frames", "prefilter_segments", "frame_dtype", "frame_fields", "ann", "model"):
         if key not in man:
             raise IndexFormatError("manifest lacks a field", path=where, field=key)
     return man
@@ -660,7 +786,7 @@ def _check_schema(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:
     desc = _call(loc, client.describe_collection, loc.collection)
     dims = {f["name"]: int(f.get("params", {}).get("dim", 0)) for f in desc.get("fields", [])}
     d, f, sv = int(man["dim"]), int(man["max_frames"]), int(man["prefilter_segments"])
-    want = {**{f"pre_{s}": d for s in range(sv)}, "frames": f * d}
+    want = {f"pre_{s}": d for s in range(sv)}
     for name, w in want.items():
         if name not in dims:
             raise IndexFormatError(f"vector field missing from collection {loc.collection!r}", path=loc.uri,
@@ -668,6 +794,11 @@ def _check_schema(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:
         if dims[name] != w:
             raise IndexFormatError(f"collection {loc.collection!r} stores {dims[name]}-d vectors but the manifest "
                                    f"(D={d}, frames={f}) needs {w}", path=loc.uri, field=name)
+    for c in range(int(man["frame_fields"])):
+        if f"frames_{c}" not in dims:
+            raise IndexFormatError(f"field missing from collection {loc.collection!r} (the manifest's frames of "
+                                   f"{f} x {d} {man['frame_dtype']} values take {man['frame_fields']} fields)",
+                                   path=loc.uri, field=f"frames_{c}")
 
 
 __all__ = ["DEFAULT_COLLECTION", "FORMAT_NAME", "FORMAT_VERSION", "MAX_TOPK", "MilvusIndex", "MilvusLocator", "connect",

@@ -1,6 +1,7 @@
 """Extraction and index building across processes: ``python -m torch.distributed.run
 --nproc_per_node 2 -m lavis_c2f.cli extract|index videos ...`` with gloo on CPU and the tiny
 random backbone gives the files of a one-process run; an interrupted sharded run resumes."""
+import contextlib
 import json
 import os
 import shutil
@@ -128,23 +129,31 @@ def test_parts_are_reused_when_their_key_matches_and_merge_like_one_build(zs_ind
 
 
 @pytest.mark.slow
-def test_two_ranks_into_a_milvus_collection_equal_one_faiss_build(five_videos, tmp_path):
-    """``index videos --out corpus.db#videos`` on 2 ranks: rank 0 upserts the merged parts into
-    milvus-lite; the stored rows equal a one-process FAISS build's; the sidecar is in the manifest."""
+@pytest.mark.parametrize("store", ["db", "server"])
+def test_two_ranks_into_a_milvus_collection_equal_one_faiss_build(five_videos, tmp_path, store):
+    """``index videos --out LOCATOR`` on 2 ranks: into milvus-lite ``corpus.db`` rank 0 upserts the
+    merged parts; into a ``milvus-lite server`` each rank upserts its own batches. The stored rows
+    equal a one-process FAISS build's; the sidecar is in the manifest; no parts are left."""
     pytest.importorskip("milvus_lite")
     from lavis_c2f.index.locator import open_index
+    from milvus_server import milvus_lite_server
 
     common = ["--backbone", "random", "--workers", "0", "--no-progress"]
     one = tmp_path / "one" / "index"
     _run(["index", "videos", five_videos, "--out", one, *common, *BATCH])
     db = tmp_path / "mv" / "corpus.db"
-    r = _run(["index", "videos", five_videos, "--out", f"{db}#videos", "--features-dir", str(one) + ".features",
-              *common, *BATCH], nproc=2)
-    assert r.stdout.count("indexed 5 videos") == 1
-    fx, mx = CorpusIndex.load(str(one)), open_index(f"{db}#videos")
-    assert mx.vids == sorted(fx.vids)
-    ea, eb = fx.store.gather([fx.store.row_of(v) for v in mx.vids]), mx.embeddings(mx.vids)
-    assert np.array_equal(ea.frames.numpy(), eb.frames.numpy()) and np.array_equal(ea.mask.numpy(), eb.mask.numpy())
-    side = json.loads(Path(str(one) + ".c2f-video.json").read_text())
-    assert mx.manifest["corpus"] == side
-    assert not Path(str(db) + ".parts").exists() and mx.source(mx.vids[0]).endswith(".mp4")
+    with contextlib.ExitStack() as stack:
+        loc = f"{db}#videos" if store == "db" else \
+            stack.enter_context(milvus_lite_server(tmp_path / "milvus_data")) + "#videos"
+        r = _run(["index", "videos", five_videos, "--out", loc, "--features-dir", str(one) + ".features",
+                  *common, *BATCH], nproc=2)
+        assert r.stdout.count("indexed 5 videos") == 1
+        fx, mx = CorpusIndex.load(str(one)), open_index(loc)
+        assert mx.vids == sorted(fx.vids)
+        ea, eb = fx.store.gather([fx.store.row_of(v) for v in mx.vids]), mx.embeddings(mx.vids)
+        assert np.array_equal(ea.frames.numpy(), eb.frames.numpy()) and np.array_equal(ea.mask.numpy(), eb.mask.numpy())
+        side = json.loads(Path(str(one) + ".c2f-video.json").read_text())
+        assert mx.manifest["corpus"] == side and mx.manifest["counts"] == {"videos": 5}
+        assert not Path(str(db) + ".parts").exists() and mx.source(mx.vids[0]).endswith(".mp4")
+        assert not (Path(str(one) + ".features") / ("index" + build.PARTS_SUFFIX)).exists()
+        mx.close()

@@ -218,3 +218,105 @@ def test_cli_build_rerun_info_search_remove(built, tmp_path, capsys):
     assert "'nope' is not in the index" in capsys.readouterr().err
     assert cli.main(["index", "build", *common, "--out", fdir + "2", "--backend", "milvus"]) == 1
     assert "names a faiss index" in capsys.readouterr().err
+
+
+def test_sinkhorn_biases_are_stored_and_score_as_faiss(tmp_path):
+    """UCoFiA-style per-video Sinkhorn biases (``--sinkhorn-bank``) in the Milvus bias collection:
+    the same numbers as the FAISS index's, the same ranked videos and scores, kept on reopening,
+    dropped (zero) for a re-upserted video and checked against the model's settings."""
+    from lavis_c2f.models.retriever import TextEmbedding
+
+    m = _model(sinkhorn=True, use_frame_sentence=True, sinkhorn_temperature=0.05)
+    feats = {v: f for v, f in _features(80, seed=3).items() if len(f)}
+    fx = CorpusIndex.build(m, list(feats), feats.__getitem__, _durations(feats), batch_size=32, progress=False)
+    loc = f"{tmp_path}/sk.db#sk"
+    mx = MilvusIndex.create(loc, m)
+    mx.add_features(list(feats), feats.__getitem__, _durations(feats), batch_size=32, progress=False)
+    bank = TextEmbedding(torch.randn(11, 8, generator=torch.Generator().manual_seed(9)))
+    bf = fx.compute_video_bias(bank, block_videos=7)
+    bm = mx.compute_video_bias(bank, block_videos=9)
+    assert bm.shape == (len(feats), 2) and fx.vids == mx.vids
+    np.testing.assert_allclose(bm, bf, rtol=1e-6, atol=1e-6)
+    mx.save()
+    q = _queries(m)
+    want = fx.search(q, k=8, m=len(feats))
+    zero = CorpusIndex.build(m, list(feats), feats.__getitem__, _durations(feats), batch_size=32, progress=False)
+    assert [r[0] for r in zero.search(q, k=8, m=len(feats))] != [r[0] for r in want]  # the bias matters here
+    mx.close()
+    back = open_index(loc, m)
+    assert back.info()["video_bias"] == ["video_sentence", "frame_sentence"]
+    for n_cand in (len(feats), 20):
+        for ra, rb in zip(fx.search(q, k=8, m=n_cand), back.search(q, k=8, m=n_cand)):
+            assert [v for v, _ in rb] == [v for v, _ in ra]
+            np.testing.assert_allclose([s for _, s in rb], [s for _, s in ra], rtol=1e-5, atol=1e-6)
+    # a re-upserted video scores with zero bias, as one re-added to the FAISS index
+    v0 = back.vids[0]
+    back.add_features([v0], feats.__getitem__, progress=False)
+    fx.remove([v0])
+    fx.add_features([v0], feats.__getitem__, progress=False)
+    for ra, rb in zip(fx.search(q, k=8, m=len(feats)), back.search(q, k=8, m=len(feats))):
+        assert [v for v, _ in ra] == [v for v, _ in rb]
+    assert float(back._bias_for([v0]).abs().sum()) == 0.0
+    m.configure_inference(sinkhorn_temperature=0.1)
+    with pytest.raises(IndexMismatchError, match="sinkhorn_temperature"):
+        back.search(q, k=4)
+    m.configure_inference(sinkhorn_temperature=0.05)
+    back.close()
+
+
+@pytest.mark.parametrize("frame_dtype", ["float16", "float32"])
+def test_frames_are_compact_text_split_over_fields(tmp_path, monkeypatch, frame_dtype):
+    """The stored rows go into ``frames_c`` VARCHAR fields (float16 / float32 bytes, base64, only
+    the valid rows); rows longer than one field are cut over several and read back whole."""
+    from lavis_c2f.index import milvus_index
+
+    monkeypatch.setattr(milvus_index, "_FRAME_CHARS", 16)         # 4 x 8 float16 values: 88 characters
+    m = _model()
+    feats = _features(30, seed=5)
+    mx = MilvusIndex.create(f"{tmp_path}/f.db#f", m, frame_dtype=frame_dtype)
+    want_fields = -(-(4 * -(-4 * 8 * np.dtype(frame_dtype).itemsize // 3)) // 16)
+    assert mx.manifest["frame_fields"] == want_fields > 1
+    mx.add_features(list(feats), feats.__getitem__, progress=False)
+    fx = CorpusIndex.build(m, list(feats), feats.__getitem__, batch_size=64, progress=False, frame_dtype=frame_dtype)
+    ea, eb = fx.embeddings(list(feats)), mx.embeddings(list(feats))
+    assert torch.equal(ea.mask, eb.mask) and torch.equal(ea.frames, eb.frames)
+    row = mx.client.get("f", ids=["vid00001"], output_fields=["*"])[0]
+    assert all(isinstance(row[f"frames_{c}"], str) for c in range(want_fields))
+    q = _queries(m)
+    assert [[v for v, _ in r] for r in fx.search(q, k=5, m=30)] == [[v for v, _ in r] for r in mx.search(q, k=5, m=30)]
+    mx.close()
+
+
+def test_cli_build_with_a_sinkhorn_bank_scores_as_faiss(tmp_path, capsys):
+    """``index build --sinkhorn-bank`` into a FAISS folder and a Milvus collection: both store the
+    biases, and ``index search`` ranks alike."""
+    import yaml
+
+    rng = np.random.default_rng(1)
+    feats, bank = tmp_path / "clip_features", tmp_path / "bank"
+    feats.mkdir()
+    bank.mkdir()
+    for i in range(30):
+        np.savez(feats / f"v{i}.npz", features=rng.standard_normal((int(rng.integers(3, 10)), D_IN)).astype(np.float32))
+    for i in range(9):
+        np.savez(bank / f"qid{i}.npz", last_hidden_state=rng.standard_normal((5, D_IN)).astype(np.float32),
+                 pooler_output=rng.standard_normal(D_IN).astype(np.float32))
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {
+        "arch": "c2f_tmass_retriever", "text_input_dim": D_IN, "video_input_dim": D_IN, "embed_dim": 8,
+        "num_frames": 4, "num_heads": 1, "num_trials": 3, "pool_dropout": 0.0, "sinkhorn": True,
+        "use_frame_sentence": True, "sinkhorn_temperature": 0.05}}))
+    common = ["--features", str(feats), "--model-cfg", str(cfg), "--no-progress", "--sinkhorn-bank", str(bank)]
+    db, fdir = str(tmp_path / "sk.db"), str(tmp_path / "faiss")
+    outs = []
+    for loc in (fdir, db):
+        assert cli.main(["index", "build", *common, "--out", loc]) == 0
+        capsys.readouterr()
+        assert cli.main(["index", "info", loc, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["video_bias"] == ["video_sentence", "frame_sentence"]
+        assert cli.main(["index", "search", loc, "--query-features", str(bank / "qid0.npz"), "--model-cfg", str(cfg),
+                         "-k", "8", "-m", "30"]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert [v for v, _ in outs[0]["ranked_vids"]] == [v for v, _ in outs[1]["ranked_vids"]]
+    np.testing.assert_allclose([s for _, s in outs[0]["ranked_vids"]], [s for _, s in outs[1]["ranked_vids"]],
+                               rtol=1e-5, atol=1e-6)

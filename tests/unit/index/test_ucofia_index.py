@@ -84,8 +84,8 @@ def test_prefilter_is_the_video_sentence_direction(corpus):
 
 def test_milvus_backend_stores_the_video_terms_and_scores_alike(corpus, tmp_path):
     """UCoFiA's frames + patch tokens go through the same video-terms hook into a Milvus
-    collection (one FLOAT_VECTOR of the stored rows); without stored SK-norm biases both backends
-    score with zero bias and give the same ranking."""
+    collection (one FLOAT_VECTOR of the stored rows); both backends give the same ranking without
+    stored SK-norm biases (zero bias) and with the biases of one query bank."""
     pytest.importorskip("milvus_lite")
     from lavis_c2f.index.milvus_index import MilvusIndex
 
@@ -98,3 +98,8 @@ def test_milvus_backend_stores_the_video_terms_and_scores_alike(corpus, tmp_path
     q = random_texts(3, seed=9)
     same(fx.search(q, k=6, m=len(vids)), mx.search(q, k=6, m=len(vids)))
     assert fx.candidates(q, 10) == mx.candidates(q, 10)
+    # with the SK-norm biases of one query bank stored in each: the same biases, the same scores
+    bank = random_texts(12, seed=5)
+    np.testing.assert_allclose(mx.compute_video_bias(bank, block_videos=16), fx.compute_video_bias(bank),
+                               rtol=1e-6, atol=1e-6)
+    same(fx.search(q, k=6, m=len(vids)), mx.search(q, k=6, m=len(vids)))
