@@ -34,7 +34,7 @@ def test_a_released_collection_is_loaded_again_by_the_next_read(small, caplog):
     mx.client.release_collection(mx.locator.collection)      # what a restarted server holds
     with caplog.at_level("WARNING", "lavis_c2f.index.milvus_index"):
         assert mx.search(q, k=5, m=20) == want
-    assert any("loading it again" in r.getMessage() for r in caplog.records)
+    assert any("loading videos again" in r.getMessage() for r in caplog.records)
     mx.client.release_collection(mx.locator.collection)
     assert len(mx) == 60 and mx.vids == sorted(small["feats"]) and mx.duration("v001") is None
 

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import pytest
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
+from milvus_server import MilvusLiteServer, free_port, stop_process, wait_until  # noqa: E402
 from predictor_helpers import ffmpeg  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -50,46 +50,16 @@ EXTRA = [("green", "green", 7), ("yellow", "yellow", 9)]
 ADDED = ("white", "white", 6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clip(folder: Path, name: str, colour: str, seconds: int) -> None:
     ffmpeg("-f", "lavfi", "-i", f"color=c={colour}:size=64x48:rate=10:d={seconds}", "-c:v", "libx264",
            "-pix_fmt", "yuv420p", str(folder / f"{name}.mp4"))
-
-
-class MilvusLiteServer:
-    """``milvus-lite server --data-dir D --host 127.0.0.1 --port P`` as a child process."""
-
-    def __init__(self, data_dir: Path, log: Path):
-        self.data_dir, self.log_path = data_dir, log
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).with_name("milvus-lite")
-        self.cmd = [str(exe) if exe.exists() else shutil.which("milvus-lite") or "milvus-lite", "server",
-                    "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = None
-
-    def start(self) -> None:
-        with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
-        _wait_until(lambda: _listening(self.port), self.proc, "milvus-lite server", self.log_path, 60)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)     # a hung (SIGSTOP) server must run to stop
-            _stop(self.proc)
 
 
 class Replica:
     """One ``lavis-c2f serve LOCATOR`` process on a free port."""
 
     def __init__(self, name: str, locator: str, grounder: str, log_dir: Path):
-        self.name, self.port = name, _free_port()
+        self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"replica-{name}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -100,18 +70,10 @@ class Replica:
                  "--index-timeout", str(INDEX_TIMEOUT_S)], stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self) -> None:
-        _wait_until(lambda: _healthy(self.url), self.proc, f"replica {self.name}", self.log_path, 180)
+        wait_until(lambda: _healthy(self.url), self.proc, f"replica {self.name}", self.log_path, 180)
 
     def stop(self) -> None:
-        _stop(self.proc)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+        stop_process(self.proc)
 
 
 def _healthy(url: str) -> bool:
@@ -119,29 +81,6 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
-
-
-def _wait_until(ready, proc, name: str, log: Path, wait_s: float) -> None:
-    """Poll ``ready()``; fail naming ``name`` (with its log's tail) when ``proc`` exits or
-    ``wait_s`` seconds pass first."""
-    deadline = time.time() + wait_s
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if time.time() > deadline:
-            pytest.fail(f"{name} was not ready within {wait_s} s")
-        time.sleep(0.3)
-
-
-def _stop(proc) -> None:
-    """SIGTERM, then SIGKILL after 30 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
