@@ -38,7 +38,6 @@ import torch
 
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.models.retriever.embeddings import VideoEmbedding
-from lavis_c2f.models.retriever.modules import l2norm, masked_mean
 
 FRAME_DTYPES = {"float16": np.float16, "float32": np.float32}
 _HASH_CHUNK = 8 << 20
@@ -52,11 +51,11 @@ class IndexFormatError(DataFormatError):
 def rows_embedding(model, rows: torch.Tensor, mask: torch.Tensor):
     """What a re-ranker scores from stored rows ``(m, F, D)`` with their ``(m, F)`` mask: a model
     with the video-terms hook unpacks them (``model.from_index_rows(rows, mask)``); otherwise a
-    :class:`VideoEmbedding` of the frames with ``pooled`` = the normalised mean of the normalised
-    valid frames (the retriever's own ``l2norm`` / ``masked_mean``, so it pools like the model)."""
+    :class:`VideoEmbedding` of the frames whose ``pooled`` (the normalised mean of the normalised
+    valid frames, as the model pools) is computed only if read: re-scoring never reads it."""
     if model is not None and hasattr(model, "from_index_rows"):
         return model.from_index_rows(rows, mask)
-    return VideoEmbedding(rows, mask, l2norm(masked_mean(l2norm(rows), mask, dim=1)))
+    return VideoEmbedding(rows, mask)                 # pooled (unused by re-scoring) computed on access
 
 
 # =========================================================================== files
@@ -403,7 +402,7 @@ class FrameStore:
         f = int(max(1, lens.max())) if m else 1
         valid = np.arange(f)[None, :] < lens[:, None]                          # (m, f)
         mask = valid.astype(np.float32)
-        out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+        out: Optional[torch.Tensor] = None          # allocated below unless one segment's pread fills it
         padded_by_take = False
         if m and lens.sum():
             # one row index per output slot (padding reads the video's first row and is zeroed),
@@ -416,9 +415,13 @@ class FrameStore:
                     buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f)
                     if len(sel) == m:                      # every row from this segment: one conversion pass
                         out = torch.from_numpy(buf).to(torch.float32)
-                    else:
-                        out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
+                        continue
+                    if out is None:
+                        out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+                    out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
                     continue                               # pread leaves padding slots at zero
+                if out is None:
+                    out = torch.zeros(m, f, self.dim, dtype=torch.float32)
                 padded_by_take = True
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
@@ -428,12 +431,14 @@ class FrameStore:
                 out[torch.from_numpy(sel)] = torch.from_numpy(vals).view(len(sel), f, self.dim).to(torch.float32)
             if padded_by_take:
                 out.mul_(torch.from_numpy(mask).unsqueeze(-1))
+        if out is None:                                    # nothing stored (no rows, or only empty videos)
+            out = torch.zeros(m, f, self.dim, dtype=torch.float32)
         return out, torch.from_numpy(mask)
 
     def gather(self, rows: Sequence[int]) -> VideoEmbedding:
         """:class:`VideoEmbedding` of the given rows (in that order): frames (m, F, D) padded with
-        zeros, mask, and the normalised mean of the normalised frames as ``pooled`` (the
-        retriever's own ``l2norm`` / ``masked_mean``, so it pools like the model)."""
+        zeros, mask, and the normalised mean of the normalised frames as ``pooled`` (computed on
+        first access, with the retriever's own ``l2norm`` / ``masked_mean``)."""
         return rows_embedding(None, *self.gather_rows(rows))
 
     def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int) -> np.ndarray:
@@ -443,7 +448,9 @@ class FrameStore:
         dt = np.dtype(FRAME_DTYPES[self.frame_dtype])
         row_bytes = self.dim * dt.itemsize
         n = len(offsets)
-        buf = np.zeros((n, f, self.dim), dt)
+        buf = np.empty((n, f, self.dim), dt)
+        for i in np.flatnonzero(lengths < f).tolist():      # padding slots are zero, the rest is read
+            buf[i, int(lengths[i]):] = 0
         flat = memoryview(buf.reshape(-1).view(np.uint8))
         order = np.argsort(offsets, kind="stable")          # ascending file offsets per worker
         path = self._segments[0].path_dir if self._segments else None
