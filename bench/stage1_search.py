@@ -341,6 +341,21 @@ def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
             "stage2_ms": 1000 * statistics.median(s2), "ms_per_query_batched": 1000 * batch_s / len(queries)}
 
 
+def cpu_clock_mhz() -> Optional[float]:
+    """Mean current clock of the host's cores (``/proc/cpuinfo``), None where not reported."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.lower().startswith("cpu mhz")]
+    except OSError:
+        return None
+    return statistics.mean(mhz) if mhz else None
+
+
+def host_state() -> Dict[str, Any]:
+    """What makes wall times on a shared host comparable: load averages and the CPU clock."""
+    return {"loadavg": list(os.getloadavg()), "cpu_mhz": cpu_clock_mhz()}
+
+
 def fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -420,17 +435,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for n in args.n_videos:
         t0 = time.perf_counter()
+        start = host_state()
         row = run_one(n, model, args, args.workdir or tempfile.gettempdir())
         row["wall_s"] = time.perf_counter() - t0
+        row["host_at_start"], row["host_at_end"] = start, host_state()
         row["loadavg_1min_at_end"] = os.getloadavg()[0]
         rows.append(row)
         print(f"N={n:,} done in {row['wall_s']:.0f} s: {row['ms_per_query']:.1f} ms/query, recall@10 "
               f"{fmt(row['recall_at_10'], '.3f')}", file=sys.stderr)
         gc.collect()
-    loads = ", ".join(f"{r['loadavg_1min_at_end']:.1f}" for r in rows)
+    loads = ", ".join(f"{r['host_at_start']['loadavg'][0]:.1f} -> {r['loadavg_1min_at_end']:.1f}" for r in rows)
+    clocks = ", ".join(fmt(r["host_at_end"]["cpu_mhz"], ".0f") for r in rows)
     print(f"\nstage-1 search, D={D}, {FRAMES} frames/video, {args.threads} threads, k=10, "
           f"T-MASS {model.num_trials} trials, {args.segments} pre-filter vectors/video; host load average "
-          f"(1 min) at the end of each N: {loads} on {os.cpu_count()} cores (other jobs share the host)")
+          f"(1 min) at the start -> end of each N: {loads} on {os.cpu_count()} cores (other jobs share the host); "
+          f"CPU clock MHz at the end of each N: {clocks}")
     print_table(rows)
     if args.json:
         from lavis_c2f.common.io import write_json

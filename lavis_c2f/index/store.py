@@ -58,6 +58,19 @@ def rows_embedding(model, rows: torch.Tensor, mask: torch.Tensor):
     return VideoEmbedding(rows, mask)                 # pooled (unused by re-scoring) computed on access
 
 
+def _scratch(scratch: Optional[Dict[str, Any]], key: str, shape: Tuple[int, ...], dtype) -> Optional[torch.Tensor]:
+    """A tensor of ``shape`` viewing ``scratch[key]``'s reusable storage (grown when too small),
+    or None without a scratch dict."""
+    if scratch is None:
+        return None
+    dt = torch.from_numpy(np.zeros(0, dtype)).dtype
+    n = int(np.prod(shape))
+    buf = scratch.get(key)
+    if buf is None or buf.dtype != dt or buf.numel() < n:
+        buf = scratch[key] = torch.empty(n, dtype=dt)
+    return buf[:n].view(shape)
+
+
 # =========================================================================== files
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
@@ -393,9 +406,14 @@ class FrameStore:
         o, n = int(self._off[row]), int(self._len[row])
         return np.asarray(frames[o:o + n], dtype=np.float32)
 
-    def gather_rows(self, rows: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def gather_rows(self, rows: Sequence[int], scratch: Optional[Dict[str, Any]] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The stored rows of the given videos (in that order): (m, F, D) float32, zero-padded to
-        the longest, and the (m, F) float32 mask (1 = valid)."""
+        the longest, and the (m, F) float32 mask (1 = valid).
+
+        ``scratch``: a dict the caller keeps across calls whose result it drops before the next
+        one (a re-ranking loop): the read and float32 buffers are reused from it instead of
+        being allocated (and page-faulted in) again for every query."""
         rows = np.asarray(rows, np.int64)
         m = len(rows)
         lens = self._len[rows].astype(np.int64)
@@ -412,9 +430,11 @@ class FrameStore:
             for s in np.unique(segs[lens > 0]):
                 sel = np.flatnonzero((segs == s) & (lens > 0))                  # empty videos read nothing
                 if s < len(self._segments) and self._segments[int(s)].fd is not None:
-                    buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f)
+                    buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f, scratch)
                     if len(sel) == m:                      # every row from this segment: one conversion pass
-                        out = torch.from_numpy(buf).to(torch.float32)
+                        out = _scratch(scratch, "f32", (m, f, self.dim), np.float32)
+                        out = out.copy_(torch.from_numpy(buf)) if out is not None else \
+                            torch.from_numpy(buf).to(torch.float32)
                         continue
                     if out is None:
                         out = torch.zeros(m, f, self.dim, dtype=torch.float32)
@@ -441,14 +461,17 @@ class FrameStore:
         first access, with the retriever's own ``l2norm`` / ``masked_mean``)."""
         return rows_embedding(None, *self.gather_rows(rows))
 
-    def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int) -> np.ndarray:
+    def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int,
+                      scratch: Optional[Dict[str, Any]] = None) -> np.ndarray:
         """(n, f, D) stored-dtype frames of n videos (``lengths`` valid rows from frame
-        ``offsets``), one ``pread`` per video straight into a padded buffer, spread over
-        ``io_threads`` threads (the GIL is released during the reads)."""
+        ``offsets``), one ``pread`` per video straight into a padded buffer (from ``scratch`` when
+        given, see :meth:`gather_rows`), spread over ``io_threads`` threads (the GIL is released
+        during the reads)."""
         dt = np.dtype(FRAME_DTYPES[self.frame_dtype])
         row_bytes = self.dim * dt.itemsize
         n = len(offsets)
-        buf = np.empty((n, f, self.dim), dt)
+        reused = _scratch(scratch, "read", (n, f, self.dim), dt)
+        buf = reused.numpy() if reused is not None else np.empty((n, f, self.dim), dt)
         for i in np.flatnonzero(lengths < f).tolist():      # padding slots are zero, the rest is read
             buf[i, int(lengths[i]):] = 0
         flat = memoryview(buf.reshape(-1).view(np.uint8))

@@ -350,3 +350,35 @@ def test_index_scores_with_shared_noise_when_the_model_asks_for_per_pair(caplog)
     q = _queries(m)
     for a, b in zip(ix.search(q, k=5, m=len(feats)), ix.search_exhaustive(q, k=5)):
         _same(a, b)
+
+
+def test_gather_with_reused_scratch_buffers_equals_fresh_reads(tmp_path):
+    """The re-ranking loop reuses its read and float32 buffers (dirty from the previous query):
+    every gather still equals a fresh one, padding included, and pooled is the model's rule."""
+    m = _model()
+    feats = _features(80)
+    path = _build(m, feats).save(str(tmp_path / "ix"))
+    loaded = CorpusIndex.load(path, model=m)
+    rng = np.random.default_rng(3)
+    scratch = {}
+    for size in (70, 12, 70, 1):                     # a big batch first, so later ones reuse dirty memory
+        rows = rng.permutation(80)[:size]
+        got = loaded.gather(rows, scratch)
+        want = loaded.gather(rows)
+        assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
+        assert bool((got.frames[got.mask == 0] == 0).all())
+    emb = loaded.gather(np.arange(80))
+    vids = list(feats)
+    enc = m.encode_video(*_padded([feats[v] for v in vids]))
+    assert torch.allclose(emb.pooled, enc.pooled, atol=1e-3)          # float16 storage
+    loaded.close()
+
+
+def _padded(arrays):
+    lmax = max(1, max(len(a) for a in arrays))
+    x = torch.zeros(len(arrays), lmax, D_IN)
+    mask = torch.zeros(len(arrays), lmax)
+    for i, a in enumerate(arrays):
+        x[i, :len(a)] = torch.from_numpy(a)
+        mask[i, :len(a)] = 1
+    return x, mask
