@@ -187,38 +187,41 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
     from lavis_c2f.index import AnnConfig, CorpusIndex
 
     corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
-    ann = AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec))
-                               if v is not None})
     os.makedirs(workdir, exist_ok=True)
+    kept = os.path.join(args.index_dir, f"stage1_n{n}_seed{args.seed}_s{args.segments}_q{args.queries}") \
+        if args.index_dir else None
     tmp = tempfile.mkdtemp(prefix=f"stage1_bench_{n}_", dir=workdir)
     try:
-        index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=args.segments)
-        build_s = gen_s = 0.0
-        t_all = time.perf_counter()
-        for vids, clips, mask, durs in corpus.batches(args.encode_batch):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                emb = model.encode_video(torch.from_numpy(clips), torch.from_numpy(mask))
-            index.add(vids, emb, durs, update_ann=False)
-            build_s += time.perf_counter() - t0
-            if args.progress:
-                print(f"\r  N={n}: encoded {vids[-1]}", end="", file=sys.stderr, flush=True)
-        gen_s = time.perf_counter() - t_all - build_s
-        if args.progress:
-            print("", file=sys.stderr)
-        t0 = time.perf_counter()
-        index.rebuild_ann()
-        path = index.save(os.path.join(tmp, "index"))
-        build_s += time.perf_counter() - t0
-        kind = index.ann_kind
-        params = dict(index.info()["ann"])
-        del index
+        if kept and os.path.exists(os.path.join(kept, BUILD_RECORD)):
+            with open(os.path.join(kept, BUILD_RECORD)) as f:
+                record = json.load(f)
+            path = os.path.join(kept, "index")
+            print(f"  N={n}: reusing the index built by an earlier run in {kept}", file=sys.stderr)
+        else:
+            record = build_index(n, corpus, model, args, tmp)
+            path = record.pop("path")
+            if kept:
+                os.makedirs(kept, exist_ok=True)
+                if os.path.exists(os.path.join(kept, "index")):
+                    shutil.rmtree(os.path.join(kept, "index"))
+                shutil.move(path, os.path.join(kept, "index"))
+                path = os.path.join(kept, "index")
+                np.save(os.path.join(kept, "queries.npy"), corpus.queries())
+                from lavis_c2f.common.io import write_json
+
+                write_json(record, os.path.join(kept, BUILD_RECORD))
+        build_s, gen_s = record["build_s"], record["data_gen_s"]
+        queries = np.load(os.path.join(kept, "queries.npy")) if kept else corpus.queries()
         gc.collect()
 
         index = CorpusIndex.load(path, model=model, verify=False)
+        if args.nprobe is not None:
+            index.prefilter.set_nprobe(args.nprobe)
+        kind = index.ann_kind
+        params = dict(index.info()["ann"])
         size_b = dir_size(path)
         with torch.no_grad():
-            text = model.encode_text(None, None, torch.from_numpy(corpus.queries()))
+            text = model.encode_text(None, None, torch.from_numpy(queries))
         nq = len(text)
         m = min(args.m, n)
         # pre-filter + re-rank, one query at a time
@@ -242,13 +245,22 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
         batch_s, batch_cpu = time.perf_counter() - t0, time.process_time() - c0
         identical = all(batched[i] == ranked[i] for i in range(nb))
         rss_search, anon_search = rss_gib(), anon_rss_gib()
-        e2e = run_e2e(index, model, corpus, args) if n == args.e2e_at else None
+        e2e = run_e2e(index, model, queries, args) if n == args.e2e_at else None
         # exhaustive baseline
         n_exh = min(nq, args.exhaustive_queries if n < args.exhaustive_batch_from else args.exhaustive_queries_big)
         exh_ms = None
         recall = None
         exh_mode = "skipped"
-        if n_exh > 0 and n <= args.exhaustive_max:
+        exh_cache = os.path.join(kept, f"exhaustive_{n_exh}.json") if kept else None
+        exh_reused = bool(exh_cache and os.path.exists(exh_cache))
+        if n_exh > 0 and n <= args.exhaustive_max and exh_reused:
+            sample = list(range(n_exh))
+            with open(exh_cache) as f:
+                cached = json.load(f)
+            exact, exh_ms, exh_mode = cached["top10"], cached["ms_per_query"], cached["mode"] + " (earlier run)"
+            hits = [len({v for v, _ in ranked[i]} & {v for v, _ in exact[j]}) / 10.0 for j, i in enumerate(sample)]
+            recall = float(np.mean(hits))
+        elif n_exh > 0 and n <= args.exhaustive_max:
             sample = list(range(n_exh))
             if n < args.exhaustive_batch_from:
                 exh_mode = "per query"
@@ -265,14 +277,19 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
                 exh_ms = 1000 * (time.perf_counter() - t0) / n_exh
             hits = [len({v for v, _ in ranked[i]} & {v for v, _ in exact[j]}) / 10.0 for j, i in enumerate(sample)]
             recall = float(np.mean(hits))
+            if exh_cache:
+                from lavis_c2f.common.io import write_json
+
+                write_json({"top10": exact, "ms_per_query": exh_ms, "mode": exh_mode}, exh_cache)
         index.close()
         row = {
-            "n_videos": n, "ann": kind, "ann_params": {k: v for k, v in params.items() if k not in ("kind",)},
+            "n_videos": n, "index_reused": record.get("run_id") != RUN_ID, "ann": kind, "ann_params": {k: v for k, v in params.items() if k not in ("kind",)},
             "m": m, "build_s": build_s, "data_gen_s": gen_s,
             "ms_per_query": 1000 * statistics.median(lat), "ms_per_query_mean": 1000 * statistics.mean(lat),
             "cpu_ms_per_query": 1000 * statistics.median(cpu),
             "prefilter_ms": 1000 * statistics.median(pre), "rerank_ms": 1000 * statistics.median(rer),
             "exhaustive_ms_per_query": exh_ms, "exhaustive_mode": exh_mode, "exhaustive_queries": n_exh,
+            "exhaustive_reused": exh_reused,
             "speedup_vs_exhaustive": (exh_ms / (1000 * statistics.median(lat))) if exh_ms else None,
             "recall_at_10": recall, "queries": nq,
             "qps_single": nq / sum(lat), "qps_batched": nb / batch_s, "batched_queries": nb,
@@ -287,6 +304,41 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
             print(f"  kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+BUILD_RECORD = "bench_build.json"
+RUN_ID = f"{os.getpid()}-{time.time():.0f}"
+
+
+def build_index(n: int, corpus: SyntheticCorpus, model, args, tmp: str) -> Dict[str, Any]:
+    """Generate, encode and index the corpus in ``tmp``; ``{"path", "build_s", "data_gen_s", ...}``
+    (build = encode + write + FAISS, data generation excluded)."""
+    from lavis_c2f.index import AnnConfig, CorpusIndex
+
+    ann = AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec))
+                               if v is not None})
+    index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=args.segments)
+    build_s = 0.0
+    c_all, t_all = time.process_time(), time.perf_counter()
+    for vids, clips, mask, durs in corpus.batches(args.encode_batch):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            emb = model.encode_video(torch.from_numpy(clips), torch.from_numpy(mask))
+        index.add(vids, emb, durs, update_ann=False)
+        build_s += time.perf_counter() - t0
+        if args.progress:
+            print(f"\r  N={n}: encoded {vids[-1]}", end="", file=sys.stderr, flush=True)
+    gen_s = time.perf_counter() - t_all - build_s
+    if args.progress:
+        print("", file=sys.stderr)
+    t0 = time.perf_counter()
+    index.rebuild_ann()
+    path = index.save(os.path.join(tmp, "index"))
+    build_s += time.perf_counter() - t0
+    index.close()
+    return {"path": path, "build_s": build_s, "data_gen_s": gen_s, "build_cpu_s": time.process_time() - c_all,
+            "n_videos": n, "seed": args.seed, "segments": args.segments, "run_id": RUN_ID,
+            "host_after_build": host_state(), "peak_rss_gib_after_build": peak_rss_gib()}
 
 
 class SyntheticClips:
@@ -308,7 +360,7 @@ class SyntheticClips:
         return self._cache[vid]
 
 
-def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
+def run_e2e(index, model, query_features: np.ndarray, args) -> Dict[str, Any]:
     """One query through the engine (stage 1 on ``index`` + QD-DETR in its top 10), per query
     and batched (module docstring)."""
     from lavis_c2f.models.grounder import C2FQDDETR
@@ -321,7 +373,7 @@ def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
     engine = CoarseToFine(IndexStage1(index, model), FeatureGrounder(grounder, None, [D], corpus=SyntheticClips()),
                           FusionConfig(), stage1_top_k=10)
     rng = np.random.default_rng([args.seed, 3])
-    pooled = corpus.queries()[: args.e2e_queries]
+    pooled = query_features[: args.e2e_queries]
     queries = [Query(f"query {i}", tokens=rng.standard_normal((12, D)).astype(np.float32), pooled=p)
                for i, p in enumerate(pooled)]
     engine.run(queries, 10)                               # warm-up: grounded videos' features generated
@@ -384,7 +436,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         if j == 0:
             print("  ".join("-" * w for w in widths))
     for r in rows:
-        print(f"N={r['n_videos']:,}: exhaustive {r['exhaustive_mode']} ({r['exhaustive_queries']} queries); "
+        print(f"N={r['n_videos']:,}: index {'reused from an earlier run' if r['index_reused'] else 'built by this run'}; "
+              f"exhaustive {r['exhaustive_mode']} ({r['exhaustive_queries']} queries); "
               f"recall over them; latency median of {r['queries']} single-query searches "
               f"(mean {r['ms_per_query_mean']:.1f} ms); batched: {r['batched_queries']} queries in one call, "
               f"{r['cpu_ms_per_query_batched']:.1f} CPU ms/query")
@@ -408,9 +461,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="IVF codes (default: configs/index/ann.yaml)")
     p.add_argument("--segments", type=int, default=3, help="pre-filter vectors per video")
     p.add_argument("--exhaustive-queries", type=int, default=20, help="queries with exhaustive scoring (N small)")
-    p.add_argument("--exhaustive-queries-big", type=int, default=5,
+    p.add_argument("--exhaustive-queries-big", type=int, default=20,
                    help="queries scored exhaustively in one sweep for N >= --exhaustive-batch-from")
-    p.add_argument("--exhaustive-batch-from", type=int, default=500000)
+    p.add_argument("--exhaustive-batch-from", type=int, default=50000)
     p.add_argument("--exhaustive-max", type=int, default=10 ** 7, help="skip exhaustive scoring above this N")
     p.add_argument("--exhaustive-block", type=int, default=4096)
     p.add_argument("--batch", type=int, default=256, help="queries searched in one batched call")
@@ -421,7 +474,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the temporary indexes (default: system temp)")
-    p.add_argument("--keep", action="store_true", help="keep the indexes")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    p.add_argument("--index-dir", default=None,
+                   help="build each N's index once into this folder and reuse it in later runs (the row "
+                        "then reports the build time of the run that built it; index_reused: true)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
 
