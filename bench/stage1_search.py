@@ -184,7 +184,7 @@ def dir_size(path: str) -> int:
 
 
 def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
-    from lavis_c2f.index import AnnConfig, CorpusIndex
+    from lavis_c2f.index import CorpusIndex
 
     corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
     os.makedirs(workdir, exist_ok=True)
@@ -215,6 +215,11 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
         gc.collect()
 
         index = CorpusIndex.load(path, model=model, verify=False)
+        ann_rebuild_s = None
+        if args.ivf_codec not in (None, "auto") and index.info()["ann"].get("codec") != args.ivf_codec:
+            t0 = time.perf_counter()                   # a reused index built with other codes
+            index.rebuild_ann(ann_config(args))
+            ann_rebuild_s = time.perf_counter() - t0
         if args.nprobe is not None:
             index.prefilter.set_nprobe(args.nprobe)
         kind = index.ann_kind
@@ -284,7 +289,7 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
         index.close()
         row = {
             "n_videos": n, "index_reused": record.get("run_id") != RUN_ID, "ann": kind, "ann_params": {k: v for k, v in params.items() if k not in ("kind",)},
-            "m": m, "build_s": build_s, "data_gen_s": gen_s,
+            "m": m, "build_s": build_s, "data_gen_s": gen_s, "ann_rebuild_s": ann_rebuild_s,
             "ms_per_query": 1000 * statistics.median(lat), "ms_per_query_mean": 1000 * statistics.mean(lat),
             "cpu_ms_per_query": 1000 * statistics.median(cpu),
             "prefilter_ms": 1000 * statistics.median(pre), "rerank_ms": 1000 * statistics.median(rer),
@@ -310,14 +315,20 @@ BUILD_RECORD = "bench_build.json"
 RUN_ID = f"{os.getpid()}-{time.time():.0f}"
 
 
+def ann_config(args):
+    """The pre-filter settings of the command line over ``configs/index/ann.yaml``."""
+    from lavis_c2f.index import AnnConfig
+
+    return AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec),
+                                                  ("ivf_pq_refine", args.pq_refine)) if v is not None})
+
+
 def build_index(n: int, corpus: SyntheticCorpus, model, args, tmp: str) -> Dict[str, Any]:
     """Generate, encode and index the corpus in ``tmp``; ``{"path", "build_s", "data_gen_s", ...}``
     (build = encode + write + FAISS, data generation excluded)."""
-    from lavis_c2f.index import AnnConfig, CorpusIndex
+    from lavis_c2f.index import CorpusIndex
 
-    ann = AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec))
-                               if v is not None})
-    index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=args.segments)
+    index = CorpusIndex.for_model(model, ann=ann_config(args), work_dir=tmp, prefilter_segments=args.segments)
     build_s = 0.0
     c_all, t_all = time.process_time(), time.perf_counter()
     for vids, clips, mask, durs in corpus.batches(args.encode_batch):
@@ -420,6 +431,7 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         ap = r["ann_params"]
         desc = r["ann"] + (f" {ap.get('codec')} nlist={ap.get('nlist')} nprobe={ap.get('nprobe')}"
+                           + (f" refine={ap.get('refine')}" if ap.get("codec") == "pq4" else "")
                            if r["ann"] == "ivf" else "")
         lines.append((f"{r['n_videos']:,}", f"{r['build_s']:.1f}", desc, str(r["m"]), f"{r['ms_per_query']:.1f}",
                       f"{r['prefilter_ms']:.1f} + {r['rerank_ms']:.1f}", f"{r['cpu_ms_per_query']:.1f}",
@@ -457,8 +469,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--queries", type=int, default=256, help="queries per N (single-query timing, one batched call)")
     p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
-    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
-                   help="IVF codes (default: configs/index/ann.yaml)")
+    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8", "pq4"], default=None,
+                   help="IVF codes (default: configs/index/ann.yaml); a reused index built with other codes "
+                        "gets its FAISS index rebuilt (ann_rebuild_s)")
+    p.add_argument("--pq-refine", type=int, default=None, help="pq4: vectors re-scored exactly per candidate")
     p.add_argument("--segments", type=int, default=3, help="pre-filter vectors per video")
     p.add_argument("--exhaustive-queries", type=int, default=20, help="queries with exhaustive scoring (N small)")
     p.add_argument("--exhaustive-queries-big", type=int, default=20,

@@ -290,6 +290,19 @@ class FrameStore:
         r_i, s_i = np.nonzero(valid)
         return pre[r_i, s_i], rows[r_i] * sv + s_i
 
+    def vectors_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """(n, D) float32 pre-filter vectors of FAISS ids ``row * S + segment`` (in that order)."""
+        sv = self.segments_per_video
+        ids = np.asarray(ids, np.int64)
+        rows, seg = ids // sv, ids % sv
+        out = np.empty((len(ids), self.dim), np.float32)
+        segs = self._seg[rows]
+        for s in np.unique(segs).tolist():
+            sel = np.flatnonzero(segs == s)
+            _, pre = self._segment_arrays(int(s))
+            out[sel] = pre[rows[sel] - self._seg_row_base(int(s)), seg[sel]]
+        return out
+
     # ------------------------------------------------------------------ adding / removing
     def _grow(self, n_new: int) -> None:
         need = self._n + n_new

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.index import AnnConfig, CorpusIndex, IndexFormatError, IndexMismatchError, search_shards
 from lavis_c2f.models.retriever import C2FTMassRetriever, TextEmbedding
 
@@ -382,3 +383,27 @@ def _padded(arrays):
         x[i, :len(a)] = torch.from_numpy(a)
         mask[i, :len(a)] = 1
     return x, mask
+
+
+def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path):
+    """4-bit fast-scan PQ candidates are re-scored with the stored vectors: probing every list with
+    a refine window covering every vector gives the exact pre-filter's candidates, in its order."""
+    m = _model()
+    feats = _features(80)
+    pq = _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_nprobe": 4, "ivf_codec": "pq4", "ivf_pq_m": 4,
+                                "ivf_pq_refine": 1000})
+    flat = _build(m, feats)
+    assert pq.info()["ann"]["codec"] == "pq4" and pq.info()["ann"]["refine"] == 1000
+    q = _queries(m, q=5, seed=2)
+    assert pq.candidates(q, 20) == flat.candidates(q, 20)
+    path = pq.save(str(tmp_path / "pq"))
+    loaded = CorpusIndex.load(path, model=m)
+    assert loaded.candidates(q, 20) == pq.candidates(q, 20)
+    assert loaded.search(q, k=5, m=20) == pq.search(q, k=5, m=20)
+    loaded.remove([next(iter(feats))])
+    assert all(next(iter(feats)) not in c for c in loaded.candidates(q, 80))
+    loaded.close()
+    with pytest.raises(ConfigError, match="ivf_pq_m"):
+        _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "pq4", "ivf_pq_m": 3})
+    with pytest.raises(ConfigError, match="ivf_codec"):
+        AnnConfig.from_dict({"ivf_codec": "pq8"})
