@@ -75,8 +75,11 @@ class AnnConfig:
     ivf_nprobe_max: int = ANN_DEFAULTS["ivf_nprobe_max"]
     ivf_codec: str = ANN_DEFAULTS["ivf_codec"]
     ivf_sq8_from: int = ANN_DEFAULTS["ivf_sq8_from"]
+    ivf_pq_from: Optional[int] = ANN_DEFAULTS["ivf_pq_from"]
     ivf_pq_m: int = ANN_DEFAULTS["ivf_pq_m"]
     ivf_pq_refine: int = ANN_DEFAULTS["ivf_pq_refine"]
+    ivf_pq_nprobe_div: int = ANN_DEFAULTS["ivf_pq_nprobe_div"]
+    ivf_pq_nprobe_max: int = ANN_DEFAULTS["ivf_pq_nprobe_max"]
     ivf_train_per_list: int = ANN_DEFAULTS["ivf_train_per_list"]
     ivf_nlist_max: int = ANN_DEFAULTS["ivf_nlist_max"]
     ivf_kmeans_iters: int = ANN_DEFAULTS["ivf_kmeans_iters"]
@@ -91,12 +94,12 @@ class AnnConfig:
         if self.ivf_codec not in CODECS:
             raise ConfigError(f"ann.ivf_codec must be one of {CODECS}, got {self.ivf_codec!r}")
         for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "ivf_nlist_max", "ivf_kmeans_iters",
-                     "ivf_pq_m", "ivf_pq_refine",
+                     "ivf_pq_m", "ivf_pq_refine", "ivf_pq_nprobe_div", "ivf_pq_nprobe_max",
                      "ivf_nprobe_div", "ivf_nprobe_min", "ivf_nprobe_max",
                      "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("ivf_nlist", "ivf_nprobe"):
+        for name in ("ivf_nlist", "ivf_nprobe", "ivf_pq_from"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {v!r}")
@@ -122,13 +125,19 @@ class AnnConfig:
     def codec_for(self, n: int) -> str:
         if self.ivf_codec != "auto":
             return self.ivf_codec
+        if self.ivf_pq_from is not None and n > self.ivf_pq_from:
+            return "pq4"
         return "sq8" if n > self.ivf_sq8_from else "flat"
 
-    def nprobe_for(self, nlist: int) -> int:
+    def nprobe_for(self, nlist: int, codec: str = "sq8") -> int:
+        """Lists probed: ``ivf_nprobe``, else ``nlist / div`` clamped to [``ivf_nprobe_min``, max]
+        with ``div`` / max of the codes (``ivf_pq_nprobe_*`` for pq4, whose scan is cheaper)."""
         if self.ivf_nprobe is not None:
             return min(int(self.ivf_nprobe), nlist)
-        want = min(int(self.ivf_nprobe_max), nlist // int(self.ivf_nprobe_div))
-        return min(nlist, max(int(self.ivf_nprobe_min), want))
+        pq = codec == "pq4"
+        div = int(self.ivf_pq_nprobe_div if pq else self.ivf_nprobe_div)
+        cap = int(self.ivf_pq_nprobe_max if pq else self.ivf_nprobe_max)
+        return min(nlist, max(int(self.ivf_nprobe_min), min(cap, nlist // div)))
 
 
 def _faiss():
@@ -187,7 +196,7 @@ class AnnIndex:
                 index.cp.seed = int(config.seed)
                 index.cp.niter = int(config.ivf_kmeans_iters)
             index.train(train)
-            index.nprobe = config.nprobe_for(nlist)
+            index.nprobe = config.nprobe_for(nlist, codec)
             params = {"nlist": nlist, "nprobe": int(index.nprobe), "codec": codec, "trained_on": int(len(train))}
             if codec == "pq4":
                 params.update(pq_m=int(config.ivf_pq_m), refine=int(config.ivf_pq_refine))

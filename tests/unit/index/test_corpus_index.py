@@ -407,3 +407,11 @@ def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path):
         _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "pq4", "ivf_pq_m": 3})
     with pytest.raises(ConfigError, match="ivf_codec"):
         AnnConfig.from_dict({"ivf_codec": "pq8"})
+
+
+def test_pq4_nprobe_policy_and_auto_codec():
+    cfg = AnnConfig()
+    assert cfg.nprobe_for(2048, "pq4") == 1024 and cfg.nprobe_for(4096, "pq4") == 2048
+    assert cfg.nprobe_for(2048, "sq8") == 512 and AnnConfig(ivf_nprobe=7).nprobe_for(4096, "pq4") == 7
+    assert AnnConfig(ivf_pq_from=10 ** 5).codec_for(3 * 10 ** 5) == "pq4"
+    assert AnnConfig(ivf_pq_from=10 ** 6).codec_for(3 * 10 ** 5) == "sq8"
