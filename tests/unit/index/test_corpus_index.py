@@ -300,9 +300,9 @@ def test_ann_config_validation_and_defaults():
     assert cfg.nlist_for(3 * 10 ** 5) == 2048 and cfg.nlist_for(3 * 10 ** 6) == 4096
     assert cfg.nprobe_for(4096) == 512 and cfg.nprobe_for(64) == 16 and cfg.nprobe_for(2048) == 512
     assert cfg.nprobe_for(1024) == 256 and AnnConfig(ivf_nprobe=7).nprobe_for(4096) == 7
-    assert cfg.codec_for(3 * 10 ** 5) == "sq8" and cfg.codec_for(3 * 10 ** 6) == "sq8"   # configs/index/ann.yaml
-    assert AnnConfig(ivf_sq8_from=10 ** 6).codec_for(3 * 10 ** 5) == "flat"
-    from lavis_c2f.common.errors import ConfigError
+    assert cfg.codec_for(3 * 10 ** 5) == "pq4" and cfg.codec_for(3 * 10 ** 6) == "pq4"   # configs/index/ann.yaml
+    assert AnnConfig(ivf_pq_from=None).codec_for(3 * 10 ** 5) == "sq8"
+    assert AnnConfig(ivf_pq_from=None, ivf_sq8_from=10 ** 6).codec_for(3 * 10 ** 5) == "flat"
 
     with pytest.raises(ConfigError, match="kind"):
         AnnConfig(kind="lsh")
@@ -411,7 +411,7 @@ def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path):
 
 def test_pq4_nprobe_policy_and_auto_codec():
     cfg = AnnConfig()
-    assert cfg.nprobe_for(2048, "pq4") == 1024 and cfg.nprobe_for(4096, "pq4") == 2048
+    assert cfg.nprobe_for(2048, "pq4") == 2048 and cfg.nprobe_for(4096, "pq4") == 2048
     assert cfg.nprobe_for(2048, "sq8") == 512 and AnnConfig(ivf_nprobe=7).nprobe_for(4096, "pq4") == 7
     assert AnnConfig(ivf_pq_from=10 ** 5).codec_for(3 * 10 ** 5) == "pq4"
     assert AnnConfig(ivf_pq_from=10 ** 6).codec_for(3 * 10 ** 5) == "sq8"
