@@ -253,6 +253,8 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
         e2e = run_e2e(index, model, queries, args) if n == args.e2e_at else None
         # exhaustive baseline
         n_exh = min(nq, args.exhaustive_queries if n < args.exhaustive_batch_from else args.exhaustive_queries_big)
+        if args.exhaustive_pairs_max:
+            n_exh = max(1, min(n_exh, args.exhaustive_pairs_max // n))
         exh_ms = None
         recall = None
         exh_mode = "skipped"
@@ -488,6 +490,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--exhaustive-queries-big", type=int, default=20,
                    help="queries scored exhaustively in one sweep for N >= --exhaustive-batch-from")
     p.add_argument("--exhaustive-batch-from", type=int, default=50000)
+    p.add_argument("--exhaustive-pairs-max", type=int, default=None,
+                   help="fewer exhaustive queries where queries x N would exceed this many exact pairs")
     p.add_argument("--exhaustive-max", type=int, default=10 ** 7, help="skip exhaustive scoring above this N")
     p.add_argument("--exhaustive-block", type=int, default=4096)
     p.add_argument("--batch", type=int, default=256, help="queries searched in one batched call")
