@@ -41,6 +41,11 @@ initialisation perturbed by small seeded noise, and ``radius_bias_init = -4`` so
 stochastic radius is moderate for unit-norm inputs (an untrained radius of ~1 would swamp
 unit-norm features; training shrinks it the same way).
 
+``--index-dir DIR`` keeps each N's index (and its exhaustive reference) and reuses it in later
+runs, e.g. to time another pre-filter (``--ivf-codec``, ``--nprobe``) without rebuilding 1e6 videos;
+the row says so (``index_reused``, ``exhaustive_reused``, ``ann_rebuild_s``). Each row records the
+host's load average and CPU clock at its start and end.
+
     python bench/stage1_search.py --n-videos 1000 10000 100000 1000000 [--json OUT] [--threads 1]
 """
 from __future__ import annotations
