@@ -41,6 +41,11 @@ initialisation perturbed by small seeded noise, and ``radius_bias_init = -4`` so
 stochastic radius is moderate for unit-norm inputs (an untrained radius of ~1 would swamp
 unit-norm features; training shrinks it the same way).
 
+``--index-dir DIR`` keeps each N's index (and its exhaustive reference) and reuses it in later
+runs, e.g. to time another pre-filter (``--ivf-codec``, ``--nprobe``) without rebuilding 1e6 videos;
+the row says so (``index_reused``, ``exhaustive_reused``, ``ann_rebuild_s``). Each row records the
+host's load average and CPU clock at its start and end.
+
     python bench/stage1_search.py --n-videos 1000 10000 100000 1000000 [--json OUT] [--threads 1]
 """
 from __future__ import annotations
@@ -80,7 +85,6 @@ class SyntheticCorpus:
         self.topic_p = p / p.sum()
         self.gap = self._unit(rng.standard_normal((1, dim)).astype(np.float32))[0]
         self.targets = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
-        self._target_set = set(self.targets.tolist())
         self.query_parts: Dict[int, Tuple[int, np.ndarray]] = {}
 
     @staticmethod
@@ -91,7 +95,9 @@ class SyntheticCorpus:
         return f"syn{i:07d}"
 
     def batches(self, batch: int):
-        """Yield (vids, clips (B, Lmax, D) float32, mask (B, Lmax), durations)."""
+        """Yield (vids, clips (B, Lmax, D) float32, mask (B, Lmax), durations); vectorised over the
+        batch (no per-video Python), so a 1e6-video corpus is generated in minutes."""
+        d = self.dim
         for b0 in range(0, self.n, batch):
             b1 = min(self.n, b0 + batch)
             rng = np.random.default_rng([self.seed, 1, b0])
@@ -99,28 +105,34 @@ class SyntheticCorpus:
             lens = rng.integers(8, 21, size=nb)
             lmax = int(lens.max())
             n_ev = rng.choice([1, 2, 3], size=nb, p=[0.4, 0.4, 0.2])
-            style = self._unit(rng.standard_normal((nb, self.dim)).astype(np.float32))
-            noise = self._unit(rng.standard_normal((nb, lmax, self.dim)).astype(np.float32))
-            clips = 0.25 * style[:, None, :] + 0.45 * noise
-            mask = (np.arange(lmax)[None, :] < lens[:, None]).astype(np.float32)
+            style = self._unit(rng.standard_normal((nb, d), dtype=np.float32))
+            noise = rng.standard_normal((nb, lmax, d), dtype=np.float32)
+            noise /= np.linalg.norm(noise, axis=-1, keepdims=True)
+            clips = noise
+            clips *= 0.45
+            clips += 0.25 * style[:, None, :]
+            pos = np.arange(lmax)
+            mask = (pos[None, :] < lens[:, None]).astype(np.float32)
+            # n_ev - 1 distinct cuts in 1 .. len - 1: the smallest random keys among those positions
+            keys = rng.random((nb, lmax))
+            keys[:, 0] = np.inf
+            keys[pos[None, :] >= lens[:, None]] = np.inf
+            order = np.argsort(keys, axis=1)[:, :2]                              # up to 2 cuts
+            cuts = np.where(np.arange(2)[None, :] < (n_ev - 1)[:, None], order, lmax + 1)
+            event = (pos[None, :, None] >= cuts[:, None, :]).sum(-1)            # (nb, lmax) event of each clip
+            ev_start = np.concatenate([[0], np.cumsum(n_ev)[:-1]])
             total_ev = int(n_ev.sum())
             ev_topic = rng.choice(self.n_topics, size=total_ev, p=self.topic_p)
-            ev_detail = self._unit(rng.standard_normal((total_ev, self.dim)).astype(np.float32))
-            ev_vec = 0.6 * self.topics[ev_topic] + 0.5 * ev_detail
-            e = 0
-            for i in range(nb):
-                cuts = np.sort(rng.choice(np.arange(1, lens[i]), size=n_ev[i] - 1, replace=False)) \
-                    if n_ev[i] > 1 else np.zeros(0, int)
-                bounds = np.concatenate([[0], cuts, [lens[i]]])
-                for j in range(n_ev[i]):
-                    clips[i, bounds[j]:bounds[j + 1]] += ev_vec[e + j]
-                gi = b0 + i
-                if gi in self._target_set:
-                    j = int(rng.integers(n_ev[i]))
-                    self.query_parts[gi] = (int(ev_topic[e + j]), ev_detail[e + j].copy())
-                e += n_ev[i]
-            clips = self._unit(clips) * mask[..., None]
-            yield [self.vid(i) for i in range(b0, b1)], clips.astype(np.float32), mask, (lens * 2.0).tolist()
+            ev_detail = self._unit(rng.standard_normal((total_ev, d), dtype=np.float32))
+            ev_vec = (0.6 * self.topics[ev_topic] + 0.5 * ev_detail).astype(np.float32)
+            clips += ev_vec[np.minimum(ev_start[:, None] + event, total_ev - 1)]
+            chosen = rng.integers(0, n_ev)                                      # the event a query describes
+            for i in np.flatnonzero(np.isin(np.arange(b0, b1), self.targets)).tolist():
+                e = int(ev_start[i] + chosen[i])
+                self.query_parts[b0 + i] = (int(ev_topic[e]), ev_detail[e].copy())
+            clips /= np.linalg.norm(clips, axis=-1, keepdims=True)
+            clips *= mask[..., None]
+            yield [self.vid(i) for i in range(b0, b1)], clips, mask, (lens * 2.0).tolist()
 
     def queries(self) -> np.ndarray:
         """(Q, D) sentence features of the target events (call after iterating the batches)."""
@@ -177,41 +189,49 @@ def dir_size(path: str) -> int:
 
 
 def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
-    from lavis_c2f.index import AnnConfig, CorpusIndex
+    from lavis_c2f.index import CorpusIndex
 
     corpus = SyntheticCorpus(n, seed=args.seed, n_queries=args.queries)
-    ann = AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec))
-                               if v is not None})
     os.makedirs(workdir, exist_ok=True)
+    kept = os.path.join(args.index_dir, f"stage1_n{n}_seed{args.seed}_s{args.segments}_q{args.queries}") \
+        if args.index_dir else None
     tmp = tempfile.mkdtemp(prefix=f"stage1_bench_{n}_", dir=workdir)
     try:
-        index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=args.segments)
-        build_s = gen_s = 0.0
-        t_all = time.perf_counter()
-        for vids, clips, mask, durs in corpus.batches(args.encode_batch):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                emb = model.encode_video(torch.from_numpy(clips), torch.from_numpy(mask))
-            index.add(vids, emb, durs, update_ann=False)
-            build_s += time.perf_counter() - t0
-            if args.progress:
-                print(f"\r  N={n}: encoded {vids[-1]}", end="", file=sys.stderr, flush=True)
-        gen_s = time.perf_counter() - t_all - build_s
-        if args.progress:
-            print("", file=sys.stderr)
-        t0 = time.perf_counter()
-        index.rebuild_ann()
-        path = index.save(os.path.join(tmp, "index"))
-        build_s += time.perf_counter() - t0
-        kind = index.ann_kind
-        params = dict(index.info()["ann"])
-        del index
+        if kept and os.path.exists(os.path.join(kept, BUILD_RECORD)):
+            with open(os.path.join(kept, BUILD_RECORD)) as f:
+                record = json.load(f)
+            path = os.path.join(kept, "index")
+            print(f"  N={n}: reusing the index built by an earlier run in {kept}", file=sys.stderr)
+        else:
+            record = build_index(n, corpus, model, args, tmp)
+            path = record.pop("path")
+            if kept:
+                os.makedirs(kept, exist_ok=True)
+                if os.path.exists(os.path.join(kept, "index")):
+                    shutil.rmtree(os.path.join(kept, "index"))
+                shutil.move(path, os.path.join(kept, "index"))
+                path = os.path.join(kept, "index")
+                np.save(os.path.join(kept, "queries.npy"), corpus.queries())
+                from lavis_c2f.common.io import write_json
+
+                write_json(record, os.path.join(kept, BUILD_RECORD))
+        build_s, gen_s = record["build_s"], record["data_gen_s"]
+        queries = np.load(os.path.join(kept, "queries.npy")) if kept else corpus.queries()
         gc.collect()
 
         index = CorpusIndex.load(path, model=model, verify=False)
+        ann_rebuild_s = None
+        if args.ivf_codec not in (None, "auto") and index.info()["ann"].get("codec") != args.ivf_codec:
+            t0 = time.perf_counter()                   # a reused index built with other codes
+            index.rebuild_ann(ann_config(args))
+            ann_rebuild_s = time.perf_counter() - t0
+        if args.nprobe is not None:
+            index.prefilter.set_nprobe(args.nprobe)
+        kind = index.ann_kind
+        params = dict(index.info()["ann"])
         size_b = dir_size(path)
         with torch.no_grad():
-            text = model.encode_text(None, None, torch.from_numpy(corpus.queries()))
+            text = model.encode_text(None, None, torch.from_numpy(queries))
         nq = len(text)
         m = min(args.m, n)
         # pre-filter + re-rank, one query at a time
@@ -235,13 +255,24 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
         batch_s, batch_cpu = time.perf_counter() - t0, time.process_time() - c0
         identical = all(batched[i] == ranked[i] for i in range(nb))
         rss_search, anon_search = rss_gib(), anon_rss_gib()
-        e2e = run_e2e(index, model, corpus, args) if n == args.e2e_at else None
+        e2e = run_e2e(index, model, queries, args) if n == args.e2e_at else None
         # exhaustive baseline
         n_exh = min(nq, args.exhaustive_queries if n < args.exhaustive_batch_from else args.exhaustive_queries_big)
+        if args.exhaustive_pairs_max:
+            n_exh = max(1, min(n_exh, args.exhaustive_pairs_max // n))
         exh_ms = None
         recall = None
         exh_mode = "skipped"
-        if n_exh > 0 and n <= args.exhaustive_max:
+        exh_cache = os.path.join(kept, f"exhaustive_{n_exh}.json") if kept else None
+        exh_reused = bool(exh_cache and os.path.exists(exh_cache))
+        if n_exh > 0 and n <= args.exhaustive_max and exh_reused:
+            sample = list(range(n_exh))
+            with open(exh_cache) as f:
+                cached = json.load(f)
+            exact, exh_ms, exh_mode = cached["top10"], cached["ms_per_query"], cached["mode"] + " (earlier run)"
+            hits = [len({v for v, _ in ranked[i]} & {v for v, _ in exact[j]}) / 10.0 for j, i in enumerate(sample)]
+            recall = float(np.mean(hits))
+        elif n_exh > 0 and n <= args.exhaustive_max:
             sample = list(range(n_exh))
             if n < args.exhaustive_batch_from:
                 exh_mode = "per query"
@@ -258,14 +289,19 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
                 exh_ms = 1000 * (time.perf_counter() - t0) / n_exh
             hits = [len({v for v, _ in ranked[i]} & {v for v, _ in exact[j]}) / 10.0 for j, i in enumerate(sample)]
             recall = float(np.mean(hits))
+            if exh_cache:
+                from lavis_c2f.common.io import write_json
+
+                write_json({"top10": exact, "ms_per_query": exh_ms, "mode": exh_mode}, exh_cache)
         index.close()
         row = {
-            "n_videos": n, "ann": kind, "ann_params": {k: v for k, v in params.items() if k not in ("kind",)},
-            "m": m, "build_s": build_s, "data_gen_s": gen_s,
+            "n_videos": n, "index_reused": record.get("run_id") != RUN_ID, "ann": kind, "ann_params": {k: v for k, v in params.items() if k not in ("kind",)},
+            "m": m, "build_s": build_s, "data_gen_s": gen_s, "ann_rebuild_s": ann_rebuild_s,
             "ms_per_query": 1000 * statistics.median(lat), "ms_per_query_mean": 1000 * statistics.mean(lat),
             "cpu_ms_per_query": 1000 * statistics.median(cpu),
             "prefilter_ms": 1000 * statistics.median(pre), "rerank_ms": 1000 * statistics.median(rer),
             "exhaustive_ms_per_query": exh_ms, "exhaustive_mode": exh_mode, "exhaustive_queries": n_exh,
+            "exhaustive_reused": exh_reused,
             "speedup_vs_exhaustive": (exh_ms / (1000 * statistics.median(lat))) if exh_ms else None,
             "recall_at_10": recall, "queries": nq,
             "qps_single": nq / sum(lat), "qps_batched": nb / batch_s, "batched_queries": nb,
@@ -280,6 +316,57 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
             print(f"  kept {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+BUILD_RECORD = "bench_build.json"
+RUN_ID = f"{os.getpid()}-{time.time():.0f}"
+
+
+def set_threads(n: int) -> None:
+    """Threads of torch and FAISS from now on."""
+    from lavis_c2f.index.ann import _faiss
+
+    torch.set_num_threads(n)
+    _faiss().omp_set_num_threads(n)
+
+
+def ann_config(args):
+    """The pre-filter settings of the command line over ``configs/index/ann.yaml``."""
+    from lavis_c2f.index import AnnConfig
+
+    return AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec),
+                                                  ("ivf_pq_refine", args.pq_refine)) if v is not None})
+
+
+def build_index(n: int, corpus: SyntheticCorpus, model, args, tmp: str) -> Dict[str, Any]:
+    """Generate, encode and index the corpus in ``tmp``; ``{"path", "build_s", "data_gen_s", ...}``
+    (build = encode + write + FAISS, data generation excluded)."""
+    from lavis_c2f.index import CorpusIndex
+
+    set_threads(args.build_threads or args.threads)
+    index = CorpusIndex.for_model(model, ann=ann_config(args), work_dir=tmp, prefilter_segments=args.segments)
+    build_s = 0.0
+    c_all, t_all = time.process_time(), time.perf_counter()
+    for vids, clips, mask, durs in corpus.batches(args.encode_batch):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            emb = model.encode_video(torch.from_numpy(clips), torch.from_numpy(mask))
+        index.add(vids, emb, durs, update_ann=False)
+        build_s += time.perf_counter() - t0
+        if args.progress:
+            print(f"\r  N={n}: encoded {vids[-1]}", end="", file=sys.stderr, flush=True)
+    gen_s = time.perf_counter() - t_all - build_s
+    if args.progress:
+        print("", file=sys.stderr)
+    t0 = time.perf_counter()
+    index.rebuild_ann()
+    path = index.save(os.path.join(tmp, "index"))
+    build_s += time.perf_counter() - t0
+    index.close()
+    set_threads(args.threads)
+    return {"path": path, "build_s": build_s, "build_threads": args.build_threads or args.threads, "data_gen_s": gen_s, "build_cpu_s": time.process_time() - c_all,
+            "n_videos": n, "seed": args.seed, "segments": args.segments, "run_id": RUN_ID,
+            "host_after_build": host_state(), "peak_rss_gib_after_build": peak_rss_gib()}
 
 
 class SyntheticClips:
@@ -301,7 +388,7 @@ class SyntheticClips:
         return self._cache[vid]
 
 
-def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
+def run_e2e(index, model, query_features: np.ndarray, args) -> Dict[str, Any]:
     """One query through the engine (stage 1 on ``index`` + QD-DETR in its top 10), per query
     and batched (module docstring)."""
     from lavis_c2f.models.grounder import C2FQDDETR
@@ -314,7 +401,7 @@ def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
     engine = CoarseToFine(IndexStage1(index, model), FeatureGrounder(grounder, None, [D], corpus=SyntheticClips()),
                           FusionConfig(), stage1_top_k=10)
     rng = np.random.default_rng([args.seed, 3])
-    pooled = corpus.queries()[: args.e2e_queries]
+    pooled = query_features[: args.e2e_queries]
     queries = [Query(f"query {i}", tokens=rng.standard_normal((12, D)).astype(np.float32), pooled=p)
                for i, p in enumerate(pooled)]
     engine.run(queries, 10)                               # warm-up: grounded videos' features generated
@@ -334,6 +421,21 @@ def run_e2e(index, model, corpus: SyntheticCorpus, args) -> Dict[str, Any]:
             "stage2_ms": 1000 * statistics.median(s2), "ms_per_query_batched": 1000 * batch_s / len(queries)}
 
 
+def cpu_clock_mhz() -> Optional[float]:
+    """Mean current clock of the host's cores (``/proc/cpuinfo``), None where not reported."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.lower().startswith("cpu mhz")]
+    except OSError:
+        return None
+    return statistics.mean(mhz) if mhz else None
+
+
+def host_state() -> Dict[str, Any]:
+    """What makes wall times on a shared host comparable: load averages and the CPU clock."""
+    return {"loadavg": list(os.getloadavg()), "cpu_mhz": cpu_clock_mhz()}
+
+
 def fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
@@ -346,6 +448,7 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         ap = r["ann_params"]
         desc = r["ann"] + (f" {ap.get('codec')} nlist={ap.get('nlist')} nprobe={ap.get('nprobe')}"
+                           + (f" refine={ap.get('refine')}" if ap.get("codec") == "pq4" else "")
                            if r["ann"] == "ivf" else "")
         lines.append((f"{r['n_videos']:,}", f"{r['build_s']:.1f}", desc, str(r["m"]), f"{r['ms_per_query']:.1f}",
                       f"{r['prefilter_ms']:.1f} + {r['rerank_ms']:.1f}", f"{r['cpu_ms_per_query']:.1f}",
@@ -362,7 +465,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         if j == 0:
             print("  ".join("-" * w for w in widths))
     for r in rows:
-        print(f"N={r['n_videos']:,}: exhaustive {r['exhaustive_mode']} ({r['exhaustive_queries']} queries); "
+        print(f"N={r['n_videos']:,}: index {'reused from an earlier run' if r['index_reused'] else 'built by this run'}; "
+              f"exhaustive {r['exhaustive_mode']} ({r['exhaustive_queries']} queries); "
               f"recall over them; latency median of {r['queries']} single-query searches "
               f"(mean {r['ms_per_query_mean']:.1f} ms); batched: {r['batched_queries']} queries in one call, "
               f"{r['cpu_ms_per_query_batched']:.1f} CPU ms/query")
@@ -382,13 +486,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--queries", type=int, default=256, help="queries per N (single-query timing, one batched call)")
     p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
-    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
-                   help="IVF codes (default: configs/index/ann.yaml)")
+    p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8", "pq4"], default=None,
+                   help="IVF codes (default: configs/index/ann.yaml); a reused index built with other codes "
+                        "gets its FAISS index rebuilt (ann_rebuild_s)")
+    p.add_argument("--pq-refine", type=int, default=None, help="pq4: vectors re-scored exactly per candidate")
     p.add_argument("--segments", type=int, default=3, help="pre-filter vectors per video")
     p.add_argument("--exhaustive-queries", type=int, default=20, help="queries with exhaustive scoring (N small)")
-    p.add_argument("--exhaustive-queries-big", type=int, default=5,
+    p.add_argument("--exhaustive-queries-big", type=int, default=20,
                    help="queries scored exhaustively in one sweep for N >= --exhaustive-batch-from")
-    p.add_argument("--exhaustive-batch-from", type=int, default=500000)
+    p.add_argument("--exhaustive-batch-from", type=int, default=50000)
+    p.add_argument("--exhaustive-pairs-max", type=int, default=None,
+                   help="fewer exhaustive queries where queries x N would exceed this many exact pairs")
     p.add_argument("--exhaustive-max", type=int, default=10 ** 7, help="skip exhaustive scoring above this N")
     p.add_argument("--exhaustive-block", type=int, default=4096)
     p.add_argument("--batch", type=int, default=256, help="queries searched in one batched call")
@@ -396,34 +504,40 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="N whose index also times the end-to-end engine (stage 1 + grounding of the top 10)")
     p.add_argument("--e2e-queries", type=int, default=20, help="queries of the end-to-end timing")
     p.add_argument("--encode-batch", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads of the timed searches")
+    p.add_argument("--build-threads", type=int, default=None, help="threads of the index build (default --threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="folder for the temporary indexes (default: system temp)")
-    p.add_argument("--keep", action="store_true", help="keep the indexes")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    p.add_argument("--index-dir", default=None,
+                   help="build each N's index once into this folder and reuse it in later runs (the row "
+                        "then reports the build time of the run that built it; index_reused: true)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import lavis_c2f.models.retriever  # noqa: F401
-    from lavis_c2f.index.ann import _faiss
 
-    _faiss().omp_set_num_threads(args.threads)
+    set_threads(args.threads)
     model = make_model(args.seed)
     rows = []
     for n in args.n_videos:
         t0 = time.perf_counter()
+        start = host_state()
         row = run_one(n, model, args, args.workdir or tempfile.gettempdir())
         row["wall_s"] = time.perf_counter() - t0
+        row["host_at_start"], row["host_at_end"] = start, host_state()
         row["loadavg_1min_at_end"] = os.getloadavg()[0]
         rows.append(row)
         print(f"N={n:,} done in {row['wall_s']:.0f} s: {row['ms_per_query']:.1f} ms/query, recall@10 "
               f"{fmt(row['recall_at_10'], '.3f')}", file=sys.stderr)
         gc.collect()
-    loads = ", ".join(f"{r['loadavg_1min_at_end']:.1f}" for r in rows)
+    loads = ", ".join(f"{r['host_at_start']['loadavg'][0]:.1f} -> {r['loadavg_1min_at_end']:.1f}" for r in rows)
+    clocks = ", ".join(fmt(r["host_at_end"]["cpu_mhz"], ".0f") for r in rows)
     print(f"\nstage-1 search, D={D}, {FRAMES} frames/video, {args.threads} threads, k=10, "
           f"T-MASS {model.num_trials} trials, {args.segments} pre-filter vectors/video; host load average "
-          f"(1 min) at the end of each N: {loads} on {os.cpu_count()} cores (other jobs share the host)")
+          f"(1 min) at the start -> end of each N: {loads} on {os.cpu_count()} cores (other jobs share the host); "
+          f"CPU clock MHz at the end of each N: {clocks}")
     print_table(rows)
     if args.json:
         from lavis_c2f.common.io import write_json

@@ -18,6 +18,12 @@ N counts indexed *vectors* (the corpus index stores ``prefilter_segments`` vecto
   [``ivf_nprobe_min``, ``ivf_nprobe_max``] (a quarter of the lists, at most 512: text queries
   have low inner products with the video vectors, so their neighbours spread over many lists;
   the scan cost bounds it at 1e6 videos; measurements in the YAML);
+* ``ivf`` with ``ivf_codec: pq4`` -- ``IndexIVFPQFastScan``: 4-bit product-quantizer codes of
+  ``ivf_pq_m`` sub-vectors (64: 32 bytes per 512-d vector) scanned with SIMD lookup tables,
+  several times cheaper per probed vector than 8-bit codes, so many more lists can be probed
+  for the same time. Their inner products are coarse, so the pre-filter fetches
+  ``ivf_pq_refine x m`` vectors and re-scores them exactly from the stored float16 vectors
+  before keeping the best ``m`` videos (:class:`~lavis_c2f.index.prefilter.Prefilter`);
 * ``hnsw`` -- ``IndexHNSWFlat`` (``hnsw_m``, ``efConstruction``, ``efSearch``), only when
   asked for (building it for 1e6 x 512 takes long on two cores). HNSW cannot delete: removed
   ids stay in the graph as tombstones, filtered at search time and dropped at the next
@@ -46,6 +52,7 @@ from lavis_c2f.data.cfg import check_keys, yaml_defaults
 logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
+CODECS = ("auto", "flat", "sq8", "pq4")
 #: FAISS's ``distance_compute_blas_threshold`` while searching: never BLAS (batch-independent results)
 NO_BLAS_ROWS = 1 << 30
 
@@ -68,6 +75,11 @@ class AnnConfig:
     ivf_nprobe_max: int = ANN_DEFAULTS["ivf_nprobe_max"]
     ivf_codec: str = ANN_DEFAULTS["ivf_codec"]
     ivf_sq8_from: int = ANN_DEFAULTS["ivf_sq8_from"]
+    ivf_pq_from: Optional[int] = ANN_DEFAULTS["ivf_pq_from"]
+    ivf_pq_m: int = ANN_DEFAULTS["ivf_pq_m"]
+    ivf_pq_refine: int = ANN_DEFAULTS["ivf_pq_refine"]
+    ivf_pq_nprobe_div: int = ANN_DEFAULTS["ivf_pq_nprobe_div"]
+    ivf_pq_nprobe_max: int = ANN_DEFAULTS["ivf_pq_nprobe_max"]
     ivf_train_per_list: int = ANN_DEFAULTS["ivf_train_per_list"]
     ivf_nlist_max: int = ANN_DEFAULTS["ivf_nlist_max"]
     ivf_kmeans_iters: int = ANN_DEFAULTS["ivf_kmeans_iters"]
@@ -79,14 +91,15 @@ class AnnConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"ann.kind must be one of {KINDS}, got {self.kind!r}")
-        if self.ivf_codec not in ("auto", "flat", "sq8"):
-            raise ConfigError(f"ann.ivf_codec must be 'auto', 'flat' or 'sq8', got {self.ivf_codec!r}")
+        if self.ivf_codec not in CODECS:
+            raise ConfigError(f"ann.ivf_codec must be one of {CODECS}, got {self.ivf_codec!r}")
         for name in ("flat_max", "ivf_sq8_from", "ivf_train_per_list", "ivf_nlist_max", "ivf_kmeans_iters",
+                     "ivf_pq_m", "ivf_pq_refine", "ivf_pq_nprobe_div", "ivf_pq_nprobe_max",
                      "ivf_nprobe_div", "ivf_nprobe_min", "ivf_nprobe_max",
                      "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("ivf_nlist", "ivf_nprobe"):
+        for name in ("ivf_nlist", "ivf_nprobe", "ivf_pq_from"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"ann.{name} must be >= 1, got {v!r}")
@@ -112,13 +125,19 @@ class AnnConfig:
     def codec_for(self, n: int) -> str:
         if self.ivf_codec != "auto":
             return self.ivf_codec
+        if self.ivf_pq_from is not None and n > self.ivf_pq_from:
+            return "pq4"
         return "sq8" if n > self.ivf_sq8_from else "flat"
 
-    def nprobe_for(self, nlist: int) -> int:
+    def nprobe_for(self, nlist: int, codec: str = "sq8") -> int:
+        """Lists probed: ``ivf_nprobe``, else ``nlist / div`` clamped to [``ivf_nprobe_min``, max]
+        with ``div`` / max of the codes (``ivf_pq_nprobe_*`` for pq4, whose scan is cheaper)."""
         if self.ivf_nprobe is not None:
             return min(int(self.ivf_nprobe), nlist)
-        want = min(int(self.ivf_nprobe_max), nlist // int(self.ivf_nprobe_div))
-        return min(nlist, max(int(self.ivf_nprobe_min), want))
+        pq = codec == "pq4"
+        div = int(self.ivf_pq_nprobe_div if pq else self.ivf_nprobe_div)
+        cap = int(self.ivf_pq_nprobe_max if pq else self.ivf_nprobe_max)
+        return min(nlist, max(int(self.ivf_nprobe_min), min(cap, nlist // div)))
 
 
 def _faiss():
@@ -164,6 +183,11 @@ class AnnIndex:
             if codec == "sq8":
                 index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
                                                       faiss.METRIC_INNER_PRODUCT)
+            elif codec == "pq4":
+                pq_m = int(config.ivf_pq_m)
+                if d % pq_m:
+                    raise ConfigError(f"ann.ivf_pq_m ({pq_m}) must divide the vector width {d}")
+                index = faiss.IndexIVFPQFastScan(quantizer, d, nlist, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
             else:
                 index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.own_fields = True
@@ -172,8 +196,10 @@ class AnnIndex:
                 index.cp.seed = int(config.seed)
                 index.cp.niter = int(config.ivf_kmeans_iters)
             index.train(train)
-            index.nprobe = config.nprobe_for(nlist)
+            index.nprobe = config.nprobe_for(nlist, codec)
             params = {"nlist": nlist, "nprobe": int(index.nprobe), "codec": codec, "trained_on": int(len(train))}
+            if codec == "pq4":
+                params.update(pq_m=int(config.ivf_pq_m), refine=int(config.ivf_pq_refine))
         return cls(index, kind, d, params)
 
     @classmethod

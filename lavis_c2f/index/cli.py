@@ -495,9 +495,10 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     b.add_argument("--flat-max", type=int, default=None,
                    help="most pre-filter vectors (videos x segments) given a flat index (60000)")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N), power of two)")
-    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: configs/index/ann.yaml, nlist/4 in [16, 512])")
-    b.add_argument("--ivf-codec", choices=["auto", "flat", "sq8"], default=None,
-                   help="IVF vector codec (auto: sq8 above 1e6 vectors)")
+    b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: configs/index/ann.yaml: every list up to 2048 "
+                        "with pq4 codes, nlist/4 in [16, 512] with sq8)")
+    b.add_argument("--ivf-codec", choices=["auto", "flat", "sq8", "pq4"], default=None,
+                   help="IVF vector codes (auto: configs/index/ann.yaml; pq4: 4-bit fast-scan PQ re-scored exactly)")
     b.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree")
     b.add_argument("--prefilter-segments", type=int, default=3,
                    help="pre-filter vectors per video (segment means; a video scores by its best segment)")

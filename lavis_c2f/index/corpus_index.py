@@ -405,11 +405,13 @@ class CorpusIndex(StageOneBase):
         self.rebuild_ann()
 
     # ================================================================== frames
-    def gather(self, rows: Sequence[int]):
+    def gather(self, rows: Sequence[int], scratch: Optional[Dict[str, Any]] = None):
         """The model's video embedding of the given rows (in that order), read from the segments:
         the stored frames as a :class:`VideoEmbedding`, or what a model with the video-terms hook
-        unpacks from its stored rows (``from_index_rows(rows (m, F, D), mask (m, F))``)."""
-        return rows_embedding(self.model, *self.store.gather_rows(rows))
+        unpacks from its stored rows (``from_index_rows(rows (m, F, D), mask (m, F))``).
+        ``scratch``: reused buffers of a loop that drops each result before the next call
+        (:meth:`FrameStore.gather_rows`)."""
+        return rows_embedding(self.model, *self.store.gather_rows(rows, scratch))
 
     def embeddings(self, vids: Sequence[str]):
         """The video embedding of the given video ids (:meth:`gather`)."""
@@ -519,11 +521,12 @@ class CorpusIndex(StageOneBase):
         same per pair; bench/stage1_search.py) and BLAS's small-matrix kernels round differently
         with the block's size."""
         out: List[List[Tuple[str, float]]] = []
+        scratch: Dict[str, Any] = {}                       # one query's frames at a time
         for q, rows in enumerate(cands):
             if not len(rows):
                 out.append([])
                 continue
-            out.append(self._top(rows, score_candidates(self.model, text_emb, q, self.gather(rows),
+            out.append(self._top(rows, score_candidates(self.model, text_emb, q, self.gather(rows, scratch),
                                                         self._bias_for(rows)), k))
         return out
 

@@ -107,15 +107,20 @@ class Prefilter:
         if nprobe is not None:
             old = self.ann.params.get("nprobe")
             self.ann.set_search_params(nprobe=nprobe)
+        refine = int(self.ann.params.get("refine", 0)) if self.ann.params.get("codec") == "pq4" else 0
         try:
-            fetch = min(self.ann.ntotal, m * sv + self.dead)
+            fetch = min(self.ann.ntotal, (refine * m if refine else m * sv) + self.dead)
             _, ids = self.ann.search(query_vectors, fetch)
         finally:
             if nprobe is not None and old is not None:
                 self.ann.set_search_params(nprobe=old)
         out = []
-        for hits in ids:
-            rows = hits[hits >= 0] // sv                       # best segment first, per video
+        for q, hits in enumerate(ids):
+            hits = hits[hits >= 0]
+            if refine:                                          # coarse PQ scores: exact ones, best first
+                exact = store.vectors_of_ids(hits) @ query_vectors[q].astype(np.float32)
+                hits = hits[np.lexsort((hits, -exact))]
+            rows = hits // sv                                   # best segment first, per video
             _, first = np.unique(rows, return_index=True)
             cand = rows[np.sort(first)]
             out.append(cand[store.is_alive(cand)][:m])

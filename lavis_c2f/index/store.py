@@ -38,7 +38,6 @@ import torch
 
 from lavis_c2f.common.errors import DataFormatError
 from lavis_c2f.models.retriever.embeddings import VideoEmbedding
-from lavis_c2f.models.retriever.modules import l2norm, masked_mean
 
 FRAME_DTYPES = {"float16": np.float16, "float32": np.float32}
 _HASH_CHUNK = 8 << 20
@@ -52,11 +51,24 @@ class IndexFormatError(DataFormatError):
 def rows_embedding(model, rows: torch.Tensor, mask: torch.Tensor):
     """What a re-ranker scores from stored rows ``(m, F, D)`` with their ``(m, F)`` mask: a model
     with the video-terms hook unpacks them (``model.from_index_rows(rows, mask)``); otherwise a
-    :class:`VideoEmbedding` of the frames with ``pooled`` = the normalised mean of the normalised
-    valid frames (the retriever's own ``l2norm`` / ``masked_mean``, so it pools like the model)."""
+    :class:`VideoEmbedding` of the frames whose ``pooled`` (the normalised mean of the normalised
+    valid frames, as the model pools) is computed only if read: re-scoring never reads it."""
     if model is not None and hasattr(model, "from_index_rows"):
         return model.from_index_rows(rows, mask)
-    return VideoEmbedding(rows, mask, l2norm(masked_mean(l2norm(rows), mask, dim=1)))
+    return VideoEmbedding(rows, mask)                 # pooled (unused by re-scoring) computed on access
+
+
+def _scratch(scratch: Optional[Dict[str, Any]], key: str, shape: Tuple[int, ...], dtype) -> Optional[torch.Tensor]:
+    """A tensor of ``shape`` viewing ``scratch[key]``'s reusable storage (grown when too small),
+    or None without a scratch dict."""
+    if scratch is None:
+        return None
+    dt = torch.from_numpy(np.zeros(0, dtype)).dtype
+    n = int(np.prod(shape))
+    buf = scratch.get(key)
+    if buf is None or buf.dtype != dt or buf.numel() < n:
+        buf = scratch[key] = torch.empty(n, dtype=dt)
+    return buf[:n].view(shape)
 
 
 # =========================================================================== files
@@ -278,6 +290,19 @@ class FrameStore:
         r_i, s_i = np.nonzero(valid)
         return pre[r_i, s_i], rows[r_i] * sv + s_i
 
+    def vectors_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """(n, D) float32 pre-filter vectors of FAISS ids ``row * S + segment`` (in that order)."""
+        sv = self.segments_per_video
+        ids = np.asarray(ids, np.int64)
+        rows, seg = ids // sv, ids % sv
+        out = np.empty((len(ids), self.dim), np.float32)
+        segs = self._seg[rows]
+        for s in np.unique(segs).tolist():
+            sel = np.flatnonzero(segs == s)
+            _, pre = self._segment_arrays(int(s))
+            out[sel] = pre[rows[sel] - self._seg_row_base(int(s)), seg[sel]]
+        return out
+
     # ------------------------------------------------------------------ adding / removing
     def _grow(self, n_new: int) -> None:
         need = self._n + n_new
@@ -394,16 +419,21 @@ class FrameStore:
         o, n = int(self._off[row]), int(self._len[row])
         return np.asarray(frames[o:o + n], dtype=np.float32)
 
-    def gather_rows(self, rows: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def gather_rows(self, rows: Sequence[int], scratch: Optional[Dict[str, Any]] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The stored rows of the given videos (in that order): (m, F, D) float32, zero-padded to
-        the longest, and the (m, F) float32 mask (1 = valid)."""
+        the longest, and the (m, F) float32 mask (1 = valid).
+
+        ``scratch``: a dict the caller keeps across calls whose result it drops before the next
+        one (a re-ranking loop): the read and float32 buffers are reused from it instead of
+        being allocated (and page-faulted in) again for every query."""
         rows = np.asarray(rows, np.int64)
         m = len(rows)
         lens = self._len[rows].astype(np.int64)
         f = int(max(1, lens.max())) if m else 1
         valid = np.arange(f)[None, :] < lens[:, None]                          # (m, f)
         mask = valid.astype(np.float32)
-        out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+        out: Optional[torch.Tensor] = None          # allocated below unless one segment's pread fills it
         padded_by_take = False
         if m and lens.sum():
             # one row index per output slot (padding reads the video's first row and is zeroed),
@@ -413,12 +443,18 @@ class FrameStore:
             for s in np.unique(segs[lens > 0]):
                 sel = np.flatnonzero((segs == s) & (lens > 0))                  # empty videos read nothing
                 if s < len(self._segments) and self._segments[int(s)].fd is not None:
-                    buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f)
+                    buf = self._pread_videos(self._segments[int(s)].fd, self._off[rows[sel]], lens[sel], f, scratch)
                     if len(sel) == m:                      # every row from this segment: one conversion pass
-                        out = torch.from_numpy(buf).to(torch.float32)
-                    else:
-                        out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
+                        out = _scratch(scratch, "f32", (m, f, self.dim), np.float32)
+                        out = out.copy_(torch.from_numpy(buf)) if out is not None else \
+                            torch.from_numpy(buf).to(torch.float32)
+                        continue
+                    if out is None:
+                        out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+                    out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
                     continue                               # pread leaves padding slots at zero
+                if out is None:
+                    out = torch.zeros(m, f, self.dim, dtype=torch.float32)
                 padded_by_take = True
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
@@ -428,22 +464,29 @@ class FrameStore:
                 out[torch.from_numpy(sel)] = torch.from_numpy(vals).view(len(sel), f, self.dim).to(torch.float32)
             if padded_by_take:
                 out.mul_(torch.from_numpy(mask).unsqueeze(-1))
+        if out is None:                                    # nothing stored (no rows, or only empty videos)
+            out = torch.zeros(m, f, self.dim, dtype=torch.float32)
         return out, torch.from_numpy(mask)
 
     def gather(self, rows: Sequence[int]) -> VideoEmbedding:
         """:class:`VideoEmbedding` of the given rows (in that order): frames (m, F, D) padded with
-        zeros, mask, and the normalised mean of the normalised frames as ``pooled`` (the
-        retriever's own ``l2norm`` / ``masked_mean``, so it pools like the model)."""
+        zeros, mask, and the normalised mean of the normalised frames as ``pooled`` (computed on
+        first access, with the retriever's own ``l2norm`` / ``masked_mean``)."""
         return rows_embedding(None, *self.gather_rows(rows))
 
-    def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int) -> np.ndarray:
+    def _pread_videos(self, fd: int, offsets: np.ndarray, lengths: np.ndarray, f: int,
+                      scratch: Optional[Dict[str, Any]] = None) -> np.ndarray:
         """(n, f, D) stored-dtype frames of n videos (``lengths`` valid rows from frame
-        ``offsets``), one ``pread`` per video straight into a padded buffer, spread over
-        ``io_threads`` threads (the GIL is released during the reads)."""
+        ``offsets``), one ``pread`` per video straight into a padded buffer (from ``scratch`` when
+        given, see :meth:`gather_rows`), spread over ``io_threads`` threads (the GIL is released
+        during the reads)."""
         dt = np.dtype(FRAME_DTYPES[self.frame_dtype])
         row_bytes = self.dim * dt.itemsize
         n = len(offsets)
-        buf = np.zeros((n, f, self.dim), dt)
+        reused = _scratch(scratch, "read", (n, f, self.dim), dt)
+        buf = reused.numpy() if reused is not None else np.empty((n, f, self.dim), dt)
+        for i in np.flatnonzero(lengths < f).tolist():      # padding slots are zero, the rest is read
+            buf[i, int(lengths[i]):] = 0
         flat = memoryview(buf.reshape(-1).view(np.uint8))
         order = np.argsort(offsets, kind="stable")          # ascending file offsets per worker
         path = self._segments[0].path_dir if self._segments else None

@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from lavis_c2f.models.retriever.modules import l2norm, masked_mean
+
 Index = Union[int, slice, Sequence[int], torch.Tensor]
 
 
@@ -112,12 +114,13 @@ class VideoEmbedding:
             finite values (never NaN).
         pooled: (V, D) float32, L2-normalised, query-independent vector used by the ANN
             pre-filter (mean of the L2-normalised valid frames, normalised again; zeros for
-            an empty video).
+            an empty video). ``None`` at construction: computed from the frames by that rule
+            on first access (the corpus index's re-ranking reads frames it never pools).
     """
 
     frames: torch.Tensor
     mask: torch.Tensor
-    pooled: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.frames.ndim != 3:
@@ -125,8 +128,8 @@ class VideoEmbedding:
         v, f, d = self.frames.shape
         if tuple(self.mask.shape) != (v, f):
             raise ValueError(f"VideoEmbedding.mask must be ({v}, {f}), got {tuple(self.mask.shape)}")
-        if tuple(self.pooled.shape) != (v, d):
-            raise ValueError(f"VideoEmbedding.pooled must be ({v}, {d}), got {tuple(self.pooled.shape)}")
+        if self._pooled is not None and tuple(self._pooled.shape) != (v, d):
+            raise ValueError(f"VideoEmbedding.pooled must be ({v}, {d}), got {tuple(self._pooled.shape)}")
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
@@ -142,14 +145,16 @@ class VideoEmbedding:
 
     def __getitem__(self, idx: Index) -> "VideoEmbedding":
         i = _as_index(idx, len(self))
-        return VideoEmbedding(self.frames[i], self.mask[i], self.pooled[i])
+        return VideoEmbedding(self.frames[i], self.mask[i], None if self._pooled is None else self._pooled[i])
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "VideoEmbedding":
         frames = self.frames.to(device=device) if dtype is None else self.frames.to(device=device, dtype=dtype)
-        return VideoEmbedding(frames, self.mask.to(device=device), self.pooled.to(device=device))
+        return VideoEmbedding(frames, self.mask.to(device=device),
+                              None if self._pooled is None else self._pooled.to(device=device))
 
     def detach(self) -> "VideoEmbedding":
-        return VideoEmbedding(self.frames.detach(), self.mask.detach(), self.pooled.detach())
+        return VideoEmbedding(self.frames.detach(), self.mask.detach(),
+                              None if self._pooled is None else self._pooled.detach())
 
     @staticmethod
     def cat(items: Sequence["VideoEmbedding"]) -> "VideoEmbedding":
@@ -164,6 +169,19 @@ class VideoEmbedding:
             frames.append(torch.nn.functional.pad(it.frames, (0, 0, 0, pad)))
             masks.append(torch.nn.functional.pad(it.mask, (0, pad)))
         return VideoEmbedding(torch.cat(frames), torch.cat(masks), torch.cat([it.pooled for it in items]))
+
+
+def _get_pooled(self: VideoEmbedding) -> torch.Tensor:
+    if self._pooled is None:
+        self._pooled = l2norm(masked_mean(l2norm(self.frames.detach().float()), self.mask, dim=1))
+    return self._pooled
+
+
+def _set_pooled(self: VideoEmbedding, value: Optional[torch.Tensor]) -> None:
+    self._pooled = value
+
+
+VideoEmbedding.pooled = property(_get_pooled, _set_pooled)  # type: ignore[assignment]
 
 
 class _Rows:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.index import AnnConfig, CorpusIndex, IndexFormatError, IndexMismatchError, search_shards
 from lavis_c2f.models.retriever import C2FTMassRetriever, TextEmbedding
 
@@ -299,9 +300,9 @@ def test_ann_config_validation_and_defaults():
     assert cfg.nlist_for(3 * 10 ** 5) == 2048 and cfg.nlist_for(3 * 10 ** 6) == 4096
     assert cfg.nprobe_for(4096) == 512 and cfg.nprobe_for(64) == 16 and cfg.nprobe_for(2048) == 512
     assert cfg.nprobe_for(1024) == 256 and AnnConfig(ivf_nprobe=7).nprobe_for(4096) == 7
-    assert cfg.codec_for(3 * 10 ** 5) == "sq8" and cfg.codec_for(3 * 10 ** 6) == "sq8"   # configs/index/ann.yaml
-    assert AnnConfig(ivf_sq8_from=10 ** 6).codec_for(3 * 10 ** 5) == "flat"
-    from lavis_c2f.common.errors import ConfigError
+    assert cfg.codec_for(3 * 10 ** 5) == "pq4" and cfg.codec_for(3 * 10 ** 6) == "pq4"   # configs/index/ann.yaml
+    assert AnnConfig(ivf_pq_from=None).codec_for(3 * 10 ** 5) == "sq8"
+    assert AnnConfig(ivf_pq_from=None, ivf_sq8_from=10 ** 6).codec_for(3 * 10 ** 5) == "flat"
 
     with pytest.raises(ConfigError, match="kind"):
         AnnConfig(kind="lsh")
@@ -350,3 +351,67 @@ def test_index_scores_with_shared_noise_when_the_model_asks_for_per_pair(caplog)
     q = _queries(m)
     for a, b in zip(ix.search(q, k=5, m=len(feats)), ix.search_exhaustive(q, k=5)):
         _same(a, b)
+
+
+def test_gather_with_reused_scratch_buffers_equals_fresh_reads(tmp_path):
+    """The re-ranking loop reuses its read and float32 buffers (dirty from the previous query):
+    every gather still equals a fresh one, padding included, and pooled is the model's rule."""
+    m = _model()
+    feats = _features(80)
+    path = _build(m, feats).save(str(tmp_path / "ix"))
+    loaded = CorpusIndex.load(path, model=m)
+    rng = np.random.default_rng(3)
+    scratch = {}
+    for size in (70, 12, 70, 1):                     # a big batch first, so later ones reuse dirty memory
+        rows = rng.permutation(80)[:size]
+        got = loaded.gather(rows, scratch)
+        want = loaded.gather(rows)
+        assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
+        assert bool((got.frames[got.mask == 0] == 0).all())
+    emb = loaded.gather(np.arange(80))
+    vids = list(feats)
+    enc = m.encode_video(*_padded([feats[v] for v in vids]))
+    assert torch.allclose(emb.pooled, enc.pooled, atol=1e-3)          # float16 storage
+    loaded.close()
+
+
+def _padded(arrays):
+    lmax = max(1, max(len(a) for a in arrays))
+    x = torch.zeros(len(arrays), lmax, D_IN)
+    mask = torch.zeros(len(arrays), lmax)
+    for i, a in enumerate(arrays):
+        x[i, :len(a)] = torch.from_numpy(a)
+        mask[i, :len(a)] = 1
+    return x, mask
+
+
+def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path):
+    """4-bit fast-scan PQ candidates are re-scored with the stored vectors: probing every list with
+    a refine window covering every vector gives the exact pre-filter's candidates, in its order."""
+    m = _model()
+    feats = _features(80)
+    pq = _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_nprobe": 4, "ivf_codec": "pq4", "ivf_pq_m": 4,
+                                "ivf_pq_refine": 1000})
+    flat = _build(m, feats)
+    assert pq.info()["ann"]["codec"] == "pq4" and pq.info()["ann"]["refine"] == 1000
+    q = _queries(m, q=5, seed=2)
+    assert pq.candidates(q, 20) == flat.candidates(q, 20)
+    path = pq.save(str(tmp_path / "pq"))
+    loaded = CorpusIndex.load(path, model=m)
+    assert loaded.candidates(q, 20) == pq.candidates(q, 20)
+    assert loaded.search(q, k=5, m=20) == pq.search(q, k=5, m=20)
+    loaded.remove([next(iter(feats))])
+    assert all(next(iter(feats)) not in c for c in loaded.candidates(q, 80))
+    loaded.close()
+    with pytest.raises(ConfigError, match="ivf_pq_m"):
+        _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "pq4", "ivf_pq_m": 3})
+    with pytest.raises(ConfigError, match="ivf_codec"):
+        AnnConfig.from_dict({"ivf_codec": "pq8"})
+
+
+def test_pq4_nprobe_policy_and_auto_codec():
+    cfg = AnnConfig()
+    assert cfg.nprobe_for(2048, "pq4") == 2048 and cfg.nprobe_for(4096, "pq4") == 2048
+    assert cfg.nprobe_for(2048, "sq8") == 512 and AnnConfig(ivf_nprobe=7).nprobe_for(4096, "pq4") == 7
+    assert AnnConfig(ivf_pq_from=10 ** 5).codec_for(3 * 10 ** 5) == "pq4"
+    assert AnnConfig(ivf_pq_from=10 ** 6).codec_for(3 * 10 ** 5) == "sq8"

@@ -289,3 +289,17 @@ def test_embedding_containers():
         VideoEmbedding(torch.randn(3, 2, 4), torch.ones(3, 3), torch.randn(3, 4))
     with pytest.raises(ValueError):
         TextEmbedding(torch.randn(2, 4), torch.randn(2, 3, 4), None)
+
+
+def test_video_embedding_pools_on_first_access_when_not_given():
+    frames, mask = torch.randn(3, 4, 6), torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    frames = frames * mask.unsqueeze(-1)
+    lazy = VideoEmbedding(frames, mask)
+    assert lazy[1:]._pooled is None and lazy.detach()._pooled is None      # slicing does not pool
+    unit = frames / frames.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    mean = (unit * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    want = mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    assert torch.allclose(lazy.pooled, want, atol=1e-6) and torch.equal(lazy.pooled[2], torch.zeros(6))
+    assert torch.equal(lazy[1:].pooled, lazy.pooled[1:])
+    with pytest.raises(ValueError, match="pooled"):
+        VideoEmbedding(frames, mask, torch.zeros(3, 5))
