@@ -171,6 +171,12 @@ class MESMQDDETR(QDDETR):
             ``"features"`` (MESM: the projected tower outputs at those token positions) or
             ``"tokens"`` (the token embeddings inside the frozen tower, so the other words'
             features do not see the masked word; a documented variant).
+        fw_replace_after_proj: replace masked/unknown words after the input projection, as
+            MESM does: each learned token is projected once per batch (one input-dropout mask
+            shared by all the words it replaces) and the other words keep the grounding pass's
+            projection (and dropout draw); False: the feature rows are replaced and projected
+            again (a dropout mask per row). Equal without dropout; needs ``fw_mask_level``
+            ``"features"``.
         text_encoder: optional frozen :class:`RuntimeTextEncoder`; then ``txt_dim`` must be
             its hidden size and the text comes as token ids instead of features.
     """
@@ -179,6 +185,7 @@ class MESMQDDETR(QDDETR):
                  num_recss_layers: int = 4, fw_share_ffn: bool = True, vocab_size: int = 5000,
                  num_word_classes: Optional[int] = None, fw_mask_ratio: float = 1.0 / 3.0,
                  ss_group_video: str = "own", fw_mask_level: str = "features",
+                 fw_replace_after_proj: bool = False,
                  text_encoder: Optional[RuntimeTextEncoder] = None, **kwargs: Any):
         kwargs.setdefault("neg_sampling", "other_video")
         kwargs.setdefault("global_token_masked", True)
@@ -194,6 +201,8 @@ class MESMQDDETR(QDDETR):
         if fw_mask_level not in FW_MASK_LEVELS:
             raise ValueError(f"fw_mask_level must be one of {FW_MASK_LEVELS}, got "
                              f"'{fw_mask_level}'")
+        if fw_replace_after_proj and fw_mask_level != "features":
+            raise ValueError("fw_replace_after_proj needs fw_mask_level 'features'")
         num_word_classes = vocab_size + 3 if num_word_classes is None else int(num_word_classes)
         if num_word_classes <= vocab_size:
             raise ValueError(f"num_word_classes {num_word_classes} must exceed vocab_size "
@@ -204,6 +213,7 @@ class MESMQDDETR(QDDETR):
         self.fw_share_ffn, self.fw_mask_ratio = fw_share_ffn, fw_mask_ratio
         self.vocab_size, self.num_word_classes = vocab_size, num_word_classes
         self.ss_group_video, self.fw_mask_level = ss_group_video, fw_mask_level
+        self.fw_replace_after_proj = fw_replace_after_proj
         self.text_encoder = text_encoder
         if rec_fw:
             self.enhance_encoder = LayerStack(
@@ -286,7 +296,7 @@ class MESMQDDETR(QDDETR):
         recon = F.normalize(seq[rows, own], dim=-1)
         return recon, self.ss_output_sent_proj(recon)
 
-    def _word_reconstruction(self, words, words_mask, vid, pos_vid, pos_txt, clip_mask,
+    def _word_reconstruction(self, words, txt, words_mask, vid, pos_vid, pos_txt, clip_mask,
                              fw_weights, fw_unknown, fw_masked, txt_ids, mask_mode
                              ) -> Dict[str, torch.Tensor]:
         if fw_masked is not None:
@@ -297,17 +307,25 @@ class MESMQDDETR(QDDETR):
         if fw_unknown is not None:
             codes[fw_unknown.to(words.device).bool()] = REPLACE_UNKNOWN
         codes[masked] = REPLACE_MASK  # a masked unknown word gets the mask token (as MESM)
-        if self.text_encoder is not None and self.fw_mask_level == "tokens":
-            feats = self.text_encoder.encode(txt_ids, words_mask, codes, self.fw_mask_token,
-                                             self.fw_unknown_token)
+        if self.fw_replace_after_proj:
+            # MESM: rows of the projected words (txt) replaced by the projected (1, 1, Dt) tokens
+            query = txt
+            for code, token in ((REPLACE_UNKNOWN, self.fw_unknown_token),
+                                (REPLACE_MASK, self.fw_mask_token)):
+                query = torch.where((codes == code)[..., None],
+                                    self.input_txt_proj(token[None, None]), query)
         else:
-            # row-wise projection: replacing a feature row equals MESM's replacing the
-            # projected row by the projected token
-            feats = torch.where((codes == REPLACE_UNKNOWN)[..., None],
-                                self.fw_unknown_token.expand_as(words), words)
-            feats = torch.where((codes == REPLACE_MASK)[..., None],
-                                self.fw_mask_token.expand_as(words), feats)
-        query = self.input_txt_proj(feats)
+            if self.text_encoder is not None and self.fw_mask_level == "tokens":
+                feats = self.text_encoder.encode(txt_ids, words_mask, codes, self.fw_mask_token,
+                                                 self.fw_unknown_token)
+            else:
+                # row-wise projection: replacing a feature row equals MESM's replacing the
+                # projected row by the projected token (up to the input-dropout masks)
+                feats = torch.where((codes == REPLACE_UNKNOWN)[..., None],
+                                    self.fw_unknown_token.expand_as(words), words)
+                feats = torch.where((codes == REPLACE_MASK)[..., None],
+                                    self.fw_mask_token.expand_as(words), feats)
+            query = self.input_txt_proj(feats)
         counts = clip_mask.sum(1)
         width = max(int(counts.max().item()), 1)
         clips = vid.new_zeros(vid.shape[0], width, vid.shape[2])
@@ -428,7 +446,7 @@ class MESMQDDETR(QDDETR):
             clip_mask = gt_clip_mask.to(vid.device).bool() & ~vid_pad
             has_gt = clip_mask.any(1)
             if self.rec_fw and (fw_weights is not None or fw_masked is not None):
-                fw = self._word_reconstruction(words, words_mask, vid, pos_vid, pos_txt,
+                fw = self._word_reconstruction(words, txt, words_mask, vid, pos_vid, pos_txt,
                                                clip_mask, fw_weights, fw_unknown, fw_masked,
                                                txt_ids, mask_mode)
                 out["fw_logits"], out["fw_masked"] = fw["fw_logits"], fw["fw_masked"]
