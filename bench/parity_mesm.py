@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 import official_runtime
-from train_parity import (TOL, Corpus, DropoutReplay, Recipe, compare_item_labels, compare_random_labels,
-                          our_run_config, print_gradients, print_losses)
+from parity_common import (BENCH, TOL, Corpus, DropoutReplay, Job, Recipe, compare_item_labels,
+                           compare_random_labels, job_envs, job_paths, our_run_config, ours_train_cmd,
+                           parity_table, print_gradients, print_losses, run_jobs)
 
 LAVIS_BPE = os.path.join("lavis", "models", "clip_models", "bpe_simple_vocab_16e6.txt.gz")
 
@@ -644,11 +645,7 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
     official evaluation runs (items grouped by video, ``eval_bsz`` items per batch, official T2V
     mask; the official loader also shuffles the items).
     """
-    import sys
-
     import yaml
-
-    from train_parity import BENCH, Job, job_envs, job_paths, parity_table, run_jobs
 
     if not layout.test_ann_path:
         raise SystemExit(f"{layout.root}: the corpus has no test split to evaluate on")
@@ -672,8 +669,7 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
         cfg_path = os.path.join(d, "project.yaml")
         with open(cfg_path, "w") as f:
             yaml.safe_dump(project, f)
-        cmd = [sys.executable, os.path.join(BENCH, "train_parity.py"), "_ours-train", cfg_path,
-               str(recipe.eval_bsz), out, json.dumps(OFFICIAL_EVAL)]
+        cmd = ours_train_cmd(cfg_path, recipe.eval_bsz, out, OFFICIAL_EVAL)
         jobs.append(Job("ours MESM", "official recipe (defaults)", seed, cmd, our_env, out, log))
     print(f"MESM train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
     run_jobs(jobs, parallel)
