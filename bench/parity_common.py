@@ -222,7 +222,7 @@ class DropoutReplay:
     def to_ours(layout: str, mask: torch.Tensor, shape: torch.Size, crop_padding: bool = False) -> torch.Tensor:
         """An official mask in our layout (``layout``: batch_first | seq_first | heads), cut to
         ``shape`` when ``crop_padding`` (class doc)."""
-        if layout == "seq_first":
+        if layout == "seq_first" and mask.dim() == 3:  # (L, B, D); a (B, D) vector has no sequence axis
             mask = mask.transpose(0, 1)
         elif layout == "heads":
             if crop_padding and len(shape) == 4 and mask.dim() == 3 and mask.shape[0] == shape[0] * shape[1]:

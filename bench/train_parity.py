@@ -442,6 +442,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--our-model", nargs="+", default=[], metavar="KEY=VALUE",
                    help="MESM step check: set these entries of our model config (YAML values), e.g. "
                         "ss_group_video=own, to see what the check reports for a variant")
+    p.add_argument("--input-dropout", action="store_true",
+                   help="MESM step check with the recipe's input dropout replayed too (needs "
+                        "--our-model mesm_input_dropout=true for the masks to line up)")
     p.add_argument("--no-dropout", action="store_true",
                    help="MESM step check without dropout (diagnosis: computation vs dropout sites)")
     p.add_argument("--corpus", default=None, help="demo corpus or QVHighlights-layout folder (default: the demo corpus)")
@@ -528,7 +531,7 @@ def _mesm_main(a: argparse.Namespace, p: argparse.ArgumentParser, corpus: Corpus
             p.error(f"--our-model takes KEY=VALUE, got {bad}")
         our_model = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.our_model)}
         status = parity_mesm.step_check_mesm(official, layout, recipe, a.items, a.seed, a.draws, not a.no_dropout,
-                                             our_model)
+                                             our_model, a.input_dropout)
     if a.train:
         work = a.work or tempfile.mkdtemp(prefix="train_parity_mesm_")
         table, rows = parity_mesm.train_parity_mesm(official, layout, recipe, a.seeds, a.official_python,

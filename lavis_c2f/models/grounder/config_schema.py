@@ -83,10 +83,10 @@ MESM_FIELDS.update({
     "fw_mask_level": Field("str", "features", choices=("features", "tokens"),
                            doc="runtime text tower: mask word features (MESM) or token "
                                "embeddings"),
-    "fw_replace_after_proj": Field("bool", False,
-                                   doc="replace masked/unknown words after the input projection "
-                                       "(MESM: one input-dropout mask per token and batch); "
-                                       "false: replace feature rows, then project (one per row)"),
+    "mesm_input_dropout": Field("bool", False,
+                                doc="input dropout where MESM draws it (FW tokens projected once "
+                                    "per batch, SS group video projected again); false: FW "
+                                    "rows replaced then projected, SS reuses the projected video"),
     "fw_word_weights": Field("str", "pos", choices=("pos", "inverse_frequency"),
                              doc="masked-word weights: MESM's part-of-speech weights or inverse "
                                  "token frequency"),

@@ -171,11 +171,13 @@ class MESMQDDETR(QDDETR):
             ``"features"`` (MESM: the projected tower outputs at those token positions) or
             ``"tokens"`` (the token embeddings inside the frozen tower, so the other words'
             features do not see the masked word; a documented variant).
-        fw_replace_after_proj: replace masked/unknown words after the input projection, as
-            MESM does: each learned token is projected once per batch (one input-dropout mask
-            shared by all the words it replaces) and the other words keep the grounding pass's
-            projection (and dropout draw); False: the feature rows are replaced and projected
-            again (a dropout mask per row). Equal without dropout; needs ``fw_mask_level``
+        mesm_input_dropout: draw input dropout where MESM draws it: FW's mask/unknown tokens
+            are projected once per batch ((1, 1, Dt): one mask shared by every word each
+            replaces) and replace rows of the grounding pass's projected words, and SS projects
+            its group video again from the input features and each group's sentences after
+            expanding them (masks of their own). False: FW replaces feature rows and projects
+            them again (a mask per row), SS takes the grounding pass's projected video and
+            projects each sentence once. Equal without dropout; needs ``fw_mask_level``
             ``"features"``.
         text_encoder: optional frozen :class:`RuntimeTextEncoder`; then ``txt_dim`` must be
             its hidden size and the text comes as token ids instead of features.
@@ -185,7 +187,7 @@ class MESMQDDETR(QDDETR):
                  num_recss_layers: int = 4, fw_share_ffn: bool = True, vocab_size: int = 5000,
                  num_word_classes: Optional[int] = None, fw_mask_ratio: float = 1.0 / 3.0,
                  ss_group_video: str = "own", fw_mask_level: str = "features",
-                 fw_replace_after_proj: bool = False,
+                 mesm_input_dropout: bool = False,
                  text_encoder: Optional[RuntimeTextEncoder] = None, **kwargs: Any):
         kwargs.setdefault("neg_sampling", "other_video")
         kwargs.setdefault("global_token_masked", True)
@@ -201,8 +203,8 @@ class MESMQDDETR(QDDETR):
         if fw_mask_level not in FW_MASK_LEVELS:
             raise ValueError(f"fw_mask_level must be one of {FW_MASK_LEVELS}, got "
                              f"'{fw_mask_level}'")
-        if fw_replace_after_proj and fw_mask_level != "features":
-            raise ValueError("fw_replace_after_proj needs fw_mask_level 'features'")
+        if mesm_input_dropout and fw_mask_level != "features":
+            raise ValueError("mesm_input_dropout needs fw_mask_level 'features'")
         num_word_classes = vocab_size + 3 if num_word_classes is None else int(num_word_classes)
         if num_word_classes <= vocab_size:
             raise ValueError(f"num_word_classes {num_word_classes} must exceed vocab_size "
@@ -213,7 +215,7 @@ class MESMQDDETR(QDDETR):
         self.fw_share_ffn, self.fw_mask_ratio = fw_share_ffn, fw_mask_ratio
         self.vocab_size, self.num_word_classes = vocab_size, num_word_classes
         self.ss_group_video, self.fw_mask_level = ss_group_video, fw_mask_level
-        self.fw_replace_after_proj = fw_replace_after_proj
+        self.mesm_input_dropout = mesm_input_dropout
         self.text_encoder = text_encoder
         if rec_fw:
             self.enhance_encoder = LayerStack(
@@ -264,8 +266,8 @@ class MESMQDDETR(QDDETR):
         return out, pad
 
     def _sentence_token(self, words: torch.Tensor, words_mask: torch.Tensor, vid: torch.Tensor,
-                        vid_pad: torch.Tensor, groups: List[List[int]], mask_mode: str
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+                        src_vid: torch.Tensor, vid_pad: torch.Tensor, groups: List[List[int]],
+                        mask_mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rebuilt sentence of each sample: ((B, D) L2-normalised token, (B, D) its
         ``ss_output_sent_proj``).
 
@@ -273,9 +275,16 @@ class MESMQDDETR(QDDETR):
         the largest group) with its own slot replaced by ``ss_mask_token``; the T2V-style
         layers (no positions) let it attend to the group video.
         """
+        if self.mesm_input_dropout:  # MESM projects the raw group video again
+            gvid, gpad = self._group_video(src_vid, vid_pad, groups)
+            gvid = self.input_vid_proj(gvid)
+        else:
+            gvid, gpad = self._group_video(vid, vid_pad, groups)
         m = words_mask.to(words.dtype)
         sent = (words * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
-        sent = self.input_txt_proj(F.normalize(sent, dim=-1, p=2, eps=1e-5))  # (B, D)
+        sent = F.normalize(sent, dim=-1, p=2, eps=1e-5)
+        if not self.mesm_input_dropout:
+            sent = self.input_txt_proj(sent)  # (B, D)
         bsz, width = sent.shape[0], max(len(g) for g in groups)
         seq = sent.new_zeros(bsz, width, sent.shape[1])
         seq_pad = torch.ones(bsz, width, dtype=torch.bool, device=sent.device)
@@ -284,12 +293,13 @@ class MESMQDDETR(QDDETR):
             seq[i, :len(group)] = sent[group]
             seq_pad[i, :len(group)] = False
             own[i] = group.index(i)
+        if self.mesm_input_dropout:  # MESM projects every slot of the expanded groups
+            seq = self.input_txt_proj(seq)  # (B, width, D)
         rows = torch.arange(bsz, device=sent.device)
         own = own.to(sent.device)
         is_own = torch.zeros(bsz, width, dtype=torch.bool, device=sent.device)
         is_own[rows, own] = True
         seq = torch.where(is_own[..., None], self.ss_mask_token.expand_as(seq), seq)
-        gvid, gpad = self._group_video(vid, vid_pad, groups)
         bias = t2v_bias(seq_pad, gpad, self.transformer.nhead, mask_mode, seq.dtype)
         for layer in self.ss_reconstructor.layers:
             seq = layer(seq, gvid, None, None, seq_pad, gpad, mask_mode, bias=bias)
@@ -307,7 +317,7 @@ class MESMQDDETR(QDDETR):
         if fw_unknown is not None:
             codes[fw_unknown.to(words.device).bool()] = REPLACE_UNKNOWN
         codes[masked] = REPLACE_MASK  # a masked unknown word gets the mask token (as MESM)
-        if self.fw_replace_after_proj:
+        if self.mesm_input_dropout:
             # MESM: rows of the projected words (txt) replaced by the projected (1, 1, Dt) tokens
             query = txt
             for code, token in ((REPLACE_UNKNOWN, self.fw_unknown_token),
@@ -409,8 +419,8 @@ class MESMQDDETR(QDDETR):
             if self.rec_fw else vid
         recon = None
         if self.rec_ss:
-            recon, recon_proj = self._sentence_token(words, words_mask, vid, vid_pad, groups,
-                                                     mask_mode)
+            recon, recon_proj = self._sentence_token(words, words_mask, vid, src_vid, vid_pad,
+                                                     groups, mask_mode)
             exp_txt = torch.cat([recon[:, None], txt], dim=1)
             exp_pad = torch.cat([txt_pad.new_zeros(bsz, 1), txt_pad], dim=1)
             exp_pos = self.text_positions(exp_txt)

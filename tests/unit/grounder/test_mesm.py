@@ -244,13 +244,14 @@ def _fw_query_rows(detr, b, masked):
                    gt_clip_mask=gcm, fw_masked=masked, compute_neg=False, compute_rec=True)
     finally:
         hook.remove()
-    return seen[-1], out["fw_logits"]
+    return seen[-1], out
 
 
-def test_fw_replace_after_proj_shares_one_dropout_mask_per_batch():
+def test_mesm_input_dropout_shares_one_dropout_mask_per_batch():
     """MESM projects the learned mask token once per batch ((1, 1, D): one input-dropout mask for
     every masked word) and replaces rows of the grounding pass's projected words; the default
-    replaces feature rows and projects them (a mask per row). Without dropout both are equal."""
+    replaces feature rows and projects them (a mask per row). Without dropout both are equal
+    (also SS, whose group video MESM projects again)."""
     b = _mesm_batch()
     masked = torch.zeros(b["src_txt_mask"].shape, dtype=torch.bool)
     masked[:, 1] = True
@@ -258,7 +259,7 @@ def test_fw_replace_after_proj_shares_one_dropout_mask_per_batch():
     for flag in (False, True):
         torch.manual_seed(0)
         models[flag] = C2FMESMQDDETR.from_config(tiny_mesm_config(
-            fw_replace_after_proj=flag, input_dropout=0.5, dropout=0.0)).detr
+            mesm_input_dropout=flag, input_dropout=0.5, dropout=0.0)).detr
     models[True].load_state_dict(models[False].state_dict())
     for detr in models.values():
         torch.nn.init.normal_(detr.fw_mask_token)
@@ -280,6 +281,7 @@ def test_fw_replace_after_proj_shares_one_dropout_mask_per_batch():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     off, on = (_fw_query_rows(models[f], b, masked)[1] for f in (False, True))
-    assert torch.allclose(off, on, atol=1e-6)
-    with pytest.raises(ConfigError, match="fw_replace_after_proj"):
-        C2FMESMQDDETR.from_config(tiny_mesm_config(fw_replace_after_proj=True, fw_mask_level="tokens"))
+    for key in ("fw_logits", "recon_feat", "pred_spans", "saliency_scores"):
+        assert torch.allclose(off[key], on[key], atol=1e-6), key
+    with pytest.raises(ConfigError, match="mesm_input_dropout"):
+        C2FMESMQDDETR.from_config(tiny_mesm_config(mesm_input_dropout=True, fw_mask_level="tokens"))
