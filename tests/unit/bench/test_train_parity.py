@@ -181,6 +181,8 @@ def test_dropout_replay_gives_ours_the_official_masks(pc):
     torch.testing.assert_close(w_ours, w_off)
     with pytest.raises(RuntimeError, match="dropout site mismatch"):
         pc.DropoutReplay.to_ours("seq_first", torch.ones(5, 3, 4, dtype=torch.bool), torch.Size([3, 4, 5]))
+    vec = torch.rand(3, 8) > 0.5  # a (B, D) vector inside a sequence-first module: no axis to swap
+    assert torch.equal(pc.DropoutReplay.to_ours("seq_first", vec, torch.Size([3, 8])), vec)
 
 
 def test_parity_table_means_spreads_and_missing_runs(pc):
