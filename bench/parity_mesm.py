@@ -42,16 +42,19 @@ import numpy as np
 import torch
 
 import official_runtime
-from train_parity import (TOL, Corpus, DropoutReplay, Recipe, compare_item_labels, compare_random_labels,
-                          our_run_config, print_gradients, print_losses)
+from parity_common import (BENCH, TOL, Corpus, DropoutReplay, Job, Recipe, compare_item_labels,
+                           compare_random_labels, job_envs, job_paths, our_run_config, ours_train_cmd,
+                           parity_table, print_gradients, print_losses, run_jobs)
 
 LAVIS_BPE = os.path.join("lavis", "models", "clip_models", "bpe_simple_vocab_16e6.txt.gz")
 
 STEP_NOTES = (
-    "input dropout is 0 in the step check: the official code projects the learned mask/unknown "
-    "tokens with input_txt_proj once per batch ((1, 1, 512), one dropout mask shared by every "
-    "replaced word), ours projects the replaced rows (one mask per row), so these masks cannot be "
-    "replayed one to one; every transformer/attention dropout (rate --dropout) is replayed",
+    "input dropout is 0 in the step check unless --input-dropout: the official code projects the "
+    "learned mask/unknown tokens with input_txt_proj once per batch ((1, 1, 512), one dropout mask "
+    "shared by every replaced word) and its SS group video a second time; ours by default projects "
+    "the replaced rows (one mask per row) and reuses the projected video, so these masks cannot be "
+    "replayed one to one (with our mesm_input_dropout: true they can); every transformer/attention "
+    "dropout (rate --dropout) is replayed",
     "the official negative pass also runs the decoder, whose outputs it discards; those dropout "
     "masks are dropped before the replay",
 )
@@ -369,9 +372,11 @@ def _crop(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n_items: int, seed: int,
-                    n_draws: int, dropout: bool = True, our_model: Optional[Dict[str, Any]] = None) -> int:
+                    n_draws: int, dropout: bool = True, our_model: Optional[Dict[str, Any]] = None,
+                    input_dropout: bool = False) -> int:
     """The MESM step check (module doc); ``dropout=False`` runs the step without any dropout (a
-    diagnosis: tells a computation difference from a dropout-site difference); ``our_model``:
+    diagnosis: tells a computation difference from a dropout-site difference); ``input_dropout``:
+    keep the recipe's input dropout (replayable with our ``mesm_input_dropout: true``); ``our_model``:
     entries set in our model config (e.g. ``ss_group_video: own`` to see what the check reports
     for a variant). Returns the exit status."""
     import functools
@@ -390,7 +395,8 @@ def step_check_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, n
 
     for note in STEP_NOTES:
         print(f"note: {note}")
-    recipe = MesmRecipe(**dict(asdict(recipe), input_dropout=0.0, dropout=recipe.dropout if dropout else 0.0))
+    recipe = MesmRecipe(**dict(asdict(recipe), input_dropout=recipe.input_dropout if dropout and input_dropout else 0.0,
+                               dropout=recipe.dropout if dropout else 0.0))
     opt = official_mesm_opt(recipe, layout, seed)
     off_ds = official_mesm_dataset(opt, "train", recfw=True)
     builder = QVHighlightsBuilder(dict(our_mesm_dataset_config(recipe, layout, seed, test=False), splits=["train"]))
@@ -644,11 +650,7 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
     official evaluation runs (items grouped by video, ``eval_bsz`` items per batch, official T2V
     mask; the official loader also shuffles the items).
     """
-    import sys
-
     import yaml
-
-    from train_parity import BENCH, Job, job_envs, job_paths, parity_table, run_jobs
 
     if not layout.test_ann_path:
         raise SystemExit(f"{layout.root}: the corpus has no test split to evaluate on")
@@ -672,8 +674,7 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
         cfg_path = os.path.join(d, "project.yaml")
         with open(cfg_path, "w") as f:
             yaml.safe_dump(project, f)
-        cmd = [sys.executable, os.path.join(BENCH, "train_parity.py"), "_ours-train", cfg_path,
-               str(recipe.eval_bsz), out, json.dumps(OFFICIAL_EVAL)]
+        cmd = ours_train_cmd(cfg_path, recipe.eval_bsz, out, OFFICIAL_EVAL)
         jobs.append(Job("ours MESM", "official recipe (defaults)", seed, cmd, our_env, out, log))
     print(f"MESM train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
     run_jobs(jobs, parallel)

@@ -87,6 +87,10 @@ MESM_FIELDS.update({
     "fw_mask_level": Field("str", "features", choices=("features", "tokens"),
                            doc="runtime text tower: mask word features (MESM) or token "
                                "embeddings"),
+    "mesm_input_dropout": Field("bool", False,
+                                doc="input dropout where MESM draws it (FW tokens projected once "
+                                    "per batch, SS group video projected again); false: FW "
+                                    "rows replaced then projected, SS reuses the projected video"),
     "fw_word_weights": Field("str", "pos", choices=("pos", "inverse_frequency"),
                              doc="masked-word weights: MESM's part-of-speech weights or inverse "
                                  "token frequency"),

@@ -292,8 +292,8 @@ class C2FMESMQDDETR(C2FQDDETR):
     ``*_tokenized_count.txt``; needed to *train* with ``rec_fw``; inference and checkpoint
     loading work without it), ``fw_tokenizer``, ``fw_text_special_tokens``, ``fw_mask_ratio``,
     ``fw_word_weights`` (``pos``: MESM's; ``inverse_frequency``), ``pos_tagger``,
-    ``fw_mask_level``, ``fw_loss_positions``, ``fw_label_smoothing``, ``loss_recfw_coef``,
-    ``loss_recss_coef``, ``iou_gamma``, ``recss_tau``, ``ss_group_video``,
+    ``fw_mask_level``, ``mesm_input_dropout``, ``fw_loss_positions``, ``fw_label_smoothing``,
+    ``loss_recfw_coef``, ``loss_recss_coef``, ``iou_gamma``, ``recss_tau``, ``ss_group_video``,
     ``global_token_masked``, ``predict_with_groups``, ``text_encoder`` ({checkpoint: MESM's
     clip_text_encoder.pth | model_dir: a Hugging Face folder, max_words_l, normalize} for the
     runtime CLIP text tower; null = precomputed token features). Batches may carry ``group``
@@ -395,7 +395,9 @@ class C2FMESMQDDETR(C2FQDDETR):
                               num_word_classes=c["num_word_classes"],
                               fw_mask_ratio=c["fw_mask_ratio"],
                               ss_group_video=c["ss_group_video"],
-                              fw_mask_level=c["fw_mask_level"], text_encoder=text_encoder,
+                              fw_mask_level=c["fw_mask_level"],
+                              mesm_input_dropout=c["mesm_input_dropout"],
+                              text_encoder=text_encoder,
                               **kwargs)
             criterion = MESMCriterion(recfw_coef=c["loss_recfw_coef"],
                                       recss_coef=c["loss_recss_coef"], iou_gamma=c["iou_gamma"],

@@ -172,6 +172,14 @@ class MESMQDDETR(QDDETR):
             ``"features"`` (MESM: the projected tower outputs at those token positions) or
             ``"tokens"`` (the token embeddings inside the frozen tower, so the other words'
             features do not see the masked word; a documented variant).
+        mesm_input_dropout: draw input dropout where MESM draws it: FW's mask/unknown tokens
+            are projected once per batch ((1, 1, Dt): one mask shared by every word each
+            replaces) and replace rows of the grounding pass's projected words, and SS projects
+            its group video again from the input features and each group's sentences after
+            expanding them (masks of their own). False: FW replaces feature rows and projects
+            them again (a mask per row), SS takes the grounding pass's projected video and
+            projects each sentence once. Equal without dropout; needs ``fw_mask_level``
+            ``"features"``.
         text_encoder: optional frozen :class:`RuntimeTextEncoder`; then ``txt_dim`` must be
             its hidden size and the text comes as token ids instead of features.
     """
@@ -180,6 +188,7 @@ class MESMQDDETR(QDDETR):
                  num_recss_layers: int = 4, fw_share_ffn: bool = True, vocab_size: int = 5000,
                  num_word_classes: Optional[int] = None, fw_mask_ratio: float = 1.0 / 3.0,
                  ss_group_video: str = "own", fw_mask_level: str = "features",
+                 mesm_input_dropout: bool = False,
                  text_encoder: Optional[RuntimeTextEncoder] = None, **kwargs: Any):
         kwargs.setdefault("neg_sampling", "other_video")
         kwargs.setdefault("global_token_masked", True)
@@ -195,6 +204,8 @@ class MESMQDDETR(QDDETR):
         if fw_mask_level not in FW_MASK_LEVELS:
             raise ValueError(f"fw_mask_level must be one of {FW_MASK_LEVELS}, got "
                              f"'{fw_mask_level}'")
+        if mesm_input_dropout and fw_mask_level != "features":
+            raise ValueError("mesm_input_dropout needs fw_mask_level 'features'")
         num_word_classes = vocab_size + 3 if num_word_classes is None else int(num_word_classes)
         if num_word_classes <= vocab_size:
             raise ValueError(f"num_word_classes {num_word_classes} must exceed vocab_size "
@@ -205,6 +216,7 @@ class MESMQDDETR(QDDETR):
         self.fw_share_ffn, self.fw_mask_ratio = fw_share_ffn, fw_mask_ratio
         self.vocab_size, self.num_word_classes = vocab_size, num_word_classes
         self.ss_group_video, self.fw_mask_level = ss_group_video, fw_mask_level
+        self.mesm_input_dropout = mesm_input_dropout
         self.text_encoder = text_encoder
         if rec_fw:
             self.enhance_encoder = LayerStack(
@@ -255,8 +267,8 @@ class MESMQDDETR(QDDETR):
         return out, pad
 
     def _sentence_token(self, words: torch.Tensor, words_mask: torch.Tensor, vid: torch.Tensor,
-                        vid_pad: torch.Tensor, groups: List[List[int]], mask_mode: str
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+                        src_vid: torch.Tensor, vid_pad: torch.Tensor, groups: List[List[int]],
+                        mask_mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rebuilt sentence of each sample: ((B, D) L2-normalised token, (B, D) its
         ``ss_output_sent_proj``).
 
@@ -264,9 +276,16 @@ class MESMQDDETR(QDDETR):
         the largest group) with its own slot replaced by ``ss_mask_token``; the T2V-style
         layers (no positions) let it attend to the group video.
         """
+        if self.mesm_input_dropout:  # MESM projects the raw group video again
+            gvid, gpad = self._group_video(src_vid, vid_pad, groups)
+            gvid = self.input_vid_proj(gvid)
+        else:
+            gvid, gpad = self._group_video(vid, vid_pad, groups)
         m = words_mask.to(words.dtype)
         sent = (words * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
-        sent = self.input_txt_proj(F.normalize(sent, dim=-1, p=2, eps=1e-5))  # (B, D)
+        sent = F.normalize(sent, dim=-1, p=2, eps=1e-5)
+        if not self.mesm_input_dropout:
+            sent = self.input_txt_proj(sent)  # (B, D)
         bsz, width = sent.shape[0], max(len(g) for g in groups)
         seq = sent.new_zeros(bsz, width, sent.shape[1])
         seq_pad = torch.ones(bsz, width, dtype=torch.bool, device=sent.device)
@@ -275,19 +294,20 @@ class MESMQDDETR(QDDETR):
             seq[i, :len(group)] = sent[group]
             seq_pad[i, :len(group)] = False
             own[i] = group.index(i)
+        if self.mesm_input_dropout:  # MESM projects every slot of the expanded groups
+            seq = self.input_txt_proj(seq)  # (B, width, D)
         rows = torch.arange(bsz, device=sent.device)
         own = own.to(sent.device)
         is_own = torch.zeros(bsz, width, dtype=torch.bool, device=sent.device)
         is_own[rows, own] = True
         seq = torch.where(is_own[..., None], self.ss_mask_token.expand_as(seq), seq)
-        gvid, gpad = self._group_video(vid, vid_pad, groups)
         bias = t2v_bias(seq_pad, gpad, self.transformer.nhead, mask_mode, seq.dtype)
         for layer in self.ss_reconstructor.layers:
             seq = layer(seq, gvid, None, None, seq_pad, gpad, mask_mode, bias=bias)
         recon = F.normalize(seq[rows, own], dim=-1)
         return recon, self.ss_output_sent_proj(recon)
 
-    def _word_reconstruction(self, words, words_mask, vid, pos_vid, pos_txt, clip_mask,
+    def _word_reconstruction(self, words, txt, words_mask, vid, pos_vid, pos_txt, clip_mask,
                              fw_weights, fw_unknown, fw_masked, txt_ids, mask_mode
                              ) -> Dict[str, torch.Tensor]:
         if fw_masked is not None:
@@ -298,17 +318,25 @@ class MESMQDDETR(QDDETR):
         if fw_unknown is not None:
             codes[fw_unknown.to(words.device).bool()] = REPLACE_UNKNOWN
         codes[masked] = REPLACE_MASK  # a masked unknown word gets the mask token (as MESM)
-        if self.text_encoder is not None and self.fw_mask_level == "tokens":
-            feats = self.text_encoder.encode(txt_ids, words_mask, codes, self.fw_mask_token,
-                                             self.fw_unknown_token)
+        if self.mesm_input_dropout:
+            # MESM: rows of the projected words (txt) replaced by the projected (1, 1, Dt) tokens
+            query = txt
+            for code, token in ((REPLACE_UNKNOWN, self.fw_unknown_token),
+                                (REPLACE_MASK, self.fw_mask_token)):
+                query = torch.where((codes == code)[..., None],
+                                    self.input_txt_proj(token[None, None]), query)
         else:
-            # row-wise projection: replacing a feature row equals MESM's replacing the
-            # projected row by the projected token
-            feats = torch.where((codes == REPLACE_UNKNOWN)[..., None],
-                                self.fw_unknown_token.expand_as(words), words)
-            feats = torch.where((codes == REPLACE_MASK)[..., None],
-                                self.fw_mask_token.expand_as(words), feats)
-        query = self.input_txt_proj(feats)
+            if self.text_encoder is not None and self.fw_mask_level == "tokens":
+                feats = self.text_encoder.encode(txt_ids, words_mask, codes, self.fw_mask_token,
+                                                 self.fw_unknown_token)
+            else:
+                # row-wise projection: replacing a feature row equals MESM's replacing the
+                # projected row by the projected token (up to the input-dropout masks)
+                feats = torch.where((codes == REPLACE_UNKNOWN)[..., None],
+                                    self.fw_unknown_token.expand_as(words), words)
+                feats = torch.where((codes == REPLACE_MASK)[..., None],
+                                    self.fw_mask_token.expand_as(words), feats)
+            query = self.input_txt_proj(feats)
         counts = clip_mask.sum(1)
         width = max(int(counts.max().item()), 1)
         clips = vid.new_zeros(vid.shape[0], width, vid.shape[2])
@@ -392,8 +420,8 @@ class MESMQDDETR(QDDETR):
             if self.rec_fw else vid
         recon = None
         if self.rec_ss:
-            recon, recon_proj = self._sentence_token(words, words_mask, vid, vid_pad, groups,
-                                                     mask_mode)
+            recon, recon_proj = self._sentence_token(words, words_mask, vid, src_vid, vid_pad,
+                                                     groups, mask_mode)
             exp_txt = torch.cat([recon[:, None], txt], dim=1)
             exp_pad = torch.cat([txt_pad.new_zeros(bsz, 1), txt_pad], dim=1)
             exp_pos = self.text_positions(exp_txt)
@@ -429,7 +457,7 @@ class MESMQDDETR(QDDETR):
             clip_mask = gt_clip_mask.to(vid.device).bool() & ~vid_pad
             has_gt = clip_mask.any(1)
             if self.rec_fw and (fw_weights is not None or fw_masked is not None):
-                fw = self._word_reconstruction(words, words_mask, vid, pos_vid, pos_txt,
+                fw = self._word_reconstruction(words, txt, words_mask, vid, pos_vid, pos_txt,
                                                clip_mask, fw_weights, fw_unknown, fw_masked,
                                                txt_ids, mask_mode)
                 out["fw_logits"], out["fw_masked"] = fw["fw_logits"], fw["fw_masked"]

@@ -19,7 +19,7 @@ def pm():
     if str(ROOT / "bench") not in sys.path:  # parity_mesm imports its sibling scripts
         sys.path.insert(0, str(ROOT / "bench"))
     load_bench("official_runtime.py", "official_runtime")
-    load_bench("train_parity.py", "train_parity")
+    load_bench("parity_common.py", "parity_common")
     return load_bench("parity_mesm.py", "parity_mesm")
 
 
@@ -54,7 +54,7 @@ def _demo_corpus(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def layout(pm, tmp_path_factory):
-    from train_parity import detect_corpus
+    from parity_common import detect_corpus
 
     corpus = detect_corpus(str(_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus")))
     return pm.write_mesm_layout(corpus, str(tmp_path_factory.mktemp("mesm") / "layout"))
@@ -131,7 +131,7 @@ def test_our_side_builds_and_trains_one_step(pm, layout):
 
 
 def test_dropout_replay_cuts_official_text_padding(pm):
-    from train_parity import DropoutReplay
+    from parity_common import DropoutReplay
 
     heads = torch.rand(2 * 4, 5, 32) > 0.5  # official (B*H, Lq, Lk): text keys padded to 32
     ours = DropoutReplay.to_ours("heads", heads, torch.Size([2, 4, 5, 14]), crop_padding=True)

@@ -21,6 +21,14 @@ def tp():
     return load_bench("train_parity.py", "train_parity")
 
 
+@pytest.fixture(scope="module")
+def pc(tp):
+    """bench/parity_common.py (what train_parity.py and parity_mesm.py share), as train_parity loaded it."""
+    import parity_common
+
+    return parity_common
+
+
 def _qvh_rows():
     def row(qid, vid, duration, windows, clips):
         return {"qid": qid, "query": f"a person does thing {qid}", "duration": duration, "vid": vid,
@@ -94,12 +102,12 @@ def test_our_project_builds_model_and_dataset(tp, qvh_sample):
     assert item["saliency_pos_labels"][0] in (42, 43)
 
 
-def test_relative_differences(tp):
-    assert tp.rel_diff(1.0, 1.0) == 0.0
-    assert tp.rel_diff(1.00001, 1.0) == pytest.approx(1e-5)
-    assert tp.rel_diff(1e-8, 0.0) == pytest.approx(1e-2)  # floor 1e-6
+def test_relative_differences(pc):
+    assert pc.rel_diff(1.0, 1.0) == 0.0
+    assert pc.rel_diff(1.00001, 1.0) == pytest.approx(1e-5)
+    assert pc.rel_diff(1e-8, 0.0) == pytest.approx(1e-2)  # floor 1e-6
     big = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    worst, rows = tp.grad_differences(
+    worst, rows = pc.grad_differences(
         {"a": big + 1e-6, "tiny": torch.tensor([3e-9]), "none": None, "one_sided": torch.ones(1)},
         {"a": big, "tiny": torch.tensor([0.0]), "none": None, "one_sided": None})
     by_name = {r[0]: r for r in rows}
@@ -108,13 +116,13 @@ def test_relative_differences(tp):
     assert math.isinf(worst) and rows[0][0] == "one_sided" and "none" not in by_name
 
 
-def test_draw_support_and_distribution(tp):
+def test_draw_support_and_distribution(pc):
     rng = np.random.default_rng(0)
-    a = tp.draw_support(lambda k: [int(rng.integers(0, 4))], 400)
-    b = tp.draw_support(lambda k: [k % 4], 400)
-    ok, why = tp.same_distribution(a, b)
+    a = pc.draw_support(lambda k: [int(rng.integers(0, 4))], 400)
+    b = pc.draw_support(lambda k: [k % 4], 400)
+    ok, why = pc.same_distribution(a, b)
     assert ok and "4 values" in why
-    ok, why = tp.same_distribution(a, tp.draw_support(lambda k: [k % 5], 400))
+    ok, why = pc.same_distribution(a, pc.draw_support(lambda k: [k % 5], 400))
     assert not ok and "official only [4]" in why
 
 
@@ -147,7 +155,7 @@ class _OursLike(torch.nn.Module):
         return s, w
 
 
-def test_dropout_replay_gives_ours_the_official_masks(tp):
+def test_dropout_replay_gives_ours_the_official_masks(pc):
     import types
 
     import torch.nn.functional as F
@@ -155,7 +163,7 @@ def test_dropout_replay_gives_ours_the_official_masks(tp):
     attention = types.SimpleNamespace(dropout=F.dropout)
     official, ours = _OfficialLike(attention).train(), _OursLike().train()
     x = torch.randn(3, 5, 4)
-    replay = tp.DropoutReplay()
+    replay = pc.DropoutReplay()
     replay.record(official, attention)
     try:
         s_off, w_off = official(x)
@@ -172,21 +180,39 @@ def test_dropout_replay_gives_ours_the_official_masks(tp):
     torch.testing.assert_close(s_ours, s_off)
     torch.testing.assert_close(w_ours, w_off)
     with pytest.raises(RuntimeError, match="dropout site mismatch"):
-        tp.DropoutReplay.to_ours("seq_first", torch.ones(5, 3, 4, dtype=torch.bool), torch.Size([3, 4, 5]))
+        pc.DropoutReplay.to_ours("seq_first", torch.ones(5, 3, 4, dtype=torch.bool), torch.Size([3, 4, 5]))
+    vec = torch.rand(3, 8) > 0.5  # a (B, D) vector inside a sequence-first module: no axis to swap
+    assert torch.equal(pc.DropoutReplay.to_ours("seq_first", vec, torch.Size([3, 8])), vec)
 
 
-def test_parity_table_means_spreads_and_missing_runs(tp):
+def test_parity_table_means_spreads_and_missing_runs(pc):
     def job(code, variant, seed, mAP, ok=True):
         metrics = {"MR-full-R1@0.5": 50.0 + seed, "MR-full-R1@0.7": 30.0, "MR-full-mAP": mAP}
         result = {"train_seconds": 10.0, "train_samples": 100 * (seed + 1),
                   "test": {"1": metrics, "100": dict(metrics, **{"MR-full-mAP": mAP - 1})}} if ok else None
-        return tp.Job(code, variant, seed, [], {}, "", "", result=result)
+        return pc.Job(code, variant, seed, [], {}, "", "", result=result)
 
     jobs = [job("official QD-DETR", "official defaults", s, 40.0 + s) for s in range(3)]
     jobs += [job("ours QD-DETR", "official recipe (defaults)", s, 42.0, ok=s != 2) for s in range(3)]
-    table, rows = tp.parity_table(jobs, 100)
+    table, rows = pc.parity_table(jobs, 100)
     lines = table.splitlines()
     assert lines[2].startswith("| official QD-DETR | official defaults | 3/3 | 51.00 ± 1.00 | 30.00 ± 0.00 | 41.00 ± 1.00 |")
     assert "| 40.00 ± 1.00 |" in lines[2] and lines[2].endswith("| 20.00 ± 10.00 |")
     assert "| 2/3 |" in lines[3]
-    assert rows[1]["mAP@batched"] == [41.0, 41.0] and tp.mean_sd([]) == "-" and tp.mean_sd([2.0]) == "2.00"
+    assert rows[1]["mAP@batched"] == [41.0, 41.0] and pc.mean_sd([]) == "-" and pc.mean_sd([2.0]) == "2.00"
+
+
+def test_seed_comparison_standard_error_and_pairing(pc):
+    d, se = pc.difference_of_means([2.0, 4.0, 6.0], [1.0, 1.0])
+    assert d == pytest.approx(3.0) and se == pytest.approx(math.sqrt(4.0 / 3))  # official sd 0
+    with pytest.raises(ValueError, match="two runs"):
+        pc.difference_of_means([1.0], [1.0, 2.0])
+    official = {"seeds": [0, 1, 2], "R1@0.5@batched": [10.0, 20.0, 30.0], "R1@0.7@batched": [5.0, 5.0, 6.0],
+                "mAP@batched": [1.0]}
+    ours = {"seeds": [1, 2, 3], "R1@0.5@batched": [22.0, 28.0, 24.0], "R1@0.7@batched": [1.0, 1.0, 1.1],
+            "mAP@batched": [1.0, 2.0]}
+    lines = pc.seed_comparison(ours, official).splitlines()
+    assert "paired over seeds [1, 2]" in lines[0]
+    assert "inside the noise" in lines[1] and "1: +2.00, 2: -2.00" in lines[1] and "on 1/2" in lines[1]
+    assert "ours LOWER" in lines[2]
+    assert "too few runs" in lines[3]

@@ -228,3 +228,60 @@ def test_initialisation_follows_mesm():
     xavier = (6.0 / sum(fw.linear2.weight.shape)) ** 0.5  # (32, 256): wider than U(+-1/16)
     assert fw.linear2.weight.shape[1] ** -0.5 < float(fw.linear2.weight.abs().max()) <= xavier
     assert float(ss.self_attn.in_proj_weight.abs().max()) <= (6.0 / sum(ss.self_attn.in_proj_weight.shape)) ** 0.5
+
+
+def _fw_query_rows(detr, b, masked):
+    """The word rows the FW reconstruction feeds its first layer (train mode, one forward)."""
+    seen = []
+    lt = b["src_txt"].shape[1]
+    hook = detr.enhance_encoder.layers[0].register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].detach().clone()) if args[0].shape[1] == lt else None)
+    try:
+        n_clips = b["src_vid_mask"].shape[1]
+        gcm = torch.zeros(len(masked), n_clips, dtype=torch.bool)
+        gcm[:, :2] = True
+        out = detr(b["src_txt"], b["src_txt_mask"], b["src_vid"], b["src_vid_mask"], vids=b["vid"],
+                   gt_clip_mask=gcm, fw_masked=masked, compute_neg=False, compute_rec=True)
+    finally:
+        hook.remove()
+    return seen[-1], out
+
+
+def test_mesm_input_dropout_shares_one_dropout_mask_per_batch():
+    """MESM projects the learned mask token once per batch ((1, 1, D): one input-dropout mask for
+    every masked word) and replaces rows of the grounding pass's projected words; the default
+    replaces feature rows and projects them (a mask per row). Without dropout both are equal
+    (also SS, whose group video MESM projects again)."""
+    b = _mesm_batch()
+    masked = torch.zeros(b["src_txt_mask"].shape, dtype=torch.bool)
+    masked[:, 1] = True
+    models = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        models[flag] = C2FMESMQDDETR.from_config(tiny_mesm_config(
+            mesm_input_dropout=flag, input_dropout=0.5, dropout=0.0)).detr
+    models[True].load_state_dict(models[False].state_dict())
+    for detr in models.values():
+        torch.nn.init.normal_(detr.fw_mask_token)
+    models[True].fw_mask_token.data.copy_(models[False].fw_mask_token.data)
+    rows = {}
+    for flag, detr in models.items():
+        detr.train()
+        for m in detr.modules():  # input dropout on, the rest off: only the sites in question
+            if isinstance(m, torch.nn.Dropout) and m.p != 0.5:
+                m.p = 0.0
+        torch.manual_seed(1)
+        q, _ = _fw_query_rows(detr, b, masked)
+        rows[flag] = q[masked]
+    shared, per_row = rows[True], rows[False]
+    assert torch.equal(shared, shared[:1].expand_as(shared))  # one projected token, one mask
+    assert not torch.allclose(per_row, per_row[:1].expand_as(per_row))
+    for detr in models.values():
+        for m in detr.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    off, on = (_fw_query_rows(models[f], b, masked)[1] for f in (False, True))
+    for key in ("fw_logits", "recon_feat", "pred_spans", "saliency_scores"):
+        assert torch.allclose(off[key], on[key], atol=1e-6), key
+    with pytest.raises(ConfigError, match="mesm_input_dropout"):
+        C2FMESMQDDETR.from_config(tiny_mesm_config(mesm_input_dropout=True, fw_mask_level="tokens"))
