@@ -28,7 +28,7 @@ tensors). The two agree to float32 rounding (about 1e-6). The input and output p
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -134,18 +134,26 @@ class PackedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """query (B, Lq, D), key/value (B, Lk, D); ``bias`` as in :func:`attend` -> (B, Lq, D)."""
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor],
+                value: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None,
+                projected_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """query (B, Lq, D), key/value (B, Lk, D); ``bias`` as in :func:`attend`;
+        ``projected_kv``: the keys' and values' input projections when the caller computed
+        them (then ``key``/``value`` are not read) -> (B, Lq, D)."""
         d = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
         kernel = self.linear_kernel
-        if query is key:  # self-attention with q = k: one product for both
+        if projected_kv is not None:
+            q = linear(query, w[:d], b[:d], kernel)
+            k, v = projected_kv
+        elif query is key:  # self-attention with q = k: one product for both
             q, k = linear(query, w[:2 * d], b[:2 * d], kernel).split(d, dim=-1)
+            v = linear(value, w[2 * d:], b[2 * d:], kernel)
         else:
             q = linear(query, w[:d], b[:d], kernel)
             k = linear(key, w[d:2 * d], b[d:2 * d], kernel)
-        v = linear(value, w[2 * d:], b[2 * d:], kernel)
+            v = linear(value, w[2 * d:], b[2 * d:], kernel)
         out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training,
                      self.dropout_kernel)
         return self.out_proj(out)
