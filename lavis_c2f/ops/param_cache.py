@@ -12,7 +12,8 @@ A value is keyed by its parameters' storage, version counter, dtype and device
 (``(p.data_ptr(), p._version, p.dtype, p.device)`` each): an optimiser step or
 ``load_state_dict`` (in-place writes bump the version) and ``.to()`` / ``.half()`` (new storage)
 change the key, and the value is rebuilt on its next use. Values carry no autograd graph, so
-callers use them only while no gradient is recorded (:func:`frozen`).
+callers use them only while no gradient is recorded (:func:`frozen`). Copies and pickles of a
+cache start empty.
 """
 from __future__ import annotations
 
@@ -55,16 +56,16 @@ class ParamCache:
     def __len__(self) -> int:
         return len(self._values)
 
+    # copies and pickles start empty: the values belong to the original's parameters (and
+    # oneDNN-packed weights cannot be copied or pickled)
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "ParamCache":
+        return ParamCache()
 
-def concat_linear(layers: Sequence[nn.Linear]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weights (sum N_i, K) and biases (sum N_i,) of linear layers of one input width, stacked
-    in order (a layer without bias contributes zeros)."""
-    weights = torch.cat([m.weight.detach() for m in layers], dim=0).contiguous()
-    biases = torch.cat([m.bias.detach() if m.bias is not None
-                        else m.weight.new_zeros(m.weight.shape[0]) for m in layers])
-    return weights, biases
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"_values": {}}
 
 
 def linear_params(layers: Sequence[nn.Linear]) -> Tuple[torch.Tensor, ...]:
-    """The parameters of ``layers`` in order (the cache key of :func:`concat_linear`)."""
+    """The parameters of ``layers`` in order (the cache key of
+    :func:`lavis_c2f.ops.linear.concat_linear`)."""
     return tuple(p for m in layers for p in ((m.weight,) if m.bias is None else (m.weight, m.bias)))

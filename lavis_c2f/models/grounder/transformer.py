@@ -29,8 +29,9 @@ from lavis_c2f.models.grounder.attention import (PackedMultiheadAttention,
 from lavis_c2f.models.grounder.position_encoding import anchor_sine_embedding
 from lavis_c2f.models.grounder.prelu import PReLU
 from lavis_c2f.ops.dropout import Dropout
-from lavis_c2f.ops.linear import Linear, linear
-from lavis_c2f.ops.param_cache import ParamCache, concat_linear, frozen, linear_params
+from lavis_c2f.ops.linear import (InferenceWeights, Linear, concat_linear, frozen_linear,
+                                  inference_weights)
+from lavis_c2f.ops.param_cache import ParamCache, frozen, linear_params
 
 T2V_MASK_MODES = ("official", "correct")
 
@@ -275,12 +276,13 @@ class DecoderLayer(nn.Module):
         [sa_qpos; sa_kpos (; ca_qpos)], weights concatenated once per weight version."""
         d = tgt.shape[-1]
         if frozen(self):
-            w, b = self._cache.get("sa_content", linear_params(self._sa_content),
-                                   lambda: concat_linear(self._sa_content))
-            q, k, v = linear(tgt, w, b, self.sa_v_proj.linear_kernel).split(d, dim=-1)
-            w, b = self._cache.get("query_pos", linear_params(self._query_pos),
-                                   lambda: concat_linear(self._query_pos))
-            pos = linear(query_pos, w, b, self.sa_v_proj.linear_kernel).split(d, dim=-1)
+            kernel = self.sa_v_proj.linear_kernel
+            weights = self._cache.get("sa_content", linear_params(self._sa_content),
+                                      lambda: concat_linear(self._sa_content))
+            q, k, v = frozen_linear(tgt, weights, kernel).split(d, dim=-1)
+            weights = self._cache.get("query_pos", linear_params(self._query_pos),
+                                      lambda: concat_linear(self._query_pos))
+            pos = frozen_linear(query_pos, weights, kernel).split(d, dim=-1)
             q, k = q + pos[0], k + pos[1]
             ca_qpos = pos[2] if self.is_first else None
         else:
@@ -324,7 +326,8 @@ class DecoderLayer(nn.Module):
 
     @property
     def _query_pos(self) -> List[nn.Linear]:
-        return [self.sa_qpos_proj, self.sa_kpos_proj] + ([self.ca_qpos_proj] if self.is_first else [])
+        first = [self.ca_qpos_proj] if self.is_first else []
+        return [self.sa_qpos_proj, self.sa_kpos_proj] + first
 
     def train(self, mode: bool = True) -> "DecoderLayer":
         """``nn.Module.train``; leaving inference drops the concatenated weights."""
@@ -388,19 +391,20 @@ class T2VStack(LayerStack):
         d, n, kernel = attns[0].embed_dim, len(attns), attns[0].linear_kernel
         params = [p for a in attns for p in (a.in_proj_weight, a.in_proj_bias)]
 
-        def stacked(parts: Tuple[slice, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
-            return (torch.cat([a.in_proj_weight.detach()[s] for a in attns for s in parts]),
-                    torch.cat([a.in_proj_bias.detach()[s] for a in attns for s in parts]))
+        def stacked(parts: Tuple[slice, ...]) -> InferenceWeights:
+            return inference_weights(
+                torch.cat([a.in_proj_weight.detach()[s] for a in attns for s in parts]),
+                torch.cat([a.in_proj_bias.detach()[s] for a in attns for s in parts]))
 
         k_rows, v_rows = slice(d, 2 * d), slice(2 * d, 3 * d)
         if key_pos is None:
-            w, b = self._cache.get("kv", params, lambda: stacked((slice(d, 3 * d),)))
-            kv = linear(keys, w, b, kernel).split(d, dim=-1)
+            weights = self._cache.get("kv", params, lambda: stacked((slice(d, 3 * d),)))
+            kv = frozen_linear(keys, weights, kernel).split(d, dim=-1)
             return [(kv[2 * i], kv[2 * i + 1]) for i in range(n)]
-        w, b = self._cache.get("k", params, lambda: stacked((k_rows,)))
-        k = linear(keys + key_pos, w, b, kernel).split(d, dim=-1)
-        w, b = self._cache.get("v", params, lambda: stacked((v_rows,)))
-        v = linear(keys, w, b, kernel).split(d, dim=-1)
+        weights = self._cache.get("k", params, lambda: stacked((k_rows,)))
+        k = frozen_linear(keys + key_pos, weights, kernel).split(d, dim=-1)
+        weights = self._cache.get("v", params, lambda: stacked((v_rows,)))
+        v = frozen_linear(keys, weights, kernel).split(d, dim=-1)
         return list(zip(k, v))
 
     def train(self, mode: bool = True) -> "T2VStack":
@@ -516,11 +520,12 @@ class AnchorDecoder(nn.Module):
         kv_layers = [m for layer in self.layers for m in (layer.ca_kcontent_proj, layer.ca_v_proj)]
         pos_layers = [layer.ca_kpos_proj for layer in self.layers]
         kernel = self.layers[0].ca_v_proj.linear_kernel
-        w, b = self._cache.get("memory", linear_params(kv_layers), lambda: concat_linear(kv_layers))
-        memory_kv = list(linear(memory, w, b, kernel).split(self.d_model, dim=-1))
-        w, b = self._cache.get("key_pos", linear_params(pos_layers),
-                               lambda: concat_linear(pos_layers))
-        key_pos = linear(pos, w, b, kernel)
+        weights = self._cache.get("memory", linear_params(kv_layers),
+                                  lambda: concat_linear(kv_layers))
+        memory_kv = list(frozen_linear(memory, weights, kernel).split(self.d_model, dim=-1))
+        weights = self._cache.get("key_pos", linear_params(pos_layers),
+                                  lambda: concat_linear(pos_layers))
+        key_pos = frozen_linear(pos, weights, kernel)
         if inverse is not None:
             key_pos = key_pos[inverse]
         return memory_kv, list(key_pos.split(self.d_model, dim=-1))
