@@ -168,8 +168,9 @@ class Linear(nn.Linear):
         return inference_weights(self.weight, self.bias)
 
     def train(self, mode: bool = True) -> "Linear":
-        """``nn.Module.train``; leaving inference drops the packed weight."""
-        self._cache.clear()
+        """``nn.Module.train``; training mode drops the packed weight (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
 

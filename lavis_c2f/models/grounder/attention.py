@@ -172,8 +172,9 @@ class PackedMultiheadAttention(nn.Module):
         return linear(x, w[part], b[part], kernel)
 
     def train(self, mode: bool = True) -> "PackedMultiheadAttention":
-        """``nn.Module.train``; leaving inference drops the packed weights."""
-        self._cache.clear()
+        """``nn.Module.train``; training mode drops the packed weights (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
 

@@ -330,8 +330,9 @@ class DecoderLayer(nn.Module):
         return [self.sa_qpos_proj, self.sa_kpos_proj] + first
 
     def train(self, mode: bool = True) -> "DecoderLayer":
-        """``nn.Module.train``; leaving inference drops the concatenated weights."""
-        self._cache.clear()
+        """``nn.Module.train``; training mode drops the concatenated weights (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
     def key_positions(self, pos: torch.Tensor, inverse: Optional[torch.Tensor] = None
@@ -408,8 +409,9 @@ class T2VStack(LayerStack):
         return list(zip(k, v))
 
     def train(self, mode: bool = True) -> "T2VStack":
-        """``nn.Module.train``; leaving inference drops the stacked weights."""
-        self._cache.clear()
+        """``nn.Module.train``; training mode drops the stacked weights (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
 
@@ -540,8 +542,9 @@ class AnchorDecoder(nn.Module):
         return [anchors_unsigmoid] + [p for m in modules for p in m.parameters()]
 
     def train(self, mode: bool = True) -> "AnchorDecoder":
-        """``nn.Module.train``; leaving inference drops the cached weights and first queries."""
-        self._cache.clear()
+        """``nn.Module.train``; training mode drops the cached weights and first queries (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
 class QDTransformer(nn.Module):
