@@ -330,7 +330,8 @@ class DecoderLayer(nn.Module):
         return [self.sa_qpos_proj, self.sa_kpos_proj] + first
 
     def train(self, mode: bool = True) -> "DecoderLayer":
-        """``nn.Module.train``; training mode drops the concatenated weights (``eval()`` keeps them)."""
+        """``nn.Module.train``; training mode drops the concatenated weights
+        (``eval()`` keeps them)."""
         if mode:
             self._cache.clear()
         return super().train(mode)
@@ -542,7 +543,8 @@ class AnchorDecoder(nn.Module):
         return [anchors_unsigmoid] + [p for m in modules for p in m.parameters()]
 
     def train(self, mode: bool = True) -> "AnchorDecoder":
-        """``nn.Module.train``; training mode drops the cached weights and first queries (``eval()`` keeps them)."""
+        """``nn.Module.train``; training mode drops the cached weights and first queries
+        (``eval()`` keeps them)."""
         if mode:
             self._cache.clear()
         return super().train(mode)
