@@ -71,7 +71,8 @@ class MaskedSinePositionEmbedding(nn.Module):
         mask (a ranked list's videos mostly share one)."""
         reuse = not self.training and not torch.is_grad_enabled()
         if reuse and self._last is not None and self._last[0].shape == mask.shape \
-                and self._last[0].dtype == mask.dtype and torch.equal(self._last[0], mask):
+                and self._last[0].dtype == mask.dtype and self._last[0].device == mask.device \
+                and torch.equal(self._last[0], mask):
             return self._last[1]
         pos = mask.cumsum(1, dtype=torch.float32)
         pos = pos / (pos[:, -1:] + 1e-6) * self.scale
