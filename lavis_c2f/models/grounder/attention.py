@@ -28,14 +28,15 @@ tensors). The two agree to float32 rounding (about 1e-6). The input and output p
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lavis_c2f.ops.dropout import dropout as drop
-from lavis_c2f.ops.linear import Linear, linear
+from lavis_c2f.ops.linear import Linear, frozen_linear, inference_weights, linear
+from lavis_c2f.ops.param_cache import ParamCache, frozen
 
 #: score-tensor size (B * H * Lq * Lk) from which the fused kernel is used without dropout
 FUSED_MIN_SCORES = 1 << 20
@@ -128,27 +129,53 @@ class PackedMultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
+        d = embed_dim
+        self._rows = {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d),
+                      "qk": slice(0, 2 * d)}
+        self._cache = ParamCache()
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         self.out_proj = Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """query (B, Lq, D), key/value (B, Lk, D); ``bias`` as in :func:`attend` -> (B, Lq, D)."""
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor],
+                value: Optional[torch.Tensor], bias: Optional[torch.Tensor] = None,
+                projected_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """query (B, Lq, D), key/value (B, Lk, D); ``bias`` as in :func:`attend`;
+        ``projected_kv``: the keys' and values' input projections when the caller computed
+        them (then ``key``/``value`` are not read) -> (B, Lq, D)."""
         d = self.embed_dim
-        w, b = self.in_proj_weight, self.in_proj_bias
-        kernel = self.linear_kernel
-        if query is key:  # self-attention with q = k: one product for both
-            q, k = linear(query, w[:2 * d], b[:2 * d], kernel).split(d, dim=-1)
+        if projected_kv is not None:
+            q = self._project(query, "q")
+            k, v = projected_kv
+        elif query is key:  # self-attention with q = k: one product for both
+            q, k = self._project(query, "qk").split(d, dim=-1)
+            v = self._project(value, "v")
         else:
-            q = linear(query, w[:d], b[:d], kernel)
-            k = linear(key, w[d:2 * d], b[d:2 * d], kernel)
-        v = linear(value, w[2 * d:], b[2 * d:], kernel)
+            q, k, v = self._project(query, "q"), self._project(key, "k"), self._project(value, "v")
         out = attend(q, k, v, self.num_heads, bias, self.dropout, self.training,
                      self.dropout_kernel)
         return self.out_proj(out)
+
+    def _project(self, x: torch.Tensor, rows: str) -> torch.Tensor:
+        """``x`` (..., D) through the in-projection rows ``rows`` (``q``, ``k``, ``v`` or
+        ``qk``) -> (..., D or 2D); at inference with kernel ``onednn`` on the packed weights
+        (:func:`~lavis_c2f.ops.linear.pack_weight`, once per weight version)."""
+        w, b, kernel = self.in_proj_weight, self.in_proj_bias, self.linear_kernel
+        part = self._rows[rows]
+        if kernel == "onednn" and frozen(self):
+            packed = self._cache.get("in_proj", (w, b), lambda: {
+                name: inference_weights(w[s], b[s]) for name, s in self._rows.items()})
+            return frozen_linear(x, packed[rows], kernel)
+        return linear(x, w[part], b[part], kernel)
+
+    def train(self, mode: bool = True) -> "PackedMultiheadAttention":
+        """``nn.Module.train``; training mode drops the packed weights (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
 
 
 class ProjectionFreeMultiheadAttention(nn.Module):

@@ -51,7 +51,7 @@ from lavis_c2f.models.grounder.criterion import SetCriterion
 from lavis_c2f.models.grounder.model import LinearLayer, QDDETR, negative_text_index
 from lavis_c2f.models.grounder.text_encoder import (REPLACE_MASK, REPLACE_UNKNOWN,
                                                     RuntimeTextEncoder)
-from lavis_c2f.models.grounder.transformer import LayerStack, T2VEncoderLayer, t2v_bias
+from lavis_c2f.models.grounder.transformer import T2VEncoderLayer, T2VStack
 from lavis_c2f.ops.linear import Linear
 from lavis_c2f.ops.spans import generalized_temporal_iou, span_cxw_to_xx
 
@@ -219,7 +219,7 @@ class MESMQDDETR(QDDETR):
         self.mesm_input_dropout = mesm_input_dropout
         self.text_encoder = text_encoder
         if rec_fw:
-            self.enhance_encoder = LayerStack(
+            self.enhance_encoder = T2VStack(
                 T2VEncoderLayer(d, h, ff, dropout, alt_ffn=not fw_share_ffn), num_recfw_layers)
             self.fw_mask_token = nn.Parameter(torch.zeros(self.txt_dim))
             self.fw_unknown_token = nn.Parameter(torch.zeros(self.txt_dim))
@@ -229,7 +229,7 @@ class MESMQDDETR(QDDETR):
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
         if rec_ss:
-            self.ss_reconstructor = LayerStack(T2VEncoderLayer(d, h, ff, dropout),
+            self.ss_reconstructor = T2VStack(T2VEncoderLayer(d, h, ff, dropout),
                                                num_recss_layers)
             self.ss_mask_token = nn.Parameter(torch.zeros(d))
             # MESM computes this projection of the rebuilt sentence but no loss uses it; it is
@@ -245,10 +245,7 @@ class MESMQDDETR(QDDETR):
 
     # ------------------------------------------------------------------ pieces
     def _enhance(self, vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode):
-        bias = t2v_bias(vid_pad, txt_pad, self.transformer.nhead, mask_mode, vid.dtype)
-        for layer in self.enhance_encoder.layers:
-            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode, bias=bias)
-        return vid
+        return self.enhance_encoder(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
 
     def _group_video(self, vid: torch.Tensor, vid_pad: torch.Tensor, groups: List[List[int]]
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -301,9 +298,7 @@ class MESMQDDETR(QDDETR):
         is_own = torch.zeros(bsz, width, dtype=torch.bool, device=sent.device)
         is_own[rows, own] = True
         seq = torch.where(is_own[..., None], self.ss_mask_token.expand_as(seq), seq)
-        bias = t2v_bias(seq_pad, gpad, self.transformer.nhead, mask_mode, seq.dtype)
-        for layer in self.ss_reconstructor.layers:
-            seq = layer(seq, gvid, None, None, seq_pad, gpad, mask_mode, bias=bias)
+        seq = self.ss_reconstructor(seq, gvid, None, None, seq_pad, gpad, mask_mode)
         recon = F.normalize(seq[rows, own], dim=-1)
         return recon, self.ss_output_sent_proj(recon)
 
@@ -348,10 +343,8 @@ class MESMQDDETR(QDDETR):
             clip_pos[i, :len(idx)] = pos_vid[i, idx]
             clip_pad[i, :len(idx)] = False
         txt_pad = ~words_mask.bool()
-        bias = t2v_bias(txt_pad, clip_pad, self.transformer.nhead, mask_mode, query.dtype)
-        for layer in self.enhance_encoder.layers:
-            query = layer(query, clips, pos_txt, clip_pos, txt_pad, clip_pad, mask_mode,
-                          use_alt_ffn=not self.fw_share_ffn, bias=bias)
+        query = self.enhance_encoder(query, clips, pos_txt, clip_pos, txt_pad, clip_pad,
+                                     mask_mode, use_alt_ffn=not self.fw_share_ffn)
         return {"fw_logits": self.output_txt_proj(query), "fw_masked": masked,
                 "fw_has_clips": counts > 0}
 

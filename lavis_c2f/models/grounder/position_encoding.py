@@ -13,7 +13,9 @@ All tensors are batch-first.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,10 +23,14 @@ from torch import nn
 from lavis_c2f.ops.dropout import Dropout
 
 
+@functools.lru_cache(maxsize=16)
 def _frequencies(num_feats: int, temperature: float, device: torch.device) -> torch.Tensor:
-    """(num_feats,) divisors ``temperature ** (2 * (i // 2) / num_feats)`` for i = 0..num_feats-1."""
-    idx = torch.arange(num_feats, dtype=torch.float32, device=device)
-    return temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_feats)
+    """(num_feats,) divisors ``temperature ** (2 * (i // 2) / num_feats)`` for i = 0..num_feats-1
+    (a constant, built once per arguments, outside inference mode so that autograd may save
+    it; callers never write to it)."""
+    with torch.inference_mode(False), torch.no_grad():
+        idx = torch.arange(num_feats, dtype=torch.float32, device=device)
+        return temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_feats)
 
 
 def _interleave_sin_cos(angles: torch.Tensor) -> torch.Tensor:
@@ -57,13 +63,23 @@ class MaskedSinePositionEmbedding(nn.Module):
         self.num_feats = num_feats
         self.temperature = temperature
         self.scale = scale
+        self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
-        """mask (B, L) with 1 = valid -> (B, L, D) float32 position codes."""
+        """mask (B, L) with 1 = valid -> (B, L, D) float32 position codes. Outside training
+        without gradient, the codes of the last mask are kept and returned again for an equal
+        mask (a ranked list's videos mostly share one)."""
+        reuse = not self.training and not torch.is_grad_enabled()
+        if reuse and self._last is not None and self._last[0].shape == mask.shape \
+                and self._last[0].dtype == mask.dtype and self._last[0].device == mask.device \
+                and torch.equal(self._last[0], mask):
+            return self._last[1]
         pos = mask.cumsum(1, dtype=torch.float32)
         pos = pos / (pos[:, -1:] + 1e-6) * self.scale
         freqs = _frequencies(self.num_feats, self.temperature, mask.device)
-        return _interleave_sin_cos(pos[:, :, None] / freqs)
+        codes = _interleave_sin_cos(pos[:, :, None] / freqs)
+        self._last = (mask.clone(), codes) if reuse else None
+        return codes
 
 
 class LearnedTextPositionEmbedding(nn.Module):

@@ -29,7 +29,9 @@ from lavis_c2f.models.grounder.attention import (PackedMultiheadAttention,
 from lavis_c2f.models.grounder.position_encoding import anchor_sine_embedding
 from lavis_c2f.models.grounder.prelu import PReLU
 from lavis_c2f.ops.dropout import Dropout
-from lavis_c2f.ops.linear import Linear
+from lavis_c2f.ops.linear import (InferenceWeights, Linear, concat_linear, frozen_linear,
+                                  inference_weights)
+from lavis_c2f.ops.param_cache import ParamCache, frozen, linear_params
 
 T2V_MASK_MODES = ("official", "correct")
 
@@ -132,7 +134,8 @@ class T2VEncoderLayer(nn.Module):
     def forward(self, queries: torch.Tensor, keys: torch.Tensor,
                 query_pos: Optional[torch.Tensor], key_pos: Optional[torch.Tensor],
                 query_pad: torch.Tensor, key_pad: torch.Tensor, mask_mode: str = "correct",
-                use_alt_ffn: bool = False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                use_alt_ffn: bool = False, bias: Optional[torch.Tensor] = None,
+                projected_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """
         Args:
             queries: (B, Lq, D); keys: (B, Lk, D) (also the values).
@@ -141,15 +144,21 @@ class T2VEncoderLayer(nn.Module):
             mask_mode: see :func:`cross_padding_mask`.
             use_alt_ffn: use the second FFN (requires ``alt_ffn=True``).
             bias: the stack's :func:`t2v_bias` when the caller computed it once for all
-                layers (then the pads and ``mask_mode`` are not read again).
+                layers (then the pads and ``mask_mode`` are not read again; pads None with
+                bias None: nothing is blocked).
+            projected_kv: the keys' and values' input projections ((B, Lk, D) each) when the
+                caller computed them (:class:`T2VStack` at inference).
         Returns:
             (B, Lq, D) updated queries.
         """
         q = queries if query_pos is None else queries + query_pos
-        k = keys if key_pos is None else keys + key_pos
-        if bias is None:
+        if bias is None and key_pad is not None:
             bias = t2v_bias(query_pad, key_pad, self.nhead, mask_mode, q.dtype)
-        attn = self.self_attn(q, k, keys, bias)
+        if projected_kv is None:
+            k = keys if key_pos is None else keys + key_pos
+            attn = self.self_attn(q, k, keys, bias)
+        else:
+            attn = self.self_attn(q, None, None, bias, projected_kv)
         a = queries + self.dropout1(attn)
         if use_alt_ffn:
             if not self.has_alt_ffn:
@@ -230,6 +239,7 @@ class DecoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.dropout3 = Dropout(dropout)
         self.activation = PReLU()
+        self._cache = ParamCache()
 
     def _per_head_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(B, L, D), (B, L, D) -> (B, L, 2D) with each head's halves side by side."""
@@ -252,27 +262,79 @@ class DecoderLayer(nn.Module):
         Returns:
             (B, Q, D).
         """
-        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
-        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        v = self.sa_v_proj(tgt)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, v)))
+        tgt, q_content, q_sine = self.query_side(tgt, query_pos, query_sine)
+        k_content, v = self.memory_side(memory, k_pos)
+        return self.cross(tgt, q_content, q_sine, k_content, v, k_pos, memory_bias)
 
+    def query_side(self, tgt: torch.Tensor, query_pos: torch.Tensor, query_sine: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention and the cross-attention query projections (shapes as
+        :meth:`forward`) -> updated ``tgt``, ``q_content``, ``q_sine`` (each (B or 1, Q, D)).
+
+        At inference (:func:`~lavis_c2f.ops.param_cache.frozen`) the products of one input run
+        as one: ``tgt`` through [sa_qcontent; sa_kcontent; sa_v], ``query_pos`` through
+        [sa_qpos; sa_kpos (; ca_qpos)], weights concatenated once per weight version."""
+        d = tgt.shape[-1]
+        if frozen(self):
+            kernel = self.sa_v_proj.linear_kernel
+            weights = self._cache.get("sa_content", linear_params(self._sa_content),
+                                      lambda: concat_linear(self._sa_content))
+            q, k, v = frozen_linear(tgt, weights, kernel).split(d, dim=-1)
+            weights = self._cache.get("query_pos", linear_params(self._query_pos),
+                                      lambda: concat_linear(self._query_pos))
+            pos = frozen_linear(query_pos, weights, kernel).split(d, dim=-1)
+            q, k = q + pos[0], k + pos[1]
+            ca_qpos = pos[2] if self.is_first else None
+        else:
+            q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+            k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+            v = self.sa_v_proj(tgt)
+            ca_qpos = self.ca_qpos_proj(query_pos) if self.is_first else None
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, v)))
         q_content = self.ca_qcontent_proj(tgt)
-        if self.is_first:
-            q_content = q_content + self.ca_qpos_proj(query_pos)
-        q_sine = self.ca_qpos_sine_proj(query_sine)
-        bsz = memory.shape[0]
-        if tgt.shape[0] != bsz:  # a shared query side meets the batch here
-            tgt, q_content, q_sine = (t.expand(bsz, -1, -1) for t in (tgt, q_content, q_sine))
+        if ca_qpos is not None:
+            q_content = q_content + ca_qpos
+        return tgt, q_content, self.ca_qpos_sine_proj(query_sine)
+
+    def memory_side(self, memory: torch.Tensor, k_pos: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention key contents (``+ k_pos`` in the first layer) and values of the
+        memory (B, Lv, D) -> (B, Lv, D) each (:meth:`AnchorDecoder.memory_products` computes
+        those of all layers in one product at inference)."""
         k_content = self.ca_kcontent_proj(memory)
-        v = self.ca_v_proj(memory)
         if self.is_first:
             k_content = k_content + k_pos
+        return k_content, self.ca_v_proj(memory)
+
+    def cross(self, tgt: torch.Tensor, q_content: torch.Tensor, q_sine: torch.Tensor,
+              k_content: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor,
+              memory_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Cross-attention and FFN: the outputs of :meth:`query_side` ((B or 1, Q, D)) and of
+        :meth:`memory_side` ((B, Lv, D)), ``k_pos`` (B, Lv, D) -> (B, Q, D)."""
+        bsz = k_content.shape[0]
+        if tgt.shape[0] != bsz:  # a shared query side meets the batch here
+            tgt, q_content, q_sine = (t.expand(bsz, -1, -1) for t in (tgt, q_content, q_sine))
         q = self._per_head_concat(q_content, q_sine)
         k = self._per_head_concat(k_content, k_pos)
         tgt = self.norm2(tgt + self.dropout2(self.cross_attn(q, k, v, memory_bias)))
         h = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(h))
+
+    @property
+    def _sa_content(self) -> List[nn.Linear]:
+        return [self.sa_qcontent_proj, self.sa_kcontent_proj, self.sa_v_proj]
+
+    @property
+    def _query_pos(self) -> List[nn.Linear]:
+        first = [self.ca_qpos_proj] if self.is_first else []
+        return [self.sa_qpos_proj, self.sa_kpos_proj] + first
+
+    def train(self, mode: bool = True) -> "DecoderLayer":
+        """``nn.Module.train``; training mode drops the concatenated weights
+        (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
 
     def key_positions(self, pos: torch.Tensor, inverse: Optional[torch.Tensor] = None
                       ) -> torch.Tensor:
@@ -291,6 +353,67 @@ class LayerStack(nn.Module):
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+class T2VStack(LayerStack):
+    """Stacked :class:`T2VEncoderLayer`\ s: the queries pass layer by layer, every layer
+    attends to the same keys (they pass through unchanged).
+
+    The bias (:func:`t2v_bias`) is built once per call. At inference
+    (:func:`~lavis_c2f.ops.param_cache.frozen`) the keys' and values' input projections of
+    all layers run as products over the stacked weights (concatenated once per weight
+    version): ``(keys + key_pos) [Wk_0; Wk_1; ...]^T`` and ``keys [Wv_0; Wv_1; ...]^T``, or
+    one product ``keys [Wk_0; Wv_0; Wk_1; ...]^T`` when ``key_pos`` is None.
+    """
+
+    def __init__(self, layer: T2VEncoderLayer, num_layers: int):
+        super().__init__(layer, num_layers)
+        self._cache = ParamCache()
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor,
+                query_pos: Optional[torch.Tensor], key_pos: Optional[torch.Tensor],
+                query_pad: torch.Tensor, key_pad: torch.Tensor, mask_mode: str,
+                use_alt_ffn: bool = False) -> torch.Tensor:
+        """queries (B, Lq, D) attend to keys (B, Lk, D) in every layer; the other arguments
+        as :meth:`T2VEncoderLayer.forward` -> (B, Lq, D)."""
+        bias = t2v_bias(query_pad, key_pad, self.layers[0].nhead, mask_mode, queries.dtype)
+        kvs: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(self.layers)
+        if frozen(self):
+            kvs = self.key_values(keys, key_pos)
+        for layer, kv in zip(self.layers, kvs):
+            queries = layer(queries, keys, query_pos, key_pos, None, None, mask_mode,
+                            use_alt_ffn=use_alt_ffn, bias=bias, projected_kv=kv)
+        return queries
+
+    def key_values(self, keys: torch.Tensor, key_pos: Optional[torch.Tensor]
+                   ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (k, v) input projections of ``keys`` (+ ``key_pos`` for k), (B, Lk, D)
+        each, from one or two products over the stacked weights."""
+        attns = [layer.self_attn for layer in self.layers]
+        d, n, kernel = attns[0].embed_dim, len(attns), attns[0].linear_kernel
+        params = [p for a in attns for p in (a.in_proj_weight, a.in_proj_bias)]
+
+        def stacked(parts: Tuple[slice, ...]) -> InferenceWeights:
+            return inference_weights(
+                torch.cat([a.in_proj_weight.detach()[s] for a in attns for s in parts]),
+                torch.cat([a.in_proj_bias.detach()[s] for a in attns for s in parts]))
+
+        k_rows, v_rows = slice(d, 2 * d), slice(2 * d, 3 * d)
+        if key_pos is None:
+            weights = self._cache.get("kv", params, lambda: stacked((slice(d, 3 * d),)))
+            kv = frozen_linear(keys, weights, kernel).split(d, dim=-1)
+            return [(kv[2 * i], kv[2 * i + 1]) for i in range(n)]
+        weights = self._cache.get("k", params, lambda: stacked((k_rows,)))
+        k = frozen_linear(keys + key_pos, weights, kernel).split(d, dim=-1)
+        weights = self._cache.get("v", params, lambda: stacked((v_rows,)))
+        v = frozen_linear(keys, weights, kernel).split(d, dim=-1)
+        return list(zip(k, v))
+
+    def train(self, mode: bool = True) -> "T2VStack":
+        """``nn.Module.train``; training mode drops the stacked weights (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
 
 
 class AnchorDecoder(nn.Module):
@@ -315,6 +438,7 @@ class AnchorDecoder(nn.Module):
         self.ref_point_head = MLP(d_model, d_model, d_model, 2)
         self.bbox_embed = MLP(d_model, d_model, 2, 3)
         self.ref_anchor_head = MLP(d_model, d_model, 1, 2)
+        self._cache = ParamCache()
 
     def forward(self, memory: torch.Tensor, memory_pad: torch.Tensor, pos: torch.Tensor,
                 anchors_unsigmoid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -349,15 +473,24 @@ class AnchorDecoder(nn.Module):
                 pos_rows = pos[sample_of.scatter_(0, inverse, torch.arange(bsz, device=pos.device))]
             else:
                 inverse = None
+        infer = frozen(self)
+        if infer:
+            memory_kv, key_pos = self.memory_products(memory, pos_rows, inverse)
         for i, layer in enumerate(self.layers):
-            sine = anchor_sine_embedding(ref, self.d_model)
-            query_pos = self.ref_point_head(sine)
-            if i > 0:
-                sine = sine * self.query_scale(tgt)
-            width_mod = self.ref_anchor_head(tgt).sigmoid()[..., 0] / ref[..., 1]
-            sine = sine * width_mod[..., None]
-            tgt = layer(tgt, memory, memory_bias, layer.key_positions(pos_rows, inverse),
-                        query_pos, sine)
+            if infer and i == 0:
+                tgt, q_content, q_sine = self._cache.get(
+                    "first_queries", self._first_query_params(anchors_unsigmoid),
+                    lambda: layer.query_side(tgt, *self.query_codes(0, ref, tgt)))
+                k_pos = key_pos[0]
+                k_content, v = memory_kv[0] + k_pos, memory_kv[1]
+            elif infer:
+                tgt, q_content, q_sine = layer.query_side(tgt, *self.query_codes(i, ref, tgt))
+                k_pos, k_content, v = key_pos[i], memory_kv[2 * i], memory_kv[2 * i + 1]
+            else:
+                tgt, q_content, q_sine = layer.query_side(tgt, *self.query_codes(i, ref, tgt))
+                k_pos = layer.key_positions(pos_rows, inverse)
+                k_content, v = layer.memory_side(memory, k_pos)
+            tgt = layer.cross(tgt, q_content, q_sine, k_content, v, k_pos, memory_bias)
             if i < last:
                 new_ref = (self.bbox_embed(tgt) + inverse_sigmoid(ref)).sigmoid()
                 references.append(new_ref)
@@ -365,6 +498,56 @@ class AnchorDecoder(nn.Module):
             outputs.append(self.norm(tgt))
         return torch.stack(outputs), torch.stack(references)
 
+
+    def query_codes(self, i: int, ref: torch.Tensor, tgt: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s query positions and modulated sine code from the anchors ``ref``
+        (B or 1, Q, 2) and the state ``tgt`` (B or 1, Q, D) -> (B or 1, Q, D) each:
+        ``query_pos = ref_point_head(sine(ref))``, ``sine(ref) * query_scale(tgt)`` (layers
+        after the first) ``* sigmoid(ref_anchor_head(tgt)) / w_ref``."""
+        sine = anchor_sine_embedding(ref, self.d_model)
+        query_pos = self.ref_point_head(sine)
+        if i > 0:
+            sine = sine * self.query_scale(tgt)
+        width_mod = self.ref_anchor_head(tgt).sigmoid()[..., 0] / ref[..., 1]
+        return query_pos, sine * width_mod[..., None]
+
+    def memory_products(self, memory: torch.Tensor, pos: torch.Tensor,
+                        inverse: Optional[torch.Tensor]) -> Tuple[List[torch.Tensor],
+                                                                  List[torch.Tensor]]:
+        """Every layer's cross-attention key contents and values of ``memory`` (B, Lv, D) in one
+        product, and every layer's ``ca_kpos_proj`` of ``pos`` (rows as
+        :meth:`DecoderLayer.key_positions`) in another (inference: weights concatenated once
+        per weight version) -> [k_content_0, v_0, k_content_1, ...] and [k_pos_0, ...], each
+        (B, Lv, D)."""
+        kv_layers = [m for layer in self.layers for m in (layer.ca_kcontent_proj, layer.ca_v_proj)]
+        pos_layers = [layer.ca_kpos_proj for layer in self.layers]
+        kernel = self.layers[0].ca_v_proj.linear_kernel
+        weights = self._cache.get("memory", linear_params(kv_layers),
+                                  lambda: concat_linear(kv_layers))
+        memory_kv = list(frozen_linear(memory, weights, kernel).split(self.d_model, dim=-1))
+        weights = self._cache.get("key_pos", linear_params(pos_layers),
+                                  lambda: concat_linear(pos_layers))
+        key_pos = frozen_linear(pos, weights, kernel)
+        if inverse is not None:
+            key_pos = key_pos[inverse]
+        return memory_kv, list(key_pos.split(self.d_model, dim=-1))
+
+    def _first_query_params(self, anchors_unsigmoid: torch.Tensor) -> List[torch.Tensor]:
+        """What the first layer's query side depends on: the anchors, the query-code heads and
+        the first layer's self-attention and query projections."""
+        first = self.layers[0]
+        modules = [self.ref_point_head, self.ref_anchor_head, first.self_attn, first.norm1,
+                   first.ca_qcontent_proj, first.ca_qpos_sine_proj] + first._sa_content \
+            + first._query_pos
+        return [anchors_unsigmoid] + [p for m in modules for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> "AnchorDecoder":
+        """``nn.Module.train``; training mode drops the cached weights and first queries
+        (``eval()`` keeps them)."""
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
 
 class QDTransformer(nn.Module):
     """T2V encoder + [global, video] encoder + anchor decoder.
@@ -379,7 +562,7 @@ class QDTransformer(nn.Module):
                  dec_layers: int = 2):
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
-        self.t2v_encoder = LayerStack(
+        self.t2v_encoder = T2VStack(
             T2VEncoderLayer(d_model, nhead, dim_feedforward, dropout), t2v_layers)
         self.encoder = LayerStack(EncoderLayer(d_model, nhead, dim_feedforward, dropout),
                                   enc_layers)
@@ -398,10 +581,7 @@ class QDTransformer(nn.Module):
                       pos_txt: Optional[torch.Tensor], vid_pad: torch.Tensor,
                       txt_pad: torch.Tensor, mask_mode: str) -> torch.Tensor:
         """Run the T2V layers: vid (B, Lv, D) attends to txt (B, Lt, D) -> (B, Lv, D)."""
-        bias = t2v_bias(vid_pad, txt_pad, self.nhead, mask_mode, vid.dtype)
-        for layer in self.t2v_encoder.layers:
-            vid = layer(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode, bias=bias)
-        return vid
+        return self.t2v_encoder(vid, txt, pos_vid, pos_txt, vid_pad, txt_pad, mask_mode)
 
     def encode(self, vid: torch.Tensor, pos_vid: torch.Tensor, vid_pad: torch.Tensor,
                global_token: torch.Tensor, global_pos: torch.Tensor,
