@@ -26,13 +26,17 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
   none), ``run.no_decay_names`` (a list of name substrings: exactly the parameters whose name
   contains one get no weight decay, e.g. CLIP4Clip / UCoFiA's ``[bias, LayerNorm.bias,
   LayerNorm.weight]``; overrides the scope), ``run.adam_eps`` (1e-8);
-* a model's ``after_optimizer_step()`` runs after every optimizer step (e.g. a logit-scale clamp).
+* a model's ``after_optimizer_step()`` runs after every optimizer step (e.g. a logit-scale clamp);
+* ``run.ema_decay`` (off when absent or null): the evaluated model is the exponential moving
+  average of the weights (:mod:`lavis_c2f.runners.ema`): validation runs on it, and a checkpoint's
+  ``model`` holds it (what ``evaluate.py`` and the pipeline load), with the training weights in
+  its ``ema`` entry for resuming.
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
 ``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
 no_decay_names, beta2, adam_eps, adam_bias_correction, lr_groups, lr_sched, warmup_steps, warmup_proportion,
 warmup_lr, lr_drop,
-lr_milestones, lr_gamma, batch_size_train, batch_size_eval,
+lr_milestones, ema_decay, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, resume_model_only, checkpoint, evaluate,
 save_every_epoch, drop_last, progress, tensorboard``.
@@ -64,6 +68,7 @@ from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.models.checkpoint import (load_checkpoint_file, load_model_weights, model_state_for_checkpoint,
                                          save_checkpoint)
 from lavis_c2f.paths import resolve_path
+from lavis_c2f.runners.ema import WeightEma
 from lavis_c2f.runners.scalars import ScalarWriter
 from lavis_c2f.tasks.base import unwrap_model
 
@@ -119,6 +124,8 @@ class C2FRunner:
         self._optimizer = None
         self._scaler = None
         self._lr_sched = None
+        ema_decay = self.run_cfg.get("ema_decay", None)
+        self.ema = WeightEma(self._model, float(ema_decay)) if ema_decay is not None else None
         self.start_epoch = 0
         self.best_agg_metric = -math.inf
         self.best_epoch = -1
@@ -323,6 +330,8 @@ class C2FRunner:
         resume = self.run_cfg.get("resume_ckpt_path", None)
         if resume and self.run_cfg.get("resume_model_only", False):
             self._load_model_only(resume)
+            if self.ema is not None:   # the average starts from the loaded weights
+                self.ema = WeightEma(self._model, self.ema.decay)
         elif resume:
             self._load_checkpoint(resume)
         val_interval = int(self.run_cfg.get("val_interval", 1))
@@ -335,13 +344,13 @@ class C2FRunner:
                 lr_scheduler=self.lr_scheduler, scaler=self.scaler, device=self.device,
                 log_freq=int(self.run_cfg.get("log_freq", 50)),
                 accum_grad_iters=int(self.run_cfg.get("accum_grad_iters", 1)),
-                grad_clip=self.run_cfg.get("grad_clip", None), on_step=self.scalars.step)
+                grad_clip=self.run_cfg.get("grad_clip", None), on_step=self.scalars.step, ema=self.ema)
             self.log_stats(stats, "train", epoch)
             last_epoch = epoch
             is_last = epoch + 1 == self.max_epoch
             if valid_splits and ((epoch + 1) % val_interval == 0 or is_last):
                 for split in valid_splits:
-                    metrics = self.eval_epoch(split, epoch, skip_reload=True)
+                    metrics = self._eval_averaged(split, epoch)
                     if split == valid_splits[0] and metrics is not None:
                         agg = float(metrics["agg_metrics"])
                         if agg > self.best_agg_metric:
@@ -379,6 +388,13 @@ class C2FRunner:
             self.log_stats(logs[split], split, cur_epoch)
         return logs
 
+    def _eval_averaged(self, split_name: str, epoch: int) -> Optional[Dict[str, Any]]:
+        """Validation during training: of the weight average with ``run.ema_decay``, else of the model."""
+        if self.ema is None:
+            return self.eval_epoch(split_name, epoch, skip_reload=True)
+        with self.ema.applied(self._model):
+            return self.eval_epoch(split_name, epoch, skip_reload=True)
+
     @torch.no_grad()
     def eval_epoch(self, split_name: str, cur_epoch, skip_reload: bool = False) -> Optional[Dict[str, Any]]:
         model = self._model
@@ -401,9 +417,17 @@ class C2FRunner:
     def _save_checkpoint(self, epoch: int, tag: str) -> None:
         if not c2f_dist.is_main_process():
             return
-        state, kind = model_state_for_checkpoint(self._model)
+        ema_entry = None
+        if self.ema is not None:   # "model" = the evaluated average; the training weights in "ema"
+            ema_entry = self.ema.checkpoint_entry(self._model)
+            with self.ema.applied(self._model):
+                state, kind = model_state_for_checkpoint(self._model)
+                state = {k: v.detach().clone() for k, v in state.items()}   # not views of the weights
+        else:
+            state, kind = model_state_for_checkpoint(self._model)
         obj = {
             "model": state,
+            "ema": ema_entry,
             "state_dict_kind": kind,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -422,6 +446,13 @@ class C2FRunner:
     def _load_checkpoint(self, path: str) -> None:
         path = resolve_path(path)
         ckpt = load_model_weights(self._model, path, map_location=self.device)
+        if self.ema is not None and ckpt.get("ema"):
+            self.ema.restore(self._model, ckpt["ema"], source=str(path))
+        elif self.ema is not None or ckpt.get("ema"):
+            raise ConfigError(f"run.resume_ckpt_path {path}: the checkpoint was written "
+                              f"{'with' if ckpt.get('ema') else 'without'} a weight average (run.ema_decay) and "
+                              f"this run is configured {'without' if self.ema is None else 'with'} one; resume "
+                              "with the same setting, or use run.resume_model_only")
         if ckpt.get("optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):

@@ -104,8 +104,10 @@ class C2FTask(BaseTask):
     def train_epoch(self, epoch: int, model, data_loader, optimizer, lr_scheduler, scaler=None,
                     device: Optional[torch.device] = None, log_freq: int = 50, accum_grad_iters: int = 1,
                     grad_clip: Optional[float] = None,
-                    on_step: Optional[Callable[[Dict[str, float], int], None]] = None, **_: Any) -> Dict[str, float]:
+                    on_step: Optional[Callable[[Dict[str, float], int], None]] = None, ema=None,
+                    **_: Any) -> Dict[str, float]:
         """One pass over ``data_loader``. Returns the mean of every logged loss over all ranks.
+        ``ema``: a :class:`lavis_c2f.runners.ema.WeightEma` updated after every optimizer step.
 
         ``on_step(values, global_step)`` gets this rank's losses of each step and ``lr``
         (``global_step = epoch * len(data_loader) + i``; the runner's TensorBoard scalars)."""
@@ -147,6 +149,8 @@ class C2FTask(BaseTask):
                 hook = getattr(unwrap_model(model), "after_optimizer_step", None)
                 if hook is not None:   # e.g. clamping a logit scale, as CLIP-style trainers do
                     hook()
+                if ema is not None:
+                    ema.update(unwrap_model(model))
             step_values = {k: float(v.detach()) for k, v in loss_dict.items()}
             for k, v in step_values.items():
                 sums[k] += v

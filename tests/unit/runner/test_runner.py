@@ -192,3 +192,61 @@ def test_optional_components_register_lazily(subprocess_env):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_weight_ema_formula_and_swap():
+    from lavis_c2f.runners.ema import WeightEma, ema_factor
+    model = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = WeightEma(model, decay=0.9)
+    assert "frozen" not in ema.shadow
+    expect = torch.zeros(1, 2)
+    for t, value in enumerate([1.0, 2.0, 4.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        assert ema_factor(0.9, t) == d
+        expect = d * expect + (1 - d) * value
+    assert torch.allclose(ema.shadow["weight"], expect)
+    with ema.applied(model):
+        assert torch.allclose(model.weight, expect)
+    assert torch.equal(model.weight, torch.full((1, 2), 4.0))   # the training weights are back
+    entry = ema.checkpoint_entry(model)
+    restored = WeightEma(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.copy_(expect)          # a checkpoint's "model" holds the average
+    restored.restore(model, entry)
+    assert restored.updates == 3 and torch.equal(restored.shadow["weight"], expect)
+    assert torch.equal(model.weight, torch.full((1, 2), 4.0))
+    with pytest.raises(Exception, match="ema_decay"):
+        WeightEma(model, decay=1.0)
+
+
+@pytest.mark.slow
+def test_ema_resume_equals_uninterrupted_and_checkpoint_holds_the_average(project, subprocess_env):
+    ema = "run.ema_decay=0.9"
+    _run(project, "train_main.py", "run.job_id=full", ema, env=subprocess_env)
+    _run(project, "train_main.py", "run.job_id=part", ema, "run.max_epoch=2", env=subprocess_env)
+    latest = project / "runs" / "part" / "checkpoint_latest.pth"
+    _run(project, "train_main.py", "run.job_id=resumed", ema, f"run.resume_ckpt_path={latest}", env=subprocess_env)
+    full, resumed = _summary(project, "full"), _summary(project, "resumed")
+    assert full["test"]["val"]["mse"] == resumed["test"]["val"]["mse"]
+    a = torch.load(project / "runs" / "full" / "checkpoint_latest.pth", weights_only=True)
+    b = torch.load(project / "runs" / "resumed" / "checkpoint_latest.pth", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["ema"]["updates"] == b["ema"]["updates"] > 0
+    assert any(not torch.equal(a["model"][k], a["ema"]["train_params"][k]) for k in a["ema"]["train_params"])
+    # the best checkpoint holds the validated average: evaluating it repeats the validation
+    rows = [json.loads(line) for line in (project / "runs" / "full" / "log.txt").read_text().splitlines()]
+    val = {r["epoch"]: r["mse"] for r in rows if r.get("split") == "val" and isinstance(r.get("epoch"), int)}
+    assert full["test"]["val"]["mse"] == val[full["best_epoch"]]
+    # a checkpoint with an average does not silently resume without one
+    proc = subprocess.run([sys.executable, str(project / "train_main.py"), "--cfg-path", str(project / "toy.yaml"),
+                           "--options", "run.job_id=bad", f"run.resume_ckpt_path={latest}"],
+                          capture_output=True, text=True, env=subprocess_env, timeout=600)
+    assert proc.returncode != 0 and "ema_decay" in proc.stderr
