@@ -20,14 +20,14 @@ outweighs the gain: measured crossovers 16 rows at 256 -> 256, 4 rows at 256 -> 
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lavis_c2f.ops.kernels import set_module_attribute
-from lavis_c2f.ops.param_cache import ParamCache, frozen
+from lavis_c2f.ops.param_cache import CachingModule, frozen
 
 LINEAR_KERNELS = ("torch", "onednn")
 #: fewest multiply-adds and output columns a product needs to run on oneDNN
@@ -37,6 +37,8 @@ ONEDNN_MIN_COLS = 16
 #: measured 16.8 against MKL's 18.8 us at 10 x 256 -> 256, 29.8 against 55.6 at 10 x 256 -> 768,
 #: MKL ahead at 1 x 256 -> 1024)
 ONEDNN_PACKED_MIN_MACS = 1 << 19
+#: the batch-size hint oneDNN picks a packed layout for (the grounder's clip rows)
+PACK_ROWS_HINT = 75
 
 
 def onednn_available() -> bool:
@@ -103,10 +105,6 @@ def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
 
 
-#: the batch-size hint oneDNN picks a packed layout for (the grounder's clip rows)
-PACK_ROWS_HINT = 75
-
-
 class InferenceWeights(NamedTuple):
     """A product's weight (N, K), bias (N,) or None and oneDNN-packed weight (or None)."""
 
@@ -152,16 +150,12 @@ def frozen_linear(x: torch.Tensor, weights: InferenceWeights, kernel: str) -> to
     return linear(x, weights.weight, weights.bias, kernel, weights.packed)
 
 
-class Linear(nn.Linear):
+class Linear(CachingModule, nn.Linear):
     """``torch.nn.Linear`` (same parameters and state-dict keys) whose product runs on the
     kernel named by its ``linear_kernel`` attribute (:func:`set_linear_kernel`; ``"torch"``
     after construction)."""
 
     linear_kernel = "torch"
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._cache = ParamCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features); at inference with kernel ``onednn``
@@ -175,12 +169,6 @@ class Linear(nn.Linear):
     def inference_weights(self) -> InferenceWeights:
         """This layer's :class:`InferenceWeights`."""
         return inference_weights(self.weight, self.bias)
-
-    def train(self, mode: bool = True) -> "Linear":
-        """``nn.Module.train``; training mode drops the packed weight (``eval()`` keeps them)."""
-        if mode:
-            self._cache.clear()
-        return super().train(mode)
 
 
 def set_linear_kernel(module: nn.Module, kernel: str) -> int:

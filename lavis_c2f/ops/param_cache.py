@@ -65,6 +65,22 @@ class ParamCache:
         return {"_values": {}}
 
 
+class CachingModule(nn.Module):
+    """A module that keeps weight-derived values in ``self._cache`` (a :class:`ParamCache`,
+    created here); ``train()`` drops them (``eval()`` keeps them): training changes the weights at
+    every step, so nothing cached would be reused, and the memory is freed."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._cache = ParamCache()
+
+    def train(self, mode: bool = True) -> "CachingModule":
+        """``nn.Module.train``; training mode drops the cached values."""
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
+
+
 def linear_params(layers: Sequence[nn.Linear]) -> Tuple[torch.Tensor, ...]:
     """The parameters of ``layers`` in order (the cache key of
     :func:`lavis_c2f.ops.linear.concat_linear`)."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from lavis_c2f.ops.dropout import dropout as drop
 from lavis_c2f.ops.linear import Linear, frozen_linear, inference_weights, linear
-from lavis_c2f.ops.param_cache import ParamCache, frozen
+from lavis_c2f.ops.param_cache import CachingModule, frozen
 
 #: score-tensor size (B * H * Lq * Lk) from which the fused kernel is used without dropout
 FUSED_MIN_SCORES = 1 << 20
@@ -104,7 +104,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
     return out.transpose(1, 2).reshape(bsz, len_q, dim_v)
 
 
-class PackedMultiheadAttention(nn.Module):
+class PackedMultiheadAttention(CachingModule):
     """Attention with packed q/k/v input projections (state-dict compatible with
     ``torch.nn.MultiheadAttention``: ``in_proj_weight`` (3D, D), ``in_proj_bias`` (3D,),
     ``out_proj.weight`` (D, D), ``out_proj.bias`` (D,)).
@@ -132,7 +132,6 @@ class PackedMultiheadAttention(nn.Module):
         d = embed_dim
         self._rows = {"q": slice(0, d), "k": slice(d, 2 * d), "v": slice(2 * d, 3 * d),
                       "qk": slice(0, 2 * d)}
-        self._cache = ParamCache()
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         self.out_proj = Linear(embed_dim, embed_dim)
@@ -170,12 +169,6 @@ class PackedMultiheadAttention(nn.Module):
                 name: inference_weights(w[s], b[s]) for name, s in self._rows.items()})
             return frozen_linear(x, packed[rows], kernel)
         return linear(x, w[part], b[part], kernel)
-
-    def train(self, mode: bool = True) -> "PackedMultiheadAttention":
-        """``nn.Module.train``; training mode drops the packed weights (``eval()`` keeps them)."""
-        if mode:
-            self._cache.clear()
-        return super().train(mode)
 
 
 class ProjectionFreeMultiheadAttention(nn.Module):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lavis_c2f.ops.dropout import Dropout
+from lavis_c2f.ops.param_cache import frozen
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,7 +70,7 @@ class MaskedSinePositionEmbedding(nn.Module):
         """mask (B, L) with 1 = valid -> (B, L, D) float32 position codes. Outside training
         without gradient, the codes of the last mask are kept and returned again for an equal
         mask (a ranked list's videos mostly share one)."""
-        reuse = not self.training and not torch.is_grad_enabled()
+        reuse = frozen(self)
         if reuse and self._last is not None and self._last[0].shape == mask.shape \
                 and self._last[0].dtype == mask.dtype and self._last[0].device == mask.device \
                 and torch.equal(self._last[0], mask):

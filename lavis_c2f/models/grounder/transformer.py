@@ -31,7 +31,7 @@ from lavis_c2f.models.grounder.prelu import PReLU
 from lavis_c2f.ops.dropout import Dropout
 from lavis_c2f.ops.linear import (InferenceWeights, Linear, concat_linear, frozen_linear,
                                   inference_weights)
-from lavis_c2f.ops.param_cache import ParamCache, frozen, linear_params
+from lavis_c2f.ops.param_cache import CachingModule, frozen, linear_params
 
 T2V_MASK_MODES = ("official", "correct")
 
@@ -194,7 +194,7 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.dropout2(h))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(CachingModule):
     """Conditional/DAB-DETR decoder layer (post-norm).
 
     Self-attention: q/k = content + position projections of (tgt, query_pos), v = sa_v_proj(tgt).
@@ -239,7 +239,6 @@ class DecoderLayer(nn.Module):
         self.dropout2 = Dropout(dropout)
         self.dropout3 = Dropout(dropout)
         self.activation = PReLU()
-        self._cache = ParamCache()
 
     def _per_head_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(B, L, D), (B, L, D) -> (B, L, 2D) with each head's halves side by side."""
@@ -329,13 +328,6 @@ class DecoderLayer(nn.Module):
         first = [self.ca_qpos_proj] if self.is_first else []
         return [self.sa_qpos_proj, self.sa_kpos_proj] + first
 
-    def train(self, mode: bool = True) -> "DecoderLayer":
-        """``nn.Module.train``; training mode drops the concatenated weights
-        (``eval()`` keeps them)."""
-        if mode:
-            self._cache.clear()
-        return super().train(mode)
-
     def key_positions(self, pos: torch.Tensor, inverse: Optional[torch.Tensor] = None
                       ) -> torch.Tensor:
         """``ca_kpos_proj`` of the video positions: ``pos`` (B, Lv, D), or (U, Lv, D) distinct
@@ -355,7 +347,7 @@ class LayerStack(nn.Module):
         return len(self.layers)
 
 
-class T2VStack(LayerStack):
+class T2VStack(CachingModule, LayerStack):
     """Stacked :class:`T2VEncoderLayer`\ s: the queries pass layer by layer, every layer
     attends to the same keys (they pass through unchanged).
 
@@ -365,10 +357,6 @@ class T2VStack(LayerStack):
     version): ``(keys + key_pos) [Wk_0; Wk_1; ...]^T`` and ``keys [Wv_0; Wv_1; ...]^T``, or
     one product ``keys [Wk_0; Wv_0; Wk_1; ...]^T`` when ``key_pos`` is None.
     """
-
-    def __init__(self, layer: T2VEncoderLayer, num_layers: int):
-        super().__init__(layer, num_layers)
-        self._cache = ParamCache()
 
     def forward(self, queries: torch.Tensor, keys: torch.Tensor,
                 query_pos: Optional[torch.Tensor], key_pos: Optional[torch.Tensor],
@@ -409,14 +397,8 @@ class T2VStack(LayerStack):
         v = frozen_linear(keys, weights, kernel).split(d, dim=-1)
         return list(zip(k, v))
 
-    def train(self, mode: bool = True) -> "T2VStack":
-        """``nn.Module.train``; training mode drops the stacked weights (``eval()`` keeps them)."""
-        if mode:
-            self._cache.clear()
-        return super().train(mode)
 
-
-class AnchorDecoder(nn.Module):
+class AnchorDecoder(CachingModule):
     """DAB-style decoder refining (centre, width) anchors layer by layer.
 
     Args:
@@ -438,7 +420,6 @@ class AnchorDecoder(nn.Module):
         self.ref_point_head = MLP(d_model, d_model, d_model, 2)
         self.bbox_embed = MLP(d_model, d_model, 2, 3)
         self.ref_anchor_head = MLP(d_model, d_model, 1, 2)
-        self._cache = ParamCache()
 
     def forward(self, memory: torch.Tensor, memory_pad: torch.Tensor, pos: torch.Tensor,
                 anchors_unsigmoid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -541,13 +522,6 @@ class AnchorDecoder(nn.Module):
                    first.ca_qcontent_proj, first.ca_qpos_sine_proj] + first._sa_content \
             + first._query_pos
         return [anchors_unsigmoid] + [p for m in modules for p in m.parameters()]
-
-    def train(self, mode: bool = True) -> "AnchorDecoder":
-        """``nn.Module.train``; training mode drops the cached weights and first queries
-        (``eval()`` keeps them)."""
-        if mode:
-            self._cache.clear()
-        return super().train(mode)
 
 class QDTransformer(nn.Module):
     """T2V encoder + [global, video] encoder + anchor decoder.
