@@ -26,6 +26,7 @@ for _p in (ROOT, BENCH):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 TOL = 1e-5
 
@@ -572,6 +573,26 @@ def ours_train_cmd(config_path: str, eval_bsz: int, out_json: str,
     """The command line of :func:`train_ours` as a child process (this file's ``_ours-train``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "_ours-train", config_path, str(eval_bsz), out_json]
     return cmd + ([json.dumps(official_eval)] if official_eval is not None else [])
+
+
+def official_job(work: str, name: str, label: str, variant: str, seed: int, official_python: str,
+                 command: Callable[[str, str], List[str]], env: Dict[str, str]) -> Job:
+    """A run of the official code in ``work/name`` (:func:`job_paths`): ``official_python
+    bench/official_runtime.py`` followed by ``command(folder, result_json)``."""
+    d, out, log = job_paths(work, name)
+    cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), *command(d, out)]
+    return Job(label, variant, seed, cmd, env, out, log)
+
+
+def ours_job(work: str, name: str, label: str, variant: str, seed: int, project: Callable[[str], Dict[str, Any]],
+             eval_bsz: int, env: Dict[str, str], official_eval: Optional[Dict[str, Any]] = None) -> Job:
+    """A run of our training in ``work/name``: ``project(folder)`` written there as
+    ``project.yaml`` and trained by :func:`ours_train_cmd`."""
+    d, out, log = job_paths(work, name)
+    cfg_path = os.path.join(d, "project.yaml")
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(project(d), f)
+    return Job(label, variant, seed, ours_train_cmd(cfg_path, eval_bsz, out, official_eval), env, out, log)
 
 
 if __name__ == "__main__":

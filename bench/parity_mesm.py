@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 import official_runtime
-from parity_common import (BENCH, TOL, Corpus, DropoutReplay, Job, Recipe, compare_item_labels,
-                           compare_random_labels, job_envs, job_paths, our_run_config, ours_train_cmd,
-                           parity_table, print_gradients, print_losses, run_jobs)
+from parity_common import (TOL, Corpus, DropoutReplay, Job, Recipe, compare_item_labels, compare_random_labels,
+                           job_envs, official_job, our_run_config, ours_job, parity_table, print_gradients,
+                           print_losses, run_jobs)
 
 LAVIS_BPE = os.path.join("lavis", "models", "clip_models", "bpe_simple_vocab_16e6.txt.gz")
 
@@ -639,6 +639,12 @@ def count_items(annotations: str) -> int:
 OFFICIAL_EVAL = {"eval_t2v_mask_mode": "official", "predict_with_groups": True}
 
 
+def _grouped_test(project: Dict[str, Any]) -> Dict[str, Any]:
+    """``project`` evaluating the test split grouped by video, as the official MESM evaluation."""
+    project["datasets"]["c2f_qvh"]["group_splits"] = ["train", "test"]
+    return project
+
+
 def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe, seeds: Sequence[int],
                       official_python: str, parallel: int, work: str) -> Tuple[str, List[Dict[str, Any]]]:
     """Official MESM vs ours, one run per seed and side (``parallel`` at a time, one thread
@@ -650,8 +656,6 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
     official evaluation runs (items grouped by video, ``eval_bsz`` items per batch, official T2V
     mask; the official loader also shuffles the items).
     """
-    import yaml
-
     if not layout.test_ann_path:
         raise SystemExit(f"{layout.root}: the corpus has no test split to evaluate on")
     n_items = count_items(layout.split_file("train"))
@@ -663,19 +667,15 @@ def train_parity_mesm(official_dir: str, layout: MesmLayout, recipe: MesmRecipe,
     our_env, off_env = job_envs()
     jobs: List[Job] = []
     for seed in seeds:
-        d, out, log = job_paths(work, f"official_mesm_seed{seed}")
-        cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train-mesm", official_dir,
-               layout.tagger_dir, layout.test_ann_path, out, "--",
-               *official_mesm_argv(recipe, layout, seed, os.path.join(d, "results"))]
-        jobs.append(Job("official MESM", "official code", seed, cmd, off_env, out, log))
-        d, out, log = job_paths(work, f"ours_mesm_seed{seed}")
-        project = our_mesm_project(recipe, layout, seed, os.path.join(d, "output"))
-        project["datasets"]["c2f_qvh"]["group_splits"] = ["train", "test"]
-        cfg_path = os.path.join(d, "project.yaml")
-        with open(cfg_path, "w") as f:
-            yaml.safe_dump(project, f)
-        cmd = ours_train_cmd(cfg_path, recipe.eval_bsz, out, OFFICIAL_EVAL)
-        jobs.append(Job("ours MESM", "official recipe (defaults)", seed, cmd, our_env, out, log))
+        jobs.append(official_job(
+            work, f"official_mesm_seed{seed}", "official MESM", "official code", seed, official_python,
+            lambda d, out: ["train-mesm", official_dir, layout.tagger_dir, layout.test_ann_path, out, "--",
+                            *official_mesm_argv(recipe, layout, seed, os.path.join(d, "results"))],
+            off_env))
+        jobs.append(ours_job(
+            work, f"ours_mesm_seed{seed}", "ours MESM", "official recipe (defaults)", seed,
+            lambda d: _grouped_test(our_mesm_project(recipe, layout, seed, os.path.join(d, "output"))),
+            recipe.eval_bsz, our_env, OFFICIAL_EVAL))
     print(f"MESM train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
     run_jobs(jobs, parallel)
     return parity_table(jobs, recipe.eval_bsz)

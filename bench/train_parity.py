@@ -74,10 +74,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import official_runtime  # noqa: E402
-from parity_common import (BENCH, TOL, Corpus, DropoutReplay, Job, Recipe, compare_item_labels,  # noqa: E402
-                           compare_random_labels, detect_corpus, job_envs, job_paths, our_run_config,
-                           ours_train_cmd, parity_table, print_gradients, print_losses, run_jobs,
-                           seed_comparison)
+from parity_common import (TOL, Corpus, DropoutReplay, Job, Recipe, compare_item_labels,  # noqa: E402
+                           compare_random_labels, detect_corpus, job_envs, official_job, our_run_config, ours_job,
+                           parity_table, print_gradients, print_losses, run_jobs, seed_comparison)
 
 #: our model config of the step checks unless ``--our-model`` says otherwise: the official code's
 #: kernels. Float32 products on torch's BLAS, so that both sides round alike and an activation
@@ -392,25 +391,21 @@ def step_check_qd_detr(official_dir: str, corpus: Corpus, recipe: Recipe, batch_
 
 def train_parity(official_dir: str, corpus: Corpus, recipe: Recipe, seeds: Sequence[int], official_python: str,
                  parallel: int, work: str, variants: Sequence[str]) -> Tuple[str, List[Dict[str, Any]]]:
-    import yaml
-
     os.makedirs(work, exist_ok=True)
     base_env, off_env = job_envs()
     jobs: List[Job] = []
     for seed in seeds:
-        d, out, log = job_paths(work, f"official_seed{seed}")
-        cmd = [official_python, os.path.join(BENCH, "official_runtime.py"), "train", official_dir,
-               corpus.annotations["test"], f"1,{recipe.eval_bsz}", out, "--",
-               *official_argv(recipe, corpus, seed, os.path.join(d, "results"))]
-        jobs.append(Job("official QD-DETR", "official defaults", seed, cmd, off_env, out, log))
+        jobs.append(official_job(
+            work, f"official_seed{seed}", "official QD-DETR", "official defaults", seed, official_python,
+            lambda d, out: ["train", official_dir, corpus.annotations["test"], f"1,{recipe.eval_bsz}", out, "--",
+                            *official_argv(recipe, corpus, seed, os.path.join(d, "results"))],
+            off_env))
         for variant in variants:
             tag = variant.split(" (")[0].replace(" ", "_").replace("-", "_")
-            d, out, log = job_paths(work, f"ours_{tag}_seed{seed}")
-            cfg_path = os.path.join(d, "project.yaml")
-            with open(cfg_path, "w") as f:
-                yaml.safe_dump(our_project(recipe, corpus, seed, os.path.join(d, "output"), variant), f)
-            cmd = ours_train_cmd(cfg_path, recipe.eval_bsz, out)
-            jobs.append(Job("ours QD-DETR", variant, seed, cmd, base_env, out, log))
+            jobs.append(ours_job(
+                work, f"ours_{tag}_seed{seed}", "ours QD-DETR", variant, seed,
+                lambda d: our_project(recipe, corpus, seed, os.path.join(d, "output"), variant),
+                recipe.eval_bsz, base_env))
     order = ["official defaults"] + list(variants)
     jobs.sort(key=lambda j: (order.index(j.variant), j.seed))  # the headline rows first
     print(f"train parity: {len(jobs)} runs, {parallel} at a time, work folder {work}", flush=True)
