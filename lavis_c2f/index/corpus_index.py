@@ -141,12 +141,16 @@ def stored_rows(model, video_emb, dim: int, max_frames: int, segments: int,
     return frames, lengths, pre
 
 
-def video_bias_of(model, bank_text_emb, blocks: Iterable[Any]) -> np.ndarray:
+def video_bias_of(model, bank_text_emb, blocks: Iterable[Any], n_blocks: Optional[int] = None,
+                  progress: bool = False) -> np.ndarray:
     """Per-video, per-level Sinkhorn log scalings (V, L) float32 of UCoFiA's inference: the
     scores of a query bank (Q queries) x every video (``blocks``: the videos' embeddings in
-    order, any block sizes) per level ``l``, ``b_l = log r`` with ``r`` the video-side scaling
-    of Sinkhorn over ``exp(S_l / tau)`` (Q, V) (the model's own ``video_bias_from_levels`` when
-    it has one). Both index backends store what this returns, so they score alike."""
+    order, any block sizes; ``n_blocks`` of them, for the progress bar) per level ``l``,
+    ``b_l = log r`` with ``r`` the video-side scaling of Sinkhorn over ``exp(S_l / tau)`` (Q, V)
+    (the model's own ``video_bias_from_levels`` when it has one). Both index backends store what
+    this returns, so they score alike."""
+    if progress:
+        blocks = progress_bar(blocks, total=n_blocks, desc="index: bank scores", unit="block", leave=True)
     raw: Dict[str, List[torch.Tensor]] = {lv: [] for lv in model.levels}
     for emb in blocks:
         _, lv = model.score(bank_text_emb, emb, return_levels=True)
@@ -438,11 +442,9 @@ class CorpusIndex(StageOneBase):
         ((alive V, L), row order). Memory: bank size x V x 4 bytes per level."""
         model = self._require_model()
         rows = self.store.alive_rows()
-        blocks = (self.gather(rows[s:s + block_videos]) for s in range(0, len(rows), block_videos))
-        if progress:
-            blocks = progress_bar(blocks, total=(len(rows) + block_videos - 1) // block_videos,
-                                  desc="index: bank scores", unit="block", leave=True)
-        bias = video_bias_of(model, bank_text_emb, blocks)
+        starts = range(0, len(rows), block_videos)
+        bias = video_bias_of(model, bank_text_emb, (self.gather(rows[s:s + block_videos]) for s in starts),
+                             len(starts), progress)
         self.set_video_bias(bias, model.inference_settings(), [self.store.vid_of(r) for r in rows])
         return bias
 

@@ -488,8 +488,8 @@ class MilvusIndex(StageOneBase):
         missing = sorted(set(vids) - self.present(vids))
         if missing:
             raise KeyError(f"video id {missing[0]!r} is not in the index {self.locator}")
-        _create_bias_collection(self.client, self.locator, max(nl, 2))
         width = max(nl, 2)                          # Milvus vectors have at least 2 values
+        _create_bias_collection(self.client, self.locator, width)
         padded = np.zeros((len(vids), width), np.float32)
         padded[:, :nl] = bias
         rows = [{"vid": v, "bias": padded[i]} for i, v in enumerate(vids)]
@@ -506,11 +506,9 @@ class MilvusIndex(StageOneBase):
         :attr:`vids` order)."""
         model = self._require_model()
         vids = self.vids
-        blocks: Iterable = (self.embeddings(vids[s:s + block_videos]) for s in range(0, len(vids), block_videos))
-        if progress:
-            blocks = progress_bar(blocks, total=(len(vids) + block_videos - 1) // block_videos,
-                                  desc="index: bank scores", unit="block", leave=True)
-        bias = video_bias_of(model, bank_text_emb, blocks)
+        starts = range(0, len(vids), block_videos)
+        bias = video_bias_of(model, bank_text_emb, (self.embeddings(vids[s:s + block_videos]) for s in starts),
+                             len(starts), progress)
         self.set_video_bias(bias, model.inference_settings(), vids)
         return bias
 
@@ -704,7 +702,7 @@ def _ann_spec(ann: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
 
 def _create_collection(client, loc: MilvusLocator, man: Mapping[str, Any]) -> None:
     from pymilvus import DataType, MilvusClient  # heavy optional dependency
-    d, f, sv = int(man["dim"]), int(man["max_frames"]), int(man["prefilter_segments"])
+    d, sv = int(man["dim"]), int(man["prefilter_segments"])
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("vid", DataType.VARCHAR, is_primary=True, max_length=_MAX_VID)
     schema.add_field("duration", DataType.DOUBLE)

@@ -48,21 +48,28 @@ def check_ranks_can_share(loc: MilvusLocator, world: int) -> None:
                           f"{loc.collection} (or a Milvus standalone / distributed URI), or run one process")
 
 
+def _on_rank0(fn: Callable[[], Any], loc: Any, what: str, share: bool) -> Any:
+    """Run ``fn()`` on rank 0 only. An error there is raised on rank 0 and, as a
+    ``RuntimeError`` naming rank 0, ``what`` and ``loc``, on every other rank (none waits for a
+    result that never comes). Returns ``fn()``'s result on rank 0 and, with ``share``, its
+    broadcast on the others (else None there)."""
+    out: Any = None
+    if c2f_dist.get_rank() == 0:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised here; the others are told before they wait
+            c2f_dist.broadcast_object((None, f"{type(e).__name__}: {e}"))
+            raise
+    shared, failure = c2f_dist.broadcast_object((out if share else None, None))
+    if failure is not None:
+        raise RuntimeError(f"rank 0 could not {what} {loc}: {failure}")
+    return out if c2f_dist.get_rank() == 0 else shared
+
+
 def open_for_ranks(loc: MilvusLocator, model, create: Callable[[], MilvusIndex], timeout: float) -> MilvusIndex:
     """Rank 0 runs ``create()`` (create, resume or overwrite the collection); then every other
     rank opens it. An error on rank 0 is raised on every rank, naming rank 0."""
-    index: Optional[MilvusIndex] = None
-    failure: Optional[str] = None
-    if c2f_dist.get_rank() == 0:
-        try:
-            index = create()
-        except Exception as e:  # noqa: BLE001 - re-raised here; the others are told before they wait
-            failure = f"{type(e).__name__}: {e}"
-            c2f_dist.broadcast_object(failure)
-            raise
-    failure = c2f_dist.broadcast_object(failure)
-    if failure is not None:
-        raise RuntimeError(f"rank 0 could not create or open {loc}: {failure}")
+    index = _on_rank0(create, loc, "create or open", share=False)
     return index if index is not None else MilvusIndex.open(loc, model=model, timeout=timeout)
 
 
@@ -106,20 +113,13 @@ def finish_ranks(index: MilvusIndex, after: Optional[Callable[[MilvusIndex], Any
     """Barrier; then rank 0 runs ``after(index)`` (biases, sidecar) and saves the manifest; its
     result (or its error, raised on every rank) is broadcast to all ranks."""
     c2f_dist.barrier()
-    out: Any = None
-    failure: Optional[str] = None
-    if c2f_dist.get_rank() == 0:
-        try:
-            out = after(index) if after is not None else None
-            index.save()
-        except Exception as e:  # noqa: BLE001 - re-raised here; the others are told
-            failure = f"{type(e).__name__}: {e}"
-            c2f_dist.broadcast_object((None, failure))
-            raise
-    out, failure = c2f_dist.broadcast_object((out, failure))
-    if failure is not None:
-        raise RuntimeError(f"rank 0 could not finish {index.locator}: {failure}")
-    return out
+
+    def finish() -> Any:
+        out = after(index) if after is not None else None
+        index.save()
+        return out
+
+    return _on_rank0(finish, index.locator, "finish", share=True)
 
 
 __all__ = ["check_ranks_can_share", "finish_ranks", "open_for_ranks", "rank_batches", "upsert_rank_batches"]

@@ -434,6 +434,10 @@ class FrameStore:
         valid = np.arange(f)[None, :] < lens[:, None]                          # (m, f)
         mask = valid.astype(np.float32)
         out: Optional[torch.Tensor] = None          # allocated below unless one segment's pread fills it
+
+        def zeros_if_none(t: Optional[torch.Tensor]) -> torch.Tensor:
+            return torch.zeros(m, f, self.dim, dtype=torch.float32) if t is None else t
+
         padded_by_take = False
         if m and lens.sum():
             # one row index per output slot (padding reads the video's first row and is zeroed),
@@ -449,12 +453,10 @@ class FrameStore:
                         out = out.copy_(torch.from_numpy(buf)) if out is not None else \
                             torch.from_numpy(buf).to(torch.float32)
                         continue
-                    if out is None:
-                        out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+                    out = zeros_if_none(out)
                     out[torch.from_numpy(sel)] = torch.from_numpy(buf).to(torch.float32)
                     continue                               # pread leaves padding slots at zero
-                if out is None:
-                    out = torch.zeros(m, f, self.dim, dtype=torch.float32)
+                out = zeros_if_none(out)
                 padded_by_take = True
                 frames, _ = self._segment_arrays(int(s))
                 idx = src[sel].reshape(-1)
@@ -464,9 +466,7 @@ class FrameStore:
                 out[torch.from_numpy(sel)] = torch.from_numpy(vals).view(len(sel), f, self.dim).to(torch.float32)
             if padded_by_take:
                 out.mul_(torch.from_numpy(mask).unsqueeze(-1))
-        if out is None:                                    # nothing stored (no rows, or only empty videos)
-            out = torch.zeros(m, f, self.dim, dtype=torch.float32)
-        return out, torch.from_numpy(mask)
+        return zeros_if_none(out), torch.from_numpy(mask)   # None: nothing stored (no rows, or only empty videos)
 
     def gather(self, rows: Sequence[int]) -> VideoEmbedding:
         """:class:`VideoEmbedding` of the given rows (in that order): frames (m, F, D) padded with
