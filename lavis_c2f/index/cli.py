@@ -272,7 +272,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         durs = _durations_for(vids, durations, stores, args.clip_length)
         _check_width(loader, vids[0], model)
         if milvus:
-            return _build_milvus(args, out, model, vids, loader, durs)
+            return _build_milvus(args, out, model, vids, loader, durs, world)
         index = CorpusIndex.for_model(model, ann=_ann_config(args), frame_dtype=args.frame_dtype,
                                       work_dir=os.path.dirname(out), prefilter_segments=args.prefilter_segments)
         index.add_features(vids, loader.load, durs, batch_size=args.batch_size, progress=not args.no_progress)
@@ -287,12 +287,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_milvus(args: argparse.Namespace, out: str, model, vids: List[str], loader, durs) -> int:
+def _build_milvus(args: argparse.Namespace, out: str, model, vids: List[str], loader, durs, world: int) -> int:
     """``index build`` into a Milvus collection, by one process or by each rank of
     ``torch.distributed.run`` (:mod:`lavis_c2f.index.milvus_ingest`): rank 0 creates or resumes
     the collection, every rank upserts its batches not stored yet, rank 0 adds the Sinkhorn
     biases and the manifest counts."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world > 1:
         c2f_dist.init_from_env("cpu", timeout_s=int(EXTRACT_DEFAULTS["dist_timeout_s"]))  # gloo: barriers only
     loc = parse_milvus_locator(out)
     index = open_for_ranks(loc, model, lambda: MilvusIndex.create(

@@ -9,7 +9,7 @@ compact them), so ``mask.sum(-1)`` is the per-row length.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -145,16 +145,19 @@ class VideoEmbedding:
 
     def __getitem__(self, idx: Index) -> "VideoEmbedding":
         i = _as_index(idx, len(self))
-        return VideoEmbedding(self.frames[i], self.mask[i], None if self._pooled is None else self._pooled[i])
+        return VideoEmbedding(self.frames[i], self.mask[i], self._pooled_as(lambda p: p[i]))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "VideoEmbedding":
         frames = self.frames.to(device=device) if dtype is None else self.frames.to(device=device, dtype=dtype)
-        return VideoEmbedding(frames, self.mask.to(device=device),
-                              None if self._pooled is None else self._pooled.to(device=device))
+        return VideoEmbedding(frames, self.mask.to(device=device), self._pooled_as(lambda p: p.to(device=device)))
 
     def detach(self) -> "VideoEmbedding":
-        return VideoEmbedding(self.frames.detach(), self.mask.detach(),
-                              None if self._pooled is None else self._pooled.detach())
+        return VideoEmbedding(self.frames.detach(), self.mask.detach(), self._pooled_as(lambda p: p.detach()))
+
+    def _pooled_as(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Optional[torch.Tensor]:
+        """``fn`` of the pooled vectors when they were computed (or given), else None (a derived
+        embedding pools its own frames on first access)."""
+        return None if self._pooled is None else fn(self._pooled)
 
     @staticmethod
     def cat(items: Sequence["VideoEmbedding"]) -> "VideoEmbedding":
