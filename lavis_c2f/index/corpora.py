@@ -126,6 +126,11 @@ class Corpus:
         changed (a corpus read once: never)."""
         return False
 
+    def vids_seen(self) -> int:
+        """How many videos :attr:`vids` listed last, without asking a store (what ``/health``
+        reports while the store is down)."""
+        return len(self.vids)
+
     def __contains__(self, vid: object) -> bool:
         return vid in set(self.vids)
 
@@ -226,6 +231,7 @@ class VideoIndexCorpus(Corpus):
         self._refresh_lock = threading.Lock()
         self._count = len(index) if self._live else None
         self._vids: Optional[List[str]] = self._listed(self.index.vids)
+        self._seen = len(self._vids)
         self.ann = os.fspath(ann) if ann else None
 
     def _read_rows(self) -> bool:
@@ -296,7 +302,11 @@ class VideoIndexCorpus(Corpus):
         with self._refresh_lock:
             if self._vids is None:
                 self._vids = self._listed(self.index.vids)
+                self._seen = len(self._vids)
             return list(self._vids)
+
+    def vids_seen(self) -> int:
+        return self._seen
 
     def __contains__(self, vid: object) -> bool:
         return isinstance(vid, str) and (vid in self._rows or (self._read_rows() and vid in self._rows)) \

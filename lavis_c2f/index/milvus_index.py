@@ -59,6 +59,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -94,6 +95,10 @@ _SEARCH_DEFAULTS = {"flat": {}, "hnsw": {"ef": 512}, "ivf": {"nprobe": 32}}
 #: often than every 5 min with GOAWAY "too_many_pings", after which pymilvus' recovery of the
 #: connection can fail and leave the client unable to connect); each call's timeout detects a dead store
 _GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}
+#: open clients of each embedded milvus-lite store of this process (absolute ``*.db`` path -> count):
+#: the last :func:`disconnect` stops the store's in-process server, which frees its LOCK
+_EMBEDDED_CLIENTS: Dict[str, int] = {}
+_EMBEDDED_GUARD = threading.Lock()
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _UPSERT_ROWS = 256          # rows per upsert call (F x D floats each)
 _GET_IDS = 256              # ids per get call of the re-ranker
@@ -171,11 +176,60 @@ def connect(loc: MilvusLocator, timeout: float = DEFAULT_TIMEOUT_S, create: bool
             os.makedirs(os.path.dirname(loc.uri), exist_ok=True)
     t0 = time.monotonic()
     try:
-        return MilvusClient(uri=loc.uri, timeout=float(timeout), grpc_options=dict(_GRPC_OPTIONS))
+        client = MilvusClient(uri=loc.uri, timeout=float(timeout), grpc_options=dict(_GRPC_OPTIONS))
     except Exception as e:  # noqa: BLE001 - pymilvus raises MilvusException / grpc errors / lock errors
+        if loc.embedded and _locked_elsewhere(loc.uri):
+            raise IndexUnavailableError(f"the milvus-lite store {loc.uri} is open in another process, which holds "
+                                        f"{os.path.join(loc.uri, 'LOCK')}: close it there, or share the store between "
+                                        "processes through a server (milvus-lite server --data-dir ...; docs/serve.md) "
+                                        "and use its http:// URI") from None
         raise IndexUnavailableError(f"Milvus store {loc.uri} is unreachable (gave up after "
                                     f"{time.monotonic() - t0:.1f} s, timeout {timeout:g} s): "
                                     f"{type(e).__name__}: {_short(e)}") from None
+    if loc.embedded:
+        with _EMBEDDED_GUARD:
+            _EMBEDDED_CLIENTS[loc.uri] = _EMBEDDED_CLIENTS.get(loc.uri, 0) + 1
+    return client
+
+
+def _locked_elsewhere(folder: str) -> bool:
+    """Whether another process holds the ``LOCK`` of milvus-lite's data ``folder`` (an advisory
+    ``flock`` it keeps while the store is open; this process's own server would have been reused)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not Unix: milvus-lite locks another way
+        return False
+    path = os.path.join(folder, "LOCK")
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def disconnect(loc: MilvusLocator, client) -> None:
+    """Close a client of :func:`connect`. For an embedded store (a ``*.db`` folder), the last
+    client of this process also stops milvus-lite's in-process server, which holds the folder's
+    ``LOCK`` while it runs: another process (``lavis-c2f serve``, a second build) can then open
+    the store without this one exiting."""
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - a gone server or a client closed before
+        pass
+    if not loc.embedded:
+        return
+    with _EMBEDDED_GUARD:
+        left = _EMBEDDED_CLIENTS.get(loc.uri, 0) - 1
+        if left > 0:
+            _EMBEDDED_CLIENTS[loc.uri] = left
+            return
+        _EMBEDDED_CLIENTS.pop(loc.uri, None)
+    from milvus_lite.server_manager import server_manager_instance  # the optional dependency connect() needed
+    server_manager_instance.release_server(loc.uri)
 
 
 def _short(e: BaseException) -> str:
@@ -233,6 +287,16 @@ class MilvusIndex(StageOneBase):
                               f"got {prefilter_segments}")
         want = cls._manifest_for(model, _ann_spec(ann), int(prefilter_segments), frame_dtype, corpus)
         client = connect(loc, timeout, create=True)
+        try:
+            return cls._created(client, loc, want, model, timeout, overwrite, corpus)
+        except BaseException:
+            disconnect(loc, client)
+            raise
+
+    @classmethod
+    def _created(cls, client, loc: MilvusLocator, want: Dict[str, Any], model, timeout: float, overwrite: bool,
+                 corpus: Optional[Mapping[str, Any]]) -> "MilvusIndex":
+        """:meth:`create` on an open ``client``: the new collection, or the existing one reopened."""
         exists = _call(loc, client.has_collection, loc.collection)
         if exists and overwrite:
             for name in (loc.collection, loc.collection + MANIFEST_SUFFIX, loc.collection + BIAS_SUFFIX):
@@ -271,7 +335,18 @@ class MilvusIndex(StageOneBase):
         naming the field, :class:`IndexUnavailableError` for an unreachable store, and
         :class:`IndexMismatchError` when ``model`` is not the one the index was built with."""
         loc = parse_milvus_locator(locator)
-        client = client or connect(loc, timeout)
+        if client is not None:
+            return cls._opened(client, loc, model, timeout)
+        client = connect(loc, timeout)
+        try:
+            return cls._opened(client, loc, model, timeout)
+        except BaseException:
+            disconnect(loc, client)
+            raise
+
+    @classmethod
+    def _opened(cls, client, loc: MilvusLocator, model, timeout: float) -> "MilvusIndex":
+        """:meth:`open` on an open ``client``."""
         if not _call(loc, client.has_collection, loc.collection):
             have = [c for c in _call(loc, client.list_collections) if not c.endswith(MANIFEST_SUFFIX)]
             raise IndexFormatError(f"collection {loc.collection!r} does not exist (collections there: "
@@ -652,11 +727,12 @@ class MilvusIndex(StageOneBase):
                 "video_bias": (self.manifest.get("video_bias") or {}).get("levels")}
 
     def close(self) -> None:
-        """Close the client (milvus-lite: releases the file for other processes)."""
-        try:
-            self.client.close()
-        except Exception:  # noqa: BLE001 - closing twice or a gone server
-            pass
+        """Close the client (once; a second call does nothing). On an embedded milvus-lite store
+        the last open index of this process releases the folder for other processes
+        (:func:`disconnect`)."""
+        client, self.client = self.client, None
+        if client is not None:
+            disconnect(self.locator, client)
 
 
 # =========================================================================== helpers

@@ -106,12 +106,12 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
     app.state.predictor = predictor
 
     def guarded(what: str, fn: Callable[[], T]) -> T:
-        """``fn()`` under the engine lock, after the corpus caught up with other processes'
-        writes; an unreachable store propagates (503), any other exception is logged with a
-        request id and becomes :class:`InternalError` (500 without traceback)."""
+        """``fn()`` under the engine lock (the predictor's searches first catch up with other
+        processes' writes: :meth:`C2FPredictor.refresh`); an unreachable store propagates (503),
+        any other exception is logged with a request id and becomes :class:`InternalError` (500
+        without traceback)."""
         try:
             with lock:
-                corpus.refresh()
                 return fn()
         except IndexUnavailableError:
             raise
@@ -158,9 +158,9 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
         out = {"status": "ok", "corpus": source or corpus.kind, "mode": predictor.mode,
                "mode_description": predictor.describe_mode(), "version": __version__}
         try:
-            corpus.refresh()
+            predictor.refresh()  # not under the engine lock: a health probe does not wait for a search
         except IndexUnavailableError as e:
-            return JSONResponse({**out, "status": "store unavailable", "videos": len(corpus.vids), "message": str(e)},
+            return JSONResponse({**out, "status": "store unavailable", "videos": corpus.vids_seen(), "message": str(e)},
                                 status_code=503, headers=_RETRY_AFTER)
         return {**out, "videos": len(corpus.vids)}
 
@@ -193,6 +193,7 @@ def create_app(predictor: Any, source: str = "") -> FastAPIOffline:
             raise StarletteHTTPException(404, f"video {vid!r} is not in the {corpus.kind}")
 
         def meta() -> Dict[str, Any]:
+            predictor.refresh()
             return {"vid": vid, "duration": float(corpus.duration(vid)), "clip_length": float(corpus.clip_length),
                     "n_clips": corpus.n_clips(vid), "path": corpus.path(vid),
                     "n_captions": len(corpus.captions(vid) or [])}

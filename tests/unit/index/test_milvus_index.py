@@ -3,6 +3,8 @@ id, add / remove, and the clear errors (unreachable URI, missing collection, man
 mismatch, unknown video id)."""
 import json
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -320,3 +322,30 @@ def test_cli_build_with_a_sinkhorn_bank_scores_as_faiss(tmp_path, capsys):
     assert [v for v, _ in outs[0]["ranked_vids"]] == [v for v, _ in outs[1]["ranked_vids"]]
     np.testing.assert_allclose([s for _, s in outs[0]["ranked_vids"]], [s for _, s in outs[1]["ranked_vids"]],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_close_releases_the_embedded_store_for_another_process(tmp_path):
+    """milvus-lite's in-process server holds the ``*.db`` folder's LOCK while it runs: closing the
+    last open index of a process stops it, so another process (a service, a second build) can open
+    the store while this one goes on; while one index is still open, the other process is refused."""
+    m, feats = _model(), _features(20)
+    loc = f"{tmp_path}/corpus.db#videos"
+    first = MilvusIndex.create(loc, m)
+    first.add_features(list(feats), feats.__getitem__, _durations(feats), progress=False)
+    first.save()
+    second = MilvusIndex.open(loc, m)
+    code = (f"from lavis_c2f.index.milvus_index import MilvusIndex; i = MilvusIndex.open({loc!r}); "
+            "print(len(i)); i.close()")
+
+    def other_process():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+    first.close()
+    held = other_process()
+    assert held.returncode != 0 and "is open in another process" in held.stderr and "LOCK" in held.stderr, \
+        held.stdout + held.stderr
+    second.close()
+    second.close()  # closing twice does nothing
+    free = other_process()
+    assert free.returncode == 0 and free.stdout.split()[-1] == str(len(feats)), free.stdout + free.stderr
+    assert len(MilvusIndex.open(loc, m)) == len(feats)  # and this process opens it again

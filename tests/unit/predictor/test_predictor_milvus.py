@@ -76,3 +76,42 @@ def test_a_collection_without_corpus_cannot_be_searched(milvus_index, ckpts):
     MilvusIndex.create(bare, load_retriever(ckpts["retriever"], ckpts["retriever_yaml"])).save()
     with pytest.raises(DataFormatError, match="field 'corpus'"):
         VideoIndexCorpus(bare)
+
+
+def test_every_front_end_sees_other_writers_and_health_survives_a_down_store(video_dir, backbone, ckpts,
+                                                                             trained_index, tmp_path, monkeypatch):
+    """A predictor over a live collection catches up before each search (a script or the web demo
+    sees what another process's ``index remove`` / ``index add`` did, not only the service); when
+    the store stops answering after a change, ``/health`` still answers 503 with its fields and the
+    last video count seen."""
+    from lavis_c2f.index.build import index_videos
+
+    loc = f"{tmp_path}/corpus.db#live"
+    index_videos(video_dir, loc, backbone=backbone, retriever_checkpoint=ckpts["retriever"],
+                 model_cfg=ckpts["retriever_yaml"], features_dir=trained_index + ".features", progress=False)
+    kw = dict(grounder_ckpt=ckpts["grounder"], backbone="random", device="cpu")
+    reader, writer = C2FPredictor.from_checkpoints(index=loc, **kw), C2FPredictor.from_checkpoints(index=loc, **kw)
+    n = len(reader.corpus.vids)
+    best = reader.stage1(QUERIES[0], k=n)[0][0]
+    assert writer.corpus.index.remove([best]) == 1
+    after = reader.search(QUERIES[0], top_k=3, stage1_top_k=n)
+    assert best not in [v for v, _ in after.stage1] and best not in reader.corpus.vids
+    assert len(reader.corpus.vids) == n - 1
+
+    feats = {best: writer.corpus.features(best)}
+    writer.corpus.index.add_features([best], feats.__getitem__, {best: writer.corpus.duration(best)}, progress=False)
+    assert reader.stage1(QUERIES[0], k=n)[0][0] == best and len(reader.corpus.vids) == n
+
+    assert writer.corpus.index.remove([best]) == 1   # a change the reader has not listed yet ...
+    assert reader.refresh()
+    from lavis_c2f.common.errors import IndexUnavailableError
+
+    def down(*a, **k):
+        raise IndexUnavailableError(f"Milvus store {loc} stopped answering")
+
+    monkeypatch.setattr(MilvusIndex, "vids", property(down))   # ... and the store goes down
+    monkeypatch.setattr(reader.corpus, "refresh", down)
+    with TestClient(create_app(reader), raise_server_exceptions=False) as c:
+        h = c.get("/health")
+        assert h.status_code == 503, h.text
+        assert h.json()["status"] == "store unavailable" and h.json()["videos"] == n and "stopped answering" in h.text
