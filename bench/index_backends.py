@@ -17,7 +17,8 @@ an exact FLAT pre-filter and once with HNSW (M 16, efConstruction 200, ef 512), 
 The Milvus build process writes the rows, flushes, stops milvus-lite's in-process engine (which
 waits for its background compaction and index tasks) and opens the collection again, which builds
 the vector indexes (milvus-lite builds them on load): all of it is ingest time and counts in the
-build peak (without the stop, the background work ran at process exit, unmeasured). Timings on a
+build peak (without the stop, the background work ran at process exit, unmeasured); closing the
+last index of the store stops it (``MilvusIndex.close``). Timings on a
 shared host are noisy: compare the rows of one run (the FAISS row is the baseline, ratios
 against it are printed).
 
@@ -51,15 +52,6 @@ BACKENDS = {"faiss": {}, "milvus_flat": {"kind": "flat"}, "milvus_hnsw": {"kind"
 
 def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def _release_embedded(path: str) -> None:
-    """Stop milvus-lite's in-process engine of a ``*.db`` folder (``MilvusClient.close`` leaves it
-    running until the process exits): it drains the background compaction and index tasks, which
-    would otherwise run at exit, after the peak memory is read."""
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(path)
 
 
 def _locator(backend: str, workdir: str) -> str:
@@ -98,12 +90,10 @@ def phase_build(args) -> Dict[str, Any]:
         kind = index.ann_kind
     else:
         index.save()                 # flush
-        index.close()
-        _release_embedded(index.locator.uri)   # waits for the engine's background compaction / index tasks
+        index.close()                # the last client stops the engine: waits for its compaction / index tasks
         index = MilvusIndex.open(loc)          # loading builds (and persists) the vector indexes
         kind = index.ann["kind"]
         index.close()
-        _release_embedded(index.locator.uri)
     write_s += time.perf_counter() - t0
     return {"ingest_rows_per_s": args.n_videos / write_s, "write_s": write_s, "encode_s": enc_s,
             "build_peak_gib": peak_gib(), "kind": kind}
