@@ -50,3 +50,14 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update({"PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""})
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_embedded_milvus():
+    """Stop the milvus-lite engines that tests left open (an index not closed) at the end of the
+    session, while logging still has its streams: milvus-lite's own exit hook logs each stop after
+    the streams are closed, which printed a page of 'Logging error' tracebacks after the summary."""
+    yield
+    server_manager = sys.modules.get("milvus_lite.server_manager")
+    if server_manager is not None:
+        server_manager.server_manager_instance.release_all()
