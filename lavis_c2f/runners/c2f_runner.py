@@ -30,7 +30,12 @@ What differs from ``lavis.runners.runner_base.RunnerBase`` (LAVIS 1.0.2):
 * ``run.ema_decay`` (off when absent or null): the evaluated model is the exponential moving
   average of the weights (:mod:`lavis_c2f.runners.ema`): validation runs on it, and a checkpoint's
   ``model`` holds it (what ``evaluate.py`` and the pipeline load), with the training weights in
-  its ``ema`` entry for resuming.
+  its ``ema`` entry for resuming;
+* ``run.deterministic`` (default: on for CPU, off for CUDA): torch's deterministic algorithms
+  (``torch.use_deterministic_algorithms(True, warn_only=True)``). On CPU with more than one thread
+  the backward of advanced indexing (``index_put_`` with accumulation) otherwise adds its terms in
+  whatever order the threads reach them, so the same command trained different models run to run
+  (docs/reproducibility.md); with one thread it changes nothing.
 
 ``run:`` keys read here (all optional except ``max_epoch``, ``init_lr`` for training):
 ``device, seed, output_dir, job_id, max_epoch, init_lr, min_lr, weight_decay, weight_decay_scope,
@@ -39,7 +44,7 @@ warmup_lr, lr_drop,
 lr_milestones, ema_decay, lr_gamma, batch_size_train, batch_size_eval,
 num_workers, amp, grad_clip, accum_grad_iters, log_freq, train_splits, valid_splits,
 test_splits, val_interval, resume_ckpt_path, resume_model_only, checkpoint, evaluate,
-save_every_epoch, drop_last, progress, tensorboard``.
+save_every_epoch, drop_last, progress, tensorboard, deterministic``.
 """
 from __future__ import annotations
 
@@ -107,6 +112,15 @@ def _make_job_id() -> str:
 
 
 @registry.register_runner("c2f_runner")
+def use_deterministic_algorithms(setting: Optional[bool], device) -> bool:
+    """``run.deterministic`` (module docstring): switch torch's deterministic algorithms on when
+    ``setting`` is true, or, when it is ``None``, when ``device`` is a CPU; whether they are on."""
+    on = bool(setting) if setting is not None else torch.device(device).type == "cpu"
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return on
+
+
 class C2FRunner:
     """Epoch-based runner (see module docstring). Same constructor as LAVIS's runners."""
 
@@ -117,6 +131,7 @@ class C2FRunner:
         self.task.show_progress = bool(self.run_cfg.get("progress", True))
         self.datasets = self._by_split(datasets)
         self.device = c2f_dist.resolve_device(self.run_cfg.get("device", "auto"))
+        use_deterministic_algorithms(self.run_cfg.get("deterministic", None), self.device)
         self.distributed = c2f_dist.is_dist()
         self.seed = int(self.run_cfg.get("seed", 42))
         self._model = model.to(self.device)

@@ -250,3 +250,34 @@ def test_ema_resume_equals_uninterrupted_and_checkpoint_holds_the_average(projec
                            "--options", "run.job_id=bad", f"run.resume_ckpt_path={latest}"],
                           capture_output=True, text=True, env=subprocess_env, timeout=600)
     assert proc.returncode != 0 and "ema_decay" in proc.stderr
+
+
+def test_cpu_training_uses_deterministic_algorithms():
+    """``run.deterministic`` (default on CPU): with 2 threads the backward of advanced indexing
+    (``index_put_`` with accumulation) adds in one fixed order, so a repeated step gives the same
+    gradient bit for bit (without it the reduced quickstart chain trained different models run to
+    run with 2 threads: docs/reproducibility.md)."""
+    from lavis_c2f.runners.c2f_runner import use_deterministic_algorithms
+
+    before, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert not use_deterministic_algorithms(None, "cuda") and not torch.are_deterministic_algorithms_enabled()
+        assert not use_deterministic_algorithms(False, "cpu") and not torch.are_deterministic_algorithms_enabled()
+        assert use_deterministic_algorithms(None, "cpu") and torch.are_deterministic_algorithms_enabled()
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 32, generator=g)
+        idx = torch.randint(0, 64, (200_000,), generator=g)       # many rows hit each index
+        w = torch.randn(200_000, 32, generator=g)
+
+        def grad():
+            xx = x.clone().requires_grad_(True)
+            (xx[idx] * w).sum().backward()
+            return xx.grad
+
+        first = grad()
+        assert all(torch.equal(first, grad()) for _ in range(5))
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.set_num_threads(threads)
