@@ -111,7 +111,6 @@ def _make_job_id() -> str:
     return datetime.datetime.now().strftime("%Y%m%d%H%M%S")
 
 
-@registry.register_runner("c2f_runner")
 def use_deterministic_algorithms(setting: Optional[bool], device) -> bool:
     """``run.deterministic`` (module docstring): switch torch's deterministic algorithms on when
     ``setting`` is true, or, when it is ``None``, when ``device`` is a CPU; whether they are on."""
@@ -121,6 +120,7 @@ def use_deterministic_algorithms(setting: Optional[bool], device) -> bool:
     return on
 
 
+@registry.register_runner("c2f_runner")
 class C2FRunner:
     """Epoch-based runner (see module docstring). Same constructor as LAVIS's runners."""
 
