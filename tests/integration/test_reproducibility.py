@@ -41,9 +41,9 @@ def _quickstart(out: Path, threads: int, args) -> dict:
     return json.loads((out / "summary.json").read_text())["trained"]
 
 
-#: On the main job's recipe (anchors learning, weight average, 64 + 8 epochs) the reduced chain's
-#: measured pair (threads 1 vs 2) deviated by at most 1.98 points from its mean (VCMR R1@.5), under
-#: the scaled target of 2.84 (docs/reproducibility.md, last section). The test guards twice the target:
+#: On the main job's recipe (anchors learning, weight average, 64 + 8 epochs, the runner's
+#: deterministic algorithms) the reduced chain's measured pair (threads 1 vs 2) deviated by at most
+#: 0.99 points from its mean, under the scaled target of 2.84 (docs/reproducibility.md, last section). The test guards twice the target:
 #: another CPU perturbs differently from a second thread, and one measured pair is not a distribution;
 #: the recipes that failed it moved by 5.9 (anchors frozen) to 19.7 points (the first recipe).
 GUARD = 2.0
