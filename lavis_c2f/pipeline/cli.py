@@ -84,9 +84,11 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
                    help="override the stage-1 epochs of the demo YAML (its lr milestones scaled alike)")
     q.add_argument("--stage2-epochs", type=int, default=None,
                    help="override the stage-2 epochs of the demo YAML (its lr milestones scaled alike)")
-    q.add_argument("--n-videos", type=int, default=None, help="demo corpus size (default: the corpus default)")
+    q.add_argument("--n-videos", type=int, default=None, help="demo corpus size: the corpus is then the generator's defaults with this size (default: "
+                        "the main job's corpus, lavis_c2f/configs/pipeline/quickstart.yaml)")
     q.add_argument("--corpus-param", action="append", metavar="KEY=VALUE", default=None,
-                   help="any other demo corpus parameter, VALUE as JSON (as make-demo-corpus --param; repeatable)")
+                   help="any other demo corpus parameter, VALUE as JSON (as make-demo-corpus --param; repeatable); "
+                        "like --n-videos, on top of the generator's defaults")
     q.add_argument("--skip-untrained", action="store_true", help="leave out the untrained-model row")
     q.add_argument("--seed", type=int, default=None,
                    help="run.seed of both stages (default: the YAMLs' seed; the README's expected range covers seeds)")

@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 
 from lavis_c2f import launch
 from lavis_c2f.common.io import read_json, write_json
+from lavis_c2f.data.cfg import yaml_defaults
 from lavis_c2f.data.demo_corpus import make_demo_corpus
 from lavis_c2f.data.readers import read_annotations
 from lavis_c2f.evaluation._rows import load_rows
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 CHANCE_DRAWS = 5
 CHANCE_WINDOWS = 5
+#: the main job's corpus (DemoCorpusParams overrides): lavis_c2f/configs/pipeline/quickstart.yaml
+QUICKSTART_CORPUS = yaml_defaults("pipeline/quickstart.yaml", "corpus")
 
 # table columns: (header, metric key)
 COLUMNS = [
@@ -240,6 +243,19 @@ def expected_lines(trained: Dict[str, Any], applies: bool) -> tuple:
     return rows, lines, {k: {"value": v, "lo": st.lo, "hi": st.hi, "inside": ok} for k, v, st, ok in checks}
 
 
+def corpus_overrides(n_videos: Optional[int] = None,
+                     corpus_params: Optional[Dict[str, Any]] = None) -> "tuple[Dict[str, Any], bool]":
+    """The DemoCorpusParams overrides of a quickstart run and whether they are the user's.
+
+    No ``n_videos`` and no ``corpus_params``: the main job's corpus, :data:`QUICKSTART_CORPUS`
+    (``False``). Otherwise the generator's defaults with ``corpus_params`` and ``n_videos``
+    (``True``): they replace the main job's corpus rather than add to it, so a reduced corpus
+    (``--n-videos 150``) keeps the default split fractions."""
+    if not (n_videos or corpus_params):
+        return dict(QUICKSTART_CORPUS), False
+    return {**dict(corpus_params or {}), **({"n_videos": int(n_videos)} if n_videos else {})}, True
+
+
 def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Optional[int] = 1,
                    stage1_epochs: Optional[int] = None, stage2_epochs: Optional[int] = None,
                    n_videos: Optional[int] = None, include_untrained: bool = True,
@@ -248,8 +264,10 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
 
     ``threads``: torch CPU threads (None or 0: torch's default). ``seed``: ``run.seed`` of
     both stages (None: the YAMLs' seed). ``stage1_epochs`` / ``stage2_epochs``: override the
-    YAMLs' epochs, lr milestones scaled alike (:func:`epoch_options`). ``corpus_params``:
-    :class:`~lavis_c2f.data.demo_corpus.DemoCorpusParams` overrides (``n_videos`` too)."""
+    YAMLs' epochs, lr milestones scaled alike (:func:`epoch_options`). The corpus is
+    :data:`QUICKSTART_CORPUS` (``configs/pipeline/quickstart.yaml``) unless ``n_videos`` or
+    ``corpus_params`` are given: then it is the generator's defaults
+    (:class:`~lavis_c2f.data.demo_corpus.DemoCorpusParams`) with those changes."""
     cpu0 = time.process_time()
     if threads:
         torch.set_num_threads(int(threads))
@@ -271,7 +289,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
         common.append(f"run.seed={int(seed)}")
 
     steps.start("make the demo corpus")
-    corpus_kw = {**dict(corpus_params or {}), **({"n_videos": int(n_videos)} if n_videos else {})}
+    corpus_kw, custom_corpus = corpus_overrides(n_videos, corpus_params)
     meta = make_demo_corpus(str(corpus), **corpus_kw)
     sizes = {s: (len(meta["splits"][s]["vids"]), meta["splits"][s]["n_queries"]) for s in SPLITS}
     print("      " + ", ".join(f"{s}: {v} videos / {q} queries" for s, (v, q) in sizes.items()), flush=True)
@@ -340,7 +358,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
     if untrained is not None:
         rows.append(("untrained models", untrained))
     rows.append(("trained (this run)", trained))
-    exp_rows, exp_lines, exp_checks = expected_lines(trained, applies=not (n_videos or stage1_epochs or stage2_epochs or corpus_params))
+    exp_rows, exp_lines, exp_checks = expected_lines(trained, applies=not (custom_corpus or stage1_epochs or stage2_epochs))
     table = format_table(rows + exp_rows)
     n_test_videos, n_test_queries = sizes["test"]
     notes = [
@@ -364,7 +382,7 @@ def run_quickstart(out: Optional[str] = None, device: str = "cpu", threads: Opti
                "load_start": load0, "load_end": load1, "threads": torch.get_num_threads(), "device": device,
                "corpus": {s: {"videos": v, "queries": q} for s, (v, q) in sizes.items()},
                "fusion": {k2: choice[k2] for k2 in ("form", "weight", "s1_norm", "metric", "value")},
-               "seed": seed, "corpus_params": dict(corpus_params or {}), "chance": chance, "untrained": untrained,
+               "seed": seed, "corpus_params": corpus_kw, "chance": chance, "untrained": untrained,
                "trained": trained, "expected": exp_checks,
                "stage1_baseline_mean_pooling": baseline,
                "checkpoints": {"stage1": str(s1_ckpt), "stage2": str(s2_ckpt)}}

@@ -113,10 +113,11 @@ def _make_job_id() -> str:
 
 def use_deterministic_algorithms(setting: Optional[bool], device) -> bool:
     """``run.deterministic`` (module docstring): switch torch's deterministic algorithms on when
-    ``setting`` is true, or, when it is ``None``, when ``device`` is a CPU; whether they are on."""
+    ``setting`` is true, or, when it is ``None``, when ``device`` is a CPU, and off otherwise (a
+    process that runs several jobs, as the quickstart does, gets each job's own setting); whether
+    they are on."""
     on = bool(setting) if setting is not None else torch.device(device).type == "cpu"
-    if on:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(on, warn_only=True)
     return on
 
 

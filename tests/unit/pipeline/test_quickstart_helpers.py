@@ -5,7 +5,8 @@ import numpy as np
 
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates
-from lavis_c2f.pipeline.quickstart import COLUMNS, chance_rows, format_table
+from lavis_c2f.data.demo_corpus import DemoCorpusParams
+from lavis_c2f.pipeline.quickstart import QUICKSTART_CORPUS, COLUMNS, chance_rows, corpus_overrides, format_table
 
 
 def _records(n_videos=20, per_video=3):
@@ -49,3 +50,26 @@ def test_format_table():
     assert set(lines[2]) == {"-"}
     assert lines[3].startswith("chance (random)") and lines[3].split()[-1] == "-"
     assert lines[4].startswith("trained (this run)") and lines[4].count("12.3") == len(COLUMNS)
+
+
+def test_main_job_corpus_keeps_train_and_val_and_enlarges_test():
+    kw, custom = corpus_overrides()
+    assert not custom and kw == QUICKSTART_CORPUS
+    main, default = DemoCorpusParams.from_dict(kw), DemoCorpusParams()
+
+    def sizes(p):   # the generator's split rule (lavis_c2f/data/demo_corpus.py)
+        fr = np.asarray(p.split_fractions, dtype=float) / sum(p.split_fractions)
+        n_val, n_test = (max(1, int(round(f * p.n_videos))) for f in fr[1:])
+        return p.n_videos - n_val - n_test, n_val, n_test
+
+    assert sizes(main)[:2] == sizes(default)[:2]          # same training and validation size
+    assert sizes(main)[2] >= 4 * sizes(default)[2]        # a test split that measures the models
+    assert {k for k in kw} <= {"n_videos", "split_fractions"}   # the same generator otherwise
+
+
+def test_user_corpus_replaces_the_main_job_corpus():
+    # --n-videos / --corpus-param: the generator's defaults with the user's changes (the CI's
+    # reduced chain keeps its corpus whatever the main job's is)
+    assert corpus_overrides(150, {"max_clips": 30}) == ({"max_clips": 30, "n_videos": 150}, True)
+    assert corpus_overrides(None, {"max_clips": 30}) == ({"max_clips": 30}, True)
+    assert corpus_overrides(60, None) == ({"n_videos": 60}, True)

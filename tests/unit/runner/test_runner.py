@@ -265,6 +265,11 @@ def test_cpu_training_uses_deterministic_algorithms():
         assert not use_deterministic_algorithms(None, "cuda") and not torch.are_deterministic_algorithms_enabled()
         assert not use_deterministic_algorithms(False, "cpu") and not torch.are_deterministic_algorithms_enabled()
         assert use_deterministic_algorithms(None, "cpu") and torch.are_deterministic_algorithms_enabled()
+        # an explicit false (or a CUDA job) after a CPU job in the same process switches them off again
+        assert not use_deterministic_algorithms(False, "cpu") and not torch.are_deterministic_algorithms_enabled()
+        assert use_deterministic_algorithms(True, "cpu") and torch.are_deterministic_algorithms_enabled()
+        assert not use_deterministic_algorithms(None, "cuda") and not torch.are_deterministic_algorithms_enabled()
+        assert use_deterministic_algorithms(None, "cpu") and torch.are_deterministic_algorithms_enabled()
         torch.set_num_threads(2)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, 32, generator=g)
