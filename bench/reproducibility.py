@@ -60,7 +60,7 @@ DEFAULT_SEED = 2024   # run.seed of the demo YAMLs
 # NumPy's AVX-512 dispatch targets (x86); disabling one the CPU lacks is a no-op
 NPY_AVX512 = "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR"
 # the CI test's reduced chain (tests/integration/test_reproducibility.py reads this)
-REDUCED_QUICKSTART_ARGS = ["--n-videos", "150", "--corpus-param", "max_clips=30", "--skip-untrained"]
+REDUCED_QUICKSTART_ARGS = ["--n-videos", "300", "--corpus-param", "max_clips=30", "--skip-untrained"]
 
 QUICKSTART_FIGURES = [
     ("VR R@1", "stage1-R@1"), ("VR R@5", "stage1-R@5"), ("VR R@10", "stage1-R@10"),
