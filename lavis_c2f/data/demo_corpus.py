@@ -175,6 +175,20 @@ class DemoCorpusParams:
         if errors:
             raise ConfigError("DemoCorpusParams: " + "; ".join(errors))
 
+    def split_sizes(self) -> Tuple[int, int, int]:
+        """Videos of (train, val, test): ``split_fractions`` normalised to sum 1 (so they may be
+        counts), ``n_val = max(1, round(f_val * n_videos))``, ``n_test`` alike, train the rest.
+
+        Raises:
+            ConfigError: no video left for training."""
+        fr = np.asarray(self.split_fractions, dtype=float) / sum(self.split_fractions)
+        n_val = max(1, int(round(fr[1] * self.n_videos)))
+        n_test = max(1, int(round(fr[2] * self.n_videos)))
+        n_train = self.n_videos - n_val - n_test
+        if n_train < 1:
+            raise ConfigError("DemoCorpusParams: split_fractions leave no training video")
+        return n_train, n_val, n_test
+
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
@@ -372,12 +386,7 @@ def generate_demo_corpus(params: Optional[DemoCorpusParams] = None) -> DemoCorpu
 
     # ---- splits by video
     perm = rng.permutation(p.n_videos)
-    fr = np.asarray(p.split_fractions, dtype=float) / sum(p.split_fractions)
-    n_val = max(1, int(round(fr[1] * p.n_videos)))
-    n_test = max(1, int(round(fr[2] * p.n_videos)))
-    n_train = p.n_videos - n_val - n_test
-    if n_train < 1:
-        raise ConfigError("DemoCorpusParams: split_fractions leave no training video")
+    n_train, n_val, _ = p.split_sizes()
     split_of_video = {}
     for rank, vi in enumerate(perm):
         split = "train" if rank < n_train else ("val" if rank < n_train + n_val else "test")

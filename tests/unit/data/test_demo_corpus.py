@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.demo_corpus import (SPLITS, DemoCorpusExistsError, DemoCorpusParams, generate_demo_corpus,
                                         make_demo_corpus)
 from lavis_c2f.data.features import NpzDirStore
@@ -141,3 +142,11 @@ def test_learnable_least_squares_beats_raw_cosine():
     assert ls_r1 > 0.6 and ls_hit > 0.8
     assert raw_r1 < 0.1 and raw_hit < 0.35
     assert ls_r1 > 10 * chance and raw_r1 < 3 * chance + 0.02
+
+
+def test_split_sizes_by_video_and_error_without_training_videos():
+    assert DemoCorpusParams().split_sizes() == (210, 45, 45)
+    # fractions are normalised, so they may be counts
+    assert DemoCorpusParams(n_videos=480, split_fractions=(210, 45, 225)).split_sizes() == (210, 45, 225)
+    with pytest.raises(ConfigError, match="no training video"):
+        DemoCorpusParams(n_videos=4, split_fractions=(0.01, 0.5, 0.5)).split_sizes()

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from lavis_c2f.data.demo_corpus import DemoCorpusParams
 from lavis_c2f.data.records import MomentRecord
 from lavis_c2f.pipeline.fusion import FusionConfig, evaluate_candidates
-from lavis_c2f.data.demo_corpus import DemoCorpusParams
-from lavis_c2f.pipeline.quickstart import QUICKSTART_CORPUS, COLUMNS, chance_rows, corpus_overrides, format_table
+from lavis_c2f.pipeline.quickstart import COLUMNS, QUICKSTART_CORPUS, chance_rows, corpus_overrides, format_table
 
 
 def _records(n_videos=20, per_video=3):
@@ -55,15 +55,9 @@ def test_format_table():
 def test_main_job_corpus_keeps_train_and_val_and_enlarges_test():
     kw, custom = corpus_overrides()
     assert not custom and kw == QUICKSTART_CORPUS
-    main, default = DemoCorpusParams.from_dict(kw), DemoCorpusParams()
-
-    def sizes(p):   # the generator's split rule (lavis_c2f/data/demo_corpus.py)
-        fr = np.asarray(p.split_fractions, dtype=float) / sum(p.split_fractions)
-        n_val, n_test = (max(1, int(round(f * p.n_videos))) for f in fr[1:])
-        return p.n_videos - n_val - n_test, n_val, n_test
-
-    assert sizes(main)[:2] == sizes(default)[:2]          # same training and validation size
-    assert sizes(main)[2] >= 4 * sizes(default)[2]        # a test split that measures the models
+    main, default = DemoCorpusParams.from_dict(kw).split_sizes(), DemoCorpusParams().split_sizes()
+    assert main[:2] == default[:2]                        # same training and validation size
+    assert main[2] >= 4 * default[2]                      # a test split that measures the models
     assert {k for k in kw} <= {"n_videos", "split_fractions"}   # the same generator otherwise
 
 
