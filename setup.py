@@ -42,6 +42,7 @@ setup(
         "fastapi>=0.115",   # `lavis-c2f serve` (the HTTP search service) ...
         "fastapi-offline",  # ... its OpenAPI page without a CDN (Swagger UI files in the package)
         "uvicorn",          # ... and its server
+        "filelock",     # one process builds a shared asset folder while the other ranks wait (tiny refiner)
         "peft==0.6.2",  # the refiner's LoRA, named as CALCE's checkpoints (works with transformers 4.26)
     ],
     extras_require={

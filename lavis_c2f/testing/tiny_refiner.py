@@ -21,8 +21,10 @@ when missing before building.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import string
 import tempfile
 from typing import Any, Dict, Optional
@@ -30,6 +32,7 @@ from typing import Any, Dict, Optional
 import torch
 from lavis.common.registry import registry
 
+from lavis_c2f.common.io import atomic_open
 from lavis_c2f.data.cfg import check_keys
 from lavis_c2f.models.refiner.model import DEFAULTS, LAVIS_KEYS, C2FCaptionRefiner
 from lavis_c2f.paths import cache_root, resolve_path
@@ -118,22 +121,50 @@ def _write_t5(root: str, seed: int) -> str:
     return d
 
 
+def _complete(root: str, seed: int) -> bool:
+    """Whether ``root`` holds finished assets of this version and seed (the marker is written last)."""
+    try:
+        with open(os.path.join(root, _MARKER), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return meta.get("version") == _VERSION and meta.get("seed") == seed
+
+
 def make_tiny_assets(root: Optional[str] = None, seed: int = 0) -> Dict[str, str]:
     """Write the tiny BERT and T5 folders under ``root`` (default: a new temporary folder).
-    Returns ``{"root", "bert_dir", "t5_dir"}``. Reuses a complete ``root``."""
+    Returns ``{"root", "bert_dir", "t5_dir"}``. Reuses a complete ``root``.
+
+    Safe when several processes (the ranks of one ``torch.distributed.run`` job) ask for the same
+    ``root`` at once: one builds both folders in a staging folder under a file lock and renames
+    them into place, then writes the marker; the others wait on the lock and reuse the result, so
+    no process ever reads a half-written ``spiece.model``.
+    """
+    from filelock import FileLock
+
     root = root or tempfile.mkdtemp(prefix="c2f_tiny_refiner_")
     os.makedirs(root, exist_ok=True)
-    marker = os.path.join(root, _MARKER)
     out = {"root": root, "bert_dir": os.path.join(root, "bert"), "t5_dir": os.path.join(root, "t5")}
-    if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("version") == _VERSION and meta.get("seed") == seed:
+    if _complete(root, seed):
+        return out
+    with FileLock(os.path.join(root, ".tiny_refiner.lock")):
+        if _complete(root, seed):          # another process finished while this one waited
             return out
-    _write_bert(root)
-    _write_t5(root, seed)
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump({"version": _VERSION, "seed": seed}, f)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(root, _MARKER))
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=root)
+        try:
+            _write_bert(staging)
+            _write_t5(staging, seed)
+            for name in ("bert", "t5"):
+                dst = os.path.join(root, name)
+                if os.path.isdir(dst):
+                    shutil.rmtree(dst)
+                os.replace(os.path.join(staging, name), dst)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_open(os.path.join(root, _MARKER), encoding="utf-8") as f:
+            json.dump({"version": _VERSION, "seed": seed}, f)
     return out
 
 
