@@ -22,9 +22,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from lavis.common.registry import registry
-from lavis.models.base_model import BaseModel
 
 from lavis_c2f.common.errors import ConfigError
+from lavis_c2f.models.base import C2FBaseModel
 from lavis_c2f.models.checkpoint import frozen_keys, load_state_strict, torch_load
 from lavis_c2f.models.grounder.checkpoint import (mesm_kwargs_from_opt, qd_detr_kwargs_from_opt,
                                                   read_checkpoint, save_grounder_checkpoint)
@@ -73,7 +73,7 @@ def _criterion_kwargs(c: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 @registry.register_model("c2f_qd_detr")
-class C2FQDDETR(BaseModel):
+class C2FQDDETR(C2FBaseModel):
     """QD-DETR grounder as a LAVIS model (see module doc).
 
     Args:

@@ -83,11 +83,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
-from lavis.models.base_model import BaseModel
 from torch import nn
 
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import to_plain
+from lavis_c2f.models.base import C2FBaseModel
 from lavis_c2f.models.checkpoint import model_node
 from lavis_c2f.models.retriever.clip_towers import ClipTowers, build_clip_config, clip_config_from_path
 from lavis_c2f.models.retriever.embeddings import TextEmbedding, VideoEmbedding
@@ -140,7 +140,7 @@ class _PreparedVideo:
 
 
 @registry.register_model("c2f_tmass_retriever")
-class C2FTMassRetriever(BaseModel):
+class C2FTMassRetriever(C2FBaseModel):
     """T-MASS text-video retriever with UCoFiA-style multi-level scoring (see module doc).
 
     Args (all from the model YAML, see ``lavis_c2f/configs/models/c2f_tmass_default.yaml``):

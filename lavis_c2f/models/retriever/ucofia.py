@@ -52,12 +52,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from lavis.common.registry import registry
-from lavis.models.base_model import BaseModel
 from torch import nn
 
 from lavis_c2f.common import dist as c2f_dist
 from lavis_c2f.common.errors import ConfigError
 from lavis_c2f.data.cfg import LAVIS_KEYS, check_keys
+from lavis_c2f.models.base import C2FBaseModel
 from lavis_c2f.models.checkpoint import CheckpointMismatchError, load_state_strict
 from lavis_c2f.models.retriever.clip_towers import ClipTowers
 from lavis_c2f.models.retriever.embeddings import UCoFiAText, UCoFiAVideo, VideoEmbedding
@@ -105,7 +105,7 @@ def video_seed(seed: int, vid: str) -> int:
 # the model
 
 @registry.register_model("c2f_ucofia_retriever")
-class C2FUCoFiA(BaseModel):
+class C2FUCoFiA(C2FBaseModel):
     """UCoFiA (see the module docstring). Build it with :func:`load_ucofia_checkpoint` (released
     checkpoint), :func:`init_ucofia_from_clip` (training from OpenAI CLIP) or :meth:`from_config`.
 
