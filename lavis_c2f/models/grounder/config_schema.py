@@ -48,6 +48,9 @@ QD_DETR_FIELDS: Dict[str, Field] = {
     "neg_sampling": Field("str", "roll", choices=("roll", "other_video")),
     "global_token_masked": Field("bool", False, doc="key-mask the global token in the encoder "
                                                     "(MESM: true, QD-DETR: false)"),
+    "anchor_init": Field("str", "official", choices=("official", "spread"),
+                         doc="anchors' (cx, w) logits: official = N(0, 1) from the seed; spread = "
+                             "the same law on fixed Halton points (models/grounder/model.py)"),
     "train_neg_pass": Field("bool", True, doc="run the negative-pair pass in training (false: "
                                               "ablation without the negative-pair saliency terms)"),
     "linear_kernel": Field("str", "onednn", choices=("torch", "onednn"),

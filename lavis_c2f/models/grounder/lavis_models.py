@@ -49,7 +49,7 @@ _MODEL_KEYS = ("txt_dim", "vid_dim", "aud_dim", "hidden_dim", "nheads", "enc_lay
                "t2v_layers", "dec_layers", "dim_feedforward", "num_queries", "dropout",
                "input_dropout", "n_input_proj", "use_txt_pos", "max_q_l", "max_v_l", "aux_loss",
                "span_loss_type", "contrastive_align_loss", "contrastive_hdim", "t2v_mask_mode",
-               "neg_sampling", "global_token_masked")
+               "neg_sampling", "global_token_masked", "anchor_init")
 
 
 def _as_list(x: Any) -> List[Any]:

@@ -36,6 +36,24 @@ from lavis_c2f.ops.dropout import Dropout
 from lavis_c2f.ops.linear import Linear
 
 NEG_SAMPLING_MODES = ("roll", "other_video")
+ANCHOR_INITS = ("official", "spread")
+
+
+def spread_anchor_logits(num_queries: int) -> torch.Tensor:
+    """Seed-free anchor logits (Q, 2) with the official init's law, evenly spread.
+
+    The official ``nn.Embedding(Q, 2)`` draws each anchor's (cx, w) logits from N(0, 1), so
+    which reference windows a run starts from (and, since an anchor moves only when its query
+    is matched, often ends with) depends on the seed. Here anchor i (1-based) takes
+    ``Phi^-1(h_i)``, ``h_i`` the i-th point of the 2-D Halton sequence (bases 2 and 3, the
+    unscrambled sequence without its first point, 0): the same N(0, 1) marginals, spread over
+    the (cx, w) square instead of clumped, and the same for every seed.
+    """
+    from scipy.stats import norm, qmc
+
+    h = qmc.Halton(d=2, scramble=False).random(num_queries + 1)[1:]
+    return torch.from_numpy(norm.ppf(h)).float()
+
 
 
 class LinearLayer(nn.Module):
@@ -135,6 +153,9 @@ class QDDETR(nn.Module):
         neg_sampling: ``"roll"`` (official) or ``"other_video"`` (MESM) for the negative pass.
         global_token_masked: key-mask the global token in the [global, video] encoder (MESM's
             ``Transformer`` does; QD-DETR does not), see :meth:`QDTransformer.encode`.
+        anchor_init: ``"official"`` (the anchors' (cx, w) logits drawn from N(0, 1) with the
+            seed) or ``"spread"`` (:func:`spread_anchor_logits`: the same law on fixed, evenly
+            spread points; the rest of the init, and its random draws, unchanged).
     """
 
     def __init__(self, *, txt_dim: int, vid_dim: int, aud_dim: int = 0, hidden_dim: int = 256,
@@ -145,7 +166,7 @@ class QDDETR(nn.Module):
                  aux_loss: bool = True, span_loss_type: str = "l1",
                  contrastive_align_loss: bool = False, contrastive_hdim: int = 64,
                  t2v_mask_mode: str = "correct", neg_sampling: str = "roll",
-                 global_token_masked: bool = False):
+                 global_token_masked: bool = False, anchor_init: str = "official"):
         super().__init__()
         if span_loss_type != "l1":
             raise ValueError(f"span_loss_type '{span_loss_type}' is not supported: only 'l1' "
@@ -153,6 +174,8 @@ class QDDETR(nn.Module):
         if t2v_mask_mode not in T2V_MASK_MODES:
             raise ValueError(f"unknown t2v_mask_mode '{t2v_mask_mode}', expected one of "
                              f"{T2V_MASK_MODES}")
+        if anchor_init not in ANCHOR_INITS:
+            raise ValueError(f"unknown anchor_init '{anchor_init}', expected one of {ANCHOR_INITS}")
         if neg_sampling not in NEG_SAMPLING_MODES:
             raise ValueError(f"unknown neg_sampling '{neg_sampling}', expected one of "
                              f"{NEG_SAMPLING_MODES}")
@@ -186,6 +209,9 @@ class QDDETR(nn.Module):
         self.span_embed = MLP(hidden_dim, hidden_dim, 2, 3)
         self.class_embed = Linear(hidden_dim, 2)
         self.query_embed = nn.Embedding(num_queries, 2)
+        if anchor_init == "spread":
+            with torch.no_grad():
+                self.query_embed.weight.copy_(spread_anchor_logits(num_queries))
         self.input_txt_proj = input_projection(txt_dim, hidden_dim, n_input_proj, input_dropout)
         self.input_vid_proj = input_projection(vid_dim + aud_dim, hidden_dim, n_input_proj,
                                                input_dropout)
