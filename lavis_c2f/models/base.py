@@ -13,8 +13,8 @@ code's evaluation loop calls ``model.eval()`` once per batch too, as do most use
 from __future__ import annotations
 
 import torch
-from torch import nn
 from lavis.models.base_model import BaseModel
+from torch import nn
 
 
 class C2FBaseModel(BaseModel):

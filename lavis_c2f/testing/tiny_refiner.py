@@ -30,6 +30,7 @@ import tempfile
 from typing import Any, Dict, Optional
 
 import torch
+from filelock import FileLock
 from lavis.common.registry import registry
 
 from lavis_c2f.common.io import atomic_open
@@ -140,8 +141,6 @@ def make_tiny_assets(root: Optional[str] = None, seed: int = 0) -> Dict[str, str
     them into place, then writes the marker; the others wait on the lock and reuse the result, so
     no process ever reads a half-written ``spiece.model``.
     """
-    from filelock import FileLock
-
     root = root or tempfile.mkdtemp(prefix="c2f_tiny_refiner_")
     os.makedirs(root, exist_ok=True)
     out = {"root": root, "bert_dir": os.path.join(root, "bert"), "t5_dir": os.path.join(root, "t5")}

@@ -55,7 +55,6 @@ def spread_anchor_logits(num_queries: int) -> torch.Tensor:
     return torch.from_numpy(norm.ppf(h)).float()
 
 
-
 class LinearLayer(nn.Module):
     """LayerNorm(in) -> Dropout -> Linear -> optional ReLU; parameter names
     ``LayerNorm.*`` and ``net.1.*`` as in the official checkpoints.

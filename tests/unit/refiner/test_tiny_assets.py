@@ -23,7 +23,7 @@ import os, sys, time
 from transformers import T5Tokenizer
 from lavis_c2f.testing.tiny_refiner import make_tiny_assets
 open(sys.argv[2] + f".{os.getpid()}", "w").close()
-while not os.path.exists(sys.argv[2]):       # both start building at the same moment
+while not os.path.exists(sys.argv[2]):       # all start building at the same moment
     time.sleep(0.005)
 out = make_tiny_assets(sys.argv[1])
 tok = T5Tokenizer.from_pretrained(out["t5_dir"])
