@@ -221,8 +221,10 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
 
         index = CorpusIndex.load(path, model=model, verify=False)
         ann_rebuild_s = None
-        if args.ivf_codec not in (None, "auto") and index.info()["ann"].get("codec") != args.ivf_codec:
-            t0 = time.perf_counter()                   # a reused index built with other codes
+        want = ann_config(args)
+        if (want.choose_kind(index.store.num_vectors()) != index.ann_kind
+                or args.ivf_codec not in (None, "auto") and index.info()["ann"].get("codec") != args.ivf_codec):
+            t0 = time.perf_counter()                   # a reused index built with another kind or codes
             index.rebuild_ann(ann_config(args))
             ann_rebuild_s = time.perf_counter() - t0
         if args.nprobe is not None:
@@ -334,7 +336,8 @@ def ann_config(args):
     """The pre-filter settings of the command line over ``configs/index/ann.yaml``."""
     from lavis_c2f.index import AnnConfig
 
-    return AnnConfig.from_dict({k: v for k, v in (("ivf_nprobe", args.nprobe), ("ivf_codec", args.ivf_codec),
+    return AnnConfig.from_dict({k: v for k, v in (("kind", args.ann_kind), ("ivf_nprobe", args.nprobe),
+                                                  ("ivf_codec", args.ivf_codec),
                                                   ("ivf_pq_refine", args.pq_refine)) if v is not None})
 
 
@@ -448,8 +451,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     for r in rows:
         ap = r["ann_params"]
         desc = r["ann"] + (f" {ap.get('codec')} nlist={ap.get('nlist')} nprobe={ap.get('nprobe')}"
-                           + (f" refine={ap.get('refine')}" if ap.get("codec") == "pq4" else "")
                            if r["ann"] == "ivf" else "")
+        desc += f" m={ap.get('pq_m')} refine={ap.get('refine')}" if ap.get("codec") == "pq4" else ""
         lines.append((f"{r['n_videos']:,}", f"{r['build_s']:.1f}", desc, str(r["m"]), f"{r['ms_per_query']:.1f}",
                       f"{r['prefilter_ms']:.1f} + {r['rerank_ms']:.1f}", f"{r['cpu_ms_per_query']:.1f}",
                       fmt(r["exhaustive_ms_per_query"], ".1f"),
@@ -486,6 +489,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--queries", type=int, default=256, help="queries per N (single-query timing, one batched call)")
     p.add_argument("-m", "--m", type=int, default=256, help="pre-filter candidates re-ranked per query")
     p.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: the index's policy)")
+    p.add_argument("--ann-kind", choices=["auto", "flat", "pq", "ivf", "hnsw"], default=None,
+                   help="pre-filter kind (default: configs/index/ann.yaml's size policy); a reused index of "
+                        "another kind gets its FAISS index rebuilt (ann_rebuild_s)")
     p.add_argument("--ivf-codec", choices=["auto", "flat", "sq8", "pq4"], default=None,
                    help="IVF codes (default: configs/index/ann.yaml); a reused index built with other codes "
                         "gets its FAISS index rebuilt (ann_rebuild_s)")

@@ -4,7 +4,8 @@ Each video is represented by up to ``S`` vectors (the normalised means of its fr
 contiguous segments, stored by :class:`~lavis_c2f.index.store.FrameStore`); a video's
 pre-filter score is its best segment. FAISS ids are ``row * S + segment``; hits are grouped
 per video, best segment first, and dead rows are skipped. The FAISS index kind follows the
-size policy of :class:`~lavis_c2f.index.ann.AnnConfig` (flat, IVF, HNSW).
+size policy of :class:`~lavis_c2f.index.ann.AnnConfig` (flat, PQ fast-scan, IVF, HNSW). Coarse
+4-bit PQ hits (``pq`` kind, or IVF with pq4 codes) are re-scored exactly from the stored vectors.
 
 Removal deletes the ids from flat / IVF indexes; HNSW cannot delete, so its removed entries
 stay as tombstones (filtered at search time) until the automatic rebuild once more than
@@ -19,6 +20,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
+import torch
 
 from lavis_c2f.index.ann import AnnConfig, AnnIndex
 from lavis_c2f.index.store import FrameStore, IndexFormatError
@@ -67,9 +69,9 @@ class Prefilter:
         cfg = self.config
         n_vec = store.num_vectors(rows)
         train = None
-        if cfg.choose_kind(n_vec) == "ivf":
+        n_train = cfg.train_size(n_vec)
+        if n_train:
             # training sample: random rows until enough vectors (chunked, never all at once)
-            n_train = min(n_vec, int(cfg.ivf_train_per_list) * cfg.nlist_for(n_vec))
             rng = np.random.default_rng(cfg.seed)
             pick = rows[np.sort(rng.permutation(len(rows))[: int(math.ceil(n_train / max(1, n_vec / len(rows))))])]
             train, _ = store.vectors(pick)
@@ -118,7 +120,7 @@ class Prefilter:
         for q, hits in enumerate(ids):
             hits = hits[hits >= 0]
             if refine:                                          # coarse PQ scores: exact ones, best first
-                exact = store.vectors_of_ids(hits) @ query_vectors[q].astype(np.float32)
+                exact = torch.mv(store.vectors_of_ids(hits), torch.from_numpy(query_vectors[q]).float()).numpy()
                 hits = hits[np.lexsort((hits, -exact))]
             rows = hits // sv                                   # best segment first, per video
             _, first = np.unique(rows, return_index=True)

@@ -290,18 +290,25 @@ class FrameStore:
         r_i, s_i = np.nonzero(valid)
         return pre[r_i, s_i], rows[r_i] * sv + s_i
 
-    def vectors_of_ids(self, ids: np.ndarray) -> np.ndarray:
-        """(n, D) float32 pre-filter vectors of FAISS ids ``row * S + segment`` (in that order)."""
+    def vectors_of_ids(self, ids: np.ndarray) -> torch.Tensor:
+        """(n, D) float32 pre-filter vectors of FAISS ids ``row * S + segment`` (in that order).
+
+        Gathered as float16 and converted by torch (numpy's float16 -> float32 conversion is ~20x
+        slower: 2.6 ms against 0.1 ms for the 4096 vectors a pq4 refine reads)."""
         sv = self.segments_per_video
         ids = np.asarray(ids, np.int64)
         rows, seg = ids // sv, ids % sv
-        out = np.empty((len(ids), self.dim), np.float32)
         segs = self._seg[rows]
-        for s in np.unique(segs).tolist():
+        uniq = np.unique(segs).tolist()
+        if len(uniq) == 1:                                 # one segment file (the usual case): no scatter
+            _, pre = self._segment_arrays(int(uniq[0]))
+            return torch.from_numpy(pre[rows - self._seg_row_base(int(uniq[0])), seg]).float()
+        out = np.empty((len(ids), self.dim), np.float16)
+        for s in uniq:
             sel = np.flatnonzero(segs == s)
             _, pre = self._segment_arrays(int(s))
             out[sel] = pre[rows[sel] - self._seg_row_base(int(s)), seg[sel]]
-        return out
+        return torch.from_numpy(out).float()
 
     # ------------------------------------------------------------------ adding / removing
     def _grow(self, n_new: int) -> None:

@@ -8,7 +8,7 @@ from test_corpus_index import _build, _features, _model, _queries
 
 ANNS = [None, {"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "flat"}, {"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "sq8"},
         {"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "pq4", "ivf_pq_m": 4, "ivf_pq_refine": 2},
-        {"kind": "hnsw", "hnsw_m": 8}]
+        {"kind": "pq", "ivf_pq_m": 4, "ivf_pq_refine": 2}, {"kind": "hnsw", "hnsw_m": 8}]
 
 
 def test_padded_index():

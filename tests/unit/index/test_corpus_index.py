@@ -150,21 +150,23 @@ def test_add_remove_replace_compact(tmp_path):
         _same(a, b)
 
 
-def test_auto_policy_switches_to_ivf_when_the_corpus_grows():
+def test_auto_policy_switches_to_pq_then_ivf_when_the_corpus_grows():
     m = _model()
     feats = _features(30)
     probe = _build(m, feats)
     n_vec = probe.store.num_vectors()                  # flat_max counts vectors (videos x valid segments)
     assert 30 < n_vec <= 90
-    ix = _build(m, feats, ann={"flat_max": n_vec + 5, "ivf_nlist": 4})
+    ix = _build(m, feats, ann={"flat_max": n_vec + 5, "pq_max": 2 * n_vec, "ivf_pq_m": 4, "ivf_nlist": 4})
     assert ix.ann_kind == "flat"
-    more = _features(20, seed=5)
-    more = {f"more{i}": f for i, f in enumerate(more.values())}
-    ix.add_features(list(more), more.__getitem__, progress=False)
-    assert ix.ann_kind == "ivf" and len(ix) == 50
     q = _queries(m)
-    for a, b in zip(ix.search(q, k=4, m=50), ix.search_exhaustive(q, k=4)):
-        _same(a, b)
+    for kind, seed in (("pq", 5), ("ivf", 6)):
+        more = _features(20, seed=seed)
+        more = {f"more{seed}_{i}": f for i, f in enumerate(more.values())}
+        ix.add_features(list(more), more.__getitem__, progress=False)
+        assert ix.ann_kind == kind and ix.info()["ann"]["entries"] == ix.store.num_vectors()
+        for a, b in zip(ix.search(q, k=4, m=len(ix)), ix.search_exhaustive(q, k=4)):
+            _same(a, b)
+    assert len(ix) == 70
 
 
 def test_hnsw_tombstones_are_filtered_and_trigger_rebuild():
@@ -296,7 +298,10 @@ def test_sinkhorn_biases_are_stored_and_checked(tmp_path):
 
 def test_ann_config_validation_and_defaults():
     cfg = AnnConfig()
-    assert cfg.choose_kind(100) == "flat" and cfg.choose_kind(10 ** 6) == "ivf"
+    assert cfg.choose_kind(100) == "flat" and cfg.choose_kind(3 * 10 ** 6) == "pq"   # configs/index/ann.yaml
+    assert cfg.choose_kind(2 * 10 ** 7) == "ivf" and AnnConfig(pq_max=None).choose_kind(10 ** 9) == "pq"
+    assert cfg.train_size(100) == 0 and cfg.train_size(3 * 10 ** 6) == 65536
+    assert cfg.train_size(2 * 10 ** 7) == 40 * 4096 and AnnConfig(kind="ivf").train_size(100) == 100
     assert cfg.nlist_for(3 * 10 ** 5) == 2048 and cfg.nlist_for(3 * 10 ** 6) == 4096
     assert cfg.nprobe_for(4096) == 512 and cfg.nprobe_for(64) == 16 and cfg.nprobe_for(2048) == 512
     assert cfg.nprobe_for(1024) == 256 and AnnConfig(ivf_nprobe=7).nprobe_for(4096) == 7
@@ -385,15 +390,18 @@ def _padded(arrays):
     return x, mask
 
 
-def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path):
-    """4-bit fast-scan PQ candidates are re-scored with the stored vectors: probing every list with
-    a refine window covering every vector gives the exact pre-filter's candidates, in its order."""
+@pytest.mark.parametrize("ann", [{"kind": "ivf", "ivf_nlist": 4, "ivf_nprobe": 4, "ivf_codec": "pq4"}, {"kind": "pq"}])
+def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path, ann):
+    """4-bit fast-scan PQ candidates (every vector's code scanned, or every IVF list probed) are
+    re-scored with the stored vectors: a refine window covering every vector gives the exact
+    pre-filter's candidates, in its order; saved, loaded and removed like any other kind."""
     m = _model()
     feats = _features(80)
-    pq = _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_nprobe": 4, "ivf_codec": "pq4", "ivf_pq_m": 4,
-                                "ivf_pq_refine": 1000})
+    pq = _build(m, feats, ann={**ann, "ivf_pq_m": 4, "ivf_pq_refine": 1000})
     flat = _build(m, feats)
-    assert pq.info()["ann"]["codec"] == "pq4" and pq.info()["ann"]["refine"] == 1000
+    info = pq.info()["ann"]
+    assert info["kind"] == ann["kind"] and info["codec"] == "pq4" and info["refine"] == 1000 and info["pq_m"] == 4
+    assert info["trained_on"] == pq.ann_config.train_size(pq.store.num_vectors()) > 0
     q = _queries(m, q=5, seed=2)
     assert pq.candidates(q, 20) == flat.candidates(q, 20)
     path = pq.save(str(tmp_path / "pq"))
@@ -404,9 +412,11 @@ def test_pq4_prefilter_refines_exactly_and_round_trips(tmp_path):
     assert all(next(iter(feats)) not in c for c in loaded.candidates(q, 80))
     loaded.close()
     with pytest.raises(ConfigError, match="ivf_pq_m"):
-        _build(m, feats, ann={"kind": "ivf", "ivf_nlist": 4, "ivf_codec": "pq4", "ivf_pq_m": 3})
+        _build(m, feats, ann={**ann, "ivf_pq_m": 3})
     with pytest.raises(ConfigError, match="ivf_codec"):
         AnnConfig.from_dict({"ivf_codec": "pq8"})
+    with pytest.raises(ConfigError, match="pq_max"):
+        AnnConfig.from_dict({"pq_max": 0})
 
 
 def test_pq4_nprobe_policy_and_auto_codec():
