@@ -42,7 +42,7 @@ stochastic radius is moderate for unit-norm inputs (an untrained radius of ~1 wo
 unit-norm features; training shrinks it the same way).
 
 ``--index-dir DIR`` keeps each N's index (and its exhaustive reference) and reuses it in later
-runs, e.g. to time another pre-filter (``--ivf-codec``, ``--nprobe``) without rebuilding 1e6 videos;
+runs, e.g. to time another pre-filter (``--ann-kind``, ``--ivf-codec``, ``--nprobe``) without rebuilding 1e6 videos;
 the row says so (``index_reused``, ``exhaustive_reused``, ``ann_rebuild_s``). Each row records the
 host's load average and CPU clock at its start and end.
 

@@ -95,7 +95,7 @@ def ucofia_texts(sentences: np.ndarray, seed: int):
 def build(kind: str, corpus: SyntheticCorpus, model, args, tmp: str) -> Dict[str, Any]:
     from lavis_c2f.index import AnnConfig, CorpusIndex
 
-    ann = AnnConfig(ivf_nprobe=args.nprobe)
+    ann = AnnConfig(ivf_nprobe=args.nprobe, **({"kind": args.ann_kind} if args.ann_kind else {}))
     segments = args.segments if kind == "tmass" else 1
     index = CorpusIndex.for_model(model, ann=ann, work_dir=tmp, prefilter_segments=segments)
     t0 = time.perf_counter()
@@ -204,7 +204,8 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         for kind, name in (("tmass", "T-MASS"), ("ucofia", "UCoFiA")):
             x = r[kind]
             a = x["ann"]
-            ann = a["kind"] + (f", nlist {a.get('nlist')}, nprobe {a.get('nprobe')}" if a["kind"] == "ivf" else "")
+            ann = a["kind"] + (f", nlist {a.get('nlist')}, nprobe {a.get('nprobe')}" if a["kind"] == "ivf" else "") \
+                + (f", PQ{a.get('pq_m')} refine {a.get('refine')}" if a.get("codec") == "pq4" else "")
             build = f"{x['build_s']:.0f} s" + (f" (SK-norm bias {x['bias_s']:.0f} s)" if x["bias_s"] else "")
             ratio = f"{r['ratio_ucofia_over_tmass']:.2f}x" if kind == "ucofia" else "1.00x"
             rec = "-" if x["recall_at_10"] is None else f"{x['recall_at_10']:.3f}"
@@ -217,7 +218,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-videos", type=int, nargs="+", default=[10000, 100000])
     p.add_argument("--m", type=int, default=256, help="candidates re-ranked exactly per query")
-    p.add_argument("--nprobe", type=int, default=128)
+    p.add_argument("--nprobe", type=int, default=128, help="IVF lists probed (with an IVF pre-filter)")
+    p.add_argument("--ann-kind", choices=["auto", "flat", "pq", "ivf", "hnsw"], default=None,
+                   help="pre-filter kind (default: configs/index/ann.yaml's size policy)")
     p.add_argument("--segments", type=int, default=3, help="T-MASS pre-filter vectors per video")
     p.add_argument("--queries", type=int, default=40)
     p.add_argument("--bank", type=int, default=16, help="SK-norm bank texts (the bias is computed once at build)")

@@ -130,7 +130,7 @@ def _select_vids(args, stores, ann_vids: Optional[List[str]]) -> List[str]:
 
 def _ann_config(args, base: Optional[Dict[str, Any]] = None):
     d = dict(base or {})
-    for opt, key in (("ann_type", "kind"), ("flat_max", "flat_max"), ("nlist", "ivf_nlist"),
+    for opt, key in (("ann_type", "kind"), ("flat_max", "flat_max"), ("pq_max", "pq_max"), ("nlist", "ivf_nlist"),
                      ("nprobe", "ivf_nprobe"), ("ivf_codec", "ivf_codec"), ("hnsw_m", "hnsw_m")):
         v = getattr(args, opt, None)
         if v is not None:
@@ -147,6 +147,8 @@ def _milvus_ann(args, n_videos: int) -> Dict[str, Any]:
         kind = "flat" if n_videos * args.prefilter_segments <= flat_max else "hnsw"
     if args.ivf_codec not in (None, "auto", "flat"):
         raise ConfigError(f"--ivf-codec {args.ivf_codec} is FAISS-only (Milvus IVF here is IVF_FLAT)")
+    if kind == "pq":
+        raise ConfigError("--ann-type pq is FAISS-only (Milvus: flat, ivf or hnsw)")
     params: Dict[str, Any] = {}
     search: Dict[str, Any] = {}
     if kind == "hnsw" and args.hnsw_m is not None:
@@ -490,10 +492,13 @@ def register(subparsers: "argparse._SubParsersAction") -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     b.add_argument("--shard", default=None, metavar="I/N",
                    help="index only the videos with sha1(vid) %% N == I (one shard of a big corpus)")
-    b.add_argument("--ann-type", choices=["auto", "flat", "ivf", "hnsw"], default=None,
-                   help="pre-filter kind (default auto: flat up to --flat-max videos, else IVF)")
+    b.add_argument("--ann-type", choices=["auto", "flat", "pq", "ivf", "hnsw"], default=None,
+                   help="pre-filter kind (default auto: flat up to --flat-max pre-filter vectors, pq (every "
+                        "vector's 4-bit PQ code scanned, re-scored exactly) up to --pq-max, else IVF)")
     b.add_argument("--flat-max", type=int, default=None,
                    help="most pre-filter vectors (videos x segments) given a flat index (60000)")
+    b.add_argument("--pq-max", type=int, default=None,
+                   help="most pre-filter vectors given a pq index (configs/index/ann.yaml: 1e7)")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N), power of two)")
     b.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: configs/index/ann.yaml: every list up to 2048 "
                         "with pq4 codes, nlist/4 in [16, 512] with sq8)")

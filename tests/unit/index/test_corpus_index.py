@@ -425,3 +425,26 @@ def test_pq4_nprobe_policy_and_auto_codec():
     assert cfg.nprobe_for(2048, "sq8") == 512 and AnnConfig(ivf_nprobe=7).nprobe_for(4096, "pq4") == 7
     assert AnnConfig(ivf_pq_from=10 ** 5).codec_for(3 * 10 ** 5) == "pq4"
     assert AnnConfig(ivf_pq_from=10 ** 6).codec_for(3 * 10 ** 5) == "sq8"
+
+
+def test_vectors_of_ids_across_segment_files(tmp_path):
+    """The pq4 refine reads pre-filter vectors by FAISS id from every segment file (a saved one
+    and the rows added after loading), in the order asked, as the float16 values stored."""
+    m = _model()
+    ix = _build(m, _features(30))
+    path = ix.save(str(tmp_path / "ix"))
+    ix.close()
+    ix = CorpusIndex.load(path, model=m)
+    more = {f"more{i}": f for i, f in enumerate(_features(10, seed=3).values())}
+    ix.add_features(list(more), more.__getitem__, progress=False)
+    rows = ix.store.alive_rows()
+    vec, ids = ix.store.vectors(rows)
+    assert len(set(ix.store._seg[ids // ix.store.segments_per_video].tolist())) == 2
+    order = np.random.default_rng(0).permutation(len(ids))
+    got = ix.store.vectors_of_ids(ids[order])
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(vec[order]))
+    one = ids[ix.store._seg[ids // ix.store.segments_per_video] == 0][::-1].copy()   # one file only
+    pos = {int(i): k for k, i in enumerate(ids)}
+    assert torch.equal(ix.store.vectors_of_ids(one), torch.from_numpy(vec[[pos[int(i)] for i in one]]))
+    assert tuple(ix.store.vectors_of_ids(np.zeros(0, np.int64)).shape) == (0, ix.store.dim)
+    ix.close()
