@@ -448,3 +448,19 @@ def test_vectors_of_ids_across_segment_files(tmp_path):
     assert torch.equal(ix.store.vectors_of_ids(one), torch.from_numpy(vec[[pos[int(i)] for i in one]]))
     assert tuple(ix.store.vectors_of_ids(np.zeros(0, np.int64)).shape) == (0, ix.store.dim)
     ix.close()
+
+
+def test_warm_reads_every_saved_segment_file_once(tmp_path):
+    m = _model()
+    ix = _build(m, _features(30))
+    assert ix.warm() == 0                               # nothing saved yet: rows live in spill files
+    path = ix.save(str(tmp_path / "ix"))
+    ix.close()
+    ix = CorpusIndex.load(path, model=m)
+    want = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.endswith((".frames", ".prefilter")))
+    q = _queries(m)
+    before = ix.search(q, k=4)
+    assert ix.warm() == want > 0
+    assert ix.search(q, k=4) == before
+    ix.close()
