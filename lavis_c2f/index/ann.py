@@ -14,7 +14,7 @@ N counts indexed *vectors* (the corpus index stores ``prefilter_segments`` vecto
   ``flat_max < N <= pq_max`` (default 1e7). One thread scans 3e5 codes in 0.6 ms and 3e6 in
   3.5 ms (k = 4096), less than an IVF index spends probing half its lists, and nothing is missed
   by the probes; the PQ is trained on at most ``pq_train_max`` sampled vectors;
-* ``ivf`` -- ``IndexIVFScalarQuantizer`` 8-bit beyond that (``ivf_sq8_from``: 4x less
+* ``ivf`` -- beyond ``pq_max`` vectors: ``IndexIVFScalarQuantizer`` 8-bit (``ivf_sq8_from``: 4x less
   memory and a faster scan than float codes, near-identical inner products on unit vectors),
   or ``IndexIVFFlat`` with ``ivf_codec: flat`` (or below ``ivf_sq8_from``). ``nlist`` defaults to the power of two nearest
   ``4 * sqrt(N)``, clamped to [64, ``ivf_nlist_max`` = 4096] (k-means cost grows with nlist^2);
