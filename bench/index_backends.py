@@ -12,7 +12,8 @@ separate ingest job and service replicas). Printed per backend:
 * recall@10 against the exact top 10 (every video re-ranked with the model, computed in the
   FAISS serving process on the same queries) and the agreement of the top 10 with FAISS flat.
 
-FAISS uses its default policy (flat below 60k pre-filter vectors, else IVF); Milvus runs once with
+FAISS uses its default policy (flat up to 60k pre-filter vectors, then the 4-bit PQ scan; IVF before
+2026-12-07); Milvus runs once with
 an exact FLAT pre-filter and once with HNSW (M 16, efConstruction 200, ef 512), the kinds shown.
 The Milvus build process writes the rows, flushes, stops milvus-lite's in-process engine (which
 waits for its background compaction and index tasks) and opens the collection again, which builds
