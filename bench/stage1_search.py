@@ -233,7 +233,7 @@ def run_one(n: int, model, args, workdir: str) -> Dict[str, Any]:
         if (want.choose_kind(index.store.num_vectors()) != index.ann_kind
                 or args.ivf_codec not in (None, "auto") and index.info()["ann"].get("codec") != args.ivf_codec):
             t0 = time.perf_counter()                   # a reused index built with another kind or codes
-            index.rebuild_ann(ann_config(args))
+            index.rebuild_ann(want)
             ann_rebuild_s = time.perf_counter() - t0
         if args.nprobe is not None:
             index.prefilter.set_nprobe(args.nprobe)

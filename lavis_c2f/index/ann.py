@@ -189,10 +189,11 @@ class AnnIndex:
             pq_m = int(config.ivf_pq_m)
             if d % pq_m:
                 raise ConfigError(f"ann.ivf_pq_m ({pq_m}) must divide the vector width {d}")
+        if kind in ("ivf", "pq"):
+            train = np.ascontiguousarray(train, dtype=np.float32)
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         elif kind == "pq":
-            train = np.ascontiguousarray(train, dtype=np.float32)
             base = faiss.IndexPQFastScan(d, int(config.ivf_pq_m), 4, faiss.METRIC_INNER_PRODUCT)
             base.train(train)
             index = faiss.IndexIDMap2(base)
@@ -206,7 +207,6 @@ class AnnIndex:
             params = {"m": int(config.hnsw_m), "ef_construction": int(config.hnsw_ef_construction),
                       "ef_search": int(config.hnsw_ef_search)}
         else:
-            train = np.ascontiguousarray(train, dtype=np.float32)
             nlist = max(1, min(config.nlist_for(n), len(train)))
             codec = config.codec_for(n)
             quantizer = faiss.IndexFlatIP(d)
